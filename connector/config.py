@@ -1,0 +1,269 @@
+"""The configuration file: pydantic models, secrets by reference, errors that name file, line and key.
+
+A config file is YAML. Strings may use `${VAR}` to take a value from the environment. Secrets (API keys,
+tokens, passwords) must be references, `${VAR}` or `{file: path}`, never inline values. Relative paths
+(mappings folder, SQLite file, secret files) are resolved against the folder of the config file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import zoneinfo
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from connector.errors import ConfigError, Problem
+from connector.yamlfile import YamlDoc, load_yaml
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+
+
+def parse_duration(value: Any) -> Any:
+    """'90s', '5m', '48h', '2d', '250ms' or a number of seconds → timedelta."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return timedelta(seconds=value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+    raise ValueError("expected a duration such as 250ms, 30s, 5m, 48h or 2d")
+
+
+def expand_env(value: Any) -> Any:
+    """Replace each ${VAR} in a string with the environment variable's value."""
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in os.environ:
+            raise ValueError(f"environment variable {name} is not set")
+        return os.environ[name]
+
+    return _ENV_REF.sub(substitute, value)
+
+
+def resolve_secret(value: Any, info: ValidationInfo) -> Any:
+    """`${VAR}` or `{file: path}` → the secret; an inline value is refused."""
+    if isinstance(value, SecretStr):
+        return value
+    if isinstance(value, str) and _ENV_REF.fullmatch(value.strip()):
+        return SecretStr(expand_env(value.strip()).strip())
+    if isinstance(value, dict) and set(value) == {"file"} and isinstance(value["file"], str):
+        base = (info.context or {}).get("base_dir", Path.cwd())
+        path = Path(value["file"])
+        path = path if path.is_absolute() else base / path
+        try:
+            return SecretStr(path.read_text(encoding="utf-8").strip())
+        except OSError as exc:
+            raise ValueError(f"cannot read secret file {path}: {exc.strerror}") from None
+    raise ValueError("secrets must be references, ${ENV_VAR} or {file: /path/to/secret}; inline values are refused")
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+EnvStr = Annotated[str, BeforeValidator(expand_env)]
+Secret = Annotated[SecretStr, BeforeValidator(resolve_secret)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class NoAuth(Strict):
+    type: Literal["none"] = "none"
+
+
+class BearerAuth(Strict):
+    type: Literal["bearer"]
+    token: Secret
+
+
+class BasicAuth(Strict):
+    type: Literal["basic"]
+    username: EnvStr
+    password: Secret
+
+
+Auth = Annotated[NoAuth | BearerAuth | BasicAuth, Field(discriminator="type")]
+
+
+class FhirPollSourceConfig(Strict):
+    """A FHIR R4 server polled with `Appointment?_lastUpdated=ge…`."""
+
+    kind: Literal["fhir-poll"] = "fhir-poll"
+    base_url: EnvStr
+    auth: Auth = NoAuth()
+    interval: Duration = timedelta(seconds=60)
+    page_size: int = Field(50, ge=1, le=1000)
+    overlap: Duration = timedelta(minutes=5)
+    start_from: Literal["now"] | AwareDatetime = "now"
+    timeout: Duration = timedelta(seconds=30)
+    timezone: str = "UTC"
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("expected an http(s) URL such as https://ehr.example.org/fhir/r4")
+        return value.rstrip("/")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown IANA time zone {value!r}") from None
+        return value
+
+
+class PauboxConfig(Strict):
+    username: EnvStr | None = None
+    base_url: EnvStr | None = None
+    api_key: Secret
+    auth_scheme: Literal["token", "bearer"] = "token"
+    connect_timeout: Duration = timedelta(seconds=5)
+    read_timeout: Duration = timedelta(seconds=30)
+
+    @model_validator(mode="after")
+    def _base_url_or_username(self) -> PauboxConfig:
+        if not self.base_url and not self.username:
+            raise ValueError("give `username` (for https://api.paubox.net/v1/<username>) or `base_url`")
+        return self
+
+    @property
+    def endpoint(self) -> str:
+        return (self.base_url or f"https://api.paubox.net/v1/{self.username}").rstrip("/")
+
+
+class DeliveryConfig(Strict):
+    transport: Literal["paubox-rest"] = "paubox-rest"
+    paubox: PauboxConfig
+    from_address: EnvStr = Field(alias="from")
+    reply_to: EnvStr | None = None
+
+
+class DispatchConfig(Strict):
+    interval: Duration = timedelta(seconds=10)
+    concurrency: int = Field(4, ge=1, le=64)
+    batch_size: int = Field(50, ge=1, le=1000)
+    max_attempts: int = Field(5, ge=1, le=100)
+    retry_backoff: Duration = timedelta(seconds=30)
+    retry_backoff_max: Duration = timedelta(hours=1)
+
+
+class LedgerConfig(Strict):
+    url: EnvStr = "sqlite:///connector.db"
+
+
+class Config(Strict):
+    sources: dict[Annotated[str, Field(pattern=NAME_PATTERN)], FhirPollSourceConfig] = Field(min_length=1)
+    mappings: Path = Path("mappings")
+    ledger: LedgerConfig = LedgerConfig()
+    delivery: DeliveryConfig
+    dispatch: DispatchConfig = DispatchConfig()
+    locale: str = "en_US"
+    path: Path | None = Field(None, exclude=True, description="the file this config was read from")
+
+    @field_validator("locale")
+    @classmethod
+    def _known_locale(cls, value: str) -> str:
+        from babel import Locale, UnknownLocaleError
+
+        try:
+            Locale.parse(value)
+        except (UnknownLocaleError, ValueError):
+            raise ValueError(f"unknown locale {value!r}; use a code such as en_US or nl_NL") from None
+        return value
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent if self.path else Path.cwd()
+
+    @property
+    def mappings_dir(self) -> Path:
+        return self.mappings if self.mappings.is_absolute() else self.base_dir / self.mappings
+
+    @property
+    def ledger_url(self) -> str:
+        """The ledger URL with a relative SQLite path resolved against the config folder."""
+        url = self.ledger.url
+        prefix = "sqlite:///"
+        if url.startswith(prefix) and not url.startswith(prefix + "/") and url != "sqlite://":
+            return prefix + str(self.base_dir / url[len(prefix):])
+        return url
+
+
+class Environment(BaseSettings):
+    """Process settings from the environment (CONNECTOR_*), used as defaults for CLI options."""
+
+    model_config = SettingsConfigDict(env_prefix="CONNECTOR_", extra="ignore")
+
+    config: Path = Path("config.yaml")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["console", "json"] = "console"
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a config file. Raises ConfigError listing every problem with its line."""
+    doc = load_yaml(path)
+    if not isinstance(doc.data, dict):
+        raise ConfigError([doc.problem((), "the config file must be a mapping of keys to values")])
+    try:
+        config = Config.model_validate(doc.data, context={"base_dir": path.parent})
+    except ValidationError as exc:
+        raise ConfigError(problems_from(exc, doc)) from None
+    return config.model_copy(update={"path": path})
+
+
+def problems_from(exc: ValidationError, doc: YamlDoc) -> list[Problem]:
+    """Turn pydantic errors into problems with file, line and a readable key path (never the input)."""
+    problems = []
+    for error in exc.errors(include_input=False, include_url=False):
+        loc = _readable_loc(error["loc"], doc)
+        message = _message(error)
+        if loc and loc[-1] == "[key]":
+            loc, message = loc[:-1], "names may only use lowercase letters, digits, '-' and '_'"
+        problems.append(doc.problem(loc, message))
+    return problems
+
+
+def _readable_loc(loc: tuple[Any, ...], doc: YamlDoc) -> tuple[str | int, ...]:
+    """Drop the union-tag entries pydantic inserts, keeping keys the person actually wrote."""
+    kept: list[str | int] = []
+    for index, part in enumerate(loc):
+        if (*kept, part) in doc.lines or index == len(loc) - 1 or isinstance(part, int):
+            kept.append(part)
+    return tuple(kept)
+
+
+def _message(error: Any) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return "unknown key (check the spelling against config.example.yaml)"
+    if kind == "missing":
+        return "required key is missing"
+    message = str(error["msg"])
+    return message.removeprefix("Value error, ")
+

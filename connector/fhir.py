@@ -1,0 +1,176 @@
+"""Pure helpers over FHIR R4 JSON: validation, versions, search pages, participants, email choice.
+
+Resources are validated with the fhir.resources R4B models (R4B reads R4 Appointment and Patient) and
+then handled as plain JSON dicts, which is what FHIRPath and the templates see.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from connector.errors import ResourceError
+
+Resource = dict[str, Any]
+
+_MODELS: dict[str, Any] = {}
+_EMAIL = re.compile(r"^[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+$")
+USE_ORDER = {"home": 0, "mobile": 1, "temp": 2, "work": 3}
+
+
+def _model(resource_type: str) -> Any:
+    if not _MODELS:
+        from fhir.resources.R4B.appointment import Appointment
+        from fhir.resources.R4B.patient import Patient
+
+        _MODELS.update(Appointment=Appointment, Patient=Patient)
+    return _MODELS.get(resource_type)
+
+
+def describe(resource: Resource) -> str:
+    """'Appointment/123 v4' — safe to log (type, id, version; no content)."""
+    rtype = resource.get("resourceType", "?") if isinstance(resource, dict) else "?"
+    rid = resource.get("id", "?") if isinstance(resource, dict) else "?"
+    version = (resource.get("meta") or {}).get("versionId") if isinstance(resource, dict) else None
+    return f"{rtype}/{rid}" + (f" v{version}" if version else "")
+
+
+def validate(resource: Any) -> Resource:
+    """Check a resource against the R4 model for its type; raise ResourceError naming the bad elements."""
+    if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
+        raise ResourceError("entry is not a FHIR resource (no resourceType)")
+    if not isinstance(resource.get("id"), str) or not resource["id"]:
+        raise ResourceError(f"{describe(resource)} has no id")
+    model = _model(resource["resourceType"])
+    if model is None:
+        return resource
+    try:
+        model.model_validate(resource)
+    except ValidationError as exc:
+        # Element paths and error kinds only: pydantic messages may quote the input, which is PHI.
+        where = sorted({".".join(str(p) for p in e["loc"]) or "(resource)" for e in exc.errors()})
+        shown = ", ".join(where[:5]) + (f" and {len(where) - 5} more" if len(where) > 5 else "")
+        raise ResourceError(f"{describe(resource)} is not valid FHIR R4: check {shown}") from None
+    return resource
+
+
+def version_of(resource: Resource) -> str:
+    """meta.versionId, or a content hash for servers that do not version."""
+    version = (resource.get("meta") or {}).get("versionId")
+    if version:
+        return str(version)
+    canonical = json.dumps(resource, sort_keys=True, separators=(",", ":")).encode()
+    return "sha256:" + hashlib.sha256(canonical).hexdigest()[:16]
+
+
+def parse_instant(value: Any) -> datetime | None:
+    """A FHIR instant/dateTime string → aware datetime (UTC when no zone is given); None when absent."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def last_updated(resource: Resource) -> datetime | None:
+    return parse_instant((resource.get("meta") or {}).get("lastUpdated"))
+
+
+@dataclass
+class SearchPage:
+    """One page of a search: matches, included resources by reference, and where to go next."""
+
+    matches: list[Any] = field(default_factory=list)
+    included: dict[str, Any] = field(default_factory=dict)  # "Patient/123" -> resource
+    next_url: str | None = None
+    self_url: str | None = None
+
+
+def split_search_bundle(bundle: Any) -> SearchPage:
+    """Split a searchset Bundle into matches and `_include`d resources (entry.search.mode)."""
+    if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+        raise ResourceError("the page is not a FHIR Bundle")
+    page = SearchPage()
+    for link in bundle.get("link") or []:
+        if isinstance(link, dict) and link.get("relation") == "next":
+            page.next_url = link.get("url")
+        if isinstance(link, dict) and link.get("relation") == "self":
+            page.self_url = link.get("url")
+    for entry in bundle.get("entry") or []:
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        mode = ((entry.get("search") or {}).get("mode") if isinstance(entry, dict) else None) or "match"
+        if mode == "include" and isinstance(resource, dict):
+            page.included[f"{resource.get('resourceType')}/{resource.get('id')}"] = resource
+        elif mode == "match":
+            page.matches.append(resource)
+    return page
+
+
+def reference_id(reference: Any, resource_type: str) -> str | None:
+    """'Patient/123' or 'https://x/fhir/Patient/123/_history/2' → '123' when it points at resource_type."""
+    if not isinstance(reference, str):
+        return None
+    parts = reference.split("/_history/")[0].rstrip("/").split("/")
+    if len(parts) >= 2 and parts[-2] == resource_type and parts[-1]:
+        return parts[-1]
+    return None
+
+
+def patient_participants(appointment: Resource) -> list[str]:
+    """Ids of the patients to email: not `information-only`, not `declined`, in document order."""
+    ids: list[str] = []
+    for participant in appointment.get("participant") or []:
+        patient_id = reference_id((participant.get("actor") or {}).get("reference"), "Patient")
+        if patient_id is None or patient_id in ids:
+            continue
+        if participant.get("required") == "information-only" or participant.get("status") == "declined":
+            continue
+        ids.append(patient_id)
+    return ids
+
+
+def _period_contains(period: Any, now: datetime) -> bool:
+    if not isinstance(period, dict):
+        return True
+    start, end = parse_instant(period.get("start")), parse_instant(period.get("end"))
+    return (start is None or start <= now) and (end is None or now <= end)
+
+
+def choose_email(patient: Resource, now: datetime) -> str | None:
+    """The address to write to: system=email, not `old`, current period, lowest rank, home before work."""
+    candidates = []
+    for index, telecom in enumerate(patient.get("telecom") or []):
+        if not isinstance(telecom, dict) or telecom.get("system") != "email":
+            continue
+        value = str(telecom.get("value") or "").strip()
+        if not _EMAIL.match(value) or telecom.get("use") == "old":
+            continue
+        if not _period_contains(telecom.get("period"), now):
+            continue
+        rank = telecom.get("rank") if isinstance(telecom.get("rank"), int) else 1 << 30
+        candidates.append((rank, USE_ORDER.get(str(telecom.get("use")), 4), index, value))
+    return min(candidates)[3] if candidates else None
+
+
+def is_deceased(patient: Resource) -> bool:
+    return patient.get("deceasedBoolean") is True or bool(patient.get("deceasedDateTime"))
+
+
+def display_name(patient: Resource) -> str:
+    """Name for a greeting: `usual`, then `official`, then the first; `text`, else given + family."""
+    names = [n for n in patient.get("name") or [] if isinstance(n, dict)]
+    if not names:
+        return ""
+    names.sort(key=lambda n: {"usual": 0, "official": 1}.get(str(n.get("use")), 2))
+    name = names[0]
+    if name.get("text"):
+        return str(name["text"])
+    return " ".join([*(str(g) for g in name.get("given") or []), str(name.get("family") or "")]).strip()

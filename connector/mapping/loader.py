@@ -1,0 +1,185 @@
+"""Load every mapping in a folder, compile its templates and FHIRPath, and report all problems at once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fhirpathpy
+from jinja2 import Template, TemplateError, TemplateNotFound, TemplateSyntaxError
+from jinja2.sandbox import SandboxedEnvironment
+from pydantic import ValidationError
+
+from connector.config import problems_from
+from connector.errors import ConfigError, Problem
+from connector.mapping.spec import MappingSpec
+from connector.mapping.templates import KEY_NAMES, MESSAGE_NAMES, make_environment, undeclared_names
+from connector.yamlfile import YamlDoc, load_yaml
+
+Condition = Callable[[dict[str, Any]], list[Any]]
+
+# A skeletal resource to run each FHIRPath condition once at load time: fhirpathpy reports unknown
+# functions only when an expression is evaluated.
+_TRIAL_RESOURCE = {"resourceType": "Appointment", "id": "trial", "status": "booked", "participant": []}
+
+
+@dataclass(frozen=True)
+class Mapping:
+    spec: MappingSpec
+    path: Path
+    subject: Template
+    text: Template
+    html: Template | None
+    key: Template
+    condition: Condition | None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def applies_to(self, source: str, resource_type: str, event: str) -> bool:
+        trigger = self.spec.trigger
+        return (
+            trigger.resource == resource_type
+            and trigger.event == event
+            and (trigger.sources is None or source in trigger.sources)
+        )
+
+
+class MappingSet:
+    """The mappings of one folder, by name."""
+
+    def __init__(self, mappings: Iterable[Mapping]) -> None:
+        self._by_name = {m.name: m for m in mappings}
+
+    def __iter__(self) -> Iterator[Mapping]:
+        return iter(self._by_name.values())
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def get(self, name: str) -> Mapping | None:
+        return self._by_name.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._by_name)
+
+
+def load_mappings(folder: Path, source_names: Iterable[str] | None = None) -> MappingSet:
+    """Load `folder/*.yaml`. Raises ConfigError with every problem (file, line, what) in the folder."""
+    if not folder.is_dir():
+        raise ConfigError([Problem(folder, None, "", "mappings folder does not exist")])
+    env = make_environment(folder)
+    files = sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")])
+    if not files:
+        raise ConfigError([Problem(folder, None, "", "no mapping files (*.yaml) in the mappings folder")])
+    mappings: list[Mapping] = []
+    problems: list[Problem] = []
+    seen: dict[str, Path] = {}
+    sources = set(source_names) if source_names is not None else None
+    for path in files:
+        try:
+            mapping = _load_one(path, folder, env, sources)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            continue
+        if mapping.name in seen:
+            problems.append(Problem(path, None, "name", f"mapping name {mapping.name!r} is also used by "
+                                                        f"{seen[mapping.name].name}"))
+            continue
+        seen[mapping.name] = path
+        mappings.append(mapping)
+    if problems:
+        raise ConfigError(problems)
+    return MappingSet(mappings)
+
+
+def _load_one(path: Path, root: Path, env: SandboxedEnvironment, sources: set[str] | None) -> Mapping:
+    doc = load_yaml(path)
+    if not isinstance(doc.data, dict):
+        raise ConfigError([doc.problem((), "a mapping file must be a YAML mapping (key: value)")])
+    data = {"name": path.stem, **doc.data}
+    try:
+        spec = MappingSpec.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(problems_from(exc, doc)) from None
+
+    problems: list[Problem] = []
+    subject = _inline(env, spec.templates.subject, doc, ("templates", "subject"), MESSAGE_NAMES, problems)
+    key = _inline(env, spec.key, doc, ("key",), KEY_NAMES, problems)
+    text = _file(env, spec.templates.text, path, root, doc, ("templates", "text"), problems)
+    html = _file(env, spec.templates.html, path, root, doc, ("templates", "html"), problems) \
+        if spec.templates.html else None
+    condition = _condition(spec.trigger.condition, doc, problems)
+    for index, name in enumerate(spec.trigger.sources or []):
+        if sources is not None and name not in sources:
+            problems.append(doc.problem(("trigger", "sources", index), f"no source named {name!r} in the config"))
+    if problems:
+        raise ConfigError(problems)
+    assert subject and key and text
+    return Mapping(spec=spec, path=path, subject=subject, text=text, html=html, key=key, condition=condition)
+
+
+def _inline(env: SandboxedEnvironment, source: str, doc: YamlDoc, loc: tuple[str, ...],
+            allowed: frozenset[str], problems: list[Problem]) -> Template | None:
+    try:
+        template = env.from_string(source)
+        unknown = undeclared_names(env, source) - allowed
+    except TemplateSyntaxError as exc:
+        problems.append(doc.problem(loc, f"template error: {exc.message}"))
+        return None
+    if unknown:
+        problems.append(doc.problem(loc, _unknown_names(unknown, allowed)))
+    return template
+
+
+def _file(env: SandboxedEnvironment, name: str | None, mapping_path: Path, root: Path, doc: YamlDoc,
+          loc: tuple[str, ...], problems: list[Problem]) -> Template | None:
+    assert name is not None
+    relative = (mapping_path.parent / name).resolve()
+    try:
+        template_name = relative.relative_to(root.resolve()).as_posix()
+    except ValueError:
+        problems.append(doc.problem(loc, f"template {name!r} must be inside the mappings folder"))
+        return None
+    try:
+        template = env.get_template(template_name)
+        assert env.loader is not None
+        source, _, _ = env.loader.get_source(env, template_name)
+        unknown = undeclared_names(env, source) - MESSAGE_NAMES
+    except TemplateNotFound:
+        problems.append(doc.problem(loc, f"template file {name!r} not found next to the mapping"))
+        return None
+    except TemplateSyntaxError as exc:
+        problems.append(Problem(relative, exc.lineno, name, f"template error: {exc.message}"))
+        return None
+    except TemplateError as exc:
+        problems.append(Problem(relative, None, name, f"template error: {exc.message}"))
+        return None
+    if unknown:
+        problems.append(Problem(relative, None, name, _unknown_names(unknown, MESSAGE_NAMES)))
+    return template
+
+
+def _unknown_names(unknown: set[str], allowed: frozenset[str]) -> str:
+    names = ", ".join(repr(n) for n in sorted(unknown))
+    return f"unknown variable {names}; templates here can use: {', '.join(sorted(allowed))}"
+
+
+def _condition(expression: str | None, doc: YamlDoc, problems: list[Problem]) -> Condition | None:
+    if not expression:
+        return None
+    loc = ("trigger", "condition")
+    try:
+        compiled: Condition = fhirpathpy.compile(expression)
+        result = compiled(dict(_TRIAL_RESOURCE))
+    except Exception as exc:  # noqa: BLE001 - fhirpathpy raises bare Exception for every parse/eval error
+        problems.append(doc.problem(loc, f"FHIRPath error: {exc}"))
+        return None
+    if any(not isinstance(item, bool) for item in result):
+        problems.append(doc.problem(loc, "the condition must give true or false (e.g. add `.exists()` or a "
+                                         "comparison)"))
+        return None
+    return compiled

@@ -1,0 +1,104 @@
+"""Jinja2 in a sandbox: the template environment, its date filters, and PHI-safe error text.
+
+Templates see plain JSON (`appointment`, `patient`) plus a few prepared values (`start`, `end`,
+`patient_name`, `vars`, ...). A missing optional FHIR element renders as empty text; a misspelt top-level
+name is caught by `connector validate` (see `undeclared_names`).
+"""
+
+from __future__ import annotations
+
+import traceback
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from babel.dates import format_date, format_datetime, format_time
+from jinja2 import ChainableUndefined, FileSystemLoader, Template, TemplateError, TemplateSyntaxError, meta
+from jinja2 import nodes as jinja_nodes
+from jinja2.runtime import Context, Undefined
+from jinja2.sandbox import SandboxedEnvironment
+from jinja2.utils import pass_context
+
+from connector.fhir import parse_instant
+
+# Names a message template may use, and the smaller set a notification key may use (the key is
+# decided before the patient record is read, so it cannot depend on it).
+MESSAGE_NAMES = frozenset(
+    {"appointment", "patient", "patient_name", "start", "end", "event", "mapping", "source", "vars",
+     "timezone", "locale", "now"}
+)
+KEY_NAMES = frozenset({"appointment", "patient_id", "event", "mapping", "source", "start"})
+
+
+def make_environment(root: Path) -> SandboxedEnvironment:
+    """Sandboxed; HTML files (.html, .htm) autoescaped; text and subjects not."""
+    env = SandboxedEnvironment(
+        loader=FileSystemLoader(root),
+        autoescape=lambda name: name is not None and name.lower().endswith((".html", ".htm")),
+        undefined=ChainableUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update(format_datetime=_format_datetime, format_date=_format_date, format_time=_format_time)
+    return env
+
+
+def undeclared_names(env: SandboxedEnvironment, source: str) -> set[str]:
+    """Top-level names a template reads but neither defines nor gets from the environment."""
+    ast = env.parse(source)
+    names = meta.find_undeclared_variables(ast)
+    return {n for n in names if n not in env.globals}
+
+
+def filters_used(env: SandboxedEnvironment, source: str) -> set[str]:
+    ast = env.parse(source)
+    return {node.name for node in ast.find_all(jinja_nodes.Filter)}
+
+
+def _when(value: Any, context: Context) -> datetime | None:
+    if isinstance(value, Undefined) or value is None or value == "":
+        return None
+    moment = value if isinstance(value, datetime) else parse_instant(str(value))
+    if moment is None:
+        return None
+    return moment.astimezone(ZoneInfo(str(context.get("timezone") or "UTC")))
+
+
+def _locale(context: Context) -> str:
+    return str(context.get("locale") or "en_US")
+
+
+@pass_context
+def _format_datetime(context: Context, value: Any, format: str = "medium") -> str:  # noqa: A002
+    moment = _when(value, context)
+    return "" if moment is None else format_datetime(moment, format, tzinfo=moment.tzinfo, locale=_locale(context))
+
+
+@pass_context
+def _format_date(context: Context, value: Any, format: str = "long") -> str:  # noqa: A002
+    moment = _when(value, context)
+    return "" if moment is None else format_date(moment.date(), format, locale=_locale(context))
+
+
+@pass_context
+def _format_time(context: Context, value: Any, format: str = "short") -> str:  # noqa: A002
+    moment = _when(value, context)
+    return "" if moment is None else format_time(moment, format, tzinfo=moment.tzinfo, locale=_locale(context))
+
+
+def safe_error(exc: BaseException, template: Template | str | None = None) -> str:
+    """Describe a template failure without quoting data: Jinja's own messages name templates and
+    attributes; any other exception is reported by type and template line only."""
+    name = template.name if isinstance(template, Template) else template
+    if isinstance(exc, TemplateSyntaxError):
+        return f"{exc.message} (line {exc.lineno})"
+    line = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if name and frame.filename.endswith(str(name)) or frame.filename == "<template>":
+            line = frame.lineno
+    where = f" (line {line})" if line else ""
+    if isinstance(exc, TemplateError):
+        return f"{exc.message}{where}"
+    return f"{type(exc).__name__} while rendering{where}"
