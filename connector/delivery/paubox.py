@@ -1,0 +1,139 @@
+"""The Paubox Email API over httpx: `POST {base}/messages`, one message per request.
+
+Facts behind the classification (../shared/docs/paubox-api.md, section 11.3): Paubox has no idempotency
+key, so anything that may have reached it and gave no clear answer is in doubt, never retried.
+Nothing here logs or returns a body, an address or the notification key.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+
+from connector.config import PauboxConfig
+from connector.delivery import Outcome, Verdict
+from connector.models import Email
+
+NOTIFICATION_HEADER = "X-Notification-Key"
+_ADDRESS = re.compile(r"[^\s@<>\"',;:]+@[^\s@<>\"',;:]+")
+
+
+def build_payload(email: Email) -> dict[str, Any]:
+    """The JSON body of `POST /messages`. HTML goes base64-encoded (UTF-8), which removes the doubt a
+    server has about raw HTML that happens to look like base64."""
+    headers: dict[str, str] = {"subject": email.subject, "from": email.from_address}
+    if email.reply_to:
+        headers["reply-to"] = email.reply_to
+    headers.update(email.headers)
+    headers[NOTIFICATION_HEADER] = email.notification_key
+    content: dict[str, str] = {"text/plain": email.text}
+    if email.html:
+        content["text/html"] = base64.b64encode(email.html.encode("utf-8")).decode("ascii")
+    return {"data": {"message": {"recipients": [email.to], "headers": headers, "content": content}}}
+
+
+def error_title(body: bytes) -> str:
+    """A short, address-free description from any of Paubox's error shapes (never `details`)."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return "non-JSON body"
+    text = ""
+    if isinstance(data, dict):
+        errors = data.get("errors")
+        if isinstance(errors, list) and errors and isinstance(errors[0], dict):
+            text = str(errors[0].get("title") or errors[0].get("status") or "")
+        elif isinstance(data.get("title"), str):
+            text = data["title"]
+        elif isinstance(data.get("error"), str):
+            text = data["error"]
+        elif isinstance(data.get("message"), str):
+            text = data["message"]
+    return _ADDRESS.sub("<address>", text)[:120] or "no error description"
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+
+        try:
+            from datetime import UTC, datetime
+
+            return max(0.0, (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds())
+        except (TypeError, ValueError):
+            return None
+
+
+def classify(status: int, body: bytes, headers: Mapping[str, str]) -> Outcome:
+    """Decide what an HTTP answer to `POST /messages` means for the notification."""
+    if status == 200:
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return Outcome(Verdict.IN_DOUBT, "HTTP 200 with a non-JSON body")
+        tracking = data.get("sourceTrackingId") if isinstance(data, dict) else None
+        errors = data.get("errors") if isinstance(data, dict) else None
+        if isinstance(tracking, str) and tracking and not errors:
+            return Outcome(Verdict.SENT, "accepted", tracking_id=tracking)
+        if errors and not tracking:
+            return Outcome(Verdict.FAILED, f"HTTP 200 carrying errors: {error_title(body)}")
+        return Outcome(Verdict.IN_DOUBT, "HTTP 200 without a sourceTrackingId")
+    title = error_title(body)
+    if status == 429:
+        return Outcome(Verdict.RETRY, f"HTTP 429 rate limited: {title}", retry_after=_retry_after(headers))
+    if status in (401, 403):
+        return Outcome(Verdict.RETRY, f"HTTP {status} {title}: check delivery.paubox.api_key and username",
+                       blocking=True)
+    if status == 404:
+        return Outcome(Verdict.RETRY, f"HTTP 404 {title}: check delivery.paubox.base_url / username",
+                       blocking=True)
+    if 400 <= status < 500:
+        return Outcome(Verdict.FAILED, f"HTTP {status} {title}")
+    return Outcome(Verdict.IN_DOUBT, f"HTTP {status} {title}: Paubox may have accepted the message")
+
+
+def classify_exception(exc: httpx.HTTPError) -> Outcome:
+    """Failures before the request left are safe to retry; after it left, the outcome is unknown."""
+    kind = type(exc).__name__
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
+        return Outcome(Verdict.RETRY, f"not sent: {kind}")
+    if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
+        return Outcome(Verdict.RETRY, f"not sent: {kind}, check delivery.paubox.base_url", blocking=True)
+    return Outcome(Verdict.IN_DOUBT, f"no answer after sending: {kind}")
+
+
+class PauboxRestMailer:
+    """Sends with `POST {base}/messages`. `transport` lets tests put any httpx transport underneath."""
+
+    def __init__(self, config: PauboxConfig, *, concurrency: int = 4,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        key = config.api_key.get_secret_value()
+        authorization = f"Bearer {key}" if config.auth_scheme == "bearer" else f"Token token={key}"
+        timeout = httpx.Timeout(connect=config.connect_timeout.total_seconds(),
+                                read=config.read_timeout.total_seconds(),
+                                write=config.read_timeout.total_seconds(), pool=60.0)
+        self._client = httpx.AsyncClient(
+            base_url=config.endpoint + "/", timeout=timeout, transport=transport, follow_redirects=False,
+            headers={"Authorization": authorization, "Accept": "application/json"},
+            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+        )
+
+    async def send(self, email: Email) -> Outcome:
+        try:
+            response = await self._client.post("messages", json=build_payload(email))
+        except httpx.HTTPError as exc:
+            return classify_exception(exc)
+        return classify(response.status_code, response.content, response.headers)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

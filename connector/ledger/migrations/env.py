@@ -1,0 +1,12 @@
+"""Alembic environment: runs on the connection handed over by connector.ledger.migrate."""
+
+from __future__ import annotations
+
+from alembic import context
+
+from connector.ledger.schema import SQLModel
+
+connection = context.config.attributes["connection"]
+context.configure(connection=connection, target_metadata=SQLModel.metadata, render_as_batch=True)
+with context.begin_transaction():
+    context.run_migrations()

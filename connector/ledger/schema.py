@@ -1,0 +1,89 @@
+"""Ledger tables (SQLModel). Changes here need a new Alembic revision in migrations/versions/.
+
+No table holds a rendered message, an email address or any other patient data: only ids, names of
+mappings and sources, states, reasons and times.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Column, DateTime, Index, String, UniqueConstraint
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import Field, SQLModel
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in, aware UTC datetimes out, on SQLite (no zones) and PostgreSQL alike."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the ledger")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+def _when(nullable: bool = False, index: bool = False) -> Any:
+    return Field(default=None, sa_column=Column(UTCDateTime(), nullable=nullable, index=index))
+
+
+class NotificationRow(SQLModel, table=True):
+    __tablename__ = "notification"
+    __table_args__ = (
+        UniqueConstraint("key", name="uq_notification_key"),
+        Index("ix_notification_state_due", "state", "due_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    key: str = Field(sa_column=Column(String(512), nullable=False))
+    source: str = Field(max_length=64)
+    mapping: str = Field(max_length=64)
+    event: str = Field(max_length=32)
+    resource_type: str = Field(max_length=64)
+    resource_id: str = Field(max_length=128)
+    resource_version: str = Field(max_length=128)
+    patient_id: str = Field(max_length=128)
+    state: str = Field(max_length=16)
+    reason: str | None = Field(default=None, max_length=500)
+    attempts: int = 0
+    due_at: datetime = _when()
+    lease_owner: str | None = Field(default=None, max_length=64)
+    lease_until: datetime | None = _when(nullable=True)
+    tracking_id: str | None = Field(default=None, max_length=128)
+    created_at: datetime = _when()
+    updated_at: datetime = _when()
+    sent_at: datetime | None = _when(nullable=True)
+
+
+class CursorRow(SQLModel, table=True):
+    """A source's watermark: the highest meta.lastUpdated whose notifications are committed."""
+
+    __tablename__ = "source_cursor"
+
+    source: str = Field(primary_key=True, max_length=64)
+    value: datetime = _when()
+    updated_at: datetime = _when()
+
+
+class SeenVersionRow(SQLModel, table=True):
+    """Resource versions already handled (or rejected as invalid, with the reason)."""
+
+    __tablename__ = "seen_version"
+    __table_args__ = (Index("ix_seen_version_last_updated", "source", "last_updated"),)
+
+    source: str = Field(primary_key=True, max_length=64)
+    resource_type: str = Field(primary_key=True, max_length=64)
+    resource_id: str = Field(primary_key=True, max_length=128)
+    version: str = Field(primary_key=True, max_length=128)
+    last_updated: datetime | None = _when(nullable=True)
+    problem: str | None = Field(default=None, max_length=500)
+    seen_at: datetime = _when()

@@ -1,0 +1,237 @@
+"""SqlLedger: the ledger on SQLite (one process, WAL) or PostgreSQL (several processes).
+
+Every method is one short transaction. Duplicates are decided by INSERT … ON CONFLICT DO NOTHING on the
+unique key; claims use FOR UPDATE SKIP LOCKED on PostgreSQL (SQLite serialises writers itself).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine, and_, create_engine, event, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+from connector.ledger import NotificationRecord, SeenVersion
+from connector.ledger.schema import CursorRow, NotificationRow, SeenVersionRow
+from connector.models import PlannedNotification, State
+
+N = NotificationRow.__table__  # type: ignore[attr-defined]
+C = CursorRow.__table__  # type: ignore[attr-defined]
+S = SeenVersionRow.__table__  # type: ignore[attr-defined]
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for a ledger URL; SQLite gets WAL, full sync and a busy timeout."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _record(row: Any) -> NotificationRecord:
+    def aware(value: datetime | None) -> datetime | None:
+        return None if value is None else (value if value.tzinfo else value.replace(tzinfo=UTC))
+
+    return NotificationRecord(
+        id=row.id, key=row.key, source=row.source, mapping=row.mapping, event=row.event,
+        resource_type=row.resource_type, resource_id=row.resource_id, resource_version=row.resource_version,
+        patient_id=row.patient_id, state=State(row.state), reason=row.reason, attempts=row.attempts,
+        due_at=aware(row.due_at),  # type: ignore[arg-type]
+        tracking_id=row.tracking_id, updated_at=aware(row.updated_at),  # type: ignore[arg-type]
+    )
+
+
+class SqlLedger:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+        self.single_process = self.dialect == "sqlite"
+
+    def _insert(self, table: Any) -> Any:
+        return (postgresql.insert(table) if self.dialect == "postgresql" else sqlite.insert(table))
+
+    # -- planning -------------------------------------------------------------------------------------
+
+    def record_page(self, source: str, notifications: Sequence[PlannedNotification],
+                    seen: Sequence[SeenVersion], cursor: datetime | None) -> list[str]:
+        with self.engine.begin() as conn:
+            inserted = self._insert_notifications(conn, notifications)
+            self._remember(conn, source, seen)
+            if cursor is not None:
+                self._advance(conn, source, cursor)
+        return inserted
+
+    def add(self, notifications: Sequence[PlannedNotification]) -> list[str]:
+        with self.engine.begin() as conn:
+            return self._insert_notifications(conn, notifications)
+
+    def _insert_notifications(self, conn: Connection, notifications: Sequence[PlannedNotification]) -> list[str]:
+        if not notifications:
+            return []
+        now = _now()
+        rows = [{
+            "key": n.key, "source": n.source, "mapping": n.mapping, "event": n.event,
+            "resource_type": n.resource_type, "resource_id": n.resource_id,
+            "resource_version": n.resource_version, "patient_id": n.patient_id, "state": n.state.value,
+            "reason": n.reason, "attempts": 0, "due_at": n.due_at, "created_at": now, "updated_at": now,
+        } for n in notifications]
+        statement = self._insert(N).on_conflict_do_nothing(index_elements=["key"]).returning(N.c.key)
+        return [row.key for row in conn.execute(statement, rows)]
+
+    def _remember(self, conn: Connection, source: str, seen: Sequence[SeenVersion]) -> None:
+        if not seen:
+            return
+        now = _now()
+        rows = [{"source": source, "resource_type": s.resource_type, "resource_id": s.resource_id,
+                 "version": s.version, "last_updated": s.last_updated, "problem": s.problem, "seen_at": now}
+                for s in seen]
+        conn.execute(self._insert(S).on_conflict_do_nothing(), rows)
+
+    def _advance(self, conn: Connection, source: str, cursor: datetime) -> None:
+        statement = self._insert(C).values(source=source, value=cursor, updated_at=_now())
+        statement = statement.on_conflict_do_update(
+            index_elements=["source"],
+            set_={"value": statement.excluded.value, "updated_at": statement.excluded.updated_at},
+            where=C.c.value < statement.excluded.value,
+        )
+        conn.execute(statement)
+
+    def new_versions(self, source: str, versions: Sequence[tuple[str, str, str]]) -> set[tuple[str, str, str]]:
+        wanted = set(versions)
+        if not wanted:
+            return set()
+        ids = sorted({v[1] for v in wanted})
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(S.c.resource_type, S.c.resource_id, S.c.version).where(
+                S.c.source == source, S.c.resource_id.in_(ids)))
+            known = {(r.resource_type, r.resource_id, r.version) for r in rows}
+        return wanted - known
+
+    def cursor(self, source: str) -> datetime | None:
+        with self.engine.connect() as conn:
+            value = conn.execute(select(C.c.value).where(C.c.source == source)).scalar_one_or_none()
+        return value
+
+    def prune_seen(self, source: str, before: datetime) -> int:
+        with self.engine.begin() as conn:
+            result = conn.execute(S.delete().where(S.c.source == source, S.c.problem.is_(None),
+                                                   S.c.last_updated < before))
+        return result.rowcount
+
+    def existing(self, keys: Sequence[str]) -> dict[str, NotificationRecord]:
+        found: dict[str, NotificationRecord] = {}
+        for start in range(0, len(keys), 500):
+            with self.engine.connect() as conn:
+                for row in conn.execute(select(N).where(N.c.key.in_(keys[start:start + 500]))):
+                    found[row.key] = _record(row)
+        return found
+
+    # -- dispatching ----------------------------------------------------------------------------------
+
+    def claim_due(self, now: datetime, limit: int, owner: str, lease_until: datetime,
+                  wall_now: datetime) -> list[NotificationRecord]:
+        candidates = (
+            select(N.c.id)
+            .where(N.c.state == State.PENDING.value, N.c.due_at <= now,
+                   or_(N.c.lease_until.is_(None), N.c.lease_until < wall_now))
+            .order_by(N.c.due_at, N.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        statement = (update(N).where(N.c.id.in_(candidates.scalar_subquery()))
+                     .values(lease_owner=owner, lease_until=lease_until).returning(*N.c))
+        with self.engine.begin() as conn:
+            rows = list(conn.execute(statement))
+        return sorted((_record(r) for r in rows), key=lambda r: (r.due_at, r.id))
+
+    def start_sending(self, notification_id: int, owner: str) -> bool:
+        statement = (update(N)
+                     .where(N.c.id == notification_id, N.c.state == State.PENDING.value, N.c.lease_owner == owner)
+                     .values(state=State.SENDING.value, attempts=N.c.attempts + 1, updated_at=_now()))
+        with self.engine.begin() as conn:
+            return conn.execute(statement).rowcount == 1
+
+    def finish(self, notification_id: int, state: State, reason: str | None, tracking_id: str | None,
+               when: datetime) -> None:
+        values: dict[str, Any] = {"state": state.value, "reason": reason, "updated_at": _now(),
+                                  "lease_owner": None, "lease_until": None}
+        if tracking_id is not None:
+            values["tracking_id"] = tracking_id
+        if state is State.SENT:
+            values["sent_at"] = when
+        with self.engine.begin() as conn:
+            conn.execute(update(N).where(N.c.id == notification_id, N.c.state == State.SENDING.value)
+                         .values(**values))
+
+    def retry_later(self, notification_id: int, due_at: datetime, reason: str, count_attempt: bool) -> None:
+        values: dict[str, Any] = {"state": State.PENDING.value, "due_at": due_at, "reason": reason,
+                                  "updated_at": _now(), "lease_owner": None, "lease_until": None}
+        if not count_attempt:
+            values["attempts"] = N.c.attempts - 1
+        with self.engine.begin() as conn:
+            conn.execute(update(N).where(N.c.id == notification_id, N.c.state == State.SENDING.value)
+                         .values(**values))
+
+    def settle(self, notification_id: int, owner: str, state: State, reason: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(N).where(N.c.id == notification_id, N.c.state == State.PENDING.value,
+                                         N.c.lease_owner == owner)
+                         .values(state=state.value, reason=reason, updated_at=_now(), lease_owner=None,
+                                 lease_until=None))
+
+    def release(self, owner: str, notification_ids: Sequence[int] | None = None) -> int:
+        condition = and_(N.c.state == State.PENDING.value, N.c.lease_owner == owner)
+        if notification_ids is not None:
+            condition = and_(condition, N.c.id.in_(list(notification_ids)))
+        with self.engine.begin() as conn:
+            return conn.execute(update(N).where(condition).values(lease_owner=None, lease_until=None)).rowcount
+
+    def mark_interrupted(self, wall_now: datetime, everything: bool) -> int:
+        condition = N.c.state == State.SENDING.value
+        if not everything:
+            condition = and_(condition, or_(N.c.lease_until.is_(None), N.c.lease_until < wall_now))
+        reason = "interrupted while sending: Paubox may or may not have accepted it"
+        with self.engine.begin() as conn:
+            result = conn.execute(update(N).where(condition).values(
+                state=State.IN_DOUBT.value, reason=reason, updated_at=_now(), lease_owner=None, lease_until=None))
+        return result.rowcount
+
+    # -- reporting ------------------------------------------------------------------------------------
+
+    def counts(self) -> dict[State, int]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(N.c.state, func.count()).group_by(N.c.state))
+            found = {State(state): count for state, count in rows}
+        return {state: found.get(state, 0) for state in State}
+
+    def notifications(self, states: Sequence[State], limit: int) -> list[NotificationRecord]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(N).where(N.c.state.in_([s.value for s in states]))
+                                .order_by(N.c.updated_at.desc(), N.c.id.desc()).limit(limit))
+            return [_record(r) for r in rows]
+
+    def problems(self, limit: int) -> list[tuple[str, SeenVersion]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(S).where(S.c.problem.is_not(None)).order_by(S.c.seen_at.desc()).limit(limit))
+            return [(r.source, SeenVersion(r.resource_type, r.resource_id, r.version, r.last_updated, r.problem))
+                    for r in rows]
+
+    def cursors(self) -> dict[str, datetime]:
+        with self.engine.connect() as conn:
+            return {r.source: r.value for r in conn.execute(select(C))}
