@@ -38,7 +38,7 @@ def build_payload(email: Email) -> dict[str, Any]:
 
 
 def error_title(body: bytes) -> str:
-    """A short, address-free description from any of Paubox's error shapes (never `details`)."""
+    """A short description from any of Paubox's error shapes, with anything like an address removed."""
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
@@ -47,14 +47,17 @@ def error_title(body: bytes) -> str:
     if isinstance(data, dict):
         errors = data.get("errors")
         if isinstance(errors, list) and errors and isinstance(errors[0], dict):
-            text = str(errors[0].get("title") or errors[0].get("status") or "")
+            text = ": ".join(str(errors[0][k]) for k in ("title", "details")
+                             if isinstance(errors[0].get(k), str) and errors[0][k])
         elif isinstance(data.get("title"), str):
-            text = data["title"]
+            details = data.get("details")
+            inner = details.get("details") if isinstance(details, dict) else details
+            text = data["title"] + (f": {inner}" if isinstance(inner, str) else "")
         elif isinstance(data.get("error"), str):
             text = data["error"]
         elif isinstance(data.get("message"), str):
             text = data["message"]
-    return _ADDRESS.sub("<address>", text)[:120] or "no error description"
+    return _ADDRESS.sub("<address>", text)[:200] or "no error description"
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:

@@ -226,6 +226,13 @@ class SqlLedger:
                                 .order_by(N.c.updated_at.desc(), N.c.id.desc()).limit(limit))
             return [_record(r) for r in rows]
 
+    def due(self, now: datetime, limit: int) -> list[NotificationRecord]:
+        """Pending notifications due at `now` (read-only; for dry runs)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(N).where(N.c.state == State.PENDING.value, N.c.due_at <= now)
+                                .order_by(N.c.due_at, N.c.id).limit(limit))
+            return [_record(r) for r in rows]
+
     def problems(self, limit: int) -> list[tuple[str, SeenVersion]]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(S).where(S.c.problem.is_not(None)).order_by(S.c.seen_at.desc()).limit(limit))

@@ -109,7 +109,8 @@ def validate_message(message: Any, state: SandboxState) -> str | None:
         return "data.message.headers is required"
     if not headers.get("from"):
         return "Missing from"
-    if _domain(str(headers["from"])) not in state.from_domains:
+    sender = _domain(str(headers["from"]))
+    if not any(sender == d or sender.endswith("." + d) for d in state.from_domains):
         return "From domain is not verified"
     if not headers.get("subject"):
         return "Missing subject"

@@ -1,0 +1,180 @@
+"""The `connector` command line: parse arguments, load settings, call into the package, print."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from connector import commands, logs, report
+from connector.config import Environment, load_config
+from connector.errors import ConfigError, ConnectorError
+from connector.models import Clock, fixed_clock, system_clock
+
+ENV = Environment()
+app = typer.Typer(help="Turn FHIR appointment events into patient emails through Paubox, exactly once.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+db_app = typer.Typer(help="Manage the ledger database.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Config file (env CONNECTOR_CONFIG).",
+                                            show_default=True)]
+NowOption = Annotated[str | None, typer.Option(
+    "--now", help="Act as if it were this instant (ISO 8601 with zone, e.g. 2026-11-22T08:00:00+01:00) for due "
+                  "times and late rules. The system clock is not touched.")]
+DryRunOption = Annotated[bool, typer.Option("--dry-run", help="Show what would be sent; change nothing.")]
+
+
+def _instant(value: str | None, option: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        instant = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not an ISO 8601 instant", param_hint=option) from None
+    if instant.tzinfo is None:
+        raise typer.BadParameter("give a time zone, e.g. 2026-11-22T08:00:00+01:00 or ...Z", param_hint=option)
+    return instant.astimezone(UTC)
+
+
+def _clock(now: str | None) -> Clock:
+    instant = _instant(now, "--now")
+    return system_clock if instant is None else fixed_clock(instant)
+
+
+def _fail(exc: ConnectorError) -> typer.Exit:
+    if isinstance(exc, ConfigError):
+        report.console.print(f"[red]{len(exc.problems)} problem(s):[/red]")
+        for problem in exc.problems:
+            report.console.print(f"  {problem}", markup=False)
+    else:
+        report.console.print(f"[red]error:[/red] {exc}", markup=False)
+    return typer.Exit(2)
+
+
+@app.callback()
+def main_options(
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error (env CONNECTOR_LOG_LEVEL).")]
+    = ENV.log_level,
+    log_format: Annotated[str, typer.Option(help="console or json (env CONNECTOR_LOG_FORMAT).")] = ENV.log_format,
+) -> None:
+    """Logs go to stderr and never contain patient data; tables go to stdout."""
+    logs.configure(log_level, log_format)
+
+
+@app.command()
+def run(config: ConfigOption = ENV.config,
+        once: Annotated[bool, typer.Option("--once", help="One poll of every source and one dispatch, then exit "
+                                                          "(for cron). Exit 1 if a source failed.")] = False,
+        now: NowOption = None, dry_run: DryRunOption = False) -> None:
+    """Run the daemon: poll every source on its interval and send due notifications until SIGTERM."""
+    clock = _clock(now)
+    try:
+        cfg = load_config(config)
+        if dry_run:
+            report.dry_run(asyncio.run(commands.dry_run(cfg, clock)))
+            return
+        result = asyncio.run(commands.run(cfg, clock, once=once or now is not None))
+    except ConnectorError as exc:
+        raise _fail(exc) from None
+    if result is not None:
+        report.cycle(result)
+        if not result.ok:
+            raise typer.Exit(1)
+
+
+@app.command()
+def validate(config: ConfigOption = ENV.config) -> None:
+    """Check the config, every mapping, and that every template compiles. Exit 0 when all is well."""
+    try:
+        cfg, names = commands.validate(config)
+    except ConnectorError as exc:
+        raise _fail(exc) from None
+    report.console.print(f"OK: {config} with {len(cfg.sources)} source(s) and {len(names)} mapping(s): "
+                         f"{', '.join(names)}")
+
+
+@app.command()
+def render(
+    mapping: Annotated[str, typer.Argument(help="Mapping name, e.g. appointment-booked.")],
+    resource: Annotated[Path, typer.Option(help="Appointment JSON, or a Bundle with the Appointment and its "
+                                                "Patient.")],
+    patient: Annotated[Path | None, typer.Option(help="Patient JSON, when not in the resource file.")] = None,
+    html_out: Annotated[Path, typer.Option(help="Where to write the HTML part.")] = Path("rendered.html"),
+    mappings: Annotated[Path, typer.Option(help="Mappings folder.")] = Path("mappings"),
+    timezone: Annotated[str, typer.Option(help="IANA zone for dates and times.")] = "UTC",
+    locale: Annotated[str, typer.Option(help="Locale for dates and times.")] = "en_US",
+    now: NowOption = None,
+) -> None:
+    """Render one mapping for a resource file: print subject and text, write the HTML to a file."""
+    try:
+        email = commands.render_file(mappings, mapping, resource, patient, timezone, locale, _clock(now)(),
+                                     "sender@example.org")
+    except ConnectorError as exc:
+        raise _fail(exc) from None
+    print(f"Subject: {email.subject}\n\n{email.text}")
+    if email.html is not None:
+        html_out.write_text(email.html, encoding="utf-8")
+        print(f"(HTML part written to {html_out})", file=sys.stderr)
+
+
+@app.command()
+def replay(
+    source: Annotated[str | None, typer.Option(help="Source name (default: the only one).")] = None,
+    since: Annotated[str | None, typer.Option(help="Start of the window (meta.lastUpdated, ISO 8601).")] = None,
+    until: Annotated[str | None, typer.Option(help="End of the window (ISO 8601).")] = None,
+    file: Annotated[Path | None, typer.Option(help="A Bundle or NDJSON file to replay instead of the "
+                                                   "source.")] = None,
+    config: ConfigOption = ENV.config, now: NowOption = None, dry_run: DryRunOption = False,
+) -> None:
+    """Run the mappings again over a window of a source, or a file. The ledger keeps what was already
+    sent from going again; --dry-run lists what would be sent and what the ledger suppresses."""
+    clock = _clock(now)
+    try:
+        cfg = load_config(config)
+        name = source or (next(iter(cfg.sources)) if len(cfg.sources) == 1 else None)
+        if name is None or name not in cfg.sources:
+            raise typer.BadParameter(f"choose one of: {', '.join(cfg.sources)}", param_hint="--source")
+        if file is None and since is None:
+            raise typer.BadParameter("give --since (and optionally --until), or --file", param_hint="--since")
+        items, final = asyncio.run(commands.replay(cfg, clock, name, _instant(since, "--since"),
+                                                   _instant(until, "--until"), file, dry_run))
+    except ConnectorError as exc:
+        raise _fail(exc) from None
+    report.replay_items(items, None if dry_run else final, "Replay (dry run)" if dry_run else "Replay")
+
+
+@app.command()
+def status(config: ConfigOption = ENV.config) -> None:
+    """Counts per state, source cursors, and the notifications that need a person (in_doubt, failed)."""
+    try:
+        report.status(commands.status(load_config(config)))
+    except ConnectorError as exc:
+        raise _fail(exc) from None
+
+
+@db_app.command("upgrade")
+def db_upgrade(config: ConfigOption = ENV.config) -> None:
+    """Create or migrate the ledger schema to this version."""
+    from connector.ledger import migrate
+    from connector.ledger.sql import make_engine
+
+    try:
+        cfg = load_config(config)
+    except ConnectorError as exc:
+        raise _fail(exc) from None
+    engine = make_engine(cfg.ledger_url)
+    before, after = migrate.upgrade(engine)
+    engine.dispose()
+    report.console.print(f"ledger schema: {before or 'empty'} -> {after}")
+
+
+def main() -> None:
+    from connector.sandbox.cli import sandbox_app
+
+    app.add_typer(sandbox_app, name="sandbox")
+    app()

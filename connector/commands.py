@@ -1,0 +1,168 @@
+"""What each CLI command does, apart from parsing arguments (cli.py) and printing (report.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from connector import fhir
+from connector.config import Config, load_config
+from connector.daemon import CycleReport, run_forever, run_once
+from connector.errors import ConfigError, Problem
+from connector.ledger import NotificationRecord
+from connector.mapping.engine import render
+from connector.mapping.loader import load_mappings
+from connector.models import Clock, Email, State
+from connector.pipeline import ReplayItem, examine, triples
+from connector.runtime import Runtime
+
+
+def validate(config_path: Path) -> tuple[Config, list[str]]:
+    """Check config, mappings and templates; raises ConfigError with every problem found."""
+    config = load_config(config_path)
+    mappings = load_mappings(config.mappings_dir, config.sources)
+    return config, mappings.names()
+
+
+async def run(config: Config, clock: Clock, once: bool) -> CycleReport | None:
+    runtime = Runtime.open(config, clock)
+    try:
+        if once:
+            return await run_once(runtime)
+        await run_forever(runtime)
+        return None
+    finally:
+        await runtime.aclose()
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """What a run would do: newly planned notifications, and due ones it would send."""
+
+    planned: list[ReplayItem]
+    due: list[NotificationRecord]
+    errors: list[str]
+
+
+async def dry_run(config: Config, clock: Clock) -> DryRun:
+    """Read the sources as the next poll would, plan, and commit nothing."""
+    runtime = Runtime.open(config, clock, exclusive=False)
+    items: list[ReplayItem] = []
+    errors: list[str] = []
+    try:
+        for name, source in runtime.sources.items():
+            cursor = await asyncio.to_thread(runtime.ledger.cursor, name)
+            start = source.config.start_from
+            since = cursor - source.config.overlap if cursor else (clock() if start == "now" else start)
+            try:
+                pages = [page async for page in source.pages(since)]
+            except Exception as exc:  # noqa: BLE001 - report the source and go on with the others
+                errors.append(str(exc))
+                continue
+            fresh_pages = []
+            for page in pages:
+                fresh = await asyncio.to_thread(runtime.ledger.new_versions, name, triples(page))
+                page.matches = [m for m in page.matches if isinstance(m, dict) and m.get("id") and
+                                (str(m.get("resourceType")), str(m["id"]), fhir.version_of(m)) in fresh]
+                fresh_pages.append(page)
+            items += await runtime.planner.replay(name, fresh_pages, dry_run=True)
+        due = await asyncio.to_thread(runtime.ledger.due, clock(), 1000)
+        return DryRun(items, due, errors)
+    finally:
+        await runtime.aclose()
+
+
+async def replay(config: Config, clock: Clock, source: str, since: datetime | None, until: datetime | None,
+                 file: Path | None, dry: bool) -> tuple[list[ReplayItem], dict[str, NotificationRecord]]:
+    """Plan a window of a source (or a file) again and send what the ledger does not already hold."""
+    runtime = Runtime.open(config, clock, exclusive=not dry)
+    try:
+        pages: Any = [read_resource_file(file)] if file else runtime.sources[source].pages(since, until)
+        items = await runtime.planner.replay(source, pages, dry_run=dry)
+        if not dry:
+            await runtime.dispatcher.run()
+        final = await asyncio.to_thread(runtime.ledger.existing, [i.notification.key for i in items])
+        return items, final
+    finally:
+        await runtime.aclose()
+
+
+def read_resource_file(path: Path) -> fhir.SearchPage:
+    """A Bundle, a single resource, or NDJSON (one resource per line) → one page of resources."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        documents = [json.loads(text)]
+    except ValueError:
+        documents = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                documents.append(json.loads(line))
+            except ValueError:
+                raise ConfigError([Problem(path, number, "", "line is not valid JSON")]) from None
+    page = fhir.SearchPage()
+    for resource in _flatten(documents):
+        if resource.get("resourceType") == "Appointment":
+            page.matches.append(resource)
+        elif resource.get("id"):
+            page.included[f"{resource.get('resourceType')}/{resource['id']}"] = resource
+    if not page.matches:
+        raise ConfigError([Problem(path, None, "", "no Appointment resources in the file")])
+    return page
+
+
+def _flatten(documents: list[Any]) -> Iterator[dict[str, Any]]:
+    for document in documents:
+        if isinstance(document, dict) and document.get("resourceType") == "Bundle":
+            yield from _flatten([e.get("resource") for e in document.get("entry") or [] if isinstance(e, dict)])
+        elif isinstance(document, dict):
+            yield document
+
+
+def render_file(mappings_dir: Path, mapping_name: str, resource_file: Path, patient_file: Path | None,
+                timezone: str, locale: str, now: datetime, default_from: str) -> Email:
+    """Render one mapping for an Appointment (and its Patient) read from files."""
+    mappings = load_mappings(mappings_dir)
+    mapping = mappings.get(mapping_name)
+    if mapping is None:
+        raise ConfigError([Problem(mappings_dir, None, "", f"no mapping named {mapping_name!r}; "
+                                                           f"there are: {', '.join(mappings.names())}")])
+    page = read_resource_file(resource_file)
+    examined = examine("file", page, None)
+    if any(s.problem for s in examined.seen):
+        raise ConfigError([Problem(resource_file, None, "", s.problem or "") for s in examined.seen if s.problem])
+    appointment = page.matches[0]
+    patient_ids = fhir.patient_participants(appointment)
+    if patient_file:
+        patient = json.loads(patient_file.read_text(encoding="utf-8"))
+    else:
+        patient = next((page.included.get(f"Patient/{p}") for p in patient_ids if f"Patient/{p}" in page.included),
+                       None)
+    if patient is None:
+        raise ConfigError([Problem(resource_file, None, "", "no Patient for the appointment: put it in the "
+                                                            "Bundle or give --patient FILE")])
+    address = fhir.choose_email(patient, now) or "patient@example.org"
+    return render(mapping, key=f"render:{mapping_name}:{appointment.get('id')}", to=address,
+                  appointment=appointment, patient=patient, event=mapping.spec.trigger.event, source="file",
+                  timezone=timezone, locale=locale, now=now, default_from=default_from, default_reply_to=None)
+
+
+def status(config: Config) -> dict[str, Any]:
+    from connector.runtime import open_ledger
+
+    ledger = open_ledger(config)
+    try:
+        return {
+            "counts": ledger.counts(),
+            "cursors": ledger.cursors(),
+            "attention": ledger.notifications([State.IN_DOUBT, State.FAILED], 50),
+            "problems": ledger.problems(20),
+        }
+    finally:
+        ledger.engine.dispose()

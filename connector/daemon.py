@@ -1,0 +1,91 @@
+"""`connector run`: the only module that knows APScheduler. Schedules, signals, graceful stop.
+
+Each source's poll runs on its own interval and the dispatcher on `dispatch.interval`; a job never runs
+twice at once (max_instances=1) and missed runs are coalesced. SIGTERM/SIGINT stop the schedule, let
+in-flight sends finish (their outcome is recorded), give back leases and exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import structlog
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from connector.dispatch import DispatchReport
+from connector.logs import where
+from connector.pipeline import PollReport
+from connector.runtime import Runtime
+
+log = structlog.get_logger("connector.daemon")
+
+STOP_GRACE_SECONDS = 60.0
+
+
+@dataclass
+class CycleReport:
+    polls: list[PollReport] = field(default_factory=list)
+    dispatch: DispatchReport | None = None
+
+    @property
+    def ok(self) -> bool:
+        return all(p.error is None for p in self.polls) and not (self.dispatch and self.dispatch.paused)
+
+
+async def run_once(runtime: Runtime) -> CycleReport:
+    """One poll of every source, then one dispatch of everything due."""
+    report = CycleReport()
+    report.polls = list(await asyncio.gather(*(runtime.planner.poll(name) for name in runtime.sources)))
+    report.dispatch = await runtime.dispatcher.run()
+    return report
+
+
+async def run_forever(runtime: Runtime) -> None:
+    """Run until SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    running: set[asyncio.Task[object]] = set()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    def guarded(name: str, job: Callable[[], Awaitable[object]]) -> Callable[[], Awaitable[None]]:
+        async def wrapper() -> None:
+            if stop.is_set():
+                return
+            task = asyncio.current_task()
+            assert task is not None
+            running.add(task)
+            try:
+                await job()
+            except Exception as exc:  # noqa: BLE001 - one failing job must not stop the daemon
+                log.error("job.crashed", job=name, problem=where(exc))
+            finally:
+                running.discard(task)
+
+        return wrapper
+
+    scheduler = AsyncIOScheduler(timezone=UTC)
+    now = datetime.now(UTC)
+    for name, source in runtime.sources.items():
+        scheduler.add_job(guarded(f"poll:{name}", lambda n=name: runtime.planner.poll(n)), "interval",  # type: ignore[misc]
+                          seconds=source.config.interval.total_seconds(), id=f"poll:{name}",
+                          max_instances=1, coalesce=True, next_run_time=now)
+    scheduler.add_job(guarded("dispatch", runtime.dispatcher.run), "interval",
+                      seconds=runtime.config.dispatch.interval.total_seconds(), id="dispatch",
+                      max_instances=1, coalesce=True, next_run_time=now)
+    scheduler.start()
+    log.info("daemon.started", sources=list(runtime.sources), mappings=runtime.mappings.names())
+    await stop.wait()
+
+    log.info("daemon.stopping", in_flight=len(running))
+    runtime.dispatcher.stopping = True
+    scheduler.shutdown(wait=False)
+    if running:
+        _, late = await asyncio.wait(running, timeout=STOP_GRACE_SECONDS)
+        for task in late:
+            task.cancel()
+    log.info("daemon.stopped")

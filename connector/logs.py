@@ -1,0 +1,48 @@
+"""Structured logs (structlog) on stderr: `console` (key=value) or `json`.
+
+Log lines carry names of sources and mappings, resource types, ids and versions, notification ids,
+HTTP statuses and reasons, never patient data, message bodies, addresses or notification keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+import structlog
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def configure(level: str = "info", fmt: str = "console") -> None:
+    renderer: structlog.typing.Processor = (
+        structlog.processors.JSONRenderer() if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=False, pad_event_to=0)
+    )
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    logging.basicConfig(level=max(_LEVELS[level], logging.WARNING), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def where(exc: BaseException) -> str:
+    """'KeyError at connector/pipeline.py:123': an unexpected error, located but not quoted
+    (exception messages can carry data from a resource)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    own = [f for f in frames if "/connector/" in f.filename] or frames
+    if not own:
+        return type(exc).__name__
+    frame = own[-1]
+    parts = Path(frame.filename).parts
+    short = "/".join(parts[parts.index("connector"):]) if "connector" in parts else Path(frame.filename).name
+    return f"{type(exc).__name__} at {short}:{frame.lineno}"

@@ -1,0 +1,94 @@
+"""Wiring: build the ledger, sources, mailer, planner and dispatcher from a config."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO
+
+import httpx
+import structlog
+from sqlalchemy.engine import make_url
+
+from connector.cache import ResourceCache
+from connector.config import Config
+from connector.delivery import Mailer
+from connector.delivery.paubox import PauboxRestMailer
+from connector.dispatch import Dispatcher
+from connector.errors import LedgerError
+from connector.ledger import migrate
+from connector.ledger.sql import SqlLedger, make_engine
+from connector.mapping.loader import MappingSet, load_mappings
+from connector.models import Clock
+from connector.pipeline import Planner
+from connector.sources.fhir_poll import FhirPollSource
+
+log = structlog.get_logger("connector.runtime")
+
+
+def open_ledger(config: Config) -> SqlLedger:
+    engine = make_engine(config.ledger_url)
+    migrate.ensure_current(engine)
+    return SqlLedger(engine)
+
+
+def lock_sqlite(config: Config) -> IO[str] | None:
+    """SQLite ledgers serve one process: hold an exclusive lock beside the database file."""
+    url = make_url(config.ledger_url)
+    if url.get_backend_name() != "sqlite" or not url.database:
+        return None
+    handle = Path(url.database + ".lock").open("w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise LedgerError(f"another connector process is using the SQLite ledger {url.database}; stop it first "
+                          f"(several daemons need a PostgreSQL ledger)") from None
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+@dataclass
+class Runtime:
+    config: Config
+    mappings: MappingSet
+    ledger: SqlLedger
+    sources: dict[str, FhirPollSource]
+    mailer: Mailer
+    cache: ResourceCache
+    planner: Planner
+    dispatcher: Dispatcher
+    lock: IO[str] | None
+
+    @classmethod
+    def open(cls, config: Config, clock: Clock, *, mailer: Mailer | None = None,
+             source_transport: httpx.AsyncBaseTransport | None = None, exclusive: bool = True) -> Runtime:
+        mappings = load_mappings(config.mappings_dir, config.sources)
+        lock = lock_sqlite(config) if exclusive else None
+        ledger = open_ledger(config)
+        if lock is not None:
+            # This process alone uses the ledger: whatever is still `sending` was cut off by a crash.
+            interrupted = ledger.mark_interrupted(datetime.now(UTC), everything=True)
+            if interrupted:
+                log.warning("ledger.in_doubt", count=interrupted, problem="sends interrupted by an earlier crash")
+        sources = {name: FhirPollSource(name, cfg, source_transport) for name, cfg in config.sources.items()}
+        mailer = mailer or PauboxRestMailer(config.delivery.paubox, concurrency=config.dispatch.concurrency)
+        cache = ResourceCache()
+        owner = f"{os.uname().nodename[:24]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        planner = Planner(config, mappings, ledger, sources, cache, clock)
+        dispatcher = Dispatcher(config, mappings, ledger, sources, mailer, cache, clock, owner)
+        return cls(config, mappings, ledger, sources, mailer, cache, planner, dispatcher, lock)
+
+    async def aclose(self) -> None:
+        await self.dispatcher.release()
+        for source in self.sources.values():
+            await source.aclose()
+        await self.mailer.aclose()
+        self.ledger.engine.dispose()
+        if self.lock is not None:
+            self.lock.close()
