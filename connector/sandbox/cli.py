@@ -76,7 +76,7 @@ def inbox(
     for number, message in enumerate(messages, start=1):
         table.add_row(str(number), message["received_at"][11:19], ", ".join(message["recipients"]),
                       message["subject"], message["custom_headers"].get("X-Notification-Key", ""))
-    Console(highlight=False).print(table)
+    Console(highlight=False, width=None if sys.stdout.isatty() else 160).print(table)
 
 
 @sandbox_app.command()

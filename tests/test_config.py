@@ -1,0 +1,96 @@
+"""The config file: secrets by reference only, errors that name file, line and key."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from connector.config import load_config, parse_duration
+from connector.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+MINIMAL = """\
+sources:
+  ehr:
+    base_url: https://fhir.example.org/r4
+delivery:
+  from: appointments@example.org
+  paubox:
+    username: clinic
+    api_key: ${TEST_PAUBOX_KEY}
+"""
+
+
+def problems(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    return [str(p) for p in caught.value.problems]
+
+
+def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("EHR_FHIR_TOKEN", "PAUBOX_USERNAME", "PAUBOX_API_KEY"):
+        monkeypatch.setenv(name, "placeholder")
+    config = load_config(ROOT / "config.example.yaml")
+    assert config.delivery.paubox.endpoint == "https://api.paubox.net/v1/placeholder"
+    assert config.mappings_dir == ROOT / "mappings"
+
+
+def test_secret_from_environment_and_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEST_PAUBOX_KEY", "  abc123 \n")
+    (tmp_path / "c.yaml").write_text(MINIMAL)
+    config = load_config(tmp_path / "c.yaml")
+    assert config.delivery.paubox.api_key.get_secret_value() == "abc123"  # trimmed
+    assert config.sources["ehr"].overlap == timedelta(minutes=5)
+    assert config.ledger_url == f"sqlite:///{tmp_path / 'connector.db'}"
+
+
+def test_secret_from_file_relative_to_config(tmp_path: Path) -> None:
+    (tmp_path / "key.txt").write_text("from-file\n")
+    (tmp_path / "c.yaml").write_text(MINIMAL.replace("${TEST_PAUBOX_KEY}", "{file: key.txt}"))
+    assert load_config(tmp_path / "c.yaml").delivery.paubox.api_key.get_secret_value() == "from-file"
+
+
+def test_missing_environment_variable_is_named_with_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TEST_PAUBOX_KEY", raising=False)
+    (tmp_path / "c.yaml").write_text(MINIMAL)
+    assert problems(tmp_path / "c.yaml") == [
+        f"{tmp_path / 'c.yaml'} line 8 (delivery.paubox.api_key): environment variable TEST_PAUBOX_KEY is not set"]
+
+
+def test_inline_secret_is_refused_without_echoing_it(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text(MINIMAL.replace("${TEST_PAUBOX_KEY}", "s3cr3t-inline-value"))
+    [problem] = problems(tmp_path / "c.yaml")
+    assert "line 8 (delivery.paubox.api_key): secrets must be references" in problem
+    assert "s3cr3t" not in problem
+
+
+def test_every_problem_is_listed_with_its_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEST_PAUBOX_KEY", "k")
+    text = MINIMAL.replace("    base_url: https://fhir.example.org/r4\n",
+                           "    base_url: https://fhir.example.org/r4\n    pol_interval: 5s\n"
+                           "    timezone: Mars/Olympus\n    overlap: ten minutes\n")
+    (tmp_path / "c.yaml").write_text(text)
+    found = problems(tmp_path / "c.yaml")
+    assert any("line 4 (sources.ehr.pol_interval): unknown key" in p for p in found)
+    assert any("line 5 (sources.ehr.timezone): unknown IANA time zone 'Mars/Olympus'" in p for p in found)
+    assert any("line 6 (sources.ehr.overlap): expected a duration" in p for p in found)
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("sources:\n  ehr: [unclosed\n")
+    [problem] = problems(tmp_path / "c.yaml")
+    assert "invalid YAML" in problem and "line" in problem
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    [problem] = problems(tmp_path / "absent.yaml")
+    assert "cannot read file" in problem
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("250ms", 0.25), ("30s", 30), ("5m", 300), ("48h", 172800),
+                                                ("2d", 172800), (90, 90)])
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration(text).total_seconds() == seconds

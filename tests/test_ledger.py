@@ -1,0 +1,115 @@
+"""The ledger contract, run against SQLite and the real PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+from connector.ledger import SeenVersion
+from connector.ledger.sql import SqlLedger
+from connector.models import PlannedNotification, State
+
+NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
+
+
+def planned(key: str, due: datetime = NOW, state: State = State.PENDING) -> PlannedNotification:
+    return PlannedNotification(key=key, source="ehr", mapping="m", event="booked", resource_type="Appointment",
+                               resource_id=key, resource_version="1", patient_id="p1", due_at=due, state=state)
+
+
+def test_unique_key_decides_duplicates(ledger: SqlLedger) -> None:
+    assert ledger.add([planned("a"), planned("b")]) == ["a", "b"]
+    assert ledger.add([planned("a"), planned("c")]) == ["c"]
+    assert ledger.counts()[State.PENDING] == 3
+
+
+def test_concurrent_inserts_of_one_key_keep_one(ledger: SqlLedger) -> None:
+    results: list[list[str]] = []
+    barrier = threading.Barrier(4)
+
+    def insert() -> None:
+        barrier.wait()
+        results.append(ledger.add([planned("same")]))
+
+    threads = [threading.Thread(target=insert) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(len(r) for r in results) == [0, 0, 0, 1]
+
+
+def test_record_page_is_atomic_and_cursor_never_goes_back(ledger: SqlLedger) -> None:
+    seen = [SeenVersion("Appointment", "a", "1", NOW)]
+    ledger.record_page("ehr", [planned("a")], seen, NOW)
+    ledger.record_page("ehr", [], [], NOW - timedelta(hours=1))
+    assert ledger.cursor("ehr") == NOW
+    ledger.record_page("ehr", [], [], NOW + timedelta(seconds=1))
+    assert ledger.cursor("ehr") == NOW + timedelta(seconds=1)
+    assert ledger.new_versions("ehr", [("Appointment", "a", "1"), ("Appointment", "a", "2")]) == {
+        ("Appointment", "a", "2")}
+    assert ledger.new_versions("other", [("Appointment", "a", "1")]) == {("Appointment", "a", "1")}
+
+
+def test_claim_send_finish(ledger: SqlLedger) -> None:
+    ledger.add([planned("a"), planned("later", due=NOW + timedelta(hours=1))])
+    wall = datetime.now(UTC)
+    [claimed] = ledger.claim_due(NOW, 10, "w1", wall + timedelta(minutes=5), wall)
+    assert claimed.key == "a"
+    assert ledger.claim_due(NOW, 10, "w2", wall + timedelta(minutes=5), wall) == []  # leased
+    assert ledger.start_sending(claimed.id, "w2") is False  # not the lease holder
+    assert ledger.start_sending(claimed.id, "w1") is True
+    assert ledger.counts()[State.SENDING] == 1
+    ledger.finish(claimed.id, State.SENT, None, "track-1", NOW)
+    [record] = ledger.existing(["a"]).values()
+    assert (record.state, record.tracking_id, record.attempts) == (State.SENT, "track-1", 1)
+
+
+def test_expired_lease_is_claimable_again(ledger: SqlLedger) -> None:
+    ledger.add([planned("a")])
+    wall = datetime.now(UTC)
+    ledger.claim_due(NOW, 10, "dead", wall - timedelta(seconds=1), wall - timedelta(minutes=5))
+    [again] = ledger.claim_due(NOW, 10, "alive", wall + timedelta(minutes=5), wall)
+    assert again.key == "a"
+
+
+def test_interrupted_sends_become_in_doubt_never_pending(ledger: SqlLedger) -> None:
+    ledger.add([planned("a"), planned("b")])
+    wall = datetime.now(UTC)
+    for record in ledger.claim_due(NOW, 10, "w1", wall + timedelta(minutes=5), wall):
+        ledger.start_sending(record.id, "w1")
+    assert ledger.mark_interrupted(wall, everything=False) == 0  # leases still live
+    assert ledger.mark_interrupted(wall + timedelta(minutes=6), everything=False) == 2
+    assert ledger.counts()[State.IN_DOUBT] == 2
+    assert ledger.claim_due(NOW, 10, "w2", wall + timedelta(minutes=5), wall) == []
+
+
+def test_retry_later_and_settle(ledger: SqlLedger) -> None:
+    ledger.add([planned("a"), planned("b")])
+    wall = datetime.now(UTC)
+    a, b = ledger.claim_due(NOW, 10, "w1", wall + timedelta(minutes=5), wall)
+    ledger.start_sending(a.id, "w1")
+    ledger.retry_later(a.id, NOW + timedelta(minutes=1), "HTTP 429", count_attempt=True)
+    ledger.settle(b.id, "w1", State.SKIPPED, "no address")
+    records = ledger.existing(["a", "b"])
+    assert (records["a"].state, records["a"].attempts, records["a"].due_at) == (
+        State.PENDING, 1, NOW + timedelta(minutes=1))
+    assert (records["b"].state, records["b"].reason) == (State.SKIPPED, "no address")
+    assert ledger.claim_due(NOW, 10, "w1", wall + timedelta(minutes=5), wall) == []
+    assert [r.key for r in ledger.claim_due(NOW + timedelta(minutes=1), 10, "w1", wall, wall)] == ["a"]
+
+
+def test_release_gives_back_leases(ledger: SqlLedger) -> None:
+    ledger.add([planned("a")])
+    wall = datetime.now(UTC)
+    ledger.claim_due(NOW, 10, "w1", wall + timedelta(minutes=5), wall)
+    assert ledger.release("w1") == 1
+    assert len(ledger.claim_due(NOW, 10, "w2", wall + timedelta(minutes=5), wall)) == 1
+
+
+def test_problems_and_pruning(ledger: SqlLedger) -> None:
+    ledger.record_page("ehr", [], [SeenVersion("Appointment", "bad", "1", NOW, "not valid FHIR R4: status"),
+                                   SeenVersion("Appointment", "old", "1", NOW - timedelta(days=1))], None)
+    assert ledger.prune_seen("ehr", NOW - timedelta(hours=1)) == 1
+    [(source, seen)] = ledger.problems(10)
+    assert (source, seen.resource_id, seen.problem) == ("ehr", "bad", "not valid FHIR R4: status")

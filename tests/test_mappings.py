@@ -1,0 +1,154 @@
+"""Mappings: loading with file/line problems, FHIRPath conditions, planning and rendering."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from connector.errors import ConfigError
+from connector.mapping.engine import plan, render
+from connector.mapping.loader import load_mappings
+from connector.models import AppointmentEvent, State
+from tests.factories import appointment, hl7, patient
+
+ROOT = Path(__file__).resolve().parent.parent
+NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
+
+BASE = """\
+name: reminder
+trigger:
+  resource: Appointment
+  event: booked
+{condition}
+templates:
+  subject: "{subject}"
+  text: reminder.txt
+"""
+
+
+def folder_with(tmp_path: Path, *, condition: str = "", subject: str = "Hello", text: str = "Hi {{ patient_name }}",
+                html: str | None = None) -> Path:
+    folder = tmp_path / "mappings"
+    folder.mkdir(exist_ok=True)
+    body = BASE.format(condition=f"  condition: \"{condition}\"" if condition else "", subject=subject)
+    if html is not None:
+        body += "  html: reminder.html\n"
+        (folder / "reminder.html").write_text(html)
+    (folder / "reminder.yaml").write_text(body)
+    (folder / "reminder.txt").write_text(text)
+    return folder
+
+
+def load_problems(folder: Path) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_mappings(folder)
+    return [str(p) for p in caught.value.problems]
+
+
+def test_shipped_mappings_load() -> None:
+    assert load_mappings(ROOT / "mappings").names() == ["appointment-booked", "appointment-cancelled"]
+
+
+def test_jinja_syntax_error_names_template_file_and_line(tmp_path: Path) -> None:
+    folder = folder_with(tmp_path, text="line one\nline two {{ patient_name \n")
+    [problem] = load_problems(folder)
+    assert problem.startswith(f"{(folder / 'reminder.txt').resolve()} line 2")
+    assert "template error" in problem
+
+
+def test_syntax_error_in_inline_subject_names_mapping_line(tmp_path: Path) -> None:
+    [problem] = load_problems(folder_with(tmp_path, subject="{% if %}"))
+    assert "reminder.yaml line 7 (templates.subject): template error" in problem
+
+
+def test_unknown_fhirpath_function_is_reported(tmp_path: Path) -> None:
+    [problem] = load_problems(folder_with(tmp_path, condition="Appointment.status.shout()"))
+    assert "reminder.yaml line 5 (trigger.condition): FHIRPath error" in problem
+    assert "shout" in problem
+
+
+def test_condition_that_is_not_boolean_is_reported(tmp_path: Path) -> None:
+    [problem] = load_problems(folder_with(tmp_path, condition="Appointment.status"))
+    assert "must give true or false" in problem
+
+
+def test_unknown_template_variable_is_reported(tmp_path: Path) -> None:
+    [problem] = load_problems(folder_with(tmp_path, text="Dear {{ patient_nam }}"))
+    assert "unknown variable 'patient_nam'" in problem
+
+
+def test_key_may_not_depend_on_the_patient_record(tmp_path: Path) -> None:
+    folder = folder_with(tmp_path)
+    with (folder / "reminder.yaml").open("a") as f:
+        f.write('key: "{{ patient.name }}"\n')
+    [problem] = load_problems(folder)
+    assert "(key): unknown variable 'patient'" in problem
+
+
+def test_unknown_event_and_missing_template_file(tmp_path: Path) -> None:
+    folder = folder_with(tmp_path)
+    (folder / "reminder.yaml").write_text((folder / "reminder.yaml").read_text()
+                                          .replace("event: booked", "event: confirmed")
+                                          .replace("reminder.txt", "missing.txt"))
+    found = load_problems(folder)
+    assert any("line 4 (trigger.event): unknown event 'confirmed'" in p for p in found)
+
+
+def test_condition_filters_events(tmp_path: Path) -> None:
+    mappings = load_mappings(folder_with(tmp_path, condition="Appointment.serviceType.where(text = 'Check-up').exists()"))
+    booked = appointment("a1", "p1", NOW + timedelta(days=2))
+    other = appointment("a2", "p1", NOW + timedelta(days=2), serviceType=[{"text": "Surgery"}])
+    assert len(plan(mappings, AppointmentEvent("ehr", "booked", booked, "1"), NOW).notifications) == 1
+    assert plan(mappings, AppointmentEvent("ehr", "booked", other, "1"), NOW).notifications == []
+
+
+def test_plan_one_per_patient_skipping_information_only_and_past() -> None:
+    mappings = load_mappings(ROOT / "mappings")
+    group = appointment("a1", "p1", NOW + timedelta(days=1))
+    group["participant"] += [
+        {"actor": {"reference": "Patient/p2"}, "status": "accepted"},
+        {"actor": {"reference": "Patient/p3"}, "required": "information-only", "status": "accepted"},
+        {"actor": {"reference": "Patient/p4"}, "status": "declined"},
+    ]
+    planned = plan(mappings, AppointmentEvent("ehr", "booked", group, "1"), NOW).notifications
+    assert [p.patient_id for p in planned] == ["p1", "p2"]
+    assert all(p.key.startswith("ehr:appointment-booked:a1|booked|") for p in planned)
+    past = plan(mappings, AppointmentEvent("ehr", "booked", hl7("Appointment-example"), "1"), NOW).notifications
+    assert [(p.state, p.reason) for p in past] == [(State.SKIPPED, "the appointment start has already passed")]
+
+
+def test_same_status_again_gives_the_same_key() -> None:
+    mappings = load_mappings(ROOT / "mappings")
+    first = appointment("a1", "p1", NOW + timedelta(days=1))
+    second = {**first, "description": "changed"}
+    keys = [plan(mappings, AppointmentEvent("ehr", "booked", a, v), NOW).notifications[0].key
+            for a, v in ((first, "1"), (second, "2"))]
+    assert keys[0] == keys[1]
+
+
+def test_render_text_and_autoescaped_html(tmp_path: Path) -> None:
+    shutil.copytree(ROOT / "mappings", tmp_path / "m")
+    mappings = load_mappings(tmp_path / "m")
+    visit = appointment("a1", "p1", datetime(2026, 12, 1, 14, 30, tzinfo=UTC))
+    person = patient("p1", "<script>alert(1)</script>", email="x@example.org")
+    email = render(mappings.get("appointment-booked"), key="k", to="x@example.org",  # type: ignore[arg-type]
+                   appointment=visit, patient=person, event="booked", source="ehr",
+                   timezone="America/New_York", locale="en_US", now=NOW, default_from="c@example.org",
+                   default_reply_to=None)
+    assert email.subject == "Your appointment at Example Clinic on December 1, 2026"
+    assert "Tuesday, December 1, 2026" in email.text and "9:30 AM EST" in email.text
+    assert "<script>" in email.text  # plain text is not HTML
+    assert email.html is not None and "<script>" not in email.html and "&lt;script&gt;" in email.html
+
+
+def test_render_in_another_locale(tmp_path: Path) -> None:
+    mappings = load_mappings(ROOT / "mappings")
+    visit = appointment("a1", "p1", datetime(2026, 12, 1, 14, 30, tzinfo=UTC))
+    email = render(mappings.get("appointment-booked"), key="k", to="x@example.org",  # type: ignore[arg-type]
+                   appointment=visit, patient=patient("p1", "A"), event="booked", source="ehr",
+                   timezone="Europe/Amsterdam", locale="nl_NL", now=NOW, default_from="c@example.org",
+                   default_reply_to=None)
+    assert "dinsdag 1 december 2026" in email.text
