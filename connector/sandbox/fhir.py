@@ -7,7 +7,7 @@ and `POST [base]/{type}` keep `meta.versionId` and `meta.lastUpdated` as a serve
 stored as given (no validation), so tests can plant invalid ones.
 
 Test controls (not FHIR):
-    POST /_test/faults   {"malformed_pages": 1, "page_status": [503], "ignore": ["_sort"],
+    POST /_test/faults   {"malformed_pages": 1, "page_status": [200, 503], "ignore": ["_sort"],
                           "latency_ms": 0, "read_status": 0}
     POST /_test/reset    forget every resource
 """
@@ -122,8 +122,9 @@ def create_app(state: FhirState) -> Starlette:
         snapshot = state.snapshots.get(token)
         if snapshot is None:
             return _outcome(410, "not-found", "this result page has expired")
-        if state.page_status:
-            return _outcome(state.page_status.pop(0), "transient", "injected failure")
+        status = state.page_status.pop(0) if state.page_status else 200  # 200 = serve this page normally
+        if status != 200:
+            return _outcome(status, "transient", "injected failure")
         count, matches = snapshot["count"], snapshot["matches"]
         chunk = matches[offset:offset + count]
         entries = [{"fullUrl": f"{snapshot['base']}/{r['resourceType']}/{r['id']}", "resource": r,
@@ -131,7 +132,10 @@ def create_app(state: FhirState) -> Starlette:
         if snapshot["include_patients"]:
             seen: set[str] = set()
             for resource in chunk:
-                for participant in resource.get("participant") or []:
+                participants = resource.get("participant")
+                for participant in participants if isinstance(participants, list) else []:
+                    if not isinstance(participant, dict):
+                        continue
                     patient_id = reference_id((participant.get("actor") or {}).get("reference"), "Patient")
                     patient = state.current("Patient", patient_id) if patient_id else None
                     if patient is not None and patient_id not in seen:

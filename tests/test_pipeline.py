@@ -1,0 +1,160 @@
+"""Poll → plan → ledger → dispatch, in process, against the FHIR test server and the Paubox sandbox."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+
+from connector.config import load_config
+from connector.daemon import run_once
+from connector.delivery.paubox import PauboxRestMailer
+from connector.models import State, fixed_clock
+from connector.runtime import Runtime
+from connector.sandbox.fhir import FhirState
+from connector.sandbox.fhir import create_app as fhir_app
+from connector.sandbox.paubox import Fault, SandboxState
+from connector.sandbox.paubox import create_app as paubox_app
+from tests.conftest import write_config
+from tests.factories import appointment, marker_patients, patient
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+
+
+@pytest.fixture
+def fhir() -> FhirState:
+    state = FhirState()
+    people = marker_patients()
+    state.load(people)
+    for index, person in enumerate(people, start=1):
+        state.put(appointment(f"a{index}", person["id"], NOW + timedelta(days=index)))
+    return state
+
+
+@pytest.fixture
+def paubox() -> SandboxState:
+    return SandboxState(api_key="test-sandbox-key", username="clinic")
+
+
+@pytest.fixture
+async def runtime(tmp_path: Path, fhir: FhirState, paubox: SandboxState, api_key_env: str) -> AsyncIterator[Runtime]:
+    config = load_config(write_config(tmp_path, "http://fhir.test", "http://paubox.test"))
+    mailer = PauboxRestMailer(config.delivery.paubox, transport=httpx.ASGITransport(app=paubox_app(paubox)))
+    rt = Runtime.open(config, fixed_clock(NOW), mailer=mailer,
+                      source_transport=httpx.ASGITransport(app=fhir_app(fhir)))
+    yield rt
+    await rt.aclose()
+
+
+def keys(paubox: SandboxState) -> list[str]:
+    return sorted(m["custom_headers"]["X-Notification-Key"] for m in paubox.messages)
+
+
+async def test_pages_and_includes_send_each_email_once(runtime: Runtime, fhir: FhirState,
+                                                       paubox: SandboxState) -> None:
+    report = await run_once(runtime)
+    assert report.polls[0].pages == 2 and report.dispatch is not None and report.dispatch.sent == 4
+    assert sorted(m["recipients"][0] for m in paubox.messages) == sorted(
+        p["telecom"][0]["value"] for p in marker_patients())
+    # Patients came with the search (_include): the dispatcher read nothing more from the server.
+    assert not [r for r in fhir.requests if r.startswith("GET /Patient/") or r.startswith("GET /Appointment/")]
+    again = await run_once(runtime)
+    assert again.polls[0].new_versions == 0 and len(paubox.messages) == 4
+
+
+async def test_new_version_with_same_status_sends_nothing_new(runtime: Runtime, fhir: FhirState,
+                                                              paubox: SandboxState) -> None:
+    await run_once(runtime)
+    fhir.put({**fhir.current("Appointment", "a1"), "description": "room changed"})  # type: ignore[dict-item]
+    report = await run_once(runtime)
+    assert report.polls[0].new_versions == 1 and report.polls[0].inserted == 0
+    assert len(paubox.messages) == 4
+
+
+async def test_cancellation_is_its_own_notification(runtime: Runtime, fhir: FhirState,
+                                                    paubox: SandboxState) -> None:
+    await run_once(runtime)
+    fhir.put({**fhir.current("Appointment", "a2"), "status": "cancelled"})  # type: ignore[dict-item]
+    await run_once(runtime)
+    assert len(paubox.messages) == 5
+    assert paubox.messages[-1]["subject"].endswith("is cancelled")
+
+
+async def test_malformed_page_loses_nothing(runtime: Runtime, fhir: FhirState, paubox: SandboxState) -> None:
+    fhir.malformed_pages = 1
+    fhir.ignore = {"_sort"}  # unsorted: the cursor may only move after the whole traversal
+    report = await run_once(runtime)
+    assert report.polls[0].error is not None and "not valid JSON" in report.polls[0].error
+    assert runtime.ledger.cursor("ehr") is None
+    await run_once(runtime)
+    assert len(paubox.messages) == 4
+
+
+async def test_failed_second_page_keeps_the_first_and_the_cursor_is_safe(runtime: Runtime, fhir: FhirState,
+                                                                         paubox: SandboxState) -> None:
+    fhir.page_status = [200, 503]  # the first page is served, the second fails
+    report = await run_once(runtime)
+    assert report.polls[0].error is not None and "HTTP 503" in report.polls[0].error
+    first_page_cursor = runtime.ledger.cursor("ehr")
+    assert first_page_cursor is not None  # sorted server: the committed first page moved the cursor
+    assert len(paubox.messages) == 2
+    await run_once(runtime)
+    assert len(paubox.messages) == 4
+
+
+async def test_invalid_resource_is_recorded_and_the_rest_goes_on(runtime: Runtime, fhir: FhirState,
+                                                                 paubox: SandboxState) -> None:
+    fhir.put({**appointment("bad", "p1", NOW + timedelta(days=3)), "participant": "not-a-list"})
+    report = await run_once(runtime)
+    assert report.polls[0].invalid == 1 and len(paubox.messages) == 4
+    [(source, seen)] = runtime.ledger.problems(10)
+    assert seen.resource_id == "bad" and "not valid FHIR R4" in (seen.problem or "")
+
+
+async def test_recipients_that_cannot_be_written_to_are_skipped_with_reason(runtime: Runtime, fhir: FhirState,
+                                                                           paubox: SandboxState) -> None:
+    fhir.put(patient("nomail", "Nobody"))
+    fhir.put(patient("gone", "Late", email="late@example.org", deceasedBoolean=True))
+    fhir.put(appointment("x1", "nomail", NOW + timedelta(days=1)))
+    fhir.put(appointment("x2", "gone", NOW + timedelta(days=1)))
+    fhir.put(appointment("x3", "missing", NOW + timedelta(days=1)))
+    await run_once(runtime)
+    reasons = {r.resource_id: r.reason for r in runtime.ledger.notifications([State.SKIPPED], 10)}
+    assert reasons == {"x1": "Patient/nomail has no usable email address",
+                       "x2": "Patient/gone is recorded as deceased",
+                       "x3": "Patient/missing not found on source 'ehr'"}
+    assert len(paubox.messages) == 4
+
+
+async def test_paubox_errors_each_end_in_the_right_state(runtime: Runtime, paubox: SandboxState) -> None:
+    paubox.faults = [Fault(status=400), Fault(status=500, accept=True), Fault(status=429, retry_after=60)]
+    report = await run_once(runtime)
+    counts = runtime.ledger.counts()
+    assert (counts[State.SENT], counts[State.FAILED], counts[State.IN_DOUBT], counts[State.PENDING]) == (1, 1, 1, 1)
+    assert report.dispatch is not None and report.dispatch.steps["retry"] == 1
+    [failed] = runtime.ledger.notifications([State.FAILED], 10)
+    assert failed.reason == "HTTP 400 Bad Request: Fault injected by the sandbox"
+
+
+async def test_wrong_api_key_pauses_and_keeps_everything_pending(runtime: Runtime, paubox: SandboxState) -> None:
+    paubox.api_key = "rotated"
+    report = await run_once(runtime)
+    assert report.dispatch is not None and report.dispatch.paused is not None
+    assert "HTTP 401" in report.dispatch.paused
+    assert runtime.ledger.counts()[State.PENDING] == 4
+    assert all(r.attempts == 0 for r in runtime.ledger.due(NOW, 10))
+    paubox.api_key = "test-sandbox-key"
+    await run_once(runtime)
+    assert len(paubox.messages) == 4
+
+
+async def test_replay_sends_nothing_already_sent(runtime: Runtime, paubox: SandboxState) -> None:
+    await run_once(runtime)
+    source = runtime.sources["ehr"]
+    items = await runtime.planner.replay("ehr", source.pages(NOW - timedelta(days=1)), dry_run=False)
+    assert len(items) == 4 and all(i.existing is not None and not i.inserted for i in items)
+    await runtime.dispatcher.run()
+    assert len(paubox.messages) == 4
