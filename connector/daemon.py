@@ -83,9 +83,10 @@ async def run_forever(runtime: Runtime) -> None:
 
     log.info("daemon.stopping", in_flight=len(running))
     runtime.dispatcher.stopping = True
-    scheduler.shutdown(wait=False)
+    scheduler.pause()  # no new runs; shutting the scheduler down now would cancel the running jobs
     if running:
         _, late = await asyncio.wait(running, timeout=STOP_GRACE_SECONDS)
         for task in late:
             task.cancel()
+    scheduler.shutdown(wait=False)
     log.info("daemon.stopped")

@@ -74,6 +74,7 @@ class Runtime:
         if lock is not None:
             # This process alone uses the ledger: whatever is still `sending` was cut off by a crash.
             interrupted = ledger.mark_interrupted(datetime.now(UTC), everything=True)
+            ledger.release(None)  # leases of a crashed process on notifications it never started
             if interrupted:
                 log.warning("ledger.in_doubt", count=interrupted, problem="sends interrupted by an earlier crash")
         sources = {name: FhirPollSource(name, cfg, source_transport) for name, cfg in config.sources.items()}

@@ -78,8 +78,8 @@ class Ledger(Protocol):
     def settle(self, notification_id: int, owner: str, state: State, reason: str) -> None:
         """pending (leased by owner) → skipped / failed / cancelled, without sending."""
 
-    def release(self, owner: str, notification_ids: Sequence[int] | None = None) -> int:
-        """Drop `owner`'s leases on pending notifications (all of them, or the given ones)."""
+    def release(self, owner: str | None, notification_ids: Sequence[int] | None = None) -> int:
+        """Drop `owner`'s leases (every owner's when None) on pending notifications (all, or the given ones)."""
 
     def mark_interrupted(self, wall_now: datetime, everything: bool) -> int:
         """sending → in_doubt where the lease expired (or every one, for a single-process ledger)."""

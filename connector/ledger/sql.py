@@ -195,8 +195,9 @@ class SqlLedger:
                          .values(state=state.value, reason=reason, updated_at=_now(), lease_owner=None,
                                  lease_until=None))
 
-    def release(self, owner: str, notification_ids: Sequence[int] | None = None) -> int:
-        condition = and_(N.c.state == State.PENDING.value, N.c.lease_owner == owner)
+    def release(self, owner: str | None, notification_ids: Sequence[int] | None = None) -> int:
+        condition = N.c.state == State.PENDING.value
+        condition = and_(condition, N.c.lease_owner.is_not(None) if owner is None else N.c.lease_owner == owner)
         if notification_ids is not None:
             condition = and_(condition, N.c.id.in_(list(notification_ids)))
         with self.engine.begin() as conn:

@@ -56,7 +56,8 @@ class SandboxState:
     latency: float = 0.0
     messages: list[dict[str, Any]] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
-    requests: Counter[str] = field(default_factory=Counter)
+    requests: Counter[str] = field(default_factory=Counter)  # accepted messages per X-Notification-Key
+    received: int = 0  # send requests that arrived, answered or not
 
     def next_fault(self) -> Fault | None:
         if not self.faults:
@@ -189,12 +190,14 @@ async def _apply_fault(fault: Fault | None, request_body: dict[str, Any], state:
 
 def create_app(state: SandboxState) -> Starlette:
     async def send_message(request: Request) -> Response:
+        state.received += 1
+        raw = await request.body()  # read first: the request has fully arrived, whatever happens next
         if not _authorised(request, state):
             return _unauthorised()
         if state.latency:
             await asyncio.sleep(state.latency)
         try:
-            body = json.loads(await request.body())
+            body = json.loads(raw)
             message = body["data"]["message"]
         except (ValueError, KeyError, TypeError):
             return _errors(400, "Bad Request", "Request body must be JSON with data.message")
@@ -212,12 +215,13 @@ def create_app(state: SandboxState) -> Starlette:
                              "customHeaders": saved["custom_headers"], "data": "Service OK"})
 
     async def send_bulk(request: Request) -> Response:
+        raw = await request.body()
         if not _authorised(request, state):
             return _unauthorised()
         if state.latency:
             await asyncio.sleep(state.latency)
         try:
-            messages = json.loads(await request.body())["data"]["messages"]
+            messages = json.loads(raw)["data"]["messages"]
             assert isinstance(messages, list) and messages
         except (ValueError, KeyError, TypeError, AssertionError):
             return _errors(400, "Bad Request", "Request body must be JSON with data.messages")
@@ -269,7 +273,8 @@ def create_app(state: SandboxState) -> Starlette:
         return JSONResponse({"latency_ms": state.latency * 1000, "faults": len(state.faults)})
 
     async def stats(request: Request) -> Response:
-        return JSONResponse({"accepted": len(state.messages), "per_key": dict(state.requests)})
+        return JSONResponse({"received": state.received, "accepted": len(state.messages),
+                             "per_key": dict(state.requests)})
 
     async def not_found(request: Request) -> Response:
         return HTMLResponse(NOT_FOUND_HTML, status_code=404)

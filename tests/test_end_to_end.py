@@ -1,0 +1,153 @@
+"""The CLI as a user runs it: real processes against the FHIR test server and the Paubox sandbox."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from connector.sandbox.fhir import FhirState
+from connector.sandbox.paubox import SandboxState
+from tests.conftest import API_KEY, ROOT, Server, write_config
+from tests.factories import MARKER_NAMES, appointment, marker_patients
+
+pytestmark = pytest.mark.slow
+START = datetime.now(UTC).replace(microsecond=0)
+
+
+def connector(*args: str, cwd: Path, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "PAUBOX_API_KEY": API_KEY, **(env or {})}
+    result = subprocess.run([sys.executable, "-m", "connector", *args], cwd=cwd, env=full_env, text=True,
+                            capture_output=True, timeout=120)
+    if check and result.returncode != 0:
+        raise AssertionError(f"connector {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@contextmanager
+def daemon_process(config: Path, cwd: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`connector run` in the background, its log in cwd/daemon.log."""
+    with (cwd / "daemon.log").open("w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "connector", "run", "--config", str(config)], cwd=cwd,
+                                   env={**os.environ, "PAUBOX_API_KEY": API_KEY}, stdout=subprocess.DEVNULL,
+                                   stderr=log)
+        try:
+            yield process
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=10)
+
+
+def wait_for(condition: Callable[[], bool], process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the daemon"
+        assert process.poll() is None, log.read_text()
+        time.sleep(0.05)
+
+
+def phi_markers() -> list[str]:
+    return [*MARKER_NAMES, *(p["telecom"][0]["value"] for p in marker_patients())]
+
+
+@pytest.fixture
+def loaded(fhir_state: FhirState) -> FhirState:
+    people = marker_patients()
+    fhir_state.load(people)
+    for index, person in enumerate(people, start=1):
+        fhir_state.put(appointment(f"visit-{index}", person["id"], START + timedelta(days=index)))
+    fhir_state.put(appointment("visit-9", "p1", START + timedelta(days=9), status="cancelled"))
+    return fhir_state
+
+
+def test_run_once_twice_then_replay_sends_each_email_once(tmp_path: Path, loaded: FhirState, fhir_server: Server,
+                                                           paubox_state: SandboxState, paubox_server: Server) -> None:
+    config = write_config(tmp_path, fhir_server.url, paubox_server.url)
+    outputs = []
+    first = connector("run", "--once", "--config", str(config), cwd=tmp_path)
+    outputs.append(first)
+    assert "3 page(s), 5 appointment(s)" in first.stdout
+    expected = {f"ehr:appointment-booked:visit-{i}|booked|" for i in range(1, 5)} | {
+        "ehr:appointment-cancelled:visit-9|cancelled|"}
+    sent_keys = [m["custom_headers"]["X-Notification-Key"] for m in paubox_state.messages]
+    assert {k.split("|")[0] + "|" + k.split("|")[1] + "|" for k in sent_keys} == expected
+    assert len(sent_keys) == len(set(sent_keys)) == 5
+
+    outputs.append(connector("run", "--once", "--config", str(config), cwd=tmp_path))
+    since = (START - timedelta(days=1)).isoformat()
+    outputs.append(connector("replay", "--config", str(config), "--since", since, cwd=tmp_path))
+    assert len(paubox_state.messages) == 5
+
+    dry = connector("replay", "--config", str(config), "--since", since, "--dry-run", cwd=tmp_path)
+    outputs.append(dry)
+    assert "5 suppressed" in dry.stdout and "would send" not in dry.stdout
+    status = connector("status", "--config", str(config), cwd=tmp_path)
+    outputs.append(status)
+    assert "│ sent      │     5 │" in status.stdout
+
+    for result in outputs:
+        for marker in phi_markers():
+            assert marker not in result.stderr, f"PHI marker in a log line: {marker}"
+            assert marker not in result.stdout, f"PHI marker in command output: {marker}"
+
+
+def test_sigkill_during_sends_never_sends_a_key_twice(tmp_path: Path, loaded: FhirState, fhir_server: Server,
+                                                       paubox_state: SandboxState, paubox_server: Server) -> None:
+    config = write_config(tmp_path, fhir_server.url, paubox_server.url)
+    paubox_state.latency = 3.0  # every send hangs in flight for 3 s
+    with daemon_process(config, tmp_path) as daemon:
+        wait_for(lambda: paubox_state.received >= 2, daemon, tmp_path / "daemon.log")
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait(timeout=10)
+    in_flight = paubox_state.received
+    time.sleep(3.5)  # the sandbox finishes the requests it had: Paubox accepted them, we never heard
+
+    paubox_state.latency = 0
+    connector("run", "--once", "--config", str(config), cwd=tmp_path)
+    connector("run", "--once", "--config", str(config), cwd=tmp_path)
+    per_key = paubox_state.requests
+    assert all(count == 1 for count in per_key.values()), per_key
+    status = connector("status", "--config", str(config), cwd=tmp_path).stdout
+    assert f"│ in_doubt  │     {in_flight} │" in status
+    assert f"│ sent      │     {5 - in_flight} │" in status
+    assert "interrupted while sending" in status
+
+
+def test_sigterm_finishes_in_flight_sends(tmp_path: Path, loaded: FhirState, fhir_server: Server,
+                                          paubox_state: SandboxState, paubox_server: Server) -> None:
+    config = write_config(tmp_path, fhir_server.url, paubox_server.url)
+    paubox_state.latency = 1.0
+    with daemon_process(config, tmp_path) as daemon:
+        wait_for(lambda: paubox_state.received >= 1, daemon, tmp_path / "daemon.log")
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0
+    status = connector("status", "--config", str(config), cwd=tmp_path).stdout
+    assert "│ in_doubt  │     0 │" in status and "│ sending   │     0 │" in status
+    assert f"│ sent      │     {paubox_state.received} │" in status
+
+
+def test_validate_reports_broken_mapping_and_missing_secret(tmp_path: Path) -> None:
+    mappings = tmp_path / "mappings"
+    mappings.mkdir()
+    for name in ("appointment-booked.yaml", "appointment-booked.txt", "appointment-booked.html"):
+        (mappings / name).write_text((ROOT / "mappings" / name).read_text())
+    (mappings / "appointment-booked.txt").write_text("Dear {{ patient_name }\n")
+    config = write_config(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9")
+    config.write_text(config.read_text().replace(str(ROOT / "mappings"), "mappings"))
+    broken = connector("validate", "--config", str(config), cwd=tmp_path, check=False)
+    assert broken.returncode == 2
+    assert "appointment-booked.txt line 1" in broken.stdout and "template error" in broken.stdout
+    env = {k: v for k, v in os.environ.items() if k != "PAUBOX_API_KEY"}
+    missing = subprocess.run([sys.executable, "-m", "connector", "validate", "--config", str(config)], cwd=tmp_path,
+                             env=env, text=True, capture_output=True, timeout=60)
+    assert missing.returncode == 2
+    assert "(delivery.paubox.api_key): environment variable PAUBOX_API_KEY is not set" in missing.stdout
