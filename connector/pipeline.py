@@ -174,7 +174,11 @@ class Planner:
         keys: set[str] = set()
         async for page in _aiter(pages):
             examined = examine(name, page, None)
-            planned = [p for p in self._plan_all(examined.events) if not (p.key in keys or keys.add(p.key))]
+            planned = []
+            for notification in self._plan_all(examined.events):  # several versions may plan one key
+                if notification.key not in keys:
+                    keys.add(notification.key)
+                    planned.append(notification)
             existing = await asyncio.to_thread(self.ledger.existing, [p.key for p in planned])
             inserted: set[str] = set()
             if not dry_run:

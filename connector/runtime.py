@@ -41,7 +41,7 @@ def lock_sqlite(config: Config) -> IO[str] | None:
     url = make_url(config.ledger_url)
     if url.get_backend_name() != "sqlite" or not url.database:
         return None
-    handle = Path(url.database + ".lock").open("w")
+    handle = Path(url.database + ".lock").open("w")  # noqa: SIM115 - held open for the life of the process
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

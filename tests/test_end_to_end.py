@@ -23,8 +23,8 @@ pytestmark = pytest.mark.slow
 START = datetime.now(UTC).replace(microsecond=0)
 
 
-def connector(*args: str, cwd: Path, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, "PAUBOX_API_KEY": API_KEY, **(env or {})}
+def connector(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "PAUBOX_API_KEY": API_KEY}
     result = subprocess.run([sys.executable, "-m", "connector", *args], cwd=cwd, env=full_env, text=True,
                             capture_output=True, timeout=120)
     if check and result.returncode != 0:

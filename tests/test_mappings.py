@@ -98,7 +98,8 @@ def test_unknown_event_and_missing_template_file(tmp_path: Path) -> None:
 
 
 def test_condition_filters_events(tmp_path: Path) -> None:
-    mappings = load_mappings(folder_with(tmp_path, condition="Appointment.serviceType.where(text = 'Check-up').exists()"))
+    condition = "Appointment.serviceType.where(text = 'Check-up').exists()"
+    mappings = load_mappings(folder_with(tmp_path, condition=condition))
     booked = appointment("a1", "p1", NOW + timedelta(days=2))
     other = appointment("a2", "p1", NOW + timedelta(days=2), serviceType=[{"text": "Surgery"}])
     assert len(plan(mappings, AppointmentEvent("ehr", "booked", booked, "1"), NOW).notifications) == 1

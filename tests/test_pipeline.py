@@ -110,7 +110,7 @@ async def test_invalid_resource_is_recorded_and_the_rest_goes_on(runtime: Runtim
     fhir.put({**appointment("bad", "p1", NOW + timedelta(days=3)), "participant": "not-a-list"})
     report = await run_once(runtime)
     assert report.polls[0].invalid == 1 and len(paubox.messages) == 4
-    [(source, seen)] = runtime.ledger.problems(10)
+    [(_, seen)] = runtime.ledger.problems(10)
     assert seen.resource_id == "bad" and "not valid FHIR R4" in (seen.problem or "")
 
 

@@ -18,7 +18,7 @@ from connector.mapping.spec import MappingSpec
 from connector.mapping.templates import KEY_NAMES, MESSAGE_NAMES, make_environment, undeclared_names
 from connector.yamlfile import YamlDoc, load_yaml
 
-Condition = Callable[[dict[str, Any]], list[Any]]
+Condition = Callable[..., list[Any]]
 
 # A skeletal resource to run each FHIRPath condition once at load time: fhirpathpy reports unknown
 # functions only when an expression is evaluated.

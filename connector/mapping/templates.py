@@ -71,19 +71,19 @@ def _locale(context: Context) -> str:
 
 
 @pass_context
-def _format_datetime(context: Context, value: Any, format: str = "medium") -> str:  # noqa: A002
+def _format_datetime(context: Context, value: Any, format: str = "medium") -> str:
     moment = _when(value, context)
     return "" if moment is None else format_datetime(moment, format, tzinfo=moment.tzinfo, locale=_locale(context))
 
 
 @pass_context
-def _format_date(context: Context, value: Any, format: str = "long") -> str:  # noqa: A002
+def _format_date(context: Context, value: Any, format: str = "long") -> str:
     moment = _when(value, context)
     return "" if moment is None else format_date(moment.date(), format, locale=_locale(context))
 
 
 @pass_context
-def _format_time(context: Context, value: Any, format: str = "short") -> str:  # noqa: A002
+def _format_time(context: Context, value: Any, format: str = "short") -> str:
     moment = _when(value, context)
     return "" if moment is None else format_time(moment, format, tzinfo=moment.tzinfo, locale=_locale(context))
 
@@ -96,7 +96,7 @@ def safe_error(exc: BaseException, template: Template | str | None = None) -> st
         return f"{exc.message} (line {exc.lineno})"
     line = None
     for frame in traceback.extract_tb(exc.__traceback__):
-        if name and frame.filename.endswith(str(name)) or frame.filename == "<template>":
+        if (name and frame.filename.endswith(str(name))) or frame.filename == "<template>":
             line = frame.lineno
     where = f" (line {line})" if line else ""
     if isinstance(exc, TemplateError):

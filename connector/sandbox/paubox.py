@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import uuid
 from collections import Counter
@@ -309,10 +310,8 @@ def _emit_webhooks(message: dict[str, Any], state: SandboxState) -> None:
                     "source_tracking_id": message["sourceTrackingId"], "outbound_queue_id": uuid.uuid4().hex[:15],
                     "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
                     "from": message["from"], "to": recipient, "custom_headers": message["custom_headers"]}}
-                try:
+                with contextlib.suppress(httpx.HTTPError):  # Paubox does not retry webhooks either
                     await client.post(url, json=event)
-                except httpx.HTTPError:
-                    pass  # Paubox does not retry webhooks either
 
     task = asyncio.get_running_loop().create_task(post_all())
     _PENDING_WEBHOOKS.add(task)

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from importlib import resources
 from typing import Any
 
-PATIENTS = [
+PATIENTS: list[tuple[str, str, str, list[tuple[str, str, int | None]]]] = [
     ("demo-p1", "Alex", "Rivera", [("alex.rivera@example.org", "home", None)]),
     ("demo-p2", "Samira", "Okafor", [("s.okafor.old@example.org", "old", None),
                                      ("samira.okafor@example.org", "home", 1)]),

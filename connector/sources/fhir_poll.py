@@ -17,6 +17,8 @@ from connector.config import BasicAuth, BearerAuth, FhirPollSourceConfig
 from connector.errors import ResourceError, SourceError
 from connector.fhir import SearchPage, split_search_bundle
 
+Params = list[tuple[str, Any]]
+
 
 def fhir_instant(moment: datetime) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -39,8 +41,8 @@ class FhirPollSource:
         self._client = httpx.AsyncClient(base_url=config.base_url + "/", headers=headers, auth=auth,
                                          timeout=config.timeout.total_seconds(), transport=transport)
 
-    def search_params(self, since: datetime | None, until: datetime | None = None) -> list[tuple[str, str]]:
-        params: list[tuple[str, str]] = []
+    def search_params(self, since: datetime | None, until: datetime | None = None) -> Params:
+        params: Params = []
         if since is not None:
             params.append(("_lastUpdated", f"ge{fhir_instant(since)}"))
         if until is not None:
@@ -52,7 +54,7 @@ class FhirPollSource:
     async def pages(self, since: datetime | None, until: datetime | None = None) -> AsyncIterator[SearchPage]:
         """Appointments changed since `since` (and up to `until`), following `next` links verbatim."""
         url: str | None = "Appointment"
-        params: list[tuple[str, str]] | None = self.search_params(since, until)
+        params: Params | None = self.search_params(since, until)
         number = 0
         while url:
             number += 1
@@ -69,10 +71,13 @@ class FhirPollSource:
 
     async def read(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
         """The current version of a resource, or None when the server says it is gone (404/410)."""
-        return await self._get_json(f"{resource_type}/{resource_id}", None, f"read of {resource_type}/{resource_id}",
-                                    missing_ok=True)
+        what = f"read of {resource_type}/{resource_id}"
+        resource = await self._get_json(f"{resource_type}/{resource_id}", None, what, missing_ok=True)
+        if resource is not None and not isinstance(resource, dict):
+            raise SourceError(f"source {self.name!r}: {what} did not return a resource")
+        return resource
 
-    async def _get_json(self, url: str, params: list[tuple[str, str]] | None, what: str,
+    async def _get_json(self, url: str, params: Params | None, what: str,
                         missing_ok: bool = False) -> Any:
         try:
             response = await self._client.get(url, params=params)
