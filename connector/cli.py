@@ -141,11 +141,11 @@ def replay(
             raise typer.BadParameter(f"choose one of: {', '.join(cfg.sources)}", param_hint="--source")
         if file is None and since is None:
             raise typer.BadParameter("give --since (and optionally --until), or --file", param_hint="--since")
-        items, final = asyncio.run(commands.replay(cfg, clock, name, _instant(since, "--since"),
-                                                   _instant(until, "--until"), file, dry_run))
+        result = asyncio.run(commands.replay(cfg, clock, name, _instant(since, "--since"),
+                                             _instant(until, "--until"), file, dry_run))
     except ConnectorError as exc:
         raise _fail(exc) from None
-    report.replay_items(items, None if dry_run else final, "Replay (dry run)" if dry_run else "Replay")
+    report.replayed(result, dry_run)
 
 
 @app.command()

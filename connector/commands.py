@@ -13,12 +13,14 @@ from typing import Any
 from connector import fhir
 from connector.config import Config, load_config
 from connector.daemon import CycleReport, run_forever, run_once
-from connector.errors import ConfigError, Problem
+from connector.errors import ConfigError, ConnectorError, Problem
 from connector.ledger import NotificationRecord
-from connector.mapping.engine import render
+from connector.lifecycle import appointment_zone
+from connector.mapping.engine import PlanNote, render
 from connector.mapping.loader import load_mappings
 from connector.models import Clock, Email, State
 from connector.pipeline import ReplayItem, examine, triples
+from connector.recipients import NoRecipient, resolve
 from connector.runtime import Runtime
 
 
@@ -42,52 +44,89 @@ async def run(config: Config, clock: Clock, once: bool) -> CycleReport | None:
 
 @dataclass(frozen=True)
 class DryRun:
-    """What a run would do: newly planned notifications, and due ones it would send."""
+    """What a run would do: newly planned notifications (with what the recipient rules say of them), the
+    mappings that chose not to send, and the due notifications it would send."""
 
     planned: list[ReplayItem]
+    notes: list[tuple[str, PlanNote]]
+    verdicts: dict[str, str]
     due: list[NotificationRecord]
     errors: list[str]
 
 
+async def explain(runtime: Runtime, items: list[ReplayItem], now: datetime) -> dict[str, str]:
+    """For each notification that would be sent: 'would send', or why the recipient rules say no."""
+    verdicts: dict[str, str] = {}
+    for item in items:
+        n = item.notification
+        if item.existing is not None or n.state is not State.PENDING or not n.patient_id:
+            continue
+        source = runtime.sources[n.source]
+        try:
+            found = await resolve(n.patient_id, source=source, cache=runtime.cache, ledger=runtime.ledger,
+                                  consent=source.config.consent, now=now)
+        except ConnectorError as exc:
+            verdicts[n.key] = f"unknown: {exc}"
+            continue
+        when = "now" if n.due_at <= now else n.due_at.isoformat(timespec="minutes")
+        verdicts[n.key] = f"skipped: {found.reason}" if isinstance(found, NoRecipient) else f"would send ({when})"
+    return verdicts
+
+
 async def dry_run(config: Config, clock: Clock) -> DryRun:
-    """Read the sources as the next poll would, plan, and commit nothing."""
+    """Read the sources as the next poll would, plan, check recipients, and commit nothing."""
     runtime = Runtime.open(config, clock, exclusive=False)
     items: list[ReplayItem] = []
+    notes: list[tuple[str, PlanNote]] = []
     errors: list[str] = []
     try:
         for name, source in runtime.sources.items():
             cursor = await asyncio.to_thread(runtime.ledger.cursor, name)
-            start = source.config.start_from
-            since = cursor - source.config.overlap if cursor else (clock() if start == "now" else start)
             try:
-                pages = [page async for page in source.pages(since)]
-            except Exception as exc:  # noqa: BLE001 - report the source and go on with the others
+                pages = [page async for page in source.pages(runtime.planner.since(name, cursor))]
+            except ConnectorError as exc:
                 errors.append(str(exc))
                 continue
-            fresh_pages = []
             for page in pages:
                 fresh = await asyncio.to_thread(runtime.ledger.new_versions, name, triples(page))
                 page.matches = [m for m in page.matches if isinstance(m, dict) and m.get("id") and
                                 (str(m.get("resourceType")), str(m["id"]), fhir.version_of(m)) in fresh]
-                fresh_pages.append(page)
-            items += await runtime.planner.replay(name, fresh_pages, dry_run=True)
+                runtime.planner.remember(name, page)
+            found, found_notes = await runtime.planner.replay(name, pages, dry_run=True, first_sight=False)
+            items += found
+            notes += found_notes
+        verdicts = await explain(runtime, items, clock())
         due = await asyncio.to_thread(runtime.ledger.due, clock(), 1000)
-        return DryRun(items, due, errors)
+        return DryRun(items, notes, verdicts, due, errors)
     finally:
         await runtime.aclose()
 
 
+@dataclass(frozen=True)
+class Replayed:
+    items: list[ReplayItem]
+    notes: list[tuple[str, PlanNote]]
+    verdicts: dict[str, str]  # dry run: what the recipient rules say
+    final: dict[str, NotificationRecord]  # real run: where each notification ended
+
+
 async def replay(config: Config, clock: Clock, source: str, since: datetime | None, until: datetime | None,
-                 file: Path | None, dry: bool) -> tuple[list[ReplayItem], dict[str, NotificationRecord]]:
+                 file: Path | None, dry: bool) -> Replayed:
     """Plan a window of a source (or a file) again and send what the ledger does not already hold."""
     runtime = Runtime.open(config, clock, exclusive=not dry)
     try:
-        pages: Any = [read_resource_file(file)] if file else runtime.sources[source].pages(since, until)
-        items = await runtime.planner.replay(source, pages, dry_run=dry)
+        if file:
+            page = read_resource_file(file)
+            runtime.planner.remember(source, page)
+            pages: Any = [page]
+        else:
+            pages = runtime.sources[source].pages(since, until)
+        items, notes = await runtime.planner.replay(source, pages, dry_run=dry)
+        verdicts = await explain(runtime, items, clock()) if dry else {}
         if not dry:
             await runtime.dispatcher.run()
         final = await asyncio.to_thread(runtime.ledger.existing, [i.notification.key for i in items])
-        return items, final
+        return Replayed(items, notes, verdicts, final)
     finally:
         await runtime.aclose()
 
@@ -149,8 +188,10 @@ def render_file(mappings_dir: Path, mapping_name: str, resource_file: Path, pati
                                                             "Bundle or give --patient FILE")])
     address = fhir.choose_email(patient, now) or "patient@example.org"
     return render(mapping, key=f"render:{mapping_name}:{appointment.get('id')}", to=address,
-                  appointment=appointment, patient=patient, event=mapping.spec.trigger.event, source="file",
-                  timezone=timezone, locale=locale, now=now, default_from=default_from, default_reply_to=None)
+                  appointment=appointment, patient=patient, event=mapping.spec.trigger.event[0], source="file",
+                  timezone=appointment_zone(appointment, {}, timezone), locale=locale,
+                  languages=fhir.preferred_languages(patient), now=now, default_from=default_from,
+                  default_reply_to=None)
 
 
 def status(config: Config) -> dict[str, Any]:
@@ -162,6 +203,7 @@ def status(config: Config) -> dict[str, Any]:
             "counts": ledger.counts(),
             "cursors": ledger.cursors(),
             "attention": ledger.notifications([State.IN_DOUBT, State.FAILED], 50),
+            "suppressed": ledger.notifications([State.SKIPPED, State.CANCELLED], 20),
             "problems": ledger.problems(20),
         }
     finally:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import re
 import zoneinfo
-from datetime import timedelta
+from datetime import time, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     BeforeValidator,
@@ -108,6 +109,36 @@ class BasicAuth(Strict):
 Auth = Annotated[NoAuth | BearerAuth | BasicAuth, Field(discriminator="type")]
 
 
+def _zone(value: str) -> str:
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown IANA time zone {value!r}") from None
+    return value
+
+
+Zone = Annotated[str, AfterValidator(_zone)]
+
+
+class ConsentCheck(Strict):
+    """Before sending, read the patient's active Consents; a `deny` provision for `purpose` suppresses."""
+
+    enabled: bool = False
+    purpose: str | None = Field(None, description="a provision.purpose code; None: any deny provision counts")
+
+
+class QuietHoursConfig(Strict):
+    start: time
+    end: time
+
+    @field_validator("start", "end", mode="before")
+    @classmethod
+    def _clock_time(cls, value: object) -> object:
+        if isinstance(value, int):  # YAML reads 21:00 as a sexagesimal integer (1260)
+            return time(value // 60, value % 60)
+        return value
+
+
 class FhirPollSourceConfig(Strict):
     """A FHIR R4 server polled with `Appointment?_lastUpdated=ge…`."""
 
@@ -119,7 +150,9 @@ class FhirPollSourceConfig(Strict):
     overlap: Duration = timedelta(minutes=5)
     start_from: Literal["now"] | AwareDatetime = "now"
     timeout: Duration = timedelta(seconds=30)
-    timezone: str = "UTC"
+    timezone: Zone = "UTC"
+    location_timezones: dict[Annotated[str, Field(pattern=r"^Location/[^/\s]+$")], Zone] = Field(default_factory=dict)
+    consent: ConsentCheck = ConsentCheck()
 
     @field_validator("base_url")
     @classmethod
@@ -127,15 +160,6 @@ class FhirPollSourceConfig(Strict):
         if not re.match(r"^https?://[^/\s]+", value):
             raise ValueError("expected an http(s) URL such as https://ehr.example.org/fhir/r4")
         return value.rstrip("/")
-
-    @field_validator("timezone")
-    @classmethod
-    def _known_zone(cls, value: str) -> str:
-        try:
-            zoneinfo.ZoneInfo(value)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown IANA time zone {value!r}") from None
-        return value
 
 
 class PauboxConfig(Strict):
@@ -150,6 +174,8 @@ class PauboxConfig(Strict):
     def _base_url_or_username(self) -> PauboxConfig:
         if not self.base_url and not self.username:
             raise ValueError("give `username` (for https://api.paubox.net/v1/<username>) or `base_url`")
+        if self.base_url and not re.match(r"^(https://|http://(127\.0\.0\.1|localhost|\[::1\])[:/])", self.base_url):
+            raise ValueError("base_url must use https:// (plain http only for a sandbox on 127.0.0.1 or localhost)")
         return self
 
     @property
@@ -184,6 +210,7 @@ class Config(Strict):
     delivery: DeliveryConfig
     dispatch: DispatchConfig = DispatchConfig()
     locale: str = "en_US"
+    quiet_hours: QuietHoursConfig | None = None
     path: Path | None = Field(None, exclude=True, description="the file this config was read from")
 
     @field_validator("locale")

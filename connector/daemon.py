@@ -23,7 +23,7 @@ from connector.runtime import Runtime
 
 log = structlog.get_logger("connector.daemon")
 
-STOP_GRACE_SECONDS = 60.0
+STOP_GRACE_SECONDS = 15.0  # on top of the longest a send may take (connect + read timeouts)
 
 
 @dataclass
@@ -84,8 +84,10 @@ async def run_forever(runtime: Runtime) -> None:
     log.info("daemon.stopping", in_flight=len(running))
     runtime.dispatcher.stopping = True
     scheduler.pause()  # no new runs; shutting the scheduler down now would cancel the running jobs
+    paubox = runtime.config.delivery.paubox
+    grace = STOP_GRACE_SECONDS + (paubox.connect_timeout + paubox.read_timeout).total_seconds()
     if running:
-        _, late = await asyncio.wait(running, timeout=STOP_GRACE_SECONDS)
+        _, late = await asyncio.wait(running, timeout=grace)
         for task in late:
             task.cancel()
     scheduler.shutdown(wait=False)

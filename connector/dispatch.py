@@ -9,6 +9,7 @@ notification `in_doubt`, never resent.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -21,12 +22,16 @@ from connector.cache import ResourceCache
 from connector.config import Config
 from connector.delivery import Mailer, Outcome, Verdict
 from connector.delivery.retry import backoff
-from connector.errors import ResourceError, SourceError
+from connector.errors import SourceError
 from connector.ledger import NotificationRecord
 from connector.ledger.sql import SqlLedger
+from connector.lifecycle import CANCELLED, NOSHOW, appointment_zone, still_wanted
+from connector.logs import where
 from connector.mapping.engine import RenderError, render
 from connector.mapping.loader import MappingSet
 from connector.models import Clock, Email, State
+from connector.pipeline import synthesized
+from connector.recipients import NoRecipient, read_cached, resolve
 from connector.sources.fhir_poll import FhirPollSource
 
 log = structlog.get_logger("connector.dispatch")
@@ -63,7 +68,7 @@ class Prepared:
 class Dispatcher:
     def __init__(self, config: Config, mappings: MappingSet, ledger: SqlLedger,
                  sources: dict[str, FhirPollSource], mailer: Mailer, cache: ResourceCache, clock: Clock,
-                 owner: str) -> None:
+                 owner: str, on_deleted: Callable[[str, str], Awaitable[object]]) -> None:
         self.config = config
         self.mappings = mappings
         self.ledger = ledger
@@ -72,6 +77,7 @@ class Dispatcher:
         self.cache = cache
         self.clock = clock
         self.owner = owner
+        self.on_deleted = on_deleted
         self.stopping = False
         self._paused: str | None = None
 
@@ -98,9 +104,16 @@ class Dispatcher:
                         return Step.RELEASED
                     return await self._deliver(notification)
 
-            steps = await asyncio.gather(*(one(n) for n in batch))
-            for step in steps:
-                report.steps[step] += 1
+            outcomes = await asyncio.gather(*(one(n) for n in batch), return_exceptions=True)
+            steps: list[Step] = []
+            for notification, outcome in zip(batch, outcomes, strict=True):
+                if isinstance(outcome, BaseException):
+                    # A bug or a database failure: the notification keeps its state (pending, or sending →
+                    # in_doubt after its lease); the rest of the batch was not disturbed.
+                    log.error("dispatch.crashed", notification=notification.id, problem=where(outcome))
+                    outcome = Step.RELEASED
+                steps.append(outcome)
+                report.steps[outcome] += 1
             if all(step is Step.RELEASED for step in steps):
                 break
         report.paused = self._paused
@@ -116,13 +129,16 @@ class Dispatcher:
         prepared = await self.prepare(notification)
         if isinstance(prepared, Step):
             return prepared
-        if not await asyncio.to_thread(self.ledger.start_sending, notification.id, self.owner):
+        if self.stopping:
+            return await self._release(notification)
+        lease_until = datetime.now(UTC) + LEASE
+        if not await asyncio.to_thread(self.ledger.start_sending, notification.id, self.owner, lease_until):
             return Step.RELEASED
         outcome = await self.mailer.send(prepared.email)
         return await self._record(notification, outcome)
 
     async def prepare(self, n: NotificationRecord) -> Prepared | Step:
-        """Read, choose the address and render; settle the notification when it cannot be sent."""
+        """Read, check, choose the address and render; settle the notification when it cannot be sent."""
         mapping = self.mappings.get(n.mapping)
         if mapping is None:
             return await self._settle(n, State.CANCELLED, f"mapping {n.mapping!r} no longer exists")
@@ -130,46 +146,45 @@ class Dispatcher:
         if source is None:
             log.error("dispatch.no_source", notification=n.id, source=n.source)
             return await self._release(n)
+        now = self.clock()
         try:
-            appointment = await self._read(source, "Appointment", n.resource_id, n.resource_version)
-            patient = await self._read(source, "Patient", n.patient_id, None)
+            appointment = await read_cached(self.cache, source, "Appointment", n.resource_id, n.resource_version)
+            if appointment is None:
+                appointment = await self._gone(n)
+                if appointment is None:
+                    return Step.CANCELLED
+            stale = still_wanted(n.event, mapping.spec.is_reminder, n.appointment_start, appointment, now)
+            if stale is not None:
+                return await self._settle(n, State.CANCELLED, stale)
+            recipient = await resolve(n.patient_id, source=source, cache=self.cache, ledger=self.ledger,
+                                      consent=source.config.consent, now=now)
         except SourceError as exc:
             log.warning("dispatch.read_failed", notification=n.id, problem=str(exc))
             return await self._release(n)
-        if appointment is None:
-            return await self._settle(n, State.SKIPPED, f"Appointment/{n.resource_id} no longer exists on "
-                                                        f"source {n.source!r}")
-        if patient is None:
-            return await self._settle(n, State.SKIPPED, f"Patient/{n.patient_id} not found on source {n.source!r}")
+        if isinstance(recipient, NoRecipient):
+            return await self._settle(n, recipient.state, recipient.reason)
+        settings = source.config
         try:
-            fhir.validate(patient)
-        except ResourceError as exc:
-            return await self._settle(n, State.FAILED, str(exc))
-        now = self.clock()
-        if fhir.is_deceased(patient):
-            return await self._settle(n, State.SKIPPED, f"Patient/{n.patient_id} is recorded as deceased")
-        address = fhir.choose_email(patient, now)
-        if address is None:
-            return await self._settle(n, State.SKIPPED, f"Patient/{n.patient_id} has no usable email address")
-        try:
-            email = render(mapping, key=n.key, to=address, appointment=appointment, patient=patient,
-                           event=n.event, source=n.source, timezone=source.config.timezone,
-                           locale=self.config.locale, now=now,
-                           default_from=self.config.delivery.from_address,
+            email = render(mapping, key=n.key, to=recipient.address, appointment=appointment,
+                           patient=recipient.patient, event=n.event, source=n.source,
+                           timezone=appointment_zone(appointment, settings.location_timezones, settings.timezone),
+                           locale=self.config.locale, languages=fhir.preferred_languages(recipient.patient),
+                           now=now, default_from=self.config.delivery.from_address,
                            default_reply_to=self.config.delivery.reply_to)
         except RenderError as exc:
             return await self._settle(n, State.FAILED, str(exc))
         return Prepared(n, email)
 
-    async def _read(self, source: FhirPollSource, resource_type: str, resource_id: str,
-                    version: str | None) -> dict[str, Any] | None:
-        cached = self.cache.get(source.name, resource_type, resource_id)
-        if cached is not None and (version is None or fhir.version_of(cached) == version):
-            return cached
-        resource = await source.read(resource_type, resource_id)
-        if resource is not None:
-            self.cache.put(source.name, resource)
-        return resource
+    async def _gone(self, n: NotificationRecord) -> dict[str, Any] | None:
+        """The source no longer has the appointment. A cancellation is rendered from the remembered state;
+        anything else is withdrawn, and the deletion is planned like any other change."""
+        if n.event in (CANCELLED, NOSHOW):
+            before = await asyncio.to_thread(self.ledger.snapshot, n.source, n.resource_id)
+            if before is not None:
+                return synthesized(n.resource_id, before)
+        await self.on_deleted(n.source, n.resource_id)
+        await self._settle(n, State.CANCELLED, f"Appointment/{n.resource_id} was deleted on source {n.source!r}")
+        return None
 
     async def _settle(self, n: NotificationRecord, state: State, reason: str) -> Step:
         await asyncio.to_thread(self.ledger.settle, n.id, self.owner, state, reason)

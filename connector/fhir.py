@@ -33,12 +33,17 @@ def _model(resource_type: str) -> Any:
     return _MODELS.get(resource_type)
 
 
+def _meta(resource: Any) -> dict[str, Any]:
+    meta = resource.get("meta") if isinstance(resource, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
 def describe(resource: Resource) -> str:
     """'Appointment/123 v4' — safe to log (type, id, version; no content)."""
-    rtype = resource.get("resourceType", "?") if isinstance(resource, dict) else "?"
-    rid = resource.get("id", "?") if isinstance(resource, dict) else "?"
-    version = (resource.get("meta") or {}).get("versionId") if isinstance(resource, dict) else None
-    return f"{rtype}/{rid}" + (f" v{version}" if version else "")
+    rtype = str(resource.get("resourceType", "?"))[:64] if isinstance(resource, dict) else "?"
+    rid = str(resource.get("id", "?"))[:64] if isinstance(resource, dict) else "?"
+    version = _meta(resource).get("versionId")
+    return f"{rtype}/{rid}" + (f" v{str(version)[:32]}" if version else "")
 
 
 def validate(resource: Any) -> Resource:
@@ -62,9 +67,9 @@ def validate(resource: Any) -> Resource:
 
 def version_of(resource: Resource) -> str:
     """meta.versionId, or a content hash for servers that do not version."""
-    version = (resource.get("meta") or {}).get("versionId")
+    version = _meta(resource).get("versionId")
     if version:
-        return str(version)
+        return str(version)[:128]
     canonical = json.dumps(resource, sort_keys=True, separators=(",", ":")).encode()
     return "sha256:" + hashlib.sha256(canonical).hexdigest()[:16]
 
@@ -81,7 +86,7 @@ def parse_instant(value: Any) -> datetime | None:
 
 
 def last_updated(resource: Resource) -> datetime | None:
-    return parse_instant((resource.get("meta") or {}).get("lastUpdated"))
+    return parse_instant(_meta(resource).get("lastUpdated"))
 
 
 @dataclass
@@ -94,19 +99,26 @@ class SearchPage:
     self_url: str | None = None
 
 
-def split_search_bundle(bundle: Any) -> SearchPage:
-    """Split a searchset Bundle into matches and `_include`d resources (entry.search.mode)."""
+def split_search_bundle(bundle: Any, match_type: str | None = None) -> SearchPage:
+    """Split a searchset Bundle into matches and `_include`d resources. Entries without `search.mode`
+    (it is optional) are matches when they are of `match_type`, included otherwise."""
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
         raise ResourceError("the page is not a FHIR Bundle")
     page = SearchPage()
-    for link in bundle.get("link") or []:
+    links = bundle.get("link")
+    for link in links if isinstance(links, list) else []:
         if isinstance(link, dict) and link.get("relation") == "next":
             page.next_url = link.get("url")
         if isinstance(link, dict) and link.get("relation") == "self":
             page.self_url = link.get("url")
-    for entry in bundle.get("entry") or []:
+    entries = bundle.get("entry")
+    for entry in entries if isinstance(entries, list) else []:
         resource = entry.get("resource") if isinstance(entry, dict) else None
-        mode = ((entry.get("search") or {}).get("mode") if isinstance(entry, dict) else None) or "match"
+        search = entry.get("search") if isinstance(entry, dict) else None
+        mode = search.get("mode") if isinstance(search, dict) else None
+        if mode is None:
+            is_match = match_type is None or (isinstance(resource, dict) and resource.get("resourceType") == match_type)
+            mode = "match" if is_match else "include"
         if mode == "include" and isinstance(resource, dict):
             page.included[f"{resource.get('resourceType')}/{resource.get('id')}"] = resource
         elif mode == "match":
@@ -114,21 +126,30 @@ def split_search_bundle(bundle: Any) -> SearchPage:
     return page
 
 
-def reference_id(reference: Any, resource_type: str) -> str | None:
-    """'Patient/123' or 'https://x/fhir/Patient/123/_history/2' → '123' when it points at resource_type."""
+def reference_id(reference: Any, resource_type: str, base: str | None = None) -> str | None:
+    """'Patient/123' (or '{base}/Patient/123/_history/2') → '123' when it points at resource_type.
+    An absolute reference to another server is not ours to follow: None."""
     if not isinstance(reference, str):
         return None
-    parts = reference.split("/_history/")[0].rstrip("/").split("/")
+    text: str = reference
+    if "://" in text:
+        if base is None or not text.startswith(base.rstrip("/") + "/"):
+            return None
+        text = text[len(base.rstrip("/")) + 1:]
+    parts = text.split("/_history/")[0].rstrip("/").split("/")
     if len(parts) >= 2 and parts[-2] == resource_type and parts[-1]:
         return parts[-1]
     return None
 
 
-def patient_participants(appointment: Resource) -> list[str]:
+def patient_participants(appointment: Resource, base: str | None = None) -> list[str]:
     """Ids of the patients to email: not `information-only`, not `declined`, in document order."""
     ids: list[str] = []
-    for participant in appointment.get("participant") or []:
-        patient_id = reference_id((participant.get("actor") or {}).get("reference"), "Patient")
+    participants = appointment.get("participant")
+    for participant in participants if isinstance(participants, list) else []:
+        if not isinstance(participant, dict) or not isinstance(participant.get("actor") or {}, dict):
+            continue
+        patient_id = reference_id((participant.get("actor") or {}).get("reference"), "Patient", base)
         if patient_id is None or patient_id in ids:
             continue
         if participant.get("required") == "information-only" or participant.get("status") == "declined":
@@ -174,3 +195,36 @@ def display_name(patient: Resource) -> str:
     if name.get("text"):
         return str(name["text"])
     return " ".join([*(str(g) for g in name.get("given") or []), str(name.get("family") or "")]).strip()
+
+
+def replaced_by(patient: Resource) -> str | None:
+    """The surviving record's id when this one says `link.type = replaced-by`."""
+    for link in patient.get("link") or []:
+        if isinstance(link, dict) and link.get("type") == "replaced-by":
+            return reference_id((link.get("other") or {}).get("reference"), "Patient")
+    return None
+
+
+def identifiers(patient: Resource) -> list[str]:
+    """'system|value' for each identifier (used for opt-out matching; never logged)."""
+    found = []
+    for identifier in patient.get("identifier") or []:
+        if isinstance(identifier, dict) and identifier.get("value"):
+            found.append(f"{identifier.get('system') or ''}|{identifier['value']}")
+    return found
+
+
+def preferred_languages(patient: Resource) -> list[str]:
+    """BCP-47 codes from Patient.communication, the preferred one first (then document order)."""
+    entries = [c for c in patient.get("communication") or [] if isinstance(c, dict)]
+    entries.sort(key=lambda c: 0 if c.get("preferred") is True else 1)
+    codes: list[str] = []
+    for entry in entries:
+        language = entry.get("language") or {}
+        coded = [c.get("code") for c in language.get("coding") or []
+                 if isinstance(c, dict) and c.get("code") and c.get("system") in (None, "urn:ietf:bcp:47")]
+        text = language.get("text")
+        for code in [*coded, text if isinstance(text, str) and re.fullmatch(r"[A-Za-z]{2,3}(-\w+)*", text) else None]:
+            if isinstance(code, str) and code not in codes:
+                codes.append(code)
+    return codes

@@ -1,17 +1,153 @@
-"""Pure: which event a version of an Appointment stands for.
+"""Pure: what changed about an appointment, from its last seen state to the new one.
 
-The walking skeleton reads the event from the status of each new version: `booked`, `cancelled`, and
-the other R4 statuses by name. Repeated versions with the same status give the same notification key,
-so the ledger sends them once. `entered-in-error` gives no event: it must never send anything.
+The ledger keeps one `Snapshot` per appointment (status, start, end, version, patient ids: no PHI).
+`transitions(before, after)` compares two snapshots and names each real change once, however many
+versions lay between two polls:
+
+    first seen booked, or proposed/pending/waitlist/... → booked   booked
+    start or end changed while booked                             rescheduled
+    → cancelled / noshow, or deleted while not cancelled          cancelled / noshow (pending withdrawn)
+    → entered-in-error                                            entered-in-error (pending withdrawn, sends nothing)
+    any other status change                                       that status (arrived, fulfilled, ...)
+    a patient added to / removed from a booked appointment        booked for them / pending withdrawn for them
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from connector.mapping.spec import APPOINTMENT_EVENTS
+from connector.fhir import parse_instant, patient_participants, reference_id
+
+BOOKED = "booked"
+RESCHEDULED = "rescheduled"
+CANCELLED = "cancelled"
+NOSHOW = "noshow"
+ENTERED_IN_ERROR = "entered-in-error"
+REMOVED = "removed"  # internal: a patient left a booked appointment (withdraws their pending mail)
+
+# Events a mapping may trigger on.
+APPOINTMENT_EVENTS = frozenset({"proposed", "pending", BOOKED, RESCHEDULED, "arrived", "fulfilled", CANCELLED,
+                                NOSHOW, "checked-in", "waitlist"})
+ENDED = frozenset({CANCELLED, NOSHOW, ENTERED_IN_ERROR})
+TZ_CODE = "http://hl7.org/fhir/StructureDefinition/tz-code"
 
 
-def appointment_events(appointment: dict[str, Any]) -> list[str]:
+@dataclass(frozen=True)
+class Snapshot:
+    """What the connector remembers of an appointment between polls."""
+
+    status: str
+    start: datetime | None
+    end: datetime | None
+    version: str
+    patients: tuple[str, ...]
+    last_updated: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Transition:
+    event: str
+    patients: tuple[str, ...]
+    withdraw: bool = False  # cancel the pending notifications of these patients for this appointment
+    deleted: bool = False
+
+
+def snapshot(appointment: dict[str, Any], version: str, last_updated: datetime | None,
+             base: str | None = None) -> Snapshot:
+    return Snapshot(
+        status=str(appointment.get("status") or ""),
+        start=parse_instant(appointment.get("start")),
+        end=parse_instant(appointment.get("end")),
+        version=version,
+        patients=tuple(patient_participants(appointment, base)),
+        last_updated=last_updated,
+    )
+
+
+def _merge(*groups: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(p for group in groups for p in group))
+
+
+def transitions(before: Snapshot | None, after: Snapshot | None) -> list[Transition]:
+    """The real changes from `before` (None: never seen) to `after` (None: deleted)."""
+    if after is None:
+        if before is None or before.status in ENDED:
+            return []
+        return [Transition(CANCELLED, before.patients, withdraw=True, deleted=True)]
+    if before is None:
+        if after.status == ENTERED_IN_ERROR:
+            return []
+        return [Transition(after.status, after.patients, withdraw=after.status in ENDED)]
+    if after.status != before.status:
+        everyone = _merge(before.patients, after.patients)
+        if after.status in ENDED:
+            return [Transition(after.status, everyone, withdraw=True)]
+        if after.status == BOOKED:
+            return [Transition(BOOKED, after.patients)]
+        return [Transition(after.status, everyone, withdraw=before.status == BOOKED)]
+    if after.status != BOOKED:
+        return []
+    changes: list[Transition] = []
+    if (after.start, after.end) != (before.start, before.end):
+        changes.append(Transition(RESCHEDULED, after.patients, withdraw=True))
+    added = tuple(p for p in after.patients if p not in before.patients)
+    removed = tuple(p for p in before.patients if p not in after.patients)
+    if added and not changes:
+        changes.append(Transition(BOOKED, added))
+    if removed:
+        changes.append(Transition(REMOVED, removed, withdraw=True))
+    return changes
+
+
+def is_stale(before: Snapshot | None, after: Snapshot) -> bool:
+    """An older version than the one remembered (a lagging replica, an overlap re-read)."""
+    if before is None or before.last_updated is None or after.last_updated is None:
+        return False
+    return after.last_updated < before.last_updated
+
+
+def appointment_zone(appointment: dict[str, Any], location_zones: dict[str, str], default: str) -> str:
+    """The appointment's IANA zone: tz-code extension on `start`, else its Location's zone, else default."""
+    for extension in (appointment.get("_start") or {}).get("extension") or []:
+        if isinstance(extension, dict) and extension.get("url") == TZ_CODE:
+            code = extension.get("valueCode")
+            if isinstance(code, str) and _known_zone(code):
+                return code
+    for participant in appointment.get("participant") or []:
+        if not isinstance(participant, dict):
+            continue
+        location = reference_id((participant.get("actor") or {}).get("reference"), "Location")
+        if location is not None and f"Location/{location}" in location_zones:
+            return location_zones[f"Location/{location}"]
+    return default
+
+
+def _known_zone(code: str) -> bool:
+    try:
+        ZoneInfo(code)
+    except (ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
+
+
+def still_wanted(event: str, is_reminder: bool, planned_start: datetime | None,
+                 appointment: dict[str, Any], now: datetime) -> str | None:
+    """Why a notification planned earlier no longer fits the appointment as it is now (None: it fits).
+    A safety net at send time: the poll that will see the change may not have run yet."""
     status = appointment.get("status")
-    return [status] if isinstance(status, str) and status in APPOINTMENT_EVENTS else []
+    if status == ENTERED_IN_ERROR:
+        return "the appointment was entered in error"
+    if is_reminder or event in (BOOKED, RESCHEDULED):
+        if status != BOOKED:
+            return f"the appointment is now {status}"
+        start = parse_instant(appointment.get("start"))
+        if planned_start is not None and start != planned_start:
+            return "the appointment moved to another time since this was planned"
+        if start is not None and start <= now:
+            return "the appointment has started"
+    if event in (CANCELLED, NOSHOW) and status not in (CANCELLED, NOSHOW):
+        return f"the appointment is {status} again"
+    return None

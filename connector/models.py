@@ -69,6 +69,7 @@ class PlannedNotification:
     due_at: datetime
     state: State = State.PENDING
     reason: str | None = None
+    appointment_start: datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
-"""Where events enter and are decided: poll a source page by page, plan, and commit to the ledger.
+"""Where events enter and are decided: poll a source page by page, diff, plan, and commit to the ledger.
 
-For each page: validate the Appointments, drop the (id, version) pairs already seen, plan notifications
-with the mappings, then commit notifications + seen versions + cursor in one transaction. The cursor is
-the highest `meta.lastUpdated` seen (server time, never ours); it moves after every page when the server
+For each page: validate the Appointments, drop the (id, version) pairs already seen, compare each with its
+remembered state (connector.lifecycle), plan the transitions with the mappings, then commit in one
+transaction: withdrawn and new notifications, the new states, the seen versions and the cursor. The cursor
+is the highest `meta.lastUpdated` seen (server time, never ours); it moves after every page when the server
 honoured `_sort=_lastUpdated`, otherwise only once every page of the poll is committed.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -20,37 +21,46 @@ from connector import fhir
 from connector.cache import ResourceCache
 from connector.config import Config
 from connector.errors import ResourceError, SourceError
-from connector.ledger import NotificationRecord, SeenVersion
+from connector.ledger import NotificationRecord, SeenVersion, Withdrawal
 from connector.ledger.sql import SqlLedger
-from connector.lifecycle import appointment_events
-from connector.mapping.engine import plan
+from connector.lifecycle import Snapshot, Transition, appointment_zone, is_stale, snapshot, transitions
+from connector.mapping.engine import PlanNote, Situation, plan
 from connector.mapping.loader import MappingSet
-from connector.models import AppointmentEvent, Clock, PlannedNotification
+from connector.models import Clock, PlannedNotification
 from connector.sources.fhir_poll import FhirPollSource
+from connector.timing import QuietHours
 
 log = structlog.get_logger("connector.pipeline")
 
 
+@dataclass(frozen=True)
+class Seen:
+    """A valid Appointment version from a page."""
+
+    resource: dict[str, Any]
+    version: str
+    last_updated: datetime | None
+
+
 @dataclass
 class Examined:
-    """What a page holds, after validation: events to plan, versions to remember, problems."""
-
-    events: list[AppointmentEvent] = field(default_factory=list)
+    valid: list[Seen] = field(default_factory=list)
     seen: list[SeenVersion] = field(default_factory=list)
     newest: datetime | None = None
 
 
 def examine(source: str, page: fhir.SearchPage, fresh: set[tuple[str, str, str]] | None) -> Examined:
-    """Pure: validate a page's matches. `fresh` limits events to versions not seen before (None = all)."""
+    """Pure: validate a page's matches. `fresh` limits the result to versions not seen before (None = all)."""
     result = Examined()
     for raw in page.matches:
         updated = fhir.last_updated(raw) if isinstance(raw, dict) else None
-        if updated is not None and (result.newest is None or updated > result.newest):
+        if updated is not None and raw.get("resourceType") == "Appointment" and \
+                (result.newest is None or updated > result.newest):
             result.newest = updated
         if not isinstance(raw, dict) or not raw.get("id"):
             log.error("resource.invalid", source=source, problem="entry without resource id")
             continue
-        triple = (str(raw.get("resourceType")), str(raw["id"]), fhir.version_of(raw))
+        triple = (str(raw.get("resourceType"))[:64], str(raw["id"])[:128], fhir.version_of(raw))
         if fresh is not None and triple not in fresh:
             continue
         problem = None
@@ -59,17 +69,27 @@ def examine(source: str, page: fhir.SearchPage, fresh: set[tuple[str, str, str]]
                 raise ResourceError(f"{fhir.describe(raw)} is not an Appointment")
             fhir.validate(raw)
         except ResourceError as exc:
-            problem = str(exc)
+            problem = str(exc)[:500]
             log.error("resource.invalid", source=source, resource=fhir.describe(raw), problem=problem)
         result.seen.append(SeenVersion(*triple, last_updated=updated, problem=problem))
         if problem is None:
-            result.events += [AppointmentEvent(source, event, raw, triple[2]) for event in appointment_events(raw)]
+            result.valid.append(Seen(raw, triple[2], updated))
     return result
 
 
 def triples(page: fhir.SearchPage) -> list[tuple[str, str, str]]:
     return [(str(r.get("resourceType")), str(r["id"]), fhir.version_of(r))
             for r in page.matches if isinstance(r, dict) and r.get("id")]
+
+
+@dataclass
+class Decision:
+    """What a page (or a deletion) means for the ledger; committed in one transaction."""
+
+    notifications: list[PlannedNotification] = field(default_factory=list)
+    withdrawals: list[Withdrawal] = field(default_factory=list)
+    snapshots: dict[str, Snapshot | None] = field(default_factory=dict)
+    notes: list[tuple[str, PlanNote]] = field(default_factory=list)  # (appointment id, note)
 
 
 @dataclass
@@ -91,6 +111,17 @@ class ReplayItem:
     inserted: bool
 
 
+def synthesized(appointment_id: str, before: Snapshot) -> dict[str, Any]:
+    """A minimal Appointment from a remembered state, to announce a deletion (no PHI was kept)."""
+    resource: dict[str, Any] = {"resourceType": "Appointment", "id": appointment_id, "status": "cancelled",
+                                "participant": [{"actor": {"reference": f"Patient/{p}"}, "status": "accepted"}
+                                                for p in before.patients]}
+    if before.start and before.end:
+        resource["start"] = before.start.isoformat().replace("+00:00", "Z")
+        resource["end"] = before.end.isoformat().replace("+00:00", "Z")
+    return resource
+
+
 class Planner:
     """Turns pages of a source into committed notifications."""
 
@@ -102,19 +133,60 @@ class Planner:
         self.sources = sources
         self.cache = cache
         self.clock = clock
+        quiet = config.quiet_hours
+        self.quiet = QuietHours(quiet.start, quiet.end) if quiet else None
 
-    def _plan_all(self, events: Iterable[AppointmentEvent]) -> list[PlannedNotification]:
-        now = self.clock()
-        planned: list[PlannedNotification] = []
-        for event in events:
-            result = plan(self.mappings, event, now)
-            for problem in result.problems:
-                log.error("mapping.failed", mapping=problem.mapping, source=event.source,
-                          resource=fhir.describe(event.resource), problem=problem.message)
-            planned += result.notifications
-        return planned
+    # -- deciding -------------------------------------------------------------------------------------
 
-    def _remember(self, source: str, page: fhir.SearchPage) -> None:
+    def _situation(self, source: str, appointment: dict[str, Any], version: str,
+                   notified: set[tuple[str, str]]) -> Situation:
+        settings = self.config.sources[source]
+        zone = appointment_zone(appointment, settings.location_timezones, settings.timezone)
+        appointment_id = str(appointment.get("id"))
+        told = frozenset(p for a, p in notified if a == appointment_id)
+        return Situation(source, appointment, version, zone, self.quiet, told, self.clock())
+
+    def _apply(self, decision: Decision, source: str, appointment: dict[str, Any], version: str,
+               changes: list[Transition], notified: set[tuple[str, str]]) -> None:
+        situation = self._situation(source, appointment, version, notified)
+        appointment_id = str(appointment.get("id"))
+        for change in changes:
+            if change.withdraw:
+                decision.withdrawals.append(Withdrawal(appointment_id, change.patients,
+                                                       f"withdrawn: the appointment became {change.event}"))
+            result = plan(self.mappings, change, situation)
+            decision.notifications += result.notifications
+            for note in result.notes:
+                decision.notes.append((appointment_id, note))
+                if note.problem:
+                    log.error("mapping.failed", mapping=note.mapping, source=source,
+                              resource=fhir.describe(appointment), problem=note.message)
+
+    def decide(self, source: str, valid: list[Seen], before: dict[str, Snapshot],
+               notified: set[tuple[str, str]]) -> Decision:
+        """Pure given its inputs: diff each version against the remembered state and plan the changes."""
+        decision = Decision()
+        states = dict(before)
+        for item in valid:
+            appointment_id = str(item.resource["id"])
+            after = snapshot(item.resource, item.version, item.last_updated, self.config.sources[source].base_url)
+            if is_stale(states.get(appointment_id), after):
+                continue
+            changes = transitions(states.get(appointment_id), after)
+            states[appointment_id] = after
+            decision.snapshots[appointment_id] = after
+            self._apply(decision, source, item.resource, item.version, changes, notified)
+        return decision
+
+    async def _decide_page(self, source: str, examined: Examined, first_sight: bool) -> Decision:
+        ids = [str(item.resource["id"]) for item in examined.valid]
+        before = {} if first_sight else await asyncio.to_thread(self.ledger.snapshots, source, ids)
+        notified = await asyncio.to_thread(self.ledger.notified, source, ids) if ids else set()
+        return self.decide(source, examined.valid, before, notified)
+
+    # -- polling --------------------------------------------------------------------------------------
+
+    def remember(self, source: str, page: fhir.SearchPage) -> None:
         for resource in [*page.matches, *page.included.values()]:
             if isinstance(resource, dict) and resource.get("id"):
                 self.cache.put(source, resource)
@@ -124,8 +196,12 @@ class Planner:
         source = self.sources[name]
         report = PollReport(name)
         cursor = await asyncio.to_thread(self.ledger.cursor, name)
-        start_from = source.config.start_from
-        since = cursor - source.config.overlap if cursor else (self.clock() if start_from == "now" else start_from)
+        since = self.since(name, cursor)
+        if cursor is None:
+            # First poll: remember where it started, so that what changes before the first appointment
+            # arrives is not skipped by the next poll starting from "now" again.
+            await asyncio.to_thread(self.ledger.record_page, name, [], [], since + source.config.overlap)
+            cursor = since + source.config.overlap
         newest: datetime | None = cursor
         honours_sort: bool | None = None
         try:
@@ -135,16 +211,17 @@ class Planner:
                     honours_sort = self._check_self_link(name, page)
                 fresh = await asyncio.to_thread(self.ledger.new_versions, name, triples(page))
                 examined = examine(name, page, fresh)
-                planned = self._plan_all(examined.events)
+                decision = await self._decide_page(name, examined, first_sight=False)
                 if examined.newest and (newest is None or examined.newest > newest):
-                    newest = examined.newest
-                inserted = await asyncio.to_thread(self.ledger.record_page, name, planned, examined.seen,
-                                                   newest if honours_sort else None)
-                self._remember(name, page)
+                    newest = self._bounded(name, examined.newest)
+                inserted = await asyncio.to_thread(
+                    self.ledger.record_page, name, decision.notifications, examined.seen,
+                    newest if honours_sort else None, decision.snapshots, decision.withdrawals)
+                self.remember(name, page)
                 report.resources += len(page.matches)
                 report.new_versions += len(examined.seen)
                 report.invalid += sum(1 for s in examined.seen if s.problem)
-                report.planned += len(planned)
+                report.planned += len(decision.notifications)
                 report.inserted += len(inserted)
             if not honours_sort and newest is not None and newest != cursor:
                 await asyncio.to_thread(self.ledger.record_page, name, [], [], newest)
@@ -158,6 +235,22 @@ class Planner:
                  new_versions=report.new_versions, invalid=report.invalid, notifications=report.inserted)
         return report
 
+    def _bounded(self, name: str, newest: datetime) -> datetime:
+        """A lastUpdated in the future (a server clock ahead, a bad import) must not carry the cursor past
+        changes still to come: the cursor goes no further than our wall clock plus the overlap."""
+        limit = datetime.now(UTC) + self.sources[name].config.overlap
+        if newest > limit:
+            log.warning("poll.future_timestamp", source=name, problem="a resource's meta.lastUpdated is in the "
+                        "future; the cursor is held at the present")
+            return limit - self.sources[name].config.overlap
+        return newest
+
+    def since(self, name: str, cursor: datetime | None) -> datetime:
+        settings = self.sources[name].config
+        if cursor is not None:
+            return cursor - settings.overlap
+        return self.clock() if settings.start_from == "now" else settings.start_from
+
     def _check_self_link(self, name: str, page: fhir.SearchPage) -> bool:
         used = page.self_url or ""
         if "_lastUpdated" not in used:
@@ -166,26 +259,48 @@ class Planner:
                                 "appointment (seen versions are still skipped)")
         return "_sort=_lastUpdated" in used or "_sort=_lastupdated" in used.lower()
 
+    async def deleted(self, name: str, appointment_id: str) -> list[str]:
+        """The source says this appointment is gone: withdraw what is pending and plan what a deletion
+        means (a cancellation, if the patient was told about the appointment). Returns inserted keys."""
+        before = await asyncio.to_thread(self.ledger.snapshot, name, appointment_id)
+        if before is None:
+            return []
+        notified = await asyncio.to_thread(self.ledger.notified, name, [appointment_id])
+        decision = Decision(snapshots={appointment_id: None})
+        self._apply(decision, name, synthesized(appointment_id, before), before.version,
+                    transitions(before, None), notified)
+        log.info("appointment.deleted", source=name, resource=f"Appointment/{appointment_id}",
+                 notifications=len(decision.notifications))
+        return await asyncio.to_thread(self.ledger.record_page, name, decision.notifications, [], None,
+                                       decision.snapshots, decision.withdrawals)
+
+    # -- replaying ------------------------------------------------------------------------------------
+
     async def replay(self, name: str, pages: AsyncIterator[fhir.SearchPage] | Iterable[fhir.SearchPage],
-                     dry_run: bool) -> list[ReplayItem]:
-        """Plan every version in `pages` again, whether seen or not; the ledger's keys keep already
-        recorded notifications from being added twice. The cursor is not touched."""
+                     dry_run: bool, first_sight: bool = True
+                     ) -> tuple[list[ReplayItem], list[tuple[str, PlanNote]]]:
+        """Plan every appointment in `pages` as if seen for the first time (or, with first_sight=False, as
+        the next poll would); the ledger's keys keep recorded notifications from being added twice.
+        Neither the cursor nor the remembered states move."""
         items: list[ReplayItem] = []
+        notes: list[tuple[str, PlanNote]] = []
         keys: set[str] = set()
         async for page in _aiter(pages):
             examined = examine(name, page, None)
+            decision = await self._decide_page(name, examined, first_sight)
             planned = []
-            for notification in self._plan_all(examined.events):  # several versions may plan one key
+            for notification in decision.notifications:  # several versions may plan one key
                 if notification.key not in keys:
                     keys.add(notification.key)
                     planned.append(notification)
             existing = await asyncio.to_thread(self.ledger.existing, [p.key for p in planned])
             inserted: set[str] = set()
             if not dry_run:
-                inserted = set(await asyncio.to_thread(self.ledger.add, planned))
-                self._remember(name, page)
+                inserted = set(await asyncio.to_thread(self.ledger.add, planned, name, decision.withdrawals))
+                self.remember(name, page)
             items += [ReplayItem(p, existing.get(p.key), p.key in inserted) for p in planned]
-        return items
+            notes += decision.notes
+        return items, notes
 
 
 async def _aiter(pages: AsyncIterator[Any] | Iterable[Any]) -> AsyncIterator[Any]:

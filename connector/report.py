@@ -8,9 +8,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from connector.commands import DryRun
+from connector.commands import DryRun, Replayed
 from connector.daemon import CycleReport
 from connector.ledger import NotificationRecord
+from connector.mapping.engine import PlanNote
 from connector.models import State
 from connector.pipeline import ReplayItem
 
@@ -32,39 +33,52 @@ def cycle(report: CycleReport) -> None:
             console.print(f"[red]sending paused:[/red] {report.dispatch.paused}")
 
 
-def _verdict(item: ReplayItem, final: NotificationRecord | None) -> str:
-    if item.existing is not None:
-        return f"suppressed: already {item.existing.state.value}"
-    if item.notification.state is State.SKIPPED:
-        return f"skipped: {item.notification.reason}"
-    if final is not None and item.inserted:
+def _verdict(item: ReplayItem, final: NotificationRecord | None, verdicts: dict[str, str]) -> str:
+    n = item.notification
+    if item.inserted and final is not None:
         return final.state.value + (f": {final.reason}" if final.reason else "")
-    return "would send" if item.notification.state is State.PENDING else item.notification.state.value
+    if item.existing is not None and not (item.existing.state is State.CANCELLED and n.state is State.PENDING):
+        return f"suppressed: already {item.existing.state.value}"
+    if n.state is State.SKIPPED:
+        return f"skipped: {n.reason}"
+    return verdicts.get(n.key, "would send")
 
 
-def replay_items(items: list[ReplayItem], final: dict[str, NotificationRecord] | None, title: str) -> None:
+def _table(title: str, columns: tuple[str, ...]) -> Table:
     table = Table(title=title, title_justify="left")
-    for column in ("mapping", "resource", "patient", "key", "result"):
+    for column in columns:
         table.add_column(column, overflow="fold")
-    for item in items:
-        n = item.notification
-        table.add_row(n.mapping, f"{n.resource_type}/{n.resource_id} v{n.resource_version}",
-                      n.patient_id or "-", n.key, _verdict(item, (final or {}).get(n.key)))
-    console.print(table)
+    return table
+
+
+def replay_items(items: list[ReplayItem], notes: list[tuple[str, PlanNote]], final: dict[str, NotificationRecord],
+                 verdicts: dict[str, str], title: str) -> None:
+    table = _table(title, ("mapping", "resource", "patient", "due", "key", "result"))
     counts: dict[str, int] = {}
     for item in items:
-        word = _verdict(item, (final or {}).get(item.notification.key)).split(":")[0]
-        counts[word] = counts.get(word, 0) + 1
+        n = item.notification
+        verdict = _verdict(item, final.get(n.key), verdicts)
+        counts[verdict.split(":")[0].split(" (")[0]] = counts.get(verdict.split(":")[0].split(" (")[0], 0) + 1
+        table.add_row(n.mapping, f"{n.resource_type}/{n.resource_id} v{n.resource_version}", n.patient_id or "-",
+                      n.due_at.isoformat(timespec="minutes"), n.key, verdict)
+    for appointment_id, note in notes:
+        table.add_row(note.mapping, f"Appointment/{appointment_id}", note.patient_id or "-", "", "",
+                      note.message)
+        counts["not planned"] = counts.get("not planned", 0) + 1
+    console.print(table)
     console.print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no notifications")
+
+
+def replayed(result: Replayed, dry_run: bool) -> None:
+    replay_items(result.items, result.notes, {} if dry_run else result.final, result.verdicts,
+                 "Replay (dry run: nothing is recorded or sent)" if dry_run else "Replay")
 
 
 def dry_run(result: DryRun) -> None:
     for error in result.errors:
-        console.print(f"[red]{error}[/red]")
-    replay_items(result.planned, None, "Next poll would plan (nothing committed)")
-    table = Table(title="Due now, would be sent", title_justify="left")
-    for column in ("id", "mapping", "resource", "key", "due"):
-        table.add_column(column, overflow="fold")
+        console.print(f"[red]{error}[/red]", markup=False)
+    replay_items(result.planned, result.notes, {}, result.verdicts, "Next poll would plan (nothing committed)")
+    table = _table("Already due, would be sent now", ("id", "mapping", "resource", "key", "due"))
     for n in result.due:
         table.add_row(str(n.id), n.mapping, f"{n.resource_type}/{n.resource_id}", n.key, n.due_at.isoformat())
     console.print(table)
@@ -86,6 +100,13 @@ def status(data: dict[str, Any]) -> None:
         for n in data["attention"]:
             table.add_row(str(n.id), n.state.value, n.mapping, f"{n.resource_type}/{n.resource_id}", n.key,
                           n.reason or "", n.updated_at.isoformat(timespec="seconds"))
+        console.print(table)
+    if data["suppressed"]:
+        table = _table("Recently skipped or withdrawn (with reasons)", ("id", "state", "mapping", "resource",
+                                                                       "patient", "reason"))
+        for n in data["suppressed"]:
+            table.add_row(str(n.id), n.state.value, n.mapping, f"{n.resource_type}/{n.resource_id}", n.patient_id,
+                          n.reason or "")
         console.print(table)
     if data["problems"]:
         table = Table(title="Invalid resources (skipped)", title_justify="left")

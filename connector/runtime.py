@@ -82,7 +82,7 @@ class Runtime:
         cache = ResourceCache()
         owner = f"{os.uname().nodename[:24]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         planner = Planner(config, mappings, ledger, sources, cache, clock)
-        dispatcher = Dispatcher(config, mappings, ledger, sources, mailer, cache, clock, owner)
+        dispatcher = Dispatcher(config, mappings, ledger, sources, mailer, cache, clock, owner, planner.deleted)
         return cls(config, mappings, ledger, sources, mailer, cache, planner, dispatcher, lock)
 
     async def aclose(self) -> None:

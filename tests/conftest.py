@@ -80,9 +80,9 @@ def paubox_server(paubox_state: SandboxState) -> Iterator[Server]:
         yield server
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def pg_schema_url() -> Iterator[str]:
-    """A private schema in the `test` database for this session; dropped at the end."""
+    """A private, empty schema in the `test` database for one test; dropped afterwards."""
     schema = f"t_{uuid.uuid4().hex[:10]}"
     url = make_url(PG_URL)
     conninfo = f"host={url.host} port={url.port or 5432} dbname={url.database} user={url.username}"
@@ -105,9 +105,6 @@ def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlLedger
     else:
         url = request.getfixturevalue("pg_schema_url")
     engine = make_engine(url)
-    if request.param == "postgresql":
-        with engine.begin() as conn:
-            conn.exec_driver_sql("DROP TABLE IF EXISTS notification, source_cursor, seen_version, alembic_version")
     migrate.upgrade(engine)
     yield SqlLedger(engine)
     engine.dispose()

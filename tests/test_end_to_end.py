@@ -65,6 +65,7 @@ def loaded(fhir_state: FhirState) -> FhirState:
     fhir_state.load(people)
     for index, person in enumerate(people, start=1):
         fhir_state.put(appointment(f"visit-{index}", person["id"], START + timedelta(days=index)))
+    # Created already cancelled: nobody was told about it, so no cancellation email either.
     fhir_state.put(appointment("visit-9", "p1", START + timedelta(days=9), status="cancelled"))
     return fhir_state
 
@@ -76,23 +77,24 @@ def test_run_once_twice_then_replay_sends_each_email_once(tmp_path: Path, loaded
     first = connector("run", "--once", "--config", str(config), cwd=tmp_path)
     outputs.append(first)
     assert "3 page(s), 5 appointment(s)" in first.stdout
-    expected = {f"ehr:appointment-booked:visit-{i}|booked|" for i in range(1, 5)} | {
-        "ehr:appointment-cancelled:visit-9|cancelled|"}
+    expected = {f"ehr:appointment-booked:visit-{i}|booked|" for i in range(1, 5)}
     sent_keys = [m["custom_headers"]["X-Notification-Key"] for m in paubox_state.messages]
     assert {k.split("|")[0] + "|" + k.split("|")[1] + "|" for k in sent_keys} == expected
-    assert len(sent_keys) == len(set(sent_keys)) == 5
+    assert len(sent_keys) == len(set(sent_keys)) == 4
 
     outputs.append(connector("run", "--once", "--config", str(config), cwd=tmp_path))
     since = (START - timedelta(days=1)).isoformat()
     outputs.append(connector("replay", "--config", str(config), "--since", since, cwd=tmp_path))
-    assert len(paubox_state.messages) == 5
+    assert len(paubox_state.messages) == 4
 
     dry = connector("replay", "--config", str(config), "--since", since, "--dry-run", cwd=tmp_path)
     outputs.append(dry)
-    assert "5 suppressed" in dry.stdout and "would send" not in dry.stdout
+    assert "would send" not in dry.stdout
+    assert dry.stdout.count("suppressed: already sent") == 4
+    assert "1 not planned, 4 suppressed" in dry.stdout  # the cancellation: nobody was told of visit-9
     status = connector("status", "--config", str(config), cwd=tmp_path)
     outputs.append(status)
-    assert "│ sent      │     5 │" in status.stdout
+    assert "│ sent      │     4 │" in status.stdout
 
     for result in outputs:
         for marker in phi_markers():
@@ -118,7 +120,7 @@ def test_sigkill_during_sends_never_sends_a_key_twice(tmp_path: Path, loaded: Fh
     assert all(count == 1 for count in per_key.values()), per_key
     status = connector("status", "--config", str(config), cwd=tmp_path).stdout
     assert f"│ in_doubt  │     {in_flight} │" in status
-    assert f"│ sent      │     {5 - in_flight} │" in status
+    assert f"│ sent      │     {4 - in_flight} │" in status
     assert "interrupted while sending" in status
 
 

@@ -57,8 +57,8 @@ def test_claim_send_finish(ledger: SqlLedger) -> None:
     [claimed] = ledger.claim_due(NOW, 10, "w1", wall + timedelta(minutes=5), wall)
     assert claimed.key == "a"
     assert ledger.claim_due(NOW, 10, "w2", wall + timedelta(minutes=5), wall) == []  # leased
-    assert ledger.start_sending(claimed.id, "w2") is False  # not the lease holder
-    assert ledger.start_sending(claimed.id, "w1") is True
+    assert ledger.start_sending(claimed.id, "w2", wall + timedelta(minutes=5)) is False  # not the lease holder
+    assert ledger.start_sending(claimed.id, "w1", wall + timedelta(minutes=5)) is True
     assert ledger.counts()[State.SENDING] == 1
     ledger.finish(claimed.id, State.SENT, None, "track-1", NOW)
     [record] = ledger.existing(["a"]).values()
@@ -77,7 +77,7 @@ def test_interrupted_sends_become_in_doubt_never_pending(ledger: SqlLedger) -> N
     ledger.add([planned("a"), planned("b")])
     wall = datetime.now(UTC)
     for record in ledger.claim_due(NOW, 10, "w1", wall + timedelta(minutes=5), wall):
-        ledger.start_sending(record.id, "w1")
+        ledger.start_sending(record.id, "w1", wall + timedelta(minutes=5))
     assert ledger.mark_interrupted(wall, everything=False) == 0  # leases still live
     assert ledger.mark_interrupted(wall + timedelta(minutes=6), everything=False) == 2
     assert ledger.counts()[State.IN_DOUBT] == 2
@@ -88,7 +88,7 @@ def test_retry_later_and_settle(ledger: SqlLedger) -> None:
     ledger.add([planned("a"), planned("b")])
     wall = datetime.now(UTC)
     a, b = ledger.claim_due(NOW, 10, "w1", wall + timedelta(minutes=5), wall)
-    ledger.start_sending(a.id, "w1")
+    ledger.start_sending(a.id, "w1", wall + timedelta(minutes=5))
     ledger.retry_later(a.id, NOW + timedelta(minutes=1), "HTTP 429", count_attempt=True)
     ledger.settle(b.id, "w1", State.SKIPPED, "no address")
     records = ledger.existing(["a", "b"])

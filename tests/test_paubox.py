@@ -43,7 +43,7 @@ def test_payload_shape() -> None:
 async def test_send_to_sandbox_with_both_auth_schemes() -> None:
     state = SandboxState(api_key="k-123", username="clinic")
     for scheme in ("token", "bearer"):
-        mailer = PauboxRestMailer(config(auth_scheme=scheme, base_url="http://paubox.test/v1/clinic"),
+        mailer = PauboxRestMailer(config(auth_scheme=scheme, base_url="https://paubox.test/v1/clinic"),
                                   transport=httpx.ASGITransport(app=create_app(state)))
         outcome = await mailer.send(EMAIL)
         await mailer.aclose()
@@ -54,7 +54,7 @@ async def test_send_to_sandbox_with_both_auth_schemes() -> None:
 
 async def test_wrong_key_pauses_instead_of_failing() -> None:
     state = SandboxState(api_key="another", username="clinic")
-    mailer = PauboxRestMailer(config(base_url="http://paubox.test/v1/clinic"),
+    mailer = PauboxRestMailer(config(base_url="https://paubox.test/v1/clinic"),
                               transport=httpx.ASGITransport(app=create_app(state)))
     outcome = await mailer.send(EMAIL)
     await mailer.aclose()
@@ -115,7 +115,7 @@ async def test_timeout_after_sending_is_in_doubt_and_refused_connection_is_retry
 
 async def test_unrouted_base_url_gives_html_404_and_pauses() -> None:
     state = SandboxState(api_key="k-123", username="clinic")
-    mailer = PauboxRestMailer(config(base_url="http://paubox.test/v2/wrong"),
+    mailer = PauboxRestMailer(config(base_url="https://paubox.test/v2/wrong"),
                               transport=httpx.ASGITransport(app=create_app(state)))
     outcome = await mailer.send(EMAIL)
     await mailer.aclose()

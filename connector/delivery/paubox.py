@@ -94,6 +94,10 @@ def classify(status: int, body: bytes, headers: Mapping[str, str]) -> Outcome:
     title = error_title(body)
     if status == 429:
         return Outcome(Verdict.RETRY, f"HTTP 429 rate limited: {title}", retry_after=_retry_after(headers))
+    if status == 408:  # the server gave up reading the request: it was not processed
+        return Outcome(Verdict.RETRY, "HTTP 408 request timeout", retry_after=_retry_after(headers))
+    if 300 <= status < 400:
+        return Outcome(Verdict.RETRY, f"HTTP {status} redirect: check delivery.paubox.base_url", blocking=True)
     if status in (401, 403):
         return Outcome(Verdict.RETRY, f"HTTP {status} {title}: check delivery.paubox.api_key and username",
                        blocking=True)

@@ -12,11 +12,12 @@ Rules every implementation keeps:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
+from connector.lifecycle import Snapshot
 from connector.models import PlannedNotification, State
 
 
@@ -27,6 +28,24 @@ class SeenVersion:
     version: str
     last_updated: datetime | None
     problem: str | None = None
+
+
+@dataclass(frozen=True)
+class Withdrawal:
+    """Cancel the pending notifications of these patients for one appointment."""
+
+    appointment_id: str
+    patients: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class OptOut:
+    kind: str  # "identifier" or "email"
+    digest: str
+    hint: str
+    note: str | None
+    created_at: datetime
 
 
 @dataclass(frozen=True)
@@ -46,18 +65,29 @@ class NotificationRecord:
     due_at: datetime
     tracking_id: str | None
     updated_at: datetime
+    appointment_start: datetime | None = None
 
 
 class Ledger(Protocol):
     def record_page(self, source: str, notifications: Sequence[PlannedNotification],
-                    seen: Sequence[SeenVersion], cursor: datetime | None) -> list[str]:
-        """In one transaction: insert notifications (returning the keys that were new), remember the
-        seen versions, and move the source's cursor forward to `cursor` (never backward)."""
+                    seen: Sequence[SeenVersion], cursor: datetime | None,
+                    snapshots: Mapping[str, Snapshot | None] | None = None,
+                    withdrawals: Sequence[Withdrawal] = ()) -> list[str]:
+        """In one transaction: withdraw pending notifications, insert new ones (a key that exists is left
+        alone, except a `cancelled` one planned again, which is re-armed), remember appointment states
+        (None: deleted) and seen versions, and move the source's cursor forward (never backward).
+        Returns the keys inserted or re-armed."""
 
     def new_versions(self, source: str, versions: Sequence[tuple[str, str, str]]) -> set[tuple[str, str, str]]:
         """The (type, id, version) triples not seen before on `source`."""
 
     def cursor(self, source: str) -> datetime | None: ...
+
+    def snapshots(self, source: str, appointment_ids: Sequence[str]) -> dict[str, Snapshot]:
+        """Remembered states of these appointments (deleted ones are left out)."""
+
+    def notified(self, source: str, appointment_ids: Sequence[str]) -> set[tuple[str, str]]:
+        """(appointment id, patient id) pairs with a notification sent, being sent or in doubt."""
 
     def existing(self, keys: Sequence[str]) -> dict[str, NotificationRecord]: ...
 
@@ -65,8 +95,8 @@ class Ledger(Protocol):
                   wall_now: datetime) -> list[NotificationRecord]:
         """Lease up to `limit` pending notifications due at `now` that no live lease holds."""
 
-    def start_sending(self, notification_id: int, owner: str) -> bool:
-        """pending (leased by owner) → sending, committed. False if the lease was lost."""
+    def start_sending(self, notification_id: int, owner: str, lease_until: datetime) -> bool:
+        """pending (leased by owner) → sending, committed, lease renewed. False if the lease was lost."""
 
     def finish(self, notification_id: int, state: State, reason: str | None, tracking_id: str | None,
                when: datetime) -> None:

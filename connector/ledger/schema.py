@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Column, DateTime, Index, String, UniqueConstraint
+from sqlalchemy import Boolean, Column, DateTime, Index, String, UniqueConstraint
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
@@ -41,6 +41,7 @@ class NotificationRow(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("key", name="uq_notification_key"),
         Index("ix_notification_state_due", "state", "due_at"),
+        Index("ix_notification_resource", "source", "resource_id"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -59,6 +60,7 @@ class NotificationRow(SQLModel, table=True):
     lease_owner: str | None = Field(default=None, max_length=64)
     lease_until: datetime | None = _when(nullable=True)
     tracking_id: str | None = Field(default=None, max_length=128)
+    appointment_start: datetime | None = _when(nullable=True)  # the start it was planned for
     created_at: datetime = _when()
     updated_at: datetime = _when()
     sent_at: datetime | None = _when(nullable=True)
@@ -87,3 +89,35 @@ class SeenVersionRow(SQLModel, table=True):
     last_updated: datetime | None = _when(nullable=True)
     problem: str | None = Field(default=None, max_length=500)
     seen_at: datetime = _when()
+
+
+class AppointmentStateRow(SQLModel, table=True):
+    """The last seen state of an appointment (connector.lifecycle.Snapshot): ids and times only."""
+
+    __tablename__ = "appointment_state"
+
+    source: str = Field(primary_key=True, max_length=64)
+    appointment_id: str = Field(primary_key=True, max_length=128)
+    status: str = Field(max_length=32)
+    start: datetime | None = _when(nullable=True)
+    end: datetime | None = _when(nullable=True)
+    version: str = Field(max_length=128)
+    patients: str = Field(max_length=2000, description="patient ids, space-separated")
+    last_updated: datetime | None = _when(nullable=True)
+    deleted: bool = Field(default=False, sa_column=Column(Boolean(), nullable=False))
+    updated_at: datetime = _when()
+
+
+class OptOutRow(SQLModel, table=True):
+    """Who must not be written to: a patient identifier or an address, stored as a SHA-256 digest with a
+    short masked hint for people (never the value itself)."""
+
+    __tablename__ = "optout"
+    __table_args__ = (UniqueConstraint("kind", "digest", name="uq_optout_kind_digest"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=16)
+    digest: str = Field(max_length=64)
+    hint: str = Field(max_length=200)
+    note: str | None = Field(default=None, max_length=500)
+    created_at: datetime = _when()

@@ -6,7 +6,7 @@ unique key; claims use FOR UPDATE SKIP LOCKED on PostgreSQL (SQLite serialises w
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,13 +14,17 @@ from sqlalchemy import Engine, and_, create_engine, event, func, or_, select, up
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from connector.ledger import NotificationRecord, SeenVersion
-from connector.ledger.schema import CursorRow, NotificationRow, SeenVersionRow
+from connector.ledger import NotificationRecord, OptOut, SeenVersion, Withdrawal
+from connector.ledger.schema import AppointmentStateRow, CursorRow, NotificationRow, OptOutRow, SeenVersionRow
+from connector.lifecycle import Snapshot
 from connector.models import PlannedNotification, State
 
 N = NotificationRow.__table__  # type: ignore[attr-defined]
 C = CursorRow.__table__  # type: ignore[attr-defined]
 S = SeenVersionRow.__table__  # type: ignore[attr-defined]
+A = AppointmentStateRow.__table__  # type: ignore[attr-defined]
+OPT = OptOutRow.__table__  # type: ignore[attr-defined]
+NOTIFIED = (State.SENT.value, State.SENDING.value, State.IN_DOUBT.value)
 
 
 def make_engine(url: str) -> Engine:
@@ -54,6 +58,7 @@ def _record(row: Any) -> NotificationRecord:
         patient_id=row.patient_id, state=State(row.state), reason=row.reason, attempts=row.attempts,
         due_at=aware(row.due_at),  # type: ignore[arg-type]
         tracking_id=row.tracking_id, updated_at=aware(row.updated_at),  # type: ignore[arg-type]
+        appointment_start=aware(row.appointment_start),
     )
 
 
@@ -69,29 +74,72 @@ class SqlLedger:
     # -- planning -------------------------------------------------------------------------------------
 
     def record_page(self, source: str, notifications: Sequence[PlannedNotification],
-                    seen: Sequence[SeenVersion], cursor: datetime | None) -> list[str]:
+                    seen: Sequence[SeenVersion], cursor: datetime | None,
+                    snapshots: Mapping[str, Snapshot | None] | None = None,
+                    withdrawals: Sequence[Withdrawal] = ()) -> list[str]:
         with self.engine.begin() as conn:
+            for withdrawal in withdrawals:
+                self._withdraw(conn, source, withdrawal)
             inserted = self._insert_notifications(conn, notifications)
             self._remember(conn, source, seen)
+            self._keep_states(conn, source, snapshots or {})
             if cursor is not None:
                 self._advance(conn, source, cursor)
         return inserted
 
-    def add(self, notifications: Sequence[PlannedNotification]) -> list[str]:
+    def add(self, notifications: Sequence[PlannedNotification], source: str | None = None,
+            withdrawals: Sequence[Withdrawal] = ()) -> list[str]:
         with self.engine.begin() as conn:
+            for withdrawal in withdrawals:
+                assert source is not None
+                self._withdraw(conn, source, withdrawal)
             return self._insert_notifications(conn, notifications)
 
+    def _withdraw(self, conn: Connection, source: str, withdrawal: Withdrawal) -> None:
+        conn.execute(update(N).where(
+            N.c.source == source, N.c.resource_id == withdrawal.appointment_id,
+            N.c.patient_id.in_(list(withdrawal.patients)), N.c.state == State.PENDING.value,
+        ).values(state=State.CANCELLED.value, reason=withdrawal.reason, updated_at=_now(), lease_owner=None,
+                 lease_until=None))
+
+    def _keep_states(self, conn: Connection, source: str, snapshots: Mapping[str, Snapshot | None]) -> None:
+        now = _now()
+        for appointment_id, snap in snapshots.items():
+            values: dict[str, Any] = {"deleted": True, "updated_at": now}
+            if snap is not None:
+                values = {"status": snap.status, "start": snap.start, "end": snap.end, "version": snap.version,
+                          "patients": " ".join(snap.patients), "last_updated": snap.last_updated,
+                          "deleted": False, "updated_at": now}
+                statement = self._insert(A).values(source=source, appointment_id=appointment_id, **values)
+                conn.execute(statement.on_conflict_do_update(index_elements=["source", "appointment_id"],
+                                                             set_=values))
+            else:
+                conn.execute(update(A).where(A.c.source == source, A.c.appointment_id == appointment_id)
+                             .values(**values))
+
     def _insert_notifications(self, conn: Connection, notifications: Sequence[PlannedNotification]) -> list[str]:
+        notifications = list({n.key: n for n in reversed(notifications)}.values())[::-1]  # one row per key
         if not notifications:
             return []
         now = _now()
         rows = [{
             "key": n.key, "source": n.source, "mapping": n.mapping, "event": n.event,
-            "resource_type": n.resource_type, "resource_id": n.resource_id,
+            "resource_type": n.resource_type, "resource_id": n.resource_id[:128],
             "resource_version": n.resource_version, "patient_id": n.patient_id, "state": n.state.value,
-            "reason": n.reason, "attempts": 0, "due_at": n.due_at, "created_at": now, "updated_at": now,
+            "reason": (n.reason or "")[:500] or None, "attempts": 0, "due_at": n.due_at, "created_at": now,
+            "updated_at": now, "appointment_start": n.appointment_start,
         } for n in notifications]
-        statement = self._insert(N).on_conflict_do_nothing(index_elements=["key"]).returning(N.c.key)
+        statement = self._insert(N)
+        # A key that exists stays as it is: the unique constraint decides. The one exception is a
+        # notification withdrawn before it was sent (`cancelled`) and planned again, which is re-armed.
+        statement = statement.on_conflict_do_update(
+            index_elements=["key"],
+            set_={"state": statement.excluded.state, "due_at": statement.excluded.due_at, "reason": None,
+                  "attempts": 0, "lease_owner": None, "lease_until": None, "updated_at": now,
+                  "resource_version": statement.excluded.resource_version,
+                  "appointment_start": statement.excluded.appointment_start},
+            where=(N.c.state == State.CANCELLED.value) & (statement.excluded.state == State.PENDING.value),
+        ).returning(N.c.key)
         return [row.key for row in conn.execute(statement, rows)]
 
     def _remember(self, conn: Connection, source: str, seen: Sequence[SeenVersion]) -> None:
@@ -128,6 +176,63 @@ class SqlLedger:
             value = conn.execute(select(C.c.value).where(C.c.source == source)).scalar_one_or_none()
         return value
 
+    def snapshots(self, source: str, appointment_ids: Sequence[str]) -> dict[str, Snapshot]:
+        found: dict[str, Snapshot] = {}
+        ids = list(dict.fromkeys(appointment_ids))
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), 500):
+                rows = conn.execute(select(A).where(A.c.source == source, A.c.deleted.is_(False),
+                                                    A.c.appointment_id.in_(ids[start:start + 500])))
+                for r in rows:
+                    found[r.appointment_id] = Snapshot(r.status, r.start, r.end, r.version,
+                                                       tuple(r.patients.split()), r.last_updated)
+        return found
+
+    def snapshot(self, source: str, appointment_id: str) -> Snapshot | None:
+        """The remembered state, deleted or not (to render a cancellation after a delete)."""
+        with self.engine.connect() as conn:
+            r = conn.execute(select(A).where(A.c.source == source, A.c.appointment_id == appointment_id)).first()
+        if r is None:
+            return None
+        return Snapshot(r.status, r.start, r.end, r.version, tuple(r.patients.split()), r.last_updated)
+
+    def notified(self, source: str, appointment_ids: Sequence[str]) -> set[tuple[str, str]]:
+        ids = list(dict.fromkeys(appointment_ids))
+        found: set[tuple[str, str]] = set()
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), 500):
+                rows = conn.execute(select(N.c.resource_id, N.c.patient_id).distinct().where(
+                    N.c.source == source, N.c.resource_id.in_(ids[start:start + 500]), N.c.state.in_(NOTIFIED)))
+                found |= {(r.resource_id, r.patient_id) for r in rows}
+        return found
+
+    # -- opt-outs -------------------------------------------------------------------------------------
+
+    def add_optout(self, kind: str, digest: str, hint: str, note: str | None) -> bool:
+        with self.engine.begin() as conn:
+            statement = self._insert(OPT).values(kind=kind, digest=digest, hint=hint, note=note, created_at=_now())
+            return bool(conn.execute(statement.on_conflict_do_nothing()).rowcount)
+
+    def remove_optout(self, kind: str, digest: str) -> bool:
+        with self.engine.begin() as conn:
+            return bool(conn.execute(OPT.delete().where(OPT.c.kind == kind, OPT.c.digest == digest)).rowcount)
+
+    def optouts(self) -> list[OptOut]:
+        with self.engine.connect() as conn:
+            return [OptOut(r.kind, r.digest, r.hint, r.note, r.created_at)
+                    for r in conn.execute(select(OPT).order_by(OPT.c.created_at))]
+
+    def opted_out(self, candidates: Sequence[tuple[str, str]]) -> OptOut | None:
+        """The first opt-out matching one of these (kind, digest) pairs."""
+        if not candidates:
+            return None
+        digests = [d for _, d in candidates]
+        with self.engine.connect() as conn:
+            for r in conn.execute(select(OPT).where(OPT.c.digest.in_(digests))):
+                if (r.kind, r.digest) in candidates:
+                    return OptOut(r.kind, r.digest, r.hint, r.note, r.created_at)
+        return None
+
     def prune_seen(self, source: str, before: datetime) -> int:
         with self.engine.begin() as conn:
             result = conn.execute(S.delete().where(S.c.source == source, S.c.problem.is_(None),
@@ -160,27 +265,33 @@ class SqlLedger:
             rows = list(conn.execute(statement))
         return sorted((_record(r) for r in rows), key=lambda r: (r.due_at, r.id))
 
-    def start_sending(self, notification_id: int, owner: str) -> bool:
+    def start_sending(self, notification_id: int, owner: str, lease_until: datetime) -> bool:
         statement = (update(N)
                      .where(N.c.id == notification_id, N.c.state == State.PENDING.value, N.c.lease_owner == owner)
-                     .values(state=State.SENDING.value, attempts=N.c.attempts + 1, updated_at=_now()))
+                     .values(state=State.SENDING.value, attempts=N.c.attempts + 1, updated_at=_now(),
+                             lease_until=lease_until))
         with self.engine.begin() as conn:
             return conn.execute(statement).rowcount == 1
 
     def finish(self, notification_id: int, state: State, reason: str | None, tracking_id: str | None,
                when: datetime) -> None:
-        values: dict[str, Any] = {"state": state.value, "reason": reason, "updated_at": _now(),
+        values: dict[str, Any] = {"state": state.value, "reason": reason and reason[:500], "updated_at": _now(),
                                   "lease_owner": None, "lease_until": None}
         if tracking_id is not None:
             values["tracking_id"] = tracking_id
         if state is State.SENT:
             values["sent_at"] = when
         with self.engine.begin() as conn:
-            conn.execute(update(N).where(N.c.id == notification_id, N.c.state == State.SENDING.value)
-                         .values(**values))
+            updated = conn.execute(update(N).where(N.c.id == notification_id, N.c.state == State.SENDING.value)
+                                   .values(**values)).rowcount
+        if updated != 1:
+            # Someone marked it in_doubt meanwhile (its lease ran out): keep what we learnt.
+            with self.engine.begin() as conn:
+                conn.execute(update(N).where(N.c.id == notification_id, N.c.state == State.IN_DOUBT.value)
+                             .values(**values))
 
     def retry_later(self, notification_id: int, due_at: datetime, reason: str, count_attempt: bool) -> None:
-        values: dict[str, Any] = {"state": State.PENDING.value, "due_at": due_at, "reason": reason,
+        values: dict[str, Any] = {"state": State.PENDING.value, "due_at": due_at, "reason": reason[:500],
                                   "updated_at": _now(), "lease_owner": None, "lease_until": None}
         if not count_attempt:
             values["attempts"] = N.c.attempts - 1
@@ -192,7 +303,7 @@ class SqlLedger:
         with self.engine.begin() as conn:
             conn.execute(update(N).where(N.c.id == notification_id, N.c.state == State.PENDING.value,
                                          N.c.lease_owner == owner)
-                         .values(state=state.value, reason=reason, updated_at=_now(), lease_owner=None,
+                         .values(state=state.value, reason=reason[:500], updated_at=_now(), lease_owner=None,
                                  lease_until=None))
 
     def release(self, owner: str | None, notification_ids: Sequence[int] | None = None) -> int:

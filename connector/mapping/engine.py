@@ -1,81 +1,128 @@
-"""Pure decisions: which notifications an event calls for, and what an email says.
+"""Pure decisions: which notifications a transition calls for, and what an email says.
 
-`plan` runs when an event is seen (it needs the Appointment only); `render` runs when a notification is
-due (it needs the Patient too). Both take values and return values; time comes in as an argument.
+`plan` runs when a transition is seen (it needs the Appointment only); `render` runs when a notification
+is due (it needs the Patient too). Both take values and return values; time comes in as an argument.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from connector.fhir import display_name, parse_instant, patient_participants
+from connector.fhir import display_name, parse_instant
+from connector.lifecycle import BOOKED, REMOVED, RESCHEDULED, Transition
 from connector.mapping.loader import Mapping, MappingSet
 from connector.mapping.templates import safe_error
-from connector.models import AppointmentEvent, Email, PlannedNotification, State
+from connector.models import Email, PlannedNotification, State
+from connector.timing import QuietHours, offset_label, schedule
 
 MAX_KEY_LENGTH = 500
 
 
 @dataclass(frozen=True)
-class PlanProblem:
-    """A mapping that could not be applied to an event (safe to log: no resource content)."""
+class PlanNote:
+    """A mapping that did not produce a notification, and why (safe to log: no resource content)."""
 
     mapping: str
+    patient_id: str
     message: str
+    problem: bool = False  # True: something is wrong (a failing condition or key template)
+
+
+@dataclass
+class Plan:
+    notifications: list[PlannedNotification] = field(default_factory=list)
+    notes: list[PlanNote] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
-class Plan:
-    notifications: list[PlannedNotification]
-    problems: list[PlanProblem]
+class Situation:
+    """Everything about one appointment that planning depends on."""
+
+    source: str
+    appointment: dict[str, Any]
+    version: str
+    zone: str
+    quiet: QuietHours | None
+    notified: frozenset[str]  # patients who were already sent an email about this appointment
+    now: datetime
 
 
-def plan(mappings: MappingSet, event: AppointmentEvent, now: datetime) -> Plan:
-    """The notifications `event` calls for: one per matching mapping and patient participant.
+def key_instant(value: Any) -> str:
+    """The start as it goes into keys: UTC, second precision, whatever format the server used."""
+    moment = parse_instant(value)
+    return "" if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
-    A notification for an appointment whose start has already passed is planned as `skipped`, so the
-    ledger shows why nothing went out."""
-    appointment = event.resource
-    notifications: list[PlannedNotification] = []
-    problems: list[PlanProblem] = []
+
+def plan(mappings: MappingSet, transition: Transition, situation: Situation) -> Plan:
+    """The notifications `transition` calls for: per patient and matching mapping (and offset)."""
+    result = Plan()
+    if transition.event == REMOVED:
+        return result
+    for patient_id in transition.patients or ("",):
+        event = transition.event
+        if event == RESCHEDULED and patient_id not in situation.notified:
+            event = BOOKED  # never told about the old time: this is their confirmation
+        for mapping in mappings:
+            if _wanted(mapping, event, situation.source):
+                _plan_mapping(mapping, event, patient_id, situation, result)
+    return result
+
+
+def _wanted(mapping: Mapping, event: str, source: str) -> bool:
+    sources = mapping.spec.trigger.sources
+    if sources is not None and source not in sources:
+        return False
+    if mapping.spec.is_reminder:
+        return event in (BOOKED, RESCHEDULED)  # reminders are (re-)armed whenever a booking gets a start
+    return event in mapping.spec.trigger.event
+
+
+def _plan_mapping(mapping: Mapping, event: str, patient_id: str, situation: Situation, result: Plan) -> None:
+    appointment = situation.appointment
+    if mapping.condition is not None:
+        try:
+            if mapping.condition(appointment) != [True]:
+                return
+        except Exception as exc:  # noqa: BLE001 - fhirpathpy raises bare Exception
+            result.notes.append(PlanNote(mapping.name, patient_id, f"condition failed ({type(exc).__name__})", True))
+            return
+    if mapping.spec.needs_prior_email and patient_id not in situation.notified:
+        result.notes.append(PlanNote(mapping.name, patient_id, "not sent: no earlier email about this appointment "
+                                                               "went to this patient"))
+        return
+    key_event = BOOKED if mapping.spec.is_reminder else event
+    context = {"appointment": appointment, "patient_id": patient_id, "event": key_event, "mapping": mapping.name,
+               "source": situation.source, "start": key_instant(appointment.get("start"))}
+    try:
+        rendered = mapping.key.render(context).strip()
+    except Exception as exc:  # noqa: BLE001 - any template failure is reported the same way
+        result.notes.append(PlanNote(mapping.name, patient_id, f"key template failed: {safe_error(exc)}", True))
+        return
     start = parse_instant(appointment.get("start"))
-    for mapping in mappings:
-        if not mapping.applies_to(event.source, event.resource_type, event.event):
-            continue
-        if mapping.condition is not None:
-            try:
-                if mapping.condition(appointment) != [True]:
-                    continue
-            except Exception as exc:  # noqa: BLE001 - fhirpathpy raises bare Exception
-                problems.append(PlanProblem(mapping.name, f"condition failed ({type(exc).__name__})"))
-                continue
-        patients = patient_participants(appointment) or [""]
-        for patient_id in patients:
-            context = {"appointment": appointment, "patient_id": patient_id, "event": event.event,
-                       "mapping": mapping.name, "source": event.source, "start": appointment.get("start", "")}
-            try:
-                rendered = mapping.key.render(context).strip()
-            except Exception as exc:  # noqa: BLE001 - any template failure is reported the same way
-                problems.append(PlanProblem(mapping.name, f"key template failed: {safe_error(exc)}"))
-                continue
-            key = f"{event.source}:{mapping.name}:{rendered}"
-            if not rendered or len(key) > MAX_KEY_LENGTH:
-                problems.append(PlanProblem(mapping.name, f"key template gave an empty key or one longer than "
-                                                          f"{MAX_KEY_LENGTH} characters"))
-                continue
-            state, reason = State.PENDING, None
-            if not patient_id:
-                state, reason = State.SKIPPED, "no patient participant to write to"
-            elif start is not None and start <= now:
-                state, reason = State.SKIPPED, "the appointment start has already passed"
-            notifications.append(PlannedNotification(
-                key=key, source=event.source, mapping=mapping.name, event=event.event,
-                resource_type=event.resource_type, resource_id=event.resource_id,
-                resource_version=event.version, patient_id=patient_id, due_at=now, state=state, reason=reason,
-            ))
-    return Plan(notifications, problems)
+    offsets: list[timedelta | None] = list(mapping.spec.at) if mapping.spec.at else [None]
+    for offset in offsets:
+        key = f"{situation.source}:{mapping.name}:{rendered}" + (f"@{offset_label(offset)}" if offset is not None
+                                                                 else "")
+        if not rendered or len(key) > MAX_KEY_LENGTH:
+            result.notes.append(PlanNote(mapping.name, patient_id, "key template gave an empty key or one longer "
+                                                                   f"than {MAX_KEY_LENGTH} characters", True))
+            return
+        timing = schedule(now=situation.now, start=start, offset=offset, zone=situation.zone,
+                          quiet=situation.quiet if mapping.spec.quiet_hours else None,
+                          late_grace=mapping.spec.late_grace)
+        state, reason = State.PENDING, None
+        if not patient_id:
+            state, reason = State.SKIPPED, "no patient participant to write to"
+        elif timing.skipped is not None:
+            state, reason = State.SKIPPED, timing.skipped
+        result.notifications.append(PlannedNotification(
+            key=key, source=situation.source, mapping=mapping.name, event=key_event,
+            resource_type="Appointment", resource_id=str(appointment.get("id")), resource_version=situation.version,
+            patient_id=patient_id, due_at=timing.due or situation.now, state=state, reason=reason,
+            appointment_start=start,
+        ))
 
 
 class RenderError(Exception):
@@ -83,17 +130,20 @@ class RenderError(Exception):
 
 
 def render(mapping: Mapping, *, key: str, to: str, appointment: dict[str, Any], patient: dict[str, Any],
-           event: str, source: str, timezone: str, locale: str, now: datetime,
+           event: str, source: str, timezone: str, locale: str, languages: list[str], now: datetime,
            default_from: str, default_reply_to: str | None) -> Email:
-    """Render the mapping's subject, text and HTML for one recipient."""
+    """Render the mapping for one recipient, in the first of `languages` it has templates for."""
+    language, variant = mapping.variant_for(languages)
+    if language != mapping.spec.language:
+        locale = language.replace("-", "_")
     context = {
         "appointment": appointment, "patient": patient, "patient_name": display_name(patient),
         "start": parse_instant(appointment.get("start")), "end": parse_instant(appointment.get("end")),
         "event": event, "mapping": mapping.name, "source": source, "vars": mapping.spec.vars,
-        "timezone": timezone, "locale": locale, "now": now,
+        "timezone": timezone, "locale": locale, "language": language, "now": now,
     }
     parts: dict[str, str | None] = {}
-    for part, template in (("subject", mapping.subject), ("text", mapping.text), ("html", mapping.html)):
+    for part, template in (("subject", variant.subject), ("text", variant.text), ("html", variant.html)):
         if template is None:
             parts[part] = None
             continue

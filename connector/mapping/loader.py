@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from pydantic import ValidationError
 
 from connector.config import problems_from
 from connector.errors import ConfigError, Problem
-from connector.mapping.spec import MappingSpec
+from connector.mapping.spec import LANGUAGE_PATTERN, MappingSpec
 from connector.mapping.templates import KEY_NAMES, MESSAGE_NAMES, make_environment, undeclared_names
 from connector.yamlfile import YamlDoc, load_yaml
 
@@ -26,12 +27,19 @@ _TRIAL_RESOURCE = {"resourceType": "Appointment", "id": "trial", "status": "book
 
 
 @dataclass(frozen=True)
-class Mapping:
-    spec: MappingSpec
-    path: Path
+class Variant:
+    """The templates of one language."""
+
     subject: Template
     text: Template
     html: Template | None
+
+
+@dataclass(frozen=True)
+class Mapping:
+    spec: MappingSpec
+    path: Path
+    variants: dict[str, Variant]  # by language; spec.language is always there
     key: Template
     condition: Condition | None
 
@@ -39,13 +47,14 @@ class Mapping:
     def name(self) -> str:
         return self.spec.name
 
-    def applies_to(self, source: str, resource_type: str, event: str) -> bool:
-        trigger = self.spec.trigger
-        return (
-            trigger.resource == resource_type
-            and trigger.event == event
-            and (trigger.sources is None or source in trigger.sources)
-        )
+    def variant_for(self, languages: list[str]) -> tuple[str, Variant]:
+        """The first of the patient's languages we have templates for (exact, then primary subtag)."""
+        lowered = {code.lower(): code for code in self.variants}
+        for language in languages:
+            for candidate in (language.lower(), language.lower().split("-")[0]):
+                if candidate in lowered:
+                    return lowered[candidate], self.variants[lowered[candidate]]
+        return self.spec.language, self.variants[self.spec.language]
 
 
 class MappingSet:
@@ -107,19 +116,62 @@ def _load_one(path: Path, root: Path, env: SandboxedEnvironment, sources: set[st
         raise ConfigError(problems_from(exc, doc)) from None
 
     problems: list[Problem] = []
-    subject = _inline(env, spec.templates.subject, doc, ("templates", "subject"), MESSAGE_NAMES, problems)
     key = _inline(env, spec.key, doc, ("key",), KEY_NAMES, problems)
-    text = _file(env, spec.templates.text, path, root, doc, ("templates", "text"), problems)
-    html = _file(env, spec.templates.html, path, root, doc, ("templates", "html"), problems) \
-        if spec.templates.html else None
+    variants = _variants(spec, env, path, root, doc, problems)
     condition = _condition(spec.trigger.condition, doc, problems)
     for index, name in enumerate(spec.trigger.sources or []):
         if sources is not None and name not in sources:
             problems.append(doc.problem(("trigger", "sources", index), f"no source named {name!r} in the config"))
     if problems:
         raise ConfigError(problems)
-    assert subject and key and text
-    return Mapping(spec=spec, path=path, subject=subject, text=text, html=html, key=key, condition=condition)
+    assert key is not None
+    return Mapping(spec=spec, path=path, variants=variants, key=key, condition=condition)
+
+
+def _language_files(folder: Path, name: str) -> dict[str, str]:
+    """`reminder.txt` → {"nl": "reminder.nl.txt", ...} for the variants lying beside it."""
+    stem, dot, suffix = Path(name).name.partition(".")
+    found = {}
+    for candidate in folder.glob(f"{stem}.*.{suffix}" if dot else f"{stem}.*"):
+        middle = candidate.name[len(stem) + 1:len(candidate.name) - (len(suffix) + 1 if dot else 0)]
+        if re.fullmatch(LANGUAGE_PATTERN, middle):
+            found[middle] = str(Path(name).parent / candidate.name)
+    return found
+
+
+def _variants(spec: MappingSpec, env: SandboxedEnvironment, path: Path, root: Path, doc: YamlDoc,
+              problems: list[Problem]) -> dict[str, Variant]:
+    """The base templates (in spec.language) and every language variant found beside them."""
+    templates = spec.templates
+    folder = (path.parent / templates.text).parent
+    text_files = {spec.language: templates.text, **_language_files(folder, templates.text)}
+    html_files = {spec.language: templates.html, **_language_files(folder, templates.html)} if templates.html \
+        else {}
+    variants: dict[str, Variant] = {}
+    for language, text_name in text_files.items():
+        subjects = templates.subject
+        if isinstance(subjects, str) and language != spec.language:
+            problems.append(doc.problem(("templates", "subject"), f"{text_name} is a {language!r} variant: give "
+                                        f"the subject per language, e.g. subject: {{{spec.language}: ..., "
+                                        f"{language}: ...}}"))
+            continue
+        subject_source = subjects if isinstance(subjects, str) else subjects.get(language)
+        if subject_source is None:
+            problems.append(doc.problem(("templates", "subject"), f"no subject for language {language!r}"))
+            continue
+        where = ("templates", "subject") if isinstance(subjects, str) else ("templates", "subject", language)
+        subject = _inline(env, subject_source, doc, where, MESSAGE_NAMES, problems)
+        text = _file(env, text_name, path, root, doc, ("templates", "text"), problems)
+        html = None
+        if templates.html:
+            if language not in html_files:
+                problems.append(doc.problem(("templates", "html"), f"{text_name} has no matching HTML variant "
+                                            f"({Path(templates.html).stem}.{language}.html)"))
+                continue
+            html = _file(env, html_files[language], path, root, doc, ("templates", "html"), problems)
+        if subject is not None and text is not None:
+            variants[language] = Variant(subject, text, html)
+    return variants
 
 
 def _inline(env: SandboxedEnvironment, source: str, doc: YamlDoc, loc: tuple[str, ...],

@@ -1,36 +1,40 @@
-"""The YAML mapping language: what a file in `mappings/` may say.
+"""The YAML mapping language: what a file in `mappings/` may say (README, "Mapping reference").
 
-    name: appointment-booked            # unique; defaults to the file name
-    description: Confirmation when an appointment is booked.
+    name: appointment-reminder-48h          # unique; defaults to the file name
+    description: Reminder two days before.
     trigger:
       resource: Appointment
-      event: booked                     # see APPOINTMENT_EVENTS
+      event: booked                         # or a list: [cancelled, noshow]
       condition: "Appointment.serviceType.exists()"   # optional FHIRPath, must give true/false
-      sources: [ehr]                    # optional; default: every source
-    recipient: patient                  # each patient participant, address from Patient.telecom
+      sources: [ehr]                        # optional; default: every source
+    at: start - 48h                         # optional; a reminder (or a list of offsets)
+    late_grace: 2h                          # optional; send a reminder up to this late when first seen late
+    quiet_hours: true                       # respect the configured quiet hours (default true)
+    only_after_sent: true                   # cancellations/reschedules only if an email was sent before
+    recipient: patient
+    language: en                            # language of the base templates
     templates:
-      subject: "Your appointment on {{ start | format_date }}"   # inline Jinja
-      text: appointment-booked.txt      # file beside the mapping
-      html: appointment-booked.html     # optional; autoescaped
+      subject: "Reminder: {{ start | format_date }}"    # or {en: "...", nl: "..."}
+      text: reminder.txt                    # variants beside it: reminder.nl.txt
+      html: reminder.html                   # optional; autoescaped
     key: "{{ appointment.id }}|{{ event }}|{{ start }}|{{ patient_id }}"
     vars: {clinic_name: Example Clinic}
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from datetime import timedelta
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from connector.config import NAME_PATTERN
-
-# Appointment events a mapping may trigger on: the R4 statuses an appointment can move to.
-# entered-in-error is not among them: it withdraws, it never sends.
-APPOINTMENT_EVENTS = frozenset(
-    {"proposed", "pending", "booked", "arrived", "fulfilled", "cancelled", "noshow", "checked-in", "waitlist"}
-)
+from connector.config import NAME_PATTERN, Duration
+from connector.lifecycle import APPOINTMENT_EVENTS, BOOKED, CANCELLED, NOSHOW, RESCHEDULED
+from connector.timing import parse_offset
 
 DEFAULT_KEY = "{{ appointment.id }}|{{ event }}|{{ start }}|{{ patient_id }}"
+ANNOUNCES_A_CHANGE = frozenset({CANCELLED, NOSHOW, RESCHEDULED})
+LANGUAGE_PATTERN = r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})*$"
 
 
 class _Strict(BaseModel):
@@ -38,22 +42,29 @@ class _Strict(BaseModel):
 
 
 class Trigger(_Strict):
-    resource: Literal["Appointment"] = "Appointment"
-    event: str
+    resource: Annotated[str, Field(pattern="^Appointment$")] = "Appointment"
+    event: list[str]
     condition: str | None = None
     sources: list[str] | None = None
 
+    @field_validator("event", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
     @field_validator("event")
     @classmethod
-    def _known_event(cls, value: str) -> str:
-        if value not in APPOINTMENT_EVENTS:
+    def _known_events(cls, value: list[str]) -> list[str]:
+        unknown = [e for e in value if e not in APPOINTMENT_EVENTS]
+        if unknown or not value:
             known = ", ".join(sorted(APPOINTMENT_EVENTS))
-            raise ValueError(f"unknown event {value!r}; Appointment events are: {known}")
+            raise ValueError(f"unknown event {', '.join(map(repr, unknown)) or '(none)'}; "
+                             f"Appointment events are: {known}")
         return value
 
 
 class Templates(_Strict):
-    subject: str = Field(min_length=1)
+    subject: str | dict[Annotated[str, Field(pattern=LANGUAGE_PATTERN)], str]
     text: str = Field(min_length=1, description="template file, relative to the mapping file")
     html: str | None = Field(None, description="template file, relative to the mapping file")
 
@@ -62,9 +73,43 @@ class MappingSpec(_Strict):
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
     description: str = ""
     trigger: Trigger
-    recipient: Literal["patient"] = "patient"
+    at: list[timedelta] | None = None
+    late_grace: Duration | None = None
+    quiet_hours: bool = True
+    only_after_sent: bool | None = None
+    recipient: Annotated[str, Field(pattern="^patient$")] = "patient"
+    language: Annotated[str, Field(pattern=LANGUAGE_PATTERN)] = "en"
     templates: Templates
     key: str = Field(DEFAULT_KEY, min_length=1)
     from_address: str | None = Field(None, alias="from")
     reply_to: str | None = None
     vars: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+    @field_validator("at", mode="before")
+    @classmethod
+    def _offsets(cls, value: object) -> object:
+        if value is None:
+            return None
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not items:
+            raise ValueError("expected an offset like `start - 48h`, or a list of them")
+        return [parse_offset(str(item)) for item in items]
+
+    @model_validator(mode="after")
+    def _coherent(self) -> MappingSpec:
+        if self.at is not None and self.trigger.event != [BOOKED]:
+            raise ValueError("a reminder (`at:`) is armed while the appointment is booked: use `event: booked`")
+        if isinstance(self.templates.subject, dict) and self.language not in self.templates.subject:
+            raise ValueError(f"templates.subject has no entry for the mapping's language {self.language!r}")
+        return self
+
+    @property
+    def is_reminder(self) -> bool:
+        return self.at is not None
+
+    @property
+    def needs_prior_email(self) -> bool:
+        """Only announce a change to someone who was told about the appointment (default for changes)."""
+        if self.only_after_sent is not None:
+            return self.only_after_sent
+        return any(event in ANNOUNCES_A_CHANGE for event in self.trigger.event)

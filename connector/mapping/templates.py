@@ -26,7 +26,7 @@ from connector.fhir import parse_instant
 # decided before the patient record is read, so it cannot depend on it).
 MESSAGE_NAMES = frozenset(
     {"appointment", "patient", "patient_name", "start", "end", "event", "mapping", "source", "vars",
-     "timezone", "locale", "now"}
+     "timezone", "locale", "language", "now"}
 )
 KEY_NAMES = frozenset({"appointment", "patient_id", "event", "mapping", "source", "start"})
 

@@ -60,7 +60,7 @@ class FhirPollSource:
             number += 1
             bundle = await self._get_json(url, params, f"Appointment search page {number}")
             try:
-                page = split_search_bundle(bundle)
+                page = split_search_bundle(bundle, "Appointment")
             except ResourceError as exc:
                 raise SourceError(f"source {self.name!r}: Appointment search page {number}: {exc}") from None
             yield page
@@ -68,6 +68,23 @@ class FhirPollSource:
             if url and urlsplit(url).netloc not in ("", self._origin):
                 raise SourceError(f"source {self.name!r}: page {number} links to another host "
                                   f"({urlsplit(url).netloc}); refusing to send credentials there")
+
+    async def search(self, resource_type: str, params: Params, limit_pages: int = 5) -> list[dict[str, Any]]:
+        """Every match of a small search (a patient's Consents, say), following at most a few pages."""
+        found: list[dict[str, Any]] = []
+        url: str | None = resource_type
+        query: Params | None = params
+        for number in range(1, limit_pages + 1):
+            if url is None:
+                break
+            bundle = await self._get_json(url, query, f"{resource_type} search page {number}")
+            try:
+                page = split_search_bundle(bundle, resource_type)
+            except ResourceError as exc:
+                raise SourceError(f"source {self.name!r}: {resource_type} search: {exc}") from None
+            found += [m for m in page.matches if isinstance(m, dict)]
+            url, query = page.next_url, None
+        return found
 
     async def read(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
         """The current version of a resource, or None when the server says it is gone (404/410)."""

@@ -1,0 +1,102 @@
+"""Who receives a notification, read when it is due: the surviving Patient record and its address, unless
+a rule says not to write (deceased, no usable address, opted out, a Consent that denies)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from connector import fhir, optout
+from connector.cache import ResourceCache
+from connector.config import ConsentCheck
+from connector.errors import ResourceError
+from connector.ledger.sql import SqlLedger
+from connector.models import State
+from connector.sources.fhir_poll import FhirPollSource
+
+MAX_LINK_HOPS = 3
+
+
+@dataclass(frozen=True)
+class Recipient:
+    patient: dict[str, Any]
+    address: str
+
+
+@dataclass(frozen=True)
+class NoRecipient:
+    state: State  # skipped (a rule) or failed (invalid data)
+    reason: str
+
+
+async def read_cached(cache: ResourceCache, source: FhirPollSource, resource_type: str, resource_id: str,
+                      version: str | None = None) -> dict[str, Any] | None:
+    """A resource from the poller's cache when it holds it (at `version`, if given), else from the source."""
+    cached = cache.get(source.name, resource_type, resource_id)
+    if cached is not None and (version is None or fhir.version_of(cached) == version):
+        return cached
+    resource = await source.read(resource_type, resource_id)
+    if resource is not None:
+        cache.put(source.name, resource)
+    return resource
+
+
+async def resolve(patient_id: str, *, source: FhirPollSource, cache: ResourceCache, ledger: SqlLedger,
+                  consent: ConsentCheck, now: datetime) -> Recipient | NoRecipient:
+    """Follow `replaced-by` links to the surviving record, then apply the recipient rules.
+    Raises SourceError when the source cannot be read (the notification waits for the next pass)."""
+    chain: list[str] = []
+    current_id = patient_id
+    while True:
+        patient = await read_cached(cache, source, "Patient", current_id)
+        if patient is None:
+            return NoRecipient(State.SKIPPED, f"Patient/{current_id} not found on source {source.name!r}")
+        try:
+            fhir.validate(patient)
+        except ResourceError as exc:
+            return NoRecipient(State.FAILED, str(exc))
+        chain.append(current_id)
+        successor = fhir.replaced_by(patient)
+        if successor is None:
+            break
+        if successor in chain or len(chain) > MAX_LINK_HOPS:
+            return NoRecipient(State.SKIPPED, f"Patient/{patient_id}: replaced-by links loop or run longer "
+                                              f"than {MAX_LINK_HOPS} records")
+        current_id = successor
+    survivor = f"Patient/{current_id}" + (f" (replacing Patient/{patient_id})" if current_id != patient_id else "")
+    if fhir.is_deceased(patient):
+        return NoRecipient(State.SKIPPED, f"{survivor} is recorded as deceased")
+    address = fhir.choose_email(patient, now)
+    if address is None:
+        return NoRecipient(State.SKIPPED, f"{survivor} has no usable email address")
+    identifiers = fhir.identifiers(patient)
+    match = await asyncio.to_thread(ledger.opted_out, optout.candidates(identifiers, address))
+    if match is not None:
+        return NoRecipient(State.SKIPPED, f"{survivor} opted out (by {match.kind}, "
+                                          f"{match.created_at.date().isoformat()})")
+    if consent.enabled:
+        denial = await _denying_consent(source, current_id, consent.purpose, now)
+        if denial is not None:
+            return NoRecipient(State.SKIPPED, f"{survivor}: Consent/{denial} denies this purpose")
+    return Recipient(patient, address)
+
+
+async def _denying_consent(source: FhirPollSource, patient_id: str, purpose: str | None,
+                           now: datetime) -> str | None:
+    consents = await source.search("Consent", [("patient", f"Patient/{patient_id}"), ("status", "active")])
+    for consent in consents:
+        if consent.get("status", "active") != "active":
+            continue
+        provision = consent.get("provision") or {}
+        if provision.get("type") != "deny":
+            continue
+        period = provision.get("period") or {}
+        start, end = fhir.parse_instant(period.get("start")), fhir.parse_instant(period.get("end"))
+        if (start and now < start) or (end and now > end):
+            continue
+        purposes = {p.get("code") for p in provision.get("purpose") or [] if isinstance(p, dict)}
+        if purpose is None or not purposes or purpose in purposes:
+            return str(consent.get("id"))
+    return None
