@@ -10,16 +10,20 @@ from typing import Annotated
 
 import typer
 
-from connector import commands, logs, report
+from connector import commands, logs, optout, report
 from connector.config import Environment, load_config
 from connector.errors import ConfigError, ConnectorError
 from connector.models import Clock, fixed_clock, system_clock
+from connector.runtime import open_ledger
 
 ENV = Environment()
 app = typer.Typer(help="Turn FHIR appointment events into patient emails through Paubox, exactly once.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 db_app = typer.Typer(help="Manage the ledger database.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+optout_app = typer.Typer(help="The opt-out list: patients (by identifier) or addresses never written to.",
+                         no_args_is_help=True)
+app.add_typer(optout_app, name="optout")
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Config file (env CONNECTOR_CONFIG).",
                                             show_default=True)]
@@ -171,6 +175,66 @@ def db_upgrade(config: ConfigOption = ENV.config) -> None:
     before, after = migrate.upgrade(engine)
     engine.dispose()
     report.console.print(f"ledger schema: {before or 'empty'} -> {after}")
+
+
+IdentifierOption = Annotated[str | None, typer.Option(
+    "--identifier", help="Patient identifier as SYSTEM|VALUE (e.g. urn:oid:2.16.840.1.113883.2.4.6.3|123456789).")]
+EmailOption = Annotated[str | None, typer.Option("--email", help="Email address.")]
+
+
+def _optout_target(identifier: str | None, email: str | None) -> tuple[optout.Kind, str]:
+    if (identifier is None) == (email is None):
+        raise typer.BadParameter("give exactly one of --identifier or --email")
+    if identifier is not None:
+        if "|" not in identifier:
+            raise typer.BadParameter("write the identifier as SYSTEM|VALUE", param_hint="--identifier")
+        return "identifier", identifier
+    assert email is not None
+    if "@" not in email:
+        raise typer.BadParameter("not an email address", param_hint="--email")
+    return "email", email
+
+
+@optout_app.command("add")
+def optout_add(identifier: IdentifierOption = None, email: EmailOption = None,
+               note: Annotated[str | None, typer.Option(help="Why (no patient data), e.g. a ticket number.")] = None,
+               config: ConfigOption = ENV.config) -> None:
+    """Never write to this patient or address again (every mapping, every source)."""
+    kind, value = _optout_target(identifier, email)
+    try:
+        ledger = open_ledger(load_config(config))
+    except ConnectorError as exc:
+        raise _fail(exc) from None
+    added = ledger.add_optout(kind, optout.digest(kind, value), optout.hint(kind, value), note)
+    ledger.engine.dispose()
+    report.console.print(f"{'added' if added else 'already on the list'}: {kind} {optout.hint(kind, value)}")
+
+
+@optout_app.command("remove")
+def optout_remove(identifier: IdentifierOption = None, email: EmailOption = None,
+                  config: ConfigOption = ENV.config) -> None:
+    """Take a patient or address off the opt-out list."""
+    kind, value = _optout_target(identifier, email)
+    try:
+        ledger = open_ledger(load_config(config))
+    except ConnectorError as exc:
+        raise _fail(exc) from None
+    removed = ledger.remove_optout(kind, optout.digest(kind, value))
+    ledger.engine.dispose()
+    report.console.print(f"{'removed' if removed else 'not on the list'}: {kind} {optout.hint(kind, value)}")
+    if not removed:
+        raise typer.Exit(1)
+
+
+@optout_app.command("list")
+def optout_list(config: ConfigOption = ENV.config) -> None:
+    """The opt-out list. Values are stored as digests; only a masked hint is shown."""
+    try:
+        ledger = open_ledger(load_config(config))
+    except ConnectorError as exc:
+        raise _fail(exc) from None
+    report.optouts(ledger.optouts())
+    ledger.engine.dispose()
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from connector.commands import DryRun, Replayed
 from connector.daemon import CycleReport
-from connector.ledger import NotificationRecord
+from connector.ledger import NotificationRecord, OptOut
 from connector.mapping.engine import PlanNote
 from connector.models import State
 from connector.pipeline import ReplayItem
@@ -115,3 +115,10 @@ def status(data: dict[str, Any]) -> None:
         for source, seen in data["problems"]:
             table.add_row(source, f"{seen.resource_type}/{seen.resource_id} v{seen.version}", seen.problem or "")
         console.print(table)
+
+
+def optouts(entries: list[OptOut]) -> None:
+    table = _table(f"Opt-outs ({len(entries)})", ("kind", "value (masked)", "added", "note"))
+    for entry in entries:
+        table.add_row(entry.kind, entry.hint, entry.created_at.isoformat(timespec="minutes"), entry.note or "")
+    console.print(table)

@@ -79,7 +79,7 @@ class Runtime:
                 log.warning("ledger.in_doubt", count=interrupted, problem="sends interrupted by an earlier crash")
         sources = {name: FhirPollSource(name, cfg, source_transport) for name, cfg in config.sources.items()}
         mailer = mailer or PauboxRestMailer(config.delivery.paubox, concurrency=config.dispatch.concurrency)
-        cache = ResourceCache()
+        cache = ResourceCache(clock)
         owner = f"{os.uname().nodename[:24]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         planner = Planner(config, mappings, ledger, sources, cache, clock)
         dispatcher = Dispatcher(config, mappings, ledger, sources, mailer, cache, clock, owner, planner.deleted)

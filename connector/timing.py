@@ -36,7 +36,7 @@ def offset_label(offset: timedelta) -> str:
     if seconds == 0:
         return "start"
     sign, seconds = ("-" if seconds < 0 else "+"), abs(seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+    for unit, size in (("h", 3600), ("m", 60)):
         if seconds % size == 0:
             return f"start{sign}{seconds // size}{unit}"
     return f"start{sign}{seconds}s"

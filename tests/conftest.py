@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import threading
 import time
@@ -110,8 +111,19 @@ def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlLedger
     engine.dispose()
 
 
+BASIC = ("appointment-booked", "appointment-cancelled")
+
+
 def write_config(folder: Path, fhir_url: str, paubox_url: str, *, ledger_url: str | None = None,
-                 extra_source: str = "", extra: str = "") -> Path:
+                 extra_source: str = "", extra: str = "", mappings: tuple[str, ...] | None = None) -> Path:
+    """A config for the local servers. `mappings`: only these of the shipped mappings (default: all)."""
+    mappings_dir = ROOT / "mappings"
+    if mappings is not None:
+        mappings_dir = folder / "mappings"
+        shutil.copytree(ROOT / "mappings", mappings_dir)
+        for extra_mapping in mappings_dir.glob("*.yaml"):
+            if extra_mapping.stem not in mappings:
+                extra_mapping.unlink()
     path = folder / "config.yaml"
     path.write_text(f"""\
 sources:
@@ -121,7 +133,7 @@ sources:
     page_size: 2
     timezone: America/New_York
 {extra_source}
-mappings: {ROOT / 'mappings'}
+mappings: {mappings_dir}
 ledger:
   url: {ledger_url or 'sqlite:///connector.db'}
 delivery:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from connector.sandbox.fhir import FhirState
 from connector.sandbox.paubox import SandboxState
-from tests.conftest import API_KEY, ROOT, Server, write_config
+from tests.conftest import API_KEY, BASIC, ROOT, Server, write_config
 from tests.factories import appointment, hl7, patient
 
 START = datetime.now(UTC).replace(microsecond=0)
@@ -32,7 +32,7 @@ def test_render_prints_subject_and_text_and_writes_html(tmp_path: Path) -> None:
                        cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Subject: Your appointment at Example Clinic on December 1, 2026")
-    assert "Time: 3:30 PM +0100" in result.stdout  # Babel has no English abbreviation for CET
+    assert "Time:  3:30 PM +0100" in result.stdout  # Babel has no English abbreviation for CET
     assert "<strong>Example Clinic</strong>" in (tmp_path / "out.html").read_text()
 
 
@@ -49,7 +49,7 @@ def test_dry_run_commits_nothing_and_now_moves_time(tmp_path: Path, fhir_state: 
                                                     paubox_state: SandboxState, paubox_server: Server) -> None:
     fhir_state.load([patient("p1", "Robin", email="robin@example.org"),
                      appointment("a1", "p1", START + timedelta(days=2))])
-    config = write_config(tmp_path, fhir_server.url, paubox_server.url)
+    config = write_config(tmp_path, fhir_server.url, paubox_server.url, mappings=BASIC)
     dry = connector("run", "--dry-run", "--config", str(config), cwd=tmp_path)
     assert dry.returncode == 0, dry.stderr
     assert "would send" in dry.stdout and "1 would send" in dry.stdout
@@ -70,7 +70,7 @@ def test_bearer_auth_reaches_the_fhir_server(tmp_path: Path, fhir_state: FhirSta
     fhir_state.load([patient("p1", "Robin", email="robin@example.org"),
                      appointment("a1", "p1", START + timedelta(days=2))])
     auth = "    auth:\n      type: bearer\n      token: ${FHIR_TOKEN}\n"
-    config = write_config(tmp_path, fhir_server.url, paubox_server.url, extra_source=auth)
+    config = write_config(tmp_path, fhir_server.url, paubox_server.url, extra_source=auth, mappings=BASIC)
     env = {**os.environ, "PAUBOX_API_KEY": API_KEY}
     denied = subprocess.run([sys.executable, "-m", "connector", "run", "--once", "--config", str(config)],
                             cwd=tmp_path, text=True, capture_output=True, env={**env, "FHIR_TOKEN": "wrong"})

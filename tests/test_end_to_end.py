@@ -16,7 +16,7 @@ import pytest
 
 from connector.sandbox.fhir import FhirState
 from connector.sandbox.paubox import SandboxState
-from tests.conftest import API_KEY, ROOT, Server, write_config
+from tests.conftest import API_KEY, BASIC, ROOT, Server, write_config
 from tests.factories import MARKER_NAMES, appointment, marker_patients
 
 pytestmark = pytest.mark.slow
@@ -72,7 +72,7 @@ def loaded(fhir_state: FhirState) -> FhirState:
 
 def test_run_once_twice_then_replay_sends_each_email_once(tmp_path: Path, loaded: FhirState, fhir_server: Server,
                                                            paubox_state: SandboxState, paubox_server: Server) -> None:
-    config = write_config(tmp_path, fhir_server.url, paubox_server.url)
+    config = write_config(tmp_path, fhir_server.url, paubox_server.url, mappings=BASIC)
     outputs = []
     first = connector("run", "--once", "--config", str(config), cwd=tmp_path)
     outputs.append(first)
@@ -104,7 +104,7 @@ def test_run_once_twice_then_replay_sends_each_email_once(tmp_path: Path, loaded
 
 def test_sigkill_during_sends_never_sends_a_key_twice(tmp_path: Path, loaded: FhirState, fhir_server: Server,
                                                        paubox_state: SandboxState, paubox_server: Server) -> None:
-    config = write_config(tmp_path, fhir_server.url, paubox_server.url)
+    config = write_config(tmp_path, fhir_server.url, paubox_server.url, mappings=BASIC)
     paubox_state.latency = 3.0  # every send hangs in flight for 3 s
     with daemon_process(config, tmp_path) as daemon:
         wait_for(lambda: paubox_state.received >= 2, daemon, tmp_path / "daemon.log")
@@ -126,7 +126,7 @@ def test_sigkill_during_sends_never_sends_a_key_twice(tmp_path: Path, loaded: Fh
 
 def test_sigterm_finishes_in_flight_sends(tmp_path: Path, loaded: FhirState, fhir_server: Server,
                                           paubox_state: SandboxState, paubox_server: Server) -> None:
-    config = write_config(tmp_path, fhir_server.url, paubox_server.url)
+    config = write_config(tmp_path, fhir_server.url, paubox_server.url, mappings=BASIC)
     paubox_state.latency = 1.0
     with daemon_process(config, tmp_path) as daemon:
         wait_for(lambda: paubox_state.received >= 1, daemon, tmp_path / "daemon.log")

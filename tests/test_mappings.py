@@ -61,7 +61,10 @@ def load_problems(folder: Path) -> list[str]:
 
 
 def test_shipped_mappings_load() -> None:
-    assert load_mappings(ROOT / "mappings").names() == ["appointment-booked", "appointment-cancelled"]
+    mappings = load_mappings(ROOT / "mappings")
+    assert mappings.names() == ["appointment-booked", "appointment-cancelled", "appointment-reminder-2h",
+                                "appointment-reminder-48h", "appointment-rescheduled"]
+    assert all(sorted(mappings.get(n).variants) == ["en", "nl"] for n in mappings.names())  # type: ignore[union-attr]
 
 
 def test_jinja_syntax_error_names_template_file_and_line(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from connector.sandbox.fhir import FhirState
 from connector.sandbox.fhir import create_app as fhir_app
 from connector.sandbox.paubox import Fault, SandboxState
 from connector.sandbox.paubox import create_app as paubox_app
-from tests.conftest import write_config
+from tests.conftest import BASIC, write_config
 from tests.factories import appointment, marker_patients, patient
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -41,7 +41,7 @@ def paubox() -> SandboxState:
 
 @pytest.fixture
 async def runtime(tmp_path: Path, fhir: FhirState, paubox: SandboxState, api_key_env: str) -> AsyncIterator[Runtime]:
-    config = load_config(write_config(tmp_path, "http://fhir.test", "https://paubox.test"))
+    config = load_config(write_config(tmp_path, "http://fhir.test", "https://paubox.test", mappings=BASIC))
     mailer = PauboxRestMailer(config.delivery.paubox, transport=httpx.ASGITransport(app=paubox_app(paubox)))
     rt = Runtime.open(config, fixed_clock(NOW), mailer=mailer,
                       source_transport=httpx.ASGITransport(app=fhir_app(fhir)))
