@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -15,7 +16,14 @@ from connector.mapping.engine import PlanNote
 from connector.models import State
 from connector.pipeline import ReplayItem
 
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+def _width() -> int | None:
+    """The terminal's width; when piped, $COLUMNS or 160 (wide enough for keys and reasons)."""
+    if os.environ.get("COLUMNS", "").isdigit():
+        return int(os.environ["COLUMNS"])
+    return None if sys.stdout.isatty() else 160
+
+
+console = Console(highlight=False, width=_width())
 
 
 def cycle(report: CycleReport) -> None:

@@ -19,7 +19,7 @@ START = datetime.now(UTC).replace(microsecond=0)
 
 def connector(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "connector", *args], cwd=cwd, text=True, capture_output=True,
-                          env={**os.environ, "PAUBOX_API_KEY": API_KEY}, timeout=120)
+                          env={**os.environ, "PAUBOX_API_KEY": API_KEY, "COLUMNS": "400"}, timeout=120)
 
 
 def test_render_prints_subject_and_text_and_writes_html(tmp_path: Path) -> None:
@@ -86,3 +86,31 @@ def test_every_command_has_help(tmp_path: Path) -> None:
                     ["sandbox", "inbox"], ["sandbox", "fhir"]):
         result = connector(*command, "--help", cwd=tmp_path)
         assert result.returncode == 0 and "Usage:" in result.stdout, command
+
+
+def test_optout_add_list_remove(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9", mappings=BASIC)
+    added = connector("optout", "add", "--email", "Robin.Lee@example.org", "--note", "ticket 42",
+                      "--config", str(config), cwd=tmp_path)
+    assert added.returncode == 0 and "added: email r…@example.org" in added.stdout
+    listed = connector("optout", "list", "--config", str(config), cwd=tmp_path)
+    assert "r…@example.org" in listed.stdout and "ticket 42" in listed.stdout
+    assert "robin.lee" not in listed.stdout.lower()
+    assert connector("optout", "remove", "--email", "robin.lee@EXAMPLE.org", "--config", str(config),
+                     cwd=tmp_path).returncode == 0
+    assert connector("optout", "remove", "--email", "robin.lee@example.org", "--config", str(config),
+                     cwd=tmp_path).returncode == 1
+    bad = connector("optout", "add", "--identifier", "no-system", "--config", str(config), cwd=tmp_path)
+    assert bad.returncode == 2 and "SYSTEM|VALUE" in bad.stderr
+
+
+def test_replay_dry_run_says_why_not(tmp_path: Path, fhir_state: FhirState, fhir_server: Server,
+                                     paubox_state: SandboxState, paubox_server: Server) -> None:
+    fhir_state.load([patient("p1", "Robin"), appointment("a1", "p1", START + timedelta(days=2))])
+    config = write_config(tmp_path, fhir_server.url, paubox_server.url, mappings=BASIC)
+    dry = connector("replay", "--since", (START - timedelta(days=1)).isoformat(), "--dry-run", "--config",
+                    str(config), cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    assert "skipped: Patient/p1 has no usable email address" in dry.stdout
+    assert "1 skipped" in dry.stdout
+    assert paubox_state.messages == []

@@ -345,3 +345,31 @@ async def test_two_appointments_of_one_patient(world: World) -> None:
     await world.at(T0)
     assert [s.mapping for s in world.sent()] == ["appointment-booked", "appointment-booked"]
     assert len({s.text for s in world.sent()}) == 2
+
+
+CONSENT = "    consent:\n      enabled: true\n      purpose: PATRPT\n"
+
+
+@pytest.fixture
+async def consent_world(tmp_path: Path, api_key_env: str) -> AsyncIterator[World]:
+    fhir, paubox, clock = FhirState(), SandboxState(api_key=api_key_env, username="clinic"), Clock(T0)
+    config = load_config(write_config(tmp_path, "http://fhir.test", "https://paubox.test", extra_source=CONSENT))
+    mailer = PauboxRestMailer(config.delivery.paubox, transport=httpx.ASGITransport(app=paubox_app(paubox)))
+    runtime = Runtime.open(config, clock, mailer=mailer, source_transport=httpx.ASGITransport(app=fhir_app(fhir)))
+    yield World(runtime, fhir, paubox, clock)
+    await runtime.aclose()
+
+
+async def test_a_denying_consent_suppresses(consent_world: World) -> None:
+    world = consent_world
+    world.put(robin())
+    world.put(patient("p2", "Sam", email="sam@example.org"))
+    world.put(visit("a1", "p1"))
+    world.put(visit("a2", "p2"))
+    world.put({"resourceType": "Consent", "id": "c1", "status": "active", "patient": {"reference": "Patient/p1"},
+               "provision": {"type": "deny", "purpose": [{"code": "PATRPT"}]}})
+    world.put({"resourceType": "Consent", "id": "c2", "status": "active", "patient": {"reference": "Patient/p2"},
+               "provision": {"type": "deny", "purpose": [{"code": "RESEARCH"}]}})
+    await world.at(T0)
+    assert [s.to for s in world.sent()] == ["sam@example.org"]
+    assert world.reasons(State.SKIPPED)["appointment-booked/p1"] == "Patient/p1: Consent/c1 denies this purpose"

@@ -33,7 +33,7 @@ from starlette.routing import Route
 from connector.fhir import last_updated, parse_instant, reference_id
 
 FHIR_JSON = "application/fhir+json"
-SEARCHABLE = ("Appointment", "Patient")
+SEARCHABLE = ("Appointment", "Patient", "Consent")
 
 
 @dataclass
@@ -172,6 +172,14 @@ def create_app(state: FhirState) -> Starlette:
             wanted = set(params["_id"].split(","))
             matches = [r for r in matches if r["id"] in wanted]
             used.append(("_id", params["_id"]))
+        if resource_type == "Consent" and params.get("patient"):
+            wanted_patient = params["patient"].removeprefix("Patient/")
+            matches = [r for r in matches if reference_id((r.get("patient") or {}).get("reference"), "Patient")
+                       == wanted_patient]
+            used.append(("patient", params["patient"]))
+        if resource_type == "Consent" and params.get("status"):
+            matches = [r for r in matches if r.get("status") in params["status"].split(",")]
+            used.append(("status", params["status"]))
         if params.get("_sort") in ("_lastUpdated", "-_lastUpdated") and "_sort" not in state.ignore:
             matches.sort(key=lambda r: last_updated(r) or datetime.min.replace(tzinfo=UTC),
                          reverse=params["_sort"].startswith("-"))
