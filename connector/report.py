@@ -16,6 +16,7 @@ from connector.mapping.engine import PlanNote
 from connector.models import State
 from connector.pipeline import ReplayItem
 
+
 def _width() -> int | None:
     """The terminal's width; when piped, $COLUMNS or 160 (wide enough for keys and reasons)."""
     if os.environ.get("COLUMNS", "").isdigit():
