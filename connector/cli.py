@@ -13,7 +13,7 @@ import typer
 from connector import commands, logs, optout, report
 from connector.config import Environment, load_config
 from connector.errors import ConfigError, ConnectorError
-from connector.models import Clock, fixed_clock, system_clock
+from connector.models import Clock, State, fixed_clock, system_clock
 from connector.runtime import open_ledger
 
 ENV = Environment()
@@ -175,6 +175,41 @@ def db_upgrade(config: ConfigOption = ENV.config) -> None:
     before, after = migrate.upgrade(engine)
     engine.dispose()
     report.console.print(f"ledger schema: {before or 'empty'} -> {after}")
+
+
+@app.command()
+def resolve(
+    key: Annotated[str, typer.Argument(help="The notification key (from `connector status`).")],
+    sent: Annotated[bool, typer.Option("--sent", help="It did go out (you checked with the patient or Paubox).")]
+    = False,
+    resend: Annotated[bool, typer.Option("--resend", help="Send it again, under the same key (a duplicate is "
+                                                         "possible if the first one went).")] = False,
+    cancel: Annotated[bool, typer.Option("--cancel", help="Do not send it.")] = False,
+    config: ConfigOption = ENV.config,
+) -> None:
+    """Decide what happened to an in_doubt notification (or resend a failed one)."""
+    if sum((sent, resend, cancel)) != 1:
+        raise typer.BadParameter("give exactly one of --sent, --resend, --cancel")
+    try:
+        ledger = open_ledger(load_config(config))
+    except ConnectorError as exc:
+        raise _fail(exc) from None
+    try:
+        if resend:
+            records = ledger.existing([key])
+            done = bool(records) and ledger.resend(records[key].id, datetime.now(UTC), "resend ordered by an operator",
+                                                   [State.IN_DOUBT, State.FAILED])
+        else:
+            done = ledger.resolve(key, State.SENT if sent else State.CANCELLED,
+                                  "resolved by an operator", [State.IN_DOUBT])
+    finally:
+        ledger.engine.dispose()
+    if not done:
+        report.console.print("no in_doubt notification with that key" +
+                             (" (or failed, for --resend)" if resend else ""), markup=False)
+        raise typer.Exit(1)
+    action = "sent" if sent else "queued to send again" if resend else "cancelled"
+    report.console.print(f"notification {action}", markup=False)
 
 
 IdentifierOption = Annotated[str | None, typer.Option(

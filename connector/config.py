@@ -21,6 +21,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    IPvAnyNetwork,
     SecretStr,
     ValidationError,
     ValidationInfo,
@@ -169,6 +170,10 @@ class PauboxConfig(Strict):
     auth_scheme: Literal["token", "bearer"] = "token"
     connect_timeout: Duration = timedelta(seconds=5)
     read_timeout: Duration = timedelta(seconds=30)
+    server_errors: Literal["in_doubt", "retry"] = "in_doubt"
+    webhook_token: Secret | None = None
+    webhook_allow_ips: list[IPvAnyNetwork] = Field(default_factory=list)
+    optout_on_hard_bounce: bool = False
 
     @model_validator(mode="after")
     def _base_url_or_username(self) -> PauboxConfig:
@@ -190,13 +195,35 @@ class DeliveryConfig(Strict):
     reply_to: EnvStr | None = None
 
 
+class InDoubtConfig(Strict):
+    """What happens to a notification nobody could confirm (no webhook) after `wait`."""
+
+    policy: Literal["hold", "resend"] = "hold"
+    wait: Duration = timedelta(minutes=30)
+
+
 class DispatchConfig(Strict):
     interval: Duration = timedelta(seconds=10)
     concurrency: int = Field(4, ge=1, le=64)
     batch_size: int = Field(50, ge=1, le=1000)
+    bulk: int = Field(0, ge=0, le=50, description="send up to this many per bulk_messages request; 0: one by one")
     max_attempts: int = Field(5, ge=1, le=100)
+    max_age: Duration = timedelta(hours=24)
     retry_backoff: Duration = timedelta(seconds=30)
     retry_backoff_max: Duration = timedelta(hours=1)
+    circuit_failures: int = Field(5, ge=1)
+    circuit_cooldown: Duration = timedelta(seconds=30)
+    rate_limit_pause: Duration = timedelta(seconds=30)
+    in_doubt: InDoubtConfig = InDoubtConfig()
+    receipts_after: Duration = timedelta(hours=1)
+
+
+class ServerConfig(Strict):
+    """The HTTP endpoint `connector run` serves for webhooks (Paubox, FHIR subscriptions, CRMs)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    max_body: int = Field(1_000_000, ge=1024)
 
 
 class LedgerConfig(Strict):
@@ -209,6 +236,7 @@ class Config(Strict):
     ledger: LedgerConfig = LedgerConfig()
     delivery: DeliveryConfig
     dispatch: DispatchConfig = DispatchConfig()
+    server: ServerConfig | None = None
     locale: str = "en_US"
     quiet_hours: QuietHoursConfig | None = None
     path: Path | None = Field(None, exclude=True, description="the file this config was read from")

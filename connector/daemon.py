@@ -8,14 +8,18 @@ in-flight sends finish (their outcome is recorded), give back leases and exit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import structlog
+import uvicorn
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from connector import web
+from connector.aftercare import ReceiptReader
 from connector.dispatch import DispatchReport
 from connector.logs import where
 from connector.pipeline import PollReport
@@ -37,11 +41,38 @@ class CycleReport:
 
 
 async def run_once(runtime: Runtime) -> CycleReport:
-    """One poll of every source, then one dispatch of everything due."""
+    """One poll of every source, one dispatch of everything due, then the after-send checks."""
     report = CycleReport()
     report.polls = list(await asyncio.gather(*(runtime.planner.poll(name) for name in runtime.sources)))
     report.dispatch = await runtime.dispatcher.run()
+    await aftercare(runtime)
     return report
+
+
+async def aftercare(runtime: Runtime) -> None:
+    """In-doubt policy, then receipts for sent notifications no webhook reported on."""
+    await runtime.aftercare.settle_doubts()
+    if isinstance(runtime.mailer, ReceiptReader):
+        await runtime.aftercare.check_receipts(runtime.mailer)
+
+
+class EmbeddedServer(uvicorn.Server):
+    """uvicorn inside the daemon's loop; the daemon, not uvicorn, owns SIGTERM and SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def web_server(runtime: Runtime) -> EmbeddedServer | None:
+    settings = runtime.config.server
+    if settings is None:
+        return None
+    app = web.create_app(runtime.config, runtime.aftercare,
+                         health=lambda: {"mailer": runtime.dispatcher.gate.state.value})
+    # access_log off: request lines would carry the webhook path token.
+    return EmbeddedServer(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
+                                         access_log=False, lifespan="off"))
 
 
 async def run_forever(runtime: Runtime) -> None:
@@ -77,8 +108,13 @@ async def run_forever(runtime: Runtime) -> None:
     scheduler.add_job(guarded("dispatch", runtime.dispatcher.run), "interval",
                       seconds=runtime.config.dispatch.interval.total_seconds(), id="dispatch",
                       max_instances=1, coalesce=True, next_run_time=now)
+    scheduler.add_job(guarded("aftercare", lambda: aftercare(runtime)), "interval", seconds=60, id="aftercare",
+                      max_instances=1, coalesce=True)
+    server = web_server(runtime)
+    server_task = asyncio.create_task(server.serve()) if server else None
     scheduler.start()
-    log.info("daemon.started", sources=list(runtime.sources), mappings=runtime.mappings.names())
+    log.info("daemon.started", sources=list(runtime.sources), mappings=runtime.mappings.names(),
+             listening=f"{server.config.host}:{server.config.port}" if server else None)
     await stop.wait()
 
     log.info("daemon.stopping", in_flight=len(running))
@@ -91,4 +127,7 @@ async def run_forever(runtime: Runtime) -> None:
         for task in late:
             task.cancel()
     scheduler.shutdown(wait=False)
+    if server is not None and server_task is not None:
+        server.should_exit = True
+        await server_task
     log.info("daemon.stopped")

@@ -17,11 +17,12 @@ from typing import Any
 
 import structlog
 
-from connector import fhir
+from connector import fhir, metrics
 from connector.cache import ResourceCache
 from connector.config import Config
-from connector.delivery import Mailer, Outcome, Verdict
-from connector.delivery.retry import backoff
+from connector.delivery import BulkMailer, Mailer, Outcome, Signal, Verdict
+from connector.delivery.gate import GateState, MailerGate
+from connector.delivery.retry import GiveUp, RetryPolicy, next_try
 from connector.errors import SourceError
 from connector.ledger import NotificationRecord
 from connector.ledger.sql import SqlLedger
@@ -52,7 +53,8 @@ class Step(StrEnum):
 @dataclass
 class DispatchReport:
     steps: dict[Step, int] = field(default_factory=lambda: dict.fromkeys(Step, 0))
-    paused: str | None = None
+    paused: str | None = None  # a configuration problem stopped sending (wrong key, base URL)
+    waiting: str | None = None  # the mailer gate is closed for now (rate limited, circuit open)
 
     @property
     def sent(self) -> int:
@@ -80,62 +82,116 @@ class Dispatcher:
         self.on_deleted = on_deleted
         self.stopping = False
         self._paused: str | None = None
+        settings = config.dispatch
+        self.gate = MailerGate(failure_threshold=settings.circuit_failures, cooldown=settings.circuit_cooldown,
+                               pause=settings.rate_limit_pause)
+        self.policy = RetryPolicy(max_attempts=settings.max_attempts, max_age=settings.max_age,
+                                  base=settings.retry_backoff, cap=settings.retry_backoff_max)
 
     async def run(self) -> DispatchReport:
-        """Send everything due now, batch after batch, until nothing due is left or we are stopping."""
+        """Send everything due now, batch after batch, until nothing due is left, the mailer gate closes or
+        we are stopping."""
         report = DispatchReport()
         self._paused = None
         interrupted = await asyncio.to_thread(self.ledger.mark_interrupted, datetime.now(UTC), False)
         if interrupted:
             log.warning("dispatch.in_doubt", count=interrupted, problem="sends interrupted by a stop or crash")
         settings = self.config.dispatch
-        limit = asyncio.Semaphore(settings.concurrency)
-        while not self.stopping and self._paused is None:
+        while not self.stopping and self._paused is None and self.gate.ready(self.clock()):
             wall = datetime.now(UTC)
             batch = await asyncio.to_thread(self.ledger.claim_due, self.clock(), settings.batch_size, self.owner,
                                             wall + LEASE, wall)
             if not batch:
                 break
-
-            async def one(notification: NotificationRecord) -> Step:
-                async with limit:
-                    if self.stopping or self._paused is not None:
-                        await asyncio.to_thread(self.ledger.release, self.owner, [notification.id])
-                        return Step.RELEASED
-                    return await self._deliver(notification)
-
-            outcomes = await asyncio.gather(*(one(n) for n in batch), return_exceptions=True)
-            steps: list[Step] = []
-            for notification, outcome in zip(batch, outcomes, strict=True):
-                if isinstance(outcome, BaseException):
-                    # A bug or a database failure: the notification keeps its state (pending, or sending →
-                    # in_doubt after its lease); the rest of the batch was not disturbed.
-                    log.error("dispatch.crashed", notification=notification.id, problem=where(outcome))
-                    outcome = Step.RELEASED
-                steps.append(outcome)
-                report.steps[outcome] += 1
+            steps = await self._batch(batch)
+            for step in steps:
+                report.steps[step] += 1
             if all(step is Step.RELEASED for step in steps):
                 break
         report.paused = self._paused
+        if self.gate.state is not GateState.RUNNING:
+            report.waiting = f"mailer {self.gate.state.value} until {self.gate.until}"
         if any(report.steps.values()):
             log.info("dispatch.done", **{str(k): v for k, v in report.steps.items() if v})
         return report
+
+    async def _batch(self, batch: list[NotificationRecord]) -> list[Step]:
+        """Prepare a claimed batch, then send what is ready: in bulk requests or one by one."""
+        limit = asyncio.Semaphore(self.config.dispatch.concurrency)
+
+        async def bounded(coroutine: Awaitable[Any]) -> Any:
+            async with limit:
+                return await coroutine
+
+        prepared = await self._guarded(batch, [bounded(self.prepare(n)) for n in batch])
+        ready = [p for p in prepared if isinstance(p, Prepared)]
+        steps = [p for p in prepared if isinstance(p, Step)]
+        size = self.config.dispatch.bulk
+        if size > 1 and isinstance(self.mailer, BulkMailer) and len(ready) > 1:
+            chunks = [ready[i:i + size] for i in range(0, len(ready), size)]
+            for chunk_steps in await self._guarded_lists(chunks, [bounded(self._send_bulk(c)) for c in chunks]):
+                steps += chunk_steps
+        else:
+            steps += await self._guarded([p.notification for p in ready],
+                                         [bounded(self._send_one(p)) for p in ready])
+        return steps
+
+    async def _guarded(self, batch: list[NotificationRecord], work: list[Awaitable[Any]]) -> list[Any]:
+        """Run `work` concurrently; an unexpected error leaves its notification as it is (pending, or sending
+        → in_doubt after its lease) and disturbs nothing else."""
+        results = await asyncio.gather(*work, return_exceptions=True)
+        for index, (notification, result) in enumerate(zip(batch, results, strict=True)):
+            if isinstance(result, BaseException):
+                log.error("dispatch.crashed", notification=notification.id, problem=where(result))
+                results[index] = Step.RELEASED
+        return results
+
+    async def _guarded_lists(self, chunks: list[list[Prepared]], work: list[Awaitable[list[Step]]]
+                             ) -> list[list[Step]]:
+        results = await asyncio.gather(*work, return_exceptions=True)
+        out: list[list[Step]] = []
+        for chunk, result in zip(chunks, results, strict=True):
+            if isinstance(result, BaseException):
+                log.error("dispatch.crashed", notifications=[p.notification.id for p in chunk], problem=where(result))
+                result = [Step.RELEASED] * len(chunk)
+            out.append(result)
+        return out
 
     async def release(self) -> None:
         """Give back every lease this process holds on pending notifications (graceful stop)."""
         await asyncio.to_thread(self.ledger.release, self.owner)
 
-    async def _deliver(self, notification: NotificationRecord) -> Step:
-        prepared = await self.prepare(notification)
-        if isinstance(prepared, Step):
-            return prepared
-        if self.stopping:
-            return await self._release(notification)
+    async def _may_send(self, notifications: list[NotificationRecord]) -> bool:
+        if self.stopping or self._paused is not None or not self.gate.allow(self.clock()):
+            await asyncio.to_thread(self.ledger.release, self.owner, [n.id for n in notifications])
+            return False
+        return True
+
+    async def _start(self, n: NotificationRecord) -> bool:
         lease_until = datetime.now(UTC) + LEASE
-        if not await asyncio.to_thread(self.ledger.start_sending, notification.id, self.owner, lease_until):
+        return await asyncio.to_thread(self.ledger.start_sending, n.id, self.owner, lease_until)
+
+    async def _send_one(self, prepared: Prepared) -> Step:
+        n = prepared.notification
+        if not await self._may_send([n]):
+            return Step.RELEASED
+        if not await self._start(n):
             return Step.RELEASED
         outcome = await self.mailer.send(prepared.email)
-        return await self._record(notification, outcome)
+        return await self._record(n, outcome)
+
+    async def _send_bulk(self, chunk: list[Prepared]) -> list[Step]:
+        if not await self._may_send([p.notification for p in chunk]):
+            return [Step.RELEASED] * len(chunk)
+        started = [p for p in chunk if await self._start(p.notification)]
+        steps = [Step.RELEASED] * (len(chunk) - len(started))
+        if not started:
+            return steps
+        assert isinstance(self.mailer, BulkMailer)
+        outcomes = await self.mailer.send_many([p.email for p in started])
+        for p, outcome in zip(started, outcomes, strict=True):
+            steps.append(await self._record(p.notification, outcome, note_gate=p is started[-1]))
+        return steps
 
     async def prepare(self, n: NotificationRecord) -> Prepared | Step:
         """Read, check, choose the address and render; settle the notification when it cannot be sent."""
@@ -196,9 +252,25 @@ class Dispatcher:
         await asyncio.to_thread(self.ledger.release, self.owner, [n.id])
         return Step.RELEASED
 
-    async def _record(self, n: NotificationRecord, outcome: Outcome) -> Step:
+    def _note_gate(self, outcome: Outcome) -> None:
+        change = self.gate.record(outcome, self.clock())
+        if change is not None:
+            metrics.inc("connector_mailer_state_changes_total", state=change.value)
+            if change is GateState.RUNNING:
+                log.info("mailer.recovered")
+            else:
+                log.error(f"mailer.{change.value}", until=str(self.gate.until), reason=outcome.reason)
+
+    async def _record(self, n: NotificationRecord, outcome: Outcome, note_gate: bool = True) -> Step:
         fields = {"notification": n.id, "mapping": n.mapping, "resource": f"{n.resource_type}/{n.resource_id}"}
         now = self.clock()
+        if note_gate:
+            self._note_gate(outcome)
+        step = await self._store(n, outcome, now, fields)
+        metrics.inc("connector_notifications_total", state=step.value)
+        return step
+
+    async def _store(self, n: NotificationRecord, outcome: Outcome, now: datetime, fields: dict[str, Any]) -> Step:
         if outcome.verdict is Verdict.SENT:
             await asyncio.to_thread(self.ledger.finish, n.id, State.SENT, None, outcome.tracking_id, now)
             log.info("notification.sent", **fields)
@@ -211,20 +283,20 @@ class Dispatcher:
             await asyncio.to_thread(self.ledger.finish, n.id, State.IN_DOUBT, outcome.reason, None, now)
             log.error("notification.in_doubt", **fields, reason=outcome.reason)
             return Step.IN_DOUBT
-        settings = self.config.dispatch
-        attempts = n.attempts + 1
-        if outcome.blocking:
+        if outcome.blocking or outcome.signal is Signal.RATE_LIMITED:
+            # Not this notification's fault: it waits for the mailer, without spending an attempt.
             await asyncio.to_thread(self.ledger.retry_later, n.id, now, outcome.reason, False)
-            if self._paused is None:
+            if outcome.blocking and self._paused is None:
                 self._paused = outcome.reason
                 log.error("mailer.paused", reason=outcome.reason)
             return Step.RELEASED
-        if attempts >= settings.max_attempts:
-            reason = f"gave up after {attempts} attempts: {outcome.reason}"
-            await asyncio.to_thread(self.ledger.finish, n.id, State.FAILED, reason, None, now)
-            log.error("notification.failed", **fields, reason=reason)
+        decision = next_try(self.policy, attempts=n.attempts + 1, first_attempt_at=n.first_attempt_at or now,
+                            now=now, reason=outcome.reason, retry_after=outcome.retry_after)
+        if isinstance(decision, GiveUp):
+            await asyncio.to_thread(self.ledger.finish, n.id, State.FAILED, decision.reason, None, now)
+            log.error("notification.failed", **fields, reason=decision.reason)
             return Step.FAILED
-        delay = backoff(attempts, settings.retry_backoff, settings.retry_backoff_max, outcome.retry_after)
-        await asyncio.to_thread(self.ledger.retry_later, n.id, now + delay, outcome.reason, True)
-        log.warning("notification.retry", **fields, reason=outcome.reason, delay_s=round(delay.total_seconds()))
+        await asyncio.to_thread(self.ledger.retry_later, n.id, decision.due, outcome.reason, True)
+        log.warning("notification.retry", **fields, reason=outcome.reason,
+                    delay_s=round((decision.due - now).total_seconds()))
         return Step.RETRY

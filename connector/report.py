@@ -39,7 +39,9 @@ def cycle(report: CycleReport) -> None:
         steps = ", ".join(f"{v} {k}" for k, v in report.dispatch.steps.items() if v) or "nothing due"
         console.print(f"dispatch: {steps}")
         if report.dispatch.paused:
-            console.print(f"[red]sending paused:[/red] {report.dispatch.paused}")
+            console.print(f"[red]sending paused:[/red] {report.dispatch.paused}", markup=False)
+        if report.dispatch.waiting:
+            console.print(f"sending waits: {report.dispatch.waiting}", markup=False)
 
 
 def _verdict(item: ReplayItem, final: NotificationRecord | None, verdicts: dict[str, str]) -> str:

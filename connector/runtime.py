@@ -14,6 +14,7 @@ import httpx
 import structlog
 from sqlalchemy.engine import make_url
 
+from connector.aftercare import Aftercare
 from connector.cache import ResourceCache
 from connector.config import Config
 from connector.delivery import Mailer
@@ -63,6 +64,7 @@ class Runtime:
     cache: ResourceCache
     planner: Planner
     dispatcher: Dispatcher
+    aftercare: Aftercare
     lock: IO[str] | None
 
     @classmethod
@@ -83,7 +85,8 @@ class Runtime:
         owner = f"{os.uname().nodename[:24]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         planner = Planner(config, mappings, ledger, sources, cache, clock)
         dispatcher = Dispatcher(config, mappings, ledger, sources, mailer, cache, clock, owner, planner.deleted)
-        return cls(config, mappings, ledger, sources, mailer, cache, planner, dispatcher, lock)
+        aftercare = Aftercare(config, ledger, clock)
+        return cls(config, mappings, ledger, sources, mailer, cache, planner, dispatcher, aftercare, lock)
 
     async def aclose(self) -> None:
         await self.dispatcher.release()

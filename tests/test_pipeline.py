@@ -135,7 +135,8 @@ async def test_paubox_errors_each_end_in_the_right_state(runtime: Runtime, paubo
     report = await run_once(runtime)
     counts = runtime.ledger.counts()
     assert (counts[State.SENT], counts[State.FAILED], counts[State.IN_DOUBT], counts[State.PENDING]) == (1, 1, 1, 1)
-    assert report.dispatch is not None and report.dispatch.steps["retry"] == 1
+    assert report.dispatch is not None and report.dispatch.steps["released"] == 1  # the 429 waits, unspent
+    assert report.dispatch.waiting is not None and "paused" in report.dispatch.waiting
     [failed] = runtime.ledger.notifications([State.FAILED], 10)
     assert failed.reason == "HTTP 400 Bad Request: Fault injected by the sandbox"
 

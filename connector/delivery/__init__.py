@@ -14,9 +14,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from connector.models import Email
+
+
+class Signal(StrEnum):
+    """What an answer says about Paubox itself (for the mailer gate), apart from this notification."""
+
+    OK = "ok"  # Paubox is up (whatever it thought of this message)
+    RATE_LIMITED = "rate_limited"  # 429: everybody waits
+    SERVER_ERROR = "server_error"  # 5xx, refused or timed-out connections: counts towards the circuit breaker
 
 
 class Verdict(StrEnum):
@@ -33,9 +41,18 @@ class Outcome:
     tracking_id: str | None = None
     retry_after: float | None = None  # seconds, from Retry-After
     blocking: bool = False
+    signal: Signal = Signal.OK
 
 
 class Mailer(Protocol):
     async def send(self, email: Email) -> Outcome: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class BulkMailer(Mailer, Protocol):
+    async def send_many(self, emails: list[Email]) -> list[Outcome]:
+        """Several messages in one request (Paubox bulk_messages); one outcome per email, in order.
+        A lost answer leaves every one of them in doubt."""
+        ...

@@ -11,12 +11,13 @@ import base64
 import json
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
 from connector.config import PauboxConfig
-from connector.delivery import Outcome, Verdict
+from connector.delivery import Outcome, Signal, Verdict
+from connector.errors import ConnectorError
 from connector.models import Email
 
 NOTIFICATION_HEADER = "X-Notification-Key"
@@ -77,23 +78,33 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
             return None
 
 
-def classify(status: int, body: bytes, headers: Mapping[str, str]) -> Outcome:
+ServerErrors = Literal["in_doubt", "retry"]
+
+
+def accepted(data: Any, body: bytes) -> Outcome:
+    """One message's part of a 200 answer: accepted with a tracking id, refused, or unclear."""
+    tracking = data.get("sourceTrackingId") if isinstance(data, dict) else None
+    errors = data.get("errors") if isinstance(data, dict) else None
+    if isinstance(tracking, str) and tracking and not errors:
+        return Outcome(Verdict.SENT, "accepted", tracking_id=tracking)
+    if errors and not tracking:
+        return Outcome(Verdict.FAILED, f"HTTP 200 carrying errors: {error_title(body)}")
+    return Outcome(Verdict.IN_DOUBT, "HTTP 200 without a sourceTrackingId")
+
+
+def classify(status: int, body: bytes, headers: Mapping[str, str], server_errors: ServerErrors = "in_doubt"
+             ) -> Outcome:
     """Decide what an HTTP answer to `POST /messages` means for the notification."""
     if status == 200:
         try:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError):
             return Outcome(Verdict.IN_DOUBT, "HTTP 200 with a non-JSON body")
-        tracking = data.get("sourceTrackingId") if isinstance(data, dict) else None
-        errors = data.get("errors") if isinstance(data, dict) else None
-        if isinstance(tracking, str) and tracking and not errors:
-            return Outcome(Verdict.SENT, "accepted", tracking_id=tracking)
-        if errors and not tracking:
-            return Outcome(Verdict.FAILED, f"HTTP 200 carrying errors: {error_title(body)}")
-        return Outcome(Verdict.IN_DOUBT, "HTTP 200 without a sourceTrackingId")
+        return accepted(data, body)
     title = error_title(body)
     if status == 429:
-        return Outcome(Verdict.RETRY, f"HTTP 429 rate limited: {title}", retry_after=_retry_after(headers))
+        return Outcome(Verdict.RETRY, f"HTTP 429 rate limited: {title}", retry_after=_retry_after(headers),
+                       signal=Signal.RATE_LIMITED)
     if status == 408:  # the server gave up reading the request: it was not processed
         return Outcome(Verdict.RETRY, "HTTP 408 request timeout", retry_after=_retry_after(headers))
     if 300 <= status < 400:
@@ -106,17 +117,21 @@ def classify(status: int, body: bytes, headers: Mapping[str, str]) -> Outcome:
                        blocking=True)
     if 400 <= status < 500:
         return Outcome(Verdict.FAILED, f"HTTP {status} {title}")
-    return Outcome(Verdict.IN_DOUBT, f"HTTP {status} {title}: Paubox may have accepted the message")
+    if status >= 500 and server_errors == "retry":
+        return Outcome(Verdict.RETRY, f"HTTP {status} {title}", retry_after=_retry_after(headers),
+                       signal=Signal.SERVER_ERROR)
+    return Outcome(Verdict.IN_DOUBT, f"HTTP {status} {title}: Paubox may have accepted the message",
+                   signal=Signal.SERVER_ERROR if status >= 500 else Signal.OK)
 
 
 def classify_exception(exc: httpx.HTTPError) -> Outcome:
     """Failures before the request left are safe to retry; after it left, the outcome is unknown."""
     kind = type(exc).__name__
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
-        return Outcome(Verdict.RETRY, f"not sent: {kind}")
+        return Outcome(Verdict.RETRY, f"not sent: {kind}", signal=Signal.SERVER_ERROR)
     if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
         return Outcome(Verdict.RETRY, f"not sent: {kind}, check delivery.paubox.base_url", blocking=True)
-    return Outcome(Verdict.IN_DOUBT, f"no answer after sending: {kind}")
+    return Outcome(Verdict.IN_DOUBT, f"no answer after sending: {kind}", signal=Signal.SERVER_ERROR)
 
 
 class PauboxRestMailer:
@@ -124,6 +139,7 @@ class PauboxRestMailer:
 
     def __init__(self, config: PauboxConfig, *, concurrency: int = 4,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self._server_errors: ServerErrors = config.server_errors
         key = config.api_key.get_secret_value()
         authorization = f"Bearer {key}" if config.auth_scheme == "bearer" else f"Token token={key}"
         timeout = httpx.Timeout(connect=config.connect_timeout.total_seconds(),
@@ -140,7 +156,43 @@ class PauboxRestMailer:
             response = await self._client.post("messages", json=build_payload(email))
         except httpx.HTTPError as exc:
             return classify_exception(exc)
-        return classify(response.status_code, response.content, response.headers)
+        return classify(response.status_code, response.content, response.headers, self._server_errors)
+
+    async def send_many(self, emails: list[Email]) -> list[Outcome]:
+        """`POST {base}/bulk_messages`: tracking ids come back in request order. Any answer that does not
+        account for every message (lost, 5xx, wrong length) leaves every one of them in doubt."""
+        body = {"data": {"messages": [build_payload(e)["data"]["message"] for e in emails]}}
+        try:
+            response = await self._client.post("bulk_messages", json=body)
+        except httpx.HTTPError as exc:
+            return [classify_exception(exc)] * len(emails)
+        if response.status_code != 200:
+            return [classify(response.status_code, response.content, response.headers,
+                             self._server_errors)] * len(emails)
+        try:
+            items = json.loads(response.content).get("messages")
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            items = None
+        if not isinstance(items, list) or len(items) != len(emails):
+            return [Outcome(Verdict.IN_DOUBT, "bulk answer does not account for every message",
+                            signal=Signal.SERVER_ERROR)] * len(emails)
+        return [accepted(item, response.content) for item in items]
+
+    async def receipt(self, tracking_id: str) -> Any:
+        """`GET {base}/message_receipt?sourceTrackingId=`: the JSON answer, None when Paubox has no such
+        message (yet). Raises ConnectorError when Paubox cannot be asked now."""
+        try:
+            response = await self._client.get("message_receipt", params={"sourceTrackingId": tracking_id})
+        except httpx.HTTPError as exc:
+            raise ConnectorError(f"message_receipt failed: {type(exc).__name__}") from None
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise ConnectorError(f"message_receipt answered HTTP {response.status_code}")
+        try:
+            return json.loads(response.content)
+        except ValueError:
+            raise ConnectorError("message_receipt answered with a non-JSON body") from None
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -66,6 +66,9 @@ class NotificationRecord:
     tracking_id: str | None
     updated_at: datetime
     appointment_start: datetime | None = None
+    first_attempt_at: datetime | None = None
+    resends: int = 0
+    delivery_status: str | None = None
 
 
 class Ledger(Protocol):

@@ -42,6 +42,7 @@ class NotificationRow(SQLModel, table=True):
         UniqueConstraint("key", name="uq_notification_key"),
         Index("ix_notification_state_due", "state", "due_at"),
         Index("ix_notification_resource", "source", "resource_id"),
+        Index("ix_notification_tracking", "tracking_id"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -61,6 +62,12 @@ class NotificationRow(SQLModel, table=True):
     lease_until: datetime | None = _when(nullable=True)
     tracking_id: str | None = Field(default=None, max_length=128)
     appointment_start: datetime | None = _when(nullable=True)  # the start it was planned for
+    first_attempt_at: datetime | None = _when(nullable=True)  # for the age limit on retries
+    resends: int = 0  # deliberate resends of an in-doubt notification (policy `resend` or an operator)
+    delivery_status: str | None = Field(default=None, max_length=32)  # from Paubox webhooks and receipts
+    delivery_rank: int = 0  # so that late or repeated events never step the status back
+    delivery_updated_at: datetime | None = _when(nullable=True)
+    alerted_at: datetime | None = _when(nullable=True)  # in_doubt reported to the operators
     created_at: datetime = _when()
     updated_at: datetime = _when()
     sent_at: datetime | None = _when(nullable=True)

@@ -58,7 +58,8 @@ def _record(row: Any) -> NotificationRecord:
         patient_id=row.patient_id, state=State(row.state), reason=row.reason, attempts=row.attempts,
         due_at=aware(row.due_at),  # type: ignore[arg-type]
         tracking_id=row.tracking_id, updated_at=aware(row.updated_at),  # type: ignore[arg-type]
-        appointment_start=aware(row.appointment_start),
+        appointment_start=aware(row.appointment_start), first_attempt_at=aware(row.first_attempt_at),
+        resends=row.resends, delivery_status=row.delivery_status,
     )
 
 
@@ -269,7 +270,8 @@ class SqlLedger:
         statement = (update(N)
                      .where(N.c.id == notification_id, N.c.state == State.PENDING.value, N.c.lease_owner == owner)
                      .values(state=State.SENDING.value, attempts=N.c.attempts + 1, updated_at=_now(),
-                             lease_until=lease_until))
+                             lease_until=lease_until,
+                             first_attempt_at=func.coalesce(N.c.first_attempt_at, _now())))
         with self.engine.begin() as conn:
             return conn.execute(statement).rowcount == 1
 
@@ -323,6 +325,68 @@ class SqlLedger:
             result = conn.execute(update(N).where(condition).values(
                 state=State.IN_DOUBT.value, reason=reason, updated_at=_now(), lease_owner=None, lease_until=None))
         return result.rowcount
+
+    # -- after sending: webhooks, receipts, doubt ----------------------------------------------------
+
+    def confirm(self, key: str, tracking_id: str | None, reason: str) -> bool:
+        """Paubox has the message (a webhook named its key): in_doubt → sent. True when it was in doubt."""
+        values: dict[str, Any] = {"state": State.SENT.value, "reason": reason, "updated_at": _now(),
+                                  "sent_at": _now()}
+        if tracking_id:
+            values["tracking_id"] = tracking_id[:128]
+        with self.engine.begin() as conn:
+            return bool(conn.execute(update(N).where(N.c.key == key, N.c.state == State.IN_DOUBT.value)
+                                     .values(**values)).rowcount)
+
+    def record_delivery(self, key: str | None, tracking_id: str | None, status: str, rank: int,
+                        when: datetime) -> bool:
+        """Store a delivery status unless a stronger one is already there (repeats and late events are
+        harmless). Matched by key, else by Paubox tracking id."""
+        if key:
+            where = N.c.key == key
+        elif tracking_id:
+            where = N.c.tracking_id == tracking_id
+        else:
+            return False
+        with self.engine.begin() as conn:
+            return bool(conn.execute(update(N).where(where, N.c.delivery_rank < rank).values(
+                delivery_status=status, delivery_rank=rank, delivery_updated_at=when)).rowcount)
+
+    def awaiting_receipt(self, sent_before: datetime, limit: int) -> list[NotificationRecord]:
+        """Sent notifications with a tracking id and no delivery status yet."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(N).where(N.c.state == State.SENT.value, N.c.tracking_id.is_not(None),
+                                                N.c.delivery_rank == 0, N.c.sent_at < sent_before)
+                                .order_by(N.c.sent_at).limit(limit))
+            return [_record(r) for r in rows]
+
+    def overdue_in_doubt(self, updated_before: datetime, limit: int) -> list[NotificationRecord]:
+        """In-doubt notifications nobody has confirmed since `updated_before` and not yet handled."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(N).where(N.c.state == State.IN_DOUBT.value, N.c.alerted_at.is_(None),
+                                                N.c.updated_at < updated_before).order_by(N.c.id).limit(limit))
+            return [_record(r) for r in rows]
+
+    def mark_alerted(self, notification_ids: Sequence[int]) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(N).where(N.c.id.in_(list(notification_ids))).values(alerted_at=_now()))
+
+    def resend(self, notification_id: int, due_at: datetime, reason: str, from_states: Sequence[State]) -> bool:
+        """A deliberate second send of the same key (same X-Notification-Key): → pending, resends + 1."""
+        with self.engine.begin() as conn:
+            return bool(conn.execute(update(N).where(
+                N.c.id == notification_id, N.c.state.in_([s.value for s in from_states])).values(
+                state=State.PENDING.value, due_at=due_at, reason=reason[:500], resends=N.c.resends + 1,
+                attempts=0, alerted_at=None, lease_owner=None, lease_until=None, updated_at=_now())).rowcount)
+
+    def resolve(self, key: str, state: State, reason: str, from_states: Sequence[State]) -> bool:
+        """An operator's decision on a notification (in_doubt → sent or cancelled, ...)."""
+        values: dict[str, Any] = {"state": state.value, "reason": reason[:500], "updated_at": _now()}
+        if state is State.SENT:
+            values["sent_at"] = _now()
+        with self.engine.begin() as conn:
+            return bool(conn.execute(update(N).where(N.c.key == key, N.c.state.in_([s.value for s in from_states]))
+                                     .values(**values)).rowcount)
 
     # -- reporting ------------------------------------------------------------------------------------
 

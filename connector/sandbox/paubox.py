@@ -8,7 +8,11 @@ Control endpoints (not part of Paubox):
     GET    /_sandbox/messages            accepted messages, decoded
     DELETE /_sandbox/messages            forget them
     POST   /_sandbox/faults              {"latency_ms": 0, "faults": [{"status": 500, "accept": true, "count": 1},
-                                          {"hang": 30, "accept": true}, {"status": 429, "retry_after": 2}]}
+                                          {"hang": 30, "accept": true}, {"status": 429, "retry_after": 2},
+                                          {"close": true, "accept": true}, {"status": 502, "html": true},
+                                          {"status": 200}],   (200: an `errors` body)
+                                          "webhooks": {"drop": 1, "duplicate": true, "reorder": true,
+                                                       "delay": 0.5}}
     GET    /_sandbox/stats               counters per X-Notification-Key
 """
 
@@ -44,7 +48,18 @@ class Fault:
     hang: float | None = None  # wait this long before answering (a client read timeout fires first)
     retry_after: float | None = None
     html: bool = False  # an HTML body instead of a JSON one
+    close: bool = False  # start the answer, then drop the connection (the client sees a broken response)
     count: int = 1
+
+
+@dataclass
+class WebhookFaults:
+    """How the sandbox's webhooks misbehave (Paubox's are best-effort: no retries, no order)."""
+
+    drop: int = 0  # the next N events are never sent
+    duplicate: bool = False  # every event is sent twice
+    reorder: bool = False  # a message's events are sent newest first
+    delay: float = 0.0  # seconds before sending
 
 
 @dataclass
@@ -54,6 +69,8 @@ class SandboxState:
     from_domains: tuple[str, ...] = ("example.org",)
     recipient_domains: tuple[str, ...] = DEFAULT_RECIPIENT_DOMAINS
     webhook_url: str | None = None
+    webhook_faults: WebhookFaults = field(default_factory=WebhookFaults)
+    webhook_events: tuple[str, ...] = ("api_mail_log_delivered",)
     latency: float = 0.0
     messages: list[dict[str, Any]] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
@@ -165,6 +182,16 @@ def _unauthorised() -> JSONResponse:
                    "invalid_access_token")
 
 
+class _BrokenResponse(Response):
+    """Announces a body it never finishes: the connection drops mid-answer."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"1000")]})
+        await send({"type": "http.response.body", "body": b'{"sourceTrackingId": "', "more_body": True})
+        raise ConnectionAbortedError("sandbox fault: connection dropped after accepting")
+
+
 async def _apply_fault(fault: Fault | None, request_body: dict[str, Any], state: SandboxState,
                        store: Any) -> Response | None:
     if fault is None:
@@ -173,6 +200,8 @@ async def _apply_fault(fault: Fault | None, request_body: dict[str, Any], state:
         store()
     if fault.hang:
         await asyncio.sleep(fault.hang)
+    if fault.close:
+        return _BrokenResponse()
     if fault.status is None:
         return None
     if fault.html:
@@ -271,6 +300,7 @@ def create_app(state: SandboxState) -> Starlette:
         body = json.loads(await request.body() or b"{}")
         state.latency = float(body.get("latency_ms", state.latency * 1000)) / 1000
         state.faults = [Fault(**f) for f in body.get("faults", [])]
+        state.webhook_faults = WebhookFaults(**body.get("webhooks", {}))
         return JSONResponse({"latency_ms": state.latency * 1000, "faults": len(state.faults)})
 
     async def stats(request: Request) -> Response:
@@ -295,21 +325,39 @@ def create_app(state: SandboxState) -> Starlette:
     return Starlette(routes=routes)
 
 
+def webhook_event(message: dict[str, Any], recipient: str, event_name: str) -> dict[str, Any]:
+    """A Paubox-shaped webhook event (../shared/docs/paubox-api.md section 9.2)."""
+    return {"event_name": event_name, "payload": {
+        "id": abs(hash((message["sourceTrackingId"], recipient, event_name))) % 10**10,
+        "subject": message["subject"], "header_message_id": message["message_id"],
+        "source_tracking_id": message["sourceTrackingId"], "outbound_queue_id": uuid.uuid4().hex[:15],
+        "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "from": message["from"], "to": recipient, "custom_headers": message["custom_headers"]}}
+
+
 def _emit_webhooks(message: dict[str, Any], state: SandboxState) -> None:
-    """Paubox-shaped `api_mail_log_delivered` events, one per recipient, sent once and not retried."""
+    """Webhooks for an accepted message, one per recipient and event, sent once and not retried, with the
+    configured faults (dropped, duplicated, reordered, delayed)."""
     if not state.webhook_url:
         return
-    url = state.webhook_url
+    url, faults = state.webhook_url, state.webhook_faults
+    events = [webhook_event(message, r, name) for r in message["recipients"] for name in state.webhook_events]
+    if faults.reorder:
+        events.reverse()
+    if faults.duplicate:
+        events = [e for event in events for e in (event, event)]
+    kept = []
+    for event in events:
+        if faults.drop > 0:
+            faults.drop -= 1
+            continue
+        kept.append(event)
 
     async def post_all() -> None:
+        if faults.delay:
+            await asyncio.sleep(faults.delay)
         async with httpx.AsyncClient(timeout=5) as client:
-            for recipient in message["recipients"]:
-                event = {"event_name": "api_mail_log_delivered", "payload": {
-                    "id": abs(hash((message["sourceTrackingId"], recipient))) % 10**10,
-                    "subject": message["subject"], "header_message_id": message["message_id"],
-                    "source_tracking_id": message["sourceTrackingId"], "outbound_queue_id": uuid.uuid4().hex[:15],
-                    "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-                    "from": message["from"], "to": recipient, "custom_headers": message["custom_headers"]}}
+            for event in kept:
                 with contextlib.suppress(httpx.HTTPError):  # Paubox does not retry webhooks either
                     await client.post(url, json=event)
 

@@ -1,0 +1,118 @@
+"""The HTTP endpoints `connector run` serves (`server:` in the config): verify → parse → hand over.
+
+    POST /webhooks/paubox/<token>   Paubox webhook events (Paubox does not sign: a secret path token and an
+                                    optional source-IP allowlist authenticate the caller)
+    GET  /healthz                   liveness, and the mailer gate's state
+    GET  /metrics                   Prometheus counters
+
+No mapping logic here. Bodies are PHI: they are never logged; rejections are counted and logged by reason.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from connector import metrics
+from connector.aftercare import Aftercare
+from connector.config import Config
+from connector.errors import ConnectorError
+
+log = structlog.get_logger("connector.web")
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw body, refusing more than `limit` bytes without reading them all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BodyTooLarge
+    return bytes(body)
+
+
+def problem(status: int, title: str, endpoint: str, reason: str) -> JSONResponse:
+    """An RFC 9457 problem answer; counted and logged by endpoint and reason (never the body)."""
+    metrics.inc("connector_requests_rejected_total", endpoint=endpoint, reason=reason)
+    log.warning("request.rejected", endpoint=endpoint, status=status, reason=reason)
+    return JSONResponse({"type": "about:blank", "title": title, "status": status}, status_code=status,
+                        media_type="application/problem+json")
+
+
+def client_allowed(request: Request, allowed: list[Any]) -> bool:
+    if not allowed:
+        return True
+    host = request.client.host if request.client else ""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(address in network for network in allowed)
+
+
+def create_app(config: Config, aftercare: Aftercare, health: Callable[[], dict[str, Any]],
+               extra_routes: list[Route] | None = None) -> Starlette:
+    settings = config.delivery.paubox
+    limit = config.server.max_body if config.server else 1_000_000
+
+    async def paubox_webhook(request: Request) -> Response:
+        endpoint = "paubox"
+        expected = settings.webhook_token.get_secret_value() if settings.webhook_token else None
+        given = request.path_params["token"]
+        if expected is None or not hmac.compare_digest(given.encode(), expected.encode()):
+            return problem(404, "Not Found", endpoint, "unknown path token")
+        if not client_allowed(request, settings.webhook_allow_ips):
+            return problem(403, "Forbidden", endpoint, "source address not allowed")
+        try:
+            body = await read_body(request, limit)
+        except BodyTooLarge:
+            return problem(413, "Content Too Large", endpoint, "body too large")
+        try:
+            event = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return problem(400, "Bad Request", endpoint, "body is not JSON")
+        try:
+            result = await aftercare.webhook(event)
+        except ConnectorError:
+            return problem(400, "Bad Request", endpoint, "not a Paubox webhook event")
+        return JSONResponse({"result": result.outcome})
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok", **health()})
+
+    async def metrics_text(request: Request) -> Response:
+        return PlainTextResponse(metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+    routes = [
+        Route("/webhooks/paubox/{token}", paubox_webhook, methods=["POST"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/metrics", metrics_text, methods=["GET"]),
+        *(extra_routes or []),
+    ]
+    return Starlette(routes=routes, exception_handlers={Exception: _unexpected})
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    from connector.logs import where
+
+    log.error("request.crashed", path=request.url.path.split("/")[1:3], problem=where(exc))
+    return JSONResponse({"type": "about:blank", "title": "Internal Server Error", "status": 500}, status_code=500,
+                        media_type="application/problem+json")
+
+
