@@ -62,7 +62,7 @@ class Aftercare:
         if not isinstance(name, str) or not isinstance(payload, dict):
             raise ConnectorError("not a Paubox webhook event (event_name and payload expected)")
         if name not in WEBHOOK_EVENTS:
-            log.info("webhook.ignored", event=name[:64], problem="unknown event name")
+            log.info("webhook.ignored", event_name=name[:64], problem="unknown event name")
             metrics.inc("connector_webhook_events_total", event="unknown", result="ignored")
             return WebhookResult("ignored")
         key = _notification_key(payload)
@@ -82,7 +82,7 @@ class Aftercare:
                                         optout.hint("email", address), "hard bounce reported by Paubox")
         result = "confirmed" if confirmed else ("updated" if updated else "unchanged")
         if confirmed:
-            log.info("notification.confirmed", event=name, problem="in_doubt resolved: Paubox had the message")
+            log.info("notification.confirmed", event_name=name, problem="in_doubt resolved: Paubox had the message")
         metrics.inc("connector_webhook_events_total", event=name, result=result)
         return WebhookResult(result)
 

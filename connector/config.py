@@ -107,7 +107,19 @@ class BasicAuth(Strict):
     password: Secret
 
 
-Auth = Annotated[NoAuth | BearerAuth | BasicAuth, Field(discriminator="type")]
+class SmartAuth(Strict):
+    """SMART Backend Services: client_credentials with a private_key_jwt assertion (RS384 or ES384)."""
+
+    type: Literal["smart"]
+    client_id: EnvStr
+    private_key: Secret = Field(description="PEM private key (RSA or EC P-384), by reference")
+    key_id: EnvStr
+    algorithm: Literal["RS384", "ES384"] | None = None
+    scope: str = "system/Appointment.rs system/Patient.rs"
+    token_endpoint: EnvStr | None = None  # None: discovered from {base_url}/.well-known/smart-configuration
+
+
+Auth = Annotated[NoAuth | BearerAuth | BasicAuth | SmartAuth, Field(discriminator="type")]
 
 
 def _zone(value: str) -> str:
@@ -177,8 +189,6 @@ class PauboxConfig(Strict):
 
     @model_validator(mode="after")
     def _base_url_or_username(self) -> PauboxConfig:
-        if not self.base_url and not self.username:
-            raise ValueError("give `username` (for https://api.paubox.net/v1/<username>) or `base_url`")
         if self.base_url and not re.match(r"^(https://|http://(127\.0\.0\.1|localhost|\[::1\])[:/])", self.base_url):
             raise ValueError("base_url must use https:// (plain http only for a sandbox on 127.0.0.1 or localhost)")
         return self
@@ -188,11 +198,31 @@ class PauboxConfig(Strict):
         return (self.base_url or f"https://api.paubox.net/v1/{self.username}").rstrip("/")
 
 
+class SmtpConfig(Strict):
+    """Paubox's SMTP relay (transport: paubox-smtp). The password is delivery.paubox.api_key."""
+
+    host: str = "smtp.paubox.com"
+    port: int = 587
+    security: Literal["starttls", "tls"] = "starttls"  # 587 STARTTLS; 465 implicit TLS
+    username: str = "apikey"
+    timeout: Duration = timedelta(seconds=30)
+    ca_file: Path | None = None  # trust this CA (a private relay); default: the system's CAs
+    max_connections: int = Field(2, ge=1, le=16)
+
+
 class DeliveryConfig(Strict):
-    transport: Literal["paubox-rest"] = "paubox-rest"
+    transport: Literal["paubox-rest", "paubox-smtp"] = "paubox-rest"
     paubox: PauboxConfig
+    smtp: SmtpConfig = SmtpConfig()
     from_address: EnvStr = Field(alias="from")
     reply_to: EnvStr | None = None
+
+    @model_validator(mode="after")
+    def _rest_needs_an_endpoint(self) -> DeliveryConfig:
+        if self.transport == "paubox-rest" and not self.paubox.base_url and not self.paubox.username:
+            raise ValueError("give delivery.paubox.username (for https://api.paubox.net/v1/<username>) or "
+                             "delivery.paubox.base_url")
+        return self
 
 
 class InDoubtConfig(Strict):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import ssl
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,6 +20,7 @@ from connector.cache import ResourceCache
 from connector.config import Config
 from connector.delivery import Mailer
 from connector.delivery.paubox import PauboxRestMailer
+from connector.delivery.smtp import PauboxSmtpMailer
 from connector.dispatch import Dispatcher
 from connector.errors import LedgerError
 from connector.ledger import migrate
@@ -54,6 +56,19 @@ def lock_sqlite(config: Config) -> IO[str] | None:
     return handle
 
 
+def make_mailer(config: Config) -> Mailer:
+    delivery = config.delivery
+    if delivery.transport == "paubox-smtp":
+        smtp = delivery.smtp
+        ca_file = smtp.ca_file if smtp.ca_file is None or smtp.ca_file.is_absolute() else config.base_dir / smtp.ca_file
+        context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        return PauboxSmtpMailer(host=smtp.host, port=smtp.port, security=smtp.security, username=smtp.username,
+                                password=delivery.paubox.api_key.get_secret_value(),
+                                timeout=smtp.timeout.total_seconds(), tls_context=context,
+                                max_connections=smtp.max_connections)
+    return PauboxRestMailer(delivery.paubox, concurrency=config.dispatch.concurrency)
+
+
 @dataclass
 class Runtime:
     config: Config
@@ -80,7 +95,7 @@ class Runtime:
             if interrupted:
                 log.warning("ledger.in_doubt", count=interrupted, problem="sends interrupted by an earlier crash")
         sources = {name: FhirPollSource(name, cfg, source_transport) for name, cfg in config.sources.items()}
-        mailer = mailer or PauboxRestMailer(config.delivery.paubox, concurrency=config.dispatch.concurrency)
+        mailer = mailer or make_mailer(config)
         cache = ResourceCache(clock)
         owner = f"{os.uname().nodename[:24]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         planner = Planner(config, mappings, ledger, sources, cache, clock)

@@ -115,7 +115,8 @@ BASIC = ("appointment-booked", "appointment-cancelled")
 
 
 def write_config(folder: Path, fhir_url: str, paubox_url: str, *, ledger_url: str | None = None,
-                 extra_source: str = "", extra: str = "", mappings: tuple[str, ...] | None = None) -> Path:
+                 extra_source: str = "", extra: str = "", mappings: tuple[str, ...] | None = None,
+                 paubox_extra: str = "") -> Path:
     """A config for the local servers. `mappings`: only these of the shipped mappings (default: all)."""
     mappings_dir = ROOT / "mappings"
     if mappings is not None:
@@ -141,7 +142,7 @@ delivery:
   paubox:
     base_url: {paubox_url}/v1/clinic
     api_key: ${{PAUBOX_API_KEY}}
-dispatch:
+{paubox_extra}dispatch:
   interval: 1s
   retry_backoff: 1s
 {extra}""")

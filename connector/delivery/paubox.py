@@ -156,6 +156,9 @@ class PauboxRestMailer:
             response = await self._client.post("messages", json=build_payload(email))
         except httpx.HTTPError as exc:
             return classify_exception(exc)
+        except Exception as exc:  # noqa: BLE001 - whatever broke, the request may have left: never resend blindly
+            return Outcome(Verdict.IN_DOUBT, f"unexpected {type(exc).__name__} while sending",
+                           signal=Signal.SERVER_ERROR)
         return classify(response.status_code, response.content, response.headers, self._server_errors)
 
     async def send_many(self, emails: list[Email]) -> list[Outcome]:
@@ -166,6 +169,9 @@ class PauboxRestMailer:
             response = await self._client.post("bulk_messages", json=body)
         except httpx.HTTPError as exc:
             return [classify_exception(exc)] * len(emails)
+        except Exception as exc:  # noqa: BLE001 - as in send()
+            return [Outcome(Verdict.IN_DOUBT, f"unexpected {type(exc).__name__} while sending",
+                            signal=Signal.SERVER_ERROR)] * len(emails)
         if response.status_code != 200:
             return [classify(response.status_code, response.content, response.headers,
                              self._server_errors)] * len(emails)

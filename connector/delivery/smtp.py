@@ -14,7 +14,7 @@ The conversation is driven step by step so that the moment the message content l
     timeout or disconnect before the content was written                    retry
     timeout or disconnect after the content was written, before the reply   in_doubt
     2xx reply to the content                                                sent (tracking_id "smtp:<queue id>" or None)
-    the message cannot be built (header with a line break, non-ASCII address) failed
+    the message cannot be built (line break in a header, non-ASCII address) failed
 
 `signal` is server_error (for the mailer gate) on transport failures, on replies 421 and on setup replies
 other than to AUTH; OK otherwise.
@@ -32,6 +32,7 @@ import re
 import ssl
 from dataclasses import dataclass
 from datetime import datetime
+from email.errors import MessageError
 from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
 from email.utils import format_datetime, make_msgid, parseaddr
@@ -194,7 +195,7 @@ class PauboxSmtpMailer:
             content = wire_content(msg)
         except _Unbuildable as exc:
             return Outcome(Verdict.FAILED, f"message could not be built: {exc}")
-        except (ValueError, TypeError, LookupError) as exc:  # the email package's texts may quote values
+        except (ValueError, TypeError, LookupError, MessageError) as exc:  # their texts may quote values
             return Outcome(Verdict.FAILED, f"message could not be built: {type(exc).__name__}")
         async with self._slots:
             if self._closed:

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, and_, create_engine, event, func, or_, select, update
+from sqlalchemy import Engine, and_, case, create_engine, event, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
@@ -283,6 +283,10 @@ class SqlLedger:
             values["tracking_id"] = tracking_id
         if state is State.SENT:
             values["sent_at"] = when
+        if state is State.IN_DOUBT:
+            # A webhook may have proved the acceptance while we waited for the answer.
+            values["state"] = case((N.c.delivery_rank > 0, State.SENT.value), else_=State.IN_DOUBT.value)
+            values["reason"] = case((N.c.delivery_rank > 0, "confirmed by a Paubox webhook"), else_=reason)
         with self.engine.begin() as conn:
             updated = conn.execute(update(N).where(N.c.id == notification_id, N.c.state == State.SENDING.value)
                                    .values(**values)).rowcount
@@ -323,7 +327,9 @@ class SqlLedger:
         reason = "interrupted while sending: Paubox may or may not have accepted it"
         with self.engine.begin() as conn:
             result = conn.execute(update(N).where(condition).values(
-                state=State.IN_DOUBT.value, reason=reason, updated_at=_now(), lease_owner=None, lease_until=None))
+                state=case((N.c.delivery_rank > 0, State.SENT.value), else_=State.IN_DOUBT.value),
+                reason=case((N.c.delivery_rank > 0, "confirmed by a Paubox webhook"), else_=reason),
+                updated_at=_now(), lease_owner=None, lease_until=None))
         return result.rowcount
 
     # -- after sending: webhooks, receipts, doubt ----------------------------------------------------
@@ -348,9 +354,11 @@ class SqlLedger:
             where = N.c.tracking_id == tracking_id
         else:
             return False
+        values: dict[str, Any] = {"delivery_status": status, "delivery_rank": rank, "delivery_updated_at": when}
+        if key and tracking_id:
+            values["tracking_id"] = func.coalesce(N.c.tracking_id, tracking_id[:128])
         with self.engine.begin() as conn:
-            return bool(conn.execute(update(N).where(where, N.c.delivery_rank < rank).values(
-                delivery_status=status, delivery_rank=rank, delivery_updated_at=when)).rowcount)
+            return bool(conn.execute(update(N).where(where, N.c.delivery_rank < rank).values(**values)).rowcount)
 
     def awaiting_receipt(self, sent_before: datetime, limit: int) -> list[NotificationRecord]:
         """Sent notifications with a tracking id and no delivery status yet."""

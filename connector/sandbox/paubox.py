@@ -76,6 +76,7 @@ class SandboxState:
     faults: list[Fault] = field(default_factory=list)
     requests: Counter[str] = field(default_factory=Counter)  # accepted messages per X-Notification-Key
     received: int = 0  # send requests that arrived, answered or not
+    bulk_requests: int = 0
 
     def next_fault(self) -> Fault | None:
         if not self.faults:
@@ -166,6 +167,7 @@ def _store(message: dict[str, Any], state: SandboxState) -> dict[str, Any]:
     }
     state.messages.append(stored)
     state.requests[custom.get("X-Notification-Key", "")] += 1
+    _emit_webhooks(stored, state)  # Paubox reports delivery whether or not the sender heard its answer
     return stored
 
 
@@ -240,11 +242,11 @@ def create_app(state: SandboxState) -> Starlette:
         if fault_response is not None:
             return fault_response
         saved = stored[0] if stored else _store(message, state)
-        _emit_webhooks(saved, state)
         return JSONResponse({"sourceTrackingId": saved["sourceTrackingId"],
                              "customHeaders": saved["custom_headers"], "data": "Service OK"})
 
     async def send_bulk(request: Request) -> Response:
+        state.bulk_requests += 1
         raw = await request.body()
         if not _authorised(request, state):
             return _unauthorised()
@@ -265,8 +267,6 @@ def create_app(state: SandboxState) -> Starlette:
         if fault_response is not None:
             return fault_response
         saved = stored or [_store(m, state) for m in messages]
-        for item in saved:
-            _emit_webhooks(item, state)
         return JSONResponse({"messages": [{"sourceTrackingId": s["sourceTrackingId"],
                                            "customHeaders": s["custom_headers"], "data": "Service OK"}
                                           for s in saved]})

@@ -13,9 +13,10 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from connector.config import BasicAuth, BearerAuth, FhirPollSourceConfig
+from connector.config import BasicAuth, BearerAuth, FhirPollSourceConfig, SmartAuth
 from connector.errors import ResourceError, SourceError
 from connector.fhir import SearchPage, split_search_bundle
+from connector.sources.smart import SmartBackendAuth
 
 Params = list[tuple[str, Any]]
 
@@ -33,10 +34,17 @@ class FhirPollSource:
         self.config = config
         headers = {"Accept": "application/fhir+json"}
         auth: httpx.Auth | None = None
+        self._smart: SmartBackendAuth | None = None
         if isinstance(config.auth, BearerAuth):
             headers["Authorization"] = f"Bearer {config.auth.token.get_secret_value()}"
         elif isinstance(config.auth, BasicAuth):
             auth = httpx.BasicAuth(config.auth.username, config.auth.password.get_secret_value())
+        elif isinstance(config.auth, SmartAuth):
+            self._smart = auth = SmartBackendAuth(
+                fhir_base_url=config.base_url, client_id=config.auth.client_id,
+                private_key_pem=config.auth.private_key.get_secret_value().encode(), key_id=config.auth.key_id,
+                algorithm=config.auth.algorithm, scope=config.auth.scope,
+                token_endpoint=config.auth.token_endpoint, transport=transport, timeout=config.timeout.total_seconds())
         self._origin = urlsplit(config.base_url).netloc
         self._client = httpx.AsyncClient(base_url=config.base_url + "/", headers=headers, auth=auth,
                                          timeout=config.timeout.total_seconds(), transport=transport)
@@ -113,3 +121,5 @@ class FhirPollSource:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+        if self._smart is not None:
+            await self._smart.aclose()
