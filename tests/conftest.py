@@ -116,7 +116,7 @@ BASIC = ("appointment-booked", "appointment-cancelled")
 
 def write_config(folder: Path, fhir_url: str, paubox_url: str, *, ledger_url: str | None = None,
                  extra_source: str = "", extra: str = "", mappings: tuple[str, ...] | None = None,
-                 paubox_extra: str = "") -> Path:
+                 paubox_extra: str = "", delivery_extra: str = "") -> Path:
     """A config for the local servers. `mappings`: only these of the shipped mappings (default: all)."""
     mappings_dir = ROOT / "mappings"
     if mappings is not None:
@@ -139,7 +139,7 @@ ledger:
   url: {ledger_url or 'sqlite:///connector.db'}
 delivery:
   from: "Example Clinic <appointments@clinic.example.org>"
-  paubox:
+{delivery_extra}  paubox:
     base_url: {paubox_url}/v1/clinic
     api_key: ${{PAUBOX_API_KEY}}
 {paubox_extra}dispatch:

@@ -114,3 +114,23 @@ def test_replay_dry_run_says_why_not(tmp_path: Path, fhir_state: FhirState, fhir
     assert "skipped: Patient/p1 has no usable email address" in dry.stdout
     assert "1 skipped" in dry.stdout
     assert paubox_state.messages == []
+
+
+def test_resolve_decides_an_in_doubt_notification(tmp_path: Path, api_key_env: str) -> None:
+    from connector.config import load_config
+    from connector.models import PlannedNotification, State
+    from connector.runtime import open_ledger
+
+    config = write_config(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9", mappings=BASIC)
+    ledger = open_ledger(load_config(config))
+    ledger.add([PlannedNotification(key=k, source="ehr", mapping="m", event="booked", resource_type="Appointment",
+                                    resource_id=k, resource_version="1", patient_id="p1", due_at=START,
+                                    state=State.IN_DOUBT) for k in ("k-sent", "k-again", "k-drop")])
+    ledger.engine.dispose()
+    for key, flag in (("k-sent", "--sent"), ("k-again", "--resend"), ("k-drop", "--cancel")):
+        assert connector("resolve", key, flag, "--config", str(config), cwd=tmp_path).returncode == 0
+    assert connector("resolve", "k-sent", "--sent", "--config", str(config), cwd=tmp_path).returncode == 1
+    ledger = open_ledger(load_config(config))
+    states = {k: r.state for k, r in ledger.existing(["k-sent", "k-again", "k-drop"]).items()}
+    ledger.engine.dispose()
+    assert states == {"k-sent": State.SENT, "k-again": State.PENDING, "k-drop": State.CANCELLED}

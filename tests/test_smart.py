@@ -318,3 +318,56 @@ async def test_tokens_go_only_to_the_fhir_server(connect: Connect, world: World)
     with pytest.raises(SmartAuthError, match=r"refusing to send a token to evil\.test"):
         await client.get("http://evil.test/Patient/p1")
     assert world.state.token_requests == 0
+
+
+async def test_a_smart_source_polls_end_to_end(tmp_path: Path, keys: dict[str, bytes],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """`auth: {type: smart}` in the config: the poller discovers the token endpoint, signs an assertion with
+    the key file, and reads the FHIR server with the token; the email goes out."""
+    from datetime import UTC, datetime, timedelta
+
+    from starlette.types import Receive, Scope, Send
+
+    from connector.config import load_config
+    from connector.daemon import run_once
+    from connector.delivery.paubox import PauboxRestMailer
+    from connector.models import system_clock
+    from connector.runtime import Runtime
+    from connector.sandbox.fhir import FhirState
+    from connector.sandbox.fhir import create_app as fhir_server
+    from connector.sandbox.paubox import SandboxState
+    from connector.sandbox.paubox import create_app as paubox_server
+    from connector.sandbox.smart_token import SmartTokenState
+    from connector.sandbox.smart_token import create_app as token_server
+    from tests.conftest import BASIC, write_config
+    from tests.factories import appointment, patient
+
+    tokens = SmartTokenState()
+    private = serialization.load_pem_private_key(keys["rsa"], password=None)
+    tokens.register("connector-test", "rsa-1", private.public_key())  # type: ignore[arg-type]
+    fhir = FhirState(authorizer=tokens.check)
+    fhir.put(patient("p1", "Robin", email="robin@example.org"))
+    fhir.put(appointment("a1", "p1", datetime.now(UTC) + timedelta(days=3)))
+    auth_app, ehr_app = token_server(tokens), fhir_server(fhir)
+
+    async def router(scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        target = auth_app if path.startswith(("/.well-known/", "/token")) else ehr_app
+        await target(scope, receive, send)
+
+    (tmp_path / "client-key.pem").write_bytes(keys["rsa"])
+    monkeypatch.setenv("PAUBOX_API_KEY", "k")
+    smart = ("    auth:\n      type: smart\n      client_id: connector-test\n      key_id: rsa-1\n"
+             "      private_key: {file: client-key.pem}\n")
+    config = load_config(write_config(tmp_path, "http://fhir.test", "https://paubox.test", mappings=BASIC,
+                                      extra_source=smart))
+    sandbox = SandboxState(api_key="k", username="clinic")
+    mailer = PauboxRestMailer(config.delivery.paubox, transport=httpx.ASGITransport(app=paubox_server(sandbox)))
+    runtime = Runtime.open(config, system_clock, mailer=mailer, source_transport=httpx.ASGITransport(app=router))
+    try:
+        report = await run_once(runtime)
+    finally:
+        await runtime.aclose()
+    assert report.polls[0].error is None
+    assert [m["recipients"] for m in sandbox.messages] == [["robin@example.org"]]
+    assert len(tokens.tokens) == 1

@@ -38,6 +38,7 @@ Mode = Literal["starttls", "plain", "tls"]
 class Tls:
     server: ssl.SSLContext
     client: ssl.SSLContext
+    ca: trustme.CA
 
 
 @dataclass
@@ -99,7 +100,7 @@ def tls() -> Tls:
     ca.issue_cert("127.0.0.1").configure_cert(server)
     client = ssl.create_default_context()
     ca.configure_trust(client)
-    return Tls(server, client)
+    return Tls(server, client, ca)
 
 
 StartRelay = Callable[[Relay, Mode], Awaitable[int]]
@@ -331,3 +332,46 @@ def test_reply_reason_hides_addresses() -> None:
     """Only the first line is kept, and bracketed or bare addresses become `<address>`."""
     assert reply_reason(550, "5.1.1 <pat@x.org> unknown\nmore") == "SMTP 550 5.1.1 <address> unknown"
     assert reply_reason(552, "mailbox pat@x.org full") == "SMTP 552 mailbox <address> full"
+
+
+async def test_the_pipeline_sends_through_the_relay_when_configured(tls: Tls, start_relay: StartRelay,
+                                                                    tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """With `transport: paubox-smtp` the daemon's whole path ends at the relay: STARTTLS, AUTH, the key header,
+    and a `sent` notification carrying the relay's queue id."""
+    from datetime import UTC, datetime, timedelta
+
+    import httpx
+
+    from connector.config import load_config
+    from connector.daemon import run_once
+    from connector.models import State, system_clock
+    from connector.runtime import Runtime
+    from connector.sandbox.fhir import FhirState
+    from connector.sandbox.fhir import create_app as fhir_app
+    from tests.conftest import BASIC, write_config
+    from tests.factories import appointment, patient
+
+    relay = Relay()
+    port = await start_relay(relay, "starttls")
+    tls.ca.cert_pem.write_to_path(str(tmp_path / "relay-ca.pem"))
+    monkeypatch.setenv("PAUBOX_API_KEY", PASSWORD)
+    config_path = write_config(tmp_path, "http://fhir.test", "https://paubox.test", mappings=BASIC,
+                               delivery_extra="  transport: paubox-smtp\n"
+                                              f"  smtp:\n    host: 127.0.0.1\n    port: {port}\n"
+                                              "    ca_file: relay-ca.pem\n    timeout: 5s\n")
+    fhir = FhirState()
+    fhir.put(patient("p1", "Robin", email="robin@example.org"))
+    fhir.put(appointment("a1", "p1", datetime.now(UTC) + timedelta(days=3)))
+    runtime = Runtime.open(load_config(config_path), system_clock,
+                           source_transport=httpx.ASGITransport(app=fhir_app(fhir)))
+    try:
+        await run_once(runtime)
+        [record] = runtime.ledger.notifications([State.SENT], 10)
+    finally:
+        await runtime.aclose()
+    [envelope] = relay.messages
+    message = parsed(envelope)
+    assert message["X-Notification-Key"] == record.key
+    assert record.tracking_id == "smtp:Q1234AB"
+    assert relay.logins and all(under_tls for _, _, under_tls in relay.logins)

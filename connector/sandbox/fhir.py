@@ -20,6 +20,7 @@ import copy
 import json
 import secrets
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -42,6 +43,7 @@ class FhirState:
     deleted: set[tuple[str, str]] = field(default_factory=set)
     snapshots: dict[str, dict[str, Any]] = field(default_factory=dict)
     token: str | None = None  # bearer token required when set
+    authorizer: Callable[[str], object] | None = None  # or: a check of the Authorization header (SMART)
     basic: tuple[str, str] | None = None  # (user, password) required when set
     malformed_pages: int = 0
     page_status: list[int] = field(default_factory=list)
@@ -103,6 +105,8 @@ def _matches_date(value: datetime | None, condition: str) -> bool:
 def create_app(state: FhirState) -> Starlette:
     def authorised(request: Request) -> bool:
         header = request.headers.get("authorization", "")
+        if state.authorizer is not None:
+            return bool(state.authorizer(header))
         if state.token is not None:
             return secrets.compare_digest(header, f"Bearer {state.token}")
         if state.basic is not None:
