@@ -32,14 +32,27 @@ def paubox(
     username: Annotated[str, typer.Option(help="API username in /v1/<username>/….")] = "sandbox",
     from_domain: Annotated[list[str], typer.Option(help="Verified sender domain(s).")] = ["example.org"],  # noqa: B006
     webhook_url: Annotated[str | None, typer.Option(help="POST Paubox-shaped webhooks here.")] = None,
+    latency_ms: Annotated[float, typer.Option(help="Delay every send by this much.")] = 0,
+    chaos: Annotated[str | None, typer.Option(
+        help="Random faults per send, e.g. server_error=0.05,rate_limit=0.02,hang=0.01,drop_webhook=0.01,"
+             "accepted_500=0.01,hang_seconds=30,seed=7")] = None,
 ) -> None:
     """Serve a Paubox-compatible Email API on http://HOST:PORT/v1/<username> (and /v1/email, /v1)."""
     if ctx.invoked_subcommand is not None:
         return
-    from connector.sandbox.paubox import SandboxState, create_app
+    from connector.sandbox.paubox import Chaos, SandboxState, create_app
 
+    chaos_state = Chaos()
+    for item in (chaos or "").split(","):
+        name, _, value = (part.strip() for part in item.partition("="))
+        if not name:
+            continue
+        if name not in Chaos.__dataclass_fields__:
+            raise typer.BadParameter(f"unknown chaos setting {name!r}", param_hint="--chaos")
+        setattr(chaos_state, name, int(value) if name == "seed" else float(value))
+    chaos_state.__post_init__()  # reseed after the settings
     state = SandboxState(api_key=api_key, username=username, from_domains=tuple(from_domain),
-                         webhook_url=webhook_url)
+                         webhook_url=webhook_url, latency=latency_ms / 1000, chaos=chaos_state if chaos else None)
     print(f"Paubox sandbox on http://{host}:{port}/v1/{username} (inbox: http://{host}:{port}/_sandbox/messages)",
           file=sys.stderr)
     _serve(create_app(state), host, port)

@@ -23,6 +23,7 @@ import base64
 import binascii
 import contextlib
 import json
+import random
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -63,6 +64,36 @@ class WebhookFaults:
 
 
 @dataclass
+class Chaos:
+    """Random faults for long runs (`connector sandbox --chaos`): each send request draws one outcome."""
+
+    server_error: float = 0.0  # HTTP 500 before accepting
+    accepted_500: float = 0.0  # accepted, then HTTP 500 (the message exists)
+    rate_limit: float = 0.0  # HTTP 429 with Retry-After: 1
+    hang: float = 0.0  # accepted, then no answer for `hang_seconds`
+    hang_seconds: float = 30.0
+    drop_webhook: float = 0.0  # a webhook event is never sent
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        self._random = random.Random(self.seed)
+
+    def draw(self) -> Fault | None:
+        roll = self._random.random()
+        choices = ((self.server_error, Fault(status=500)), (self.accepted_500, Fault(status=500, accept=True)),
+                   (self.rate_limit, Fault(status=429, retry_after=1)),
+                   (self.hang, Fault(hang=self.hang_seconds, accept=True)))
+        for chance, fault in choices:
+            if roll < chance:
+                return fault
+            roll -= chance
+        return None
+
+    def drops_webhook(self) -> bool:
+        return self._random.random() < self.drop_webhook
+
+
+@dataclass
 class SandboxState:
     api_key: str
     username: str = "sandbox"
@@ -72,6 +103,7 @@ class SandboxState:
     webhook_faults: WebhookFaults = field(default_factory=WebhookFaults)
     webhook_events: tuple[str, ...] = ("api_mail_log_delivered",)
     latency: float = 0.0
+    chaos: Chaos | None = None
     messages: list[dict[str, Any]] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
     requests: Counter[str] = field(default_factory=Counter)  # accepted messages per X-Notification-Key
@@ -80,7 +112,7 @@ class SandboxState:
 
     def next_fault(self) -> Fault | None:
         if not self.faults:
-            return None
+            return self.chaos.draw() if self.chaos else None
         fault = self.faults[0]
         fault.count -= 1
         if fault.count <= 0:
@@ -305,7 +337,9 @@ def create_app(state: SandboxState) -> Starlette:
 
     async def stats(request: Request) -> Response:
         return JSONResponse({"received": state.received, "accepted": len(state.messages),
-                             "per_key": dict(state.requests)})
+                             "bulk_requests": state.bulk_requests, "per_key": dict(state.requests),
+                             "tracking": {m["custom_headers"].get("X-Notification-Key", ""): m["sourceTrackingId"]
+                                          for m in state.messages}})
 
     async def not_found(request: Request) -> Response:
         return HTMLResponse(NOT_FOUND_HTML, status_code=404)
@@ -350,6 +384,8 @@ def _emit_webhooks(message: dict[str, Any], state: SandboxState) -> None:
     for event in events:
         if faults.drop > 0:
             faults.drop -= 1
+            continue
+        if state.chaos is not None and state.chaos.drops_webhook():
             continue
         kept.append(event)
 
