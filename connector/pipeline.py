@@ -102,6 +102,7 @@ class PollReport:
     inserted: int = 0
     invalid: int = 0
     error: str | None = None
+    skipped: bool = False  # another replica held this source's poll lock
 
 
 @dataclass
@@ -192,7 +193,18 @@ class Planner:
                 self.cache.put(source, resource)
 
     async def poll(self, name: str) -> PollReport:
-        """One incremental poll of source `name`. Source errors end the poll; its cursor stays put."""
+        """One incremental poll of source `name`, unless another replica is polling it right now."""
+        lock = await asyncio.to_thread(self.ledger.try_lock_source, name)
+        if lock is False:
+            log.debug("poll.skipped", source=name, problem="another replica is polling this source")
+            return PollReport(name, skipped=True)
+        try:
+            return await self._poll(name)
+        finally:
+            await asyncio.to_thread(self.ledger.unlock_source, lock)
+
+    async def _poll(self, name: str) -> PollReport:
+        """Source errors end the poll; its cursor stays put."""
         source = self.sources[name]
         report = PollReport(name)
         cursor = await asyncio.to_thread(self.ledger.cursor, name)

@@ -113,3 +113,19 @@ def test_problems_and_pruning(ledger: SqlLedger) -> None:
     assert ledger.prune_seen("ehr", NOW - timedelta(hours=1)) == 1
     [(source, seen)] = ledger.problems(10)
     assert (source, seen.resource_id, seen.problem) == ("ehr", "bad", "not valid FHIR R4: status")
+
+
+def test_only_one_process_polls_a_source_at_a_time(ledger: SqlLedger) -> None:
+    first = ledger.try_lock_source("ehr")
+    assert first is not False
+    second = ledger.try_lock_source("ehr")
+    other = ledger.try_lock_source("other")
+    if ledger.dialect == "postgresql":
+        assert second is False and other is not False
+    else:  # SQLite: one process per ledger, guarded by the lock file
+        assert second is True
+    ledger.unlock_source(first)
+    ledger.unlock_source(other)
+    again = ledger.try_lock_source("ehr")
+    assert again is not False
+    ledger.unlock_source(again)

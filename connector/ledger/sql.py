@@ -6,11 +6,12 @@ unique key; claims use FOR UPDATE SKIP LOCKED on PostgreSQL (SQLite serialises w
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, and_, case, create_engine, event, func, or_, select, update
+from sqlalchemy import Engine, and_, case, create_engine, event, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
@@ -247,6 +248,27 @@ class SqlLedger:
                 for row in conn.execute(select(N).where(N.c.key.in_(keys[start:start + 500]))):
                     found[row.key] = _record(row)
         return found
+
+    def try_lock_source(self, source: str) -> Connection | bool:
+        """Only one process polls a source at a time. PostgreSQL: a session advisory lock, held on the
+        returned connection until `unlock_source`; False when another replica holds it. SQLite serves one
+        process (see runtime.lock_sqlite): always True."""
+        if self.dialect != "postgresql":
+            return True
+        key = int.from_bytes(hashlib.sha256(f"connector:poll:{source}".encode()).digest()[:8], "big", signed=True)
+        conn = self.engine.connect()
+        if conn.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": key}).scalar():
+            conn.info["poll_lock"] = key
+            conn.commit()
+            return conn
+        conn.close()
+        return False
+
+    def unlock_source(self, handle: Connection | bool) -> None:
+        if isinstance(handle, Connection):
+            handle.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": handle.info.pop("poll_lock")})
+            handle.commit()
+            handle.close()
 
     # -- dispatching ----------------------------------------------------------------------------------
 
