@@ -178,6 +178,20 @@ def db_upgrade(config: ConfigOption = ENV.config) -> None:
 
 
 @app.command()
+def subscribe(source: Annotated[str, typer.Argument(help="The source whose Subscription to create or check.")],
+              config: ConfigOption = ENV.config) -> None:
+    """Create the FHIR Subscription configured for SOURCE on its server (or check the one created before)."""
+    try:
+        cfg = load_config(config)
+        if source not in cfg.sources or not cfg.sources[source].subscription.enabled:
+            raise typer.BadParameter(f"no source {source!r} with subscription.enabled", param_hint="SOURCE")
+        reference, status = asyncio.run(commands.subscribe(cfg, source))
+    except ConnectorError as exc:
+        raise _fail(exc) from None
+    report.console.print(f"{reference}: {status}", markup=False)
+
+
+@app.command()
 def resolve(
     key: Annotated[str, typer.Argument(help="The notification key (from `connector status`).")],
     sent: Annotated[bool, typer.Option("--sent", help="It did go out (you checked with the patient or Paubox).")]

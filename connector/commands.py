@@ -18,7 +18,7 @@ from connector.ledger import NotificationRecord
 from connector.lifecycle import appointment_zone
 from connector.mapping.engine import PlanNote, render
 from connector.mapping.loader import load_mappings
-from connector.models import Clock, Email, State
+from connector.models import Clock, Email, State, system_clock
 from connector.pipeline import ReplayItem, examine, triples
 from connector.recipients import NoRecipient, resolve
 from connector.runtime import Runtime
@@ -208,3 +208,11 @@ def status(config: Config) -> dict[str, Any]:
         }
     finally:
         ledger.engine.dispose()
+
+
+async def subscribe(config: Config, source: str) -> tuple[str, str]:
+    runtime = Runtime.open(config, system_clock, exclusive=False)
+    try:
+        return await runtime.subscriptions.subscribe(source)
+    finally:
+        await runtime.aclose()

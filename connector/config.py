@@ -152,12 +152,54 @@ class QuietHoursConfig(Strict):
         return value
 
 
+class WindowScope(Strict):
+    """Whose appointments a date-window search covers (servers that require one of these, like Oracle
+    Health). Empty: one search for everything in the window."""
+
+    patients: list[str] = Field(default_factory=list)
+    practitioners: list[str] = Field(default_factory=list)
+    locations: list[str] = Field(default_factory=list)
+
+
+class WindowConfig(Strict):
+    past: Duration = timedelta(days=1)
+    future: Duration = timedelta(days=14)
+    chunk: int = Field(10, ge=1, le=100, description="ids per request (comma list)")
+    scope: WindowScope = WindowScope()
+
+
+class ReadRetries(Strict):
+    attempts: int = Field(4, ge=1, le=10)
+    backoff: Duration = timedelta(seconds=1)
+    backoff_max: Duration = timedelta(seconds=30)
+
+
+class SubscriptionConfig(Strict):
+    """FHIR Subscriptions pointing at `connector run` (`/fhir/<source>/notify`)."""
+
+    enabled: bool = False
+    kind: Literal["rest-hook", "backport"] = "backport"
+    endpoint: EnvStr | None = None  # the public URL the EHR calls; used by `connector subscribe`
+    header: str = "Authorization"  # the caller sends `<header>: <secret>` (channel.header)
+    secret: Secret | None = None
+    topic: str | None = None  # backport: the SubscriptionTopic canonical URL
+    criteria: str = "Appointment"  # classic criteria, or the backport filter (Appointment?location=...)
+    payload: Literal["empty", "id-only", "full-resource"] = "id-only"
+    heartbeat: Duration = timedelta(minutes=5)
+
+
 class FhirPollSourceConfig(Strict):
-    """A FHIR R4 server polled with `Appointment?_lastUpdated=ge…`."""
+    """A FHIR R4 server: polled (strategy below) and, optionally, pushing Subscription notifications."""
 
     kind: Literal["fhir-poll"] = "fhir-poll"
     base_url: EnvStr
     auth: Auth = NoAuth()
+    strategy: Literal["last-updated", "history", "date-window"] = "last-updated"
+    on_ignored_filter: Literal["fail", "scan"] = "fail"
+    window: WindowConfig = WindowConfig()
+    max_connections: int = Field(4, ge=1, le=32)
+    retries: ReadRetries = ReadRetries()
+    subscription: SubscriptionConfig = SubscriptionConfig()
     interval: Duration = timedelta(seconds=60)
     page_size: int = Field(50, ge=1, le=1000)
     overlap: Duration = timedelta(minutes=5)

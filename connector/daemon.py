@@ -69,7 +69,8 @@ def web_server(runtime: Runtime) -> EmbeddedServer | None:
     if settings is None:
         return None
     app = web.create_app(runtime.config, runtime.aftercare,
-                         health=lambda: {"mailer": runtime.dispatcher.gate.state.value})
+                         health=lambda: {"mailer": runtime.dispatcher.gate.state.value},
+                         extra_routes=runtime.subscriptions.routes())
     # access_log off: request lines would carry the webhook path token.
     return EmbeddedServer(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
                                          access_log=False, lifespan="off"))
@@ -110,6 +111,8 @@ async def run_forever(runtime: Runtime) -> None:
                       max_instances=1, coalesce=True, next_run_time=now)
     scheduler.add_job(guarded("aftercare", lambda: aftercare(runtime)), "interval", seconds=60, id="aftercare",
                       max_instances=1, coalesce=True)
+    scheduler.add_job(guarded("subscriptions", runtime.subscriptions.watchdog), "interval", seconds=60,
+                      id="subscriptions", max_instances=1, coalesce=True)
     server = web_server(runtime)
     server_task = asyncio.create_task(server.serve()) if server else None
     scheduler.start()

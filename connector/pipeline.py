@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from connector import fhir
+from connector import fhir, metrics
 from connector.cache import ResourceCache
 from connector.config import Config
 from connector.errors import ResourceError, SourceError
@@ -199,21 +199,104 @@ class Planner:
             log.debug("poll.skipped", source=name, problem="another replica is polling this source")
             return PollReport(name, skipped=True)
         try:
-            return await self._poll(name)
+            strategy = self.sources[name].config.strategy
+            poll = {"last-updated": self._poll, "history": self._poll_history, "date-window": self._poll_window}
+            return await poll[strategy](name)
+        except SourceError as exc:
+            log.error("poll.failed", source=name, problem=str(exc))
+            metrics.inc("connector_poll_failures_total", source=name)
+            return PollReport(name, error=str(exc))
         finally:
             await asyncio.to_thread(self.ledger.unlock_source, lock)
 
-    async def _poll(self, name: str) -> PollReport:
-        """Source errors end the poll; its cursor stays put."""
+    async def _start(self, name: str) -> tuple[datetime | None, datetime]:
+        """The cursor and where this poll reads from; a first poll remembers its starting point."""
         source = self.sources[name]
-        report = PollReport(name)
         cursor = await asyncio.to_thread(self.ledger.cursor, name)
         since = self.since(name, cursor)
         if cursor is None:
-            # First poll: remember where it started, so that what changes before the first appointment
-            # arrives is not skipped by the next poll starting from "now" again.
-            await asyncio.to_thread(self.ledger.record_page, name, [], [], since + source.config.overlap)
+            # So that what changes before the first appointment arrives is not skipped by the next poll
+            # starting from "now" again.
             cursor = since + source.config.overlap
+            await asyncio.to_thread(self.ledger.record_page, name, [], [], cursor)
+        return cursor, since
+
+    async def ingest(self, name: str, resources: list[dict[str, Any]]) -> list[str]:
+        """Appointments that arrived otherwise than by a poll (a subscription, a re-read): diffed, planned
+        and committed like a page; versions already seen are skipped. Returns the keys inserted."""
+        page = fhir.SearchPage(matches=list(resources))
+        fresh = await asyncio.to_thread(self.ledger.new_versions, name, triples(page))
+        examined = examine(name, page, fresh)
+        decision = await self._decide_page(name, examined, first_sight=False)
+        inserted = await asyncio.to_thread(self.ledger.record_page, name, decision.notifications, examined.seen,
+                                           None, decision.snapshots, decision.withdrawals)
+        self.remember(name, page)
+        return inserted
+
+    async def _poll_history(self, name: str) -> PollReport:
+        """`_history?_since=`: every version since the cursor, newest per appointment kept (several updates
+        between two polls are one change), DELETE entries planned as deletions."""
+        source = self.sources[name]
+        report = PollReport(name)
+        cursor, since = await self._start(name)
+        latest: dict[str, dict[str, Any]] = {}
+        newest = cursor
+        async for page in source.history_pages(since):
+            report.pages += 1
+            for raw in page.matches:
+                updated = fhir.last_updated(raw)
+                if updated is not None and (newest is None or updated > newest):
+                    newest = self._bounded(name, updated)
+                known = latest.get(str(raw.get("id")))
+                if known is None or (fhir.last_updated(known) or since) < (updated or since):
+                    latest[str(raw.get("id"))] = raw
+        report.resources = len(latest)
+        versions = [raw for raw in latest.values() if not raw.get("_deleted")]
+        inserted = await self.ingest(name, versions)
+        for appointment_id, raw in latest.items():
+            if raw.get("_deleted"):
+                inserted += await self.deleted(name, appointment_id)
+        if newest is not None and newest != cursor:
+            await asyncio.to_thread(self.ledger.record_page, name, [], [], newest)
+        report.inserted = len(inserted)
+        log.info("poll.done", source=name, strategy="history", pages=report.pages, appointments=report.resources,
+                 notifications=report.inserted)
+        return report
+
+    async def _poll_window(self, name: str) -> PollReport:
+        """Appointments starting in the window, diffed against what is remembered; a booked one that
+        vanished from the window is read by id: gone means deleted, found means it changed."""
+        source = self.sources[name]
+        report = PollReport(name)
+        now = self.clock()
+        start, end = now - source.config.window.past, now + source.config.window.future
+        found: dict[str, dict[str, Any]] = {}
+        async for page in source.window_pages(start, end):
+            report.pages += 1
+            self.remember(name, page)
+            for raw in page.matches:
+                if isinstance(raw, dict) and raw.get("id"):
+                    found[str(raw["id"])] = raw
+        report.resources = len(found)
+        inserted = await self.ingest(name, list(found.values()))
+        remembered = await asyncio.to_thread(self.ledger.window_snapshots, name, start, end)
+        for appointment_id in sorted(set(remembered) - set(found)):
+            current = await source.read("Appointment", appointment_id)
+            if current is None:
+                inserted += await self.deleted(name, appointment_id)
+            else:
+                inserted += await self.ingest(name, [current])
+        report.inserted = len(inserted)
+        log.info("poll.done", source=name, strategy="date-window", pages=report.pages,
+                 appointments=report.resources, vanished=len(set(remembered) - set(found)),
+                 notifications=report.inserted)
+        return report
+
+    async def _poll(self, name: str) -> PollReport:
+        """`_lastUpdated` search. Source errors end the poll; its cursor stays put."""
+        source = self.sources[name]
+        report = PollReport(name)
+        cursor, since = await self._start(name)
         newest: datetime | None = cursor
         honours_sort: bool | None = None
         try:
@@ -240,6 +323,7 @@ class Planner:
         except SourceError as exc:
             report.error = str(exc)
             log.error("poll.failed", source=name, pages=report.pages, problem=str(exc))
+            metrics.inc("connector_poll_failures_total", source=name)
             return report
         if newest is not None:
             await asyncio.to_thread(self.ledger.prune_seen, name, newest - 2 * source.config.overlap)
@@ -264,11 +348,16 @@ class Planner:
         return self.clock() if settings.start_from == "now" else settings.start_from
 
     def _check_self_link(self, name: str, page: fhir.SearchPage) -> bool:
+        """The self link lists the parameters the server used. Without `_lastUpdated`, every poll would read
+        every appointment: fail loudly (default) or, with on_ignored_filter: scan, go on."""
         used = page.self_url or ""
         if "_lastUpdated" not in used:
+            if self.sources[name].config.on_ignored_filter == "fail":
+                raise SourceError(f"source {name!r}: the server ignored _lastUpdated (its self link does not "
+                                  "list it); use strategy: history or date-window, or on_ignored_filter: scan")
             log.warning("poll.filter_ignored", source=name,
-                        problem="the server did not report using _lastUpdated; every poll reads every "
-                                "appointment (seen versions are still skipped)")
+                        problem="the server ignored _lastUpdated; every poll reads every appointment (seen "
+                                "versions are still skipped)")
         return "_sort=_lastUpdated" in used or "_sort=_lastupdated" in used.lower()
 
     async def deleted(self, name: str, appointment_id: str) -> list[str]:

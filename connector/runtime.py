@@ -29,6 +29,7 @@ from connector.mapping.loader import MappingSet, load_mappings
 from connector.models import Clock
 from connector.pipeline import Planner
 from connector.sources.fhir_poll import FhirPollSource
+from connector.sources.subscriptions import SubscriptionHub
 
 log = structlog.get_logger("connector.runtime")
 
@@ -80,6 +81,7 @@ class Runtime:
     planner: Planner
     dispatcher: Dispatcher
     aftercare: Aftercare
+    subscriptions: SubscriptionHub
     lock: IO[str] | None
 
     @classmethod
@@ -101,7 +103,8 @@ class Runtime:
         planner = Planner(config, mappings, ledger, sources, cache, clock)
         dispatcher = Dispatcher(config, mappings, ledger, sources, mailer, cache, clock, owner, planner.deleted)
         aftercare = Aftercare(config, ledger, clock)
-        return cls(config, mappings, ledger, sources, mailer, cache, planner, dispatcher, aftercare, lock)
+        hub = SubscriptionHub(config, planner, sources, ledger, clock)
+        return cls(config, mappings, ledger, sources, mailer, cache, planner, dispatcher, aftercare, hub, lock)
 
     async def aclose(self) -> None:
         await self.dispatcher.release()

@@ -133,6 +133,8 @@ sources:
     start_from: 2000-01-01T00:00:00Z
     page_size: 2
     timezone: America/New_York
+    retries:
+      backoff: 10ms
 {extra_source}
 mappings: {mappings_dir}
 ledger:

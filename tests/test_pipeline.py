@@ -96,7 +96,7 @@ async def test_malformed_page_loses_nothing(runtime: Runtime, fhir: FhirState, p
 
 async def test_failed_second_page_keeps_the_first_and_the_cursor_is_safe(runtime: Runtime, fhir: FhirState,
                                                                          paubox: SandboxState) -> None:
-    fhir.page_status = [200, 503]  # the first page is served, the second fails
+    fhir.page_status = [200, 503, 503, 503, 503]  # the first page is served, the second fails 4 times
     report = await run_once(runtime)
     assert report.polls[0].error is not None and "HTTP 503" in report.polls[0].error
     first_page_cursor = runtime.ledger.cursor("ehr")
@@ -160,3 +160,18 @@ async def test_replay_sends_nothing_already_sent(runtime: Runtime, paubox: Sandb
     assert len(items) == 4 and all(i.existing is not None and not i.inserted for i in items)
     await runtime.dispatcher.run()
     assert len(paubox.messages) == 4
+
+
+async def test_a_flaky_page_is_retried_and_nothing_is_lost(runtime: Runtime, fhir: FhirState,
+                                                           paubox: SandboxState) -> None:
+    fhir.page_status = [200, 503, 429]  # the second page fails twice, then is served
+    report = await run_once(runtime)
+    assert report.polls[0].error is None and len(paubox.messages) == 4
+
+
+async def test_a_server_that_ignores_last_updated_fails_loudly(runtime: Runtime, fhir: FhirState,
+                                                              paubox: SandboxState) -> None:
+    fhir.ignore = {"_lastUpdated"}
+    report = await run_once(runtime)
+    assert report.polls[0].error is not None and "ignored _lastUpdated" in report.polls[0].error
+    assert paubox.messages == []

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Boolean, Column, DateTime, Index, String, UniqueConstraint
+from sqlalchemy import BigInteger, Boolean, Column, DateTime, Index, String, UniqueConstraint
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
@@ -128,3 +128,15 @@ class OptOutRow(SQLModel, table=True):
     hint: str = Field(max_length=200)
     note: str | None = Field(default=None, max_length=500)
     created_at: datetime = _when()
+
+
+class SubscriptionStateRow(SQLModel, table=True):
+    """What a FHIR Subscription has told us: its event counter and when we last heard from it."""
+
+    __tablename__ = "subscription_state"
+
+    source: str = Field(primary_key=True, max_length=64)
+    subscription: str = Field(primary_key=True, max_length=300)
+    events: int = Field(default=0, sa_column=Column(BigInteger(), nullable=False))
+    status: str | None = Field(default=None, max_length=32)
+    last_seen: datetime = _when()

@@ -16,7 +16,14 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from connector.ledger import NotificationRecord, OptOut, SeenVersion, Withdrawal
-from connector.ledger.schema import AppointmentStateRow, CursorRow, NotificationRow, OptOutRow, SeenVersionRow
+from connector.ledger.schema import (
+    AppointmentStateRow,
+    CursorRow,
+    NotificationRow,
+    OptOutRow,
+    SeenVersionRow,
+    SubscriptionStateRow,
+)
 from connector.lifecycle import Snapshot
 from connector.models import PlannedNotification, State
 
@@ -25,6 +32,7 @@ C = CursorRow.__table__  # type: ignore[attr-defined]
 S = SeenVersionRow.__table__  # type: ignore[attr-defined]
 A = AppointmentStateRow.__table__  # type: ignore[attr-defined]
 OPT = OptOutRow.__table__  # type: ignore[attr-defined]
+SUB = SubscriptionStateRow.__table__  # type: ignore[attr-defined]
 NOTIFIED = (State.SENT.value, State.SENDING.value, State.IN_DOUBT.value)
 
 
@@ -190,6 +198,15 @@ class SqlLedger:
                                                        tuple(r.patients.split()), r.last_updated)
         return found
 
+    def window_snapshots(self, source: str, start: datetime, end: datetime) -> dict[str, Snapshot]:
+        """Remembered appointments starting in [start, end) that have not ended (for date-window polls)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(A).where(A.c.source == source, A.c.deleted.is_(False), A.c.start >= start,
+                                                A.c.start < end,
+                                                A.c.status.not_in(["cancelled", "noshow", "entered-in-error"])))
+            return {r.appointment_id: Snapshot(r.status, r.start, r.end, r.version, tuple(r.patients.split()),
+                                               r.last_updated) for r in rows}
+
     def snapshot(self, source: str, appointment_id: str) -> Snapshot | None:
         """The remembered state, deleted or not (to render a cancellation after a delete)."""
         with self.engine.connect() as conn:
@@ -207,6 +224,29 @@ class SqlLedger:
                     N.c.source == source, N.c.resource_id.in_(ids[start:start + 500]), N.c.state.in_(NOTIFIED)))
                 found |= {(r.resource_id, r.patient_id) for r in rows}
         return found
+
+    # -- subscriptions --------------------------------------------------------------------------------
+
+    def heard(self, source: str, subscription: str, events: int | None, status: str | None,
+              when: datetime) -> int | None:
+        """Note a notification; returns the event count known before it (None: never heard of it).
+        The stored count only grows."""
+        with self.engine.begin() as conn:
+            before = conn.execute(select(SUB.c.events).where(SUB.c.source == source,
+                                                             SUB.c.subscription == subscription)).scalar()
+            values: dict[str, Any] = {"last_seen": when, "status": status}
+            if events is not None:
+                values["events"] = max(events, before or 0)
+            statement = self._insert(SUB).values(source=source, subscription=subscription,
+                                                 events=values.get("events", before or 0), status=status,
+                                                 last_seen=when)
+            conn.execute(statement.on_conflict_do_update(index_elements=["source", "subscription"], set_=values))
+        return int(before) if before is not None else None
+
+    def subscriptions(self, source: str) -> list[tuple[str, int, str | None, datetime]]:
+        with self.engine.connect() as conn:
+            return [(r.subscription, r.events, r.status, r.last_seen)
+                    for r in conn.execute(select(SUB).where(SUB.c.source == source))]
 
     # -- opt-outs -------------------------------------------------------------------------------------
 

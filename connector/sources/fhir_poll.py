@@ -1,17 +1,29 @@
-"""FHIR R4 polling source: `Appointment?_lastUpdated=ge…&_include=Appointment:patient`, page by page.
+"""FHIR R4 source: how the connector reads a server. Only I/O lives here (HTTP, auth, paging, retries,
+JSON); what a page means is decided in connector.pipeline.
 
-Only I/O lives here (HTTP, auth, paging, JSON). What a page means is decided in connector.pipeline.
-Errors are SourceError with the source name, the request kind and the HTTP status: never a body.
+Three ways to find changed appointments, chosen per source (`strategy`):
+
+    last-updated  Appointment?_lastUpdated=ge{cursor - overlap}&_sort=_lastUpdated&_include=Appointment:patient
+    history       Appointment/_history?_since={cursor - overlap}   (includes DELETE entries)
+    date-window   Appointment?date=ge{now - past}&date=lt{now + future}[&patient|practitioner|location=…]
+                  (Epic- and Oracle Health-style servers; split into requests the server accepts)
+
+Reads are retried with backoff on 429, 5xx and network errors (Retry-After honoured); a source never has
+more than `max_connections` requests in flight. Errors are SourceError naming the source, the request
+kind and the HTTP status: never a body.
 """
 
 from __future__ import annotations
 
+import asyncio
+import random
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import structlog
 
 from connector.config import BasicAuth, BearerAuth, FhirPollSourceConfig, SmartAuth
 from connector.errors import ResourceError, SourceError
@@ -19,10 +31,17 @@ from connector.fhir import SearchPage, split_search_bundle
 from connector.sources.smart import SmartBackendAuth
 
 Params = list[tuple[str, Any]]
+RETRIED = frozenset({429, 500, 502, 503, 504})
+log = structlog.get_logger("connector.sources.fhir")
 
 
 def fhir_instant(moment: datetime) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after", "")
+    return float(value) if value.replace(".", "", 1).isdigit() else None
 
 
 class FhirPollSource:
@@ -46,8 +65,13 @@ class FhirPollSource:
                 algorithm=config.auth.algorithm, scope=config.auth.scope,
                 token_endpoint=config.auth.token_endpoint, transport=transport, timeout=config.timeout.total_seconds())
         self._origin = urlsplit(config.base_url).netloc
-        self._client = httpx.AsyncClient(base_url=config.base_url + "/", headers=headers, auth=auth,
-                                         timeout=config.timeout.total_seconds(), transport=transport)
+        self._client = httpx.AsyncClient(
+            base_url=config.base_url + "/", headers=headers, auth=auth, timeout=config.timeout.total_seconds(),
+            transport=transport, limits=httpx.Limits(max_connections=config.max_connections,
+                                                     max_keepalive_connections=config.max_connections))
+        self._in_flight = asyncio.Semaphore(config.max_connections)
+
+    # -- what to ask --------------------------------------------------------------------------------------
 
     def search_params(self, since: datetime | None, until: datetime | None = None) -> Params:
         params: Params = []
@@ -59,67 +83,147 @@ class FhirPollSource:
                    ("_count", str(self.config.page_size))]
         return params
 
+    def window_queries(self, start: datetime, end: datetime) -> list[Params]:
+        """The date-window searches: one per chunk of each configured id list (servers such as Oracle
+        Health accept one kind of reference per request, with comma lists), or one for everything."""
+        dates: Params = [("date", f"ge{fhir_instant(start)}"), ("date", f"lt{fhir_instant(end)}"),
+                         ("_count", str(self.config.page_size))]
+        scope = self.config.window.scope
+        queries: list[Params] = []
+        for name, ids in (("patient", scope.patients), ("practitioner", scope.practitioners),
+                          ("location", scope.locations)):
+            size = self.config.window.chunk
+            for index in range(0, len(ids), size):
+                queries.append([(name, ",".join(ids[index:index + size])), *dates])
+        return queries or [dates]
+
+    # -- paging -------------------------------------------------------------------------------------------
+
     async def pages(self, since: datetime | None, until: datetime | None = None) -> AsyncIterator[SearchPage]:
         """Appointments changed since `since` (and up to `until`), following `next` links verbatim."""
-        url: str | None = "Appointment"
-        params: Params | None = self.search_params(since, until)
-        number = 0
-        while url:
-            number += 1
-            bundle = await self._get_json(url, params, f"Appointment search page {number}")
-            try:
-                page = split_search_bundle(bundle, "Appointment")
-            except ResourceError as exc:
-                raise SourceError(f"source {self.name!r}: Appointment search page {number}: {exc}") from None
+        async for page in self._follow("Appointment", self.search_params(since, until), "Appointment search"):
             yield page
-            url, params = page.next_url, None
-            if url and urlsplit(url).netloc not in ("", self._origin):
+
+    async def window_pages(self, start: datetime, end: datetime) -> AsyncIterator[SearchPage]:
+        for number, params in enumerate(self.window_queries(start, end), start=1):
+            async for page in self._follow("Appointment", params, f"Appointment date-window search {number}"):
+                yield page
+
+    async def history_pages(self, since: datetime | None) -> AsyncIterator[SearchPage]:
+        """`Appointment/_history?_since=`: versions newest first, DELETE entries without a resource."""
+        params: Params = [("_count", str(self.config.page_size))]
+        if since is not None:
+            params.insert(0, ("_since", fhir_instant(since)))
+        async for page in self._follow("Appointment/_history", params, "Appointment history", history=True):
+            yield page
+
+    async def _follow(self, url: str, params: Params, what: str, history: bool = False
+                      ) -> AsyncIterator[SearchPage]:
+        next_url: str | None = url
+        query: Params | None = params
+        number = 0
+        while next_url:
+            number += 1
+            bundle = await self.get_json(next_url, query, f"{what} page {number}")
+            try:
+                page = history_page(bundle) if history else split_search_bundle(bundle, "Appointment")
+            except ResourceError as exc:
+                raise SourceError(f"source {self.name!r}: {what} page {number}: {exc}") from None
+            yield page
+            next_url, query = page.next_url, None
+            if next_url and urlsplit(next_url).netloc not in ("", self._origin):
                 raise SourceError(f"source {self.name!r}: page {number} links to another host "
-                                  f"({urlsplit(url).netloc}); refusing to send credentials there")
+                                  f"({urlsplit(next_url).netloc}); refusing to send credentials there")
 
     async def search(self, resource_type: str, params: Params, limit_pages: int = 5) -> list[dict[str, Any]]:
         """Every match of a small search (a patient's Consents, say), following at most a few pages."""
         found: list[dict[str, Any]] = []
-        url: str | None = resource_type
-        query: Params | None = params
-        for number in range(1, limit_pages + 1):
-            if url is None:
-                break
-            bundle = await self._get_json(url, query, f"{resource_type} search page {number}")
-            try:
-                page = split_search_bundle(bundle, resource_type)
-            except ResourceError as exc:
-                raise SourceError(f"source {self.name!r}: {resource_type} search: {exc}") from None
+        async for page in self._follow(resource_type, params, f"{resource_type} search"):
             found += [m for m in page.matches if isinstance(m, dict)]
-            url, query = page.next_url, None
+            limit_pages -= 1
+            if limit_pages <= 0:
+                break
         return found
 
     async def read(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
         """The current version of a resource, or None when the server says it is gone (404/410)."""
         what = f"read of {resource_type}/{resource_id}"
-        resource = await self._get_json(f"{resource_type}/{resource_id}", None, what, missing_ok=True)
+        resource = await self.get_json(f"{resource_type}/{resource_id}", None, what, missing_ok=True)
         if resource is not None and not isinstance(resource, dict):
             raise SourceError(f"source {self.name!r}: {what} did not return a resource")
         return resource
 
-    async def _get_json(self, url: str, params: Params | None, what: str,
-                        missing_ok: bool = False) -> Any:
+    async def post(self, url: str, body: dict[str, Any], what: str, method: str = "POST") -> Any:
+        """A write (creating a Subscription, say): not retried."""
         try:
-            response = await self._client.get(url, params=params)
+            async with self._in_flight:
+                response = await self._client.request(method, url, json=body,
+                                                      headers={"Content-Type": "application/fhir+json"})
         except httpx.HTTPError as exc:
-            raise SourceError(f"source {self.name!r}: {what} failed: {type(exc).__name__} "
-                              f"({self._origin})") from exc
-        if missing_ok and response.status_code in (404, 410):
-            return None
-        if response.status_code != 200:
+            raise SourceError(f"source {self.name!r}: {what} failed: {type(exc).__name__}") from exc
+        if response.status_code not in (200, 201):
             raise SourceError(f"source {self.name!r}: {what} answered HTTP {response.status_code}")
         try:
             return response.json()
         except ValueError:
-            kind = response.headers.get("content-type", "no content type")
-            raise SourceError(f"source {self.name!r}: {what} is not valid JSON (HTTP 200, {kind})") from None
+            return None
+
+    async def get_json(self, url: str, params: Params | None, what: str, missing_ok: bool = False) -> Any:
+        settings = self.config.retries
+        for attempt in range(1, settings.attempts + 1):
+            delay: float | None = None
+            try:
+                async with self._in_flight:
+                    response = await self._client.get(url, params=params)
+            except httpx.HTTPError as exc:
+                if attempt == settings.attempts:
+                    raise SourceError(f"source {self.name!r}: {what} failed: {type(exc).__name__} "
+                                      f"({self._origin})") from exc
+                problem = type(exc).__name__
+            else:
+                if missing_ok and response.status_code in (404, 410):
+                    return None
+                if response.status_code == 200:
+                    try:
+                        return response.json()
+                    except ValueError:
+                        kind = response.headers.get("content-type", "no content type")
+                        raise SourceError(f"source {self.name!r}: {what} is not valid JSON (HTTP 200, {kind})") \
+                            from None
+                if response.status_code not in RETRIED or attempt == settings.attempts:
+                    raise SourceError(f"source {self.name!r}: {what} answered HTTP {response.status_code}")
+                problem, delay = f"HTTP {response.status_code}", _retry_after(response)
+            wait = min(settings.backoff_max.total_seconds(),
+                       max(delay or 0.0, random.uniform(0, settings.backoff.total_seconds() * 2 ** (attempt - 1))))
+            log.warning("source.retry", source=self.name, request=what, problem=problem, attempt=attempt,
+                        delay_s=round(wait, 2))
+            await asyncio.sleep(wait)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def aclose(self) -> None:
         await self._client.aclose()
         if self._smart is not None:
             await self._smart.aclose()
+
+
+def history_page(bundle: Any) -> SearchPage:
+    """A history Bundle as a page: resources (with their request method) and DELETE entries, which carry no
+    resource: they become `{"resourceType", "id", "_deleted": True, "meta": {"lastUpdated"}}` stubs."""
+    if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+        raise ResourceError("the page is not a FHIR Bundle")
+    page = split_search_bundle({**bundle, "entry": []})
+    entries = bundle.get("entry")
+    for entry in entries if isinstance(entries, list) else []:
+        if not isinstance(entry, dict):
+            continue
+        request: dict[str, Any] = entry["request"] if isinstance(entry.get("request"), dict) else {}
+        resource = entry.get("resource")
+        if request.get("method") == "DELETE" and not isinstance(resource, dict):
+            parts = str(request.get("url") or entry.get("fullUrl") or "").split("/_history/")[0].rstrip("/").split("/")
+            if len(parts) >= 2 and parts[-2] == "Appointment" and parts[-1]:
+                response: dict[str, Any] = entry["response"] if isinstance(entry.get("response"), dict) else {}
+                page.matches.append({"resourceType": "Appointment", "id": parts[-1], "_deleted": True,
+                                     "meta": {"lastUpdated": response.get("lastModified")}})
+        elif isinstance(resource, dict):
+            page.matches.append(resource)
+    return page
