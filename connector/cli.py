@@ -128,7 +128,7 @@ def render(
 
 @app.command()
 def replay(
-    source: Annotated[str | None, typer.Option(help="Source name (default: the only one).")] = None,
+    source: Annotated[str | None, typer.Option(help="Source name, FHIR or CRM (default: the only one).")] = None,
     since: Annotated[str | None, typer.Option(help="Start of the window (meta.lastUpdated, ISO 8601).")] = None,
     until: Annotated[str | None, typer.Option(help="End of the window (ISO 8601).")] = None,
     file: Annotated[Path | None, typer.Option(help="A Bundle or NDJSON file to replay instead of the "
@@ -140,9 +140,10 @@ def replay(
     clock = _clock(now)
     try:
         cfg = load_config(config)
-        name = source or (next(iter(cfg.sources)) if len(cfg.sources) == 1 else None)
-        if name is None or name not in cfg.sources:
-            raise typer.BadParameter(f"choose one of: {', '.join(cfg.sources)}", param_hint="--source")
+        names = [*cfg.sources, *cfg.crm]
+        name = source or (names[0] if len(names) == 1 else None)
+        if name is None or name not in names:
+            raise typer.BadParameter(f"choose one of: {', '.join(names)}", param_hint="--source")
         if file is None and since is None:
             raise typer.BadParameter("give --since (and optionally --until), or --file", param_hint="--since")
         result = asyncio.run(commands.replay(cfg, clock, name, _instant(since, "--since"),

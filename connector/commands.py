@@ -27,7 +27,7 @@ from connector.runtime import Runtime
 def validate(config_path: Path) -> tuple[Config, list[str]]:
     """Check config, mappings and templates; raises ConfigError with every problem found."""
     config = load_config(config_path)
-    mappings = load_mappings(config.mappings_dir, config.sources)
+    mappings = load_mappings(config.mappings_dir, [*config.sources, *config.crm])
     return config, mappings.names()
 
 
@@ -115,6 +115,8 @@ async def replay(config: Config, clock: Clock, source: str, since: datetime | No
     """Plan a window of a source (or a file) again and send what the ledger does not already hold."""
     runtime = Runtime.open(config, clock, exclusive=not dry)
     try:
+        if source in config.crm:
+            return await _replay_crm(runtime, source, since, until, dry)
         if file:
             page = read_resource_file(file)
             runtime.planner.remember(source, page)
@@ -129,6 +131,21 @@ async def replay(config: Config, clock: Clock, source: str, since: datetime | No
         return Replayed(items, notes, verdicts, final)
     finally:
         await runtime.aclose()
+
+
+async def _replay_crm(runtime: Runtime, source: str, since: datetime | None, until: datetime | None,
+                      dry: bool) -> Replayed:
+    """The stored inbox events of a window, planned again; the ledger's keys suppress what exists."""
+    assert runtime.crm is not None
+    planned = list({p.key: p for p in await runtime.crm.replay(source, since, until)}.values())
+    existing = await asyncio.to_thread(runtime.ledger.existing, [p.key for p in planned])
+    inserted: set[str] = set()
+    if not dry:
+        inserted = set(await asyncio.to_thread(runtime.ledger.add, planned))
+        await runtime.dispatcher.run()
+    items = [ReplayItem(p, existing.get(p.key), p.key in inserted) for p in planned]
+    final = await asyncio.to_thread(runtime.ledger.existing, [p.key for p in planned])
+    return Replayed(items, [], {}, final)
 
 
 def read_resource_file(path: Path) -> fhir.SearchPage:

@@ -298,6 +298,48 @@ class ServerConfig(Strict):
     max_body: int = Field(1_000_000, ge=1024)
 
 
+class CrmSourceConfig(Strict):
+    """A CRM sending webhooks to `connector run` at /webhooks/crm/<name> (salesforce: /<name>/<path_token>)."""
+
+    kind: Literal["standard-webhooks", "hubspot", "salesforce-outbound", "hmac-json"]
+    secret: Secret | None = None  # the signing secret (not used by salesforce-outbound, which is unsigned)
+    path_token: Secret | None = None  # salesforce-outbound: the secret last segment of the URL
+    organization_id: str | None = None  # salesforce-outbound: refuse other orgs
+    public_url: str | None = None  # hubspot: the URL HubSpot calls, as it signs it (behind a proxy)
+    tolerance: Duration = timedelta(minutes=5)
+    hmac_header: str = "X-Signature"
+    hmac_prefix: str = "sha256="
+    hmac_encoding: Literal["hex", "base64"] = "hex"
+    id_path: str = "id"
+    type_path: str = "type"
+    rate_limit: float = Field(20.0, gt=0, description="requests per second, per source")
+    burst: int = Field(40, ge=1)
+    timezone: Zone = "UTC"
+
+    @model_validator(mode="after")
+    def _credentials(self) -> CrmSourceConfig:
+        if self.kind == "salesforce-outbound" and self.path_token is None:
+            raise ValueError("salesforce-outbound messages are not signed: give path_token (a secret URL segment)")
+        if self.kind != "salesforce-outbound" and self.secret is None:
+            raise ValueError(f"{self.kind} needs `secret` to verify signatures")
+        return self
+
+
+class InboxConfig(Strict):
+    """Received CRM events are stored encrypted (AES-256-GCM) until processed and for `retention`."""
+
+    keys: dict[Annotated[str, Field(pattern=NAME_PATTERN)], Secret] = Field(min_length=1,
+                                                                       description="key id: base64 of 32 bytes")
+    current: str
+    retention: Duration = timedelta(days=30)
+
+    @model_validator(mode="after")
+    def _current_exists(self) -> InboxConfig:
+        if self.current not in self.keys:
+            raise ValueError(f"inbox.current names {self.current!r}, which is not in inbox.keys")
+        return self
+
+
 class LedgerConfig(Strict):
     url: EnvStr = "sqlite:///connector.db"
 
@@ -309,6 +351,17 @@ class Config(Strict):
     delivery: DeliveryConfig
     dispatch: DispatchConfig = DispatchConfig()
     server: ServerConfig | None = None
+    crm: dict[Annotated[str, Field(pattern=NAME_PATTERN)], CrmSourceConfig] = Field(default_factory=dict)
+    inbox: InboxConfig | None = None
+
+    @model_validator(mode="after")
+    def _crm_needs_inbox(self) -> Config:
+        if self.crm and self.inbox is None:
+            raise ValueError("CRM sources need `inbox:` (an encryption key for the stored events)")
+        clash = set(self.crm) & set(self.sources)
+        if clash:
+            raise ValueError(f"a CRM source and a FHIR source share the name {sorted(clash)[0]!r}")
+        return self
     locale: str = "en_US"
     quiet_hours: QuietHoursConfig | None = None
     path: Path | None = Field(None, exclude=True, description="the file this config was read from")

@@ -44,6 +44,8 @@ async def run_once(runtime: Runtime) -> CycleReport:
     """One poll of every source, one dispatch of everything due, then the after-send checks."""
     report = CycleReport()
     report.polls = list(await asyncio.gather(*(runtime.planner.poll(name) for name in runtime.sources)))
+    if runtime.crm is not None:
+        await runtime.crm.process()
     report.dispatch = await runtime.dispatcher.run()
     await aftercare(runtime)
     return report
@@ -52,6 +54,8 @@ async def run_once(runtime: Runtime) -> CycleReport:
 async def aftercare(runtime: Runtime) -> None:
     """In-doubt policy, then receipts for sent notifications no webhook reported on."""
     await runtime.aftercare.settle_doubts()
+    if runtime.crm is not None:
+        await runtime.crm.purge()
     if isinstance(runtime.mailer, ReceiptReader):
         await runtime.aftercare.check_receipts(runtime.mailer)
 
@@ -70,7 +74,8 @@ def web_server(runtime: Runtime) -> EmbeddedServer | None:
         return None
     app = web.create_app(runtime.config, runtime.aftercare,
                          health=lambda: {"mailer": runtime.dispatcher.gate.state.value},
-                         extra_routes=runtime.subscriptions.routes())
+                         extra_routes=[*runtime.subscriptions.routes(),
+                                       *(runtime.crm_receiver.routes() if runtime.crm_receiver else [])])
     # access_log off: request lines would carry the webhook path token.
     return EmbeddedServer(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
                                          access_log=False, lifespan="off"))
@@ -106,6 +111,10 @@ async def run_forever(runtime: Runtime) -> None:
         scheduler.add_job(guarded(f"poll:{name}", lambda n=name: runtime.planner.poll(n)), "interval",  # type: ignore[misc]
                           seconds=source.config.interval.total_seconds(), id=f"poll:{name}",
                           max_instances=1, coalesce=True, next_run_time=now)
+    if runtime.crm is not None:
+        scheduler.add_job(guarded("crm", runtime.crm.process), "interval",
+                          seconds=runtime.config.dispatch.interval.total_seconds(), id="crm", max_instances=1,
+                          coalesce=True, next_run_time=now)
     scheduler.add_job(guarded("dispatch", runtime.dispatcher.run), "interval",
                       seconds=runtime.config.dispatch.interval.total_seconds(), id="dispatch",
                       max_instances=1, coalesce=True, next_run_time=now)

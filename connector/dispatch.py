@@ -20,6 +20,7 @@ import structlog
 from connector import fhir, metrics
 from connector.cache import ResourceCache
 from connector.config import Config
+from connector.crm.processor import CrmProcessor, NotSendable
 from connector.delivery import BulkMailer, Mailer, Outcome, Signal, Verdict
 from connector.delivery.gate import GateState, MailerGate
 from connector.delivery.retry import GiveUp, RetryPolicy, next_try
@@ -80,6 +81,7 @@ class Dispatcher:
         self.clock = clock
         self.owner = owner
         self.on_deleted = on_deleted
+        self.crm: CrmProcessor | None = None
         self.stopping = False
         self._paused: str | None = None
         settings = config.dispatch
@@ -198,6 +200,14 @@ class Dispatcher:
         mapping = self.mappings.get(n.mapping)
         if mapping is None:
             return await self._settle(n, State.CANCELLED, f"mapping {n.mapping!r} no longer exists")
+        if n.resource_type == "CrmEvent":
+            if self.crm is None:
+                log.error("dispatch.no_source", notification=n.id, source=n.source)
+                return await self._release(n)
+            email = await self.crm.prepare(n, mapping, self.clock())
+            if isinstance(email, NotSendable):
+                return await self._settle(n, email.state, email.reason)
+            return Prepared(n, email)
         source = self.sources.get(n.source)
         if source is None:
             log.error("dispatch.no_source", notification=n.id, source=n.source)

@@ -18,6 +18,9 @@ from sqlalchemy.engine import make_url
 from connector.aftercare import Aftercare
 from connector.cache import ResourceCache
 from connector.config import Config
+from connector.crm.inbox import Keyring
+from connector.crm.processor import CrmProcessor
+from connector.crm.receiver import CrmReceiver
 from connector.delivery import Mailer
 from connector.delivery.paubox import PauboxRestMailer
 from connector.delivery.smtp import PauboxSmtpMailer
@@ -82,12 +85,14 @@ class Runtime:
     dispatcher: Dispatcher
     aftercare: Aftercare
     subscriptions: SubscriptionHub
+    crm: CrmProcessor | None
+    crm_receiver: CrmReceiver | None
     lock: IO[str] | None
 
     @classmethod
     def open(cls, config: Config, clock: Clock, *, mailer: Mailer | None = None,
              source_transport: httpx.AsyncBaseTransport | None = None, exclusive: bool = True) -> Runtime:
-        mappings = load_mappings(config.mappings_dir, config.sources)
+        mappings = load_mappings(config.mappings_dir, [*config.sources, *config.crm])
         lock = lock_sqlite(config) if exclusive else None
         ledger = open_ledger(config)
         if lock is not None:
@@ -104,7 +109,13 @@ class Runtime:
         dispatcher = Dispatcher(config, mappings, ledger, sources, mailer, cache, clock, owner, planner.deleted)
         aftercare = Aftercare(config, ledger, clock)
         hub = SubscriptionHub(config, planner, sources, ledger, clock)
-        return cls(config, mappings, ledger, sources, mailer, cache, planner, dispatcher, aftercare, hub, lock)
+        crm = receiver = None
+        if config.crm and config.inbox is not None:
+            keyring = Keyring(config.inbox)
+            crm = dispatcher.crm = CrmProcessor(config, mappings, ledger, keyring, clock)
+            receiver = CrmReceiver(config, ledger, keyring, clock)
+        return cls(config, mappings, ledger, sources, mailer, cache, planner, dispatcher, aftercare, hub, crm,
+                   receiver, lock)
 
     async def aclose(self) -> None:
         await self.dispatcher.release()

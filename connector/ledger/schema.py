@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, Column, DateTime, Index, String, UniqueConstraint
+from sqlalchemy import BigInteger, Boolean, Column, DateTime, Index, LargeBinary, String, UniqueConstraint
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
@@ -140,3 +140,20 @@ class SubscriptionStateRow(SQLModel, table=True):
     events: int = Field(default=0, sa_column=Column(BigInteger(), nullable=False))
     status: str | None = Field(default=None, max_length=32)
     last_seen: datetime = _when()
+
+
+class InboxEventRow(SQLModel, table=True):
+    """A received CRM event: its payload sealed with AES-256-GCM (nonce + ciphertext), never in clear."""
+
+    __tablename__ = "inbox_event"
+    __table_args__ = (UniqueConstraint("source", "event_id", name="uq_inbox_source_event"),
+                      Index("ix_inbox_pending", "processed_at", "id"))
+
+    id: int | None = Field(default=None, primary_key=True)
+    source: str = Field(max_length=64)
+    event_id: str = Field(max_length=200)
+    event_type: str = Field(max_length=100)
+    received_at: datetime = _when()
+    key_id: str = Field(max_length=64)
+    sealed: bytes = Field(sa_column=Column(LargeBinary(), nullable=False))
+    processed_at: datetime | None = _when(nullable=True)

@@ -19,6 +19,7 @@ from connector.ledger import NotificationRecord, OptOut, SeenVersion, Withdrawal
 from connector.ledger.schema import (
     AppointmentStateRow,
     CursorRow,
+    InboxEventRow,
     NotificationRow,
     OptOutRow,
     SeenVersionRow,
@@ -33,6 +34,7 @@ S = SeenVersionRow.__table__  # type: ignore[attr-defined]
 A = AppointmentStateRow.__table__  # type: ignore[attr-defined]
 OPT = OptOutRow.__table__  # type: ignore[attr-defined]
 SUB = SubscriptionStateRow.__table__  # type: ignore[attr-defined]
+INBOX = InboxEventRow.__table__  # type: ignore[attr-defined]
 NOTIFIED = (State.SENT.value, State.SENDING.value, State.IN_DOUBT.value)
 
 
@@ -247,6 +249,49 @@ class SqlLedger:
         with self.engine.connect() as conn:
             return [(r.subscription, r.events, r.status, r.last_seen)
                     for r in conn.execute(select(SUB).where(SUB.c.source == source))]
+
+    # -- CRM inbox ------------------------------------------------------------------------------------
+
+    def inbox_add(self, rows: Sequence[dict[str, Any]]) -> int:
+        """Store received events; one already there (same source and event id) is left alone. Committed
+        before the sender is answered. Returns how many were new."""
+        if not rows:
+            return 0
+        with self.engine.begin() as conn:
+            statement = self._insert(INBOX).on_conflict_do_nothing(index_elements=["source", "event_id"])
+            return len(list(conn.execute(statement.returning(INBOX.c.id), list(rows))))
+
+    def inbox_pending(self, limit: int) -> list[Any]:
+        with self.engine.connect() as conn:
+            return list(conn.execute(select(INBOX).where(INBOX.c.processed_at.is_(None)).order_by(INBOX.c.id)
+                                     .limit(limit)))
+
+    def inbox_window(self, source: str, since: datetime | None, until: datetime | None) -> list[Any]:
+        condition = INBOX.c.source == source
+        if since is not None:
+            condition = and_(condition, INBOX.c.received_at >= since)
+        if until is not None:
+            condition = and_(condition, INBOX.c.received_at <= until)
+        with self.engine.connect() as conn:
+            return list(conn.execute(select(INBOX).where(condition).order_by(INBOX.c.id)))
+
+    def inbox_get(self, inbox_id: int) -> Any:
+        with self.engine.connect() as conn:
+            return conn.execute(select(INBOX).where(INBOX.c.id == inbox_id)).first()
+
+    def inbox_commit(self, inbox_ids: Sequence[int], notifications: Sequence[PlannedNotification]) -> list[str]:
+        """Planned notifications and the events they came from, marked processed, in one transaction."""
+        with self.engine.begin() as conn:
+            inserted = self._insert_notifications(conn, notifications)
+            if inbox_ids:
+                conn.execute(update(INBOX).where(INBOX.c.id.in_(list(inbox_ids))).values(processed_at=_now()))
+        return inserted
+
+    def inbox_purge(self, received_before: datetime) -> int:
+        """Forget processed events older than the retention (their notifications keep their keys)."""
+        with self.engine.begin() as conn:
+            return conn.execute(INBOX.delete().where(INBOX.c.received_at < received_before,
+                                                     INBOX.c.processed_at.is_not(None))).rowcount
 
     # -- opt-outs -------------------------------------------------------------------------------------
 

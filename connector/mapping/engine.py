@@ -71,6 +71,8 @@ def plan(mappings: MappingSet, transition: Transition, situation: Situation) -> 
 
 
 def _wanted(mapping: Mapping, event: str, source: str) -> bool:
+    if mapping.spec.is_crm:
+        return False
     sources = mapping.spec.trigger.sources
     if sources is not None and source not in sources:
         return False
@@ -125,6 +127,43 @@ def _plan_mapping(mapping: Mapping, event: str, patient_id: str, situation: Situ
         ))
 
 
+def plan_crm(mappings: MappingSet, *, source: str, inbox_id: int, event: dict[str, Any], now: datetime,
+             zone: str, quiet: QuietHours | None) -> Plan:
+    """The notifications a CRM event calls for: one per matching mapping (the address is read when sending)."""
+    result = Plan()
+    event_type = str(event.get("event_type") or "")
+    for mapping in mappings:
+        spec = mapping.spec
+        if not spec.is_crm or event_type not in spec.trigger.event or \
+                (spec.trigger.sources is not None and source not in spec.trigger.sources):
+            continue
+        if mapping.condition is not None:
+            try:
+                if mapping.condition(event) != [True]:
+                    continue
+            except Exception as exc:  # noqa: BLE001 - fhirpathpy raises bare Exception
+                result.notes.append(PlanNote(mapping.name, "", f"condition failed ({type(exc).__name__})", True))
+                continue
+        context = {"payload": event.get("payload"), "event_id": event.get("event_id"), "event_type": event_type,
+                   "object_id": event.get("object_id"), "mapping": mapping.name, "source": source}
+        try:
+            rendered = mapping.key.render(context).strip()
+        except Exception as exc:  # noqa: BLE001 - any template failure is reported the same way
+            result.notes.append(PlanNote(mapping.name, "", f"key template failed: {safe_error(exc)}", True))
+            continue
+        key = f"{source}:{mapping.name}:{rendered}"
+        if not rendered or len(key) > MAX_KEY_LENGTH:
+            result.notes.append(PlanNote(mapping.name, "", "key template gave an empty or too long key", True))
+            continue
+        timing = schedule(now=now, start=None, offset=None, zone=zone, quiet=quiet if spec.quiet_hours else None,
+                          late_grace=None)
+        result.notifications.append(PlannedNotification(
+            key=key, source=source, mapping=mapping.name, event=event_type[:32], resource_type="CrmEvent",
+            resource_id=str(inbox_id), resource_version=str(event.get("event_id"))[:128], patient_id="",
+            due_at=timing.due or now))
+    return result
+
+
 class RenderError(Exception):
     """A template failed; the message is PHI-safe (see templates.safe_error)."""
 
@@ -132,16 +171,32 @@ class RenderError(Exception):
 def render(mapping: Mapping, *, key: str, to: str, appointment: dict[str, Any], patient: dict[str, Any],
            event: str, source: str, timezone: str, locale: str, languages: list[str], now: datetime,
            default_from: str, default_reply_to: str | None) -> Email:
-    """Render the mapping for one recipient, in the first of `languages` it has templates for."""
-    language, variant = mapping.variant_for(languages)
-    if language != mapping.spec.language:
-        locale = language.replace("-", "_")
+    """Render an Appointment mapping for one recipient, in the first of `languages` it has templates for."""
     context = {
         "appointment": appointment, "patient": patient, "patient_name": display_name(patient),
         "start": parse_instant(appointment.get("start")), "end": parse_instant(appointment.get("end")),
-        "event": event, "mapping": mapping.name, "source": source, "vars": mapping.spec.vars,
-        "timezone": timezone, "locale": locale, "language": language, "now": now,
+        "event": event, "source": source, "timezone": timezone, "now": now,
     }
+    return render_with(mapping, context, key=key, to=to, locale=locale, languages=languages,
+                       default_from=default_from, default_reply_to=default_reply_to)
+
+
+def render_crm(mapping: Mapping, *, key: str, to: str, event: dict[str, Any], source: str, timezone: str,
+               locale: str, now: datetime, default_from: str, default_reply_to: str | None) -> Email:
+    """Render a CRM event mapping (templates see the event: `payload`, `event_type`, ...)."""
+    context = {"payload": event.get("payload"), "event_id": event.get("event_id"),
+               "event_type": event.get("event_type"), "object_id": event.get("object_id"),
+               "occurred_at": event.get("occurred_at"), "source": source, "timezone": timezone, "now": now}
+    return render_with(mapping, context, key=key, to=to, locale=locale, languages=[], default_from=default_from,
+                       default_reply_to=default_reply_to)
+
+
+def render_with(mapping: Mapping, values: dict[str, Any], *, key: str, to: str, locale: str,
+                languages: list[str], default_from: str, default_reply_to: str | None) -> Email:
+    language, variant = mapping.variant_for(languages)
+    if language != mapping.spec.language:
+        locale = language.replace("-", "_")
+    context = {**values, "mapping": mapping.name, "vars": mapping.spec.vars, "locale": locale, "language": language}
     parts: dict[str, str | None] = {}
     for part, template in (("subject", variant.subject), ("text", variant.text), ("html", variant.html)):
         if template is None:

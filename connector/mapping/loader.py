@@ -15,8 +15,15 @@ from pydantic import ValidationError
 
 from connector.config import problems_from
 from connector.errors import ConfigError, Problem
-from connector.mapping.spec import LANGUAGE_PATTERN, MappingSpec
-from connector.mapping.templates import KEY_NAMES, MESSAGE_NAMES, make_environment, undeclared_names
+from connector.mapping.spec import LANGUAGE_PATTERN, MappingSpec, RecipientPath
+from connector.mapping.templates import (
+    CRM_KEY_NAMES,
+    CRM_MESSAGE_NAMES,
+    KEY_NAMES,
+    MESSAGE_NAMES,
+    make_environment,
+    undeclared_names,
+)
 from connector.yamlfile import YamlDoc, load_yaml
 
 Condition = Callable[..., list[Any]]
@@ -24,6 +31,7 @@ Condition = Callable[..., list[Any]]
 # A skeletal resource to run each FHIRPath condition once at load time: fhirpathpy reports unknown
 # functions only when an expression is evaluated.
 _TRIAL_RESOURCE = {"resourceType": "Appointment", "id": "trial", "status": "booked", "participant": []}
+_TRIAL_EVENT: dict[str, Any] = {"event_id": "trial", "event_type": "trial", "object_id": None, "payload": {}}
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,7 @@ class Mapping:
     variants: dict[str, Variant]  # by language; spec.language is always there
     key: Template
     condition: Condition | None
+    recipient: Condition | None = None  # CRM mappings: FHIRPath to the address
 
     @property
     def name(self) -> str:
@@ -116,16 +125,20 @@ def _load_one(path: Path, root: Path, env: SandboxedEnvironment, sources: set[st
         raise ConfigError(problems_from(exc, doc)) from None
 
     problems: list[Problem] = []
-    key = _inline(env, spec.key, doc, ("key",), KEY_NAMES, problems)
-    variants = _variants(spec, env, path, root, doc, problems)
-    condition = _condition(spec.trigger.condition, doc, problems)
+    key_names, message_names = (CRM_KEY_NAMES, CRM_MESSAGE_NAMES) if spec.is_crm else (KEY_NAMES, MESSAGE_NAMES)
+    key = _inline(env, spec.key, doc, ("key",), key_names, problems)
+    variants = _variants(spec, env, path, root, doc, problems, message_names)
+    trial = _TRIAL_EVENT if spec.is_crm else _TRIAL_RESOURCE
+    condition = _condition(spec.trigger.condition, doc, problems, trial)
+    recipient = _condition(spec.recipient.path, doc, problems, trial, ("recipient", "path"), boolean=False) \
+        if isinstance(spec.recipient, RecipientPath) else None
     for index, name in enumerate(spec.trigger.sources or []):
         if sources is not None and name not in sources:
             problems.append(doc.problem(("trigger", "sources", index), f"no source named {name!r} in the config"))
     if problems:
         raise ConfigError(problems)
     assert key is not None
-    return Mapping(spec=spec, path=path, variants=variants, key=key, condition=condition)
+    return Mapping(spec=spec, path=path, variants=variants, key=key, condition=condition, recipient=recipient)
 
 
 def _language_files(folder: Path, name: str) -> dict[str, str]:
@@ -140,7 +153,7 @@ def _language_files(folder: Path, name: str) -> dict[str, str]:
 
 
 def _variants(spec: MappingSpec, env: SandboxedEnvironment, path: Path, root: Path, doc: YamlDoc,
-              problems: list[Problem]) -> dict[str, Variant]:
+              problems: list[Problem], names: frozenset[str]) -> dict[str, Variant]:
     """The base templates (in spec.language) and every language variant found beside them."""
     templates = spec.templates
     folder = (path.parent / templates.text).parent
@@ -160,15 +173,15 @@ def _variants(spec: MappingSpec, env: SandboxedEnvironment, path: Path, root: Pa
             problems.append(doc.problem(("templates", "subject"), f"no subject for language {language!r}"))
             continue
         where = ("templates", "subject") if isinstance(subjects, str) else ("templates", "subject", language)
-        subject = _inline(env, subject_source, doc, where, MESSAGE_NAMES, problems)
-        text = _file(env, text_name, path, root, doc, ("templates", "text"), problems)
+        subject = _inline(env, subject_source, doc, where, names, problems)
+        text = _file(env, text_name, path, root, doc, ("templates", "text"), problems, names)
         html = None
         if templates.html:
             if language not in html_files:
                 problems.append(doc.problem(("templates", "html"), f"{text_name} has no matching HTML variant "
                                             f"({Path(templates.html).stem}.{language}.html)"))
                 continue
-            html = _file(env, html_files[language], path, root, doc, ("templates", "html"), problems)
+            html = _file(env, html_files[language], path, root, doc, ("templates", "html"), problems, names)
         if subject is not None and text is not None:
             variants[language] = Variant(subject, text, html)
     return variants
@@ -188,7 +201,7 @@ def _inline(env: SandboxedEnvironment, source: str, doc: YamlDoc, loc: tuple[str
 
 
 def _file(env: SandboxedEnvironment, name: str | None, mapping_path: Path, root: Path, doc: YamlDoc,
-          loc: tuple[str, ...], problems: list[Problem]) -> Template | None:
+          loc: tuple[str, ...], problems: list[Problem], names: frozenset[str] = MESSAGE_NAMES) -> Template | None:
     assert name is not None
     relative = (mapping_path.parent / name).resolve()
     try:
@@ -200,7 +213,7 @@ def _file(env: SandboxedEnvironment, name: str | None, mapping_path: Path, root:
         template = env.get_template(template_name)
         assert env.loader is not None
         source, _, _ = env.loader.get_source(env, template_name)
-        unknown = undeclared_names(env, source) - MESSAGE_NAMES
+        unknown = undeclared_names(env, source) - names
     except TemplateNotFound:
         problems.append(doc.problem(loc, f"template file {name!r} not found next to the mapping"))
         return None
@@ -211,7 +224,7 @@ def _file(env: SandboxedEnvironment, name: str | None, mapping_path: Path, root:
         problems.append(Problem(relative, None, name, f"template error: {exc.message}"))
         return None
     if unknown:
-        problems.append(Problem(relative, None, name, _unknown_names(unknown, MESSAGE_NAMES)))
+        problems.append(Problem(relative, None, name, _unknown_names(unknown, names)))
     return template
 
 
@@ -220,17 +233,17 @@ def _unknown_names(unknown: set[str], allowed: frozenset[str]) -> str:
     return f"unknown variable {names}; templates here can use: {', '.join(sorted(allowed))}"
 
 
-def _condition(expression: str | None, doc: YamlDoc, problems: list[Problem]) -> Condition | None:
+def _condition(expression: str | None, doc: YamlDoc, problems: list[Problem], trial: dict[str, Any],
+               loc: tuple[str, ...] = ("trigger", "condition"), boolean: bool = True) -> Condition | None:
     if not expression:
         return None
-    loc = ("trigger", "condition")
     try:
         compiled: Condition = fhirpathpy.compile(expression)
-        result = compiled(dict(_TRIAL_RESOURCE))
+        result = compiled(dict(trial))
     except Exception as exc:  # noqa: BLE001 - fhirpathpy raises bare Exception for every parse/eval error
         problems.append(doc.problem(loc, f"FHIRPath error: {exc}"))
         return None
-    if any(not isinstance(item, bool) for item in result):
+    if boolean and any(not isinstance(item, bool) for item in result):
         problems.append(doc.problem(loc, "the condition must give true or false (e.g. add `.exists()` or a "
                                          "comparison)"))
         return None

@@ -24,7 +24,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -42,8 +42,8 @@ class _Strict(BaseModel):
 
 
 class Trigger(_Strict):
-    resource: Annotated[str, Field(pattern="^Appointment$")] = "Appointment"
-    event: list[str]
+    resource: Literal["Appointment", "CrmEvent"] = "Appointment"
+    event: list[str] = Field(min_length=1)
     condition: str | None = None
     sources: list[str] | None = None
 
@@ -52,15 +52,20 @@ class Trigger(_Strict):
     def _one_or_many(cls, value: object) -> object:
         return [value] if isinstance(value, str) else value
 
-    @field_validator("event")
-    @classmethod
-    def _known_events(cls, value: list[str]) -> list[str]:
-        unknown = [e for e in value if e not in APPOINTMENT_EVENTS]
-        if unknown or not value:
+    @model_validator(mode="after")
+    def _known_events(self) -> Trigger:
+        unknown = [e for e in self.event if e not in APPOINTMENT_EVENTS]
+        if self.resource == "Appointment" and unknown:
             known = ", ".join(sorted(APPOINTMENT_EVENTS))
-            raise ValueError(f"unknown event {', '.join(map(repr, unknown)) or '(none)'}; "
-                             f"Appointment events are: {known}")
-        return value
+            raise ValueError(f"unknown event {', '.join(map(repr, unknown))}; Appointment events are: {known}")
+        return self
+
+
+class RecipientPath(_Strict):
+    """Where a CRM event carries the address: a FHIRPath on the event (FHIRPath reads plain JSON too),
+    e.g. `payload.properties.email` or `payload.Email`. The first string that looks like an address wins."""
+
+    path: str = Field(min_length=1)
 
 
 class Templates(_Strict):
@@ -77,7 +82,7 @@ class MappingSpec(_Strict):
     late_grace: Duration | None = None
     quiet_hours: bool = True
     only_after_sent: bool | None = None
-    recipient: Annotated[str, Field(pattern="^patient$")] = "patient"
+    recipient: Literal["patient"] | RecipientPath = "patient"
     language: Annotated[str, Field(pattern=LANGUAGE_PATTERN)] = "en"
     templates: Templates
     key: str = Field(DEFAULT_KEY, min_length=1)
@@ -97,6 +102,13 @@ class MappingSpec(_Strict):
 
     @model_validator(mode="after")
     def _coherent(self) -> MappingSpec:
+        crm = self.trigger.resource == "CrmEvent"
+        if crm and not isinstance(self.recipient, RecipientPath):
+            raise ValueError("a CrmEvent mapping names where the address is: recipient: {path: payload.email}")
+        if not crm and self.recipient != "patient":
+            raise ValueError("an Appointment mapping writes to its patients: recipient: patient")
+        if crm and self.at is not None:
+            raise ValueError("`at:` (reminders) applies to Appointment mappings only")
         if self.at is not None and self.trigger.event != [BOOKED]:
             raise ValueError("a reminder (`at:`) is armed while the appointment is booked: use `event: booked`")
         if isinstance(self.templates.subject, dict) and self.language not in self.templates.subject:
@@ -108,8 +120,12 @@ class MappingSpec(_Strict):
         return self.at is not None
 
     @property
+    def is_crm(self) -> bool:
+        return self.trigger.resource == "CrmEvent"
+
+    @property
     def needs_prior_email(self) -> bool:
         """Only announce a change to someone who was told about the appointment (default for changes)."""
         if self.only_after_sent is not None:
             return self.only_after_sent
-        return any(event in ANNOUNCES_A_CHANGE for event in self.trigger.event)
+        return not self.is_crm and any(event in ANNOUNCES_A_CHANGE for event in self.trigger.event)

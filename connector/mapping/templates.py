@@ -29,6 +29,12 @@ MESSAGE_NAMES = frozenset(
      "timezone", "locale", "language", "now"}
 )
 KEY_NAMES = frozenset({"appointment", "patient_id", "event", "mapping", "source", "start"})
+# The same for CRM event mappings: the event as stored (`payload` is what the CRM sent).
+CRM_MESSAGE_NAMES = frozenset(
+    {"payload", "event_id", "event_type", "object_id", "occurred_at", "mapping", "source", "vars", "timezone",
+     "locale", "language", "now"}
+)
+CRM_KEY_NAMES = frozenset({"payload", "event_id", "event_type", "object_id", "mapping", "source"})
 
 
 def make_environment(root: Path) -> SandboxedEnvironment:

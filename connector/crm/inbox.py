@@ -1,0 +1,61 @@
+"""The inbox's encryption: AES-256-GCM with a random 96-bit nonce per event, the source and event id as
+associated data (a sealed payload moved to another row does not open). Keys come from the config by id;
+the current one seals, any listed one opens, so keys rotate by adding a new one, making it `current`, and
+removing the old one once `retention` has purged what it sealed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from connector.config import InboxConfig
+from connector.errors import ConfigError, ConnectorError, Problem
+
+NONCE = 12
+
+
+class SealError(ConnectorError):
+    """A stored event cannot be opened (wrong or missing key, tampered row)."""
+
+
+class Keyring:
+    def __init__(self, config: InboxConfig) -> None:
+        self.current = config.current
+        self._keys: dict[str, AESGCM] = {}
+        for key_id, secret in config.keys.items():
+            try:
+                raw = base64.b64decode(secret.get_secret_value(), validate=True)
+            except (binascii.Error, ValueError):
+                raw = b""
+            if len(raw) != 32:
+                raise ConfigError([Problem(None, None, f"inbox.keys.{key_id}",
+                                           "must be base64 of 32 random bytes (e.g. `openssl rand -base64 32`)")])
+            self._keys[key_id] = AESGCM(raw)
+
+    def seal(self, source: str, event_id: str, payload: dict[str, Any]) -> tuple[str, bytes]:
+        nonce = os.urandom(NONCE)
+        plain = json.dumps(payload, separators=(",", ":")).encode()
+        return self.current, nonce + self._keys[self.current].encrypt(nonce, plain, _aad(source, event_id))
+
+    def open(self, key_id: str, source: str, event_id: str, sealed: bytes) -> dict[str, Any]:
+        key = self._keys.get(key_id)
+        if key is None:
+            raise SealError(f"inbox key {key_id!r} is no longer configured")
+        try:
+            plain = key.decrypt(sealed[:NONCE], sealed[NONCE:], _aad(source, event_id))
+        except InvalidTag:
+            raise SealError("a stored event failed authentication (wrong key or altered row)") from None
+        value = json.loads(plain)
+        assert isinstance(value, dict)
+        return value
+
+
+def _aad(source: str, event_id: str) -> bytes:
+    return f"{source}\x00{event_id}".encode()

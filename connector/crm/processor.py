@@ -1,0 +1,124 @@
+"""CRM events after they are safely in the inbox: planned with the mappings, prepared when due, purged.
+
+Processing reads unprocessed inbox events, opens them, plans their notifications and, in one transaction,
+records the notifications and marks the events processed: a crash in between processes them again, and the
+notification keys keep that from adding anything twice. At send time the event is opened again (nothing
+but the sealed inbox row holds its content) and the address read with the mapping's `recipient.path`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import structlog
+
+from connector import optout
+from connector.config import Config
+from connector.crm.inbox import Keyring, SealError
+from connector.ledger import NotificationRecord
+from connector.ledger.sql import SqlLedger
+from connector.mapping.engine import RenderError, plan_crm, render_crm
+from connector.mapping.loader import Mapping, MappingSet
+from connector.models import Clock, Email, PlannedNotification, State
+from connector.timing import QuietHours
+
+log = structlog.get_logger("connector.crm")
+_EMAIL = re.compile(r"^[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+$")
+
+
+@dataclass(frozen=True)
+class NotSendable:
+    state: State
+    reason: str
+
+
+class CrmProcessor:
+    def __init__(self, config: Config, mappings: MappingSet, ledger: SqlLedger, keyring: Keyring,
+                 clock: Clock) -> None:
+        self.config = config
+        self.mappings = mappings
+        self.ledger = ledger
+        self.keyring = keyring
+        self.clock = clock
+        quiet = config.quiet_hours
+        self.quiet = QuietHours(quiet.start, quiet.end) if quiet else None
+
+    def _open(self, row: Any) -> dict[str, Any]:
+        return self.keyring.open(row.key_id, row.source, row.event_id, row.sealed)
+
+    def _plan(self, row: Any, event: dict[str, Any]) -> list[PlannedNotification]:
+        zone = self.config.crm[row.source].timezone if row.source in self.config.crm else "UTC"
+        result = plan_crm(self.mappings, source=row.source, inbox_id=row.id, event=event, now=self.clock(),
+                          zone=zone, quiet=self.quiet)
+        for note in result.notes:
+            log.error("mapping.failed", mapping=note.mapping, source=row.source, problem=note.message)
+        return result.notifications
+
+    async def process(self, limit: int = 500) -> int:
+        """Plan every unprocessed inbox event. Returns how many events were processed."""
+        rows = await asyncio.to_thread(self.ledger.inbox_pending, limit)
+        done: list[int] = []
+        planned: list[PlannedNotification] = []
+        for row in rows:
+            try:
+                event = self._open(row)
+            except SealError as exc:
+                log.error("crm.unreadable", source=row.source, inbox=row.id, problem=str(exc))
+                continue
+            planned += self._plan(row, event)
+            done.append(row.id)
+        if done:
+            inserted = await asyncio.to_thread(self.ledger.inbox_commit, done, planned)
+            log.info("crm.processed", events=len(done), notifications=len(inserted))
+        return len(done)
+
+    async def replay(self, source: str, since: datetime | None, until: datetime | None
+                     ) -> list[PlannedNotification]:
+        """Plan the stored events of a window again (nothing is recorded: the caller decides)."""
+        rows = await asyncio.to_thread(self.ledger.inbox_window, source, since, until)
+        planned: list[PlannedNotification] = []
+        for row in rows:
+            try:
+                planned += self._plan(row, self._open(row))
+            except SealError as exc:
+                log.error("crm.unreadable", source=row.source, inbox=row.id, problem=str(exc))
+        return planned
+
+    async def purge(self) -> int:
+        assert self.config.inbox is not None
+        removed = await asyncio.to_thread(self.ledger.inbox_purge, self.clock() - self.config.inbox.retention)
+        if removed:
+            log.info("crm.purged", events=removed)
+        return removed
+
+    async def prepare(self, n: NotificationRecord, mapping: Mapping, now: datetime) -> Email | NotSendable:
+        """The email for a due CRM notification, or why it cannot be sent."""
+        row = await asyncio.to_thread(self.ledger.inbox_get, int(n.resource_id))
+        if row is None:
+            return NotSendable(State.SKIPPED, "the CRM event is no longer in the inbox (past its retention)")
+        try:
+            event = self._open(row)
+        except SealError as exc:
+            return NotSendable(State.FAILED, str(exc))
+        assert mapping.recipient is not None
+        try:
+            found = mapping.recipient(event)
+        except Exception as exc:  # noqa: BLE001 - fhirpathpy raises bare Exception
+            return NotSendable(State.FAILED, f"recipient path failed ({type(exc).__name__})")
+        address = next((v.strip() for v in found if isinstance(v, str) and _EMAIL.match(v.strip())), None)
+        if address is None:
+            return NotSendable(State.SKIPPED, f"the {row.event_type} event has no address at the recipient path")
+        match = await asyncio.to_thread(self.ledger.opted_out, optout.candidates([], address))
+        if match is not None:
+            return NotSendable(State.SKIPPED, f"the address opted out ({match.created_at.date().isoformat()})")
+        zone = self.config.crm[row.source].timezone if row.source in self.config.crm else "UTC"
+        try:
+            return render_crm(mapping, key=n.key, to=address, event=event, source=row.source, timezone=zone,
+                              locale=self.config.locale, now=now, default_from=self.config.delivery.from_address,
+                              default_reply_to=self.config.delivery.reply_to)
+        except RenderError as exc:
+            return NotSendable(State.FAILED, str(exc))
