@@ -1,0 +1,154 @@
+"""FHIR Subscription notifications reaching `connector run`: authentication, parsing, gaps, processing."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from connector.config import load_config
+from connector.daemon import run_once
+from connector.delivery.paubox import PauboxRestMailer
+from connector.models import system_clock
+from connector.runtime import Runtime
+from connector.sandbox.fhir import FhirState
+from connector.sandbox.fhir import create_app as fhir_app
+from connector.sandbox.paubox import SandboxState
+from connector.sandbox.paubox import create_app as paubox_app
+from connector.sources.notifications import Notification, gap, parse_bundle
+from connector.web import create_app as web_app
+from tests.conftest import API_KEY, BASIC, write_config
+from tests.factories import appointment, patient
+
+SECRET = "Bearer subscription-secret-for-tests"
+BASE = "http://fhir.test"
+SOON = datetime.now(UTC) + timedelta(days=3)
+SUBSCRIPTION = (
+    "    subscription:\n      enabled: true\n      kind: backport\n      secret: ${SUB_SECRET}\n"
+    "      heartbeat: 1m\n"
+)
+
+
+def status_bundle(kind: str, events_since: int, numbers: list[int], ids: list[str],
+                  resources: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    parameters: list[dict[str, Any]] = [
+        {"name": "subscription", "valueReference": {"reference": f"{BASE}/Subscription/s1"}},
+        {"name": "status", "valueCode": "active"},
+        {"name": "type", "valueCode": kind},
+        {"name": "events-since-subscription-start", "valueString": str(events_since)},
+    ]
+    for number, appointment_id in zip(numbers, ids, strict=True):
+        parameters.append({"name": "notification-event", "part": [
+            {"name": "event-number", "valueString": str(number)},
+            {"name": "focus", "valueReference": {"reference": f"{BASE}/Appointment/{appointment_id}"}}]})
+    entries: list[dict[str, Any]] = [{"fullUrl": "urn:uuid:1", "resource": {"resourceType": "Parameters",
+                                                                               "parameter": parameters}}]
+    for resource in resources or []:
+        entries.append({"fullUrl": f"{BASE}/Appointment/{resource['id']}", "resource": resource,
+                        "request": {"method": "PUT", "url": f"Appointment/{resource['id']}"}})
+    return {"resourceType": "Bundle", "type": "history", "entry": entries}
+
+
+class Hub:
+    def __init__(self, runtime: Runtime, fhir: FhirState, paubox: SandboxState, client: httpx.AsyncClient) -> None:
+        self.runtime, self.fhir, self.paubox, self.client = runtime, fhir, paubox, client
+
+    async def post(self, body: Any, secret: str = SECRET, raw: bytes | None = None) -> httpx.Response:
+        content = raw if raw is not None else json.dumps(body).encode()
+        return await self.client.post("/fhir/ehr/notify", content=content,
+                                      headers={"Authorization": secret, "Content-Type": "application/fhir+json"})
+
+
+@pytest.fixture
+async def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Hub]:
+    monkeypatch.setenv("PAUBOX_API_KEY", API_KEY)
+    monkeypatch.setenv("SUB_SECRET", SECRET)
+    config = load_config(write_config(tmp_path, BASE, "https://paubox.test", mappings=BASIC,
+                                      extra_source=SUBSCRIPTION, extra="server:\n  port: 9\n  max_body: 50000\n"))
+    fhir, paubox = FhirState(), SandboxState(api_key=API_KEY, username="clinic")
+    fhir.put(patient("p1", "Robin", email="robin@example.org"))
+    mailer = PauboxRestMailer(config.delivery.paubox, transport=httpx.ASGITransport(app=paubox_app(paubox)))
+    runtime = Runtime.open(config, system_clock, mailer=mailer, source_transport=httpx.ASGITransport(app=fhir_app(fhir)))
+    app = web_app(config, runtime.aftercare, health=lambda: {}, extra_routes=runtime.subscriptions.routes())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://connector.test") as client:
+        yield Hub(runtime, fhir, paubox, client)
+    await runtime.aclose()
+
+
+def test_backport_bundles_are_read_and_gaps_found() -> None:
+    bundle = status_bundle("event-notification", 5, [5], ["a1"])
+    notification = parse_bundle(bundle, BASE)
+    assert (notification.kind, notification.events_since, notification.focus_ids) == ("event-notification", 5, ["a1"])
+    assert not gap(4, notification) and gap(3, notification) and not gap(None, notification)
+    heartbeat = Notification("heartbeat", "s1", "active", 5)
+    assert not gap(5, heartbeat) and gap(4, heartbeat)
+
+
+async def test_id_only_event_is_fetched_and_sent_once_even_if_a_poll_sees_it_too(hub: Hub) -> None:
+    hub.fhir.put(appointment("a1", "p1", SOON))
+    assert (await hub.post(status_bundle("handshake", 0, [], []))).status_code == 200
+    assert (await hub.post(status_bundle("event-notification", 1, [1], ["a1"]))).status_code == 200
+    await run_once(hub.runtime)  # dispatch; its poll sees the same version
+    assert (await hub.post(status_bundle("event-notification", 1, [1], ["a1"]))).status_code == 200
+    await run_once(hub.runtime)
+    assert [m["recipients"] for m in hub.paubox.messages] == [["robin@example.org"]]
+
+
+async def test_full_resource_event_is_used_as_sent(hub: Hub) -> None:
+    resource = hub.fhir.put(appointment("a2", "p1", SOON))
+    assert (await hub.post(status_bundle("event-notification", 1, [1], ["a2"], [resource]))).status_code == 200
+    await hub.runtime.dispatcher.run()
+    assert len(hub.paubox.messages) == 1
+
+
+async def test_a_gap_triggers_a_resync_poll(hub: Hub) -> None:
+    hub.fhir.put(appointment("missed", "p1", SOON))  # its notification (event 2) never arrived
+    await hub.post(status_bundle("heartbeat", 1, [], []))  # we know of event 1
+    before = len(hub.fhir.requests)
+    await hub.post(status_bundle("heartbeat", 2, [], []))  # the counter says 2: one event is missing
+    task = hub.runtime.subscriptions._resyncs["ehr"]
+    await task
+    assert any("/Appointment?" in r for r in hub.fhir.requests[before:])
+    await hub.runtime.dispatcher.run()
+    assert len(hub.paubox.messages) == 1
+
+
+async def test_rest_hook_ping_polls_and_put_is_processed(hub: Hub) -> None:
+    hub.fhir.put(appointment("a3", "p1", SOON))
+    response = await hub.client.post("/fhir/ehr/notify", content=b"", headers={"Authorization": SECRET})
+    assert response.status_code == 200
+    await hub.runtime.subscriptions._resyncs["ehr"]
+    resource = hub.fhir.put(appointment("a4", "p1", SOON + timedelta(days=1)))
+    put = await hub.client.put("/fhir/ehr/notify/Appointment/a4", content=json.dumps(resource),
+                               headers={"Authorization": SECRET})
+    assert put.status_code == 200
+    await hub.runtime.dispatcher.run()
+    assert len(hub.paubox.messages) == 2
+
+
+@pytest.mark.parametrize(("headers", "content", "status"), [
+    ({"Authorization": "Bearer wrong"}, b"{}", 401),
+    ({}, b"{}", 401),
+    ({"Authorization": SECRET}, b"not json", 400),
+    ({"Authorization": SECRET}, json.dumps({"resourceType": "Patient"}).encode(), 400),
+    ({"Authorization": SECRET}, json.dumps({"resourceType": "Bundle", "entry": []}).encode(), 400),
+    ({"Authorization": SECRET}, b"{" + b" " * 60000 + b"}", 413),
+])
+async def test_bad_notifications_are_refused_with_an_operation_outcome(hub: Hub, headers: dict[str, str],
+                                                                       content: bytes, status: int) -> None:
+    response = await hub.client.post("/fhir/ehr/notify", content=content, headers=headers)
+    assert response.status_code == status
+    assert response.json()["resourceType"] == "OperationOutcome"
+    assert hub.paubox.messages == []
+
+
+async def test_an_invalid_pushed_resource_is_refused(hub: Hub) -> None:
+    bad = {"resourceType": "Appointment", "id": "a9", "status": "booked", "participant": [{"status": 5}]}
+    response = await hub.client.put("/fhir/ehr/notify/Appointment/a9", content=json.dumps(bad),
+                                    headers={"Authorization": SECRET})
+    assert response.status_code == 400 and "not valid FHIR R4" in response.text
