@@ -73,7 +73,8 @@ async def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
     fhir, paubox = FhirState(), SandboxState(api_key=API_KEY, username="clinic")
     fhir.put(patient("p1", "Robin", email="robin@example.org"))
     mailer = PauboxRestMailer(config.delivery.paubox, transport=httpx.ASGITransport(app=paubox_app(paubox)))
-    runtime = Runtime.open(config, system_clock, mailer=mailer, source_transport=httpx.ASGITransport(app=fhir_app(fhir)))
+    runtime = Runtime.open(config, system_clock, mailer=mailer,
+                           source_transport=httpx.ASGITransport(app=fhir_app(fhir)))
     app = web_app(config, runtime.aftercare, health=lambda: {}, extra_routes=runtime.subscriptions.routes())
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://connector.test") as client:
         yield Hub(runtime, fhir, paubox, client)
