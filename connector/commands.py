@@ -83,7 +83,8 @@ async def dry_run(config: Config, clock: Clock) -> DryRun:
         for name, source in runtime.sources.items():
             cursor = await asyncio.to_thread(runtime.ledger.cursor, name)
             try:
-                pages = [page async for page in source.pages(runtime.planner.since(name, cursor))]
+                since = runtime.planner.since(name, cursor) if source.config.strategy != "date-window" else None
+                pages = [page async for page in runtime.planner.pages_between(name, since, None)]
             except ConnectorError as exc:
                 errors.append(str(exc))
                 continue
@@ -122,7 +123,7 @@ async def replay(config: Config, clock: Clock, source: str, since: datetime | No
             runtime.planner.remember(source, page)
             pages: Any = [page]
         else:
-            pages = runtime.sources[source].pages(since, until)
+            pages = runtime.planner.pages_between(source, since, until)
         items, notes = await runtime.planner.replay(source, pages, dry_run=dry)
         verdicts = await explain(runtime, items, clock()) if dry else {}
         if not dry:

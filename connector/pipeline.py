@@ -377,6 +377,27 @@ class Planner:
 
     # -- replaying ------------------------------------------------------------------------------------
 
+    async def pages_between(self, name: str, since: datetime | None, until: datetime | None
+                            ) -> AsyncIterator[fhir.SearchPage]:
+        """The appointments a replay or dry run reads, the way the source is configured: changed in
+        [since, until] (last-updated, history), or starting in [since, until] (date-window; default the
+        configured window). Deletions are left out: they are not replayed."""
+        source = self.sources[name]
+        strategy = source.config.strategy
+        if strategy == "last-updated":
+            async for page in source.pages(since, until):
+                yield page
+        elif strategy == "history":
+            async for page in source.history_pages(since):
+                page.matches = [m for m in page.matches if not m.get("_deleted") and
+                                (until is None or (fhir.last_updated(m) or until) <= until)]
+                yield page
+        else:
+            now = self.clock()
+            window = source.config.window
+            async for page in source.window_pages(since or now - window.past, until or now + window.future):
+                yield page
+
     async def replay(self, name: str, pages: AsyncIterator[fhir.SearchPage] | Iterable[fhir.SearchPage],
                      dry_run: bool, first_sight: bool = True
                      ) -> tuple[list[ReplayItem], list[tuple[str, PlanNote]]]:
