@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import structlog
 
@@ -350,7 +351,7 @@ class Planner:
     def _check_self_link(self, name: str, page: fhir.SearchPage) -> bool:
         """The self link lists the parameters the server used. Without `_lastUpdated`, every poll would read
         every appointment: fail loudly (default) or, with on_ignored_filter: scan, go on."""
-        used = page.self_url or ""
+        used = parse_qs(urlsplit(page.self_url or "").query)
         if "_lastUpdated" not in used:
             if self.sources[name].config.on_ignored_filter == "fail":
                 raise SourceError(f"source {name!r}: the server ignored _lastUpdated (its self link does not "
@@ -358,7 +359,7 @@ class Planner:
             log.warning("poll.filter_ignored", source=name,
                         problem="the server ignored _lastUpdated; every poll reads every appointment (seen "
                                 "versions are still skipped)")
-        return "_sort=_lastUpdated" in used or "_sort=_lastupdated" in used.lower()
+        return any(value.lower() == "_lastupdated" for value in used.get("_sort", []))
 
     async def deleted(self, name: str, appointment_id: str) -> list[str]:
         """The source says this appointment is gone: withdraw what is pending and plan what a deletion
