@@ -364,12 +364,13 @@ class Planner:
     async def deleted(self, name: str, appointment_id: str) -> list[str]:
         """The source says this appointment is gone: withdraw what is pending and plan what a deletion
         means (a cancellation, if the patient was told about the appointment). Returns inserted keys."""
-        before = await asyncio.to_thread(self.ledger.snapshot, name, appointment_id)
-        if before is None:
+        before = (await asyncio.to_thread(self.ledger.snapshots, name, [appointment_id])).get(appointment_id)
+        if before is None:  # never seen, or its deletion was handled already
             return []
         notified = await asyncio.to_thread(self.ledger.notified, name, [appointment_id])
         decision = Decision(snapshots={appointment_id: None})
-        self._apply(decision, name, synthesized(appointment_id, before), before.version,
+        # The version names the deletion, so no cached copy of the last version passes for the current one.
+        self._apply(decision, name, synthesized(appointment_id, before), f"deleted-after-{before.version}"[:128],
                     transitions(before, None), notified)
         log.info("appointment.deleted", source=name, resource=f"Appointment/{appointment_id}",
                  notifications=len(decision.notifications))
