@@ -43,7 +43,13 @@ class CycleReport:
 async def run_once(runtime: Runtime) -> CycleReport:
     """One poll of every source, one dispatch of everything due, then the after-send checks."""
     report = CycleReport()
-    report.polls = list(await asyncio.gather(*(runtime.planner.poll(name) for name in runtime.sources)))
+    names = list(runtime.sources)
+    results = await asyncio.gather(*(runtime.planner.poll(name) for name in names), return_exceptions=True)
+    for name, result in zip(names, results, strict=True):
+        if isinstance(result, BaseException):  # a bug in one source's poll must not stop the others
+            log.error("poll.crashed", source=name, problem=where(result))
+            result = PollReport(name, error=f"unexpected {where(result)}")
+        report.polls.append(result)
     if runtime.crm is not None:
         await runtime.crm.process()
     report.dispatch = await runtime.dispatcher.run()
