@@ -26,7 +26,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from connector.config import NAME_PATTERN, Duration
 from connector.lifecycle import APPOINTMENT_EVENTS, BOOKED, CANCELLED, NOSHOW, RESCHEDULED
@@ -52,13 +52,14 @@ class Trigger(_Strict):
     def _one_or_many(cls, value: object) -> object:
         return [value] if isinstance(value, str) else value
 
-    @model_validator(mode="after")
-    def _known_events(self) -> Trigger:
-        unknown = [e for e in self.event if e not in APPOINTMENT_EVENTS]
-        if self.resource == "Appointment" and unknown:
+    @field_validator("event")
+    @classmethod
+    def _known_events(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        unknown = [e for e in value if e not in APPOINTMENT_EVENTS]
+        if info.data.get("resource", "Appointment") == "Appointment" and unknown:
             known = ", ".join(sorted(APPOINTMENT_EVENTS))
             raise ValueError(f"unknown event {', '.join(map(repr, unknown))}; Appointment events are: {known}")
-        return self
+        return value
 
 
 class RecipientPath(_Strict):
