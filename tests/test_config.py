@@ -31,7 +31,8 @@ def problems(path: Path) -> list[str]:
 
 
 def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("EHR_FHIR_TOKEN", "PAUBOX_USERNAME", "PAUBOX_API_KEY", "PAUBOX_WEBHOOK_TOKEN", "EHR_SUBSCRIPTION_SECRET"):
+    for name in ("EHR_FHIR_TOKEN", "PAUBOX_USERNAME", "PAUBOX_API_KEY", "PAUBOX_WEBHOOK_TOKEN",
+                 "EHR_SUBSCRIPTION_SECRET"):
         monkeypatch.setenv(name, "placeholder")
     config = load_config(ROOT / "config.example.yaml")
     assert config.delivery.paubox.endpoint == "https://api.paubox.net/v1/placeholder"
