@@ -34,7 +34,8 @@ from tests.factories import appointment, patient
 
 T0 = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
 TOKEN = "hook-token-0123456789"
-MARKERS = ("robin@example.org", "sam@example.org", "Your appointment", "Dear Robin")
+MARKERS = ("robin@example.org", "sam@example.org", "kim@example.org", "lee@example.org", "Your appointment",
+           "Dear Robin", "Robin", "Testperson")
 
 
 class Clock:
@@ -75,9 +76,10 @@ def make_config(tmp_path: Path, paubox_url: str, extra: str, paubox_extra: str) 
                         paubox_extra="    read_timeout: 1s\n" + paubox_extra)
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def log_output() -> Iterator[io.StringIO]:
-    """Everything the connector logs during the test."""
+    """Everything the connector logs during each test here; none of it may carry an address, a subject or
+    a body."""
     buffer = io.StringIO()
     logs.configure("debug", "console")
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=buffer))
