@@ -95,7 +95,7 @@ class Aftercare:
         for n in overdue:
             if settings.policy == "resend" and n.resends == 0:
                 if await asyncio.to_thread(self.ledger.resend, n.id, now, f"resent: no confirmation after "
-                                           f"{settings.wait}", [State.IN_DOUBT]):
+                                           f"{settings.wait}", [State.IN_DOUBT], True):
                     log.warning("notification.resent", notification=n.id, mapping=n.mapping,
                                 problem="in doubt without confirmation; sent again under the same key")
                 continue

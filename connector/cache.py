@@ -10,6 +10,7 @@ from collections import OrderedDict
 from datetime import datetime, timedelta
 from typing import Any
 
+from connector.fhir import last_updated
 from connector.models import Clock
 
 
@@ -21,7 +22,13 @@ class ResourceCache:
         self._ttl = ttl
 
     def put(self, source: str, resource: dict[str, Any]) -> None:
+        """Remember `resource`, unless a newer version (by meta.lastUpdated) is already held."""
         key = (source, str(resource.get("resourceType")), str(resource.get("id")))
+        held = self._items.get(key)
+        if held is not None:
+            old, new = last_updated(held[1]), last_updated(resource)
+            if old is not None and new is not None and old > new:
+                return
         self._items[key] = (self._clock(), resource)
         self._items.move_to_end(key)
         while len(self._items) > self._capacity:

@@ -178,6 +178,7 @@ class Dispatcher:
         if not await self._may_send([n]):
             return Step.RELEASED
         if not await self._start(n):
+            self.gate.give_back()
             return Step.RELEASED
         outcome = await self.mailer.send(prepared.email)
         return await self._record(n, outcome)
@@ -188,6 +189,7 @@ class Dispatcher:
         started = [p for p in chunk if await self._start(p.notification)]
         steps = [Step.RELEASED] * (len(chunk) - len(started))
         if not started:
+            self.gate.give_back()
             return steps
         assert isinstance(self.mailer, BulkMailer)
         outcomes = await self.mailer.send_many([p.email for p in started])

@@ -78,6 +78,21 @@ def examine(source: str, page: fhir.SearchPage, fresh: set[tuple[str, str, str]]
     return result
 
 
+def newest_per_id(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Pure: the newest history entry of each appointment. History lists newest first, so the first entry of
+    an id stands unless a later one is provably newer (a DELETE entry may carry no time at all)."""
+    latest: dict[str, dict[str, Any]] = {}
+    for raw in entries:
+        known = latest.get(str(raw.get("id")))
+        if known is None:
+            latest[str(raw.get("id"))] = raw
+            continue
+        known_time, updated = fhir.last_updated(known), fhir.last_updated(raw)
+        if updated is not None and known_time is not None and updated > known_time:
+            latest[str(raw.get("id"))] = raw
+    return latest
+
+
 def triples(page: fhir.SearchPage) -> list[tuple[str, str, str]]:
     return [(str(r.get("resourceType")), str(r["id"]), fhir.version_of(r))
             for r in page.matches if isinstance(r, dict) and r.get("id")]
@@ -137,6 +152,9 @@ class Planner:
         self.clock = clock
         quiet = config.quiet_hours
         self.quiet = QuietHours(quiet.start, quiet.end) if quiet else None
+        # One change at a time per source in this process: a poll, a pushed notification and a deletion
+        # found at send time must not decide from the same remembered state at once.
+        self._busy: dict[str, asyncio.Lock] = {name: asyncio.Lock() for name in sources}
 
     # -- deciding -------------------------------------------------------------------------------------
 
@@ -202,7 +220,8 @@ class Planner:
         try:
             strategy = self.sources[name].config.strategy
             poll = {"last-updated": self._poll, "history": self._poll_history, "date-window": self._poll_window}
-            return await poll[strategy](name)
+            async with self._busy[name]:
+                return await poll[strategy](name)
         except SourceError as exc:
             log.error("poll.failed", source=name, problem=str(exc))
             metrics.inc("connector_poll_failures_total", source=name)
@@ -225,6 +244,10 @@ class Planner:
     async def ingest(self, name: str, resources: list[dict[str, Any]]) -> list[str]:
         """Appointments that arrived otherwise than by a poll (a subscription, a re-read): diffed, planned
         and committed like a page; versions already seen are skipped. Returns the keys inserted."""
+        async with self._busy[name]:
+            return await self._ingest(name, resources)
+
+    async def _ingest(self, name: str, resources: list[dict[str, Any]]) -> list[str]:
         page = fhir.SearchPage(matches=list(resources))
         fresh = await asyncio.to_thread(self.ledger.new_versions, name, triples(page))
         examined = examine(name, page, fresh)
@@ -240,7 +263,7 @@ class Planner:
         source = self.sources[name]
         report = PollReport(name)
         cursor, since = await self._start(name)
-        latest: dict[str, dict[str, Any]] = {}
+        entries: list[dict[str, Any]] = []
         newest = cursor
         async for page in source.history_pages(since):
             report.pages += 1
@@ -248,15 +271,14 @@ class Planner:
                 updated = fhir.last_updated(raw)
                 if updated is not None and (newest is None or updated > newest):
                     newest = self._bounded(name, updated)
-                known = latest.get(str(raw.get("id")))
-                if known is None or (fhir.last_updated(known) or since) < (updated or since):
-                    latest[str(raw.get("id"))] = raw
+                entries.append(raw)
+        latest = newest_per_id(entries)
         report.resources = len(latest)
         versions = [raw for raw in latest.values() if not raw.get("_deleted")]
-        inserted = await self.ingest(name, versions)
+        inserted = await self._ingest(name, versions)
         for appointment_id, raw in latest.items():
             if raw.get("_deleted"):
-                inserted += await self.deleted(name, appointment_id)
+                inserted += await self._deleted(name, appointment_id)
         if newest is not None and newest != cursor:
             await asyncio.to_thread(self.ledger.record_page, name, [], [], newest)
         report.inserted = len(inserted)
@@ -279,14 +301,14 @@ class Planner:
                 if isinstance(raw, dict) and raw.get("id"):
                     found[str(raw["id"])] = raw
         report.resources = len(found)
-        inserted = await self.ingest(name, list(found.values()))
+        inserted = await self._ingest(name, list(found.values()))
         remembered = await asyncio.to_thread(self.ledger.window_snapshots, name, start, end)
         for appointment_id in sorted(set(remembered) - set(found)):
             current = await source.read("Appointment", appointment_id)
             if current is None:
-                inserted += await self.deleted(name, appointment_id)
+                inserted += await self._deleted(name, appointment_id)
             else:
-                inserted += await self.ingest(name, [current])
+                inserted += await self._ingest(name, [current])
         report.inserted = len(inserted)
         log.info("poll.done", source=name, strategy="date-window", pages=report.pages,
                  appointments=report.resources, vanished=len(set(remembered) - set(found)),
@@ -364,6 +386,10 @@ class Planner:
     async def deleted(self, name: str, appointment_id: str) -> list[str]:
         """The source says this appointment is gone: withdraw what is pending and plan what a deletion
         means (a cancellation, if the patient was told about the appointment). Returns inserted keys."""
+        async with self._busy[name]:
+            return await self._deleted(name, appointment_id)
+
+    async def _deleted(self, name: str, appointment_id: str) -> list[str]:
         before = (await asyncio.to_thread(self.ledger.snapshots, name, [appointment_id])).get(appointment_id)
         if before is None:  # never seen, or its deletion was handled already
             return []

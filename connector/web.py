@@ -13,7 +13,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -45,6 +45,31 @@ async def read_body(request: Request, limit: int) -> bytes:
         if len(body) > limit:
             raise BodyTooLarge
     return bytes(body)
+
+
+def loads(body: bytes) -> Any:
+    """json.loads for untrusted bodies: a nesting bomb is bad input (ValueError), not a crash."""
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def guarded(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """Answer 500 for an unexpected error inside the endpoint, logged by type and place only: no exception
+    escapes to the server, whose traceback would quote it (and with it, possibly, request content)."""
+    async def wrapper(request: Request) -> Response:
+        try:
+            response: Response = await endpoint(request)
+            return response
+        except Exception as exc:  # noqa: BLE001 - the last line of defence of a receiver
+            from connector.logs import where
+
+            log.error("request.crashed", endpoint=request.url.path.split("/")[1:3], problem=where(exc))
+            return JSONResponse({"type": "about:blank", "title": "Internal Server Error", "status": 500},
+                                status_code=500, media_type="application/problem+json")
+
+    return wrapper
 
 
 def problem(status: int, title: str, endpoint: str, reason: str) -> JSONResponse:
@@ -84,7 +109,7 @@ def create_app(config: Config, aftercare: Aftercare, health: Callable[[], dict[s
         except BodyTooLarge:
             return problem(413, "Content Too Large", endpoint, "body too large")
         try:
-            event = json.loads(body)
+            event = loads(body)
         except (ValueError, UnicodeDecodeError):
             return problem(400, "Bad Request", endpoint, "body is not JSON")
         try:
@@ -105,14 +130,7 @@ def create_app(config: Config, aftercare: Aftercare, health: Callable[[], dict[s
         Route("/metrics", metrics_text, methods=["GET"]),
         *(extra_routes or []),
     ]
-    return Starlette(routes=routes, exception_handlers={Exception: _unexpected})
-
-
-async def _unexpected(request: Request, exc: Exception) -> Response:
-    from connector.logs import where
-
-    log.error("request.crashed", path=request.url.path.split("/")[1:3], problem=where(exc))
-    return JSONResponse({"type": "about:blank", "title": "Internal Server Error", "status": 500}, status_code=500,
-                        media_type="application/problem+json")
+    return Starlette(routes=[Route(r.path, guarded(r.endpoint), methods=list(r.methods or ["GET"]))
+                             for r in routes])
 
 

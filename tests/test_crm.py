@@ -222,6 +222,19 @@ async def test_generic_hmac_limits_and_malformed_bodies(crm: Crm) -> None:
     assert limited and int(limited[0].headers["Retry-After"]) >= 1
 
 
+async def test_an_event_id_too_long_to_store_is_refused_not_cut(crm: Crm) -> None:
+    response = await crm.standard(REGISTERED, msg_id="m" * 300)
+    assert response.status_code == 400 and crm.inbox() == []
+
+
+async def test_unsigned_floods_do_not_use_up_the_rate_limit(crm: Crm) -> None:
+    for _ in range(10):
+        assert (await crm.client.post("/webhooks/crm/gen", content=b"{}")).status_code == 401
+    body = json.dumps({"id": "g2", "type": "noop"}).encode()
+    signed = {"X-Signature": sign_hmac(HMAC_SECRET.encode(), body, "sha256=")}
+    assert (await crm.client.post("/webhooks/crm/gen", content=body, headers=signed)).status_code == 204
+
+
 async def test_the_stored_payload_is_not_readable_without_the_key(crm: Crm) -> None:
     await crm.standard(REGISTERED)
     [row] = crm.inbox()

@@ -305,6 +305,15 @@ async def test_webhook_receiver_refuses_bad_requests(hooked: Rig) -> None:
         assert foreign.json() == {"result": "ignored"}
 
 
+def test_a_probe_that_did_not_go_is_given_back() -> None:
+    gate = MailerGate(failure_threshold=1, cooldown=timedelta(seconds=30))
+    gate.record(Outcome(Verdict.IN_DOUBT, "HTTP 500", signal=Signal.SERVER_ERROR), T0)
+    later = T0 + timedelta(seconds=31)
+    assert gate.allow(later)
+    gate.give_back()  # its notification was withdrawn before the request left
+    assert gate.ready(later) and gate.allow(later)
+
+
 def test_gate_and_policy_are_pure() -> None:
     gate = MailerGate(failure_threshold=2, cooldown=timedelta(seconds=30))
     error = Outcome(Verdict.IN_DOUBT, "HTTP 500", signal=Signal.SERVER_ERROR)

@@ -129,3 +129,47 @@ def test_only_one_process_polls_a_source_at_a_time(ledger: SqlLedger) -> None:
     again = ledger.try_lock_source("ehr")
     assert again is not False
     ledger.unlock_source(again)
+
+
+def test_an_operator_cancelled_doubt_is_never_rearmed(ledger: SqlLedger) -> None:
+    ledger.add([planned("a")])
+    wall = datetime.now(UTC)
+    [record] = ledger.claim_due(NOW, 10, "w1", wall + timedelta(minutes=5), wall)
+    ledger.start_sending(record.id, "w1", wall + timedelta(minutes=5))
+    ledger.finish(record.id, State.IN_DOUBT, "timeout", None, NOW)
+    assert ledger.resolve("a", State.CANCELLED, "operator", [State.IN_DOUBT])
+    assert ledger.add([planned("a")]) == []  # planned again (a replay): stays cancelled
+    assert ledger.existing(["a"])["a"].state is State.CANCELLED
+
+
+def test_a_withdrawn_never_attempted_notification_is_rearmed(ledger: SqlLedger) -> None:
+    from connector.ledger import Withdrawal
+
+    ledger.add([planned("a")])
+    ledger.record_page("ehr", [], [], None, withdrawals=[Withdrawal("a", ("p1",), "moved")])
+    assert ledger.existing(["a"])["a"].state is State.CANCELLED
+    assert ledger.add([planned("a")]) == ["a"]
+    assert ledger.existing(["a"])["a"].state is State.PENDING
+
+
+def test_remembered_state_never_goes_back_to_an_older_version(ledger: SqlLedger) -> None:
+    from connector.lifecycle import Snapshot
+
+    newer = Snapshot("booked", NOW, NOW, "3", ("p1",), NOW)
+    older = Snapshot("booked", NOW - timedelta(days=1), NOW, "2", ("p1",), NOW - timedelta(minutes=1))
+    ledger.record_page("ehr", [], [], None, {"a1": newer})
+    ledger.record_page("ehr", [], [], None, {"a1": older})
+    assert ledger.snapshots("ehr", ["a1"])["a1"].version == "3"
+
+
+def test_a_webhook_confirms_a_resent_copy_before_it_goes(ledger: SqlLedger) -> None:
+    ledger.add([planned("a")])
+    wall = datetime.now(UTC)
+    [record] = ledger.claim_due(NOW, 10, "w1", wall + timedelta(minutes=5), wall)
+    ledger.start_sending(record.id, "w1", wall + timedelta(minutes=5))
+    ledger.finish(record.id, State.IN_DOUBT, "timeout", None, NOW)
+    assert ledger.resend(record.id, NOW, "policy", [State.IN_DOUBT], first_only=True)
+    assert ledger.existing(["a"])["a"].first_attempt_at is None  # the age limit starts again
+    assert ledger.confirm("a", "track-1", "confirmed by a Paubox webhook")  # the first copy arrived
+    assert ledger.existing(["a"])["a"].state is State.SENT
+    assert not ledger.resend(record.id, NOW, "policy", [State.SENT, State.IN_DOUBT], first_only=True)

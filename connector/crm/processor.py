@@ -67,7 +67,9 @@ class CrmProcessor:
             try:
                 event = self._open(row)
             except SealError as exc:
+                # Kept in the inbox (until its retention) for a person, but no longer in the queue's way.
                 log.error("crm.unreadable", source=row.source, inbox=row.id, problem=str(exc))
+                done.append(row.id)
                 continue
             planned += self._plan(row, event)
             done.append(row.id)

@@ -41,6 +41,7 @@ from connector.models import Clock
 from connector.web import BodyTooLarge, problem, read_body
 
 log = structlog.get_logger("connector.crm")
+MAX_ID, MAX_TYPE = 200, 100  # the inbox columns; longer ones are refused, never cut (ids are dedup keys)
 
 
 @dataclass
@@ -113,11 +114,6 @@ class CrmReceiver:
                 return problem(401, "Unauthorized", endpoint, "bad path token")
         elif token is not None:
             return problem(404, "Not Found", endpoint, "unexpected path")
-        wait = self.buckets[name].take()
-        if wait is not None:
-            response = problem(429, "Too Many Requests", endpoint, "rate limited")
-            response.headers["Retry-After"] = str(max(1, round(wait)))
-            return response
         limit = self.config.server.max_body if self.config.server else 1_000_000
         try:
             body = await read_body(request, limit)
@@ -127,13 +123,20 @@ class CrmReceiver:
         try:
             verify(settings, str(request.url), request.method, headers, body, time.time())
         except SignatureError as exc:
-            return problem(401, "Unauthorized", endpoint, exc.reason if hasattr(exc, "reason") else "signature")
+            return problem(401, "Unauthorized", endpoint, exc.reason)
         except ConfigError:
             return problem(401, "Unauthorized", endpoint, "the configured secret is unusable")
+        wait = self.buckets[name].take()  # after verification: strangers cannot use up a sender's budget
+        if wait is not None:
+            response = problem(429, "Too Many Requests", endpoint, "rate limited")
+            response.headers["Retry-After"] = str(max(1, round(wait)))
+            return response
         try:
             events = parse(settings, headers, body)
         except BodyError as exc:
             return problem(400, "Bad Request", endpoint, str(exc)[:100])
+        if any(len(e.event_id) > MAX_ID or len(e.event_type) > MAX_TYPE for e in events):
+            return problem(400, "Bad Request", endpoint, "event id or type too long")
         stored = await asyncio.to_thread(self.ledger.inbox_add, self._rows(name, events, self.clock()))
         metrics.inc("connector_crm_events_total", amount=len(events), source=name)
         log.info("crm.received", source=name, events=len(events), new=stored)
@@ -147,6 +150,6 @@ class CrmReceiver:
             payload = {"event_id": event.event_id, "event_type": event.event_type, "object_id": event.object_id,
                        "occurred_at": event.occurred_at, "payload": event.payload}
             key_id, sealed = self.keyring.seal(name, event.event_id, payload)
-            rows.append({"source": name, "event_id": event.event_id[:200], "event_type": event.event_type[:100],
+            rows.append({"source": name, "event_id": event.event_id, "event_type": event.event_type,
                          "received_at": now, "key_id": key_id, "sealed": sealed})
         return rows

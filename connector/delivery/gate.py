@@ -52,6 +52,10 @@ class MailerGate:
             return True
         return False
 
+    def give_back(self) -> None:
+        """The request allowed by `allow` did not go after all (its notification was withdrawn)."""
+        self.probe_out = False
+
     def record(self, outcome: Outcome, now: datetime) -> GateState | None:
         """Note an answer; return the new state when it changed."""
         before = self.state

@@ -172,6 +172,9 @@ class PauboxRestMailer:
         except Exception as exc:  # noqa: BLE001 - as in send()
             return [Outcome(Verdict.IN_DOUBT, f"unexpected {type(exc).__name__} while sending",
                             signal=Signal.SERVER_ERROR)] * len(emails)
+        if response.status_code in (400, 413, 422) and len(emails) > 1:
+            # Refused as a whole (nothing was accepted) and Paubox does not say which item: one by one.
+            return [await self.send(email) for email in emails]
         if response.status_code != 200:
             return [classify(response.status_code, response.content, response.headers,
                              self._server_errors)] * len(emails)

@@ -123,8 +123,11 @@ class SqlLedger:
                           "patients": " ".join(snap.patients), "last_updated": snap.last_updated,
                           "deleted": False, "updated_at": now}
                 statement = self._insert(A).values(source=source, appointment_id=appointment_id, **values)
+                # A poll and a pushed notification may race: an older version never replaces a newer one.
+                newer = A.c.last_updated.is_(None) | statement.excluded.last_updated.is_(None) \
+                    | (A.c.last_updated <= statement.excluded.last_updated)
                 conn.execute(statement.on_conflict_do_update(index_elements=["source", "appointment_id"],
-                                                             set_=values))
+                                                             set_=values, where=newer))
             else:
                 conn.execute(update(A).where(A.c.source == source, A.c.appointment_id == appointment_id)
                              .values(**values))
@@ -143,14 +146,16 @@ class SqlLedger:
         } for n in notifications]
         statement = self._insert(N)
         # A key that exists stays as it is: the unique constraint decides. The one exception is a
-        # notification withdrawn before it was sent (`cancelled`) and planned again, which is re-armed.
+        # notification withdrawn before any attempt to send it (`cancelled`, never started) and planned
+        # again, which is re-armed. One cancelled by an operator after it was in doubt stays cancelled.
         statement = statement.on_conflict_do_update(
             index_elements=["key"],
             set_={"state": statement.excluded.state, "due_at": statement.excluded.due_at, "reason": None,
                   "attempts": 0, "lease_owner": None, "lease_until": None, "updated_at": now,
                   "resource_version": statement.excluded.resource_version,
                   "appointment_start": statement.excluded.appointment_start},
-            where=(N.c.state == State.CANCELLED.value) & (statement.excluded.state == State.PENDING.value),
+            where=(N.c.state == State.CANCELLED.value) & N.c.first_attempt_at.is_(None)
+            & (statement.excluded.state == State.PENDING.value),
         ).returning(N.c.key)
         return [row.key for row in conn.execute(statement, rows)]
 
@@ -447,9 +452,10 @@ class SqlLedger:
                                   "sent_at": _now()}
         if tracking_id:
             values["tracking_id"] = tracking_id[:128]
+        doubtful = (N.c.state == State.IN_DOUBT.value) | ((N.c.state == State.PENDING.value) & (N.c.resends > 0))
         with self.engine.begin() as conn:
-            return bool(conn.execute(update(N).where(N.c.key == key, N.c.state == State.IN_DOUBT.value)
-                                     .values(**values)).rowcount)
+            return bool(conn.execute(update(N).where(N.c.key == key, doubtful).values(
+                **values, lease_owner=None, lease_until=None)).rowcount)
 
     def record_delivery(self, key: str | None, tracking_id: str | None, status: str, rank: int,
                         when: datetime) -> bool:
@@ -486,13 +492,19 @@ class SqlLedger:
         with self.engine.begin() as conn:
             conn.execute(update(N).where(N.c.id.in_(list(notification_ids))).values(alerted_at=_now()))
 
-    def resend(self, notification_id: int, due_at: datetime, reason: str, from_states: Sequence[State]) -> bool:
-        """A deliberate second send of the same key (same X-Notification-Key): → pending, resends + 1."""
+    def resend(self, notification_id: int, due_at: datetime, reason: str, from_states: Sequence[State],
+               first_only: bool = False) -> bool:
+        """A deliberate second send of the same key (same X-Notification-Key): → pending, resends + 1.
+        `first_only`: only if it was never resent (the `resend` policy sends one more copy at most)."""
+        condition = and_(N.c.id == notification_id, N.c.state.in_([s.value for s in from_states]),
+                         N.c.delivery_rank == 0)
+        if first_only:
+            condition = and_(condition, N.c.resends == 0)
         with self.engine.begin() as conn:
-            return bool(conn.execute(update(N).where(
-                N.c.id == notification_id, N.c.state.in_([s.value for s in from_states])).values(
+            return bool(conn.execute(update(N).where(condition).values(
                 state=State.PENDING.value, due_at=due_at, reason=reason[:500], resends=N.c.resends + 1,
-                attempts=0, alerted_at=None, lease_owner=None, lease_until=None, updated_at=_now())).rowcount)
+                attempts=0, first_attempt_at=None, alerted_at=None, lease_owner=None, lease_until=None,
+                updated_at=_now())).rowcount)
 
     def resolve(self, key: str, state: State, reason: str, from_states: Sequence[State]) -> bool:
         """An operator's decision on a notification (in_doubt → sent or cancelled, ...)."""

@@ -34,17 +34,24 @@ def _value(parameter: dict[str, Any]) -> Any:
 
 
 def _number(value: Any) -> int | None:
+    """A counter from a string or number; None when it is not a sane non-negative 63-bit number."""
     try:
-        return int(str(value))
+        number = int(str(value)[:20])
     except (TypeError, ValueError):
         return None
+    return number if 0 <= number < 2**63 else None
+
+
+def _reference(value: Any) -> str:
+    return str(value.get("reference") or "")[:300] if isinstance(value, dict) else ""
 
 
 def parse_bundle(bundle: Any, base_url: str) -> Notification:
     """Read a Backport notification Bundle. Raises ResourceError (PHI-free) when it is not one."""
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
         raise ResourceError("not a FHIR Bundle")
-    entries = [e for e in bundle.get("entry") or [] if isinstance(e, dict)]
+    listed = bundle.get("entry")
+    entries = [e for e in listed if isinstance(e, dict)] if isinstance(listed, list) else []
     status = entries[0].get("resource") if entries else None
     if not isinstance(status, dict) or status.get("resourceType") not in ("Parameters", "SubscriptionStatus"):
         raise ResourceError("the first entry is not a subscription status (Parameters or SubscriptionStatus)")
@@ -65,38 +72,42 @@ def parse_bundle(bundle: Any, base_url: str) -> Notification:
 def _from_parameters(status: dict[str, Any]) -> dict[str, Any]:
     found: dict[str, Any] = {"kind": "", "subscription": "", "status": None, "events_since": None,
                              "event_numbers": [], "focus": []}
-    for parameter in status.get("parameter") or []:
+    listed = status.get("parameter")
+    for parameter in listed if isinstance(listed, list) else []:
         if not isinstance(parameter, dict):
             continue
         name, value = parameter.get("name"), _value(parameter)
         if name == "type":
-            found["kind"] = str(value or "")
+            found["kind"] = str(value or "")[:32]
         elif name == "subscription":
-            found["subscription"] = str((value or {}).get("reference") or "") if isinstance(value, dict) else ""
+            found["subscription"] = _reference(value)
         elif name == "status":
-            found["status"] = str(value) if value else None
+            found["status"] = value[:32] if isinstance(value, str) and value else None
         elif name == "events-since-subscription-start":
             found["events_since"] = _number(value)
         elif name == "notification-event":
-            for part in parameter.get("part") or []:
+            parts = parameter.get("part")
+            for part in parts if isinstance(parts, list) else []:
                 if not isinstance(part, dict):
                     continue
                 if part.get("name") == "event-number" and _number(_value(part)) is not None:
                     found["event_numbers"].append(_number(_value(part)))
-                if part.get("name") == "focus" and isinstance(_value(part), dict):
-                    found["focus"].append(_value(part).get("reference"))
+                if part.get("name") == "focus":
+                    found["focus"].append(_reference(_value(part)))
     return found
 
 
 def _from_subscription_status(status: dict[str, Any]) -> dict[str, Any]:
-    events = [e for e in status.get("notificationEvent") or [] if isinstance(e, dict)]
+    listed = status.get("notificationEvent")
+    events = [e for e in listed if isinstance(e, dict)] if isinstance(listed, list) else []
+    state = status.get("status")
     return {
-        "kind": str(status.get("type") or ""),
-        "subscription": str((status.get("subscription") or {}).get("reference") or ""),
-        "status": status.get("status"),
+        "kind": str(status.get("type") or "")[:32],
+        "subscription": _reference(status.get("subscription")),
+        "status": state[:32] if isinstance(state, str) else None,
         "events_since": _number(status.get("eventsSinceSubscriptionStart")),
         "event_numbers": [n for n in (_number(e.get("eventNumber")) for e in events) if n is not None],
-        "focus": [(e.get("focus") or {}).get("reference") for e in events],
+        "focus": [_reference(e.get("focus")) for e in events],
     }
 
 

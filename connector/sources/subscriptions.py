@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 from typing import Any
 
 import structlog
@@ -32,7 +31,7 @@ from connector.models import Clock
 from connector.pipeline import Planner
 from connector.sources.fhir_poll import FhirPollSource
 from connector.sources.notifications import gap, parse_bundle
-from connector.web import BodyTooLarge, read_body
+from connector.web import BodyTooLarge, loads, read_body
 
 log = structlog.get_logger("connector.subscriptions")
 
@@ -88,7 +87,7 @@ class SubscriptionHub:
             self.resync(name, "rest-hook notification")
             return Response(status_code=200)
         try:
-            document = json.loads(body)
+            document = loads(body)
         except (ValueError, UnicodeDecodeError):
             return outcome(400, "structure", "the body is not JSON", "not JSON")
         kind = document.get("resourceType") if isinstance(document, dict) else None
@@ -100,7 +99,7 @@ class SubscriptionHub:
             notification = parse_bundle(document, self.config.sources[name].base_url)
         except ResourceError as exc:
             return outcome(400, "structure", str(exc), "not a notification")
-        known = await asyncio.to_thread(self.ledger.heard, name, notification.subscription,
+        known = await asyncio.to_thread(self.ledger.heard, name, _relative(notification.subscription)[:300],
                                         notification.events_since, notification.status, self.clock())
         log.info("subscription.notification", source=name, kind=notification.kind,
                  events=notification.events_since)
@@ -129,7 +128,7 @@ class SubscriptionHub:
             return admitted
         name, body = admitted
         try:
-            resource = json.loads(body)
+            resource = loads(body)
         except (ValueError, UnicodeDecodeError):
             return outcome(400, "structure", "the body is not JSON", "not JSON")
         if not isinstance(resource, dict) or resource.get("resourceType") != "Appointment" or \
