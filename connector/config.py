@@ -288,6 +288,8 @@ class DispatchConfig(Strict):
     rate_limit_pause: Duration = timedelta(seconds=30)
     in_doubt: InDoubtConfig = InDoubtConfig()
     receipts_after: Duration = timedelta(hours=1)
+    lease: Duration = Field(timedelta(minutes=5), description="how long a claim stays with a daemon that may "
+                                                              "have died (several daemons on PostgreSQL)")
 
 
 class ServerConfig(Strict):
@@ -353,6 +355,16 @@ class Config(Strict):
     server: ServerConfig | None = None
     crm: dict[Annotated[str, Field(pattern=NAME_PATTERN)], CrmSourceConfig] = Field(default_factory=dict)
     inbox: InboxConfig | None = None
+
+    @model_validator(mode="after")
+    def _lease_outlasts_a_send(self) -> Config:
+        paubox = self.delivery.paubox
+        longest = self.delivery.smtp.timeout if self.delivery.transport == "paubox-smtp" else \
+            paubox.connect_timeout + paubox.read_timeout
+        if self.dispatch.lease < longest + timedelta(seconds=10):
+            raise ValueError(f"dispatch.lease must outlast a send: at least {longest + timedelta(seconds=10)} "
+                             "(the timeouts plus 10 s)")
+        return self
 
     @model_validator(mode="after")
     def _crm_needs_inbox(self) -> Config:

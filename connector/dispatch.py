@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -38,7 +38,6 @@ from connector.sources.fhir_poll import FhirPollSource
 
 log = structlog.get_logger("connector.dispatch")
 
-LEASE = timedelta(minutes=5)
 
 
 class Step(StrEnum):
@@ -102,7 +101,7 @@ class Dispatcher:
         while not self.stopping and self._paused is None and self.gate.ready(self.clock()):
             wall = datetime.now(UTC)
             batch = await asyncio.to_thread(self.ledger.claim_due, self.clock(), settings.batch_size, self.owner,
-                                            wall + LEASE, wall)
+                                            wall + settings.lease, wall)
             if not batch:
                 break
             steps = await self._batch(batch)
@@ -170,7 +169,7 @@ class Dispatcher:
         return True
 
     async def _start(self, n: NotificationRecord) -> bool:
-        lease_until = datetime.now(UTC) + LEASE
+        lease_until = datetime.now(UTC) + self.config.dispatch.lease
         return await asyncio.to_thread(self.ledger.start_sending, n.id, self.owner, lease_until)
 
     async def _send_one(self, prepared: Prepared) -> Step:

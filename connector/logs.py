@@ -33,6 +33,9 @@ def configure(level: str = "info", fmt: str = "console") -> None:
     )
     logging.basicConfig(level=max(_LEVELS[level], logging.WARNING), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # "skipped: maximum number of running instances reached" every second while a long dispatch runs is
+    # expected (max_instances=1 on purpose), not news.
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
 
 
 def where(exc: BaseException) -> str:

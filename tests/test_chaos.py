@@ -110,7 +110,6 @@ def test_sqlite_daemon_killed_three_times_sends_every_email_exactly_once_or_repo
     assert count(table, "lost") == 0
     assert count(table, "unfinished") == 0
     assert count(table, "kills done") == 3
-    assert count(table, "sent once") + count(table, "in_doubt") >= 40 - count(table, "failed")
 
 
 @pytest.mark.slow

@@ -95,3 +95,10 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
                                                 ("2d", 172800), (90, 90)])
 def test_durations(text: object, seconds: float) -> None:
     assert parse_duration(text).total_seconds() == seconds
+
+
+def test_a_lease_shorter_than_a_send_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEST_PAUBOX_KEY", "k")
+    (tmp_path / "c.yaml").write_text(MINIMAL + "dispatch:\n  lease: 20s\n")
+    [problem] = problems(tmp_path / "c.yaml")
+    assert "dispatch.lease must outlast a send: at least 0:00:45" in problem
