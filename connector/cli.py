@@ -13,6 +13,7 @@ import typer
 from connector import commands, logs, optout, report
 from connector.config import Environment, load_config
 from connector.errors import ConfigError, ConnectorError
+from connector.ledger.sql import SqlLedger
 from connector.models import Clock, State, fixed_clock, system_clock
 from connector.runtime import open_ledger
 
@@ -58,6 +59,13 @@ def _fail(exc: ConnectorError) -> typer.Exit:
     else:
         report.console.print(f"[red]error:[/red] {exc}", markup=False)
     return typer.Exit(2)
+
+
+def _ledger(config: Path) -> SqlLedger:
+    try:
+        return open_ledger(load_config(config))
+    except ConnectorError as exc:
+        raise _fail(exc) from None
 
 
 @app.callback()
@@ -205,10 +213,7 @@ def resolve(
     """Decide what happened to an in_doubt notification (or resend a failed one)."""
     if sum((sent, resend, cancel)) != 1:
         raise typer.BadParameter("give exactly one of --sent, --resend, --cancel")
-    try:
-        ledger = open_ledger(load_config(config))
-    except ConnectorError as exc:
-        raise _fail(exc) from None
+    ledger = _ledger(config)
     try:
         if resend:
             records = ledger.existing([key])
@@ -251,10 +256,7 @@ def optout_add(identifier: IdentifierOption = None, email: EmailOption = None,
                config: ConfigOption = ENV.config) -> None:
     """Never write to this patient or address again (every mapping, every source)."""
     kind, value = _optout_target(identifier, email)
-    try:
-        ledger = open_ledger(load_config(config))
-    except ConnectorError as exc:
-        raise _fail(exc) from None
+    ledger = _ledger(config)
     added = ledger.add_optout(kind, optout.digest(kind, value), optout.hint(kind, value), note)
     ledger.engine.dispose()
     report.console.print(f"{'added' if added else 'already on the list'}: {kind} {optout.hint(kind, value)}")
@@ -265,10 +267,7 @@ def optout_remove(identifier: IdentifierOption = None, email: EmailOption = None
                   config: ConfigOption = ENV.config) -> None:
     """Take a patient or address off the opt-out list."""
     kind, value = _optout_target(identifier, email)
-    try:
-        ledger = open_ledger(load_config(config))
-    except ConnectorError as exc:
-        raise _fail(exc) from None
+    ledger = _ledger(config)
     removed = ledger.remove_optout(kind, optout.digest(kind, value))
     ledger.engine.dispose()
     report.console.print(f"{'removed' if removed else 'not on the list'}: {kind} {optout.hint(kind, value)}")
@@ -279,10 +278,7 @@ def optout_remove(identifier: IdentifierOption = None, email: EmailOption = None
 @optout_app.command("list")
 def optout_list(config: ConfigOption = ENV.config) -> None:
     """The opt-out list. Values are stored as digests; only a masked hint is shown."""
-    try:
-        ledger = open_ledger(load_config(config))
-    except ConnectorError as exc:
-        raise _fail(exc) from None
+    ledger = _ledger(config)
     report.optouts(ledger.optouts())
     ledger.engine.dispose()
 
