@@ -223,6 +223,7 @@ def status(config: Config) -> dict[str, Any]:
             "attention": ledger.notifications([State.IN_DOUBT, State.FAILED], 50),
             "suppressed": ledger.notifications([State.SKIPPED, State.CANCELLED], 20),
             "problems": ledger.problems(20),
+            "rejections": ledger.rejections(),
         }
     finally:
         ledger.engine.dispose()

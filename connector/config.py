@@ -317,6 +317,10 @@ class CrmSourceConfig(Strict):
     rate_limit: float = Field(20.0, gt=0, description="requests per second, per source")
     burst: int = Field(40, ge=1)
     timezone: Zone = "UTC"
+    # hubspot: read the changed object through the CRM API for mappings with `fetch_object: true`
+    api_token: Secret | None = None  # a private app token with crm.objects.*.read scopes
+    api_base: EnvStr = "https://api.hubapi.com"
+    properties: list[str] = Field(default_factory=lambda: ["email", "firstname", "lastname"])
 
     @model_validator(mode="after")
     def _credentials(self) -> CrmSourceConfig:

@@ -18,7 +18,7 @@ import structlog
 import uvicorn
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from connector import web
+from connector import metrics, web
 from connector.aftercare import ReceiptReader
 from connector.dispatch import DispatchReport
 from connector.logs import where
@@ -58,7 +58,9 @@ async def run_once(runtime: Runtime) -> CycleReport:
 
 
 async def aftercare(runtime: Runtime) -> None:
-    """In-doubt policy, then receipts for sent notifications no webhook reported on."""
+    """Refusal counts to the ledger, the in-doubt policy, then receipts for sent notifications no webhook
+    reported on."""
+    await asyncio.to_thread(runtime.ledger.add_rejections, metrics.take_refused(), runtime.aftercare.clock())
     await runtime.aftercare.settle_doubts()
     if runtime.crm is not None:
         await runtime.crm.purge()
@@ -148,4 +150,5 @@ async def run_forever(runtime: Runtime) -> None:
     if server is not None and server_task is not None:
         server.should_exit = True
         await server_task
+    await asyncio.to_thread(runtime.ledger.add_rejections, metrics.take_refused(), runtime.aftercare.clock())
     log.info("daemon.stopped")

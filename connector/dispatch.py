@@ -20,7 +20,7 @@ import structlog
 from connector import fhir, metrics
 from connector.cache import ResourceCache
 from connector.config import Config
-from connector.crm.processor import CrmProcessor, NotSendable
+from connector.crm.processor import CrmProcessor, NotSendable, NotYet
 from connector.delivery import BulkMailer, Mailer, Outcome, Signal, Verdict
 from connector.delivery.gate import GateState, MailerGate
 from connector.delivery.retry import GiveUp, RetryPolicy, next_try
@@ -206,6 +206,9 @@ class Dispatcher:
                 log.error("dispatch.no_source", notification=n.id, source=n.source)
                 return await self._release(n)
             email = await self.crm.prepare(n, mapping, self.clock())
+            if isinstance(email, NotYet):
+                log.warning("dispatch.read_failed", notification=n.id, problem=email.reason)
+                return await self._release(n)
             if isinstance(email, NotSendable):
                 return await self._settle(n, email.state, email.reason)
             return Prepared(n, email)

@@ -16,8 +16,24 @@ _HELP = {
 }
 
 
+_REFUSED: Counter[tuple[str, str]] = Counter()  # not yet written to the ledger
+
+
 def inc(name: str, amount: int = 1, **labels: str) -> None:
     _COUNTS[(name, tuple(sorted(labels.items())))] += amount
+
+
+def refused(endpoint: str, reason: str) -> None:
+    """A refused request: counted for /metrics and kept for the ledger (`connector status`)."""
+    inc("connector_requests_rejected_total", endpoint=endpoint, reason=reason)
+    _REFUSED[(endpoint, reason)] += 1
+
+
+def take_refused() -> dict[tuple[str, str], int]:
+    """The refusals counted since the last call (the daemon writes them to the ledger)."""
+    taken = dict(_REFUSED)
+    _REFUSED.clear()
+    return taken
 
 
 def value(name: str, **labels: str) -> int:

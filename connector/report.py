@@ -119,6 +119,11 @@ def status(data: dict[str, Any]) -> None:
             table.add_row(str(n.id), n.state.value, n.mapping, f"{n.resource_type}/{n.resource_id}", n.patient_id,
                           n.reason or "")
         console.print(table)
+    if data["rejections"]:
+        table = _table("Refused webhook requests (endpoint, reason)", ("endpoint", "reason", "count", "last"))
+        for endpoint, reason, total, last in data["rejections"]:
+            table.add_row(endpoint, reason, str(total), last.isoformat(timespec="seconds"))
+        console.print(table)
     if data["problems"]:
         table = Table(title="Invalid resources (skipped)", title_justify="left")
         for column in ("source", "resource", "problem"):

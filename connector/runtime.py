@@ -91,7 +91,8 @@ class Runtime:
 
     @classmethod
     def open(cls, config: Config, clock: Clock, *, mailer: Mailer | None = None,
-             source_transport: httpx.AsyncBaseTransport | None = None, exclusive: bool = True) -> Runtime:
+             source_transport: httpx.AsyncBaseTransport | None = None, exclusive: bool = True,
+             crm_transport: httpx.AsyncBaseTransport | None = None) -> Runtime:
         mappings = load_mappings(config.mappings_dir, [*config.sources, *config.crm])
         lock = lock_sqlite(config) if exclusive else None
         ledger = open_ledger(config)
@@ -112,7 +113,7 @@ class Runtime:
         crm = receiver = None
         if config.crm and config.inbox is not None:
             keyring = Keyring(config.inbox)
-            crm = dispatcher.crm = CrmProcessor(config, mappings, ledger, keyring, clock)
+            crm = dispatcher.crm = CrmProcessor(config, mappings, ledger, keyring, clock, crm_transport)
             receiver = CrmReceiver(config, ledger, keyring, clock)
         return cls(config, mappings, ledger, sources, mailer, cache, planner, dispatcher, aftercare, hub, crm,
                    receiver, lock)
@@ -121,6 +122,8 @@ class Runtime:
         await self.dispatcher.release()
         for source in self.sources.values():
             await source.aclose()
+        if self.crm is not None:
+            await self.crm.aclose()
         await self.mailer.aclose()
         self.ledger.engine.dispose()
         if self.lock is not None:

@@ -74,7 +74,7 @@ def guarded(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Req
 
 def problem(status: int, title: str, endpoint: str, reason: str) -> JSONResponse:
     """An RFC 9457 problem answer; counted and logged by endpoint and reason (never the body)."""
-    metrics.inc("connector_requests_rejected_total", endpoint=endpoint, reason=reason)
+    metrics.refused(endpoint, reason)
     log.warning("request.rejected", endpoint=endpoint, status=status, reason=reason)
     return JSONResponse({"type": "about:blank", "title": title, "status": status}, status_code=status,
                         media_type="application/problem+json")

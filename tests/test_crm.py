@@ -303,3 +303,90 @@ def test_an_event_acknowledged_just_before_a_crash_is_sent_once(tmp_path: Path, 
     assert [m["recipients"] for m in paubox_state.messages] == [["quixotica.crm@example.org"]]
     assert "quixotica" not in (tmp_path / "daemon.log").read_text().lower()
 
+
+
+FETCH_MAPPING = """name: hubspot-contact-created
+trigger:
+  resource: CrmEvent
+  event: contact.creation
+  sources: [hubspot]
+fetch_object: true
+recipient:
+  path: object.properties.email
+templates:
+  subject: "Welcome, {{ object.properties.firstname }}"
+  text: hubspot-contact-created.txt
+key: "{{ event_id }}"
+"""
+
+
+async def test_a_mapping_can_read_the_hubspot_object_it_needs(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    crm_env(monkeypatch)
+    monkeypatch.setenv("HUBSPOT_TOKEN", "pat-test-token")
+    api_state = {"down": 1, "calls": 0}
+
+    async def contact(request: Request) -> JSONResponse:
+        api_state["calls"] += 1
+        if request.headers.get("authorization") != "Bearer pat-test-token":
+            return JSONResponse({"message": "unauthorized"}, status_code=401)
+        if api_state["down"] > 0:
+            api_state["down"] -= 1
+            return JSONResponse({"message": "try later"}, status_code=503)
+        if request.path_params["id"] != "65":
+            return JSONResponse({"message": "not found"}, status_code=404)
+        return JSONResponse({"id": "65", "properties": {"email": "ottoline.hs@example.org", "firstname": "Ottoline"}})
+
+    hubspot_api = Starlette(routes=[Route("/crm/v3/objects/contacts/{id}", contact)])
+    config_path = crm_config(tmp_path)
+    config_path.write_text(config_path.read_text().replace(
+        "    public_url: https://connector.example.org/webhooks/crm/hubspot\n",
+        "    public_url: https://connector.example.org/webhooks/crm/hubspot\n"
+        "    api_token: ${HUBSPOT_TOKEN}\n    api_base: https://hubspot.test\n"))
+    (tmp_path / "mappings" / "hubspot-contact-created.yaml").write_text(FETCH_MAPPING)
+    (tmp_path / "mappings" / "hubspot-contact-created.txt").write_text("Hello {{ object.properties.firstname }}\n")
+    config = load_config(config_path)
+    paubox = SandboxState(api_key=API_KEY, username="clinic")
+    mailer = PauboxRestMailer(config.delivery.paubox, transport=httpx.ASGITransport(app=paubox_app(paubox)))
+    runtime = Runtime.open(config, system_clock, mailer=mailer,
+                           source_transport=httpx.ASGITransport(app=fhir_app(FhirState())),
+                           crm_transport=httpx.ASGITransport(app=hubspot_api))
+    assert runtime.crm_receiver is not None
+    app = web_app(config, runtime.aftercare, health=lambda: {}, extra_routes=runtime.crm_receiver.routes())
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="https://connector.example.org") as client:
+            events = [{"eventId": 21, "subscriptionType": "contact.creation", "objectId": 65},
+                      {"eventId": 22, "subscriptionType": "contact.creation", "objectId": 66}]
+            body = json.dumps(events).encode()
+            stamp = str(int(time.time() * 1000))
+            uri = "https://connector.example.org/webhooks/crm/hubspot"
+            headers = {"X-HubSpot-Signature-v3": sign_hubspot_v3(HUB_SECRET, "POST", uri, body, stamp),
+                       "X-HubSpot-Request-Timestamp": stamp}
+            assert (await client.post("/webhooks/crm/hubspot", content=body, headers=headers)).status_code == 204
+        await run_once(runtime)  # the API is down for the first read: that notification waits
+        await run_once(runtime)
+        assert [(m["recipients"], m["subject"]) for m in paubox.messages] == [
+            (["ottoline.hs@example.org"], "Welcome, Ottoline")]
+        skipped = runtime.ledger.notifications([State.SKIPPED], 10)
+        assert [r.reason for r in skipped] == ["the CRM object no longer exists"]
+    finally:
+        await runtime.aclose()
+
+
+async def test_refused_requests_are_counted_in_the_ledger_for_status(crm: Crm) -> None:
+    from connector import metrics
+    from connector.daemon import aftercare
+
+    metrics.take_refused()  # counts of earlier tests in this process
+    await crm.standard(REGISTERED, secret="whsec_" + base64.b64encode(b"another-secret").decode())
+    await crm.standard(REGISTERED, secret="whsec_" + base64.b64encode(b"another-secret").decode())
+    await crm.client.post("/webhooks/crm/nope", content=b"{}")
+    await aftercare(crm.runtime)
+    counts = {(e, r): n for e, r, n, _ in crm.runtime.ledger.rejections()}
+    assert counts == {("crm:std", "signature mismatch"): 2, ("crm", "unknown source"): 1}

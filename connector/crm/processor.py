@@ -14,11 +14,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import httpx
 import structlog
 
 from connector import optout
 from connector.config import Config
+from connector.crm.hubspot import HubSpotClient
 from connector.crm.inbox import Keyring, SealError
+from connector.errors import SourceError
 from connector.ledger import NotificationRecord
 from connector.ledger.sql import SqlLedger
 from connector.mapping.engine import RenderError, plan_crm, render_crm
@@ -36,14 +39,23 @@ class NotSendable:
     reason: str
 
 
+@dataclass(frozen=True)
+class NotYet:
+    """Cannot be prepared now (the CRM's API is unreachable): the notification waits for the next pass."""
+
+    reason: str
+
+
 class CrmProcessor:
     def __init__(self, config: Config, mappings: MappingSet, ledger: SqlLedger, keyring: Keyring,
-                 clock: Clock) -> None:
+                 clock: Clock, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.config = config
         self.mappings = mappings
         self.ledger = ledger
         self.keyring = keyring
         self.clock = clock
+        self.apis = {name: HubSpotClient(name, settings, transport) for name, settings in config.crm.items()
+                     if settings.kind == "hubspot" and settings.api_token is not None}
         quiet = config.quiet_hours
         self.quiet = QuietHours(quiet.start, quiet.end) if quiet else None
 
@@ -97,8 +109,12 @@ class CrmProcessor:
             log.info("crm.purged", events=removed)
         return removed
 
-    async def prepare(self, n: NotificationRecord, mapping: Mapping, now: datetime) -> Email | NotSendable:
-        """The email for a due CRM notification, or why it cannot be sent."""
+    async def aclose(self) -> None:
+        for api in self.apis.values():
+            await api.aclose()
+
+    async def prepare(self, n: NotificationRecord, mapping: Mapping, now: datetime) -> Email | NotSendable | NotYet:
+        """The email for a due CRM notification, or why it cannot be sent (now, or at all)."""
         row = await asyncio.to_thread(self.ledger.inbox_get, int(n.resource_id))
         if row is None:
             return NotSendable(State.SKIPPED, "the CRM event is no longer in the inbox (past its retention)")
@@ -106,6 +122,17 @@ class CrmProcessor:
             event = self._open(row)
         except SealError as exc:
             return NotSendable(State.FAILED, str(exc))
+        if mapping.spec.fetch_object:
+            api = self.apis.get(row.source)
+            if api is None or not event.get("object_id"):
+                return NotSendable(State.FAILED, "fetch_object needs a hubspot source with api_token and an "
+                                                 "event with an object id")
+            try:
+                event["object"] = await api.read(str(event.get("event_type")), str(event["object_id"]))
+            except SourceError as exc:
+                return NotYet(str(exc))
+            if event["object"] is None:
+                return NotSendable(State.SKIPPED, "the CRM object no longer exists")
         assert mapping.recipient is not None
         try:
             found = mapping.recipient(event)

@@ -157,3 +157,14 @@ class InboxEventRow(SQLModel, table=True):
     key_id: str = Field(max_length=64)
     sealed: bytes = Field(sa_column=Column(LargeBinary(), nullable=False))
     processed_at: datetime | None = _when(nullable=True)
+
+
+class RejectionRow(SQLModel, table=True):
+    """How many webhook requests were refused, by endpoint and reason (never their content)."""
+
+    __tablename__ = "rejection"
+
+    endpoint: str = Field(primary_key=True, max_length=80)
+    reason: str = Field(primary_key=True, max_length=100)
+    total: int = Field(default=0, sa_column=Column(BigInteger(), nullable=False))
+    last_at: datetime = _when()

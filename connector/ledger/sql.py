@@ -22,6 +22,7 @@ from connector.ledger.schema import (
     InboxEventRow,
     NotificationRow,
     OptOutRow,
+    RejectionRow,
     SeenVersionRow,
     SubscriptionStateRow,
 )
@@ -35,6 +36,7 @@ A = AppointmentStateRow.__table__  # type: ignore[attr-defined]
 OPT = OptOutRow.__table__  # type: ignore[attr-defined]
 SUB = SubscriptionStateRow.__table__  # type: ignore[attr-defined]
 INBOX = InboxEventRow.__table__  # type: ignore[attr-defined]
+REJ = RejectionRow.__table__  # type: ignore[attr-defined]
 NOTIFIED = (State.SENT.value, State.SENDING.value, State.IN_DOUBT.value)
 
 
@@ -297,6 +299,24 @@ class SqlLedger:
         with self.engine.begin() as conn:
             return conn.execute(INBOX.delete().where(INBOX.c.received_at < received_before,
                                                      INBOX.c.processed_at.is_not(None))).rowcount
+
+    # -- refused requests -----------------------------------------------------------------------------
+
+    def add_rejections(self, counts: Mapping[tuple[str, str], int], when: datetime) -> None:
+        if not counts:
+            return
+        rows = [{"endpoint": e[:80], "reason": r[:100], "total": n, "last_at": when} for (e, r), n in counts.items()]
+        statement = self._insert(REJ)
+        statement = statement.on_conflict_do_update(
+            index_elements=["endpoint", "reason"],
+            set_={"total": REJ.c.total + statement.excluded.total, "last_at": statement.excluded.last_at})
+        with self.engine.begin() as conn:
+            conn.execute(statement, rows)
+
+    def rejections(self) -> list[tuple[str, str, int, datetime]]:
+        with self.engine.connect() as conn:
+            return [(r.endpoint, r.reason, r.total, r.last_at)
+                    for r in conn.execute(select(REJ).order_by(REJ.c.endpoint, REJ.c.reason))]
 
     # -- opt-outs -------------------------------------------------------------------------------------
 

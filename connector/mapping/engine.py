@@ -186,7 +186,8 @@ def render_crm(mapping: Mapping, *, key: str, to: str, event: dict[str, Any], so
     """Render a CRM event mapping (templates see the event: `payload`, `event_type`, ...)."""
     context = {"payload": event.get("payload"), "event_id": event.get("event_id"),
                "event_type": event.get("event_type"), "object_id": event.get("object_id"),
-               "occurred_at": event.get("occurred_at"), "source": source, "timezone": timezone, "now": now}
+               "occurred_at": event.get("occurred_at"), "object": event.get("object"), "source": source,
+               "timezone": timezone, "now": now}
     return render_with(mapping, context, key=key, to=to, locale=locale, languages=[], default_from=default_from,
                        default_reply_to=default_reply_to)
 

@@ -31,7 +31,8 @@ Condition = Callable[..., list[Any]]
 # A skeletal resource to run each FHIRPath condition once at load time: fhirpathpy reports unknown
 # functions only when an expression is evaluated.
 _TRIAL_RESOURCE = {"resourceType": "Appointment", "id": "trial", "status": "booked", "participant": []}
-_TRIAL_EVENT: dict[str, Any] = {"event_id": "trial", "event_type": "trial", "object_id": None, "payload": {}}
+_TRIAL_EVENT: dict[str, Any] = {"event_id": "trial", "event_type": "trial", "object_id": None, "payload": {},
+                                "object": {}}
 
 
 @dataclass(frozen=True)

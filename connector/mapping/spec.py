@@ -83,6 +83,7 @@ class MappingSpec(_Strict):
     late_grace: Duration | None = None
     quiet_hours: bool = True
     only_after_sent: bool | None = None
+    fetch_object: bool = False  # CRM (HubSpot): read the event's object through the CRM API before sending
     recipient: Literal["patient"] | RecipientPath = "patient"
     language: Annotated[str, Field(pattern=LANGUAGE_PATTERN)] = "en"
     templates: Templates
@@ -110,6 +111,8 @@ class MappingSpec(_Strict):
             raise ValueError("an Appointment mapping writes to its patients: recipient: patient")
         if crm and self.at is not None:
             raise ValueError("`at:` (reminders) applies to Appointment mappings only")
+        if self.fetch_object and not crm:
+            raise ValueError("`fetch_object` applies to CrmEvent mappings only")
         if self.at is not None and self.trigger.event != [BOOKED]:
             raise ValueError("a reminder (`at:`) is armed while the appointment is booked: use `event: booked`")
         if isinstance(self.templates.subject, dict) and self.language not in self.templates.subject:

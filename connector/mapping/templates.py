@@ -31,8 +31,8 @@ MESSAGE_NAMES = frozenset(
 KEY_NAMES = frozenset({"appointment", "patient_id", "event", "mapping", "source", "start"})
 # The same for CRM event mappings: the event as stored (`payload` is what the CRM sent).
 CRM_MESSAGE_NAMES = frozenset(
-    {"payload", "event_id", "event_type", "object_id", "occurred_at", "mapping", "source", "vars", "timezone",
-     "locale", "language", "now"}
+    {"payload", "event_id", "event_type", "object_id", "occurred_at", "object", "mapping", "source", "vars",
+     "timezone", "locale", "language", "now"}
 )
 CRM_KEY_NAMES = frozenset({"payload", "event_id", "event_type", "object_id", "mapping", "source"})
 

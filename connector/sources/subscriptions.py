@@ -40,7 +40,7 @@ BACKPORT = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/"
 
 def outcome(status: int, code: str, text: str, reason: str) -> JSONResponse:
     """An OperationOutcome answer, counted and logged by reason (never the body)."""
-    metrics.inc("connector_requests_rejected_total", endpoint="fhir-subscription", reason=reason)
+    metrics.refused("fhir-subscription", reason)
     log.warning("request.rejected", endpoint="fhir-subscription", status=status, reason=reason)
     return JSONResponse({"resourceType": "OperationOutcome",
                          "issue": [{"severity": "error", "code": code, "diagnostics": text}]},
