@@ -1,6 +1,6 @@
 """Immutable values that flow through the pipeline: events, planned notifications, emails.
 
-Where PHI lives: `AppointmentEvent.resource` and `Email` hold patient data in memory only. Nothing here
+Where PHI lives: `Email` holds patient data in memory only. Nothing here
 is logged; the ledger stores `PlannedNotification` fields, which are ids, names of mappings and times.
 """
 
@@ -10,7 +10,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
 
 Clock = Callable[[], datetime]
 
@@ -34,24 +33,6 @@ class State(StrEnum):
     IN_DOUBT = "in_doubt"  # the request may or may not have reached Paubox; never resent blindly
     CANCELLED = "cancelled"  # withdrawn before sending
     SKIPPED = "skipped"  # never to be sent (no address, appointment in the past, ...)
-
-
-@dataclass(frozen=True)
-class AppointmentEvent:
-    """A version of an Appointment seen on a source, and what happened to it."""
-
-    source: str
-    event: str  # booked, cancelled, ... (see connector.lifecycle)
-    resource: dict[str, Any]  # the Appointment as JSON (PHI: memory only)
-    version: str
-
-    @property
-    def resource_type(self) -> str:
-        return str(self.resource["resourceType"])
-
-    @property
-    def resource_id(self) -> str:
-        return str(self.resource["id"])
 
 
 @dataclass(frozen=True)
