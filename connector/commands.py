@@ -20,7 +20,7 @@ from connector.mapping.engine import PlanNote, render
 from connector.mapping.loader import load_mappings
 from connector.models import Clock, Email, State, system_clock
 from connector.pipeline import ReplayItem, examine, triples
-from connector.recipients import NoRecipient, resolve
+from connector.recipients import NoRecipient, optout_lookup, resolve
 from connector.runtime import Runtime
 
 
@@ -57,13 +57,14 @@ class DryRun:
 async def explain(runtime: Runtime, items: list[ReplayItem], now: datetime) -> dict[str, str]:
     """For each notification that would be sent: 'would send', or why the recipient rules say no."""
     verdicts: dict[str, str] = {}
+    opted_out = optout_lookup(runtime.ledger)
     for item in items:
         n = item.notification
         if item.existing is not None or n.state is not State.PENDING or not n.patient_id:
             continue
         source = runtime.sources[n.source]
         try:
-            found = await resolve(n.patient_id, source=source, cache=runtime.cache, ledger=runtime.ledger,
+            found = await resolve(n.patient_id, source=source, cache=runtime.cache, opted_out=opted_out,
                                   consent=source.config.consent, now=now)
         except ConnectorError as exc:
             verdicts[n.key] = f"unknown: {exc}"

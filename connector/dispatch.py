@@ -25,7 +25,8 @@ from connector.delivery import BulkMailer, Mailer, Outcome, Signal, Verdict
 from connector.delivery.gate import GateState, MailerGate
 from connector.delivery.retry import GiveUp, RetryPolicy, next_try
 from connector.errors import SourceError
-from connector.ledger import NotificationRecord
+from connector.ledger import NotificationRecord, SendResult
+from connector.ledger.batching import Coalesced
 from connector.ledger.sql import SqlLedger
 from connector.lifecycle import CANCELLED, NOSHOW, appointment_zone, still_wanted
 from connector.logs import where
@@ -33,7 +34,7 @@ from connector.mapping.engine import RenderError, render
 from connector.mapping.loader import MappingSet
 from connector.models import Clock, Email, State
 from connector.pipeline import synthesized
-from connector.recipients import NoRecipient, read_cached, resolve
+from connector.recipients import NoRecipient, optout_lookup, read_cached, resolve
 from connector.sources.fhir_poll import FhirPollSource
 
 log = structlog.get_logger("connector.dispatch")
@@ -88,6 +89,10 @@ class Dispatcher:
                                pause=settings.rate_limit_pause)
         self.policy = RetryPolicy(max_attempts=settings.max_attempts, max_age=settings.max_age,
                                   base=settings.retry_backoff, cap=settings.retry_backoff_max)
+        # Concurrent sends share their ledger transactions (group commit, see connector.ledger.batching).
+        self._start_many = Coalesced(self._start_sending)
+        self._finish_many = Coalesced(self._finish)
+        self._opted_out = optout_lookup(ledger)
 
     async def run(self) -> DispatchReport:
         """Send everything due now, batch after batch, until nothing due is left, the mailer gate closes or
@@ -168,15 +173,19 @@ class Dispatcher:
             return False
         return True
 
-    async def _start(self, n: NotificationRecord) -> bool:
-        lease_until = datetime.now(UTC) + self.config.dispatch.lease
-        return await asyncio.to_thread(self.ledger.start_sending, n.id, self.owner, lease_until)
+    def _start_sending(self, ids: list[int]) -> list[bool]:
+        started = self.ledger.start_sending(ids, self.owner, datetime.now(UTC) + self.config.dispatch.lease)
+        return [i in started for i in ids]
+
+    def _finish(self, results: list[SendResult]) -> list[None]:
+        self.ledger.finish(results)
+        return [None] * len(results)
 
     async def _send_one(self, prepared: Prepared) -> Step:
         n = prepared.notification
         if not await self._may_send([n]):
             return Step.RELEASED
-        if not await self._start(n):
+        if not (await self._start_many([n.id]))[0]:
             self.gate.give_back()
             return Step.RELEASED
         outcome = await self.mailer.send(prepared.email)
@@ -185,15 +194,16 @@ class Dispatcher:
     async def _send_bulk(self, chunk: list[Prepared]) -> list[Step]:
         if not await self._may_send([p.notification for p in chunk]):
             return [Step.RELEASED] * len(chunk)
-        started = [p for p in chunk if await self._start(p.notification)]
+        flags = await self._start_many([p.notification.id for p in chunk])
+        started = [p for p, ok in zip(chunk, flags, strict=True) if ok]
         steps = [Step.RELEASED] * (len(chunk) - len(started))
         if not started:
             self.gate.give_back()
             return steps
         assert isinstance(self.mailer, BulkMailer)
         outcomes = await self.mailer.send_many([p.email for p in started])
-        for p, outcome in zip(started, outcomes, strict=True):
-            steps.append(await self._record(p.notification, outcome, note_gate=p is started[-1]))
+        steps += await asyncio.gather(*(self._record(p.notification, outcome, note_gate=p is started[-1])
+                                        for p, outcome in zip(started, outcomes, strict=True)))
         return steps
 
     async def prepare(self, n: NotificationRecord) -> Prepared | Step:
@@ -226,7 +236,7 @@ class Dispatcher:
             stale = still_wanted(n.event, mapping.spec.is_reminder, n.appointment_start, appointment, now)
             if stale is not None:
                 return await self._settle(n, State.CANCELLED, stale)
-            recipient = await resolve(n.patient_id, source=source, cache=self.cache, ledger=self.ledger,
+            recipient = await resolve(n.patient_id, source=source, cache=self.cache, opted_out=self._opted_out,
                                       consent=source.config.consent, now=now)
         except SourceError as exc:
             log.warning("dispatch.read_failed", notification=n.id, problem=str(exc))
@@ -286,20 +296,20 @@ class Dispatcher:
 
     async def _store(self, n: NotificationRecord, outcome: Outcome, now: datetime, fields: dict[str, Any]) -> Step:
         if outcome.verdict is Verdict.SENT:
-            await asyncio.to_thread(self.ledger.finish, n.id, State.SENT, None, outcome.tracking_id, now)
+            await self._finish_many([SendResult(n.id, State.SENT, tracking_id=outcome.tracking_id, when=now)])
             log.info("notification.sent", **fields)
             return Step.SENT
         if outcome.verdict is Verdict.FAILED:
-            await asyncio.to_thread(self.ledger.finish, n.id, State.FAILED, outcome.reason, None, now)
+            await self._finish_many([SendResult(n.id, State.FAILED, outcome.reason)])
             log.error("notification.failed", **fields, reason=outcome.reason)
             return Step.FAILED
         if outcome.verdict is Verdict.IN_DOUBT:
-            await asyncio.to_thread(self.ledger.finish, n.id, State.IN_DOUBT, outcome.reason, None, now)
+            await self._finish_many([SendResult(n.id, State.IN_DOUBT, outcome.reason)])
             log.error("notification.in_doubt", **fields, reason=outcome.reason)
             return Step.IN_DOUBT
         if outcome.blocking or outcome.signal is Signal.RATE_LIMITED:
             # Not this notification's fault: it waits for the mailer, without spending an attempt.
-            await asyncio.to_thread(self.ledger.retry_later, n.id, now, outcome.reason, False)
+            await self._finish_many([SendResult(n.id, State.PENDING, outcome.reason, due_at=now, count_attempt=False)])
             if outcome.blocking and self._paused is None:
                 self._paused = outcome.reason
                 log.error("mailer.paused", reason=outcome.reason)
@@ -307,10 +317,10 @@ class Dispatcher:
         decision = next_try(self.policy, attempts=n.attempts + 1, first_attempt_at=n.first_attempt_at or now,
                             now=now, reason=outcome.reason, retry_after=outcome.retry_after)
         if isinstance(decision, GiveUp):
-            await asyncio.to_thread(self.ledger.finish, n.id, State.FAILED, decision.reason, None, now)
+            await self._finish_many([SendResult(n.id, State.FAILED, decision.reason)])
             log.error("notification.failed", **fields, reason=decision.reason)
             return Step.FAILED
-        await asyncio.to_thread(self.ledger.retry_later, n.id, decision.due, outcome.reason, True)
+        await self._finish_many([SendResult(n.id, State.PENDING, outcome.reason, due_at=decision.due)])
         log.warning("notification.retry", **fields, reason=outcome.reason,
                     delay_s=round((decision.due - now).total_seconds()))
         return Step.RETRY

@@ -3,7 +3,7 @@ a rule says not to write (deceased, no usable address, opted out, a Consent that
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -12,11 +12,26 @@ from connector import fhir, optout
 from connector.cache import ResourceCache
 from connector.config import ConsentCheck
 from connector.errors import ResourceError
+from connector.ledger import OptOut
+from connector.ledger.batching import Coalesced
 from connector.ledger.sql import SqlLedger
 from connector.models import State
 from connector.sources.fhir_poll import FhirPollSource
 
 MAX_LINK_HOPS = 3
+
+# The opt-out matching one of a recipient's (kind, digest) candidates, if any (see optout_lookup).
+OptOutLookup = Callable[[list[tuple[str, str]]], Awaitable[OptOut | None]]
+
+
+def optout_lookup(ledger: SqlLedger) -> OptOutLookup:
+    """Look-ups from concurrent tasks share one query (see connector.ledger.batching)."""
+    many = Coalesced(ledger.opted_out_many)
+
+    async def opted_out(candidates: list[tuple[str, str]]) -> OptOut | None:
+        return (await many([candidates]))[0]
+
+    return opted_out
 
 
 @dataclass(frozen=True)
@@ -43,7 +58,7 @@ async def read_cached(cache: ResourceCache, source: FhirPollSource, resource_typ
     return resource
 
 
-async def resolve(patient_id: str, *, source: FhirPollSource, cache: ResourceCache, ledger: SqlLedger,
+async def resolve(patient_id: str, *, source: FhirPollSource, cache: ResourceCache, opted_out: OptOutLookup,
                   consent: ConsentCheck, now: datetime) -> Recipient | NoRecipient:
     """Follow `replaced-by` links to the surviving record, then apply the recipient rules.
     Raises SourceError when the source cannot be read (the notification waits for the next pass)."""
@@ -72,7 +87,7 @@ async def resolve(patient_id: str, *, source: FhirPollSource, cache: ResourceCac
     if address is None:
         return NoRecipient(State.SKIPPED, f"{survivor} has no usable email address")
     identifiers = fhir.identifiers(patient)
-    match = await asyncio.to_thread(ledger.opted_out, optout.candidates(identifiers, address))
+    match = await opted_out(optout.candidates(identifiers, address))
     if match is not None:
         return NoRecipient(State.SKIPPED, f"{survivor} opted out (by {match.kind}, "
                                           f"{match.created_at.date().isoformat()})")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from datetime import UTC, datetime, timedelta
 
-from connector.ledger import SeenVersion
+from connector.ledger import SeenVersion, SendResult
 from connector.ledger.sql import SqlLedger
 from connector.models import PlannedNotification, State
 
@@ -57,10 +57,10 @@ def test_claim_send_finish(ledger: SqlLedger) -> None:
     [claimed] = ledger.claim_due(NOW, 10, "w1", wall + timedelta(minutes=5), wall)
     assert claimed.key == "a"
     assert ledger.claim_due(NOW, 10, "w2", wall + timedelta(minutes=5), wall) == []  # leased
-    assert ledger.start_sending(claimed.id, "w2", wall + timedelta(minutes=5)) is False  # not the lease holder
-    assert ledger.start_sending(claimed.id, "w1", wall + timedelta(minutes=5)) is True
+    assert ledger.start_sending(claimed.id, "w2", wall + timedelta(minutes=5)) == set()  # not the lease holder
+    assert ledger.start_sending(claimed.id, "w1", wall + timedelta(minutes=5)) == {claimed.id}
     assert ledger.counts()[State.SENDING] == 1
-    ledger.finish(claimed.id, State.SENT, None, "track-1", NOW)
+    ledger.finish([SendResult(claimed.id, State.SENT, tracking_id="track-1", when=NOW)])
     [record] = ledger.existing(["a"]).values()
     assert (record.state, record.tracking_id, record.attempts) == (State.SENT, "track-1", 1)
 
@@ -89,7 +89,7 @@ def test_retry_later_and_settle(ledger: SqlLedger) -> None:
     wall = datetime.now(UTC)
     a, b = ledger.claim_due(NOW, 10, "w1", wall + timedelta(minutes=5), wall)
     ledger.start_sending(a.id, "w1", wall + timedelta(minutes=5))
-    ledger.retry_later(a.id, NOW + timedelta(minutes=1), "HTTP 429", count_attempt=True)
+    ledger.finish([SendResult(a.id, State.PENDING, "HTTP 429", due_at=NOW + timedelta(minutes=1))])
     ledger.settle(b.id, "w1", State.SKIPPED, "no address")
     records = ledger.existing(["a", "b"])
     assert (records["a"].state, records["a"].attempts, records["a"].due_at) == (
@@ -136,7 +136,7 @@ def test_an_operator_cancelled_doubt_is_never_rearmed(ledger: SqlLedger) -> None
     wall = datetime.now(UTC)
     [record] = ledger.claim_due(NOW, 10, "w1", wall + timedelta(minutes=5), wall)
     ledger.start_sending(record.id, "w1", wall + timedelta(minutes=5))
-    ledger.finish(record.id, State.IN_DOUBT, "timeout", None, NOW)
+    ledger.finish([SendResult(record.id, State.IN_DOUBT, "timeout")])
     assert ledger.resolve("a", State.CANCELLED, "operator", [State.IN_DOUBT])
     assert ledger.add([planned("a")]) == []  # planned again (a replay): stays cancelled
     assert ledger.existing(["a"])["a"].state is State.CANCELLED
@@ -167,9 +167,50 @@ def test_a_webhook_confirms_a_resent_copy_before_it_goes(ledger: SqlLedger) -> N
     wall = datetime.now(UTC)
     [record] = ledger.claim_due(NOW, 10, "w1", wall + timedelta(minutes=5), wall)
     ledger.start_sending(record.id, "w1", wall + timedelta(minutes=5))
-    ledger.finish(record.id, State.IN_DOUBT, "timeout", None, NOW)
+    ledger.finish([SendResult(record.id, State.IN_DOUBT, "timeout")])
     assert ledger.resend(record.id, NOW, "policy", [State.IN_DOUBT], first_only=True)
     assert ledger.existing(["a"])["a"].first_attempt_at is None  # the age limit starts again
     assert ledger.confirm("a", "track-1", "confirmed by a Paubox webhook")  # the first copy arrived
     assert ledger.existing(["a"])["a"].state is State.SENT
     assert not ledger.resend(record.id, NOW, "policy", [State.SENT, State.IN_DOUBT], first_only=True)
+
+
+def test_one_finish_records_every_kind_of_ending(ledger: SqlLedger) -> None:
+    keys = ["sent", "failed", "doubt", "confirmed", "again", "paused", "late"]
+    ledger.add([planned(k) for k in keys])
+    wall = datetime.now(UTC)
+    claimed = {r.key: r for r in ledger.claim_due(NOW, 10, "w1", wall + timedelta(minutes=5), wall)}
+    assert ledger.start_sending([r.id for r in claimed.values()], "w1", wall + timedelta(minutes=5)) == {
+        r.id for r in claimed.values()}
+    ledger.record_delivery("confirmed", None, "delivered", 3, NOW)  # a webhook came before the answer
+    ledger.mark_interrupted(wall + timedelta(minutes=6), everything=False)  # all in_doubt: leases ran out
+    ids = {k: r.id for k, r in claimed.items()}
+    ledger.finish([
+        SendResult(ids["sent"], State.SENT, tracking_id="t-1", when=NOW),
+        SendResult(ids["failed"], State.FAILED, "HTTP 400: bad address"),
+        SendResult(ids["doubt"], State.IN_DOUBT, "read timeout"),
+        SendResult(ids["confirmed"], State.IN_DOUBT, "read timeout"),
+        SendResult(ids["late"], State.SENT, when=NOW),
+    ])
+    records = ledger.existing(keys)
+    assert (records["sent"].state, records["sent"].tracking_id) == (State.SENT, "t-1")
+    assert (records["failed"].state, records["failed"].reason) == (State.FAILED, "HTTP 400: bad address")
+    assert (records["doubt"].state, records["doubt"].reason) == (State.IN_DOUBT, "read timeout")
+    assert (records["confirmed"].state, records["confirmed"].reason) == (State.SENT, "confirmed by a Paubox webhook")
+    assert records["late"].state is State.SENT
+    # A retry only applies to a notification still `sending`: in_doubt ones stay for a person.
+    ledger.finish([SendResult(ids["again"], State.PENDING, "HTTP 500", due_at=NOW)])
+    assert ledger.existing(["again"])["again"].state is State.IN_DOUBT
+
+
+def test_a_retry_may_give_the_attempt_back(ledger: SqlLedger) -> None:
+    ledger.add([planned("a"), planned("b")])
+    wall = datetime.now(UTC)
+    a, b = ledger.claim_due(NOW, 10, "w1", wall + timedelta(minutes=5), wall)
+    ledger.start_sending([a.id, b.id], "w1", wall + timedelta(minutes=5))
+    ledger.finish([SendResult(a.id, State.PENDING, "HTTP 429", due_at=NOW, count_attempt=False),
+                   SendResult(b.id, State.PENDING, "HTTP 503", due_at=NOW + timedelta(seconds=30))])
+    records = ledger.existing(["a", "b"])
+    assert (records["a"].state, records["a"].attempts, records["a"].reason) == (State.PENDING, 0, "HTTP 429")
+    assert (records["b"].attempts, records["b"].due_at) == (1, NOW + timedelta(seconds=30))
+    assert ledger.opted_out_many([[("email", "nobody")], []]) == [None, None]

@@ -7,8 +7,11 @@ Rules every implementation keeps:
 - a source's cursor moves in the same transaction as the notifications it produced.
 
     pending ──claim (lease)──▶ pending+lease ──start_sending──▶ sending ──finish──▶ sent | failed | in_doubt
-       │                          │ settle                        │ retry_later ──▶ pending (later due time)
+       │                          │ settle                        │ finish(pending) ──▶ pending (later due time)
        └─ (planned skipped)       └──▶ skipped | failed | cancelled └ crash/lease expiry ──▶ in_doubt
+
+`start_sending` and `finish` take many notifications at once: the dispatcher gathers the writes of its
+concurrent sends into one transaction (see connector.ledger.batching).
 """
 
 from __future__ import annotations
@@ -67,3 +70,17 @@ class NotificationRecord:
     first_attempt_at: datetime | None = None
     resends: int = 0
     delivery_status: str | None = None
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """How a send ended, for `SqlLedger.finish`: `sent`, `failed` or `in_doubt`; or `pending` to try again
+    at `due_at` (`count_attempt` False gives the attempt back: the mailer, not the message, was the problem)."""
+
+    notification_id: int
+    state: State
+    reason: str | None = None
+    tracking_id: str | None = None
+    when: datetime | None = None  # when it was sent (state sent)
+    due_at: datetime | None = None  # state pending
+    count_attempt: bool = True

@@ -11,11 +11,11 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, and_, case, create_engine, event, func, or_, select, text, update
+from sqlalchemy import Engine, String, and_, bindparam, case, create_engine, event, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from connector.ledger import NotificationRecord, OptOut, SeenVersion, Withdrawal
+from connector.ledger import NotificationRecord, OptOut, SeenVersion, SendResult, Withdrawal
 from connector.ledger.schema import (
     AppointmentStateRow,
     CursorRow,
@@ -38,6 +38,26 @@ SUB = SubscriptionStateRow.__table__  # type: ignore[attr-defined]
 INBOX = InboxEventRow.__table__  # type: ignore[attr-defined]
 REJ = RejectionRow.__table__  # type: ignore[attr-defined]
 NOTIFIED = (State.SENT.value, State.SENDING.value, State.IN_DOUBT.value)
+
+
+# The writes that follow each send, built once (SQLAlchemy caches their compiled form) and run with
+# executemany. Bind names differ from column names, as executemany UPDATEs require.
+_FINISHING = (N.c.state == State.SENDING.value) | (N.c.state == State.IN_DOUBT.value)
+_CONFIRMED = N.c.delivery_rank > 0  # a webhook proved the acceptance while we waited for the answer
+_DONE: dict[str, Any] = {"updated_at": bindparam("now"), "lease_owner": None, "lease_until": None}
+_FINISH = {
+    State.SENT.value: update(N).where(N.c.id == bindparam("nid"), _FINISHING).values(
+        state=State.SENT.value, reason=bindparam("why"), sent_at=bindparam("when"),
+        tracking_id=func.coalesce(bindparam("tracking", type_=String), N.c.tracking_id), **_DONE),
+    State.FAILED.value: update(N).where(N.c.id == bindparam("nid"), _FINISHING).values(
+        state=State.FAILED.value, reason=bindparam("why"), **_DONE),
+    State.IN_DOUBT.value: update(N).where(N.c.id == bindparam("nid"), _FINISHING).values(
+        state=case((_CONFIRMED, State.SENT.value), else_=State.IN_DOUBT.value),
+        reason=case((_CONFIRMED, "confirmed by a Paubox webhook"), else_=bindparam("why", type_=String)), **_DONE),
+    State.PENDING.value: update(N).where(N.c.id == bindparam("nid"), N.c.state == State.SENDING.value).values(
+        state=State.PENDING.value, due_at=bindparam("due"), reason=bindparam("why"),
+        attempts=N.c.attempts - bindparam("undo"), **_DONE),
+}
 
 
 def make_engine(url: str) -> Engine:
@@ -118,21 +138,24 @@ class SqlLedger:
 
     def _keep_states(self, conn: Connection, source: str, snapshots: Mapping[str, Snapshot | None]) -> None:
         now = _now()
-        for appointment_id, snap in snapshots.items():
-            values: dict[str, Any] = {"deleted": True, "updated_at": now}
-            if snap is not None:
-                values = {"status": snap.status, "start": snap.start, "end": snap.end, "version": snap.version,
-                          "patients": " ".join(snap.patients), "last_updated": snap.last_updated,
-                          "deleted": False, "updated_at": now}
-                statement = self._insert(A).values(source=source, appointment_id=appointment_id, **values)
-                # A poll and a pushed notification may race: an older version never replaces a newer one.
-                newer = A.c.last_updated.is_(None) | statement.excluded.last_updated.is_(None) \
-                    | (A.c.last_updated <= statement.excluded.last_updated)
-                conn.execute(statement.on_conflict_do_update(index_elements=["source", "appointment_id"],
-                                                             set_=values, where=newer))
-            else:
-                conn.execute(update(A).where(A.c.source == source, A.c.appointment_id == appointment_id)
-                             .values(**values))
+        kept = [{"source": source, "appointment_id": appointment_id, "status": snap.status, "start": snap.start,
+                 "end": snap.end, "version": snap.version, "patients": " ".join(snap.patients),
+                 "last_updated": snap.last_updated, "deleted": False, "updated_at": now}
+                for appointment_id, snap in snapshots.items() if snap is not None]
+        if kept:
+            statement = self._insert(A)
+            # A poll and a pushed notification may race: an older version never replaces a newer one.
+            newer = A.c.last_updated.is_(None) | statement.excluded.last_updated.is_(None) \
+                | (A.c.last_updated <= statement.excluded.last_updated)
+            conn.execute(statement.on_conflict_do_update(
+                index_elements=["source", "appointment_id"], where=newer,
+                set_={name: statement.excluded[name] for name in kept[0] if name not in ("source", "appointment_id")},
+            ), kept)
+        deleted = [{"src": source, "aid": appointment_id, "now": now}
+                   for appointment_id, snap in snapshots.items() if snap is None]
+        if deleted:
+            conn.execute(update(A).where(A.c.source == bindparam("src"), A.c.appointment_id == bindparam("aid"))
+                         .values(deleted=True, updated_at=bindparam("now")), deleted)
 
     def _insert_notifications(self, conn: Connection, notifications: Sequence[PlannedNotification]) -> list[str]:
         notifications = list({n.key: n for n in reversed(notifications)}.values())[::-1]  # one row per key
@@ -336,14 +359,17 @@ class SqlLedger:
 
     def opted_out(self, candidates: Sequence[tuple[str, str]]) -> OptOut | None:
         """The first opt-out matching one of these (kind, digest) pairs."""
-        if not candidates:
-            return None
-        digests = [d for _, d in candidates]
+        return self.opted_out_many([candidates])[0]
+
+    def opted_out_many(self, candidate_lists: Sequence[Sequence[tuple[str, str]]]) -> list[OptOut | None]:
+        """`opted_out` for several recipients in one query."""
+        digests = sorted({d for candidates in candidate_lists for _, d in candidates})
+        found: dict[tuple[str, str], OptOut] = {}
         with self.engine.connect() as conn:
-            for r in conn.execute(select(OPT).where(OPT.c.digest.in_(digests))):
-                if (r.kind, r.digest) in candidates:
-                    return OptOut(r.kind, r.digest, r.hint, r.note, r.created_at)
-        return None
+            for start in range(0, len(digests), 500):
+                for r in conn.execute(select(OPT).where(OPT.c.digest.in_(digests[start:start + 500]))):
+                    found[(r.kind, r.digest)] = OptOut(r.kind, r.digest, r.hint, r.note, r.created_at)
+        return [next((found[c] for c in candidates if c in found), None) for candidates in candidate_lists]
 
     def prune_seen(self, source: str, before: datetime) -> int:
         with self.engine.begin() as conn:
@@ -398,44 +424,38 @@ class SqlLedger:
             rows = list(conn.execute(statement))
         return sorted((_record(r) for r in rows), key=lambda r: (r.due_at, r.id))
 
-    def start_sending(self, notification_id: int, owner: str, lease_until: datetime) -> bool:
+    def start_sending(self, notification_ids: int | Sequence[int], owner: str, lease_until: datetime) -> set[int]:
+        """pending → sending for those still pending and leased by `owner`, in one transaction committed
+        before any request leaves. Returns the ids that may be sent now."""
+        ids = [notification_ids] if isinstance(notification_ids, int) else list(notification_ids)
+        if not ids:
+            return set()
+        now = _now()
         statement = (update(N)
-                     .where(N.c.id == notification_id, N.c.state == State.PENDING.value, N.c.lease_owner == owner)
-                     .values(state=State.SENDING.value, attempts=N.c.attempts + 1, updated_at=_now(),
-                             lease_until=lease_until,
-                             first_attempt_at=func.coalesce(N.c.first_attempt_at, _now())))
+                     .where(N.c.id.in_(ids), N.c.state == State.PENDING.value, N.c.lease_owner == owner)
+                     .values(state=State.SENDING.value, attempts=N.c.attempts + 1, updated_at=now,
+                             lease_until=lease_until, first_attempt_at=func.coalesce(N.c.first_attempt_at, now))
+                     .returning(N.c.id))
         with self.engine.begin() as conn:
-            return conn.execute(statement).rowcount == 1
+            return set(conn.execute(statement).scalars())
 
-    def finish(self, notification_id: int, state: State, reason: str | None, tracking_id: str | None,
-               when: datetime) -> None:
-        values: dict[str, Any] = {"state": state.value, "reason": reason and reason[:500], "updated_at": _now(),
-                                  "lease_owner": None, "lease_until": None}
-        if tracking_id is not None:
-            values["tracking_id"] = tracking_id
-        if state is State.SENT:
-            values["sent_at"] = when
-        if state is State.IN_DOUBT:
-            # A webhook may have proved the acceptance while we waited for the answer.
-            values["state"] = case((N.c.delivery_rank > 0, State.SENT.value), else_=State.IN_DOUBT.value)
-            values["reason"] = case((N.c.delivery_rank > 0, "confirmed by a Paubox webhook"), else_=reason)
+    def finish(self, results: Sequence[SendResult]) -> None:
+        """Record how sends ended, all in one transaction (one statement per kind of ending).
+        A notification marked in_doubt meanwhile (its lease ran out) still takes what we learnt."""
+        groups: dict[str, list[dict[str, Any]]] = {}
+        now = _now()
+        for r in results:
+            params = {"nid": r.notification_id, "now": now, "why": r.reason and r.reason[:500]}
+            if r.state is State.SENT:
+                params.update(tracking=r.tracking_id, when=r.when or now)
+            elif r.state is State.PENDING:
+                params.update(due=r.due_at or now, undo=0 if r.count_attempt else 1)
+            groups.setdefault(r.state.value, []).append(params)
+        if not groups:
+            return
         with self.engine.begin() as conn:
-            updated = conn.execute(update(N).where(N.c.id == notification_id, N.c.state == State.SENDING.value)
-                                   .values(**values)).rowcount
-        if updated != 1:
-            # Someone marked it in_doubt meanwhile (its lease ran out): keep what we learnt.
-            with self.engine.begin() as conn:
-                conn.execute(update(N).where(N.c.id == notification_id, N.c.state == State.IN_DOUBT.value)
-                             .values(**values))
-
-    def retry_later(self, notification_id: int, due_at: datetime, reason: str, count_attempt: bool) -> None:
-        values: dict[str, Any] = {"state": State.PENDING.value, "due_at": due_at, "reason": reason[:500],
-                                  "updated_at": _now(), "lease_owner": None, "lease_until": None}
-        if not count_attempt:
-            values["attempts"] = N.c.attempts - 1
-        with self.engine.begin() as conn:
-            conn.execute(update(N).where(N.c.id == notification_id, N.c.state == State.SENDING.value)
-                         .values(**values))
+            for state, rows in groups.items():
+                conn.execute(_FINISH[state], rows)
 
     def settle(self, notification_id: int, owner: str, state: State, reason: str) -> None:
         with self.engine.begin() as conn:

@@ -1,0 +1,51 @@
+"""Group commit: concurrent callers share one call, each gets its own results or the shared error."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from connector.ledger.batching import Coalesced
+
+
+async def test_calls_made_while_one_runs_go_together_in_order() -> None:
+    calls: list[list[int]] = []
+    gate = threading.Event()
+
+    def double(items: list[int]) -> list[int]:
+        calls.append(items)
+        if len(calls) == 1:
+            gate.wait(5)  # the first call is slow: the others queue up meanwhile
+        return [2 * i for i in items]
+
+    coalesced = Coalesced(double)
+    first = asyncio.create_task(coalesced([1]))
+    await asyncio.sleep(0.05)
+    rest = [asyncio.create_task(coalesced([10 * k, 10 * k + 1])) for k in range(1, 4)]
+    await asyncio.sleep(0.05)
+    gate.set()
+    assert await first == [2]
+    assert [await t for t in rest] == [[20, 22], [40, 42], [60, 62]]
+    assert calls == [[1], [10, 11, 20, 21, 30, 31]]
+    assert await coalesced([]) == []
+    assert await coalesced([5]) == [10]  # a lone call goes at once
+
+
+async def test_an_error_reaches_every_caller_of_that_call_only() -> None:
+    def fail_on_zero(items: list[int]) -> list[int]:
+        if 0 in items:
+            raise ValueError("zero")
+        return items
+
+    coalesced = Coalesced(fail_on_zero)
+    results = await asyncio.gather(coalesced([0]), coalesced([1]), return_exceptions=True)
+    assert [type(r) for r in results] == [ValueError, ValueError]  # one call held both
+    assert await coalesced([3]) == [3]
+
+
+async def test_a_call_that_returns_the_wrong_number_of_results_is_an_error() -> None:
+    coalesced: Coalesced[int, int] = Coalesced(lambda items: items[:-1])
+    with pytest.raises(RuntimeError, match="returned 1 results for 2 items"):
+        await coalesced([1, 2])
