@@ -122,24 +122,31 @@ class Dispatcher:
         return report
 
     async def _batch(self, batch: list[NotificationRecord]) -> list[Step]:
-        """Prepare a claimed batch, then send what is ready: in bulk requests or one by one."""
+        """Prepare and send a claimed batch, a group at a time: `bulk` notifications per bulk request (or
+        one by one), up to `concurrency` groups at once, so that rendering one group overlaps the
+        requests of others."""
         limit = asyncio.Semaphore(self.config.dispatch.concurrency)
+        size = self.config.dispatch.bulk if isinstance(self.mailer, BulkMailer) else 0
 
-        async def bounded(coroutine: Awaitable[Any]) -> Any:
+        async def group(notifications: list[NotificationRecord]) -> list[Step]:
             async with limit:
-                return await coroutine
+                prepared = await self._guarded(notifications, [self.prepare(n) for n in notifications])
+                ready = [p for p in prepared if isinstance(p, Prepared)]
+                steps: list[Step] = [p for p in prepared if isinstance(p, Step)]
+                if len(ready) > 1:
+                    return steps + await self._send_bulk(ready)
+                if ready:
+                    steps.append(await self._send_one(ready[0]))
+                return steps
 
-        prepared = await self._guarded(batch, [bounded(self.prepare(n)) for n in batch])
-        ready = [p for p in prepared if isinstance(p, Prepared)]
-        steps = [p for p in prepared if isinstance(p, Step)]
-        size = self.config.dispatch.bulk
-        if size > 1 and isinstance(self.mailer, BulkMailer) and len(ready) > 1:
-            chunks = [ready[i:i + size] for i in range(0, len(ready), size)]
-            for chunk_steps in await self._guarded_lists(chunks, [bounded(self._send_bulk(c)) for c in chunks]):
-                steps += chunk_steps
-        else:
-            steps += await self._guarded([p.notification for p in ready],
-                                         [bounded(self._send_one(p)) for p in ready])
+        groups = [batch[i:i + size] for i in range(0, len(batch), size)] if size > 1 else [[n] for n in batch]
+        results = await asyncio.gather(*(group(g) for g in groups), return_exceptions=True)
+        steps: list[Step] = []
+        for notifications, result in zip(groups, results, strict=True):
+            if isinstance(result, BaseException):
+                log.error("dispatch.crashed", notifications=[n.id for n in notifications], problem=where(result))
+                result = [Step.RELEASED] * len(notifications)
+            steps += result
         return steps
 
     async def _guarded(self, batch: list[NotificationRecord], work: list[Awaitable[Any]]) -> list[Any]:
@@ -151,17 +158,6 @@ class Dispatcher:
                 log.error("dispatch.crashed", notification=notification.id, problem=where(result))
                 results[index] = Step.RELEASED
         return results
-
-    async def _guarded_lists(self, chunks: list[list[Prepared]], work: list[Awaitable[list[Step]]]
-                             ) -> list[list[Step]]:
-        results = await asyncio.gather(*work, return_exceptions=True)
-        out: list[list[Step]] = []
-        for chunk, result in zip(chunks, results, strict=True):
-            if isinstance(result, BaseException):
-                log.error("dispatch.crashed", notifications=[p.notification.id for p in chunk], problem=where(result))
-                result = [Step.RELEASED] * len(chunk)
-            out.append(result)
-        return out
 
     async def release(self) -> None:
         """Give back every lease this process holds on pending notifications (graceful stop)."""

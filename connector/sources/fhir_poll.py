@@ -16,8 +16,9 @@ kind and the HTTP status: never a body.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -118,31 +119,40 @@ class FhirPollSource:
             yield page
 
     async def _follow(self, url: str, params: Params, what: str, history: bool = False
-                      ) -> AsyncIterator[SearchPage]:
-        next_url: str | None = url
-        query: Params | None = params
-        number = 0
-        while next_url:
-            number += 1
-            bundle = await self.get_json(next_url, query, f"{what} page {number}")
-            try:
-                page = history_page(bundle) if history else split_search_bundle(bundle, "Appointment")
-            except ResourceError as exc:
-                raise SourceError(f"source {self.name!r}: {what} page {number}: {exc}") from None
-            yield page
-            next_url, query = page.next_url, None
-            if next_url and urlsplit(next_url).netloc not in ("", self._origin):
-                raise SourceError(f"source {self.name!r}: page {number} links to another host "
-                                  f"({urlsplit(next_url).netloc}); refusing to send credentials there")
+                      ) -> AsyncGenerator[SearchPage, None]:
+        """Pages one after the other; the next page is requested while the caller handles this one (the
+        caller commits page N before it asks for page N + 1, so the cursor never runs ahead)."""
+        number = 1
+        ahead: asyncio.Task[Any] | None = asyncio.create_task(self.get_json(url, params, f"{what} page 1"))
+        try:
+            while ahead is not None:
+                bundle, ahead = await ahead, None
+                try:
+                    page = history_page(bundle) if history else split_search_bundle(bundle, "Appointment")
+                except ResourceError as exc:
+                    raise SourceError(f"source {self.name!r}: {what} page {number}: {exc}") from None
+                if page.next_url and urlsplit(page.next_url).netloc not in ("", self._origin):
+                    yield page
+                    raise SourceError(f"source {self.name!r}: page {number} links to another host "
+                                      f"({urlsplit(page.next_url).netloc}); refusing to send credentials there")
+                if page.next_url:
+                    number += 1
+                    ahead = asyncio.create_task(self.get_json(page.next_url, None, f"{what} page {number}"))
+                yield page
+        finally:
+            if ahead is not None:  # the caller stopped early or failed: the page read ahead is not wanted
+                ahead.add_done_callback(lambda task: task.cancelled() or task.exception())
+                ahead.cancel()
 
     async def search(self, resource_type: str, params: Params, limit_pages: int = 5) -> list[dict[str, Any]]:
         """Every match of a small search (a patient's Consents, say), following at most a few pages."""
         found: list[dict[str, Any]] = []
-        async for page in self._follow(resource_type, params, f"{resource_type} search"):
-            found += [m for m in page.matches if isinstance(m, dict)]
-            limit_pages -= 1
-            if limit_pages <= 0:
-                break
+        async with contextlib.aclosing(self._follow(resource_type, params, f"{resource_type} search")) as pages:
+            async for page in pages:
+                found += [m for m in page.matches if isinstance(m, dict)]
+                limit_pages -= 1
+                if limit_pages <= 0:
+                    break
         return found
 
     async def read(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
