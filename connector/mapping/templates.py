@@ -7,6 +7,7 @@ name is caught by `connector validate` (see `undeclared_names`).
 
 from __future__ import annotations
 
+import functools
 import traceback
 from datetime import datetime
 from pathlib import Path
@@ -79,19 +80,34 @@ def _locale(context: Context) -> str:
 @pass_context
 def _format_datetime(context: Context, value: Any, format: str = "medium") -> str:
     moment = _when(value, context)
-    return "" if moment is None else format_datetime(moment, format, tzinfo=moment.tzinfo, locale=_locale(context))
+    return "" if moment is None else _formatted("datetime", moment.isoformat(), str(moment.tzinfo), format,
+                                                _locale(context))
 
 
 @pass_context
 def _format_date(context: Context, value: Any, format: str = "long") -> str:
     moment = _when(value, context)
-    return "" if moment is None else format_date(moment.date(), format, locale=_locale(context))
+    return "" if moment is None else _formatted("date", moment.isoformat(), str(moment.tzinfo), format,
+                                                _locale(context))
 
 
 @pass_context
 def _format_time(context: Context, value: Any, format: str = "short") -> str:
     moment = _when(value, context)
-    return "" if moment is None else format_time(moment, format, tzinfo=moment.tzinfo, locale=_locale(context))
+    return "" if moment is None else _formatted("time", moment.isoformat(), str(moment.tzinfo), format,
+                                                _locale(context))
+
+
+@functools.lru_cache(maxsize=4096)
+def _formatted(kind: str, moment_text: str, zone: str, format: str, locale: str) -> str:
+    """Babel's formatting, remembered: many appointments share a day or a time slot. Keyed by the local
+    time with its offset and the zone's name (aware datetimes in different zones compare equal)."""
+    moment = datetime.fromisoformat(moment_text).astimezone(ZoneInfo(zone))
+    if kind == "date":
+        return format_date(moment.date(), format, locale=locale)
+    if kind == "time":
+        return format_time(moment, format, tzinfo=moment.tzinfo, locale=locale)
+    return format_datetime(moment, format, tzinfo=moment.tzinfo, locale=locale)
 
 
 def safe_error(exc: BaseException, template: Template | str | None = None) -> str:
