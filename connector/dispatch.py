@@ -9,6 +9,7 @@ notification `in_doubt`, never resent.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -48,7 +49,8 @@ class Step(StrEnum):
     RETRY = "retry"
     SKIPPED = "skipped"
     CANCELLED = "cancelled"
-    RELEASED = "released"  # put back untouched (source unreachable, mailer paused, lease lost)
+    RELEASED = "released"  # put back untouched (source unreachable, lease lost, unexpected error)
+    WAITING = "waiting"  # put back for the mailer: rate limited, circuit open, paused
 
 
 @dataclass
@@ -95,25 +97,46 @@ class Dispatcher:
         self._opted_out = optout_lookup(ledger)
 
     async def run(self) -> DispatchReport:
-        """Send everything due now, batch after batch, until nothing due is left, the mailer gate closes or
-        we are stopping."""
+        """Send everything due now until nothing due is left, the mailer gate stays closed or we are stopping.
+
+        Claimed notifications are split into groups (`bulk` per bulk request, else one each) and up to
+        `concurrency` groups are prepared and sent at once; the next batch is claimed while the last groups
+        are still out, so one slow request holds one slot and nothing else."""
         report = DispatchReport()
         self._paused = None
         interrupted = await asyncio.to_thread(self.ledger.mark_interrupted, datetime.now(UTC), False)
         if interrupted:
             log.warning("dispatch.in_doubt", count=interrupted, problem="sends interrupted by a stop or crash")
         settings = self.config.dispatch
-        while not self.stopping and self._paused is None and self.gate.ready(self.clock()):
-            wall = datetime.now(UTC)
-            batch = await asyncio.to_thread(self.ledger.claim_due, self.clock(), settings.batch_size, self.owner,
-                                            wall + settings.lease, wall)
-            if not batch:
-                break
-            steps = await self._batch(batch)
-            for step in steps:
-                report.steps[step] += 1
-            if all(step is Step.RELEASED for step in steps):
-                break
+        size = settings.bulk if settings.bulk > 1 and isinstance(self.mailer, BulkMailer) else 1
+        queue: deque[list[NotificationRecord]] = deque()
+        running: set[asyncio.Task[list[tuple[int, Step]]]] = set()
+        handled: set[int] = set()
+        drained = False
+        try:
+            while not self.stopping and self._paused is None:
+                if not self.gate.ready(self.clock()):
+                    if running:
+                        handled -= await self._collect(running, report)
+                    elif not await self._wait_for_gate():
+                        break
+                    continue
+                while not drained and len(queue) < settings.concurrency:
+                    batch = await self._claim(handled)
+                    drained = not batch
+                    handled |= {n.id for n in batch}
+                    queue.extend(batch[i:i + size] for i in range(0, len(batch), size))
+                while queue and len(running) < settings.concurrency:
+                    running.add(asyncio.create_task(self._group(queue.popleft())))
+                if not running:
+                    break
+                handled -= await self._collect(running, report)
+                drained = False  # what just finished may have planned more (a cancellation for a deleted visit)
+        finally:
+            while running:
+                await self._collect(running, report)
+            if queue:
+                await asyncio.to_thread(self.ledger.release, self.owner, [n.id for group in queue for n in group])
         report.paused = self._paused
         if self.gate.state is not GateState.RUNNING:
             report.waiting = f"mailer {self.gate.state.value} until {self.gate.until}"
@@ -121,33 +144,58 @@ class Dispatcher:
             log.info("dispatch.done", **{str(k): v for k, v in report.steps.items() if v})
         return report
 
-    async def _batch(self, batch: list[NotificationRecord]) -> list[Step]:
-        """Prepare and send a claimed batch, a group at a time: `bulk` notifications per bulk request (or
-        one by one), up to `concurrency` groups at once, so that rendering one group overlaps the
-        requests of others."""
-        limit = asyncio.Semaphore(self.config.dispatch.concurrency)
-        size = self.config.dispatch.bulk if isinstance(self.mailer, BulkMailer) else 0
+    async def _claim(self, handled: set[int]) -> list[NotificationRecord]:
+        """The next due notifications. One already handled in this run (released: its source was unreachable,
+        the gate closed) is given back for the next run, and claiming stops."""
+        settings, wall = self.config.dispatch, datetime.now(UTC)
+        batch = await asyncio.to_thread(self.ledger.claim_due, self.clock(), settings.batch_size, self.owner,
+                                        wall + settings.lease, wall)
+        again = [n.id for n in batch if n.id in handled]
+        if again:
+            await asyncio.to_thread(self.ledger.release, self.owner, again)
+            return []
+        return batch
 
-        async def group(notifications: list[NotificationRecord]) -> list[Step]:
-            async with limit:
-                prepared = await self._guarded(notifications, [self.prepare(n) for n in notifications])
-                ready = [p for p in prepared if isinstance(p, Prepared)]
-                steps: list[Step] = [p for p in prepared if isinstance(p, Step)]
-                if len(ready) > 1:
-                    return steps + await self._send_bulk(ready)
-                if ready:
-                    steps.append(await self._send_one(ready[0]))
-                return steps
+    async def _collect(self, running: set[asyncio.Task[list[tuple[int, Step]]]], report: DispatchReport) -> set[int]:
+        """Count the steps of the groups that finished; returns the notifications that wait for the mailer
+        (they may be claimed again in this run once the gate opens)."""
+        done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+        waiting: set[int] = set()
+        for task in done:
+            running.discard(task)
+            for notification_id, step in task.result():
+                report.steps[step] += 1
+                if step is Step.WAITING:
+                    waiting.add(notification_id)
+        return waiting
 
-        groups = [batch[i:i + size] for i in range(0, len(batch), size)] if size > 1 else [[n] for n in batch]
-        results = await asyncio.gather(*(group(g) for g in groups), return_exceptions=True)
-        steps: list[Step] = []
-        for notifications, result in zip(groups, results, strict=True):
-            if isinstance(result, BaseException):
-                log.error("dispatch.crashed", notifications=[n.id for n in notifications], problem=where(result))
-                result = [Step.RELEASED] * len(notifications)
-            steps += result
-        return steps
+    async def _wait_for_gate(self) -> bool:
+        """The gate is closed. When it opens within one dispatch interval, wait here (a 429 with
+        Retry-After: 1 costs a second, not a whole interval); else leave it to the next run."""
+        until = self.gate.until
+        if until is None:
+            return False
+        wait = (until - self.clock()).total_seconds()
+        if wait > self.config.dispatch.interval.total_seconds():
+            return False
+        await asyncio.sleep(max(wait, 0.0))
+        return not self.stopping and self.gate.ready(self.clock())
+
+    async def _group(self, notifications: list[NotificationRecord]) -> list[tuple[int, Step]]:
+        """Prepare a group, then send what is ready: in one bulk request, or one by one. An unexpected
+        error leaves the group as it is (pending, or sending → in_doubt after its lease)."""
+        try:
+            prepared = await self._guarded(notifications, [self.prepare(n) for n in notifications])
+            ready = [p for p in prepared if isinstance(p, Prepared)]
+            if len(ready) > 1:
+                sent = iter(await self._send_bulk(ready))
+            else:
+                sent = iter([await self._send_one(p) for p in ready])
+            return [(n.id, next(sent) if isinstance(p, Prepared) else p)
+                    for n, p in zip(notifications, prepared, strict=True)]
+        except Exception as exc:  # noqa: BLE001 - logged; the other groups go on
+            log.error("dispatch.crashed", notifications=[n.id for n in notifications], problem=where(exc))
+            return [(n.id, Step.RELEASED) for n in notifications]
 
     async def _guarded(self, batch: list[NotificationRecord], work: list[Awaitable[Any]]) -> list[Any]:
         """Run `work` concurrently; an unexpected error leaves its notification as it is (pending, or sending
@@ -180,7 +228,7 @@ class Dispatcher:
     async def _send_one(self, prepared: Prepared) -> Step:
         n = prepared.notification
         if not await self._may_send([n]):
-            return Step.RELEASED
+            return Step.WAITING
         if not (await self._start_many([n.id]))[0]:
             self.gate.give_back()
             return Step.RELEASED
@@ -188,19 +236,19 @@ class Dispatcher:
         return await self._record(n, outcome)
 
     async def _send_bulk(self, chunk: list[Prepared]) -> list[Step]:
+        """One bulk request for the chunk; the steps in the chunk's order."""
         if not await self._may_send([p.notification for p in chunk]):
-            return [Step.RELEASED] * len(chunk)
+            return [Step.WAITING] * len(chunk)
         flags = await self._start_many([p.notification.id for p in chunk])
         started = [p for p, ok in zip(chunk, flags, strict=True) if ok]
-        steps = [Step.RELEASED] * (len(chunk) - len(started))
         if not started:
             self.gate.give_back()
-            return steps
+            return [Step.RELEASED] * len(chunk)
         assert isinstance(self.mailer, BulkMailer)
         outcomes = await self.mailer.send_many([p.email for p in started])
-        steps += await asyncio.gather(*(self._record(p.notification, outcome, note_gate=p is started[-1])
-                                        for p, outcome in zip(started, outcomes, strict=True)))
-        return steps
+        recorded = iter(await asyncio.gather(*(self._record(p.notification, outcome, note_gate=p is started[-1])
+                                               for p, outcome in zip(started, outcomes, strict=True))))
+        return [next(recorded) if ok else Step.RELEASED for ok in flags]
 
     async def prepare(self, n: NotificationRecord) -> Prepared | Step:
         """Read, check, choose the address and render; settle the notification when it cannot be sent."""
@@ -309,7 +357,7 @@ class Dispatcher:
             if outcome.blocking and self._paused is None:
                 self._paused = outcome.reason
                 log.error("mailer.paused", reason=outcome.reason)
-            return Step.RELEASED
+            return Step.WAITING
         decision = next_try(self.policy, attempts=n.attempts + 1, first_attempt_at=n.first_attempt_at or now,
                             now=now, reason=outcome.reason, retry_after=outcome.retry_after)
         if isinstance(decision, GiveUp):

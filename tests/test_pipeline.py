@@ -12,7 +12,7 @@ import pytest
 from connector.config import load_config
 from connector.daemon import run_once
 from connector.delivery.paubox import PauboxRestMailer
-from connector.models import State, fixed_clock
+from connector.models import State, fixed_clock, system_clock
 from connector.runtime import Runtime
 from connector.sandbox.fhir import FhirState
 from connector.sandbox.fhir import create_app as fhir_app
@@ -135,7 +135,7 @@ async def test_paubox_errors_each_end_in_the_right_state(runtime: Runtime, paubo
     report = await run_once(runtime)
     counts = runtime.ledger.counts()
     assert (counts[State.SENT], counts[State.FAILED], counts[State.IN_DOUBT], counts[State.PENDING]) == (1, 1, 1, 1)
-    assert report.dispatch is not None and report.dispatch.steps["released"] == 1  # the 429 waits, unspent
+    assert report.dispatch is not None and report.dispatch.steps["waiting"] == 1  # the 429 waits, unspent
     assert report.dispatch.waiting is not None and "paused" in report.dispatch.waiting
     [failed] = runtime.ledger.notifications([State.FAILED], 10)
     assert failed.reason == "HTTP 400 Bad Request: Fault injected by the sandbox"
@@ -175,3 +175,40 @@ async def test_a_server_that_ignores_last_updated_fails_loudly(runtime: Runtime,
     report = await run_once(runtime)
     assert report.polls[0].error is not None and "ignored _lastUpdated" in report.polls[0].error
     assert paubox.messages == []
+
+
+async def live_runtime(tmp_path: Path, fhir: FhirState, paubox: SandboxState, extra: str) -> Runtime:
+    """A runtime on the real clock (the mailer gate's pauses are measured in real seconds)."""
+    config = load_config(write_config(tmp_path, "http://fhir.test", "https://paubox.test", mappings=BASIC,
+                                      extra=extra))
+    mailer = PauboxRestMailer(config.delivery.paubox, transport=httpx.ASGITransport(app=paubox_app(paubox)))
+    return Runtime.open(config, system_clock, mailer=mailer, source_transport=httpx.ASGITransport(app=fhir_app(fhir)))
+
+
+async def test_a_short_rate_limit_pause_is_waited_out_in_the_same_run(tmp_path: Path, fhir: FhirState,
+                                                                       paubox: SandboxState, api_key_env: str) -> None:
+    runtime = await live_runtime(tmp_path, fhir, paubox, "  concurrency: 1\n")
+    paubox.faults = [Fault(status=429, retry_after=0.5)]
+    try:
+        report = await run_once(runtime)
+    finally:
+        await runtime.aclose()
+    assert report.dispatch is not None
+    assert (report.dispatch.sent, report.dispatch.steps["waiting"], report.dispatch.waiting) == (4, 1, None)
+    assert len(paubox.messages) == 4
+
+
+async def test_a_hung_request_holds_one_slot_and_nothing_else(tmp_path: Path, fhir: FhirState,
+                                                              paubox: SandboxState, api_key_env: str) -> None:
+    # One notification claimed at a time, two in flight: the first send hangs 1.5 s and the other three
+    # go meanwhile (a batch did not used to end before its slowest request).
+    runtime = await live_runtime(tmp_path, fhir, paubox, "  concurrency: 2\n  batch_size: 1\n")
+    paubox.faults = [Fault(hang=1.5, accept=True)]
+    try:
+        report = await run_once(runtime)
+        sent = runtime.ledger.notifications([State.SENT], 10)
+    finally:
+        await runtime.aclose()
+    assert report.dispatch is not None and report.dispatch.sent == 4
+    slow = next(n for n in sent if n.key == paubox.messages[0]["custom_headers"]["X-Notification-Key"])
+    assert all(n.updated_at < slow.updated_at - timedelta(seconds=1) for n in sent if n is not slow)
