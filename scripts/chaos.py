@@ -85,9 +85,9 @@ Exit status: 0 no duplicate and nothing lost; 1 a duplicate or a loss; 2 bad opt
 failure; 3 the timeout passed with notifications unfinished; 130 interrupted.
 
 Notes: the seed fixes the data, the fault sequence and the kill plan, not the timing, so a run is
-not exactly repeatable. On PostgreSQL a daemon killed with SIGKILL leaves its claimed notifications
-leased for 5 minutes (connector/dispatch.py LEASE) before another daemon takes them (pending) or marks
-them in_doubt (sending): give --timeout at least 420 s there.
+not exactly repeatable. A daemon killed with SIGKILL leaves its claimed notifications leased for
+`dispatch.lease` (20 s in the config the harness writes) before another daemon takes them (pending) or
+marks them in_doubt (sending); a restarted SQLite daemon takes them back at once (it is the only one).
 """
 
 
@@ -127,8 +127,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     run.add_argument("--timeout", type=float, default=900, metavar="SECONDS",
                      help="give up waiting for final states after this long (default 900); stopping adds at "
                           "most about a minute")
-    run.add_argument("--batch-size", type=positive, default=20,
-                     help="dispatch.batch_size of the daemons (default 20)")
+    run.add_argument("--batch-size", type=positive, default=50,
+                     help="dispatch.batch_size of the daemons (default 50)")
+    run.add_argument("--concurrency", type=positive, default=8,
+                     help="dispatch.concurrency of the daemons: send requests in flight per daemon (default 8)")
     run.add_argument("--page-size", type=positive, default=100,
                      help="sources.ehr.page_size of the daemons (default 100)")
     run.add_argument("--settle", type=float, default=3.0, metavar="SECONDS",
@@ -307,7 +309,7 @@ delivery:
     webhook_token: ${{PAUBOX_WEBHOOK_TOKEN}}
 dispatch:
   interval: 1s
-  concurrency: 4
+  concurrency: {args.concurrency}
   batch_size: {args.batch_size}
   retry_backoff: 1s
   retry_backoff_max: 5s
