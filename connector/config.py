@@ -202,7 +202,10 @@ class FhirPollSourceConfig(Strict):
     subscription: SubscriptionConfig = SubscriptionConfig()
     interval: Duration = timedelta(seconds=60)
     page_size: int = Field(50, ge=1, le=1000)
-    overlap: Duration = timedelta(minutes=5)
+    overlap: Duration = Field(timedelta(minutes=5), description="how far back a sweep reads again: changes "
+                              "committed late, with an older lastUpdated, are found by the next sweep")
+    sweep: Duration = Field(timedelta(minutes=1), description="how often a poll is a sweep; the polls in "
+                            "between start where the last one ended (0s: every poll is a sweep)")
     start_from: Literal["now"] | AwareDatetime = "now"
     timeout: Duration = timedelta(seconds=30)
     timezone: Zone = "UTC"

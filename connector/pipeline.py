@@ -155,6 +155,10 @@ class Planner:
         # One change at a time per source in this process: a poll, a pushed notification and a deletion
         # found at send time must not decide from the same remembered state at once.
         self._busy: dict[str, asyncio.Lock] = {name: asyncio.Lock() for name in sources}
+        # Between sweeps (a poll that reads the whole overlap again), a poll starts where the last one in
+        # this process ended: the highest lastUpdated it saw.
+        self._swept: dict[str, datetime] = {}
+        self._resume: dict[str, datetime] = {}
 
     # -- deciding -------------------------------------------------------------------------------------
 
@@ -211,8 +215,9 @@ class Planner:
             if isinstance(resource, dict) and resource.get("id"):
                 self.cache.put(source, resource)
 
-    async def poll(self, name: str) -> PollReport:
-        """One incremental poll of source `name`, unless another replica is polling it right now."""
+    async def poll(self, name: str, sweep: bool = False) -> PollReport:
+        """One incremental poll of source `name`, unless another replica is polling it right now. `sweep`:
+        read the whole overlap again now (after a Subscription reported a gap, say)."""
         lock = await asyncio.to_thread(self.ledger.try_lock_source, name)
         if lock is False:
             log.debug("poll.skipped", source=name, problem="another replica is polling this source")
@@ -221,6 +226,8 @@ class Planner:
             strategy = self.sources[name].config.strategy
             poll = {"last-updated": self._poll, "history": self._poll_history, "date-window": self._poll_window}
             async with self._busy[name]:
+                if sweep:
+                    self._swept.pop(name, None)
                 return await poll[strategy](name)
         except SourceError as exc:
             log.error("poll.failed", source=name, problem=str(exc))
@@ -229,8 +236,10 @@ class Planner:
         finally:
             await asyncio.to_thread(self.ledger.unlock_source, lock)
 
-    async def _start(self, name: str) -> tuple[datetime | None, datetime]:
-        """The cursor and where this poll reads from; a first poll remembers its starting point."""
+    async def _start(self, name: str) -> tuple[datetime | None, datetime, bool]:
+        """The cursor, where this poll reads from, and whether it is a sweep. A sweep reads from the cursor
+        minus `overlap` (late commits); it is due every `sweep`, and it is the first poll of a process. The
+        polls in between read from where the last one ended. A first poll remembers its starting point."""
         source = self.sources[name]
         cursor = await asyncio.to_thread(self.ledger.cursor, name)
         since = self.since(name, cursor)
@@ -239,7 +248,16 @@ class Planner:
             # starting from "now" again.
             cursor = since + source.config.overlap
             await asyncio.to_thread(self.ledger.record_page, name, [], [], cursor)
-        return cursor, since
+        swept, resume = self._swept.get(name), self._resume.get(name)
+        if swept is not None and resume is not None and abs(self.clock() - swept) < source.config.sweep:
+            return cursor, max(since, resume), False
+        return cursor, since, True
+
+    def _done(self, name: str, sweep: bool, since: datetime, newest: datetime | None) -> None:
+        """A poll read everything from `since` on: the next one may start from the newest it saw."""
+        self._resume[name] = max(since, newest) if newest is not None else since
+        if sweep:
+            self._swept[name] = self.clock()
 
     async def ingest(self, name: str, resources: list[dict[str, Any]]) -> list[str]:
         """Appointments that arrived otherwise than by a poll (a subscription, a re-read): diffed, planned
@@ -262,15 +280,18 @@ class Planner:
         between two polls are one change), DELETE entries planned as deletions."""
         source = self.sources[name]
         report = PollReport(name)
-        cursor, since = await self._start(name)
+        cursor, since, sweep = await self._start(name)
         entries: list[dict[str, Any]] = []
         newest = cursor
+        highest: datetime | None = None
         async for page in source.history_pages(since):
             report.pages += 1
             for raw in page.matches:
                 updated = fhir.last_updated(raw)
                 if updated is not None and (newest is None or updated > newest):
                     newest = self._bounded(name, updated)
+                if updated is not None and (highest is None or updated > highest):
+                    highest = self._bounded(name, updated)
                 entries.append(raw)
         latest = newest_per_id(entries)
         report.resources = len(latest)
@@ -281,9 +302,10 @@ class Planner:
                 inserted += await self._deleted(name, appointment_id)
         if newest is not None and newest != cursor:
             await asyncio.to_thread(self.ledger.record_page, name, [], [], newest)
+        self._done(name, sweep, since, highest)
         report.inserted = len(inserted)
-        log.info("poll.done", source=name, strategy="history", pages=report.pages, appointments=report.resources,
-                 notifications=report.inserted)
+        log.info("poll.done", source=name, strategy="history", sweep=sweep, pages=report.pages,
+                 appointments=report.resources, notifications=report.inserted)
         return report
 
     async def _poll_window(self, name: str) -> PollReport:
@@ -319,8 +341,9 @@ class Planner:
         """`_lastUpdated` search. Source errors end the poll; its cursor stays put."""
         source = self.sources[name]
         report = PollReport(name)
-        cursor, since = await self._start(name)
+        cursor, since, sweep = await self._start(name)
         newest: datetime | None = cursor
+        highest: datetime | None = None
         honours_sort: bool | None = None
         try:
             async for page in source.pages(since):
@@ -332,6 +355,8 @@ class Planner:
                 decision = await self._decide_page(name, examined, first_sight=False)
                 if examined.newest and (newest is None or examined.newest > newest):
                     newest = self._bounded(name, examined.newest)
+                if examined.newest and (highest is None or examined.newest > highest):
+                    highest = self._bounded(name, examined.newest)
                 inserted = await asyncio.to_thread(
                     self.ledger.record_page, name, decision.notifications, examined.seen,
                     newest if honours_sort else None, decision.snapshots, decision.withdrawals)
@@ -350,7 +375,8 @@ class Planner:
             return report
         if newest is not None:
             await asyncio.to_thread(self.ledger.prune_seen, name, newest - 2 * source.config.overlap)
-        log.info("poll.done", source=name, pages=report.pages, resources=report.resources,
+        self._done(name, sweep, since, highest)
+        log.info("poll.done", source=name, sweep=sweep, pages=report.pages, resources=report.resources,
                  new_versions=report.new_versions, invalid=report.invalid, notifications=report.inserted)
         return report
 

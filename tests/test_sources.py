@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import httpx
 import pytest
@@ -19,12 +20,13 @@ import pytest
 from connector.config import load_config
 from connector.daemon import run_once, web_server
 from connector.delivery.paubox import PauboxRestMailer
-from connector.models import State
+from connector.models import Clock, State
 from connector.runtime import Runtime
 from connector.sandbox.fhir import FhirState
 from connector.sandbox.fhir import create_app as fhir_app
 from connector.sandbox.paubox import SandboxState
 from connector.sandbox.paubox import create_app as paubox_app
+from connector.sources.fhir_poll import fhir_instant
 from tests.conftest import API_KEY, Server, free_port, write_config
 from tests.factories import patient
 
@@ -51,7 +53,8 @@ class Ehr:
         return [r.mapping for r in sorted(self.runtime.ledger.notifications([State.SENT], 100), key=lambda r: r.id)]
 
 
-async def make(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str, mode: str = "full") -> Ehr:
+async def make(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str, mode: str = "full",
+               clock: Clock = lambda: NOW) -> Ehr:
     monkeypatch.setenv("PAUBOX_API_KEY", API_KEY)
     fhir, paubox = FhirState(), SandboxState(api_key=API_KEY, username="clinic")
     fhir.mode = mode
@@ -60,7 +63,7 @@ async def make(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str, mod
     config = load_config(write_config(tmp_path, "http://fhir.test", "https://paubox.test", mappings=MAPPINGS,
                                       extra_source=source))
     mailer = PauboxRestMailer(config.delivery.paubox, transport=httpx.ASGITransport(app=paubox_app(paubox)))
-    runtime = Runtime.open(config, lambda: NOW, mailer=mailer, source_transport=httpx.ASGITransport(app=fhir_app(fhir)))
+    runtime = Runtime.open(config, clock, mailer=mailer, source_transport=httpx.ASGITransport(app=fhir_app(fhir)))
     return Ehr(runtime, fhir, paubox)
 
 
@@ -83,14 +86,35 @@ async def test_history_turns_versions_and_deletes_into_one_change_each(history: 
     assert history.sent() == ["appointment-booked", "appointment-rescheduled", "appointment-cancelled"]
 
 
-async def test_a_late_commit_inside_the_overlap_is_not_missed(tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    ehr = await make(tmp_path, monkeypatch, "")
+async def test_a_late_commit_inside_the_overlap_is_found_by_the_next_sweep(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [NOW]
+    ehr = await make(tmp_path, monkeypatch, "    sweep: 1m\n", clock=lambda: now[0])
+    ehr.fhir.put(visit("a1", NOW + timedelta(days=3)))
+    await ehr.cycle()  # the first poll of a process is a sweep
+    cursor = ehr.runtime.ledger.cursor("ehr")
+    assert cursor is not None
+    # Committed late: visible only now, stamped a minute before what the cursor already passed.
+    ehr.fhir.put(visit("late", NOW + timedelta(days=3), pid="p2"), when=cursor - timedelta(minutes=1))
+    ehr.fhir.put(visit("new", NOW + timedelta(days=4), pid="p2"))
+    ehr.fhir.requests.clear()
+    now[0] += timedelta(seconds=30)
+    await ehr.cycle()  # a quick poll: from where the last one ended, so it sees the new one only
+    assert f"_lastUpdated=ge{fhir_instant(cursor)}" in unquote(ehr.fhir.requests[0])
+    assert len(ehr.paubox.messages) == 2
+    now[0] += timedelta(seconds=31)
+    await ehr.cycle()  # a minute after the last sweep: the overlap is read again
+    assert sorted(m["custom_headers"]["X-Notification-Key"].split("|")[0] for m in ehr.paubox.messages) == [
+        "ehr:appointment-booked:a1", "ehr:appointment-booked:late", "ehr:appointment-booked:new"]
+    await ehr.runtime.aclose()
+
+
+async def test_with_sweep_0s_every_poll_reads_the_overlap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ehr = await make(tmp_path, monkeypatch, "    sweep: 0s\n")
     ehr.fhir.put(visit("a1", NOW + timedelta(days=3)))
     await ehr.cycle()
     cursor = ehr.runtime.ledger.cursor("ehr")
     assert cursor is not None
-    # Committed late: visible only now, stamped a minute before what the cursor already passed.
     ehr.fhir.put(visit("late", NOW + timedelta(days=3), pid="p2"), when=cursor - timedelta(minutes=1))
     await ehr.cycle()
     assert sorted(m["recipients"][0] for m in ehr.paubox.messages) == ["robin@example.org", "sam@example.org"]

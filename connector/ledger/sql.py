@@ -391,8 +391,12 @@ class SqlLedger:
         process (see runtime.lock_sqlite): always True."""
         if self.dialect != "postgresql":
             return True
-        key = int.from_bytes(hashlib.sha256(f"connector:poll:{source}".encode()).digest()[:8], "big", signed=True)
         conn = self.engine.connect()
+        # Advisory locks are per database: the schema is part of the key, so that two deployments in two
+        # schemas of one database do not wait for each other.
+        schema = conn.execute(text("SELECT current_schema()")).scalar()
+        key = int.from_bytes(hashlib.sha256(f"connector:poll:{schema}:{source}".encode()).digest()[:8], "big",
+                             signed=True)
         if conn.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": key}).scalar():
             conn.info["poll_lock"] = key
             conn.commit()

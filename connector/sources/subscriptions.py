@@ -151,7 +151,7 @@ class SubscriptionHub:
         if running is not None and not running.done():
             return
         log.info("subscription.resync", source=name, reason=reason)
-        self._resyncs[name] = asyncio.get_running_loop().create_task(self.planner.poll(name))
+        self._resyncs[name] = asyncio.get_running_loop().create_task(self.planner.poll(name, sweep=True))
 
     # -- keeping subscriptions alive ------------------------------------------------------------------
 
