@@ -212,3 +212,25 @@ async def test_a_hung_request_holds_one_slot_and_nothing_else(tmp_path: Path, fh
     assert report.dispatch is not None and report.dispatch.sent == 4
     slow = next(n for n in sent if n.key == paubox.messages[0]["custom_headers"]["X-Notification-Key"])
     assert all(n.updated_at < slow.updated_at - timedelta(seconds=1) for n in sent if n is not slow)
+
+
+async def test_what_the_cache_let_go_is_read_back_in_two_searches(runtime: Runtime, fhir: FhirState,
+                                                                   paubox: SandboxState) -> None:
+    await runtime.planner.poll("ehr")
+    runtime.cache.clear()  # as for a reminder due days after the poll that planned it
+    fhir.requests.clear()
+    report = await runtime.dispatcher.run()
+    assert report.sent == 4
+    assert [r.split("?")[0] for r in fhir.requests] == ["GET /Appointment", "GET /Patient"]
+    assert all("_id=" in r for r in fhir.requests)
+
+
+async def test_a_failed_prefetch_falls_back_to_reads(runtime: Runtime, fhir: FhirState,
+                                                     paubox: SandboxState) -> None:
+    await runtime.planner.poll("ehr")
+    runtime.cache.clear()
+    fhir.requests.clear()
+    fhir.fail_next = [400, 400]  # both searches refused
+    report = await runtime.dispatcher.run()
+    assert report.sent == 4
+    assert sum(1 for r in fhir.requests if r.startswith(("GET /Appointment/", "GET /Patient/"))) == 8

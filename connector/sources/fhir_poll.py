@@ -128,7 +128,7 @@ class FhirPollSource:
             while ahead is not None:
                 bundle, ahead = await ahead, None
                 try:
-                    page = history_page(bundle) if history else split_search_bundle(bundle, "Appointment")
+                    page = history_page(bundle) if history else split_search_bundle(bundle, url.split("/")[0])
                 except ResourceError as exc:
                     raise SourceError(f"source {self.name!r}: {what} page {number}: {exc}") from None
                 if page.next_url and urlsplit(page.next_url).netloc not in ("", self._origin):
