@@ -530,8 +530,11 @@ def create_app(state: FhirState) -> Starlette:
             query = build_query(resource_type, request.query_params.multi_items(), state.mode, state.ignore, base)
         except QueryError as exc:
             return _outcome(400, "invalid", str(exc))
-        matches = [versions[-1] for (rtype, rid), versions in state.resources.items()
-                   if rtype == resource_type and (rtype, rid) not in state.deleted and query.matches(versions[-1])]
+        ids = [i for name, value in query.used if name == "_id" for i in value.split(",")]
+        keys = [(resource_type, i) for i in dict.fromkeys(ids)] if ids else \
+            [key for key in state.resources if key[0] == resource_type]  # `_id` looks up, like a server's index
+        matches = [state.resources[key][-1] for key in keys
+                   if key in state.resources and key not in state.deleted and query.matches(state.resources[key][-1])]
         _sort(matches, query.sort)
         token = uuid.uuid4().hex
         state.snapshots[token] = Snapshot("searchset", [copy.deepcopy(m) for m in matches], query.count,
