@@ -396,7 +396,7 @@ def latency(rig: Rig, sizes: Sizes, args: argparse.Namespace, report: Report) ->
     fhir_process, fhir = rig.procs.server("fhir", "--patients", str(count))
     sandbox(rig.paubox, "DELETE", "/_sandbox/messages")
     dispatch = {"bulk": 50, "concurrency": args.bulk_concurrency, "batch_size": args.batch_size}
-    spec = rig.spec(fhir, dispatch, rig.root / "ledger-latency", overlap=args.overlap,
+    spec = rig.spec(fhir, dispatch, rig.root / "ledger-latency", overlap=args.overlap, sweep=args.sweep,
                     interval=args.poll_interval, duration=sizes.duration, drain=30.0, expected=count)
     errors = rig.procs.folder / "latency.log"
     with errors.open("w") as stderr:
@@ -422,7 +422,7 @@ def latency(rig: Rig, sizes: Sizes, args: argparse.Namespace, report: Report) ->
             accepted = datetime.fromisoformat(message["received_at"])
             delays.append((accepted - written[appointment_id]).total_seconds() * 1000)
     report.section(f"4. Latency: {count:,} appointments written at {achieved:.0f}/s for {sizes.duration:.0f} s; "
-                   f"run_once every {args.poll_interval * 1000:.0f} ms, overlap {args.overlap}, bulk 50")
+                   f"run_once every {args.poll_interval * 1000:.0f} ms, overlap {args.overlap}, sweep {args.sweep}, bulk 50")
     if not delays:
         report.row("event → accepted", "no message accepted", "p99 ≤ 500 ms", False,
                    "event → accepted p99 ≤ 500 ms")
@@ -493,6 +493,8 @@ def main() -> int:
     parser.add_argument("--poll-interval", type=float, default=0.2,
                         help="latency run: seconds from one run_once to the next (default 0.2)")
     parser.add_argument("--overlap", default="5m", help="latency run: sources.ehr.overlap (default 5m, the product's)")
+    parser.add_argument("--sweep", default="1m", help="latency run: sources.ehr.sweep (default 1m, the product's; "
+                                                      "the 30 s run then holds no sweep but the first poll)")
     parser.add_argument("--only", choices=["throughput", "memory", "latency"], action="append",
                         help="run only these parts (repeatable)")
     parser.add_argument("--profile", action="store_true",

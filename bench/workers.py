@@ -103,6 +103,7 @@ sources:
     start_from: 2000-01-01T00:00:00Z
     page_size: {spec['page_size']}
     overlap: {spec.get('overlap', '5m')}
+    sweep: {spec.get('sweep', '1m')}
     timezone: America/New_York
 mappings: {mappings}
 ledger:
