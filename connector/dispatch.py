@@ -1,9 +1,9 @@
 """Where notifications leave: claim the due ones, read what they need, render, send, record.
 
 For each claimed notification: read the Appointment and Patient (from the poller's cache when it holds
-the planned version, else from the source), pick the address, render, commit `sending`, send, and
-record the outcome. Only the commit of `sending` comes before the request; a crash after it leaves the
-notification `in_doubt`, never resent.
+the planned version, else from the source: `_id` searches for a batch, single reads as the fallback), pick
+the address, render, commit `sending`, send, and record the outcome. Only the commit of `sending` comes
+before the request; a crash after it leaves the notification `in_doubt`, never resent.
 """
 
 from __future__ import annotations
@@ -147,16 +147,15 @@ class Dispatcher:
         return report
 
     async def _claim(self, handled: set[int]) -> list[NotificationRecord]:
-        """The next due notifications. One already handled in this run (released: its source was unreachable,
-        the gate closed) is given back for the next run, and claiming stops."""
+        """The next due notifications. One already handled in this run (released because its source was
+        unreachable, or due again after a quick retry) is given back for the next run."""
         settings, wall = self.config.dispatch, datetime.now(UTC)
         batch = await asyncio.to_thread(self.ledger.claim_due, self.clock(), settings.batch_size, self.owner,
                                         wall + settings.lease, wall)
         again = [n.id for n in batch if n.id in handled]
         if again:
             await asyncio.to_thread(self.ledger.release, self.owner, again)
-            return []
-        return batch
+        return [n for n in batch if n.id not in handled]
 
     async def _prefetch(self, batch: list[NotificationRecord]) -> None:
         """Read what the batch needs and the cache lacks with `_id` searches (up to PREFETCH ids each), not
@@ -213,7 +212,9 @@ class Dispatcher:
         wait = (until - self.clock()).total_seconds()
         if wait > self.config.dispatch.interval.total_seconds():
             return False
-        await asyncio.sleep(max(wait, 0.0))
+        deadline = asyncio.get_running_loop().time() + max(wait, 0.0)
+        while not self.stopping and asyncio.get_running_loop().time() < deadline:  # a stop does not wait
+            await asyncio.sleep(min(0.2, deadline - asyncio.get_running_loop().time()))
         return not self.stopping and self.gate.ready(self.clock())
 
     async def _group(self, notifications: list[NotificationRecord]) -> list[tuple[int, Step]]:

@@ -12,7 +12,7 @@ import pytest
 from connector.config import load_config
 from connector.daemon import run_once
 from connector.delivery.paubox import PauboxRestMailer
-from connector.models import State, fixed_clock, system_clock
+from connector.models import PlannedNotification, State, fixed_clock, system_clock
 from connector.runtime import Runtime
 from connector.sandbox.fhir import FhirState
 from connector.sandbox.fhir import create_app as fhir_app
@@ -234,3 +234,23 @@ async def test_a_failed_prefetch_falls_back_to_reads(runtime: Runtime, fhir: Fhi
     report = await runtime.dispatcher.run()
     assert report.sent == 4
     assert sum(1 for r in fhir.requests if r.startswith(("GET /Appointment/", "GET /Patient/"))) == 8
+
+
+async def test_a_notification_put_back_does_not_hold_up_the_others(tmp_path: Path, fhir: FhirState,
+                                                                   paubox: SandboxState, api_key_env: str) -> None:
+    config = load_config(write_config(tmp_path, "http://fhir.test", "https://paubox.test", mappings=BASIC,
+                                      extra="  batch_size: 2\n"))
+    mailer = PauboxRestMailer(config.delivery.paubox, transport=httpx.ASGITransport(app=paubox_app(paubox)))
+    runtime = Runtime.open(config, fixed_clock(NOW), mailer=mailer,
+                           source_transport=httpx.ASGITransport(app=fhir_app(fhir)))
+    try:
+        # Planned for a source no longer configured: released on every claim, first in due order.
+        runtime.ledger.add([PlannedNotification(
+            key="old:appointment-booked:x", source="old", mapping="appointment-booked", event="booked",
+            resource_type="Appointment", resource_id="x", resource_version="1", patient_id="p",
+            due_at=NOW - timedelta(minutes=1))])
+        await runtime.planner.poll("ehr")
+        report = await runtime.dispatcher.run()
+    finally:
+        await runtime.aclose()
+    assert (report.sent, report.steps["released"]) == (4, 1)
