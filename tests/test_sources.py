@@ -17,7 +17,7 @@ from urllib.parse import unquote
 import httpx
 import pytest
 
-from connector.config import load_config
+from connector.config import FhirPollSourceConfig, load_config
 from connector.daemon import run_once, web_server
 from connector.delivery.paubox import PauboxRestMailer
 from connector.models import Clock, State
@@ -26,7 +26,7 @@ from connector.sandbox.fhir import FhirState
 from connector.sandbox.fhir import create_app as fhir_app
 from connector.sandbox.paubox import SandboxState
 from connector.sandbox.paubox import create_app as paubox_app
-from connector.sources.fhir_poll import fhir_instant
+from connector.sources.fhir_poll import FhirPollSource, fhir_instant
 from tests.conftest import API_KEY, Server, free_port, write_config
 from tests.factories import patient
 
@@ -211,3 +211,23 @@ async def test_a_dropped_subscription_event_is_recovered_by_the_resync(tmp_path:
             server.should_exit = True
             await serving
             await runtime.aclose()
+
+
+async def test_polls_read_the_next_page_ahead_and_small_searches_do_not() -> None:
+    fhir = FhirState()
+    for index in range(5):
+        fhir.put(patient(f"p{index}", f"Person{index}", email=f"p{index}@example.org"))
+        fhir.put(visit(f"a{index}", NOW + timedelta(days=3), pid=f"p{index}"))
+    config = FhirPollSourceConfig(base_url="http://fhir.test", page_size=2)
+    source = FhirPollSource("ehr", config, transport=httpx.ASGITransport(app=fhir_app(fhir)))
+    try:
+        found = await source.search("Patient", [("_count", "2")], limit_pages=1)
+        assert [p["id"] for p in found] == ["p0", "p1"] and len(fhir.requests) == 1
+        fhir.requests.clear()
+        pages = source.pages(None)
+        await anext(pages)  # page 1 handed over: page 2 is already on its way
+        await asyncio.sleep(0.05)
+        assert len(fhir.requests) == 2
+        await pages.aclose()  # type: ignore[attr-defined]
+    finally:
+        await source.aclose()

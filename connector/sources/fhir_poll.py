@@ -118,12 +118,15 @@ class FhirPollSource:
         async for page in self._follow("Appointment/_history", params, "Appointment history", history=True):
             yield page
 
-    async def _follow(self, url: str, params: Params, what: str, history: bool = False
+    async def _follow(self, url: str, params: Params, what: str, history: bool = False, read_ahead: bool = True
                       ) -> AsyncGenerator[SearchPage, None]:
-        """Pages one after the other; the next page is requested while the caller handles this one (the
-        caller commits page N before it asks for page N + 1, so the cursor never runs ahead)."""
+        """Pages one after the other. With `read_ahead`, the next page is requested while the caller handles
+        this one (a poll commits page N before it asks for page N + 1, so its cursor never runs ahead)."""
+        def fetch(page_url: str, query: Params | None, number: int) -> asyncio.Task[Any]:
+            return asyncio.create_task(self.get_json(page_url, query, f"{what} page {number}"))
+
         number = 1
-        ahead: asyncio.Task[Any] | None = asyncio.create_task(self.get_json(url, params, f"{what} page 1"))
+        ahead: asyncio.Task[Any] | None = fetch(url, params, number)
         try:
             while ahead is not None:
                 bundle, ahead = await ahead, None
@@ -135,10 +138,12 @@ class FhirPollSource:
                     yield page
                     raise SourceError(f"source {self.name!r}: page {number} links to another host "
                                       f"({urlsplit(page.next_url).netloc}); refusing to send credentials there")
-                if page.next_url:
-                    number += 1
-                    ahead = asyncio.create_task(self.get_json(page.next_url, None, f"{what} page {number}"))
+                if page.next_url and read_ahead:
+                    ahead = fetch(page.next_url, None, number + 1)
                 yield page
+                if page.next_url and ahead is None:
+                    ahead = fetch(page.next_url, None, number + 1)
+                number += 1
         finally:
             if ahead is not None:  # the caller stopped early or failed: the page read ahead is not wanted
                 ahead.add_done_callback(lambda task: task.cancelled() or task.exception())
@@ -147,7 +152,8 @@ class FhirPollSource:
     async def search(self, resource_type: str, params: Params, limit_pages: int = 5) -> list[dict[str, Any]]:
         """Every match of a small search (a patient's Consents, say), following at most a few pages."""
         found: list[dict[str, Any]] = []
-        async with contextlib.aclosing(self._follow(resource_type, params, f"{resource_type} search")) as pages:
+        async with contextlib.aclosing(self._follow(resource_type, params, f"{resource_type} search",
+                                                    read_ahead=False)) as pages:
             async for page in pages:
                 found += [m for m in page.matches if isinstance(m, dict)]
                 limit_pages -= 1
