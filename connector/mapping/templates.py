@@ -39,9 +39,11 @@ CRM_KEY_NAMES = frozenset({"payload", "event_id", "event_type", "object_id", "ma
 
 
 def make_environment(root: Path) -> SandboxedEnvironment:
-    """Sandboxed; HTML files (.html, .htm) autoescaped; text and subjects not."""
+    """Sandboxed; HTML files (.html, .htm) autoescaped; text and subjects not. Mappings are read once at
+    start, so templates are not checked for changes on disk at every render (auto_reload off)."""
     env = SandboxedEnvironment(
         loader=FileSystemLoader(root),
+        auto_reload=False,
         autoescape=lambda name: name is not None and name.lower().endswith((".html", ".htm")),
         undefined=ChainableUndefined,
         keep_trailing_newline=True,
