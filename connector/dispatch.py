@@ -35,11 +35,10 @@ from connector.mapping.engine import RenderError, render
 from connector.mapping.loader import MappingSet
 from connector.models import Clock, Email, State
 from connector.pipeline import synthesized
-from connector.recipients import NoRecipient, optout_lookup, read_cached, resolve
+from connector.recipients import NoRecipient, optout_lookup, prefetch, read_cached, resolve
 from connector.sources.fhir_poll import FhirPollSource
 
 log = structlog.get_logger("connector.dispatch")
-PREFETCH = 50  # ids per `_id` search
 
 
 
@@ -124,7 +123,7 @@ class Dispatcher:
                     continue
                 while not drained and len(queue) < settings.concurrency:
                     batch = await self._claim(handled)
-                    await self._prefetch(batch)
+                    await prefetch(self.cache, self.sources, batch)
                     drained = not batch
                     handled |= {n.id for n in batch}
                     queue.extend(batch[i:i + size] for i in range(0, len(batch), size))
@@ -156,39 +155,6 @@ class Dispatcher:
         if again:
             await asyncio.to_thread(self.ledger.release, self.owner, again)
         return [n for n in batch if n.id not in handled]
-
-    async def _prefetch(self, batch: list[NotificationRecord]) -> None:
-        """Read what the batch needs and the cache lacks with `_id` searches (up to PREFETCH ids each), not
-        one read per resource: reminders come due long after the poll that saw them. Best effort: whatever
-        is still missing is read one by one, and a read's failure is reported there."""
-        wanted: dict[tuple[str, str], set[str]] = {}
-        for n in batch:
-            source = self.sources.get(n.source)
-            if n.resource_type != "Appointment" or source is None:
-                continue
-            cached = self.cache.get(n.source, "Appointment", n.resource_id)
-            if cached is None or fhir.version_of(cached) != n.resource_version:
-                wanted.setdefault((n.source, "Appointment"), set()).add(n.resource_id)
-            if n.patient_id and self.cache.get(n.source, "Patient", n.patient_id) is None:
-                wanted.setdefault((n.source, "Patient"), set()).add(n.patient_id)
-        searches = []
-        for (name, resource_type), ids in wanted.items():
-            listed = sorted(i for i in ids if "," not in i)
-            searches += [self._search_ids(name, resource_type, listed[i:i + PREFETCH])
-                         for i in range(0, len(listed), PREFETCH) if len(listed[i:i + PREFETCH]) > 1]
-        await asyncio.gather(*searches)
-
-    async def _search_ids(self, name: str, resource_type: str, ids: list[str]) -> None:
-        try:
-            found = await self.sources[name].search(resource_type, [("_id", ",".join(ids)), ("_count", str(len(ids)))],
-                                                    limit_pages=1)
-        except SourceError as exc:
-            log.info("dispatch.prefetch_failed", source=name, problem=str(exc))
-            return
-        wanted = set(ids)
-        for resource in found:  # a server that ignored `_id` gave other resources: only the wanted ones count
-            if resource.get("resourceType") == resource_type and resource.get("id") in wanted:
-                self.cache.put(name, resource)
 
     async def _collect(self, running: set[asyncio.Task[list[tuple[int, Step]]]], report: DispatchReport) -> set[int]:
         """Count the steps of the groups that finished; returns the notifications that wait for the mailer

@@ -1,24 +1,30 @@
 """Who receives a notification, read when it is due: the surviving Patient record and its address, unless
-a rule says not to write (deceased, no usable address, opted out, a Consent that denies)."""
+a rule says not to write (deceased, no usable address, opted out, a Consent that denies). Also how the
+resources a send needs are read: from the poller's cache, else from the source (a batch at a time)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import structlog
+
 from connector import fhir, optout
 from connector.cache import ResourceCache
 from connector.config import ConsentCheck
-from connector.errors import ResourceError
-from connector.ledger import OptOut
+from connector.errors import ResourceError, SourceError
+from connector.ledger import NotificationRecord, OptOut
 from connector.ledger.batching import Coalesced
 from connector.ledger.sql import SqlLedger
 from connector.models import State
 from connector.sources.fhir_poll import FhirPollSource
 
 MAX_LINK_HOPS = 3
+PREFETCH = 50  # ids per `_id` search
+log = structlog.get_logger("connector.recipients")
 
 # The opt-out matching one of a recipient's (kind, digest) candidates, if any (see optout_lookup).
 OptOutLookup = Callable[[list[tuple[str, str]]], Awaitable[OptOut | None]]
@@ -56,6 +62,41 @@ async def read_cached(cache: ResourceCache, source: FhirPollSource, resource_typ
     if resource is not None:
         cache.put(source.name, resource)
     return resource
+
+
+async def prefetch(cache: ResourceCache, sources: dict[str, FhirPollSource],
+                   notifications: list[NotificationRecord]) -> None:
+    """Read what these notifications need and the cache lacks with `_id` searches (up to PREFETCH ids each),
+    not one read per resource: reminders come due long after the poll that saw them. Best effort: whatever
+    is still missing is read one by one by `read_cached`, and a read's failure is reported there."""
+    wanted: dict[tuple[str, str], set[str]] = {}
+    for n in notifications:
+        if n.resource_type != "Appointment" or n.source not in sources:
+            continue
+        cached = cache.get(n.source, "Appointment", n.resource_id)
+        if cached is None or fhir.version_of(cached) != n.resource_version:
+            wanted.setdefault((n.source, "Appointment"), set()).add(n.resource_id)
+        if n.patient_id and cache.get(n.source, "Patient", n.patient_id) is None:
+            wanted.setdefault((n.source, "Patient"), set()).add(n.patient_id)
+    searches = []
+    for (name, resource_type), ids in wanted.items():
+        listed = sorted(i for i in ids if "," not in i)
+        chunks = [listed[i:i + PREFETCH] for i in range(0, len(listed), PREFETCH)]
+        searches += [_search_ids(cache, sources[name], resource_type, chunk) for chunk in chunks if len(chunk) > 1]
+    await asyncio.gather(*searches)
+
+
+async def _search_ids(cache: ResourceCache, source: FhirPollSource, resource_type: str, ids: list[str]) -> None:
+    try:
+        found = await source.search(resource_type, [("_id", ",".join(ids)), ("_count", str(len(ids)))],
+                                    limit_pages=1)
+    except SourceError as exc:
+        log.info("recipients.prefetch_failed", source=source.name, problem=str(exc))
+        return
+    wanted = set(ids)
+    for resource in found:  # a server that ignored `_id` gave other resources: only the wanted ones count
+        if resource.get("resourceType") == resource_type and resource.get("id") in wanted:
+            cache.put(source.name, resource)
 
 
 async def resolve(patient_id: str, *, source: FhirPollSource, cache: ResourceCache, opted_out: OptOutLookup,
