@@ -397,6 +397,7 @@ def latency(rig: Rig, sizes: Sizes, args: argparse.Namespace, report: Report) ->
     sandbox(rig.paubox, "DELETE", "/_sandbox/messages")
     dispatch = {"bulk": 50, "concurrency": args.bulk_concurrency, "batch_size": args.batch_size}
     spec = rig.spec(fhir, dispatch, rig.root / "ledger-latency", overlap=args.overlap, sweep=args.sweep,
+                    source_interval=f"{args.poll_interval}s",
                     interval=args.poll_interval, duration=sizes.duration, drain=30.0, expected=count)
     errors = rig.procs.folder / "latency.log"
     with errors.open("w") as stderr:
@@ -494,7 +495,8 @@ def main() -> int:
                         help="latency run: seconds from one run_once to the next (default 0.2)")
     parser.add_argument("--overlap", default="5m", help="latency run: sources.ehr.overlap (default 5m, the product's)")
     parser.add_argument("--sweep", default="1m", help="latency run: sources.ehr.sweep (default 1m, the product's; "
-                                                      "the 30 s run then holds no sweep but the first poll)")
+                                                      "the 30 s run then holds no sweep but the first poll; "
+                                                      "with a short --overlap give a shorter --sweep)")
     parser.add_argument("--only", choices=["throughput", "memory", "latency"], action="append",
                         help="run only these parts (repeatable)")
     parser.add_argument("--profile", action="store_true",

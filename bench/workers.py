@@ -102,6 +102,7 @@ sources:
     base_url: {spec['fhir']}
     start_from: 2000-01-01T00:00:00Z
     page_size: {spec['page_size']}
+    interval: {spec.get('source_interval', '60s')}
     overlap: {spec.get('overlap', '5m')}
     sweep: {spec.get('sweep', '1m')}
     timezone: America/New_York

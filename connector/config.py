@@ -84,6 +84,15 @@ def resolve_secret(value: Any, info: ValidationInfo) -> Any:
 
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+
+def _human(value: timedelta) -> str:
+    """A duration as a config would write it: 250ms, 30s, 5m, 2h."""
+    seconds = value.total_seconds()
+    for unit, size in (("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds * 1000:g}ms"
 EnvStr = Annotated[str, BeforeValidator(expand_env)]
 Secret = Annotated[SecretStr, BeforeValidator(resolve_secret)]
 
@@ -218,6 +227,17 @@ class FhirPollSourceConfig(Strict):
         if not re.match(r"^https?://[^/\s]+", value):
             raise ValueError("expected an http(s) URL such as https://ehr.example.org/fhir/r4")
         return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _sweeps_cover_the_overlap(self) -> FhirPollSourceConfig:
+        # Between sweeps a late commit waits up to `sweep` + `interval`; by then it must still lie within
+        # `overlap` of the cursor, or no poll would read it again.
+        if self.sweep > self.interval and self.sweep + self.interval > self.overlap:
+            raise ValueError(f"sweep ({_human(self.sweep)}) plus interval ({_human(self.interval)}) is longer than "
+                             f"overlap ({_human(self.overlap)}): a change committed late could fall behind the "
+                             "cursor before a sweep reads it; lengthen overlap, or shorten sweep (0s: every poll "
+                             "reads the overlap)")
+        return self
 
 
 class PauboxConfig(Strict):

@@ -39,6 +39,7 @@ from connector.recipients import NoRecipient, optout_lookup, prefetch, read_cach
 from connector.sources.fhir_poll import FhirPollSource
 
 log = structlog.get_logger("connector.dispatch")
+MAX_PUT_BACK = 10_000  # a run that put back this many stops claiming (a source down with a large backlog)
 
 
 
@@ -111,27 +112,25 @@ class Dispatcher:
         size = settings.bulk if settings.bulk > 1 and isinstance(self.mailer, BulkMailer) else 1
         queue: deque[list[NotificationRecord]] = deque()
         running: set[asyncio.Task[list[tuple[int, Step]]]] = set()
-        handled: set[int] = set()
+        put_back: set[int] = set()  # released or retried in this run: not claimed again before the next
         drained = False
         try:
             while not self.stopping and self._paused is None:
                 if not self.gate.ready(self.clock()):
                     if running:
-                        handled -= await self._collect(running, report)
+                        put_back |= await self._collect(running, report)
                     elif not await self._wait_for_gate():
                         break
                     continue
-                while not drained and len(queue) < settings.concurrency:
-                    batch = await self._claim(handled)
-                    await prefetch(self.cache, self.sources, batch)
+                while not drained and len(queue) < settings.concurrency and len(put_back) <= MAX_PUT_BACK:
+                    batch = await self._claim(put_back)
                     drained = not batch
-                    handled |= {n.id for n in batch}
                     queue.extend(batch[i:i + size] for i in range(0, len(batch), size))
                 while queue and len(running) < settings.concurrency:
                     running.add(asyncio.create_task(self._group(queue.popleft())))
                 if not running:
                     break
-                handled -= await self._collect(running, report)
+                put_back |= await self._collect(running, report)
                 drained = False  # what just finished may have planned more (a cancellation for a deleted visit)
         finally:
             while running:
@@ -145,29 +144,31 @@ class Dispatcher:
             log.info("dispatch.done", **{str(k): v for k, v in report.steps.items() if v})
         return report
 
-    async def _claim(self, handled: set[int]) -> list[NotificationRecord]:
-        """The next due notifications. One already handled in this run (released because its source was
-        unreachable, or due again after a quick retry) is given back for the next run."""
+    async def _claim(self, put_back: set[int]) -> list[NotificationRecord]:
+        """The next due notifications, without those put back earlier in this run (a source that could not
+        be read, a quick retry): they wait for the next run and do not hold up the others."""
         settings, wall = self.config.dispatch, datetime.now(UTC)
         batch = await asyncio.to_thread(self.ledger.claim_due, self.clock(), settings.batch_size, self.owner,
-                                        wall + settings.lease, wall)
-        again = [n.id for n in batch if n.id in handled]
-        if again:
-            await asyncio.to_thread(self.ledger.release, self.owner, again)
-        return [n for n in batch if n.id not in handled]
+                                        wall + settings.lease, wall, sorted(put_back))
+        try:
+            await prefetch(self.cache, self.sources, batch)
+        except Exception as exc:  # noqa: BLE001 - best effort: each notification reads what is missing
+            log.warning("dispatch.prefetch_failed", problem=where(exc))
+        return batch
 
     async def _collect(self, running: set[asyncio.Task[list[tuple[int, Step]]]], report: DispatchReport) -> set[int]:
-        """Count the steps of the groups that finished; returns the notifications that wait for the mailer
-        (they may be claimed again in this run once the gate opens)."""
+        """Count the steps of the groups that finished; returns the notifications they put back (released,
+        or due again after a retry). Those waiting for the mailer are not among them: they may go in this
+        run once the gate opens."""
         done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-        waiting: set[int] = set()
+        put_back: set[int] = set()
         for task in done:
             running.discard(task)
             for notification_id, step in task.result():
                 report.steps[step] += 1
-                if step is Step.WAITING:
-                    waiting.add(notification_id)
-        return waiting
+                if step in (Step.RELEASED, Step.RETRY):
+                    put_back.add(notification_id)
+        return put_back
 
     async def _wait_for_gate(self) -> bool:
         """The gate is closed. When it opens within one dispatch interval, wait here (a 429 with
@@ -231,23 +232,31 @@ class Dispatcher:
         n = prepared.notification
         if not await self._may_send([n]):
             return Step.WAITING
-        if not (await self._start_many([n.id]))[0]:
-            self.gate.give_back()
-            return Step.RELEASED
-        outcome = await self.mailer.send(prepared.email)
+        try:
+            if not (await self._start_many([n.id]))[0]:
+                self.gate.give_back()
+                return Step.RELEASED
+            outcome = await self.mailer.send(prepared.email)
+        except BaseException:
+            self.gate.give_back()  # it may have held the probe: the gate must not stay closed for ever
+            raise
         return await self._record(n, outcome)
 
     async def _send_bulk(self, chunk: list[Prepared]) -> list[Step]:
         """One bulk request for the chunk; the steps in the chunk's order."""
         if not await self._may_send([p.notification for p in chunk]):
             return [Step.WAITING] * len(chunk)
-        flags = await self._start_many([p.notification.id for p in chunk])
-        started = [p for p, ok in zip(chunk, flags, strict=True) if ok]
-        if not started:
-            self.gate.give_back()
-            return [Step.RELEASED] * len(chunk)
-        assert isinstance(self.mailer, BulkMailer)
-        outcomes = await self.mailer.send_many([p.email for p in started])
+        try:
+            flags = await self._start_many([p.notification.id for p in chunk])
+            started = [p for p, ok in zip(chunk, flags, strict=True) if ok]
+            if not started:
+                self.gate.give_back()
+                return [Step.RELEASED] * len(chunk)
+            assert isinstance(self.mailer, BulkMailer)
+            outcomes = await self.mailer.send_many([p.email for p in started])
+        except BaseException:
+            self.gate.give_back()  # it may have held the probe: the gate must not stay closed for ever
+            raise
         recorded = iter(await asyncio.gather(*(self._record(p.notification, outcome, note_gate=p is started[-1])
                                                for p, outcome in zip(started, outcomes, strict=True))))
         return [next(recorded) if ok else Step.RELEASED for ok in flags]

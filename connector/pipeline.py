@@ -236,10 +236,11 @@ class Planner:
         finally:
             await asyncio.to_thread(self.ledger.unlock_source, lock)
 
-    async def _start(self, name: str) -> tuple[datetime | None, datetime, bool]:
-        """The cursor, where this poll reads from, and whether it is a sweep. A sweep reads from the cursor
-        minus `overlap` (late commits); it is due every `sweep`, and it is the first poll of a process. The
-        polls in between read from where the last one ended. A first poll remembers its starting point."""
+    async def _start(self, name: str) -> tuple[datetime | None, datetime, datetime | None]:
+        """The cursor, where this poll reads from, and when it began if it is a sweep (else None). A sweep
+        reads from the cursor minus `overlap` (late commits); it is due every `sweep`, and it is the first poll
+        of a process. The polls in between read from where the last one ended. A first poll remembers its
+        starting point."""
         source = self.sources[name]
         cursor = await asyncio.to_thread(self.ledger.cursor, name)
         since = self.since(name, cursor)
@@ -248,16 +249,20 @@ class Planner:
             # starting from "now" again.
             cursor = since + source.config.overlap
             await asyncio.to_thread(self.ledger.record_page, name, [], [], cursor)
-        swept, resume = self._swept.get(name), self._resume.get(name)
-        if swept is not None and resume is not None and abs(self.clock() - swept) < source.config.sweep:
-            return cursor, max(since, resume), False
-        return cursor, since, True
+        # Due when the next poll would come after `sweep` has passed since the last sweep began (half an
+        # interval of slack, so that `sweep` <= `interval` makes every poll a sweep).
+        now, swept, resume = self.clock(), self._swept.get(name), self._resume.get(name)
+        settings = source.config
+        if swept is not None and resume is not None and abs(now - swept) < settings.sweep - settings.interval / 2:
+            return cursor, max(since, resume), None
+        return cursor, since, now
 
-    def _done(self, name: str, sweep: bool, since: datetime, newest: datetime | None) -> None:
-        """A poll read everything from `since` on: the next one may start from the newest it saw."""
+    def _done(self, name: str, sweep: datetime | None, since: datetime, newest: datetime | None) -> None:
+        """A poll read everything from `since` on: the next one may start from the newest it saw. `sweep`:
+        when this poll began, if it was a sweep."""
         self._resume[name] = max(since, newest) if newest is not None else since
-        if sweep:
-            self._swept[name] = self.clock()
+        if sweep is not None:
+            self._swept[name] = sweep
 
     async def ingest(self, name: str, resources: list[dict[str, Any]]) -> list[str]:
         """Appointments that arrived otherwise than by a poll (a subscription, a re-read): diffed, planned
@@ -304,7 +309,7 @@ class Planner:
             await asyncio.to_thread(self.ledger.record_page, name, [], [], newest)
         self._done(name, sweep, since, highest)
         report.inserted = len(inserted)
-        log.info("poll.done", source=name, strategy="history", sweep=sweep, pages=report.pages,
+        log.info("poll.done", source=name, strategy="history", sweep=sweep is not None, pages=report.pages,
                  appointments=report.resources, notifications=report.inserted)
         return report
 
@@ -376,7 +381,7 @@ class Planner:
         if newest is not None:
             await asyncio.to_thread(self.ledger.prune_seen, name, newest - 2 * source.config.overlap)
         self._done(name, sweep, since, highest)
-        log.info("poll.done", source=name, sweep=sweep, pages=report.pages, resources=report.resources,
+        log.info("poll.done", source=name, sweep=sweep is not None, pages=report.pages, resources=report.resources,
                  new_versions=report.new_versions, invalid=report.invalid, notifications=report.inserted)
         return report
 

@@ -294,6 +294,7 @@ sources:
     start_from: 2000-01-01T00:00:00Z
     interval: 5s
     overlap: 1s        # the test server stamps strictly increasing times and nothing commits late
+    sweep: 0s          # every poll reads the (short) overlap
     page_size: {args.page_size}
     timezone: America/New_York
 mappings: mappings

@@ -49,3 +49,22 @@ async def test_a_call_that_returns_the_wrong_number_of_results_is_an_error() -> 
     coalesced: Coalesced[int, int] = Coalesced(lambda items: items[:-1])
     with pytest.raises(RuntimeError, match="returned 1 results for 2 items"):
         await coalesced([1, 2])
+
+
+async def test_cancelling_the_worker_cancels_every_waiting_call() -> None:
+    gate = threading.Event()
+
+    def slow(items: list[int]) -> list[int]:
+        gate.wait(5)
+        return items
+
+    coalesced = Coalesced(slow)
+    first = asyncio.create_task(coalesced([1]))
+    await asyncio.sleep(0.05)
+    second = asyncio.create_task(coalesced([2]))  # queued behind the running call
+    await asyncio.sleep(0.05)
+    assert coalesced._worker is not None
+    coalesced._worker.cancel()
+    results = await asyncio.gather(first, second, return_exceptions=True)
+    gate.set()
+    assert [type(r) for r in results] == [asyncio.CancelledError, asyncio.CancelledError]

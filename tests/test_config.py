@@ -80,6 +80,17 @@ def test_every_problem_is_listed_with_its_line(tmp_path: Path, monkeypatch: pyte
     assert any("line 6 (sources.ehr.overlap): expected a duration" in p for p in found)
 
 
+def test_a_sweep_that_cannot_cover_the_overlap_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEST_PAUBOX_KEY", "k")
+    text = MINIMAL.replace("    base_url: https://fhir.example.org/r4\n",
+                           "    base_url: https://fhir.example.org/r4\n    interval: 5s\n    overlap: 30s\n")
+    (tmp_path / "c.yaml").write_text(text)
+    [problem] = problems(tmp_path / "c.yaml")
+    assert "(sources.ehr): sweep (1m) plus interval (5s) is longer than overlap (30s)" in problem
+    (tmp_path / "c.yaml").write_text(text.replace("    overlap: 30s\n", "    overlap: 30s\n    sweep: 0s\n"))
+    assert load_config(tmp_path / "c.yaml").sources["ehr"].sweep == timedelta(0)
+
+
 def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text("sources:\n  ehr: [unclosed\n")
     [problem] = problems(tmp_path / "c.yaml")

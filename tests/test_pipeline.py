@@ -11,8 +11,10 @@ import pytest
 
 from connector.config import load_config
 from connector.daemon import run_once
+from connector.delivery import Outcome
+from connector.delivery.gate import GateState
 from connector.delivery.paubox import PauboxRestMailer
-from connector.models import PlannedNotification, State, fixed_clock, system_clock
+from connector.models import Email, PlannedNotification, State, fixed_clock, system_clock
 from connector.runtime import Runtime
 from connector.sandbox.fhir import FhirState
 from connector.sandbox.fhir import create_app as fhir_app
@@ -239,18 +241,40 @@ async def test_a_failed_prefetch_falls_back_to_reads(runtime: Runtime, fhir: Fhi
 async def test_a_notification_put_back_does_not_hold_up_the_others(tmp_path: Path, fhir: FhirState,
                                                                    paubox: SandboxState, api_key_env: str) -> None:
     config = load_config(write_config(tmp_path, "http://fhir.test", "https://paubox.test", mappings=BASIC,
-                                      extra="  batch_size: 2\n"))
+                                      extra="  batch_size: 2\n  concurrency: 1\n"))
     mailer = PauboxRestMailer(config.delivery.paubox, transport=httpx.ASGITransport(app=paubox_app(paubox)))
     runtime = Runtime.open(config, fixed_clock(NOW), mailer=mailer,
                            source_transport=httpx.ASGITransport(app=fhir_app(fhir)))
     try:
-        # Planned for a source no longer configured: released on every claim, first in due order.
+        # Planned for a source no longer configured, more than a batch of them: each is put back, and they
+        # stay first in due order.
         runtime.ledger.add([PlannedNotification(
-            key="old:appointment-booked:x", source="old", mapping="appointment-booked", event="booked",
-            resource_type="Appointment", resource_id="x", resource_version="1", patient_id="p",
-            due_at=NOW - timedelta(minutes=1))])
+            key=f"old:appointment-booked:x{i}", source="old", mapping="appointment-booked", event="booked",
+            resource_type="Appointment", resource_id=f"x{i}", resource_version="1", patient_id="p",
+            due_at=NOW - timedelta(minutes=1)) for i in range(3)])
         await runtime.planner.poll("ehr")
         report = await runtime.dispatcher.run()
     finally:
         await runtime.aclose()
-    assert (report.sent, report.steps["released"]) == (4, 1)
+    assert (report.sent, report.steps["released"]) == (4, 3)
+
+
+async def test_a_crash_while_probing_does_not_keep_the_gate_closed(runtime: Runtime, paubox: SandboxState) -> None:
+    await runtime.planner.poll("ehr")
+    dispatcher, real = runtime.dispatcher, runtime.dispatcher.mailer
+
+    class CrashOnce:
+        crashed = False
+
+        async def send(self, email: Email) -> Outcome:
+            if not self.crashed:
+                self.crashed = True
+                raise RuntimeError("unexpected")
+            return await real.send(email)
+
+    dispatcher.mailer = CrashOnce()  # type: ignore[assignment]
+    dispatcher.gate.state, dispatcher.gate.until = GateState.PAUSED, NOW - timedelta(seconds=1)  # next: a probe
+    report = await dispatcher.run()
+    # The probe crashed after `sending` was committed (that one waits for a person); the next probe went.
+    assert (report.sent, dispatcher.gate.state) == (3, GateState.RUNNING)
+    assert runtime.ledger.counts()[State.SENDING] == 1

@@ -89,7 +89,7 @@ async def test_history_turns_versions_and_deletes_into_one_change_each(history: 
 async def test_a_late_commit_inside_the_overlap_is_found_by_the_next_sweep(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     now = [NOW]
-    ehr = await make(tmp_path, monkeypatch, "    sweep: 1m\n", clock=lambda: now[0])
+    ehr = await make(tmp_path, monkeypatch, "    interval: 1s\n    sweep: 1m\n", clock=lambda: now[0])
     ehr.fhir.put(visit("a1", NOW + timedelta(days=3)))
     await ehr.cycle()  # the first poll of a process is a sweep
     cursor = ehr.runtime.ledger.cursor("ehr")

@@ -35,20 +35,27 @@ class Coalesced(Generic[T, R]):
         return await future
 
     async def _drain(self) -> None:
-        while self._waiting:
-            group, self._waiting = self._waiting, []
-            items = [item for part, _ in group for item in part]
-            try:
-                results = list(await asyncio.to_thread(self._call, items))
-                if len(results) != len(items):
-                    raise RuntimeError(f"{self._call!r} returned {len(results)} results for {len(items)} items")
-            except Exception as exc:  # noqa: BLE001 - handed to every waiting task
-                for _, future in group:
+        group: list[tuple[list[T], asyncio.Future[list[R]]]] = []
+        try:
+            while self._waiting:
+                group, self._waiting = self._waiting, []
+                items = [item for part, _ in group for item in part]
+                try:
+                    results = list(await asyncio.to_thread(self._call, items))
+                    if len(results) != len(items):
+                        raise RuntimeError(f"{self._call!r} returned {len(results)} results for {len(items)} items")
+                except Exception as exc:  # noqa: BLE001 - handed to every waiting task
+                    for _, future in group:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                offset = 0
+                for part, future in group:
                     if not future.done():
-                        future.set_exception(exc)
-                continue
-            offset = 0
-            for part, future in group:
-                if not future.done():
-                    future.set_result(results[offset:offset + len(part)])
-                offset += len(part)
+                        future.set_result(results[offset:offset + len(part)])
+                    offset += len(part)
+        except BaseException:  # cancelled (the loop is closing): nobody may wait for ever
+            for _, future in [*group, *self._waiting]:
+                future.cancel()
+            self._waiting = []
+            raise

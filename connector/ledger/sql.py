@@ -413,7 +413,8 @@ class SqlLedger:
     # -- dispatching ----------------------------------------------------------------------------------
 
     def claim_due(self, now: datetime, limit: int, owner: str, lease_until: datetime,
-                  wall_now: datetime) -> list[NotificationRecord]:
+                  wall_now: datetime, skip: Sequence[int] = ()) -> list[NotificationRecord]:
+        """Lease up to `limit` due notifications to `owner`, oldest first; `skip`: ids not wanted now."""
         candidates = (
             select(N.c.id)
             .where(N.c.state == State.PENDING.value, N.c.due_at <= now,
@@ -422,6 +423,8 @@ class SqlLedger:
             .limit(limit)
             .with_for_update(skip_locked=True)
         )
+        if skip:
+            candidates = candidates.where(N.c.id.not_in(list(skip)))
         statement = (update(N).where(N.c.id.in_(candidates.scalar_subquery()))
                      .values(lease_owner=owner, lease_until=lease_until).returning(*N.c))
         with self.engine.begin() as conn:
