@@ -84,6 +84,8 @@ def resolve_secret(value: Any, info: ValidationInfo) -> Any:
 
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+EnvStr = Annotated[str, BeforeValidator(expand_env)]
+Secret = Annotated[SecretStr, BeforeValidator(resolve_secret)]
 
 
 def _human(value: timedelta) -> str:
@@ -93,8 +95,6 @@ def _human(value: timedelta) -> str:
         if seconds >= size and seconds % size == 0:
             return f"{seconds / size:g}{unit}"
     return f"{seconds * 1000:g}ms"
-EnvStr = Annotated[str, BeforeValidator(expand_env)]
-Secret = Annotated[SecretStr, BeforeValidator(resolve_secret)]
 
 
 class Strict(BaseModel):
