@@ -198,6 +198,7 @@ class Dispatcher:
                     for n, p in zip(notifications, prepared, strict=True)]
         except Exception as exc:  # noqa: BLE001 - logged; the other groups go on
             log.error("dispatch.crashed", notifications=[n.id for n in notifications], problem=where(exc))
+            self.gate.give_back()  # it may have held the probe: the gate must not stay closed for ever
             return [(n.id, Step.RELEASED) for n in notifications]
 
     async def _guarded(self, batch: list[NotificationRecord], work: list[Awaitable[Any]]) -> list[Any]:
@@ -232,31 +233,23 @@ class Dispatcher:
         n = prepared.notification
         if not await self._may_send([n]):
             return Step.WAITING
-        try:
-            if not (await self._start_many([n.id]))[0]:
-                self.gate.give_back()
-                return Step.RELEASED
-            outcome = await self.mailer.send(prepared.email)
-        except BaseException:
-            self.gate.give_back()  # it may have held the probe: the gate must not stay closed for ever
-            raise
+        if not (await self._start_many([n.id]))[0]:
+            self.gate.give_back()
+            return Step.RELEASED
+        outcome = await self.mailer.send(prepared.email)
         return await self._record(n, outcome)
 
     async def _send_bulk(self, chunk: list[Prepared]) -> list[Step]:
         """One bulk request for the chunk; the steps in the chunk's order."""
         if not await self._may_send([p.notification for p in chunk]):
             return [Step.WAITING] * len(chunk)
-        try:
-            flags = await self._start_many([p.notification.id for p in chunk])
-            started = [p for p, ok in zip(chunk, flags, strict=True) if ok]
-            if not started:
-                self.gate.give_back()
-                return [Step.RELEASED] * len(chunk)
-            assert isinstance(self.mailer, BulkMailer)
-            outcomes = await self.mailer.send_many([p.email for p in started])
-        except BaseException:
-            self.gate.give_back()  # it may have held the probe: the gate must not stay closed for ever
-            raise
+        flags = await self._start_many([p.notification.id for p in chunk])
+        started = [p for p, ok in zip(chunk, flags, strict=True) if ok]
+        if not started:
+            self.gate.give_back()
+            return [Step.RELEASED] * len(chunk)
+        assert isinstance(self.mailer, BulkMailer)
+        outcomes = await self.mailer.send_many([p.email for p in started])
         recorded = iter(await asyncio.gather(*(self._record(p.notification, outcome, note_gate=p is started[-1])
                                                for p, outcome in zip(started, outcomes, strict=True))))
         return [next(recorded) if ok else Step.RELEASED for ok in flags]

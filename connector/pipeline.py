@@ -78,6 +78,11 @@ def examine(source: str, page: fhir.SearchPage, fresh: set[tuple[str, str, str]]
     return result
 
 
+def later(a: datetime | None, b: datetime | None) -> datetime | None:
+    """The later of two optional instants."""
+    return b if a is None or (b is not None and b > a) else a
+
+
 def newest_per_id(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Pure: the newest history entry of each appointment. History lists newest first, so the first entry of
     an id stands unless a later one is provably newer (a DELETE entry may carry no time at all)."""
@@ -287,16 +292,13 @@ class Planner:
         report = PollReport(name)
         cursor, since, sweep = await self._start(name)
         entries: list[dict[str, Any]] = []
-        newest = cursor
-        highest: datetime | None = None
+        highest: datetime | None = None  # the newest lastUpdated this poll saw
         async for page in source.history_pages(since):
             report.pages += 1
             for raw in page.matches:
                 updated = fhir.last_updated(raw)
-                if updated is not None and (newest is None or updated > newest):
-                    newest = self._bounded(name, updated)
-                if updated is not None and (highest is None or updated > highest):
-                    highest = self._bounded(name, updated)
+                if updated is not None:
+                    highest = later(highest, self._bounded(name, updated))
                 entries.append(raw)
         latest = newest_per_id(entries)
         report.resources = len(latest)
@@ -305,6 +307,7 @@ class Planner:
         for appointment_id, raw in latest.items():
             if raw.get("_deleted"):
                 inserted += await self._deleted(name, appointment_id)
+        newest = later(cursor, highest)
         if newest is not None and newest != cursor:
             await asyncio.to_thread(self.ledger.record_page, name, [], [], newest)
         self._done(name, sweep, since, highest)
@@ -347,8 +350,7 @@ class Planner:
         source = self.sources[name]
         report = PollReport(name)
         cursor, since, sweep = await self._start(name)
-        newest: datetime | None = cursor
-        highest: datetime | None = None
+        highest: datetime | None = None  # the newest lastUpdated this poll saw
         honours_sort: bool | None = None
         try:
             async for page in source.pages(since):
@@ -358,19 +360,18 @@ class Planner:
                 fresh = await asyncio.to_thread(self.ledger.new_versions, name, triples(page))
                 examined = examine(name, page, fresh)
                 decision = await self._decide_page(name, examined, first_sight=False)
-                if examined.newest and (newest is None or examined.newest > newest):
-                    newest = self._bounded(name, examined.newest)
-                if examined.newest and (highest is None or examined.newest > highest):
-                    highest = self._bounded(name, examined.newest)
+                if examined.newest:
+                    highest = later(highest, self._bounded(name, examined.newest))
                 inserted = await asyncio.to_thread(
                     self.ledger.record_page, name, decision.notifications, examined.seen,
-                    newest if honours_sort else None, decision.snapshots, decision.withdrawals)
+                    later(cursor, highest) if honours_sort else None, decision.snapshots, decision.withdrawals)
                 self.remember(name, page)
                 report.resources += len(page.matches)
                 report.new_versions += len(examined.seen)
                 report.invalid += sum(1 for s in examined.seen if s.problem)
                 report.planned += len(decision.notifications)
                 report.inserted += len(inserted)
+            newest = later(cursor, highest)
             if not honours_sort and newest is not None and newest != cursor:
                 await asyncio.to_thread(self.ledger.record_page, name, [], [], newest)
         except SourceError as exc:
