@@ -19,6 +19,7 @@ from pydantic import (
     AwareDatetime,
     BaseModel,
     BeforeValidator,
+    ByteSize,
     ConfigDict,
     Field,
     IPvAnyNetwork,
@@ -31,6 +32,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from connector.errors import ConfigError, Problem
+from connector.urls import check_url
 from connector.yamlfile import YamlDoc, load_yaml
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -97,6 +99,9 @@ def _human(value: timedelta) -> str:
     return f"{seconds * 1000:g}ms"
 
 
+human_duration = _human  # messages elsewhere write durations the same way
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -126,6 +131,11 @@ class SmartAuth(Strict):
     algorithm: Literal["RS384", "ES384"] | None = None
     scope: str = "system/Appointment.rs system/Patient.rs"
     token_endpoint: EnvStr | None = None  # None: discovered from {base_url}/.well-known/smart-configuration
+
+    @field_validator("token_endpoint")
+    @classmethod
+    def _token_endpoint_safe(cls, value: str | None) -> str | None:
+        return None if value is None else check_url(value, credentials=True)
 
 
 Auth = Annotated[NoAuth | BearerAuth | BasicAuth | SmartAuth, Field(discriminator="type")]
@@ -188,21 +198,38 @@ class SubscriptionConfig(Strict):
 
     enabled: bool = False
     kind: Literal["rest-hook", "backport"] = "backport"
+    secret: Secret | None = None  # before `endpoint`, whose check depends on it
     endpoint: EnvStr | None = None  # the public URL the EHR calls; used by `connector subscribe`
     header: str = "Authorization"  # the caller sends `<header>: <secret>` (channel.header)
-    secret: Secret | None = None
     topic: str | None = None  # backport: the SubscriptionTopic canonical URL
     criteria: str = "Appointment"  # classic criteria, or the backport filter (Appointment?location=...)
     payload: Literal["empty", "id-only", "full-resource"] = "id-only"
     heartbeat: Duration = timedelta(minutes=5)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_safe(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # The EHR sends `secret` to this URL with every notification.
+        return None if value is None else check_url(value, credentials=info.data.get("secret") is not None)
+
+
+class SourceLimits(Strict):
+    """What one poll of a source may read. A server that goes past a limit (a loop, invented pages, a
+    huge or endless body) fails that poll with a SourceError naming the limit; its cursor stays where the
+    last completed page left it and other sources carry on. The defaults are far above what EHRs send."""
+
+    max_pages: int = Field(10_000, ge=1, description="pages per poll (500,000 appointments at page_size 50)")
+    max_search_pages: int = Field(20, ge=1, description="pages per small search (a patient's Consents)")
+    max_response_size: ByteSize = Field(ByteSize(32 * 1024 * 1024), ge=1024,
+                                        description="bytes of one response body, after decompression")
 
 
 class FhirPollSourceConfig(Strict):
     """A FHIR R4 server: polled (strategy below) and, optionally, pushing Subscription notifications."""
 
     kind: Literal["fhir-poll"] = "fhir-poll"
+    auth: Auth = NoAuth()  # before `base_url`, whose check depends on it
     base_url: EnvStr
-    auth: Auth = NoAuth()
     strategy: Literal["last-updated", "history", "date-window"] = "last-updated"
     on_ignored_filter: Literal["fail", "scan"] = "fail"
     window: WindowConfig = WindowConfig()
@@ -216,17 +243,18 @@ class FhirPollSourceConfig(Strict):
     sweep: Duration = Field(timedelta(minutes=1), description="how often a poll is a sweep; the polls in "
                             "between start where the last one ended (0s: every poll is a sweep)")
     start_from: Literal["now"] | AwareDatetime = "now"
-    timeout: Duration = timedelta(seconds=30)
+    timeout: Duration = Field(timedelta(seconds=30), description="the whole of one request: connection, headers "
+                              "and body (a wall-clock deadline, not a time between reads)")
+    limits: SourceLimits = SourceLimits()
     timezone: Zone = "UTC"
     location_timezones: dict[Annotated[str, Field(pattern=r"^Location/[^/\s]+$")], Zone] = Field(default_factory=dict)
     consent: ConsentCheck = ConsentCheck()
 
     @field_validator("base_url")
     @classmethod
-    def _http_url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", value):
-            raise ValueError("expected an http(s) URL such as https://ehr.example.org/fhir/r4")
-        return value.rstrip("/")
+    def _http_url(cls, value: str, info: ValidationInfo) -> str:
+        auth = info.data.get("auth")
+        return check_url(value, credentials=auth is not None and not isinstance(auth, NoAuth)).rstrip("/")
 
     @model_validator(mode="after")
     def _sweeps_cover_the_overlap(self) -> FhirPollSourceConfig:
@@ -252,11 +280,10 @@ class PauboxConfig(Strict):
     webhook_allow_ips: list[IPvAnyNetwork] = Field(default_factory=list)
     optout_on_hard_bounce: bool = False
 
-    @model_validator(mode="after")
-    def _base_url_or_username(self) -> PauboxConfig:
-        if self.base_url and not re.match(r"^(https://|http://(127\.0\.0\.1|localhost|\[::1\])[:/])", self.base_url):
-            raise ValueError("base_url must use https:// (plain http only for a sandbox on 127.0.0.1 or localhost)")
-        return self
+    @field_validator("base_url")
+    @classmethod
+    def _base_url_safe(cls, value: str | None) -> str | None:
+        return None if value is None else check_url(value, credentials=True)  # the API key goes with every request
 
     @property
     def endpoint(self) -> str:
@@ -345,6 +372,11 @@ class CrmSourceConfig(Strict):
     api_base: EnvStr = "https://api.hubapi.com"
     properties: list[str] = Field(default_factory=lambda: ["email", "firstname", "lastname"])
 
+    @field_validator("api_base")
+    @classmethod
+    def _api_base_safe(cls, value: str, info: ValidationInfo) -> str:
+        return check_url(value, credentials=info.data.get("api_token") is not None)
+
     @model_validator(mode="after")
     def _credentials(self) -> CrmSourceConfig:
         if self.kind == "salesforce-outbound" and self.path_token is None:
@@ -371,6 +403,19 @@ class InboxConfig(Strict):
 
 class LedgerConfig(Strict):
     url: EnvStr = "sqlite:///connector.db"
+
+    @field_validator("url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            make_url(value)
+        except (ArgumentError, ValueError):  # their messages may quote the URL, and with it a password
+            raise ValueError("not a database URL: use sqlite:///connector.db or "
+                             "postgresql+psycopg://user@host/db") from None
+        return value
 
 
 class Config(Strict):

@@ -35,8 +35,8 @@ from connector.sources.smart import (
     missing_scopes,
 )
 
-FHIR = "http://fhir.test"
-AUTH = "http://auth.test"
+FHIR = "https://fhir.test"
+AUTH = "https://auth.test"
 CLIENT = "connector-test"
 
 
@@ -315,7 +315,7 @@ async def test_errors_never_contain_the_key_assertion_or_token(connect: Connect,
 async def test_tokens_go_only_to_the_fhir_server(connect: Connect, world: World) -> None:
     """A request to another host is refused before any token is fetched or sent."""
     client, _ = connect()
-    with pytest.raises(SmartAuthError, match=r"refusing to send a token to evil\.test"):
+    with pytest.raises(SmartAuthError, match=r"refusing to send a token to http://evil\.test:80 \(not https://fhir\.test:443\)"):
         await client.get("http://evil.test/Patient/p1")
     assert world.state.token_requests == 0
 
@@ -359,7 +359,7 @@ async def test_a_smart_source_polls_end_to_end(tmp_path: Path, keys: dict[str, b
     monkeypatch.setenv("PAUBOX_API_KEY", "k")
     smart = ("    auth:\n      type: smart\n      client_id: connector-test\n      key_id: rsa-1\n"
              "      private_key: {file: client-key.pem}\n")
-    config = load_config(write_config(tmp_path, "http://fhir.test", "https://paubox.test", mappings=BASIC,
+    config = load_config(write_config(tmp_path, "https://fhir.test", "https://paubox.test", mappings=BASIC,
                                       extra_source=smart))
     sandbox = SandboxState(api_key="k", username="clinic")
     mailer = PauboxRestMailer(config.delivery.paubox, transport=httpx.ASGITransport(app=paubox_server(sandbox)))

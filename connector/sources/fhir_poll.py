@@ -11,25 +11,37 @@ Three ways to find changed appointments, chosen per source (`strategy`):
 Reads are retried with backoff on 429, 5xx and network errors (Retry-After honoured); a source never has
 more than `max_connections` requests in flight. Errors are SourceError naming the source, the request
 kind and the HTTP status: never a body.
+
+Every request is bounded (`limits`, `timeout`): a body is read as a stream and abandoned past
+`max_response_size`; connection, headers and body together must finish within `timeout`; a poll reads at
+most `max_pages` pages (a small search `max_search_pages`); a `next` link must stay on the scheme, host and
+port of `base_url` and must not lead back to a page this poll has read. A breach is a SourceLimitError
+naming the source, the request and the setting (counted as connector_source_limit_breaches_total), never
+retried within the poll: the poll fails, its cursor stays where the last completed page left it, and the
+next poll tries again. Credentials (bearer, basic, SMART) are only ever sent to the origin of `base_url`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import structlog
 
-from connector.config import BasicAuth, BearerAuth, FhirPollSourceConfig, SmartAuth
+from connector import metrics
+from connector.config import BasicAuth, BearerAuth, FhirPollSourceConfig, SmartAuth, human_duration
 from connector.errors import ResourceError, SourceError
 from connector.fhir import SearchPage, split_search_bundle
+from connector.sources.bounded import BodyTooLarge, CappedTransport, Reply, SourceLimitError, fetch
 from connector.sources.smart import SmartBackendAuth
+from connector.urls import origin, show_origin
 
 Params = list[tuple[str, Any]]
 RETRIED = frozenset({429, 500, 502, 503, 504})
@@ -40,9 +52,18 @@ def fhir_instant(moment: datetime) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after", "")
+def _retry_after(headers: httpx.Headers) -> float | None:
+    value = headers.get("retry-after", "")
     return float(value) if value.replace(".", "", 1).isdigit() else None
+
+
+@dataclass
+class PageBudget:
+    """The pages one poll (or one small search) may read: `setting` names the limit in the config."""
+
+    setting: str
+    limit: int
+    used: int = 0
 
 
 class FhirPollSource:
@@ -55,6 +76,7 @@ class FhirPollSource:
         headers = {"Accept": "application/fhir+json"}
         auth: httpx.Auth | None = None
         self._smart: SmartBackendAuth | None = None
+        self._max_bytes, self._deadline = int(config.limits.max_response_size), config.timeout.total_seconds()
         if isinstance(config.auth, BearerAuth):
             headers["Authorization"] = f"Bearer {config.auth.token.get_secret_value()}"
         elif isinstance(config.auth, BasicAuth):
@@ -64,12 +86,14 @@ class FhirPollSource:
                 fhir_base_url=config.base_url, client_id=config.auth.client_id,
                 private_key_pem=config.auth.private_key.get_secret_value().encode(), key_id=config.auth.key_id,
                 algorithm=config.auth.algorithm, scope=config.auth.scope,
-                token_endpoint=config.auth.token_endpoint, transport=transport, timeout=config.timeout.total_seconds())
-        self._origin = urlsplit(config.base_url).netloc
-        self._client = httpx.AsyncClient(
-            base_url=config.base_url + "/", headers=headers, auth=auth, timeout=config.timeout.total_seconds(),
-            transport=transport, limits=httpx.Limits(max_connections=config.max_connections,
-                                                     max_keepalive_connections=config.max_connections))
+                token_endpoint=config.auth.token_endpoint, transport=transport, timeout=self._deadline,
+                max_bytes=self._max_bytes, source=name)
+        self._base = httpx.URL(config.base_url + "/")
+        self._origin = origin(self._base)
+        pool = httpx.Limits(max_connections=config.max_connections, max_keepalive_connections=config.max_connections)
+        wire = CappedTransport(transport or httpx.AsyncHTTPTransport(limits=pool), self._max_bytes)
+        self._client = httpx.AsyncClient(base_url=self._base, headers=headers, auth=auth, timeout=self._deadline,
+                                         transport=wire)
         self._in_flight = asyncio.Semaphore(config.max_connections)
 
     # -- what to ask --------------------------------------------------------------------------------------
@@ -100,14 +124,20 @@ class FhirPollSource:
 
     # -- paging -------------------------------------------------------------------------------------------
 
+    def _poll_budget(self) -> PageBudget:
+        return PageBudget("max_pages", self.config.limits.max_pages)
+
     async def pages(self, since: datetime | None, until: datetime | None = None) -> AsyncIterator[SearchPage]:
         """Appointments changed since `since` (and up to `until`), following `next` links verbatim."""
-        async for page in self._follow("Appointment", self.search_params(since, until), "Appointment search"):
+        async for page in self._follow("Appointment", self.search_params(since, until), "Appointment search",
+                                       self._poll_budget()):
             yield page
 
     async def window_pages(self, start: datetime, end: datetime) -> AsyncIterator[SearchPage]:
+        budget = self._poll_budget()  # one poll, several searches: the pages of all of them count
         for number, params in enumerate(self.window_queries(start, end), start=1):
-            async for page in self._follow("Appointment", params, f"Appointment date-window search {number}"):
+            async for page in self._follow("Appointment", params, f"Appointment date-window search {number}",
+                                           budget):
                 yield page
 
     async def history_pages(self, since: datetime | None) -> AsyncIterator[SearchPage]:
@@ -115,18 +145,21 @@ class FhirPollSource:
         params: Params = [("_count", str(self.config.page_size))]
         if since is not None:
             params.insert(0, ("_since", fhir_instant(since)))
-        async for page in self._follow("Appointment/_history", params, "Appointment history", history=True):
+        async for page in self._follow("Appointment/_history", params, "Appointment history", self._poll_budget(),
+                                       history=True):
             yield page
 
-    async def _follow(self, url: str, params: Params, what: str, history: bool = False, read_ahead: bool = True
-                      ) -> AsyncGenerator[SearchPage, None]:
+    async def _follow(self, url: str, params: Params, what: str, budget: PageBudget, history: bool = False,
+                      read_ahead: bool = True) -> AsyncGenerator[SearchPage, None]:
         """Pages one after the other. With `read_ahead`, the next page is requested while the caller handles
-        this one (a poll commits page N before it asks for page N + 1, so its cursor never runs ahead)."""
-        def fetch(page_url: str, query: Params | None, number: int) -> asyncio.Task[Any]:
-            return asyncio.create_task(self.get_json(page_url, query, f"{what} page {number}"))
+        this one (a poll commits page N before it asks for page N + 1, so its cursor never runs ahead). A
+        `next` link that breaks a rule ends the pages with a SourceLimitError, after the page that holds it."""
+        def fetch_page(page_url: str, number: int) -> asyncio.Task[Any]:
+            return asyncio.create_task(self.get_json(page_url, None, f"{what} page {number}"))
 
+        visited: set[str] = set()
         number = 1
-        ahead: asyncio.Task[Any] | None = fetch(url, params, number)
+        ahead: asyncio.Task[Any] | None = fetch_page(self._page_url(url, params, what, budget, visited), number)
         try:
             while ahead is not None:
                 bundle, ahead = await ahead, None
@@ -134,30 +167,58 @@ class FhirPollSource:
                     page = history_page(bundle) if history else split_search_bundle(bundle, url.split("/")[0])
                 except ResourceError as exc:
                     raise SourceError(f"source {self.name!r}: {what} page {number}: {exc}") from None
-                if page.next_url and urlsplit(page.next_url).netloc not in ("", self._origin):
-                    yield page
-                    raise SourceError(f"source {self.name!r}: page {number} links to another host "
-                                      f"({urlsplit(page.next_url).netloc}); refusing to send credentials there")
-                if page.next_url and read_ahead:
-                    ahead = fetch(page.next_url, None, number + 1)
+                following, refused = None, None
+                if page.next_url:
+                    try:
+                        following = self._page_url(page.next_url, None, f"{what} page {number}", budget, visited)
+                    except SourceLimitError as exc:
+                        refused = exc
+                if following is not None and read_ahead:
+                    ahead = fetch_page(following, number + 1)
                 yield page
-                if page.next_url and ahead is None:
-                    ahead = fetch(page.next_url, None, number + 1)
+                if refused is not None:
+                    raise refused
+                if following is not None and ahead is None:
+                    ahead = fetch_page(following, number + 1)
                 number += 1
         finally:
             if ahead is not None:  # the caller stopped early or failed: the page read ahead is not wanted
                 ahead.add_done_callback(lambda task: task.cancelled() or task.exception())
                 ahead.cancel()
 
-    async def search(self, resource_type: str, params: Params, limit_pages: int = 5) -> list[dict[str, Any]]:
-        """Every match of a small search (a patient's Consents, say), following at most a few pages."""
+    def _page_url(self, url: str, params: Params | None, what: str, budget: PageBudget, visited: set[str]) -> str:
+        """The absolute URL of the next page to read, once it passed the rules: the origin of `base_url`, not
+        read before in this poll, within the page budget. `what` names the page whose link this is."""
+        target = self._client.build_request("GET", url, params=params).url
+        if origin(target) != self._origin:
+            raise self._breach("next_link_origin", f"{what} links to {show_origin(target)}, not "
+                               f"{show_origin(self._base)}: refusing to send this source's credentials there")
+        if str(target) in visited:
+            raise self._breach("next_link_loop", f"{what} links back to a page already read in this poll "
+                               "(a loop of next links)")
+        if budget.used >= budget.limit:
+            raise self._breach(budget.setting, f"{what} links to more than {budget.limit} pages "
+                               f"(sources.{self.name}.limits.{budget.setting})")
+        visited.add(str(target))
+        budget.used += 1
+        return str(target)
+
+    def _breach(self, limit: str, problem: str) -> SourceLimitError:
+        metrics.inc("connector_source_limit_breaches_total", source=self.name, limit=limit)
+        return SourceLimitError(f"source {self.name!r}: {problem}", limit)
+
+    async def search(self, resource_type: str, params: Params, limit_pages: int | None = None
+                     ) -> list[dict[str, Any]]:
+        """Every match of a small search (a patient's Consents, say); more pages than
+        `limits.max_search_pages` is a SourceLimitError. `limit_pages` reads only that many pages, quietly
+        (a best-effort read, such as an `_id` prefetch)."""
         found: list[dict[str, Any]] = []
-        async with contextlib.aclosing(self._follow(resource_type, params, f"{resource_type} search",
+        budget = PageBudget("max_search_pages", self.config.limits.max_search_pages)
+        async with contextlib.aclosing(self._follow(resource_type, params, f"{resource_type} search", budget,
                                                     read_ahead=False)) as pages:
             async for page in pages:
                 found += [m for m in page.matches if isinstance(m, dict)]
-                limit_pages -= 1
-                if limit_pages <= 0:
+                if limit_pages is not None and budget.used >= limit_pages:
                     break
         return found
 
@@ -172,43 +233,58 @@ class FhirPollSource:
     async def post(self, url: str, body: dict[str, Any], what: str, method: str = "POST") -> Any:
         """A write (creating a Subscription, say): not retried."""
         try:
-            async with self._in_flight:
-                response = await self._client.request(method, url, json=body,
-                                                      headers={"Content-Type": "application/fhir+json"})
+            reply = await self._exchange(method, url, None, what, json=body,
+                                         headers={"Content-Type": "application/fhir+json"})
         except httpx.HTTPError as exc:
             raise SourceError(f"source {self.name!r}: {what} failed: {type(exc).__name__}") from exc
-        if response.status_code not in (200, 201):
-            raise SourceError(f"source {self.name!r}: {what} answered HTTP {response.status_code}")
+        if reply.status_code not in (200, 201):
+            raise SourceError(f"source {self.name!r}: {what} answered HTTP {reply.status_code}")
         try:
-            return response.json()
+            return json.loads(reply.content)
         except ValueError:
             return None
+
+    async def _exchange(self, method: str, url: str, params: Params | None, what: str, **kwargs: Any) -> Reply:
+        """One request within the limits, to the origin of `base_url` only."""
+        request = self._client.build_request(method, url, params=params, **kwargs)
+        if origin(request.url) != self._origin:
+            raise self._breach("next_link_origin", f"{what}: refusing to send this source's credentials to "
+                               f"{show_origin(request.url)} (not {show_origin(self._base)})")
+        try:
+            async with self._in_flight:
+                return await fetch(self._client, request, max_bytes=self._max_bytes, deadline=self._deadline)
+        except BodyTooLarge:
+            raise self._breach("max_response_size", f"{what}: the response is larger than "
+                               f"{self.config.limits.max_response_size.human_readable()} "
+                               f"(sources.{self.name}.limits.max_response_size); not read further") from None
+        except TimeoutError:
+            raise self._breach("timeout", f"{what} did not complete within {human_duration(self.config.timeout)} "
+                               f"(sources.{self.name}.timeout: connection, headers and the whole body)") from None
 
     async def get_json(self, url: str, params: Params | None, what: str, missing_ok: bool = False) -> Any:
         settings = self.config.retries
         for attempt in range(1, settings.attempts + 1):
             delay: float | None = None
             try:
-                async with self._in_flight:
-                    response = await self._client.get(url, params=params)
+                reply = await self._exchange("GET", url, params, what)
             except httpx.HTTPError as exc:
                 if attempt == settings.attempts:
                     raise SourceError(f"source {self.name!r}: {what} failed: {type(exc).__name__} "
-                                      f"({self._origin})") from exc
+                                      f"({show_origin(self._base)})") from exc
                 problem = type(exc).__name__
             else:
-                if missing_ok and response.status_code in (404, 410):
+                if missing_ok and reply.status_code in (404, 410):
                     return None
-                if response.status_code == 200:
+                if reply.status_code == 200:
                     try:
-                        return response.json()
+                        return json.loads(reply.content)
                     except ValueError:
-                        kind = response.headers.get("content-type", "no content type")
+                        kind = reply.headers.get("content-type", "no content type")
                         raise SourceError(f"source {self.name!r}: {what} is not valid JSON (HTTP 200, {kind})") \
                             from None
-                if response.status_code not in RETRIED or attempt == settings.attempts:
-                    raise SourceError(f"source {self.name!r}: {what} answered HTTP {response.status_code}")
-                problem, delay = f"HTTP {response.status_code}", _retry_after(response)
+                if reply.status_code not in RETRIED or attempt == settings.attempts:
+                    raise SourceError(f"source {self.name!r}: {what} answered HTTP {reply.status_code}")
+                problem, delay = f"HTTP {reply.status_code}", _retry_after(reply.headers)
             wait = min(settings.backoff_max.total_seconds(),
                        max(delay or 0.0, random.uniform(0, settings.backoff.total_seconds() * 2 ** (attempt - 1))))
             log.warning("source.retry", source=self.name, request=what, problem=problem, attempt=attempt,

@@ -8,12 +8,15 @@ once), sign a fresh client assertion (RS384 or ES384, `exp` ≤ 5 min, a new `jt
 `client_credentials` grant, and cache the token until `refresh_margin` seconds before it expires. One
 asyncio.Lock makes a burst of requests share one token request. A 401 from the FHIR server buys one new
 token and one retry of that request. Errors are SmartAuthError (a SourceError: the poll is abandoned and
-retried) naming the host and the HTTP status or OAuth error code; never the key, the assertion or a token.
+retried) naming the source, the host and the HTTP status or OAuth error code; never the key, the assertion
+or a token. Discovery and token requests are bounded like the source's own (`max_bytes`, a `timeout` for
+the whole exchange: SmartLimitError), and a token endpoint must be https (plain http only to loopback).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Generator
@@ -28,7 +31,10 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
+from connector import metrics
 from connector.errors import SourceError
+from connector.sources.bounded import BodyTooLarge, CappedTransport, SourceLimitError, fetch
+from connector.urls import check_url, origin, show_origin
 
 log = structlog.get_logger("connector.sources.smart")
 
@@ -43,6 +49,10 @@ _V1_PERMISSIONS = {"read": "rs", "write": "cud", "*": "cruds"}
 
 class SmartAuthError(SourceError):
     """The SMART authorisation server could not be used, or refused this client."""
+
+
+class SmartLimitError(SmartAuthError, SourceLimitError):
+    """A discovery or token answer went past the source's limits (size, time)."""
 
 
 SigningKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
@@ -113,7 +123,7 @@ class SmartBackendAuth(httpx.Auth):
                  algorithm: Algorithm | None = None, scope: str = DEFAULT_SCOPE,
                  token_endpoint: str | None = None, clock: Callable[[], float] = time.time,
                  refresh_margin: float = 30.0, transport: httpx.AsyncBaseTransport | None = None,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, max_bytes: int = 32 * 1024 * 1024, source: str | None = None) -> None:
         self._key = _parse_key(private_key_pem, where=f"SMART client {client_id!r}: private key")
         derived = _algorithm(self._key)
         if algorithm is not None and algorithm != derived:
@@ -123,10 +133,13 @@ class SmartBackendAuth(httpx.Auth):
         self.fhir_base_url = fhir_base_url.rstrip("/")
         self.client_id, self.key_id, self.scope = client_id, key_id, scope
         base = httpx.URL(self.fhir_base_url)
-        self._origin, self._base = base.netloc.decode("ascii"), (base.scheme, base.host, base.port)
+        self._origin, self._base = base.host, origin(base)
         self._token_endpoint = token_endpoint
         self._clock, self._margin = clock, refresh_margin
-        self._http = httpx.AsyncClient(transport=transport, timeout=timeout)
+        self._source, self._timeout, self._max_bytes = source, timeout, max_bytes
+        self._prefix = f"source {source!r}: " if source else ""
+        self._http = httpx.AsyncClient(transport=CappedTransport(transport or httpx.AsyncHTTPTransport(), max_bytes),
+                                       timeout=timeout)
         self._lock = asyncio.Lock()
         self._token: AccessToken | None = None
         self.granted_scope: str | None = None
@@ -136,9 +149,9 @@ class SmartBackendAuth(httpx.Auth):
         raise RuntimeError("SmartBackendAuth works with httpx.AsyncClient only")
 
     async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
-        if (request.url.scheme, request.url.host, request.url.port) != self._base:
-            raise SmartAuthError(f"SMART client {self.client_id!r}: refusing to send a token to "
-                                 f"{request.url.host} (not {self._origin})")
+        if origin(request.url) != self._base:
+            raise SmartAuthError(f"{self._prefix}SMART client {self.client_id!r}: refusing to send a token to "
+                                 f"{show_origin(request.url)} (not {show_origin(self.fhir_base_url)})")
         await request.aread()  # a request retried after a 401 must be replayable
         token = await self.token()
         request.headers["Authorization"] = f"Bearer {token.value}"
@@ -164,10 +177,15 @@ class SmartBackendAuth(httpx.Auth):
             config = await self._json("GET", url, "SMART discovery", headers={"Accept": "application/json"})
             endpoint = config.get("token_endpoint")
             if not isinstance(endpoint, str) or not endpoint:
-                raise SmartAuthError(f"SMART discovery at {self._origin}: no token_endpoint advertised")
+                raise SmartAuthError(f"{self._prefix}SMART discovery at {self._origin}: no token_endpoint advertised")
+            try:
+                check_url(endpoint, credentials=True)
+            except ValueError as exc:
+                raise SmartAuthError(f"{self._prefix}SMART discovery at {self._origin}: the advertised "
+                                     f"token_endpoint is refused: {exc}") from None
             algorithms = config.get("token_endpoint_auth_signing_alg_values_supported")
             if isinstance(algorithms, list) and algorithms and self.algorithm not in algorithms:
-                raise SmartAuthError(f"SMART discovery at {self._origin}: the server does not accept "
+                raise SmartAuthError(f"{self._prefix}SMART discovery at {self._origin}: the server does not accept "
                                      f"{self.algorithm} assertions (it lists {', '.join(map(str, algorithms))})")
             self._token_endpoint = endpoint
         return self._token_endpoint
@@ -187,10 +205,10 @@ class SmartBackendAuth(httpx.Auth):
         body = await self._json("POST", endpoint, "SMART token request", data=form)
         value, kind = body.get("access_token"), body.get("token_type")
         if not isinstance(value, str) or not value or not isinstance(kind, str) or kind.lower() != "bearer":
-            raise SmartAuthError(f"SMART token endpoint {host}: the answer holds no bearer access_token")
+            raise SmartAuthError(f"{self._prefix}SMART token endpoint {host}: the answer holds no bearer access_token")
         expires_in = body.get("expires_in", 300)
         if not isinstance(expires_in, int | float) or isinstance(expires_in, bool) or expires_in <= 0:
-            raise SmartAuthError(f"SMART token endpoint {host}: expires_in is not a positive number")
+            raise SmartAuthError(f"{self._prefix}SMART token endpoint {host}: expires_in is not a positive number")
         granted = body.get("scope")
         if not isinstance(granted, str):  # RFC 6749 §5.1: omitted means exactly what was requested
             granted = self.scope
@@ -205,21 +223,32 @@ class SmartBackendAuth(httpx.Auth):
     async def _json(self, method: str, url: str, what: str, **kwargs: Any) -> dict[str, Any]:
         host = urlsplit(url).netloc
         try:
-            response = await self._http.request(method, url, **kwargs)
+            reply = await fetch(self._http, self._http.build_request(method, url, **kwargs),
+                                max_bytes=self._max_bytes, deadline=self._timeout)
         except httpx.HTTPError as exc:
-            raise SmartAuthError(f"{what} to {host} failed: {type(exc).__name__}") from exc
+            raise SmartAuthError(f"{self._prefix}{what} to {host} failed: {type(exc).__name__}") from exc
+        except BodyTooLarge:
+            raise self._breach("max_response_size", f"{what} to {host}: the answer is larger than "
+                               f"{self._max_bytes} bytes (limits.max_response_size)") from None
+        except TimeoutError:
+            raise self._breach("timeout", f"{what} to {host} did not complete within {self._timeout:g} s "
+                               "(timeout: connection, headers and the whole body)") from None
         try:
-            body = response.json()
+            body = json.loads(reply.content)
         except ValueError:
             body = None
-        if response.status_code != 200:
+        if reply.status_code != 200:
             code = body.get("error") if isinstance(body, dict) else None
             oauth = f" {code}" if isinstance(code, str) and code.isascii() and len(code) <= 40 \
                 and code.replace("_", "").isalpha() else ""
-            raise SmartAuthError(f"{what} to {host} answered HTTP {response.status_code}{oauth}")
+            raise SmartAuthError(f"{self._prefix}{what} to {host} answered HTTP {reply.status_code}{oauth}")
         if not isinstance(body, dict):
-            raise SmartAuthError(f"{what} to {host}: the answer is not a JSON object")
+            raise SmartAuthError(f"{self._prefix}{what} to {host}: the answer is not a JSON object")
         return body
+
+    def _breach(self, limit: str, problem: str) -> SmartLimitError:
+        metrics.inc("connector_source_limit_breaches_total", source=self._source or "-", limit=limit)
+        return SmartLimitError(f"{self._prefix}{problem}", limit)
 
     async def aclose(self) -> None:
         """Close the HTTP client used for discovery and token requests."""
