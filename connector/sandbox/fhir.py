@@ -19,7 +19,10 @@ Test controls (not FHIR):
     POST /_test/faults     replaces the whole fault profile; absent knobs return to their defaults:
                            {"malformed_pages": 1, "page_status": [200, 503], "ignore": ["_sort"],
                             "latency_ms": 0, "read_status": 0, "mode": "full", "flaky": 0.0, "seed": null,
-                            "fail_next": [503], "drop_notifications": 0, "subscription_error": false}
+                            "fail_next": [503], "drop_notifications": 0, "subscription_error": false,
+                            "next_loop": false, "endless_pages": false, "huge_bundle_mb": 0,
+                            "drip_seconds": 0, "next_origin": null}
+                           (the last five are hostile pages: see `fhir_hostile`)
     POST /_test/reset      forget every resource, version, subscription and queued notification
     POST /_test/flush      wait until every queued notification has been sent (or failed)
     POST /_test/heartbeat  send a heartbeat to every active Backport subscription
@@ -47,6 +50,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from connector.fhir import last_updated, parse_instant, reference_id
+from connector.sandbox.fhir_hostile import Hostility
 from connector.sandbox.fhir_subscriptions import SubscriptionError, Subscriptions
 
 FHIR_JSON = "application/fhir+json"
@@ -278,6 +282,7 @@ class FhirState:
     read_status: int = 0  # when set, every read answers this status
     drop_notifications: int = 0  # the next N event notifications are counted but never sent
     subscription_error: bool = False  # $status and notifications report status `error`
+    hostile: Hostility = field(default_factory=Hostility)  # loops, endless, huge or dripping pages
     notification_failures: list[dict[str, Any]] = field(default_factory=list)
     history: list[Change] = field(default_factory=list)
     base_url: str = "http://127.0.0.1"  # the base of the latest request, for absolute references
@@ -451,6 +456,7 @@ def _faults(state: FhirState, body: Any) -> None:
     state.fail_next = [int(s) for s in body.get("fail_next", [])]
     state.drop_notifications = int(body.get("drop_notifications", 0))
     state.subscription_error = bool(body.get("subscription_error", False))
+    state.hostile = Hostility.from_profile(body)
 
 
 def create_app(state: FhirState) -> Starlette:
@@ -480,7 +486,7 @@ def create_app(state: FhirState) -> Starlette:
     def no_subscriptions() -> Response:
         return _outcome(404, "not-supported", f"Subscription is not supported by this server ({state.mode})")
 
-    def page_response(token: str, offset: int) -> Response:
+    def page_response(request: Request, token: str, offset: int) -> Response:
         snapshot = state.snapshots.get(token)
         if snapshot is None:
             return _outcome(410, "not-found", "this result page has expired")
@@ -488,6 +494,9 @@ def create_app(state: FhirState) -> Starlette:
         if status != 200:
             return _outcome(status, "transient", "injected failure")
         chunk = snapshot.entries[offset:offset + snapshot.count]
+        endless = state.hostile.endless_pages and snapshot.kind == "searchset"
+        if endless and len(chunk) < snapshot.count:
+            chunk = chunk + state.hostile.invented(offset + len(chunk), snapshot.count - len(chunk))
         if snapshot.kind == "history":
             entries = chunk
         else:
@@ -496,11 +505,16 @@ def create_app(state: FhirState) -> Starlette:
             if snapshot.include_patients:
                 entries += included_patients(chunk, snapshot.base)
         links = [{"relation": "self", "url": snapshot.self_url}]
-        if offset + snapshot.count < len(snapshot.entries):
-            links.append({"relation": "next", "url": f"{snapshot.next_url}{offset + snapshot.count}"})
+        more = endless or offset + snapshot.count < len(snapshot.entries)
+        next_url = state.hostile.next_link(f"{snapshot.next_url}{offset + snapshot.count}" if more else None,
+                                           str(request.url))
+        if next_url is not None:
+            links.append({"relation": "next", "url": next_url})
         bundle = {"resourceType": "Bundle", "id": str(uuid.uuid4()), "type": snapshot.kind,
                   "meta": {"lastUpdated": datetime.now(UTC).isoformat()},
                   "total": len(snapshot.entries), "link": links, "entry": entries}
+        if (hostile := state.hostile.streamed(bundle)) is not None:
+            return hostile
         if state.malformed_pages:
             state.malformed_pages -= 1
             return Response(json.dumps(bundle)[:-40], media_type=FHIR_JSON)
@@ -541,7 +555,7 @@ def create_app(state: FhirState) -> Starlette:
                                           query.include_patients, base,
                                           f"{base}/{resource_type}?{urlencode(query.used)}",
                                           f"{base}/_page?token={token}&offset=")
-        return page_response(token, 0)
+        return page_response(request, token, 0)
 
     async def next_page(request: Request) -> Response:
         if (denied := await guard(request)) is not None:
@@ -550,7 +564,7 @@ def create_app(state: FhirState) -> Starlette:
             offset = int(request.query_params.get("offset", "0"))
         except ValueError:
             return _outcome(400, "invalid", "bad offset")
-        return page_response(request.query_params.get("token", ""), offset)
+        return page_response(request, request.query_params.get("token", ""), offset)
 
     async def history(request: Request) -> Response:
         if (denied := await guard(request)) is not None:
@@ -565,7 +579,7 @@ def create_app(state: FhirState) -> Starlette:
             offset = params.get("_offset", "0")
             if not offset.isdigit():
                 return _outcome(400, "invalid", "bad _offset")
-            return page_response(params["_page"], int(offset))
+            return page_response(request, params["_page"], int(offset))
         used: Pairs = []
         since = parse_instant(params.get("_since"))
         if "_since" in params:
@@ -584,7 +598,7 @@ def create_app(state: FhirState) -> Starlette:
         self_url = f"{base}/{resource_type + '/' if resource_type else ''}_history?{urlencode(used)}"
         state.snapshots[token] = Snapshot("history", [_history_entry(c, base) for c in changes], count, False,
                                           base, self_url, f"{self_url}&_page={token}&_offset=")
-        return page_response(token, 0)
+        return page_response(request, token, 0)
 
     async def read_body(request: Request) -> Resource | Response:
         try:

@@ -1,0 +1,295 @@
+"""A hostile FHIR server cannot hold a source forever, fill the memory, or collect its credentials: each
+breach fails that poll with a SourceError naming the source, the request and the limit, and other sources
+carry on. Real HTTP on 127.0.0.1 against the FHIR test server's hostile modes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trustme
+import uvicorn
+
+from connector import metrics
+from connector.config import FhirPollSourceConfig, load_config
+from connector.models import system_clock
+from connector.runtime import Runtime
+from connector.sandbox.fhir import FhirState
+from connector.sandbox.fhir import create_app as fhir_app
+from connector.sandbox.paubox import SandboxState
+from connector.sources.bounded import SourceLimitError
+from connector.sources.fhir_poll import FhirPollSource
+from tests.conftest import API_KEY, BASIC, ROOT, Server, free_port, write_config
+from tests.factories import appointment, patient
+
+START = datetime.now(UTC).replace(microsecond=0) + timedelta(days=2)
+BREACHES = "connector_source_limit_breaches_total"
+
+
+def load(state: FhirState, appointments: int = 3) -> None:
+    state.put(patient("p1", "Robin", email="robin@example.org"))
+    for number in range(appointments):
+        state.put(appointment(f"a{number}", "p1", START + timedelta(hours=number)))
+
+
+def hostile(server: Server, **profile: Any) -> None:
+    httpx.post(f"{server.url}/_test/faults", json=profile).raise_for_status()
+
+
+OpenRuntime = Callable[[str], Runtime]
+
+
+@pytest.fixture
+async def open_runtime(tmp_path: Path, fhir_server: Server, paubox_server: Server,
+                       monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[OpenRuntime]:
+    """Opens a runtime polling the FHIR test server over HTTP, with these lines added to the source."""
+    monkeypatch.setenv("PAUBOX_API_KEY", API_KEY)
+    opened: list[Runtime] = []
+
+    def open_one(source: str) -> Runtime:
+        config = load_config(write_config(tmp_path, fhir_server.url, paubox_server.url, mappings=BASIC,
+                                          extra_source=source))
+        opened.append(Runtime.open(config, system_clock))
+        return opened[-1]
+
+    yield open_one
+    for runtime in opened:
+        await runtime.aclose()
+
+
+async def test_a_next_link_back_to_the_same_page_fails_the_poll_instead_of_looping(
+        open_runtime: OpenRuntime, fhir_state: FhirState, fhir_server: Server) -> None:
+    runtime = open_runtime("")
+    load(fhir_state)
+    hostile(fhir_server, next_loop=True)
+    before = metrics.value(BREACHES, source="ehr", limit="next_link_loop")
+    report = await asyncio.wait_for(runtime.planner.poll("ehr"), timeout=20)
+    assert report.error == ("source 'ehr': Appointment search page 1 links back to a page already read in this "
+                            "poll (a loop of next links)")
+    assert report.pages == 1 and sum("/Appointment" in r or "/_page" in r for r in fhir_state.requests) == 1
+    assert metrics.value(BREACHES, source="ehr", limit="next_link_loop") == before + 1
+
+
+async def test_endless_invented_pages_stop_at_the_page_limit(open_runtime: OpenRuntime, fhir_state: FhirState,
+                                                             fhir_server: Server) -> None:
+    runtime = open_runtime("    limits:\n      max_pages: 5\n")
+    load(fhir_state)
+    hostile(fhir_server, endless_pages=True)
+    report = await asyncio.wait_for(runtime.planner.poll("ehr"), timeout=20)
+    assert report.error == ("source 'ehr': Appointment search page 5 links to more than 5 pages "
+                            "(sources.ehr.limits.max_pages)")
+    assert report.pages == 5 and sum("/Appointment" in r or "/_page" in r for r in fhir_state.requests) == 5
+    again = await asyncio.wait_for(runtime.planner.poll("ehr"), timeout=20)
+    assert again.error is not None and again.pages == 5  # every poll is bounded, not only the first
+
+
+async def test_a_slow_drip_fails_within_twice_the_timeout(open_runtime: OpenRuntime, fhir_state: FhirState,
+                                                          fhir_server: Server) -> None:
+    """One byte every 0.5 s never trips a timeout between reads; the whole-request deadline does."""
+    runtime = open_runtime("    timeout: 2s\n")
+    load(fhir_state)
+    hostile(fhir_server, drip_seconds=0.5)
+    started = time.monotonic()
+    report = await asyncio.wait_for(runtime.planner.poll("ehr"), timeout=20)
+    elapsed = time.monotonic() - started
+    assert report.error == ("source 'ehr': Appointment search page 1 did not complete within 2s "
+                            "(sources.ehr.timeout: connection, headers and the whole body)")
+    assert elapsed < 4, f"took {elapsed:.1f} s"
+
+
+async def test_a_small_search_stops_at_its_page_limit_with_an_error(fhir_state: FhirState,
+                                                                    fhir_server: Server) -> None:
+    """A patient's Consents spread over endless pages: an error (the notification waits), never a list cut
+    short in silence, where a Consent that denies could be on the page not read."""
+    hostile(fhir_server, endless_pages=True)
+    config = FhirPollSourceConfig(base_url=fhir_server.url, limits={"max_search_pages": 3})
+    source = FhirPollSource("ehr", config)
+    try:
+        with pytest.raises(SourceLimitError, match=r"Consent search page 3 links to more than 3 pages "
+                                                   r"\(sources\.ehr\.limits\.max_search_pages\)"):
+            await asyncio.wait_for(source.search("Consent", [("patient", "Patient/p1")]), timeout=20)
+    finally:
+        await source.aclose()
+
+
+# -- https base, http next link ---------------------------------------------------------------------
+
+class PlainAndTls:
+    """One port that speaks TLS (passed through to an https server) and plain HTTP (recorded, answered 404),
+    as a host does when http:// and https:// differ only in scheme. Records each plain request's head."""
+
+    def __init__(self, tls_port: int) -> None:
+        self.tls_port, self.port, self.plain = tls_port, free_port(), list[bytes]()
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        self._listener.settimeout(0.2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> PlainAndTls:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._listener.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            conn.settimeout(5)
+            if conn.recv(1, socket.MSG_PEEK) == b"\x16":  # a TLS handshake
+                upstream = socket.create_connection(("127.0.0.1", self.tls_port))
+                for a, b in ((conn, upstream), (upstream, conn)):
+                    threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
+            else:
+                head = b""
+                while b"\r\n\r\n" not in head and (data := conn.recv(4096)):
+                    head += data
+                self.plain.append(head)
+                conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                conn.close()
+
+
+def _pipe(source: socket.socket, target: socket.socket) -> None:
+    try:
+        while data := source.recv(65536):
+            target.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for end in (source, target):
+            end.close()
+
+
+@pytest.fixture
+def tls(tmp_path: Path) -> Iterator[tuple[trustme.CA, Path, Path]]:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    key_file, cert_file = tmp_path / "key.pem", tmp_path / "cert.pem"
+    cert.private_key_pem.write_to_path(str(key_file))
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    yield ca, key_file, cert_file
+
+
+class TlsServer(Server):
+    def __init__(self, app: Any, key_file: Path, cert_file: Path) -> None:
+        super().__init__(app)
+        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error",
+                                                     lifespan="off", ssl_keyfile=str(key_file),
+                                                     ssl_certfile=str(cert_file)))
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+
+@pytest.mark.parametrize("auth", [{"type": "bearer", "token": "${TEST_FHIR_SECRET}"},
+                                  {"type": "basic", "username": "connector", "password": "${TEST_FHIR_SECRET}"}],
+                         ids=["bearer", "basic"])
+async def test_an_https_source_never_follows_an_http_next_link_with_its_credentials(
+        tls: tuple[trustme.CA, Path, Path], auth: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same host and port, scheme downgraded: the link is refused before any byte goes out in clear."""
+    ca, key_file, cert_file = tls
+    monkeypatch.setenv("TEST_FHIR_SECRET", "fhir-secret-value")
+    state = FhirState(token="fhir-secret-value") if auth["type"] == "bearer" else \
+        FhirState(basic=("connector", "fhir-secret-value"))
+    load(state)
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    with TlsServer(fhir_app(state), key_file, cert_file) as server, PlainAndTls(server.port) as front:
+        base = f"https://127.0.0.1:{front.port}"
+        state.hostile = state.hostile.from_profile({"next_origin": f"http://127.0.0.1:{front.port}"})
+        config = FhirPollSourceConfig(base_url=base, auth=auth, page_size=1)
+        source = FhirPollSource("ehr", config, transport=httpx.AsyncHTTPTransport(verify=context))
+        pages = []
+        try:
+            with pytest.raises(SourceLimitError) as refused:
+                async for page in source.pages(None):
+                    pages.append(page)
+        finally:
+            await source.aclose()
+    assert str(refused.value) == (f"source 'ehr': Appointment search page 1 links to http://127.0.0.1:{front.port}, "
+                                  f"not https://127.0.0.1:{front.port}: refusing to send this source's credentials "
+                                  "there")
+    assert len(pages) == 1 and len(pages[0].matches) == 1  # the first page, over https, was read
+    assert front.plain == []  # nothing, and so no Authorization header, went out over plain http
+
+
+# -- a huge Bundle, and a healthy source beside it ---------------------------------------------------
+
+def two_sources(folder: Path, hostile_url: str, healthy_url: str, paubox_url: str) -> Path:
+    path = folder / "config.yaml"
+    path.write_text(f"""\
+sources:
+  hostile:
+    base_url: {hostile_url}
+    start_from: 2000-01-01T00:00:00Z
+  healthy:
+    base_url: {healthy_url}
+    start_from: 2000-01-01T00:00:00Z
+mappings: {ROOT / 'mappings'}
+ledger:
+  url: sqlite:///connector.db
+delivery:
+  from: "Example Clinic <appointments@clinic.example.org>"
+  paubox:
+    base_url: {paubox_url}/v1/clinic
+    api_key: ${{PAUBOX_API_KEY}}
+""")
+    return path
+
+
+def run_measured(args: list[str], cwd: Path, env: dict[str, str], limit: float) -> tuple[int, int, str]:
+    """Run a child to its end; (exit code, peak RSS in KiB of that child alone, stdout + stderr)."""
+    output = cwd / "output.txt"
+    with output.open("w") as sink:
+        child = subprocess.Popen(args, cwd=cwd, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + limit
+        while True:
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                child.kill()
+                pid, status, usage = os.wait4(child.pid, 0)
+                break
+            time.sleep(0.05)
+    child.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
+    return child.returncode, usage.ru_maxrss, output.read_text()
+
+
+@pytest.mark.slow
+def test_a_huge_streamed_bundle_fails_that_source_in_bounded_memory_and_the_other_source_sends(
+        tmp_path: Path, paubox_state: SandboxState, paubox_server: Server) -> None:
+    """A 200 MB Bundle streamed without a Content-Length: `connector run --once` stops reading it at the
+    default max_response_size (32 MiB), its peak RSS stays under 400 MB, and the healthy source beside it is
+    polled and its appointment emailed."""
+    bad, good = FhirState(), FhirState()
+    load(good, appointments=1)
+    with Server(fhir_app(bad)) as bad_server, Server(fhir_app(good)) as good_server:
+        hostile(bad_server, huge_bundle_mb=200)
+        config = two_sources(tmp_path, bad_server.url, good_server.url, paubox_server.url)
+        code, peak_kib, output = run_measured(
+            [sys.executable, "-m", "connector", "run", "--once", "--config", str(config)], tmp_path,
+            {**os.environ, "PAUBOX_API_KEY": API_KEY}, limit=120)
+    text = " ".join(output.split())
+    print(f"peak RSS of `connector run --once` against a 200 MB Bundle: {peak_kib / 1024:.0f} MiB")
+    assert code == 1, output
+    assert ("source hostile: FAILED source 'hostile': Appointment search page 1: the response is larger than "
+            "32.0MiB (sources.hostile.limits.max_response_size); not read further") in text
+    assert "source healthy: 1 page(s), 1 appointment(s)" in text
+    assert paubox_state.messages and all(m["recipients"] == ["robin@example.org"] for m in paubox_state.messages)
+    assert peak_kib < 400 * 1024, f"peak RSS {peak_kib / 1024:.0f} MiB"
