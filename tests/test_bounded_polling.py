@@ -5,6 +5,7 @@ carry on. Real HTTP on 127.0.0.1 against the FHIR test server's hostile modes.""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import os
 import socket
 import ssl
@@ -21,6 +22,8 @@ import httpx
 import pytest
 import trustme
 import uvicorn
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from connector import metrics
 from connector.config import FhirPollSourceConfig, load_config
@@ -29,8 +32,9 @@ from connector.runtime import Runtime
 from connector.sandbox.fhir import FhirState
 from connector.sandbox.fhir import create_app as fhir_app
 from connector.sandbox.paubox import SandboxState
-from connector.sources.bounded import SourceLimitError
+from connector.sources.bounded import BodyTooLarge, CappedTransport, SourceLimitError, fetch
 from connector.sources.fhir_poll import FhirPollSource
+from connector.sources.smart import SmartAuthError, SmartBackendAuth, SmartLimitError
 from tests.conftest import API_KEY, BASIC, ROOT, Server, free_port, write_config
 from tests.factories import appointment, patient
 
@@ -293,3 +297,82 @@ def test_a_huge_streamed_bundle_fails_that_source_in_bounded_memory_and_the_othe
     assert "source healthy: 1 page(s), 1 appointment(s)" in text
     assert paubox_state.messages and all(m["recipients"] == ["robin@example.org"] for m in paubox_state.messages)
     assert peak_kib < 400 * 1024, f"peak RSS {peak_kib / 1024:.0f} MiB"
+
+
+# -- the bounded read itself, and SMART's requests ----------------------------------------------------
+
+class Trickle(httpx.AsyncByteStream):
+    """An endless body of 1 KiB chunks (`pause` seconds apart), counting what the client pulled."""
+
+    def __init__(self, pause: float = 0.0) -> None:
+        self.pause, self.pulled = pause, 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while True:
+            self.pulled += 1
+            yield b"x" * 1024
+            await asyncio.sleep(self.pause)
+
+
+async def bounded_get(response: httpx.Response, max_bytes: int, deadline: float = 5.0) -> Any:
+    transport = CappedTransport(httpx.MockTransport(lambda request: response), max_bytes)
+    async with httpx.AsyncClient(transport=transport) as client:
+        return await fetch(client, client.build_request("GET", "https://fhir.example.org/x"), max_bytes=max_bytes,
+                           deadline=deadline)
+
+
+async def test_a_body_is_abandoned_as_soon_as_it_passes_the_limit() -> None:
+    body = Trickle()
+    with pytest.raises(BodyTooLarge):
+        await bounded_get(httpx.Response(200, stream=body), max_bytes=10_000)
+    assert body.pulled == 10  # 10 KiB > 10,000 bytes: not one chunk more
+
+
+async def test_a_declared_length_over_the_limit_is_refused_before_reading() -> None:
+    body = Trickle()
+    with pytest.raises(BodyTooLarge):
+        await bounded_get(httpx.Response(200, headers={"Content-Length": "200000000"}, stream=body), 10_000)
+    assert body.pulled == 0
+
+
+async def test_the_limit_counts_the_body_after_decompression() -> None:
+    """200 KB of gzip that inflates to 50 MB is refused at the limit, not inflated in full."""
+    compressed = gzip.compress(b"x" * 50_000_000)
+    with pytest.raises(BodyTooLarge):
+        await bounded_get(httpx.Response(200, headers={"Content-Encoding": "gzip"}, content=compressed), 1_000_000)
+
+
+async def test_the_deadline_covers_the_whole_body_not_each_read() -> None:
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await bounded_get(httpx.Response(200, stream=Trickle(pause=0.1)), 10_000_000, deadline=1.0)
+    assert time.monotonic() - started < 2
+
+
+def smart_auth(answer: Callable[[httpx.Request], httpx.Response]) -> SmartBackendAuth:
+    key = ec.generate_private_key(ec.SECP384R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return SmartBackendAuth(fhir_base_url="https://fhir.example.org/r4", client_id="c", private_key_pem=key,
+                            key_id="k", transport=httpx.MockTransport(answer), max_bytes=64 * 1024, source="ehr")
+
+
+async def test_smart_discovery_is_bounded_like_the_source() -> None:
+    padding = "x" * 1_000_000
+    auth = smart_auth(lambda request: httpx.Response(200, json={"token_endpoint": "https://login.example.org/t",
+                                                                "padding": padding}))
+    try:
+        with pytest.raises(SmartLimitError, match=r"^source 'ehr': SMART discovery to fhir\.example\.org: the "
+                                                  r"answer is larger than 65536 bytes") as caught:
+            await auth.token_endpoint()
+        assert caught.value.limit == "max_response_size"
+    finally:
+        await auth.aclose()
+
+
+async def test_a_token_endpoint_advertised_over_plain_http_is_refused() -> None:
+    auth = smart_auth(lambda request: httpx.Response(200, json={"token_endpoint": "http://login.example.org/t"}))
+    try:
+        with pytest.raises(SmartAuthError, match="advertised token_endpoint is refused: credentials would cross"):
+            await auth.token_endpoint()
+    finally:
+        await auth.aclose()
