@@ -32,7 +32,7 @@ from connector.runtime import Runtime
 from connector.sandbox.fhir import FhirState
 from connector.sandbox.fhir import create_app as fhir_app
 from connector.sandbox.paubox import SandboxState
-from connector.sources.bounded import BodyTooLarge, CappedTransport, SourceLimitError, fetch
+from connector.sources.bounded import BodyTooLarge, SourceLimitError, capped, fetch
 from connector.sources.fhir_poll import FhirPollSource
 from connector.sources.smart import SmartAuthError, SmartBackendAuth, SmartLimitError
 from tests.conftest import API_KEY, BASIC, ROOT, Server, free_port, write_config
@@ -126,6 +126,19 @@ async def test_a_small_search_stops_at_its_page_limit_with_an_error(fhir_state: 
             await asyncio.wait_for(source.search("Consent", [("patient", "Patient/p1")]), timeout=20)
     finally:
         await source.aclose()
+
+
+async def test_a_best_effort_search_reads_only_the_pages_asked_for(fhir_state: FhirState,
+                                                                    fhir_server: Server) -> None:
+    """`limit_pages` (an `_id` prefetch) stops quietly after that many pages, even on endless ones."""
+    hostile(fhir_server, endless_pages=True)
+    source = FhirPollSource("ehr", FhirPollSourceConfig(base_url=fhir_server.url, page_size=2))
+    try:
+        found = await asyncio.wait_for(source.search("Appointment", [("_count", "2")], limit_pages=2), timeout=20)
+    finally:
+        await source.aclose()
+    assert [a["id"] for a in found] == ["invented-0", "invented-1", "invented-2", "invented-3"]
+    assert len(fhir_state.requests) == 2
 
 
 # -- https base, http next link ---------------------------------------------------------------------
@@ -315,8 +328,8 @@ class Trickle(httpx.AsyncByteStream):
 
 
 async def bounded_get(response: httpx.Response, max_bytes: int, deadline: float = 5.0) -> Any:
-    transport = CappedTransport(httpx.MockTransport(lambda request: response), max_bytes)
-    async with httpx.AsyncClient(transport=transport) as client:
+    async with httpx.AsyncClient(transport=httpx.MockTransport(lambda request: response),
+                                 event_hooks={"response": [capped(max_bytes)]}) as client:
         return await fetch(client, client.build_request("GET", "https://fhir.example.org/x"), max_bytes=max_bytes,
                            deadline=deadline)
 
@@ -376,3 +389,29 @@ async def test_a_token_endpoint_advertised_over_plain_http_is_refused() -> None:
             await auth.token_endpoint()
     finally:
         await auth.aclose()
+
+
+async def test_a_huge_401_body_read_by_httpx_before_a_smart_retry_is_capped_too(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """httpx reads a 401's body itself before the SMART retry; that read is held to the limit as well."""
+    key = ec.generate_private_key(ec.SECP384R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    monkeypatch.setenv("TEST_SMART_KEY", key.decode())
+    refusal = Trickle()
+
+    def server(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/token":
+            return httpx.Response(200, json={"access_token": "t", "token_type": "bearer", "expires_in": 300})
+        return httpx.Response(401, stream=refusal)
+
+    config = FhirPollSourceConfig(
+        base_url="https://fhir.example.org/r4", timeout="10s", limits={"max_response_size": "64KiB"},
+        auth={"type": "smart", "client_id": "c", "key_id": "k", "private_key": "${TEST_SMART_KEY}",
+              "token_endpoint": "https://fhir.example.org/token"})
+    source = FhirPollSource("ehr", config, transport=httpx.MockTransport(server))
+    try:
+        with pytest.raises(SourceLimitError, match=r"read of Patient/p1: the response is larger than 64\.0KiB"):
+            await source.read("Patient", "p1")
+    finally:
+        await source.aclose()
+    assert refusal.pulled == 65  # 65 KiB > 64 KiB: not one chunk more

@@ -2,8 +2,8 @@
 profile (`POST /_test/faults`); they change search and history pages only, and none is on by default:
 
     {"next_loop": true}         every page's `next` link points back to the page itself
-    {"endless_pages": true}     past the real results, every page links to one more page of invented
-                                appointments, forever
+    {"endless_pages": true}     past the real results, every search page links to one more page of
+                                invented appointments, forever
     {"huge_bundle_mb": 200}     pages answer a Bundle of that many MB, generated chunk by chunk while it is
                                 sent (never built in memory), without a Content-Length
     {"drip_seconds": 5}         pages answer their Bundle one byte every N seconds

@@ -1,14 +1,15 @@
 """Bounded HTTP exchanges: what a server sends can cost the connector only so many bytes and so much time.
 
-    client = httpx.AsyncClient(transport=CappedTransport(httpx.AsyncHTTPTransport(), max_bytes))
+    client = httpx.AsyncClient(event_hooks={"response": [capped(max_bytes)]})
     reply = await fetch(client, client.build_request("GET", url), max_bytes=…, deadline=…)
 
 - `fetch` reads the body as a stream and stops as soon as it passes `max_bytes` (counted after
   decompression), without buffering more; the whole exchange (connection, headers, body) must finish
   within `deadline` seconds of wall-clock time, however slowly the bytes keep coming.
-- `CappedTransport` counts the bytes on the wire of every response the client reads, including those httpx
-  reads by itself (a 401 before an authorisation retry), and refuses a declared Content-Length over the
-  limit before reading anything.
+- `capped` is a response hook that counts the bytes on the wire of every response the client reads,
+  including those httpx reads by itself (a 401 before an authorisation retry), and refuses a declared
+  Content-Length over the limit before reading anything. A hook rather than a transport, so that the
+  client keeps its own transports (proxies from the environment included).
 
 Breaches raise `BodyTooLarge` or `TimeoutError`; callers turn them into a `SourceLimitError` that names the
 source, the request and the setting.
@@ -17,7 +18,7 @@ source, the request and the setting.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import httpx
@@ -62,24 +63,16 @@ class _CappedStream(httpx.AsyncByteStream):
         await self._inner.aclose()
 
 
-class CappedTransport(httpx.AsyncBaseTransport):
-    """Any transport, with every response body held to `max_bytes` as received."""
-
-    def __init__(self, inner: httpx.AsyncBaseTransport, max_bytes: int) -> None:
-        self._inner, self._max_bytes = inner, max_bytes
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        response = await self._inner.handle_async_request(request)
+def capped(max_bytes: int) -> Callable[[httpx.Response], Awaitable[None]]:
+    """A response event hook holding every response body of an AsyncClient to `max_bytes` as received."""
+    async def cap(response: httpx.Response) -> None:
         declared = response.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self._max_bytes:
-            await response.aclose()
-            raise BodyTooLarge
-        assert isinstance(response.stream, httpx.AsyncByteStream)  # an async transport's responses
-        return httpx.Response(response.status_code, headers=response.headers, extensions=response.extensions,
-                              stream=_CappedStream(response.stream, self._max_bytes))
+        if declared.isdigit() and int(declared) > max_bytes:
+            raise BodyTooLarge  # httpx closes the response
+        assert isinstance(response.stream, httpx.AsyncByteStream)  # an AsyncClient's responses
+        response.stream = _CappedStream(response.stream, max_bytes)
 
-    async def aclose(self) -> None:
-        await self._inner.aclose()
+    return cap
 
 
 async def fetch(client: httpx.AsyncClient, request: httpx.Request, *, max_bytes: int, deadline: float) -> Reply:

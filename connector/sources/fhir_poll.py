@@ -39,7 +39,7 @@ from connector import metrics
 from connector.config import BasicAuth, BearerAuth, FhirPollSourceConfig, SmartAuth, human_duration
 from connector.errors import ResourceError, SourceError
 from connector.fhir import SearchPage, split_search_bundle
-from connector.sources.bounded import BodyTooLarge, CappedTransport, Reply, SourceLimitError, fetch
+from connector.sources.bounded import BodyTooLarge, Reply, SourceLimitError, capped, fetch
 from connector.sources.smart import SmartBackendAuth
 from connector.urls import origin, show_origin
 
@@ -90,10 +90,11 @@ class FhirPollSource:
                 max_bytes=self._max_bytes, source=name)
         self._base = httpx.URL(config.base_url + "/")
         self._origin = origin(self._base)
-        pool = httpx.Limits(max_connections=config.max_connections, max_keepalive_connections=config.max_connections)
-        wire = CappedTransport(transport or httpx.AsyncHTTPTransport(limits=pool), self._max_bytes)
-        self._client = httpx.AsyncClient(base_url=self._base, headers=headers, auth=auth, timeout=self._deadline,
-                                         transport=wire)
+        self._client = httpx.AsyncClient(
+            base_url=self._base, headers=headers, auth=auth, timeout=self._deadline, transport=transport,
+            event_hooks={"response": [capped(self._max_bytes)]},
+            limits=httpx.Limits(max_connections=config.max_connections,
+                                max_keepalive_connections=config.max_connections))
         self._in_flight = asyncio.Semaphore(config.max_connections)
 
     # -- what to ask --------------------------------------------------------------------------------------
@@ -216,9 +217,11 @@ class FhirPollSource:
         budget = PageBudget("max_search_pages", self.config.limits.max_search_pages)
         async with contextlib.aclosing(self._follow(resource_type, params, f"{resource_type} search", budget,
                                                     read_ahead=False)) as pages:
+            read = 0
             async for page in pages:
                 found += [m for m in page.matches if isinstance(m, dict)]
-                if limit_pages is not None and budget.used >= limit_pages:
+                read += 1
+                if read == limit_pages:
                     break
         return found
 
@@ -248,7 +251,7 @@ class FhirPollSource:
         """One request within the limits, to the origin of `base_url` only."""
         request = self._client.build_request(method, url, params=params, **kwargs)
         if origin(request.url) != self._origin:
-            raise self._breach("next_link_origin", f"{what}: refusing to send this source's credentials to "
+            raise self._breach("origin", f"{what}: refusing to send this source's credentials to "
                                f"{show_origin(request.url)} (not {show_origin(self._base)})")
         try:
             async with self._in_flight:

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from connector import metrics
 from connector.errors import SourceError
-from connector.sources.bounded import BodyTooLarge, CappedTransport, SourceLimitError, fetch
+from connector.sources.bounded import BodyTooLarge, SourceLimitError, capped, fetch
 from connector.urls import check_url, origin, show_origin
 
 log = structlog.get_logger("connector.sources.smart")
@@ -138,8 +138,8 @@ class SmartBackendAuth(httpx.Auth):
         self._clock, self._margin = clock, refresh_margin
         self._source, self._timeout, self._max_bytes = source, timeout, max_bytes
         self._prefix = f"source {source!r}: " if source else ""
-        self._http = httpx.AsyncClient(transport=CappedTransport(transport or httpx.AsyncHTTPTransport(), max_bytes),
-                                       timeout=timeout)
+        self._http = httpx.AsyncClient(transport=transport, timeout=timeout,
+                                       event_hooks={"response": [capped(max_bytes)]})
         self._lock = asyncio.Lock()
         self._token: AccessToken | None = None
         self.granted_scope: str | None = None
