@@ -16,6 +16,7 @@ from connector.errors import ConfigError, ConnectorError
 from connector.ledger.sql import SqlLedger
 from connector.models import Clock, State, fixed_clock, system_clock
 from connector.runtime import open_ledger
+from connector.urls import masked
 
 ENV = Environment()
 app = typer.Typer(help="Turn FHIR appointment events into patient emails through Paubox, exactly once.",
@@ -183,7 +184,7 @@ def db_upgrade(config: ConfigOption = ENV.config) -> None:
     engine = make_engine(cfg.ledger_url)
     before, after = migrate.upgrade(engine)
     engine.dispose()
-    report.console.print(f"ledger schema: {before or 'empty'} -> {after}")
+    report.console.print(f"ledger {masked(cfg.ledger_url)}: schema {before or 'empty'} -> {after}", markup=False)
 
 
 @app.command()

@@ -156,3 +156,20 @@ def test_an_unreachable_ledger_never_prints_its_password(tmp_path: Path, command
     assert result.returncode != 0
     assert "Db-Pa55word-xyz" not in result.stdout + result.stderr
     assert "refused" in result.stdout + result.stderr  # the driver's text is still there
+
+
+@pytest.mark.postgres
+def test_db_upgrade_names_the_ledger_with_its_password_masked(tmp_path: Path, pg_schema_url: str) -> None:
+    """PostgreSQL here trusts local connections, so the password is accepted and ignored; it is never shown."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(pg_schema_url).set(password="Db-Pa55word-xyz")
+    rest = f"ledger:\n  url: \"{url.render_as_string(hide_password=False)}\"\n"
+    path = config_file(tmp_path, rest=rest)
+    result = subprocess.run([sys.executable, "-m", "connector", "db", "upgrade", "--config", str(path)],
+                            cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "TEST_KEY": "k"},
+                            timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Db-Pa55word-xyz" not in result.stdout + result.stderr
+    assert "ledger postgresql+psycopg://postgres:***@127.0.0.1:5432/test" in result.stdout
+    assert "schema empty -> " in result.stdout
