@@ -485,6 +485,21 @@ class SqlLedger:
                          .values(state=state.value, reason=reason[:500], updated_at=_now(), lease_owner=None,
                                  lease_until=None))
 
+    def prepare_failed(self, notification_id: int, owner: str, reason: str, due_at: datetime | None) -> None:
+        """Preparing a leased notification crashed: one attempt spent, then pending again at `due_at`, or
+        `failed` when `due_at` is None (the attempts or the age are used up)."""
+        now = _now()
+        values: dict[str, Any] = {"attempts": N.c.attempts + 1, "reason": reason[:500], "updated_at": now,
+                                  "first_attempt_at": func.coalesce(N.c.first_attempt_at, now), "lease_owner": None,
+                                  "lease_until": None}
+        if due_at is None:
+            values["state"] = State.FAILED.value
+        else:
+            values["due_at"] = due_at
+        with self.engine.begin() as conn:
+            conn.execute(update(N).where(N.c.id == notification_id, N.c.state == State.PENDING.value,
+                                         N.c.lease_owner == owner).values(**values))
+
     def release(self, owner: str | None, notification_ids: Sequence[int] | None = None) -> int:
         condition = N.c.state == State.PENDING.value
         condition = and_(condition, N.c.lease_owner.is_not(None) if owner is None else N.c.lease_owner == owner)
