@@ -164,8 +164,8 @@ async def test_bad_notifications_are_refused_with_an_operation_outcome(hub: Hub,
     assert hub.paubox.messages == []
 
 
-async def test_an_invalid_pushed_resource_is_refused(hub: Hub) -> None:
+async def test_an_invalid_pushed_resource_is_quarantined_and_answered_422(hub: Hub) -> None:
     bad = {"resourceType": "Appointment", "id": "a9", "status": "booked", "participant": [{"status": 5}]}
     response = await hub.client.put("/fhir/ehr/notify/Appointment/a9", content=json.dumps(bad),
                                     headers={"Authorization": SECRET})
-    assert response.status_code == 400 and "not valid FHIR R4" in response.text
+    assert response.status_code == 422 and "not valid FHIR R4" in response.text
