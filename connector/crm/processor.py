@@ -62,7 +62,7 @@ class CrmProcessor:
         self.quiet = QuietHours(quiet.start, quiet.end) if quiet else None
 
     def _open(self, row: Any) -> dict[str, Any]:
-        event = self.keyring.open(row.key_id, row.source, row.event_id, row.sealed)
+        event: Any = self.keyring.open(row.key_id, row.source, row.event_id, row.sealed)
         if not isinstance(event, dict):
             raise ResourceError(f"CRM event {row.id} of {row.source!r} is not a JSON object")
         return event
