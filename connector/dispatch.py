@@ -3,7 +3,8 @@
 For each claimed notification: read the Appointment and Patient (from the poller's cache when it holds
 the planned version, else from the source: `_id` searches for a batch, single reads as the fallback), pick
 the address, render, commit `sending`, send, and record the outcome. Only the commit of `sending` comes
-before the request; a crash after it leaves the notification `in_doubt`, never resent.
+before the request; a crash after it leaves the notification `in_doubt`, never resent. A crash while
+preparing (before `sending`) spends an attempt and ends `failed` once the retry policy gives up.
 """
 
 from __future__ import annotations

@@ -5,6 +5,10 @@ remembered state (connector.lifecycle), plan the transitions with the mappings, 
 transaction: withdrawn and new notifications, the new states, the seen versions and the cursor. The cursor
 is the highest `meta.lastUpdated` seen (server time, never ours); it moves after every page when the server
 honoured `_sort=_lastUpdated`, otherwise only once every page of the poll is committed.
+
+One resource version that cannot be processed (connector.intake) is quarantined alone: examined, decided
+and checked one version at a time, and, should the ledger refuse a page for its data, recorded one version
+at a time. Only an outage (of the source or the ledger) stops a poll.
 """
 
 from __future__ import annotations
