@@ -294,3 +294,17 @@ async def test_an_address_that_is_not_exactly_one_address_is_never_used(world: W
     assert "zeb.ok@example.org" in recipients and not any(v.strip() in recipients for v in hostile)
     [skipped] = [n for n in runtime.ledger.notifications([State.SKIPPED], 10) if n.resource_id == "a2"]
     assert skipped.reason == "Patient/p2 has no usable email address"
+
+
+async def test_a_patient_with_a_modifier_extension_is_not_written_to(world: World, fhir: FhirState,
+                                                                    paubox: SandboxState) -> None:
+    """FHIR forbids processing a resource as if a modifier extension it does not understand were absent:
+    the Patient's notification fails with the element named; the others go."""
+    fhir.put({**marker_patients()[1], "modifierExtension": [{"url": "http://example.org/fhir/not-really",
+                                                             "valueBoolean": True}]})
+    runtime = await world()
+    put_around(fhir, appointment("a9", "p3", NOW + timedelta(days=9)))
+    await run_once(runtime)
+    assert booked(paubox) == {"a1", "a3", "a4", "a9"}
+    [failed] = runtime.ledger.notifications([State.FAILED], 10)
+    assert failed.resource_id == "a2" and "Patient.modifierExtension is not understood" in (failed.reason or "")
