@@ -112,7 +112,8 @@ def status(data: dict[str, Any]) -> None:
     quarantined = data["quarantined"]
     if quarantined:
         per_source = ", ".join(f"{source} {count}" for source, count in sorted(quarantined.items()))
-        console.print(f"quarantined (not processed): {sum(quarantined.values())} ({per_source})", markup=False)
+        console.print(f"quarantined (not processed; kept on record): {sum(quarantined.values())} ({per_source})",
+                      markup=False)
     if data["attention"]:
         table = Table(title="Needing attention (in_doubt, failed)", title_justify="left")
         for column in ("id", "state", "mapping", "resource", "key", "reason", "updated"):
@@ -134,9 +135,11 @@ def status(data: dict[str, Any]) -> None:
             table.add_row(endpoint, reason, str(total), last.isoformat(timespec="seconds"))
         console.print(table)
     if data["problems"]:
-        table = _table("Quarantined: not processed (a new version is tried again)", ("source", "resource", "problem"))
+        table = _table("Quarantined: not processed (a new version is tried again)",
+                       ("source", "resource", "problem", "recorded"))
         for source, seen in data["problems"]:
-            table.add_row(source, escape(_version(seen)), escape(seen.problem or ""))
+            when = seen.seen_at.isoformat(timespec="seconds") if seen.seen_at else ""
+            table.add_row(source, escape(_version(seen)), escape(seen.problem or ""), when)
         console.print(table)
 
 

@@ -178,7 +178,7 @@ def test_a_poison_instant_is_quarantined_shown_and_the_source_moves_on(tmp_path:
     assert len(paubox_state.messages) == 4
 
     outputs.append(connector("status", "--config", str(config), cwd=tmp_path))
-    assert "quarantined (not processed): 1 (ehr 1)" in outputs[-1].stdout
+    assert "quarantined (not processed; kept on record): 1 (ehr 1)" in outputs[-1].stdout
     assert "Appointment/bad v1" in outputs[-1].stdout and "Appointment.start is not an" in outputs[-1].stdout
     since = (START - timedelta(days=1)).isoformat()
     outputs.append(connector("replay", "--config", str(config), "--since", since, "--dry-run", cwd=tmp_path))

@@ -622,8 +622,8 @@ class SqlLedger:
         """The latest quarantined resource versions and events, newest first."""
         with self.engine.connect() as conn:
             rows = conn.execute(select(S).where(S.c.problem.is_not(None)).order_by(S.c.seen_at.desc()).limit(limit))
-            return [(r.source, SeenVersion(r.resource_type, r.resource_id, r.version, r.last_updated, r.problem))
-                    for r in rows]
+            return [(r.source, SeenVersion(r.resource_type, r.resource_id, r.version, r.last_updated, r.problem,
+                                           r.seen_at)) for r in rows]
 
     def cursors(self) -> dict[str, datetime]:
         with self.engine.connect() as conn:
