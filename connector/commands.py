@@ -14,13 +14,14 @@ from connector import fhir
 from connector.config import Config, load_config
 from connector.daemon import CycleReport, run_forever, run_once
 from connector.errors import ConfigError, ConnectorError, Problem
-from connector.ledger import NotificationRecord
+from connector.intake import examine, triples
+from connector.ledger import NotificationRecord, SeenVersion
 from connector.lifecycle import appointment_zone
 from connector.mapping.engine import PlanNote, render
 from connector.mapping.loader import load_mappings
 from connector.models import Clock, Email, State, system_clock
-from connector.pipeline import ReplayItem, examine, triples
 from connector.recipients import NoRecipient, optout_lookup, resolve
+from connector.replay import Replay, ReplayItem, pages_between, replan
 from connector.runtime import Runtime
 
 
@@ -45,13 +46,15 @@ async def run(config: Config, clock: Clock, once: bool) -> CycleReport | None:
 @dataclass(frozen=True)
 class DryRun:
     """What a run would do: newly planned notifications (with what the recipient rules say of them), the
-    mappings that chose not to send, and the due notifications it would send."""
+    mappings that chose not to send, the versions it would quarantine, and the due notifications it would
+    send."""
 
     planned: list[ReplayItem]
     notes: list[tuple[str, PlanNote]]
     verdicts: dict[str, str]
     due: list[NotificationRecord]
     errors: list[str]
+    quarantined: list[tuple[str, SeenVersion]]
 
 
 async def explain(runtime: Runtime, items: list[ReplayItem], now: datetime) -> dict[str, str]:
@@ -77,29 +80,25 @@ async def explain(runtime: Runtime, items: list[ReplayItem], now: datetime) -> d
 async def dry_run(config: Config, clock: Clock) -> DryRun:
     """Read the sources as the next poll would, plan, check recipients, and commit nothing."""
     runtime = Runtime.open(config, clock, exclusive=False)
-    items: list[ReplayItem] = []
-    notes: list[tuple[str, PlanNote]] = []
+    found = Replay()
     errors: list[str] = []
     try:
         for name, source in runtime.sources.items():
             cursor = await asyncio.to_thread(runtime.ledger.cursor, name)
             try:
                 since = runtime.planner.since(name, cursor) if source.config.strategy != "date-window" else None
-                pages = [page async for page in runtime.planner.pages_between(name, since, None)]
+                pages = [page async for page in pages_between(runtime.planner, name, since, None)]
             except ConnectorError as exc:
                 errors.append(str(exc))
                 continue
             for page in pages:
                 fresh = await asyncio.to_thread(runtime.ledger.new_versions, name, triples(page))
-                page.matches = [m for m in page.matches if isinstance(m, dict) and m.get("id") and
-                                (str(m.get("resourceType")), str(m["id"]), fhir.version_of(m)) in fresh]
+                page.matches = [m for m, triple in zip(page.matches, triples(page), strict=True) if triple in fresh]
                 runtime.planner.remember(name, page)
-            found, found_notes = await runtime.planner.replay(name, pages, dry_run=True, first_sight=False)
-            items += found
-            notes += found_notes
-        verdicts = await explain(runtime, items, clock())
+            found += await replan(runtime.planner, name, pages, dry_run=True, first_sight=False)
+        verdicts = await explain(runtime, found.items, clock())
         due = await asyncio.to_thread(runtime.ledger.due, clock(), 1000)
-        return DryRun(items, notes, verdicts, due, errors)
+        return DryRun(found.items, found.notes, verdicts, due, errors, found.quarantined)
     finally:
         await runtime.aclose()
 
@@ -110,6 +109,7 @@ class Replayed:
     notes: list[tuple[str, PlanNote]]
     verdicts: dict[str, str]  # dry run: what the recipient rules say
     final: dict[str, NotificationRecord]  # real run: where each notification ended
+    quarantined: list[tuple[str, SeenVersion]]  # (source, version or event with its problem)
 
 
 async def replay(config: Config, clock: Clock, source: str, since: datetime | None, until: datetime | None,
@@ -124,13 +124,13 @@ async def replay(config: Config, clock: Clock, source: str, since: datetime | No
             runtime.planner.remember(source, page)
             pages: Any = [page]
         else:
-            pages = runtime.planner.pages_between(source, since, until)
-        items, notes = await runtime.planner.replay(source, pages, dry_run=dry)
-        verdicts = await explain(runtime, items, clock()) if dry else {}
+            pages = pages_between(runtime.planner, source, since, until)
+        found = await replan(runtime.planner, source, pages, dry_run=dry)
+        verdicts = await explain(runtime, found.items, clock()) if dry else {}
         if not dry:
             await runtime.dispatcher.run()
-        final = await asyncio.to_thread(runtime.ledger.existing, [i.notification.key for i in items])
-        return Replayed(items, notes, verdicts, final)
+        final = await asyncio.to_thread(runtime.ledger.existing, [i.notification.key for i in found.items])
+        return Replayed(found.items, found.notes, verdicts, final, found.quarantined)
     finally:
         await runtime.aclose()
 
@@ -139,15 +139,16 @@ async def _replay_crm(runtime: Runtime, source: str, since: datetime | None, unt
                       dry: bool) -> Replayed:
     """The stored inbox events of a window, planned again; the ledger's keys suppress what exists."""
     assert runtime.crm is not None
-    planned = list({p.key: p for p in await runtime.crm.replay(source, since, until)}.values())
+    found, quarantined = await runtime.crm.replay(source, since, until)
+    planned = list({p.key: p for p in found}.values())
     existing = await asyncio.to_thread(runtime.ledger.existing, [p.key for p in planned])
     inserted: set[str] = set()
     if not dry:
-        inserted = set(await asyncio.to_thread(runtime.ledger.add, planned))
+        inserted = set(await asyncio.to_thread(runtime.ledger.inbox_commit, [], planned, quarantined))
         await runtime.dispatcher.run()
     items = [ReplayItem(p, existing.get(p.key), p.key in inserted) for p in planned]
     final = await asyncio.to_thread(runtime.ledger.existing, [p.key for p in planned])
-    return Replayed(items, [], {}, final)
+    return Replayed(items, [], {}, final, quarantined)
 
 
 def read_resource_file(path: Path) -> fhir.SearchPage:
@@ -192,7 +193,7 @@ def render_file(mappings_dir: Path, mapping_name: str, resource_file: Path, pati
         raise ConfigError([Problem(mappings_dir, None, "", f"no mapping named {mapping_name!r}; "
                                                            f"there are: {', '.join(mappings.names())}")])
     page = read_resource_file(resource_file)
-    examined = examine("file", page, None)
+    examined = examine(page, None)
     if any(s.problem for s in examined.seen):
         raise ConfigError([Problem(resource_file, None, "", s.problem or "") for s in examined.seen if s.problem])
     appointment = page.matches[0]
@@ -224,6 +225,7 @@ def status(config: Config) -> dict[str, Any]:
             "attention": ledger.notifications([State.IN_DOUBT, State.FAILED], 50),
             "suppressed": ledger.notifications([State.SKIPPED, State.CANCELLED], 20),
             "problems": ledger.problems(20),
+            "quarantined": ledger.quarantined(),
             "rejections": ledger.rejections(),
         }
     finally:

@@ -3,7 +3,8 @@
 For each claimed notification: read the Appointment and Patient (from the poller's cache when it holds
 the planned version, else from the source: `_id` searches for a batch, single reads as the fallback), pick
 the address, render, commit `sending`, send, and record the outcome. Only the commit of `sending` comes
-before the request; a crash after it leaves the notification `in_doubt`, never resent.
+before the request; a crash after it leaves the notification `in_doubt`, never resent. A crash while
+preparing (before `sending`) spends an attempt and ends `failed` once the retry policy gives up.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from connector.config import Config
 from connector.crm.processor import CrmProcessor, NotSendable, NotYet
 from connector.delivery import BulkMailer, Mailer, Outcome, Signal, Verdict
 from connector.delivery.gate import GateState, MailerGate
-from connector.delivery.retry import GiveUp, RetryPolicy, next_try
+from connector.delivery.retry import GiveUp, RetryAt, RetryPolicy, next_try
 from connector.errors import SourceError
 from connector.ledger import NotificationRecord, SendResult
 from connector.ledger.batching import Coalesced
-from connector.ledger.sql import SqlLedger
+from connector.ledger.sql import SqlLedger, unavailable
 from connector.lifecycle import CANCELLED, NOSHOW, appointment_zone, still_wanted
 from connector.logs import where
 from connector.mapping.engine import RenderError, render
@@ -202,14 +203,35 @@ class Dispatcher:
             return [(n.id, Step.RELEASED) for n in notifications]
 
     async def _guarded(self, batch: list[NotificationRecord], work: list[Awaitable[Any]]) -> list[Any]:
-        """Run `work` concurrently; an unexpected error leaves its notification as it is (pending, or sending
-        → in_doubt after its lease) and disturbs nothing else."""
+        """Run the preparations concurrently; one that crashes is retried later, a bounded number of times
+        (see `_crashed`), and disturbs nothing else."""
         results = await asyncio.gather(*work, return_exceptions=True)
         for index, (notification, result) in enumerate(zip(batch, results, strict=True)):
-            if isinstance(result, BaseException):
-                log.error("dispatch.crashed", notification=notification.id, problem=where(result))
-                results[index] = Step.RELEASED
+            if isinstance(result, Exception):
+                results[index] = await self._crashed(notification, result)
+            elif isinstance(result, BaseException):
+                raise result
         return results
+
+    async def _crashed(self, n: NotificationRecord, exc: Exception) -> Step:
+        """A preparation crashed (a bug, or data nothing refused earlier). It counts as an attempt against
+        `dispatch.max_attempts` and `max_age`, like a send that certainly did not leave: tried again after
+        the backoff, then `failed` with the place of the error. A ledger outage counts nothing."""
+        problem = where(exc)
+        log.error("dispatch.crashed", notification=n.id, problem=problem)
+        if unavailable(exc):
+            return await self._release(n)
+        now, reason = self.clock(), f"preparation failed: {problem}"
+        decision = next_try(self.policy, attempts=n.attempts + 1, first_attempt_at=n.first_attempt_at or now,
+                            now=now, reason=reason, retry_after=None)
+        if isinstance(decision, RetryAt):
+            await asyncio.to_thread(self.ledger.prepare_failed, n.id, self.owner, reason, decision.due)
+            return Step.RETRY
+        reason = decision.reason
+        await asyncio.to_thread(self.ledger.prepare_failed, n.id, self.owner, reason, None)
+        log.error("notification.failed", notification=n.id, mapping=n.mapping,
+                  resource=f"{n.resource_type}/{n.resource_id}", reason=reason)
+        return Step.FAILED
 
     async def release(self) -> None:
         """Give back every lease this process holds on pending notifications (graceful stop)."""
@@ -274,6 +296,9 @@ class Dispatcher:
         if source is None:
             log.error("dispatch.no_source", notification=n.id, source=n.source)
             return await self._release(n)
+        if not fhir.FHIR_ID.fullmatch(n.resource_id) or (n.patient_id and not fhir.FHIR_ID.fullmatch(n.patient_id)):
+            return await self._settle(n, State.FAILED, "the notification names its Appointment or Patient by an id "
+                                                       "that is not a FHIR id (planned by an earlier version)")
         now = self.clock()
         try:
             appointment = await read_cached(self.cache, source, "Appointment", n.resource_id, n.resource_version)

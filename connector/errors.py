@@ -6,7 +6,8 @@
     ├── SourceError        a source could not be read this time (network, HTTP status, bad page);
     │                      the cursor does not move, the next poll tries again.
     ├── LedgerError        the ledger database is unusable (schema out of date, locked by another daemon).
-    └── ResourceError      one resource is invalid; it is recorded and skipped, everything else goes on.
+    └── ResourceError      one resource (or event) cannot be processed; it is quarantined with this text
+                           as the reason (connector.intake), everything else goes on.
 
 Delivery outcomes are not exceptions: a send returns an `Outcome` value (see connector.delivery).
 
@@ -59,4 +60,4 @@ class LedgerError(ConnectorError):
 
 
 class ResourceError(ConnectorError):
-    """One resource failed validation. The message names type, id and version, never values."""
+    """One resource cannot be processed. The message names type, id, version and element, never values."""

@@ -15,12 +15,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from connector.addresses import usable
 from connector.errors import ResourceError
+from connector.logs import safe_text
 
 Resource = dict[str, Any]
 
 _MODELS: dict[str, Any] = {}
-_EMAIL = re.compile(r"^[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+$")
+FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")  # the FHIR `id` datatype
 USE_ORDER = {"home": 0, "mobile": 1, "temp": 2, "work": 3}
 
 
@@ -39,11 +41,11 @@ def _meta(resource: Any) -> dict[str, Any]:
 
 
 def describe(resource: Resource) -> str:
-    """'Appointment/123 v4' — safe to log (type, id, version; no content)."""
-    rtype = str(resource.get("resourceType", "?"))[:64] if isinstance(resource, dict) else "?"
-    rid = str(resource.get("id", "?"))[:64] if isinstance(resource, dict) else "?"
+    """'Appointment/123 v4' — safe to log (type, id, version; no content; odd characters escaped)."""
+    rtype = safe_text(resource.get("resourceType", "?"), 64) if isinstance(resource, dict) else "?"
+    rid = safe_text(resource.get("id", "?"), 64) if isinstance(resource, dict) else "?"
     version = _meta(resource).get("versionId")
-    return f"{rtype}/{rid}" + (f" v{str(version)[:32]}" if version else "")
+    return f"{rtype}/{rid}" + (f" v{safe_text(version, 32)}" if version else "")
 
 
 def validate(resource: Any) -> Resource:
@@ -66,10 +68,11 @@ def validate(resource: Any) -> Resource:
 
 
 def version_of(resource: Resource) -> str:
-    """meta.versionId, or a content hash for servers that do not version."""
+    """meta.versionId (odd characters escaped, see logs.safe_text), or a content hash for servers that do not
+    version."""
     version = _meta(resource).get("versionId")
     if version:
-        return str(version)[:128]
+        return safe_text(version, 128)
     canonical = json.dumps(resource, sort_keys=True, separators=(",", ":")).encode()
     return "sha256:" + hashlib.sha256(canonical).hexdigest()[:16]
 
@@ -85,8 +88,20 @@ def parse_instant(value: Any) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+def in_utc(moment: datetime | None) -> datetime | None:
+    """`moment` in UTC; None when it is None or its UTC time falls outside years 1-9999 (an offset at the
+    edge of the calendar, such as 9999-12-31T20:00:00-14:00)."""
+    if moment is None:
+        return None
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        return None
+
+
 def last_updated(resource: Resource) -> datetime | None:
-    return parse_instant(_meta(resource).get("lastUpdated"))
+    """meta.lastUpdated in UTC (None when absent, unreadable or beyond the calendar in UTC)."""
+    return in_utc(parse_instant(_meta(resource).get("lastUpdated")))
 
 
 @dataclass
@@ -126,9 +141,9 @@ def split_search_bundle(bundle: Any, match_type: str | None = None) -> SearchPag
     return page
 
 
-def reference_id(reference: Any, resource_type: str, base: str | None = None) -> str | None:
-    """'Patient/123' (or '{base}/Patient/123/_history/2') → '123' when it points at resource_type.
-    An absolute reference to another server is not ours to follow: None."""
+def reference_parts(reference: Any, base: str | None = None) -> tuple[str, str] | None:
+    """'Patient/123' (or '{base}/Patient/123/_history/2') → ('Patient', '123'), the id as written (check it
+    with FHIR_ID). An absolute reference to another server is not ours to follow: None."""
     if not isinstance(reference, str):
         return None
     text: str = reference
@@ -137,9 +152,17 @@ def reference_id(reference: Any, resource_type: str, base: str | None = None) ->
             return None
         text = text[len(base.rstrip("/")) + 1:]
     parts = text.split("/_history/")[0].rstrip("/").split("/")
-    if len(parts) >= 2 and parts[-2] == resource_type and parts[-1]:
-        return parts[-1]
+    if len(parts) >= 2 and parts[-1]:
+        return parts[-2], parts[-1]
     return None
+
+
+def reference_id(reference: Any, resource_type: str, base: str | None = None) -> str | None:
+    """'Patient/123' → '123' when it points at resource_type with a valid FHIR id; None otherwise."""
+    parts = reference_parts(reference, base)
+    if parts is None or parts[0] != resource_type or not FHIR_ID.fullmatch(parts[1]):
+        return None
+    return parts[1]
 
 
 def patient_participants(appointment: Resource, base: str | None = None) -> list[str]:
@@ -166,13 +189,14 @@ def _period_contains(period: Any, now: datetime) -> bool:
 
 
 def choose_email(patient: Resource, now: datetime) -> str | None:
-    """The address to write to: system=email, not `old`, current period, lowest rank, home before work."""
+    """The address to write to: system=email, not `old`, current period, lowest rank, home before work.
+    A value that is not exactly one usable address (connector.addresses) is passed over, never repaired."""
     candidates = []
     for index, telecom in enumerate(patient.get("telecom") or []):
         if not isinstance(telecom, dict) or telecom.get("system") != "email":
             continue
-        value = str(telecom.get("value") or "").strip()
-        if not _EMAIL.match(value) or telecom.get("use") == "old":
+        value = telecom.get("value")
+        if not isinstance(value, str) or not usable(value) or telecom.get("use") == "old":
             continue
         if not _period_contains(telecom.get("period"), now):
             continue
@@ -198,10 +222,17 @@ def display_name(patient: Resource) -> str:
 
 
 def replaced_by(patient: Resource) -> str | None:
-    """The surviving record's id when this one says `link.type = replaced-by`."""
+    """The surviving record's id when this one says `link.type = replaced-by`. Raises ResourceError when the
+    link names a Patient by an invalid id: the record must not be used as if it had no successor."""
     for link in patient.get("link") or []:
         if isinstance(link, dict) and link.get("type") == "replaced-by":
-            return reference_id((link.get("other") or {}).get("reference"), "Patient")
+            other = link.get("other")
+            reference = other.get("reference") if isinstance(other, dict) else None
+            parts = reference_parts(reference)
+            if parts is not None and parts[0] == "Patient" and not FHIR_ID.fullmatch(parts[1]):
+                raise ResourceError(f"{describe(patient)}: link.other.reference (replaced-by) is not a valid "
+                                    "Patient reference")
+            return reference_id(reference, "Patient")
     return None
 
 

@@ -7,12 +7,16 @@ HTTP statuses and reasons, never patient data, message bodies, addresses or noti
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import traceback
 from pathlib import Path
 
 import structlog
 
+# Control characters (C0, DEL, C1), line and paragraph separators, and lone surrogates: what must not reach
+# a log line, a ledger column or a header as it is.
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
@@ -49,3 +53,14 @@ def where(exc: BaseException) -> str:
     parts = Path(frame.filename).parts
     short = "/".join(parts[parts.index("connector"):]) if "connector" in parts else Path(frame.filename).name
     return f"{type(exc).__name__} at {short}:{frame.lineno}"
+
+
+def unsafe(text: str) -> bool:
+    """True when `text` holds a control character, a line separator or a lone surrogate."""
+    return _UNSAFE.search(text) is not None
+
+
+def safe_text(value: object, limit: int) -> str:
+    """`value` as text that can be logged and stored whatever it held: control characters, line separators
+    and lone surrogates escaped (`\\u000a`), cut to `limit` characters. For ids and versions, not content."""
+    return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", str(value))[:limit]

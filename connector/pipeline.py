@@ -5,12 +5,15 @@ remembered state (connector.lifecycle), plan the transitions with the mappings, 
 transaction: withdrawn and new notifications, the new states, the seen versions and the cursor. The cursor
 is the highest `meta.lastUpdated` seen (server time, never ours); it moves after every page when the server
 honoured `_sort=_lastUpdated`, otherwise only once every page of the poll is committed.
+
+One resource version that cannot be processed (connector.intake) is quarantined alone: examined, decided
+and checked one version at a time, and, should the ledger refuse a page for its data, recorded one version
+at a time. Only an outage (of the source or the ledger) stops a poll.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -22,9 +25,11 @@ from connector import fhir, metrics
 from connector.cache import ResourceCache
 from connector.config import Config
 from connector.errors import ResourceError, SourceError
-from connector.ledger import NotificationRecord, SeenVersion, Withdrawal
-from connector.ledger.sql import SqlLedger
+from connector.intake import Examined, Seen, check_storable, examine, later, reason, seen_key, triples
+from connector.ledger import SeenVersion, Withdrawal
+from connector.ledger.sql import SqlLedger, unavailable
 from connector.lifecycle import Snapshot, Transition, appointment_zone, is_stale, snapshot, transitions
+from connector.logs import safe_text, where
 from connector.mapping.engine import PlanNote, Situation, plan
 from connector.mapping.loader import MappingSet
 from connector.models import Clock, PlannedNotification
@@ -32,55 +37,6 @@ from connector.sources.fhir_poll import FhirPollSource
 from connector.timing import QuietHours
 
 log = structlog.get_logger("connector.pipeline")
-
-
-@dataclass(frozen=True)
-class Seen:
-    """A valid Appointment version from a page."""
-
-    resource: dict[str, Any]
-    version: str
-    last_updated: datetime | None
-
-
-@dataclass
-class Examined:
-    valid: list[Seen] = field(default_factory=list)
-    seen: list[SeenVersion] = field(default_factory=list)
-    newest: datetime | None = None
-
-
-def examine(source: str, page: fhir.SearchPage, fresh: set[tuple[str, str, str]] | None) -> Examined:
-    """Pure: validate a page's matches. `fresh` limits the result to versions not seen before (None = all)."""
-    result = Examined()
-    for raw in page.matches:
-        updated = fhir.last_updated(raw) if isinstance(raw, dict) else None
-        if updated is not None and raw.get("resourceType") == "Appointment" and \
-                (result.newest is None or updated > result.newest):
-            result.newest = updated
-        if not isinstance(raw, dict) or not raw.get("id"):
-            log.error("resource.invalid", source=source, problem="entry without resource id")
-            continue
-        triple = (str(raw.get("resourceType"))[:64], str(raw["id"])[:128], fhir.version_of(raw))
-        if fresh is not None and triple not in fresh:
-            continue
-        problem = None
-        try:
-            if triple[0] != "Appointment":
-                raise ResourceError(f"{fhir.describe(raw)} is not an Appointment")
-            fhir.validate(raw)
-        except ResourceError as exc:
-            problem = str(exc)[:500]
-            log.error("resource.invalid", source=source, resource=fhir.describe(raw), problem=problem)
-        result.seen.append(SeenVersion(*triple, last_updated=updated, problem=problem))
-        if problem is None:
-            result.valid.append(Seen(raw, triple[2], updated))
-    return result
-
-
-def later(a: datetime | None, b: datetime | None) -> datetime | None:
-    """The later of two optional instants."""
-    return b if a is None or (b is not None and b > a) else a
 
 
 def newest_per_id(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -98,11 +54,6 @@ def newest_per_id(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return latest
 
 
-def triples(page: fhir.SearchPage) -> list[tuple[str, str, str]]:
-    return [(str(r.get("resourceType")), str(r["id"]), fhir.version_of(r))
-            for r in page.matches if isinstance(r, dict) and r.get("id")]
-
-
 @dataclass
 class Decision:
     """What a page (or a deletion) means for the ledger; committed in one transaction."""
@@ -111,6 +62,37 @@ class Decision:
     withdrawals: list[Withdrawal] = field(default_factory=list)
     snapshots: dict[str, Snapshot | None] = field(default_factory=dict)
     notes: list[tuple[str, PlanNote]] = field(default_factory=list)  # (appointment id, note)
+    quarantined: list[SeenVersion] = field(default_factory=list)  # versions that could not be decided
+
+    def merge(self, other: Decision) -> None:
+        self.notifications += other.notifications
+        self.withdrawals += other.withdrawals
+        self.snapshots.update(other.snapshots)
+        self.notes += other.notes
+        self.quarantined += other.quarantined
+
+
+def recorded(examined: Examined, decision: Decision) -> list[SeenVersion]:
+    """The seen versions to record: those examined, with the reason for each one quarantined while deciding."""
+    bad = {_triple(q): q for q in decision.quarantined}
+    return [bad.get(_triple(s), s) for s in examined.seen]
+
+
+def _triple(seen: SeenVersion) -> tuple[str, str, str]:
+    return seen.resource_type, seen.resource_id, seen.version
+
+
+@dataclass
+class Committed:
+    """What a commit recorded: the notification keys inserted and the versions quarantined."""
+
+    inserted: list[str] = field(default_factory=list)
+    quarantined: list[SeenVersion] = field(default_factory=list)
+
+    def __iadd__(self, other: Committed) -> Committed:
+        self.inserted += other.inserted
+        self.quarantined += other.quarantined
+        return self
 
 
 @dataclass
@@ -121,16 +103,9 @@ class PollReport:
     new_versions: int = 0
     planned: int = 0
     inserted: int = 0
-    invalid: int = 0
+    quarantined: int = 0  # versions that could not be processed (invalid, or failed while planned)
     error: str | None = None
     skipped: bool = False  # another replica held this source's poll lock
-
-
-@dataclass
-class ReplayItem:
-    notification: PlannedNotification
-    existing: NotificationRecord | None
-    inserted: bool
 
 
 def synthesized(appointment_id: str, before: Snapshot) -> dict[str, Any]:
@@ -193,25 +168,87 @@ class Planner:
 
     def decide(self, source: str, valid: list[Seen], before: dict[str, Snapshot],
                notified: set[tuple[str, str]]) -> Decision:
-        """Pure given its inputs: diff each version against the remembered state and plan the changes."""
+        """Pure given its inputs: diff each version against the remembered state and plan the changes. A
+        version that cannot be decided, or whose result the ledger could not store, is quarantined alone."""
         decision = Decision()
         states = dict(before)
         for item in valid:
             appointment_id = str(item.resource["id"])
-            after = snapshot(item.resource, item.version, item.last_updated, self.config.sources[source].base_url)
-            if is_stale(states.get(appointment_id), after):
+            part = Decision()
+            try:
+                after = snapshot(item.resource, item.version, item.last_updated,
+                                 self.config.sources[source].base_url)
+                if is_stale(states.get(appointment_id), after):
+                    continue
+                changes = transitions(states.get(appointment_id), after)
+                self._apply(part, source, item.resource, item.version, changes, notified)
+                check_storable(part.notifications, after.patients)
+            except Exception as exc:  # noqa: BLE001 - one version is quarantined, whatever went wrong
+                decision.quarantined.append(SeenVersion(*seen_key(item.resource), item.last_updated,
+                                                        reason(exc, "planning")))
                 continue
-            changes = transitions(states.get(appointment_id), after)
             states[appointment_id] = after
-            decision.snapshots[appointment_id] = after
-            self._apply(decision, source, item.resource, item.version, changes, notified)
+            part.snapshots[appointment_id] = after
+            decision.merge(part)
         return decision
 
-    async def _decide_page(self, source: str, examined: Examined, first_sight: bool) -> Decision:
+    async def decide_page(self, source: str, examined: Examined, first_sight: bool) -> Decision:
+        """`decide` with the remembered states and who was told, read from the ledger (none at first sight)."""
         ids = [str(item.resource["id"]) for item in examined.valid]
         before = {} if first_sight else await asyncio.to_thread(self.ledger.snapshots, source, ids)
         notified = await asyncio.to_thread(self.ledger.notified, source, ids) if ids else set()
         return self.decide(source, examined.valid, before, notified)
+
+    # -- recording ------------------------------------------------------------------------------------
+
+    async def _commit(self, name: str, examined: Examined, decision: Decision, cursor: datetime | None
+                      ) -> Committed:
+        """Record a page in one transaction. Should the ledger refuse it for its data (not an outage), each
+        version is recorded on its own and the one refused is quarantined; the cursor moves last."""
+        seen = recorded(examined, decision)
+        try:
+            inserted = await asyncio.to_thread(self.ledger.record_page, name, decision.notifications, seen, cursor,
+                                               decision.snapshots, decision.withdrawals)
+        except Exception as exc:
+            if unavailable(exc):
+                raise
+            log.error("page.refused", source=name, problem=where(exc), action="recording each version alone")
+            return await self._commit_each(name, examined, seen, cursor)
+        quarantined = [s for s in seen if s.problem]
+        self._report(name, quarantined)
+        return Committed(inserted, quarantined)
+
+    async def _commit_each(self, name: str, examined: Examined, seen: list[SeenVersion], cursor: datetime | None
+                           ) -> Committed:
+        done = Committed()
+        quarantined = {_triple(s): s for s in seen if s.problem}
+        for item in examined.valid:
+            triple = seen_key(item.resource)
+            if triple in quarantined:
+                continue
+            single = Examined(valid=[item], seen=[s for s in seen if _triple(s) == triple])
+            try:
+                decision = await self.decide_page(name, single, first_sight=False)
+                rows = recorded(single, decision)
+                done.inserted += await asyncio.to_thread(self.ledger.record_page, name, decision.notifications, rows,
+                                                         None, decision.snapshots, decision.withdrawals)
+                quarantined.update({_triple(r): r for r in rows if r.problem})
+            except Exception as exc:
+                if unavailable(exc):
+                    raise
+                quarantined[triple] = SeenVersion(*triple, item.last_updated, reason(exc, "recording"))
+        done.quarantined = list(quarantined.values())
+        await asyncio.to_thread(self.ledger.record_page, name, [], done.quarantined, cursor)
+        self._report(name, done.quarantined)
+        return done
+
+    def _report(self, name: str, quarantined: list[SeenVersion]) -> None:
+        """Each quarantined version is logged and counted once: when it is recorded (a version already
+        recorded is not read again, see ledger.new_versions)."""
+        for row in quarantined:
+            log.error("resource.quarantined", source=name, resource=f"{row.resource_type}/{row.resource_id}",
+                      version=row.version, problem=row.problem)
+            metrics.inc("connector_quarantined_total", source=name)
 
     # -- polling --------------------------------------------------------------------------------------
 
@@ -269,21 +306,21 @@ class Planner:
         if sweep is not None:
             self._swept[name] = sweep
 
-    async def ingest(self, name: str, resources: list[dict[str, Any]]) -> list[str]:
+    async def ingest(self, name: str, resources: list[Any]) -> Committed:
         """Appointments that arrived otherwise than by a poll (a subscription, a re-read): diffed, planned
-        and committed like a page; versions already seen are skipped. Returns the keys inserted."""
+        and committed like a page; versions already seen are skipped. Returns the keys inserted and the
+        versions quarantined."""
         async with self._busy[name]:
             return await self._ingest(name, resources)
 
-    async def _ingest(self, name: str, resources: list[dict[str, Any]]) -> list[str]:
+    async def _ingest(self, name: str, resources: list[Any]) -> Committed:
         page = fhir.SearchPage(matches=list(resources))
         fresh = await asyncio.to_thread(self.ledger.new_versions, name, triples(page))
-        examined = examine(name, page, fresh)
-        decision = await self._decide_page(name, examined, first_sight=False)
-        inserted = await asyncio.to_thread(self.ledger.record_page, name, decision.notifications, examined.seen,
-                                           None, decision.snapshots, decision.withdrawals)
+        examined = examine(page, fresh, self.config.sources[name].base_url)
+        decision = await self.decide_page(name, examined, first_sight=False)
+        committed = await self._commit(name, examined, decision, None)
         self.remember(name, page)
-        return inserted
+        return committed
 
     async def _poll_history(self, name: str) -> PollReport:
         """`_history?_since=`: every version since the cursor, newest per appointment kept (several updates
@@ -303,17 +340,17 @@ class Planner:
         latest = newest_per_id(entries)
         report.resources = len(latest)
         versions = [raw for raw in latest.values() if not raw.get("_deleted")]
-        inserted = await self._ingest(name, versions)
+        committed = await self._ingest(name, versions)
         for appointment_id, raw in latest.items():
             if raw.get("_deleted"):
-                inserted += await self._deleted(name, appointment_id)
+                committed += await self._deleted(name, appointment_id)
         newest = later(cursor, highest)
         if newest is not None and newest != cursor:
             await asyncio.to_thread(self.ledger.record_page, name, [], [], newest)
         self._done(name, sweep, since, highest)
-        report.inserted = len(inserted)
+        report.inserted, report.quarantined = len(committed.inserted), len(committed.quarantined)
         log.info("poll.done", source=name, strategy="history", sweep=sweep is not None, pages=report.pages,
-                 appointments=report.resources, notifications=report.inserted)
+                 appointments=report.resources, quarantined=report.quarantined, notifications=report.inserted)
         return report
 
     async def _poll_window(self, name: str) -> PollReport:
@@ -331,18 +368,18 @@ class Planner:
                 if isinstance(raw, dict) and raw.get("id"):
                     found[str(raw["id"])] = raw
         report.resources = len(found)
-        inserted = await self._ingest(name, list(found.values()))
+        committed = await self._ingest(name, list(found.values()))
         remembered = await asyncio.to_thread(self.ledger.window_snapshots, name, start, end)
         for appointment_id in sorted(set(remembered) - set(found)):
             current = await source.read("Appointment", appointment_id)
             if current is None:
-                inserted += await self._deleted(name, appointment_id)
+                committed += await self._deleted(name, appointment_id)
             else:
-                inserted += await self._ingest(name, [current])
-        report.inserted = len(inserted)
+                committed += await self._ingest(name, [current])
+        report.inserted, report.quarantined = len(committed.inserted), len(committed.quarantined)
         log.info("poll.done", source=name, strategy="date-window", pages=report.pages,
                  appointments=report.resources, vanished=len(set(remembered) - set(found)),
-                 notifications=report.inserted)
+                 quarantined=report.quarantined, notifications=report.inserted)
         return report
 
     async def _poll(self, name: str) -> PollReport:
@@ -358,19 +395,18 @@ class Planner:
                 if honours_sort is None:
                     honours_sort = self._check_self_link(name, page)
                 fresh = await asyncio.to_thread(self.ledger.new_versions, name, triples(page))
-                examined = examine(name, page, fresh)
-                decision = await self._decide_page(name, examined, first_sight=False)
+                examined = examine(page, fresh, source.config.base_url)
+                decision = await self.decide_page(name, examined, first_sight=False)
                 if examined.newest:
                     highest = later(highest, self._bounded(name, examined.newest))
-                inserted = await asyncio.to_thread(
-                    self.ledger.record_page, name, decision.notifications, examined.seen,
-                    later(cursor, highest) if honours_sort else None, decision.snapshots, decision.withdrawals)
+                committed = await self._commit(name, examined, decision,
+                                               later(cursor, highest) if honours_sort else None)
                 self.remember(name, page)
                 report.resources += len(page.matches)
                 report.new_versions += len(examined.seen)
-                report.invalid += sum(1 for s in examined.seen if s.problem)
+                report.quarantined += len(committed.quarantined)
                 report.planned += len(decision.notifications)
-                report.inserted += len(inserted)
+                report.inserted += len(committed.inserted)
             newest = later(cursor, highest)
             if not honours_sort and newest is not None and newest != cursor:
                 await asyncio.to_thread(self.ledger.record_page, name, [], [], newest)
@@ -383,7 +419,7 @@ class Planner:
             await asyncio.to_thread(self.ledger.prune_seen, name, newest - 2 * source.config.overlap)
         self._done(name, sweep, since, highest)
         log.info("poll.done", source=name, sweep=sweep is not None, pages=report.pages, resources=report.resources,
-                 new_versions=report.new_versions, invalid=report.invalid, notifications=report.inserted)
+                 new_versions=report.new_versions, quarantined=report.quarantined, notifications=report.inserted)
         return report
 
     def _bounded(self, name: str, newest: datetime) -> datetime:
@@ -415,80 +451,37 @@ class Planner:
                                 "versions are still skipped)")
         return any(value.lower() == "_lastupdated" for value in used.get("_sort", []))
 
-    async def deleted(self, name: str, appointment_id: str) -> list[str]:
+    async def deleted(self, name: str, appointment_id: str) -> Committed:
         """The source says this appointment is gone: withdraw what is pending and plan what a deletion
-        means (a cancellation, if the patient was told about the appointment). Returns inserted keys."""
+        means (a cancellation, if the patient was told about the appointment)."""
         async with self._busy[name]:
             return await self._deleted(name, appointment_id)
 
-    async def _deleted(self, name: str, appointment_id: str) -> list[str]:
-        before = (await asyncio.to_thread(self.ledger.snapshots, name, [appointment_id])).get(appointment_id)
-        if before is None:  # never seen, or its deletion was handled already
-            return []
-        notified = await asyncio.to_thread(self.ledger.notified, name, [appointment_id])
-        decision = Decision(snapshots={appointment_id: None})
-        # The version names the deletion, so no cached copy of the last version passes for the current one.
-        self._apply(decision, name, synthesized(appointment_id, before), f"deleted-after-{before.version}"[:128],
-                    transitions(before, None), notified)
+    async def _deleted(self, name: str, appointment_id: str) -> Committed:
+        version = "deleted"
+        try:
+            if not fhir.FHIR_ID.fullmatch(appointment_id):
+                raise ResourceError("a deletion names an Appointment by an id that is not a FHIR id")
+            before = (await asyncio.to_thread(self.ledger.snapshots, name, [appointment_id])).get(appointment_id)
+            if before is None:  # never seen, or its deletion was handled already
+                return Committed()
+            # The version names the deletion, so no cached copy of the last version passes for the current one.
+            version = f"deleted-after-{before.version}"[:128]
+            notified = await asyncio.to_thread(self.ledger.notified, name, [appointment_id])
+            decision = Decision(snapshots={appointment_id: None})
+            self._apply(decision, name, synthesized(appointment_id, before), version, transitions(before, None),
+                        notified)
+            check_storable(decision.notifications)
+            inserted = await asyncio.to_thread(self.ledger.record_page, name, decision.notifications, [], None,
+                                               decision.snapshots, decision.withdrawals)
+        except Exception as exc:
+            if unavailable(exc):
+                raise
+            row = SeenVersion("Appointment", safe_text(appointment_id, 128), version, None, reason(exc, "deletion"))
+            first = await asyncio.to_thread(self.ledger.new_versions, name, [_triple(row)])
+            await asyncio.to_thread(self.ledger.record_page, name, [], [row], None)
+            self._report(name, [row] if first else [])
+            return Committed(quarantined=[row])
         log.info("appointment.deleted", source=name, resource=f"Appointment/{appointment_id}",
                  notifications=len(decision.notifications))
-        return await asyncio.to_thread(self.ledger.record_page, name, decision.notifications, [], None,
-                                       decision.snapshots, decision.withdrawals)
-
-    # -- replaying ------------------------------------------------------------------------------------
-
-    async def pages_between(self, name: str, since: datetime | None, until: datetime | None
-                            ) -> AsyncIterator[fhir.SearchPage]:
-        """The appointments a replay or dry run reads, the way the source is configured: changed in
-        [since, until] (last-updated, history), or starting in [since, until] (date-window; default the
-        configured window). Deletions are left out: they are not replayed."""
-        source = self.sources[name]
-        strategy = source.config.strategy
-        if strategy == "last-updated":
-            async for page in source.pages(since, until):
-                yield page
-        elif strategy == "history":
-            async for page in source.history_pages(since):
-                page.matches = [m for m in page.matches if not m.get("_deleted") and
-                                (until is None or (fhir.last_updated(m) or until) <= until)]
-                yield page
-        else:
-            now = self.clock()
-            window = source.config.window
-            async for page in source.window_pages(since or now - window.past, until or now + window.future):
-                yield page
-
-    async def replay(self, name: str, pages: AsyncIterator[fhir.SearchPage] | Iterable[fhir.SearchPage],
-                     dry_run: bool, first_sight: bool = True
-                     ) -> tuple[list[ReplayItem], list[tuple[str, PlanNote]]]:
-        """Plan every appointment in `pages` as if seen for the first time (or, with first_sight=False, as
-        the next poll would); the ledger's keys keep recorded notifications from being added twice.
-        Neither the cursor nor the remembered states move."""
-        items: list[ReplayItem] = []
-        notes: list[tuple[str, PlanNote]] = []
-        keys: set[str] = set()
-        async for page in _aiter(pages):
-            examined = examine(name, page, None)
-            decision = await self._decide_page(name, examined, first_sight)
-            planned = []
-            for notification in decision.notifications:  # several versions may plan one key
-                if notification.key not in keys:
-                    keys.add(notification.key)
-                    planned.append(notification)
-            existing = await asyncio.to_thread(self.ledger.existing, [p.key for p in planned])
-            inserted: set[str] = set()
-            if not dry_run:
-                inserted = set(await asyncio.to_thread(self.ledger.add, planned, name, decision.withdrawals))
-                self.remember(name, page)
-            items += [ReplayItem(p, existing.get(p.key), p.key in inserted) for p in planned]
-            notes += decision.notes
-        return items, notes
-
-
-async def _aiter(pages: AsyncIterator[Any] | Iterable[Any]) -> AsyncIterator[Any]:
-    if hasattr(pages, "__aiter__"):
-        async for page in pages:
-            yield page
-    else:
-        for page in pages:
-            yield page
+        return Committed(inserted)

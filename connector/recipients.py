@@ -12,7 +12,7 @@ from typing import Any
 
 import structlog
 
-from connector import fhir, optout
+from connector import fhir, intake, optout
 from connector.cache import ResourceCache
 from connector.config import ConsentCheck
 from connector.errors import ResourceError, SourceError
@@ -111,10 +111,11 @@ async def resolve(patient_id: str, *, source: FhirPollSource, cache: ResourceCac
             return NoRecipient(State.SKIPPED, f"Patient/{current_id} not found on source {source.name!r}")
         try:
             fhir.validate(patient)
+            intake.check_modifiers(patient)
+            successor = fhir.replaced_by(patient)
         except ResourceError as exc:
             return NoRecipient(State.FAILED, str(exc))
         chain.append(current_id)
-        successor = fhir.replaced_by(patient)
         if successor is None:
             break
         if successor in chain or len(chain) > MAX_LINK_HOPS:

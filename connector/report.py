@@ -7,14 +7,15 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from connector.commands import DryRun, Replayed
 from connector.daemon import CycleReport
-from connector.ledger import NotificationRecord, OptOut
+from connector.ledger import NotificationRecord, OptOut, SeenVersion
 from connector.mapping.engine import PlanNote
 from connector.models import State
-from connector.pipeline import ReplayItem
+from connector.replay import ReplayItem
 
 
 def _width() -> int | None:
@@ -33,7 +34,7 @@ def cycle(report: CycleReport) -> None:
             console.print(f"[red]source {poll.source}: FAILED[/red] {poll.error}")
         else:
             console.print(f"source {poll.source}: {poll.pages} page(s), {poll.resources} appointment(s), "
-                          f"{poll.new_versions} new version(s), {poll.invalid} invalid, "
+                          f"{poll.new_versions} new version(s), {poll.quarantined} quarantined, "
                           f"{poll.inserted} new notification(s)")
     if report.dispatch:
         steps = ", ".join(f"{v} {k}" for k, v in report.dispatch.steps.items() if v) or "nothing due"
@@ -63,7 +64,7 @@ def _table(title: str, columns: tuple[str, ...]) -> Table:
 
 
 def replay_items(items: list[ReplayItem], notes: list[tuple[str, PlanNote]], final: dict[str, NotificationRecord],
-                 verdicts: dict[str, str], title: str) -> None:
+                 verdicts: dict[str, str], title: str, quarantined: list[tuple[str, SeenVersion]]) -> None:
     table = _table(title, ("mapping", "resource", "patient", "due", "key", "result"))
     counts: dict[str, int] = {}
     for item in items:
@@ -76,19 +77,23 @@ def replay_items(items: list[ReplayItem], notes: list[tuple[str, PlanNote]], fin
         table.add_row(note.mapping, f"Appointment/{appointment_id}", note.patient_id or "-", "", "",
                       note.message)
         counts["not planned"] = counts.get("not planned", 0) + 1
+    for _source, seen in quarantined:
+        table.add_row("-", escape(_version(seen)), "-", "", "", escape(f"quarantined: {seen.problem}"))
+        counts["quarantined"] = counts.get("quarantined", 0) + 1
     console.print(table)
     console.print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no notifications")
 
 
 def replayed(result: Replayed, dry_run: bool) -> None:
     replay_items(result.items, result.notes, {} if dry_run else result.final, result.verdicts,
-                 "Replay (dry run: nothing is recorded or sent)" if dry_run else "Replay")
+                 "Replay (dry run: nothing is recorded or sent)" if dry_run else "Replay", result.quarantined)
 
 
 def dry_run(result: DryRun) -> None:
     for error in result.errors:
         console.print(f"[red]{error}[/red]", markup=False)
-    replay_items(result.planned, result.notes, {}, result.verdicts, "Next poll would plan (nothing committed)")
+    replay_items(result.planned, result.notes, {}, result.verdicts, "Next poll would plan (nothing committed)",
+                 result.quarantined)
     table = _table("Already due, would be sent now", ("id", "mapping", "resource", "key", "due"))
     for n in result.due:
         table.add_row(str(n.id), n.mapping, f"{n.resource_type}/{n.resource_id}", n.key, n.due_at.isoformat())
@@ -104,6 +109,11 @@ def status(data: dict[str, Any]) -> None:
     console.print(table)
     for source, value in sorted(data["cursors"].items()):
         console.print(f"source {source}: cursor (newest lastUpdated committed) {value.isoformat()}")
+    quarantined = data["quarantined"]
+    if quarantined:
+        per_source = ", ".join(f"{source} {count}" for source, count in sorted(quarantined.items()))
+        console.print(f"quarantined (not processed; kept on record): {sum(quarantined.values())} ({per_source})",
+                      markup=False)
     if data["attention"]:
         table = Table(title="Needing attention (in_doubt, failed)", title_justify="left")
         for column in ("id", "state", "mapping", "resource", "key", "reason", "updated"):
@@ -125,12 +135,16 @@ def status(data: dict[str, Any]) -> None:
             table.add_row(endpoint, reason, str(total), last.isoformat(timespec="seconds"))
         console.print(table)
     if data["problems"]:
-        table = Table(title="Invalid resources (skipped)", title_justify="left")
-        for column in ("source", "resource", "problem"):
-            table.add_column(column, overflow="fold")
+        table = _table("Quarantined: not processed (a new version is tried again)",
+                       ("source", "resource", "problem", "recorded"))
         for source, seen in data["problems"]:
-            table.add_row(source, f"{seen.resource_type}/{seen.resource_id} v{seen.version}", seen.problem or "")
+            when = seen.seen_at.isoformat(timespec="seconds") if seen.seen_at else ""
+            table.add_row(source, escape(_version(seen)), escape(seen.problem or ""), when)
         console.print(table)
+
+
+def _version(seen: SeenVersion) -> str:
+    return f"{seen.resource_type}/{seen.resource_id} v{seen.version}"
 
 
 def optouts(entries: list[OptOut]) -> None:

@@ -390,3 +390,74 @@ async def test_refused_requests_are_counted_in_the_ledger_for_status(crm: Crm) -
     await aftercare(crm.runtime)
     counts = {(e, r): n for e, r, n, _ in crm.runtime.ledger.rejections()}
     assert counts == {("crm:std", "signature mismatch"): 2, ("crm", "unknown source"): 1}
+
+
+REFERRAL_MAPPING = """name: std-referral
+trigger:
+  resource: CrmEvent
+  event: patient.referred
+  sources: [std]
+recipient:
+  path: payload.data.email
+templates:
+  subject: "Your referral"
+  text: std-welcome.txt
+key: "{{ payload.data.ref }}"
+"""
+
+
+async def test_crm_events_that_cannot_be_processed_are_quarantined_and_block_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stored events that cannot be processed (a key that cannot be stored, a payload that is not an
+    object) are quarantined with the reason and shown by `connector status`; the others in the inbox are
+    sent. A body that cannot be encoded fails (never in doubt) and a hostile address is never used."""
+    from datetime import UTC, datetime
+
+    from connector.commands import status
+
+    crm_env(monkeypatch)
+    path = crm_config(tmp_path)
+    (tmp_path / "mappings" / "std-referral.yaml").write_text(REFERRAL_MAPPING)
+    config = load_config(path)
+    paubox = SandboxState(api_key=API_KEY, username="clinic")
+    mailer = PauboxRestMailer(config.delivery.paubox, transport=httpx.ASGITransport(app=paubox_app(paubox)))
+    runtime = Runtime.open(config, system_clock, mailer=mailer,
+                           source_transport=httpx.ASGITransport(app=fhir_app(FhirState())))
+    assert runtime.crm_receiver is not None
+    keyring = runtime.crm_receiver.keyring
+
+    def stored(event_id: str, event_type: str, payload: Any) -> dict[str, Any]:
+        key_id, sealed = keyring.seal("std", event_id, payload)
+        return {"source": "std", "event_id": event_id, "event_type": event_type,
+                "received_at": datetime.now(UTC), "key_id": key_id, "sealed": sealed}
+
+    def event(event_id: str, event_type: str, data: dict[str, Any]) -> dict[str, Any]:
+        return stored(event_id, event_type, {"event_id": event_id, "event_type": event_type, "object_id": None,
+                                             "occurred_at": None, "payload": {"data": data}})
+
+    try:
+        runtime.ledger.inbox_add([
+            event("e1", "patient.registered", {"email": "zebulon.crm@example.org", "name": "Zebulon"}),
+            event("e2", "patient.referred", {"email": "ottoline.crm@example.org", "ref": "r\ud800"}),
+            stored("e3", "patient.registered", ["not", "an", "object"]),
+            event("e4", "patient.referred", {"email": "ottoline.crm@example.org", "ref": "r4", "name": "Ottoline"}),
+            event("e5", "patient.registered", {"email": "quixotica.crm@example.org", "name": "Q\ud800"}),
+            event("e6", "patient.registered", {"email": "marmaduke\ud800@example.org", "name": "Marmaduke"}),
+        ])
+        await run_once(runtime)
+        await run_once(runtime)
+        assert sorted(m["recipients"][0] for m in paubox.messages) == ["ottoline.crm@example.org",
+                                                                       "zebulon.crm@example.org"]
+        problems = {seen.version: seen.problem or "" for _, seen in runtime.ledger.problems(10)}
+        assert set(problems) == {"e2", "e3"}
+        assert "the notification key is longer than 512 characters or holds control characters" in problems["e2"]
+        assert "is not a JSON object" in problems["e3"]
+        shown = status(config)
+        assert shown["quarantined"] == {"std": 2}
+        assert [(n.resource_version, n.state) for n in shown["attention"]] == [("e5", State.FAILED)]
+        assert "cannot be encoded as JSON" in (shown["attention"][0].reason or "")
+        [skipped] = runtime.ledger.notifications([State.SKIPPED], 10)
+        assert skipped.resource_version == "e6" and "no usable email address" in (skipped.reason or "")
+        assert runtime.ledger.inbox_pending(10) == []
+    finally:
+        await runtime.aclose()

@@ -156,3 +156,41 @@ def test_validate_reports_broken_mapping_and_missing_secret(tmp_path: Path) -> N
                              env=env, text=True, capture_output=True, timeout=60)
     assert missing.returncode == 2
     assert "(delivery.paubox.api_key): environment variable PAUBOX_API_KEY is not set" in missing.stdout
+
+
+def test_a_poison_instant_is_quarantined_shown_and_the_source_moves_on(tmp_path: Path, fhir_state: FhirState,
+                                                                       fhir_server: Server,
+                                                                       paubox_state: SandboxState,
+                                                                       paubox_server: Server) -> None:
+    """An appointment whose start is valid FHIR but beyond the calendar in UTC, among good ones: the good
+    ones are emailed, the bad one is quarantined and shown by `status` and the dry runs, and what the EHR
+    books or corrects afterwards is planned and sent."""
+    poison = "9999-12-31T20:00:00-14:00"
+    fhir_state.load(marker_patients())
+    for index in (1, 2):
+        fhir_state.put(appointment(f"visit-{index}", f"p{index}", START + timedelta(days=index)))
+    fhir_state.put({**appointment("bad", "p3", START + timedelta(days=5)), "start": poison, "end": poison})
+    for index in (3, 4):
+        fhir_state.put(appointment(f"visit-{index}", f"p{index}", START + timedelta(days=index)))
+    config = write_config(tmp_path, fhir_server.url, paubox_server.url, mappings=BASIC)
+    outputs = [connector("run", "--once", "--config", str(config), cwd=tmp_path)]
+    assert "5 new version(s), 1 quarantined, 4 new notification(s)" in outputs[0].stdout
+    assert len(paubox_state.messages) == 4
+
+    outputs.append(connector("status", "--config", str(config), cwd=tmp_path))
+    assert "quarantined (not processed; kept on record): 1 (ehr 1)" in outputs[-1].stdout
+    assert "Appointment/bad v1" in outputs[-1].stdout and "Appointment.start is not an" in outputs[-1].stdout
+    since = (START - timedelta(days=1)).isoformat()
+    outputs.append(connector("replay", "--config", str(config), "--since", since, "--dry-run", cwd=tmp_path))
+    assert "quarantined: Appointment/bad v1:" in outputs[-1].stdout and "Appointment/bad v1 " in outputs[-1].stdout
+    assert "1 quarantined, 4 suppressed" in outputs[-1].stdout
+
+    fhir_state.put(appointment("bad", "p3", START + timedelta(days=5)))  # corrected: version 2
+    fhir_state.put(appointment("visit-5", "p4", START + timedelta(days=6)))  # booked afterwards
+    outputs.append(connector("run", "--once", "--dry-run", "--config", str(config), cwd=tmp_path))
+    assert outputs[-1].stdout.count("would send (now)") == 2
+    outputs.append(connector("run", "--once", "--config", str(config), cwd=tmp_path))
+    assert len(paubox_state.messages) == 6
+    for result in outputs:
+        for marker in phi_markers():
+            assert marker not in result.stderr and marker not in result.stdout

@@ -15,6 +15,7 @@ from connector.delivery.paubox import PauboxRestMailer, build_payload, classify
 from connector.delivery.retry import backoff
 from connector.models import Email
 from connector.sandbox.paubox import SandboxState, create_app
+from tests.conftest import Server
 
 EMAIL = Email(notification_key="ehr:m:a1|booked", to="pat.one@example.org",
               from_address="Clinic <appointments@example.org>", subject="Your appointment",
@@ -129,3 +130,25 @@ def test_backoff_is_bounded_and_honours_retry_after() -> None:
     assert backoff(4, timedelta(seconds=30), timedelta(hours=1), rand=top) == timedelta(seconds=240)
     assert backoff(30, timedelta(seconds=30), timedelta(hours=1), rand=top) == timedelta(hours=1)
     assert backoff(1, timedelta(seconds=30), timedelta(hours=1), 90, rand=top) == timedelta(seconds=90)
+
+
+async def test_a_message_that_cannot_be_encoded_fails_and_is_never_in_doubt(paubox_server: Server,
+                                                                           paubox_state: SandboxState) -> None:
+    """A lone surrogate in the subject or body makes the JSON body unencodable: nothing leaves, so the
+    message is `failed` (not in doubt). In a bulk request it fails alone; the others are sent."""
+    from dataclasses import replace
+
+    mailer = PauboxRestMailer(config(base_url=f"{paubox_server.url}/v1/clinic", api_key="${TEST_KEY}"))
+    paubox_state.api_key = "k-123"
+    try:
+        bad_subject = replace(EMAIL, notification_key="k1", subject="Your appointment \ud800")
+        bad_text = replace(EMAIL, notification_key="k2", text="Hello \udfff")
+        for email in (bad_subject, bad_text):
+            outcome = await mailer.send(email)
+            assert outcome.verdict is Verdict.FAILED and "cannot be encoded as JSON" in outcome.reason
+        good = [replace(EMAIL, notification_key=f"g{i}") for i in range(2)]
+        outcomes = await mailer.send_many([good[0], bad_subject, good[1]])
+        assert [o.verdict for o in outcomes] == [Verdict.SENT, Verdict.FAILED, Verdict.SENT]
+    finally:
+        await mailer.aclose()
+    assert sorted(m["custom_headers"]["X-Notification-Key"] for m in paubox_state.messages) == ["g0", "g1"]

@@ -15,6 +15,7 @@ from connector.delivery import Outcome
 from connector.delivery.gate import GateState
 from connector.delivery.paubox import PauboxRestMailer
 from connector.models import Email, PlannedNotification, State, fixed_clock, system_clock
+from connector.replay import replan
 from connector.runtime import Runtime
 from connector.sandbox.fhir import FhirState
 from connector.sandbox.fhir import create_app as fhir_app
@@ -112,7 +113,7 @@ async def test_invalid_resource_is_recorded_and_the_rest_goes_on(runtime: Runtim
                                                                  paubox: SandboxState) -> None:
     fhir.put({**appointment("bad", "p1", NOW + timedelta(days=3)), "participant": "not-a-list"})
     report = await run_once(runtime)
-    assert report.polls[0].invalid == 1 and len(paubox.messages) == 4
+    assert report.polls[0].quarantined == 1 and len(paubox.messages) == 4
     [(_, seen)] = runtime.ledger.problems(10)
     assert seen.resource_id == "bad" and "not valid FHIR R4" in (seen.problem or "")
 
@@ -158,7 +159,7 @@ async def test_wrong_api_key_pauses_and_keeps_everything_pending(runtime: Runtim
 async def test_replay_sends_nothing_already_sent(runtime: Runtime, paubox: SandboxState) -> None:
     await run_once(runtime)
     source = runtime.sources["ehr"]
-    items, _ = await runtime.planner.replay("ehr", source.pages(NOW - timedelta(days=1)), dry_run=False)
+    items = (await replan(runtime.planner, "ehr", source.pages(NOW - timedelta(days=1)), dry_run=False)).items
     assert len(items) == 4 and all(i.existing is not None and not i.inserted for i in items)
     await runtime.dispatcher.run()
     assert len(paubox.messages) == 4

@@ -164,8 +164,35 @@ async def test_bad_notifications_are_refused_with_an_operation_outcome(hub: Hub,
     assert hub.paubox.messages == []
 
 
-async def test_an_invalid_pushed_resource_is_refused(hub: Hub) -> None:
+async def test_an_invalid_pushed_resource_is_quarantined_and_answered_422(hub: Hub) -> None:
     bad = {"resourceType": "Appointment", "id": "a9", "status": "booked", "participant": [{"status": 5}]}
     response = await hub.client.put("/fhir/ehr/notify/Appointment/a9", content=json.dumps(bad),
                                     headers={"Authorization": SECRET})
-    assert response.status_code == 400 and "not valid FHIR R4" in response.text
+    assert response.status_code == 422 and "not valid FHIR R4" in response.text
+
+
+async def test_a_notification_with_poison_resources_answers_422_and_processes_the_others(hub: Hub) -> None:
+    """Resources that cannot be processed (an instant beyond the calendar in UTC, CR/LF in a patient
+    reference) are quarantined and named in a 422 OperationOutcome; the others in the bundle are processed."""
+    good = [hub.fhir.put(appointment(f"g{i}", "p1", SOON + timedelta(days=i))) for i in (1, 2)]
+    extreme = {**appointment("x1", "p1", SOON), "start": "9999-12-31T20:00:00-14:00",
+               "meta": {"versionId": "1"}}
+    crlf = {**appointment("x2", "p1", SOON), "meta": {"versionId": "1"},
+            "participant": [{"actor": {"reference": "Patient/p1\r\nX"}, "status": "accepted"}]}
+    resources = [good[0], extreme, crlf, good[1]]
+    response = await hub.post(status_bundle("event-notification", 4, [1, 2, 3, 4], ["g1", "x1", "x2", "g2"],
+                                            resources))
+    assert response.status_code == 422
+    issues = [issue["diagnostics"] for issue in response.json()["issue"]]
+    assert [text.split(" not processed: ")[0] for text in issues] == ["Appointment/x1 v1", "Appointment/x2 v1"]
+    assert "Appointment.start" in issues[0] and "participant[0].actor.reference" in issues[1]
+    await hub.runtime.dispatcher.run()
+    assert len(hub.paubox.messages) == 2
+    assert {seen.resource_id for _, seen in hub.runtime.ledger.problems(10)} == {"x1", "x2"}
+
+
+async def test_a_pushed_appointment_with_an_extreme_date_is_a_4xx_not_a_500(hub: Hub) -> None:
+    resource = {**appointment("x3", "p1", SOON), "start": "9999-12-31T20:00:00-14:00"}
+    response = await hub.client.put("/fhir/ehr/notify/Appointment/x3", content=json.dumps(resource),
+                                    headers={"Authorization": SECRET})
+    assert response.status_code == 422 and response.json()["resourceType"] == "OperationOutcome"

@@ -9,7 +9,6 @@ but the sealed inbox row holds its content) and the address read with the mappin
 from __future__ import annotations
 
 import asyncio
-import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -17,20 +16,23 @@ from typing import Any
 import httpx
 import structlog
 
-from connector import optout
+from connector import metrics, optout
+from connector.addresses import usable
 from connector.config import Config
 from connector.crm.hubspot import HubSpotClient
 from connector.crm.inbox import Keyring, SealError
-from connector.errors import SourceError
-from connector.ledger import NotificationRecord
-from connector.ledger.sql import SqlLedger
+from connector.errors import ResourceError, SourceError
+from connector.intake import check_storable, reason
+from connector.ledger import NotificationRecord, SeenVersion
+from connector.ledger.sql import SqlLedger, unavailable
+from connector.logs import safe_text, where
 from connector.mapping.engine import RenderError, plan_crm, render_crm
 from connector.mapping.loader import Mapping, MappingSet
 from connector.models import Clock, Email, PlannedNotification, State
 from connector.timing import QuietHours
 
 log = structlog.get_logger("connector.crm")
-_EMAIL = re.compile(r"^[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+$")
+Outcome = tuple[Any, list[PlannedNotification], SeenVersion | None]  # inbox row, its notifications, quarantine
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,22 @@ class CrmProcessor:
         self.quiet = QuietHours(quiet.start, quiet.end) if quiet else None
 
     def _open(self, row: Any) -> dict[str, Any]:
-        return self.keyring.open(row.key_id, row.source, row.event_id, row.sealed)
+        event: Any = self.keyring.open(row.key_id, row.source, row.event_id, row.sealed)
+        if not isinstance(event, dict):
+            raise ResourceError(f"CRM event {row.id} of {row.source!r} is not a JSON object")
+        return event
+
+    def _plan_event(self, row: Any) -> list[PlannedNotification]:
+        """The notifications one stored event calls for; raises whatever is wrong with this event."""
+        planned = self._plan(row, self._open(row))
+        check_storable(planned)
+        return planned
+
+    def _outcome(self, row: Any) -> Outcome:
+        try:
+            return row, self._plan_event(row), None
+        except Exception as exc:  # noqa: BLE001 - one event is quarantined, whatever went wrong
+            return row, [], quarantine(row, exc, "planning")
 
     def _plan(self, row: Any, event: dict[str, Any]) -> list[PlannedNotification]:
         zone = self.config.crm[row.source].timezone if row.source in self.config.crm else "UTC"
@@ -71,36 +88,54 @@ class CrmProcessor:
         return result.notifications
 
     async def process(self, limit: int = 500) -> int:
-        """Plan every unprocessed inbox event. Returns how many events were processed."""
+        """Plan every unprocessed inbox event. An event that cannot be processed (unreadable, not the shape
+        a mapping expects, a key that cannot be stored, anything unexpected) is quarantined: marked processed
+        with the reason, kept in the inbox until its retention, and out of the others' way. Returns how many
+        events were processed."""
         rows = await asyncio.to_thread(self.ledger.inbox_pending, limit)
-        done: list[int] = []
-        planned: list[PlannedNotification] = []
-        for row in rows:
+        if not rows:
+            return 0
+        outcomes = [self._outcome(row) for row in rows]
+        try:
+            inserted = await asyncio.to_thread(self.ledger.inbox_commit, [row.id for row, _, _ in outcomes],
+                                               [n for _, planned, _ in outcomes for n in planned],
+                                               [(row.source, q) for row, _, q in outcomes if q])
+        except Exception as exc:
+            if unavailable(exc):
+                raise
+            log.error("crm.batch_refused", problem=where(exc), action="recording each event alone")
+            inserted = await self._commit_each(outcomes)
+        for row, _, problem in outcomes:
+            if problem is not None:
+                log.error("crm.quarantined", source=row.source, inbox=row.id, problem=problem.problem)
+                metrics.inc("connector_quarantined_total", source=row.source)
+        log.info("crm.processed", events=len(outcomes), notifications=len(inserted),
+                 quarantined=sum(1 for _, _, q in outcomes if q))
+        return len(outcomes)
+
+    async def _commit_each(self, outcomes: list[Outcome]) -> list[str]:
+        """One transaction per event; an event the ledger refuses is quarantined (`outcomes` is updated)."""
+        inserted: list[str] = []
+        for index, (row, planned, problem) in enumerate(outcomes):
             try:
-                event = self._open(row)
-            except SealError as exc:
-                # Kept in the inbox (until its retention) for a person, but no longer in the queue's way.
-                log.error("crm.unreadable", source=row.source, inbox=row.id, problem=str(exc))
-                done.append(row.id)
-                continue
-            planned += self._plan(row, event)
-            done.append(row.id)
-        if done:
-            inserted = await asyncio.to_thread(self.ledger.inbox_commit, done, planned)
-            log.info("crm.processed", events=len(done), notifications=len(inserted))
-        return len(done)
+                inserted += await asyncio.to_thread(self.ledger.inbox_commit, [row.id], planned,
+                                                    [(row.source, problem)] if problem else [])
+            except Exception as exc:
+                if unavailable(exc):
+                    raise
+                refused = quarantine(row, exc, "recording")
+                outcomes[index] = (row, [], refused)
+                await asyncio.to_thread(self.ledger.inbox_commit, [row.id], [], [(row.source, refused)])
+        return inserted
 
     async def replay(self, source: str, since: datetime | None, until: datetime | None
-                     ) -> list[PlannedNotification]:
-        """Plan the stored events of a window again (nothing is recorded: the caller decides)."""
+                     ) -> tuple[list[PlannedNotification], list[tuple[str, SeenVersion]]]:
+        """Plan the stored events of a window again (nothing is recorded: the caller decides). Returns the
+        notifications and the events that cannot be processed."""
         rows = await asyncio.to_thread(self.ledger.inbox_window, source, since, until)
-        planned: list[PlannedNotification] = []
-        for row in rows:
-            try:
-                planned += self._plan(row, self._open(row))
-            except SealError as exc:
-                log.error("crm.unreadable", source=row.source, inbox=row.id, problem=str(exc))
-        return planned
+        outcomes = [self._outcome(row) for row in rows]
+        return ([n for _, planned, _ in outcomes for n in planned],
+                [(row.source, q) for row, _, q in outcomes if q])
 
     async def purge(self) -> int:
         assert self.config.inbox is not None
@@ -120,7 +155,7 @@ class CrmProcessor:
             return NotSendable(State.SKIPPED, "the CRM event is no longer in the inbox (past its retention)")
         try:
             event = self._open(row)
-        except SealError as exc:
+        except (ResourceError, SealError) as exc:
             return NotSendable(State.FAILED, str(exc))
         if mapping.spec.fetch_object:
             api = self.apis.get(row.source)
@@ -138,9 +173,10 @@ class CrmProcessor:
             found = mapping.recipient(event)
         except Exception as exc:  # noqa: BLE001 - fhirpathpy raises bare Exception
             return NotSendable(State.FAILED, f"recipient path failed ({type(exc).__name__})")
-        address = next((v.strip() for v in found if isinstance(v, str) and _EMAIL.match(v.strip())), None)
+        address = next((v for v in found if usable(v)), None)  # as it is: never trimmed or split
         if address is None:
-            return NotSendable(State.SKIPPED, f"the {row.event_type} event has no address at the recipient path")
+            return NotSendable(State.SKIPPED, f"the {row.event_type} event has no usable email address at the "
+                                              "recipient path")
         match = await asyncio.to_thread(self.ledger.opted_out, optout.candidates([], address))
         if match is not None:
             return NotSendable(State.SKIPPED, f"the address opted out ({match.created_at.date().isoformat()})")
@@ -151,3 +187,9 @@ class CrmProcessor:
                               default_reply_to=self.config.delivery.reply_to)
         except RenderError as exc:
             return NotSendable(State.FAILED, str(exc))
+
+
+def quarantine(row: Any, exc: BaseException, stage: str) -> SeenVersion:
+    """The record of a CRM event that cannot be processed: kept with the seen resource versions, as
+    `CrmEvent/<inbox id>` at version `<event id>`."""
+    return SeenVersion("CrmEvent", str(row.id), safe_text(row.event_id, 128), None, reason(exc, stage))

@@ -38,6 +38,16 @@ def build_payload(email: Email) -> dict[str, Any]:
     return {"data": {"message": {"recipients": [email.to], "headers": headers, "content": content}}}
 
 
+def encode(body: dict[str, Any]) -> bytes:
+    """The JSON bytes of a request body. Raises ValueError (UnicodeEncodeError for a lone surrogate, a
+    number JSON cannot carry) before anything is sent: the message, not Paubox, is at fault."""
+    return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+
+
+def unencodable(exc: Exception) -> Outcome:
+    return Outcome(Verdict.FAILED, f"not sent: the message cannot be encoded as JSON ({type(exc).__name__})")
+
+
 def error_title(body: bytes) -> str:
     """A short description from any of Paubox's error shapes, with anything like an address removed."""
     try:
@@ -151,27 +161,61 @@ class PauboxRestMailer:
             limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
         )
 
-    async def send(self, email: Email) -> Outcome:
+    def _request(self, path: str, content: bytes) -> httpx.Request | Outcome:
+        """The request, or why it could not be built (nothing has left: never in doubt)."""
         try:
-            response = await self._client.post("messages", json=build_payload(email))
+            return self._client.build_request("POST", path, content=content,
+                                              headers={"Content-Type": "application/json"})
+        except Exception as exc:  # noqa: BLE001 - nothing was sent, whatever broke
+            return Outcome(Verdict.RETRY, f"not sent: the request could not be built ({type(exc).__name__}); "
+                                          "check delivery.paubox", blocking=True)
+
+    async def _post(self, path: str, content: bytes) -> httpx.Response | Outcome:
+        """Send a request. Failures before it is built are retried or failed; only what happens once it may
+        have left can be in doubt."""
+        request = self._request(path, content)
+        if isinstance(request, Outcome):
+            return request
+        try:
+            return await self._client.send(request)
         except httpx.HTTPError as exc:
             return classify_exception(exc)
         except Exception as exc:  # noqa: BLE001 - whatever broke, the request may have left: never resend blindly
             return Outcome(Verdict.IN_DOUBT, f"unexpected {type(exc).__name__} while sending",
                            signal=Signal.SERVER_ERROR)
+
+    async def send(self, email: Email) -> Outcome:
+        try:
+            content = encode(build_payload(email))
+        except ValueError as exc:
+            return unencodable(exc)
+        response = await self._post("messages", content)
+        if isinstance(response, Outcome):
+            return response
         return classify(response.status_code, response.content, response.headers, self._server_errors)
 
     async def send_many(self, emails: list[Email]) -> list[Outcome]:
         """`POST {base}/bulk_messages`: tracking ids come back in request order. Any answer that does not
-        account for every message (lost, 5xx, wrong length) leaves every one of them in doubt."""
-        body = {"data": {"messages": [build_payload(e)["data"]["message"] for e in emails]}}
-        try:
-            response = await self._client.post("bulk_messages", json=body)
-        except httpx.HTTPError as exc:
-            return [classify_exception(exc)] * len(emails)
-        except Exception as exc:  # noqa: BLE001 - as in send()
-            return [Outcome(Verdict.IN_DOUBT, f"unexpected {type(exc).__name__} while sending",
-                            signal=Signal.SERVER_ERROR)] * len(emails)
+        account for every message (lost, 5xx, wrong length) leaves every one of them in doubt. A message that
+        cannot be encoded fails alone; the others go without it."""
+        messages: list[Any] = []
+        for email in emails:
+            try:
+                message = build_payload(email)["data"]["message"]
+                encode(message)
+                messages.append(message)
+            except ValueError as exc:
+                messages.append(unencodable(exc))
+        sendable = [(e, m) for e, m in zip(emails, messages, strict=True) if not isinstance(m, Outcome)]
+        outcomes = iter(await self._send_bulk([e for e, _ in sendable], [m for _, m in sendable]))
+        return [m if isinstance(m, Outcome) else next(outcomes) for m in messages]
+
+    async def _send_bulk(self, emails: list[Email], messages: list[dict[str, Any]]) -> list[Outcome]:
+        if not emails:
+            return []
+        response = await self._post("bulk_messages", encode({"data": {"messages": messages}}))
+        if isinstance(response, Outcome):
+            return [response] * len(emails)
         if response.status_code in (400, 413, 422) and len(emails) > 1:
             # Refused as a whole (nothing was accepted) and Paubox does not say which item: one by one.
             return [await self.send(email) for email in emails]

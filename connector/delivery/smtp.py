@@ -32,7 +32,6 @@ import re
 import ssl
 from dataclasses import dataclass
 from datetime import datetime
-from email.errors import MessageError
 from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
 from email.utils import format_datetime, make_msgid, parseaddr
@@ -195,7 +194,7 @@ class PauboxSmtpMailer:
             content = wire_content(msg)
         except _Unbuildable as exc:
             return Outcome(Verdict.FAILED, f"message could not be built: {exc}")
-        except (ValueError, TypeError, LookupError, MessageError) as exc:  # their texts may quote values
+        except Exception as exc:  # noqa: BLE001 - nothing was sent; their texts may quote values
             return Outcome(Verdict.FAILED, f"message could not be built: {type(exc).__name__}")
         async with self._slots:
             if self._closed:
@@ -216,6 +215,8 @@ class PauboxSmtpMailer:
                     if not stale:
                         log.debug("smtp.send_failed", error=type(exc).__name__, content_sent=progress.content_sent)
                         return classify_exception(exc, content_sent=progress.content_sent)
+                except Exception as exc:  # noqa: BLE001 - a bug: in doubt only once the content may have left
+                    return classify_exception(exc, content_sent=progress.content_sent)
                 finally:
                     if smtp is not None:
                         self._give_back(smtp, reusable)

@@ -28,7 +28,8 @@ class SeenVersion:
     resource_id: str
     version: str
     last_updated: datetime | None
-    problem: str | None = None
+    problem: str | None = None  # set: quarantined, with the reason
+    seen_at: datetime | None = None  # when it was recorded (read back from the ledger)
 
 
 @dataclass(frozen=True)

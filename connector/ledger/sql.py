@@ -14,7 +14,10 @@ from typing import Any
 from sqlalchemy import Engine, String, and_, bindparam, case, create_engine, event, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from connector.errors import LedgerError
 from connector.ledger import NotificationRecord, OptOut, SeenVersion, SendResult, Withdrawal
 from connector.ledger.schema import (
     AppointmentStateRow,
@@ -75,6 +78,13 @@ def make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+def unavailable(exc: BaseException) -> bool:
+    """The ledger itself failed (unreachable, locked, out of connections), as opposed to refusing the data it
+    was given: the work is abandoned and tried again, nothing is quarantined."""
+    return isinstance(exc, OperationalError | InterfaceError | DisconnectionError | PoolTimeout | LedgerError |
+                      OSError)
 
 
 def _now() -> datetime:
@@ -309,10 +319,14 @@ class SqlLedger:
         with self.engine.connect() as conn:
             return conn.execute(select(INBOX).where(INBOX.c.id == inbox_id)).first()
 
-    def inbox_commit(self, inbox_ids: Sequence[int], notifications: Sequence[PlannedNotification]) -> list[str]:
-        """Planned notifications and the events they came from, marked processed, in one transaction."""
+    def inbox_commit(self, inbox_ids: Sequence[int], notifications: Sequence[PlannedNotification],
+                     quarantined: Sequence[tuple[str, SeenVersion]] = ()) -> list[str]:
+        """Planned notifications and the events they came from, marked processed, in one transaction; events
+        that could not be processed are recorded as quarantined ((source, record) pairs)."""
         with self.engine.begin() as conn:
             inserted = self._insert_notifications(conn, notifications)
+            for source, seen in quarantined:
+                self._remember(conn, source, [seen])
             if inbox_ids:
                 conn.execute(update(INBOX).where(INBOX.c.id.in_(list(inbox_ids))).values(processed_at=_now()))
         return inserted
@@ -471,6 +485,21 @@ class SqlLedger:
                          .values(state=state.value, reason=reason[:500], updated_at=_now(), lease_owner=None,
                                  lease_until=None))
 
+    def prepare_failed(self, notification_id: int, owner: str, reason: str, due_at: datetime | None) -> None:
+        """Preparing a leased notification crashed: one attempt spent, then pending again at `due_at`, or
+        `failed` when `due_at` is None (the attempts or the age are used up)."""
+        now = _now()
+        values: dict[str, Any] = {"attempts": N.c.attempts + 1, "reason": reason[:500], "updated_at": now,
+                                  "first_attempt_at": func.coalesce(N.c.first_attempt_at, now), "lease_owner": None,
+                                  "lease_until": None}
+        if due_at is None:
+            values["state"] = State.FAILED.value
+        else:
+            values["due_at"] = due_at
+        with self.engine.begin() as conn:
+            conn.execute(update(N).where(N.c.id == notification_id, N.c.state == State.PENDING.value,
+                                         N.c.lease_owner == owner).values(**values))
+
     def release(self, owner: str | None, notification_ids: Sequence[int] | None = None) -> int:
         condition = N.c.state == State.PENDING.value
         condition = and_(condition, N.c.lease_owner.is_not(None) if owner is None else N.c.lease_owner == owner)
@@ -583,11 +612,18 @@ class SqlLedger:
                                 .order_by(N.c.due_at, N.c.id).limit(limit))
             return [_record(r) for r in rows]
 
+    def quarantined(self) -> dict[str, int]:
+        """How many resource versions and events are quarantined, per source."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(S.c.source, func.count()).where(S.c.problem.is_not(None)).group_by(S.c.source))
+            return {source: count for source, count in rows}
+
     def problems(self, limit: int) -> list[tuple[str, SeenVersion]]:
+        """The latest quarantined resource versions and events, newest first."""
         with self.engine.connect() as conn:
             rows = conn.execute(select(S).where(S.c.problem.is_not(None)).order_by(S.c.seen_at.desc()).limit(limit))
-            return [(r.source, SeenVersion(r.resource_type, r.resource_id, r.version, r.last_updated, r.problem))
-                    for r in rows]
+            return [(r.source, SeenVersion(r.resource_type, r.resource_id, r.version, r.last_updated, r.problem,
+                                           r.seen_at)) for r in rows]
 
     def cursors(self) -> dict[str, datetime]:
         with self.engine.connect() as conn:

@@ -73,6 +73,16 @@ DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 LATEST = datetime.max.replace(tzinfo=UTC)
 
 
+class FhirJson(JSONResponse):
+    """JSON as many servers write it, every non-ASCII character escaped (`\\u00e9`): a lone surrogate that a
+    test planted in a resource goes out as the escape `\\ud800`, which a client's parser reads back as it."""
+
+    media_type = FHIR_JSON
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
 def instant(moment: datetime) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -518,7 +528,7 @@ def create_app(state: FhirState) -> Starlette:
         if state.malformed_pages:
             state.malformed_pages -= 1
             return Response(json.dumps(bundle)[:-40], media_type=FHIR_JSON)
-        return JSONResponse(bundle, media_type=FHIR_JSON)
+        return FhirJson(bundle)
 
     def included_patients(chunk: list[Resource], base: str) -> list[Resource]:
         entries: list[Resource] = []
@@ -629,8 +639,7 @@ def create_app(state: FhirState) -> Starlette:
             if resource is None:
                 gone = (rtype, rid) in state.deleted
                 return _outcome(410 if gone else 404, "deleted" if gone else "not-found", f"{rtype}/{rid}")
-            return JSONResponse(resource, media_type=FHIR_JSON,
-                                headers={"ETag": f'W/"{resource["meta"]["versionId"]}"'})
+            return FhirJson(resource, headers={"ETag": f'W/"{resource["meta"]["versionId"]}"'})
         if request.method == "DELETE":
             state.delete(rtype, rid)
             return Response(status_code=204)

@@ -13,6 +13,7 @@ from typing import Any
 
 from connector.errors import ResourceError
 from connector.fhir import reference_id
+from connector.logs import safe_text
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ def _number(value: Any) -> int | None:
 
 
 def _reference(value: Any) -> str:
-    return str(value.get("reference") or "")[:300] if isinstance(value, dict) else ""
+    return safe_text(value.get("reference") or "", 300) if isinstance(value, dict) else ""
 
 
 def parse_bundle(bundle: Any, base_url: str) -> Notification:
@@ -82,7 +83,7 @@ def _from_parameters(status: dict[str, Any]) -> dict[str, Any]:
         elif name == "subscription":
             found["subscription"] = _reference(value)
         elif name == "status":
-            found["status"] = value[:32] if isinstance(value, str) and value else None
+            found["status"] = safe_text(value, 32) if isinstance(value, str) and value else None
         elif name == "events-since-subscription-start":
             found["events_since"] = _number(value)
         elif name == "notification-event":
@@ -104,7 +105,7 @@ def _from_subscription_status(status: dict[str, Any]) -> dict[str, Any]:
     return {
         "kind": str(status.get("type") or "")[:32],
         "subscription": _reference(status.get("subscription")),
-        "status": state[:32] if isinstance(state, str) else None,
+        "status": safe_text(state, 32) if isinstance(state, str) else None,
         "events_since": _number(status.get("eventsSinceSubscriptionStart")),
         "event_numbers": [n for n in (_number(e.get("eventNumber")) for e in events) if n is not None],
         "focus": [_reference(e.get("focus")) for e in events],

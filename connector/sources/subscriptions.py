@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from connector import fhir, metrics
+from connector import metrics
 from connector.config import Config, FhirPollSourceConfig
 from connector.errors import ResourceError, SourceError
 from connector.ledger.sql import SqlLedger
@@ -38,12 +38,13 @@ log = structlog.get_logger("connector.subscriptions")
 BACKPORT = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/"
 
 
-def outcome(status: int, code: str, text: str, reason: str) -> JSONResponse:
-    """An OperationOutcome answer, counted and logged by reason (never the body)."""
+def outcome(status: int, code: str, text: str | list[str], reason: str) -> JSONResponse:
+    """An OperationOutcome answer (one issue per text), counted and logged by reason (never the body)."""
     metrics.refused("fhir-subscription", reason)
     log.warning("request.rejected", endpoint="fhir-subscription", status=status, reason=reason)
+    texts = [text] if isinstance(text, str) else text
     return JSONResponse({"resourceType": "OperationOutcome",
-                         "issue": [{"severity": "error", "code": code, "diagnostics": text}]},
+                         "issue": [{"severity": "error", "code": code, "diagnostics": t} for t in texts]},
                         status_code=status, media_type="application/fhir+json")
 
 
@@ -137,12 +138,12 @@ class SubscriptionHub:
         return await self._take(name, [resource])
 
     async def _take(self, name: str, resources: list[dict[str, Any]]) -> Response:
-        for resource in resources:
-            try:
-                fhir.validate(resource)
-            except ResourceError as exc:
-                return outcome(400, "invalid", str(exc), "invalid resource")
-        await self.planner.ingest(name, resources)
+        """Process the resources one version at a time. Any that cannot be processed is quarantined (see
+        connector.intake) and named in a 422 answer; the others are processed all the same."""
+        committed = await self.planner.ingest(name, resources)
+        if committed.quarantined:
+            return outcome(422, "processing", [f"{q.resource_type}/{q.resource_id} v{q.version} not processed: "
+                                               f"{q.problem}" for q in committed.quarantined], "resource quarantined")
         return Response(status_code=200)
 
     def resync(self, name: str, reason: str) -> None:

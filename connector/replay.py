@@ -1,0 +1,97 @@
+"""Replays and dry runs: read a window of a source (or a file) again and plan it with the mappings. The
+ledger's keys keep what it already holds from being added twice; neither the cursor nor the remembered
+states move. Versions that cannot be processed are listed as quarantined, with the reason."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from connector import fhir
+from connector.intake import examine
+from connector.ledger import NotificationRecord, SeenVersion
+from connector.mapping.engine import PlanNote
+from connector.models import PlannedNotification
+from connector.pipeline import Planner, recorded
+
+
+@dataclass
+class ReplayItem:
+    notification: PlannedNotification
+    existing: NotificationRecord | None
+    inserted: bool
+
+
+@dataclass
+class Replay:
+    items: list[ReplayItem] = field(default_factory=list)
+    notes: list[tuple[str, PlanNote]] = field(default_factory=list)  # (appointment id, note)
+    quarantined: list[tuple[str, SeenVersion]] = field(default_factory=list)  # (source, version with its problem)
+
+    def __iadd__(self, other: Replay) -> Replay:
+        self.items += other.items
+        self.notes += other.notes
+        self.quarantined += other.quarantined
+        return self
+
+
+async def pages_between(planner: Planner, name: str, since: datetime | None, until: datetime | None
+                        ) -> AsyncIterator[fhir.SearchPage]:
+    """The appointments a replay or dry run reads, the way the source is configured: changed in
+    [since, until] (last-updated, history), or starting in [since, until] (date-window; default the
+    configured window). Deletions are left out: they are not replayed."""
+    source = planner.sources[name]
+    strategy = source.config.strategy
+    if strategy == "last-updated":
+        async for page in source.pages(since, until):
+            yield page
+    elif strategy == "history":
+        async for page in source.history_pages(since):
+            page.matches = [m for m in page.matches if not m.get("_deleted") and
+                            (until is None or (fhir.last_updated(m) or until) <= until)]
+            yield page
+    else:
+        now = planner.clock()
+        window = source.config.window
+        async for page in source.window_pages(since or now - window.past, until or now + window.future):
+            yield page
+
+
+async def replan(planner: Planner, name: str, pages: AsyncIterator[fhir.SearchPage] | Iterable[fhir.SearchPage],
+                 dry_run: bool, first_sight: bool = True) -> Replay:
+    """Plan every appointment in `pages` as if seen for the first time (or, with first_sight=False, as the
+    next poll would). Unless `dry_run`, new notifications and quarantined versions are recorded."""
+    result = Replay()
+    keys: set[str] = set()
+    ledger = planner.ledger
+    async for page in _aiter(pages):
+        examined = examine(page, None, planner.config.sources[name].base_url)
+        decision = await planner.decide_page(name, examined, first_sight)
+        quarantined = [s for s in recorded(examined, decision) if s.problem]
+        planned = []
+        for notification in decision.notifications:  # several versions may plan one key
+            if notification.key not in keys:
+                keys.add(notification.key)
+                planned.append(notification)
+        existing = await asyncio.to_thread(ledger.existing, [p.key for p in planned])
+        inserted: set[str] = set()
+        if not dry_run:
+            inserted = set(await asyncio.to_thread(ledger.record_page, name, planned, quarantined, None, {},
+                                                   decision.withdrawals))
+            planner.remember(name, page)
+        result.items += [ReplayItem(p, existing.get(p.key), p.key in inserted) for p in planned]
+        result.notes += decision.notes
+        result.quarantined += [(name, q) for q in quarantined]
+    return result
+
+
+async def _aiter(pages: AsyncIterator[Any] | Iterable[Any]) -> AsyncIterator[Any]:
+    if hasattr(pages, "__aiter__"):
+        async for page in pages:
+            yield page
+    else:
+        for page in pages:
+            yield page
