@@ -19,6 +19,7 @@ import hmac
 from typing import Any
 
 import structlog
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -27,6 +28,7 @@ from connector import fhir, metrics
 from connector.config import Config, FhirPollSourceConfig
 from connector.errors import ResourceError, SourceError
 from connector.ledger.sql import SqlLedger
+from connector.logs import where
 from connector.models import Clock
 from connector.pipeline import Planner
 from connector.sources.fhir_poll import FhirPollSource
@@ -42,6 +44,7 @@ def outcome(status: int, code: str, text: str, reason: str) -> JSONResponse:
     """An OperationOutcome answer, counted and logged by reason (never the body)."""
     metrics.refused("fhir-subscription", reason)
     log.warning("request.rejected", endpoint="fhir-subscription", status=status, reason=reason)
+    text = text.encode("utf-8", "replace").decode()  # never a 500 for a message that cannot be encoded
     return JSONResponse({"resourceType": "OperationOutcome",
                          "issue": [{"severity": "error", "code": code, "diagnostics": text}]},
                         status_code=status, media_type="application/fhir+json")
@@ -88,8 +91,8 @@ class SubscriptionHub:
             return Response(status_code=200)
         try:
             document = loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return outcome(400, "structure", "the body is not JSON", "not JSON")
+        except ValueError as exc:  # jsontext.BadJson: a fixed reason
+            return outcome(400, "structure", str(exc), "not JSON")
         kind = document.get("resourceType") if isinstance(document, dict) else None
         if kind == "Appointment":
             return await self._take(name, [document])
@@ -129,8 +132,8 @@ class SubscriptionHub:
         name, body = admitted
         try:
             resource = loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return outcome(400, "structure", "the body is not JSON", "not JSON")
+        except ValueError as exc:  # jsontext.BadJson: a fixed reason
+            return outcome(400, "structure", str(exc), "not JSON")
         if not isinstance(resource, dict) or resource.get("resourceType") != "Appointment" or \
                 str(resource.get("id")) != request.path_params["id"]:
             return outcome(400, "structure", "expected the Appointment named in the URL", "wrong resource")
@@ -142,7 +145,15 @@ class SubscriptionHub:
                 fhir.validate(resource)
             except ResourceError as exc:
                 return outcome(400, "invalid", str(exc), "invalid resource")
-        await self.planner.ingest(name, resources)
+        try:
+            await self.planner.ingest(name, resources)
+        except (SQLAlchemyError, OSError):
+            raise  # the ledger or the source is unreachable: a 5xx, and the EHR sends it again
+        except Exception as exc:  # noqa: BLE001 - data that cannot be planned is the sender's, not a 500
+            log.error("subscription.unprocessable", source=name, resources=[fhir.describe(r) for r in resources][:5],
+                      problem=where(exc))
+            return outcome(422, "processing", "a resource in the notification could not be processed",
+                           "unprocessable resource")
         return Response(status_code=200)
 
     def resync(self, name: str, reason: str) -> None:
