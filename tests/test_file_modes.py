@@ -56,7 +56,7 @@ def test_a_rendered_email_is_written_0600(tmp_path: Path, umask: int) -> None:
         {"resource": patient("p1", "Robin", email="robin@example.org")}]}
     (tmp_path / "bundle.json").write_text(json.dumps(bundle))
     (tmp_path / "out.html").write_text("an older file, readable by all")
-    os.chmod(tmp_path / "out.html", 0o644)
+    (tmp_path / "out.html").chmod(0o644)
     result = connector("render", "appointment-booked", "--resource", "bundle.json", "--mappings",
                        str(ROOT / "mappings"), "--html-out", "out.html", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -130,7 +130,7 @@ async def test_a_body_dripping_slowly_gets_a_408_at_the_body_timeout_and_is_no_c
 async def test_a_client_that_leaves_mid_body_is_logged_as_a_disconnect_at_info_not_a_crash(serve: Serve) -> None:
     port = await serve("")
     with capture_logs() as logs:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"POST /fhir/ehr/notify HTTP/1.1\r\nHost: connector.example.org\r\nAuthorization: "
                      + SECRET.encode() + b"\r\nContent-Length: 1000\r\n\r\n{\"resourceType\":")
         await writer.drain()
