@@ -19,7 +19,8 @@ import hmac
 from typing import Any
 
 import structlog
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeout
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -147,8 +148,10 @@ class SubscriptionHub:
                 return outcome(400, "invalid", str(exc), "invalid resource")
         try:
             await self.planner.ingest(name, resources)
-        except (SQLAlchemyError, OSError):
-            raise  # the ledger or the source is unreachable: a 5xx, and the EHR sends it again
+        except (OperationalError, InterfaceError, SQLAlchemyTimeout, OSError) as exc:
+            log.error("subscription.not_recorded", source=name, problem=where(exc))
+            return outcome(503, "transient", "the notification could not be recorded now; send it again",
+                           "ledger unavailable")  # the EHR retries: nothing is lost
         except Exception as exc:  # noqa: BLE001 - data that cannot be planned is the sender's, not a 500
             log.error("subscription.unprocessable", source=name, resources=[fhir.describe(r) for r in resources][:5],
                       problem=where(exc))
