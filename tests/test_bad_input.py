@@ -96,3 +96,19 @@ async def test_paubox_webhook_fields_that_cannot_be_stored_are_refused_or_ignore
     for when in ("9999-12-31T20:00:00-14:00", "0001-01-01T00:00:00+14:00"):  # not representable in UTC
         assert (await endpoints.paubox(event("ehr:a1|booked", when))).status_code == 200
     assert (await endpoints.paubox(event("ehr:a1|booked", to="robin\x00@example.org"))).status_code == 200
+
+
+async def test_unusable_focus_ids_and_subscription_references_in_a_notification_get_400(endpoints: Endpoints) -> None:
+    def notification(subscription: str, focus: str) -> bytes:
+        return json.dumps({"resourceType": "Bundle", "type": "history", "entry": [{"resource": {
+            "resourceType": "Parameters", "parameter": [
+                {"name": "type", "valueCode": "event-notification"}, {"name": "status", "valueCode": "active"},
+                {"name": "subscription", "valueReference": {"reference": subscription}},
+                {"name": "notification-event", "part": [
+                    {"name": "event-number", "valueString": "1"},
+                    {"name": "focus", "valueReference": {"reference": focus}}]}]}}]}).encode()
+
+    answers = [await endpoints.notify(notification("Subscription/s1", "http://fhir.test/Appointment/a\x001")),
+               await endpoints.notify(notification("Subscription/s1", "Appointment/a 1?_format=xml")),
+               await endpoints.notify(notification("Subscription/s\x001", "Appointment/a1"))]  # PostgreSQL: NUL
+    assert [a.status_code for a in answers] == [400, 400, 400]
