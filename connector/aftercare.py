@@ -78,7 +78,8 @@ class Aftercare:
         if not isinstance(name, str) or not isinstance(payload, dict):
             raise ConnectorError("not a Paubox webhook event (event_name and payload expected)")
         if name not in WEBHOOK_EVENTS:
-            log.info("webhook.ignored", event_name=name[:64], problem="unknown event name")
+            log.info("webhook.ignored", event_name=name[:64] if jsontext.storable(name) else "(unprintable)",
+                     problem="unknown event name")
             metrics.inc("connector_webhook_events_total", event="unknown", result="ignored")
             return WebhookResult("ignored")
         key = _notification_key(payload)
