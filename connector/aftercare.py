@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Protocol, runtime_checkable
 
 import structlog
 
-from connector import metrics, optout
+from connector import jsontext, metrics, optout
 from connector.config import Config
 from connector.delivery.paubox import NOTIFICATION_HEADER
 from connector.delivery.status import WEBHOOK_EVENTS, from_receipt
@@ -45,8 +46,23 @@ def _notification_key(payload: dict[str, Any]) -> str | None:
         return None
     for name, value in headers.items():
         if isinstance(name, str) and name.lower() == NOTIFICATION_HEADER.lower() and isinstance(value, str):
-            return value
+            return _ours(value)
     return None
+
+
+def _ours(value: Any) -> str | None:
+    """A key or tracking id that could be one of ours: printable text of a sane length. Anything else (NUL,
+    which PostgreSQL refuses; control characters) names no notification, so the event is not about us."""
+    return value if isinstance(value, str) and 0 < len(value) <= 512 and jsontext.storable(value) else None
+
+
+def _when(value: Any, fallback: datetime) -> datetime:
+    """The event's time, if it is one the ledger can store in UTC (not year 1 at +14:00 or 9999 at -14:00)."""
+    found = parse_instant(value)
+    try:
+        return found.astimezone(UTC) if found is not None else fallback
+    except OverflowError:
+        return fallback
 
 
 class Aftercare:
@@ -62,22 +78,23 @@ class Aftercare:
         if not isinstance(name, str) or not isinstance(payload, dict):
             raise ConnectorError("not a Paubox webhook event (event_name and payload expected)")
         if name not in WEBHOOK_EVENTS:
-            log.info("webhook.ignored", event_name=name[:64], problem="unknown event name")
+            log.info("webhook.ignored", event_name=name[:64] if jsontext.storable(name) else "(unprintable)",
+                     problem="unknown event name")
             metrics.inc("connector_webhook_events_total", event="unknown", result="ignored")
             return WebhookResult("ignored")
         key = _notification_key(payload)
-        tracking = payload.get("source_tracking_id") if isinstance(payload.get("source_tracking_id"), str) else None
+        tracking = _ours(payload.get("source_tracking_id"))
         if key is None and tracking is None:
             metrics.inc("connector_webhook_events_total", event=name, result="ignored")
             return WebhookResult("ignored")
         status, rank = WEBHOOK_EVENTS[name]
-        when = parse_instant(payload.get("time")) or self.clock()
+        when = _when(payload.get("time"), self.clock())
         confirmed = key is not None and await asyncio.to_thread(
             self.ledger.confirm, key, tracking, f"confirmed by a Paubox webhook ({name})")
         updated = await asyncio.to_thread(self.ledger.record_delivery, key, tracking, status, rank, when)
         if status == "hard_bounced" and self.config.delivery.paubox.optout_on_hard_bounce:
             address = payload.get("to")
-            if isinstance(address, str) and "@" in address:
+            if isinstance(address, str) and "@" in address and jsontext.storable(address) and len(address) <= 320:
                 await asyncio.to_thread(self.ledger.add_optout, "email", optout.digest("email", address),
                                         optout.hint("email", address), "hard bounce reported by Paubox")
         result = "confirmed" if confirmed else ("updated" if updated else "unchanged")

@@ -13,6 +13,7 @@ import typer
 from connector import commands, logs, optout, report
 from connector.config import Environment, load_config
 from connector.errors import ConfigError, ConnectorError
+from connector.files import write_private
 from connector.ledger.sql import SqlLedger
 from connector.models import Clock, State, fixed_clock, system_clock
 from connector.runtime import open_ledger
@@ -131,7 +132,7 @@ def render(
         raise _fail(exc) from None
     print(f"Subject: {email.subject}\n\n{email.text}")
     if email.html is not None:
-        html_out.write_text(email.html, encoding="utf-8")
+        write_private(html_out, email.html)  # it holds patient data: 0600
         print(f"(HTML part written to {html_out})", file=sys.stderr)
 
 
@@ -258,8 +259,12 @@ def optout_add(identifier: IdentifierOption = None, email: EmailOption = None,
     """Never write to this patient or address again (every mapping, every source)."""
     kind, value = _optout_target(identifier, email)
     ledger = _ledger(config)
-    added = ledger.add_optout(kind, optout.digest(kind, value), optout.hint(kind, value), note)
-    ledger.engine.dispose()
+    try:
+        added = ledger.add_optout(kind, optout.digest(kind, value), optout.hint(kind, value), note)
+    except ConnectorError as exc:
+        raise _fail(exc) from None
+    finally:
+        ledger.engine.dispose()
     report.console.print(f"{'added' if added else 'already on the list'}: {kind} {optout.hint(kind, value)}")
 
 
@@ -282,6 +287,20 @@ def optout_list(config: ConfigOption = ENV.config) -> None:
     ledger = _ledger(config)
     report.optouts(ledger.optouts())
     ledger.engine.dispose()
+
+
+@optout_app.command("rekey")
+def optout_rekey(config: ConfigOption = ENV.config) -> None:
+    """Key the opt-outs stored as plain SHA-256 digests (before optout.keys existed) with the current key
+    of optout.keys. Run once after `connector db upgrade`; running it again changes nothing."""
+    ledger = _ledger(config)
+    try:
+        result = ledger.rekey_optouts()
+    except ConnectorError as exc:
+        raise _fail(exc) from None
+    finally:
+        ledger.engine.dispose()
+    report.rekeyed(result)
 
 
 def main() -> None:

@@ -7,6 +7,8 @@ tokens, passwords) must be references, `${VAR}` or `{file: path}`, never inline 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 import zoneinfo
@@ -85,9 +87,21 @@ def resolve_secret(value: Any, info: ValidationInfo) -> Any:
     raise ValueError("secrets must be references, ${ENV_VAR} or {file: /path/to/secret}; inline values are refused")
 
 
+def _key_of_32_bytes(value: SecretStr) -> SecretStr:
+    """A key given as base64 of exactly 32 bytes (AES-256, HMAC-SHA256); the message never echoes it."""
+    try:
+        raw = base64.b64decode(value.get_secret_value(), validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != 32:
+        raise ValueError("must be base64 of exactly 32 random bytes (e.g. `openssl rand -base64 32`)")
+    return value
+
+
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 EnvStr = Annotated[str, BeforeValidator(expand_env)]
 Secret = Annotated[SecretStr, BeforeValidator(resolve_secret)]
+Key32 = Annotated[SecretStr, BeforeValidator(resolve_secret), AfterValidator(_key_of_32_bytes)]
 
 
 def _human(value: timedelta) -> str:
@@ -348,6 +362,19 @@ class ServerConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
     max_body: int = Field(1_000_000, ge=1024)
+    trusted_proxies: list[IPvAnyNetwork] = Field(default_factory=list, description="whose X-Forwarded-For and "
+                                                 "X-Forwarded-Proto are believed; empty: nobody's")
+    header_timeout: Duration = Field(timedelta(seconds=10), description="a request's headers must arrive within "
+                                     "this, or the connection is closed")
+    body_timeout: Duration = Field(timedelta(seconds=30), description="its body within this after the headers, "
+                                   "or the answer is 408 and the connection is closed")
+
+    @field_validator("header_timeout", "body_timeout")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if not timedelta(0) < value <= timedelta(hours=1):
+            raise ValueError("must be more than 0s and at most 1h")
+        return value
 
 
 class CrmSourceConfig(Strict):
@@ -389,7 +416,7 @@ class CrmSourceConfig(Strict):
 class InboxConfig(Strict):
     """Received CRM events are stored encrypted (AES-256-GCM) until processed and for `retention`."""
 
-    keys: dict[Annotated[str, Field(pattern=NAME_PATTERN)], Secret] = Field(min_length=1,
+    keys: dict[Annotated[str, Field(pattern=NAME_PATTERN)], Key32] = Field(min_length=1,
                                                                        description="key id: base64 of 32 bytes")
     current: str
     retention: Duration = timedelta(days=30)
@@ -398,6 +425,21 @@ class InboxConfig(Strict):
     def _current_exists(self) -> InboxConfig:
         if self.current not in self.keys:
             raise ValueError(f"inbox.current names {self.current!r}, which is not in inbox.keys")
+        return self
+
+
+class OptOutConfig(Strict):
+    """Opt-outs are stored as HMAC-SHA256 digests under these keys: without the key, a stolen ledger does not
+    tell whether an address is on the list. `current` keys new entries; every listed key still matches."""
+
+    keys: dict[Annotated[str, Field(pattern=NAME_PATTERN)], Key32] = Field(min_length=1,
+                                                                       description="key id: base64 of 32 bytes")
+    current: str
+
+    @model_validator(mode="after")
+    def _current_exists(self) -> OptOutConfig:
+        if self.current not in self.keys:
+            raise ValueError(f"optout.current names {self.current!r}, which is not in optout.keys")
         return self
 
 
@@ -427,6 +469,13 @@ class Config(Strict):
     server: ServerConfig | None = None
     crm: dict[Annotated[str, Field(pattern=NAME_PATTERN)], CrmSourceConfig] = Field(default_factory=dict)
     inbox: InboxConfig | None = None
+    optout: OptOutConfig | None = None
+
+    @model_validator(mode="after")
+    def _bounces_need_an_optout_key(self) -> Config:
+        if self.delivery.paubox.optout_on_hard_bounce and self.optout is None:
+            raise ValueError("delivery.paubox.optout_on_hard_bounce needs `optout:` (keys for the opt-out digests)")
+        return self
 
     @model_validator(mode="after")
     def _lease_outlasts_a_send(self) -> Config:

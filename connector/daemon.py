@@ -17,8 +17,9 @@ from datetime import UTC, datetime
 import structlog
 import uvicorn
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from starlette.applications import Starlette
 
-from connector import metrics, web
+from connector import httpserver, metrics, web
 from connector.aftercare import ReceiptReader
 from connector.dispatch import DispatchReport
 from connector.logs import where
@@ -76,17 +77,19 @@ class EmbeddedServer(uvicorn.Server):
         yield
 
 
+def web_app(runtime: Runtime) -> Starlette:
+    """Every endpoint `connector run` serves (tests drive this same app in-process)."""
+    return web.create_app(runtime.config, runtime.aftercare,
+                          health=lambda: {"mailer": runtime.dispatcher.gate.state.value},
+                          extra_routes=[*runtime.subscriptions.routes(),
+                                        *(runtime.crm_receiver.routes() if runtime.crm_receiver else [])])
+
+
 def web_server(runtime: Runtime) -> EmbeddedServer | None:
     settings = runtime.config.server
     if settings is None:
         return None
-    app = web.create_app(runtime.config, runtime.aftercare,
-                         health=lambda: {"mailer": runtime.dispatcher.gate.state.value},
-                         extra_routes=[*runtime.subscriptions.routes(),
-                                       *(runtime.crm_receiver.routes() if runtime.crm_receiver else [])])
-    # access_log off: request lines would carry the webhook path token.
-    return EmbeddedServer(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
-                                         access_log=False, lifespan="off"))
+    return EmbeddedServer(httpserver.server_config(web_app(runtime), settings))
 
 
 async def run_forever(runtime: Runtime) -> None:

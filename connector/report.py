@@ -13,6 +13,7 @@ from rich.table import Table
 from connector.commands import DryRun, Replayed
 from connector.daemon import CycleReport
 from connector.ledger import NotificationRecord, OptOut, SeenVersion
+from connector.ledger.optouts import Rekeyed
 from connector.mapping.engine import PlanNote
 from connector.models import State
 from connector.replay import ReplayItem
@@ -148,7 +149,16 @@ def _version(seen: SeenVersion) -> str:
 
 
 def optouts(entries: list[OptOut]) -> None:
-    table = _table(f"Opt-outs ({len(entries)})", ("kind", "value (masked)", "added", "note"))
+    table = _table(f"Opt-outs ({len(entries)})", ("kind", "value (masked)", "added", "note", "key"))
     for entry in entries:
-        table.add_row(entry.kind, entry.hint, entry.created_at.isoformat(timespec="minutes"), entry.note or "")
+        table.add_row(entry.kind, entry.hint, entry.created_at.isoformat(timespec="minutes"), entry.note or "",
+                      entry.key_id or "none: run `connector optout rekey`")
     console.print(table)
+
+
+def rekeyed(result: Rekeyed) -> None:
+    console.print(f"keyed {result.converted} opt-out(s) with {result.key_id!r}"
+                  + (f"; {result.merged} already there under it, merged" if result.merged else ""), markup=False)
+    for key_id, count in sorted(result.unknown.items()):
+        console.print(f"warning: {count} opt-out(s) keyed with {key_id!r}, which optout.keys no longer lists: "
+                      "they match nobody until the key is put back", markup=False)

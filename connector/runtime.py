@@ -26,10 +26,12 @@ from connector.delivery.paubox import PauboxRestMailer
 from connector.delivery.smtp import PauboxSmtpMailer
 from connector.dispatch import Dispatcher
 from connector.errors import LedgerError
+from connector.files import open_private
 from connector.ledger import migrate
 from connector.ledger.sql import SqlLedger, make_engine
 from connector.mapping.loader import MappingSet, load_mappings
 from connector.models import Clock
+from connector.optout import OptOutKeys
 from connector.pipeline import Planner
 from connector.sources.fhir_poll import FhirPollSource
 from connector.sources.subscriptions import SubscriptionHub
@@ -40,7 +42,23 @@ log = structlog.get_logger("connector.runtime")
 def open_ledger(config: Config) -> SqlLedger:
     engine = make_engine(config.ledger_url)
     migrate.ensure_current(engine)
-    return SqlLedger(engine)
+    return SqlLedger(engine, OptOutKeys.from_config(config.optout))
+
+
+def check_optouts(ledger: SqlLedger) -> None:
+    """Opt-outs keyed with a key no longer in `optout.keys` would match nobody: refuse to go on. Unkeyed ones
+    (written before keys existed) still match; say how to key them."""
+    counts = ledger.optout_key_counts()
+    keys = ledger.optout_keys
+    unknown = sorted(k for k in counts if k is not None and (keys is None or k not in keys.keys))
+    if unknown:
+        raise LedgerError(f"{sum(counts[k] for k in unknown)} opt-out(s) are keyed with {', '.join(unknown)}, which "
+                          "optout.keys no longer lists: they would match nobody. Put the key(s) back in optout.keys")
+    if counts.get(None):
+        log.warning("optout.unkeyed", count=counts[None],
+                    problem="opt-outs stored as plain SHA-256 digests; " + (
+                        "run `connector optout rekey`" if keys else
+                        "configure optout.keys, then run `connector optout rekey`"))
 
 
 def lock_sqlite(config: Config) -> IO[str] | None:
@@ -48,13 +66,14 @@ def lock_sqlite(config: Config) -> IO[str] | None:
     url = make_url(config.ledger_url)
     if url.get_backend_name() != "sqlite" or not url.database:
         return None
-    handle = Path(url.database + ".lock").open("w")  # noqa: SIM115 - held open for the life of the process
+    handle = open_private(Path(url.database + ".lock"), "a")  # held open for the life of the process
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
         raise LedgerError(f"another connector process is using the SQLite ledger {url.database}; stop it first "
                           f"(several daemons need a PostgreSQL ledger)") from None
+    handle.truncate(0)
     handle.write(str(os.getpid()))
     handle.flush()
     return handle
@@ -96,6 +115,13 @@ class Runtime:
         mappings = load_mappings(config.mappings_dir, [*config.sources, *config.crm])
         lock = lock_sqlite(config) if exclusive else None
         ledger = open_ledger(config)
+        try:
+            check_optouts(ledger)
+        except LedgerError:
+            ledger.engine.dispose()
+            if lock is not None:
+                lock.close()
+            raise
         if lock is not None:
             # This process alone uses the ledger: whatever is still `sending` was cut off by a crash.
             interrupted = ledger.mark_interrupted(datetime.now(UTC), everything=True)

@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from connector import metrics
+from connector import jsontext, metrics
 from connector.aftercare import Aftercare
 from connector.config import Config
 from connector.errors import ConnectorError
@@ -48,28 +47,41 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def loads(body: bytes) -> Any:
-    """json.loads for untrusted bodies: a nesting bomb is bad input (ValueError), not a crash."""
-    try:
-        return json.loads(body)
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
+    """JSON from an untrusted body; ValueError (jsontext.BadJson) for nesting bombs, NaN, lone surrogates."""
+    return jsontext.load(body)
 
 
 def guarded(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
     """Answer 500 for an unexpected error inside the endpoint, logged by type and place only: no exception
-    escapes to the server, whose traceback would quote it (and with it, possibly, request content)."""
+    escapes to the server, whose traceback would quote it (and with it, possibly, request content).
+    A client that went away before sending its whole body is no error: logged at info, nobody to answer."""
     async def wrapper(request: Request) -> Response:
         try:
             response: Response = await endpoint(request)
             return response
+        except ClientDisconnect:
+            metrics.inc("connector_client_disconnects_total", endpoint=_endpoint(request))
+            log.info("request.disconnected", endpoint=_endpoint(request), problem="the client left before its body "
+                     "was complete; nothing was processed")
+            return Response(status_code=400)  # never sent: the connection is gone
         except Exception as exc:  # noqa: BLE001 - the last line of defence of a receiver
             from connector.logs import where
 
-            log.error("request.crashed", endpoint=request.url.path.split("/")[1:3], problem=where(exc))
+            log.error("request.crashed", endpoint=_endpoint(request), problem=where(exc))
             return JSONResponse({"type": "about:blank", "title": "Internal Server Error", "status": 500},
                                 status_code=500, media_type="application/problem+json")
 
     return wrapper
+
+
+_ENDPOINTS = frozenset({"webhooks/paubox", "webhooks/crm", "fhir", "healthz", "livez", "metrics"})
+
+
+def _endpoint(request: Request) -> str:
+    """Which endpoint, from a fixed set (a path carries tokens and names a caller chose)."""
+    parts = request.url.path.split("/")[1:3]
+    name = "/".join(parts) if parts[:1] == ["webhooks"] else parts[0] if parts else ""
+    return name if name in _ENDPOINTS else "other"
 
 
 def problem(status: int, title: str, endpoint: str, reason: str) -> JSONResponse:
@@ -110,8 +122,8 @@ def create_app(config: Config, aftercare: Aftercare, health: Callable[[], dict[s
             return problem(413, "Content Too Large", endpoint, "body too large")
         try:
             event = loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return problem(400, "Bad Request", endpoint, "body is not JSON")
+        except ValueError as exc:  # jsontext.BadJson: a fixed reason
+            return problem(400, "Bad Request", endpoint, str(exc))
         try:
             result = await aftercare.webhook(event)
         except ConnectorError:

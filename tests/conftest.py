@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import socket
@@ -19,6 +20,7 @@ from sqlalchemy.engine import make_url
 
 from connector.ledger import migrate
 from connector.ledger.sql import SqlLedger, make_engine
+from connector.optout import OptOutKeys
 from connector.sandbox.fhir import FhirState
 from connector.sandbox.fhir import create_app as fhir_app
 from connector.sandbox.paubox import SandboxState
@@ -27,6 +29,8 @@ from connector.sandbox.paubox import create_app as paubox_app
 ROOT = Path(__file__).resolve().parent.parent
 PG_URL = os.environ.get("CONNECTOR_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 API_KEY = "test-sandbox-key"
+OPTOUT_KEY = base64.b64encode(b"opt-out digest key for the tests").decode()  # 32 bytes
+OPTOUT_KEYS = OptOutKeys({"t1": base64.b64decode(OPTOUT_KEY)}, "t1")
 
 
 def free_port() -> int:
@@ -107,7 +111,7 @@ def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlLedger
         url = request.getfixturevalue("pg_schema_url")
     engine = make_engine(url)
     migrate.upgrade(engine)
-    yield SqlLedger(engine)
+    yield SqlLedger(engine, OPTOUT_KEYS)
     engine.dispose()
 
 
@@ -116,8 +120,9 @@ BASIC = ("appointment-booked", "appointment-cancelled")
 
 def write_config(folder: Path, fhir_url: str, paubox_url: str, *, ledger_url: str | None = None,
                  extra_source: str = "", extra: str = "", mappings: tuple[str, ...] | None = None,
-                 paubox_extra: str = "", delivery_extra: str = "") -> Path:
-    """A config for the local servers. `mappings`: only these of the shipped mappings (default: all)."""
+                 paubox_extra: str = "", delivery_extra: str = "", optout: bool = True) -> Path:
+    """A config for the local servers. `mappings`: only these of the shipped mappings (default: all).
+    `optout`: with a key for opt-out digests (in a file beside the config)."""
     mappings_dir = ROOT / "mappings"
     if mappings is not None:
         mappings_dir = folder / "mappings"
@@ -148,6 +153,10 @@ delivery:
   interval: 1s
   retry_backoff: 1s
 {extra}""")
+    if optout:
+        (folder / "optout.key").write_text(OPTOUT_KEY)
+        with path.open("a") as handle:
+            handle.write("optout:\n  keys:\n    t1: {file: optout.key}\n  current: t1\n")
     return path
 
 

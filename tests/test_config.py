@@ -34,6 +34,7 @@ def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("EHR_FHIR_TOKEN", "PAUBOX_USERNAME", "PAUBOX_API_KEY", "PAUBOX_WEBHOOK_TOKEN",
                  "EHR_SUBSCRIPTION_SECRET"):
         monkeypatch.setenv(name, "placeholder")
+    monkeypatch.setenv("OPTOUT_KEY", "b3B0LW91dCBkaWdlc3Qga2V5IGZvciB0aGUgdGVzdHM=")  # 32 bytes
     config = load_config(ROOT / "config.example.yaml")
     assert config.delivery.paubox.endpoint == "https://api.paubox.net/v1/placeholder"
     assert config.mappings_dir == ROOT / "mappings"

@@ -5,13 +5,12 @@ value from the body (bodies carry patient data). Exceptions from the JSON and XM
 they hold the body text (`JSONDecodeError.doc`) and must not reach a log through `__cause__`.
 
 Nesting is bounded: JSON and sObject fields deeper than `MAX_DEPTH` are rejected, so no later recursive walk
-(mapping, json.dumps, templates) can be driven into a RecursionError by a sender.
+(mapping, json.dumps, templates) can be driven into a RecursionError by a sender. JSON bodies holding a lone
+surrogate escape, NaN or an infinite number are refused too (connector.jsontext).
 """
 
 from __future__ import annotations
 
-import json
-import math
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from connector import jsontext
 from connector.errors import ConnectorError
 
 MAX_DEPTH = 32
@@ -127,42 +127,9 @@ def parse_hmac_json(
 
 def _load_json(body: bytes) -> Any:
     try:
-        document = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
-    except RecursionError:
-        raise BodyError("body nests too deeply") from None
-    except ValueError:  # JSONDecodeError, UnicodeDecodeError, too many digits, NaN/Infinity/1e400
-        raise BodyError("body is not valid JSON") from None
-    if _depth_exceeds(document, MAX_DEPTH):
-        raise BodyError("body nests too deeply")
-    return document
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError("NaN and Infinity are not JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # 1e400 would become inf, which json.dumps writes back as invalid JSON
-        raise ValueError("number out of range")
-    return value
-
-
-def _depth_exceeds(document: Any, limit: int) -> bool:
-    """True if lists/objects nest deeper than `limit`; iterative, so it cannot itself overflow."""
-    stack: list[tuple[Any, int]] = [(document, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, dict):
-            children: Any = value.values()
-        elif isinstance(value, list):
-            children = value
-        else:
-            continue
-        if depth > limit:
-            return True
-        stack.extend((child, depth + 1) for child in children)
-    return False
+        return jsontext.load(body, MAX_DEPTH)
+    except jsontext.BadJson as exc:  # a fixed reason: not JSON, too deep, not finite, a lone surrogate
+        raise BodyError(str(exc)) from None
 
 
 def _json_object(value: Any, where: str) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from connector import metrics
+from connector import jsontext, metrics
 from connector.config import Config, CrmSourceConfig
 from connector.crm.inbox import Keyring
 from connector.crm.parse import (
@@ -137,6 +137,8 @@ class CrmReceiver:
             return problem(400, "Bad Request", endpoint, str(exc)[:100])
         if any(len(e.event_id) > MAX_ID or len(e.event_type) > MAX_TYPE for e in events):
             return problem(400, "Bad Request", endpoint, "event id or type too long")
+        if not all(jsontext.storable(e.event_id) and jsontext.storable(e.event_type) for e in events):
+            return problem(400, "Bad Request", endpoint, "event id or type holds control characters")
         stored = await asyncio.to_thread(self.ledger.inbox_add, self._rows(name, events, self.clock()))
         metrics.inc("connector_crm_events_total", amount=len(events), source=name)
         log.info("crm.received", source=name, events=len(events), new=stored)

@@ -48,6 +48,7 @@ class OptOut:
     hint: str
     note: str | None
     created_at: datetime
+    key_id: str | None = None  # the optout.keys entry that keyed the digest; None: unkeyed (before 0.2)
 
 
 @dataclass(frozen=True)

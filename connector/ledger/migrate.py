@@ -32,14 +32,14 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
-def upgrade(engine: Engine) -> tuple[str | None, str]:
-    """Bring the schema to the newest revision; returns (before, after)."""
+def upgrade(engine: Engine, target: str = "head") -> tuple[str | None, str]:
+    """Bring the schema to the newest revision (or `target`); returns (before, after)."""
     before = current_revision(engine)
     config = _alembic()
     with engine.begin() as conn:
         config.attributes["connection"] = conn
-        command.upgrade(config, "head")
-    return before, head_revision()
+        command.upgrade(config, target)
+    return before, head_revision() if target == "head" else target
 
 
 def ensure_current(engine: Engine) -> None:

@@ -116,8 +116,8 @@ class AppointmentStateRow(SQLModel, table=True):
 
 
 class OptOutRow(SQLModel, table=True):
-    """Who must not be written to: a patient identifier or an address, stored as a SHA-256 digest with a
-    short masked hint for people (never the value itself)."""
+    """Who must not be written to: a patient identifier or an address, stored as a keyed digest
+    (connector.optout) with a short masked hint for people (never the value itself)."""
 
     __tablename__ = "optout"
     __table_args__ = (UniqueConstraint("kind", "digest", name="uq_optout_kind_digest"),)
@@ -125,6 +125,7 @@ class OptOutRow(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     kind: str = Field(max_length=16)
     digest: str = Field(max_length=64)
+    key_id: str | None = Field(default=None, max_length=64)  # None: an unkeyed SHA-256 (before revision 0008)
     hint: str = Field(max_length=200)
     note: str | None = Field(default=None, max_length=500)
     created_at: datetime = _when()

@@ -9,22 +9,25 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, String, and_, bindparam, case, create_engine, event, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from connector import optout
 from connector.errors import LedgerError
-from connector.ledger import NotificationRecord, OptOut, SeenVersion, SendResult, Withdrawal
+from connector.files import create_private
+from connector.ledger import NotificationRecord, SeenVersion, SendResult, Withdrawal
+from connector.ledger.optouts import OptOutStore
 from connector.ledger.schema import (
     AppointmentStateRow,
     CursorRow,
     InboxEventRow,
     NotificationRow,
-    OptOutRow,
     RejectionRow,
     SeenVersionRow,
     SubscriptionStateRow,
@@ -36,7 +39,6 @@ N = NotificationRow.__table__  # type: ignore[attr-defined]
 C = CursorRow.__table__  # type: ignore[attr-defined]
 S = SeenVersionRow.__table__  # type: ignore[attr-defined]
 A = AppointmentStateRow.__table__  # type: ignore[attr-defined]
-OPT = OptOutRow.__table__  # type: ignore[attr-defined]
 SUB = SubscriptionStateRow.__table__  # type: ignore[attr-defined]
 INBOX = InboxEventRow.__table__  # type: ignore[attr-defined]
 REJ = RejectionRow.__table__  # type: ignore[attr-defined]
@@ -66,6 +68,9 @@ _FINISH = {
 def make_engine(url: str) -> Engine:
     """An engine for a ledger URL; SQLite gets WAL, full sync and a busy timeout."""
     if url.startswith("sqlite"):
+        database = make_url(url).database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            create_private(Path(database))  # 0600, whatever the umask; -wal and -shm follow its mode
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")
@@ -106,9 +111,10 @@ def _record(row: Any) -> NotificationRecord:
     )
 
 
-class SqlLedger:
-    def __init__(self, engine: Engine) -> None:
+class SqlLedger(OptOutStore):
+    def __init__(self, engine: Engine, optout_keys: optout.OptOutKeys | None = None) -> None:
         self.engine = engine
+        self.optout_keys = optout_keys  # None: the opt-out list can be read (unkeyed rows) but not added to
         self.dialect = engine.dialect.name
         self.single_process = self.dialect == "sqlite"
 
@@ -354,36 +360,6 @@ class SqlLedger:
         with self.engine.connect() as conn:
             return [(r.endpoint, r.reason, r.total, r.last_at)
                     for r in conn.execute(select(REJ).order_by(REJ.c.endpoint, REJ.c.reason))]
-
-    # -- opt-outs -------------------------------------------------------------------------------------
-
-    def add_optout(self, kind: str, digest: str, hint: str, note: str | None) -> bool:
-        with self.engine.begin() as conn:
-            statement = self._insert(OPT).values(kind=kind, digest=digest, hint=hint, note=note, created_at=_now())
-            return bool(conn.execute(statement.on_conflict_do_nothing()).rowcount)
-
-    def remove_optout(self, kind: str, digest: str) -> bool:
-        with self.engine.begin() as conn:
-            return bool(conn.execute(OPT.delete().where(OPT.c.kind == kind, OPT.c.digest == digest)).rowcount)
-
-    def optouts(self) -> list[OptOut]:
-        with self.engine.connect() as conn:
-            return [OptOut(r.kind, r.digest, r.hint, r.note, r.created_at)
-                    for r in conn.execute(select(OPT).order_by(OPT.c.created_at))]
-
-    def opted_out(self, candidates: Sequence[tuple[str, str]]) -> OptOut | None:
-        """The first opt-out matching one of these (kind, digest) pairs."""
-        return self.opted_out_many([candidates])[0]
-
-    def opted_out_many(self, candidate_lists: Sequence[Sequence[tuple[str, str]]]) -> list[OptOut | None]:
-        """`opted_out` for several recipients in one query."""
-        digests = sorted({d for candidates in candidate_lists for _, d in candidates})
-        found: dict[tuple[str, str], OptOut] = {}
-        with self.engine.connect() as conn:
-            for start in range(0, len(digests), 500):
-                for r in conn.execute(select(OPT).where(OPT.c.digest.in_(digests[start:start + 500]))):
-                    found[(r.kind, r.digest)] = OptOut(r.kind, r.digest, r.hint, r.note, r.created_at)
-        return [next((found[c] for c in candidates if c in found), None) for candidates in candidate_lists]
 
     def prune_seen(self, source: str, before: datetime) -> int:
         with self.engine.begin() as conn:

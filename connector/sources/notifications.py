@@ -8,12 +8,16 @@ and the events' focus references; `full-resource` notifications carry the resour
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from connector import jsontext
 from connector.errors import ResourceError
 from connector.fhir import reference_id
 from connector.logs import safe_text
+
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")  # FHIR R4 `id`
 
 
 @dataclass(frozen=True)
@@ -58,9 +62,13 @@ def parse_bundle(bundle: Any, base_url: str) -> Notification:
         raise ResourceError("the first entry is not a subscription status (Parameters or SubscriptionStatus)")
     read = _from_parameters if status["resourceType"] == "Parameters" else _from_subscription_status
     fields = read(status)
+    if not all(jsontext.storable(text) for text in (fields["subscription"], fields["status"] or "")):
+        raise ResourceError("the subscription reference or status holds control characters")
     focus_ids: list[str] = []
     for reference in fields.pop("focus"):
         found = reference_id(reference, "Appointment", base_url) or reference_id(reference, "Appointment")
+        if found and not _FHIR_ID.fullmatch(found):  # it goes into a URL and the ledger
+            raise ResourceError("a focus reference does not end in a FHIR id ([A-Za-z0-9-.], at most 64)")
         if found and found not in focus_ids:
             focus_ids.append(found)
     resources = [e["resource"] for e in entries[1:]

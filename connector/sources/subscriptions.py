@@ -19,14 +19,17 @@ import hmac
 from typing import Any
 
 import structlog
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeout
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from connector import metrics
+from connector import fhir, metrics
 from connector.config import Config, FhirPollSourceConfig
 from connector.errors import ResourceError, SourceError
 from connector.ledger.sql import SqlLedger
+from connector.logs import where
 from connector.models import Clock
 from connector.pipeline import Planner
 from connector.sources.fhir_poll import FhirPollSource
@@ -42,7 +45,7 @@ def outcome(status: int, code: str, text: str | list[str], reason: str) -> JSONR
     """An OperationOutcome answer (one issue per text), counted and logged by reason (never the body)."""
     metrics.refused("fhir-subscription", reason)
     log.warning("request.rejected", endpoint="fhir-subscription", status=status, reason=reason)
-    texts = [text] if isinstance(text, str) else text
+    texts = [t.encode("utf-8", "replace").decode() for t in ([text] if isinstance(text, str) else text)]
     return JSONResponse({"resourceType": "OperationOutcome",
                          "issue": [{"severity": "error", "code": code, "diagnostics": t} for t in texts]},
                         status_code=status, media_type="application/fhir+json")
@@ -89,8 +92,8 @@ class SubscriptionHub:
             return Response(status_code=200)
         try:
             document = loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return outcome(400, "structure", "the body is not JSON", "not JSON")
+        except ValueError as exc:  # jsontext.BadJson: a fixed reason
+            return outcome(400, "structure", str(exc), "not JSON")
         kind = document.get("resourceType") if isinstance(document, dict) else None
         if kind == "Appointment":
             return await self._take(name, [document])
@@ -130,8 +133,8 @@ class SubscriptionHub:
         name, body = admitted
         try:
             resource = loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return outcome(400, "structure", "the body is not JSON", "not JSON")
+        except ValueError as exc:  # jsontext.BadJson: a fixed reason
+            return outcome(400, "structure", str(exc), "not JSON")
         if not isinstance(resource, dict) or resource.get("resourceType") != "Appointment" or \
                 str(resource.get("id")) != request.path_params["id"]:
             return outcome(400, "structure", "expected the Appointment named in the URL", "wrong resource")
@@ -140,7 +143,17 @@ class SubscriptionHub:
     async def _take(self, name: str, resources: list[dict[str, Any]]) -> Response:
         """Process the resources one version at a time. Any that cannot be processed is quarantined (see
         connector.intake) and named in a 422 answer; the others are processed all the same."""
-        committed = await self.planner.ingest(name, resources)
+        try:
+            committed = await self.planner.ingest(name, resources)
+        except (OperationalError, InterfaceError, SQLAlchemyTimeout, OSError) as exc:
+            log.error("subscription.not_recorded", source=name, problem=where(exc))
+            return outcome(503, "transient", "the notification could not be recorded now; send it again",
+                           "ledger unavailable")  # the EHR retries: nothing is lost
+        except Exception as exc:  # noqa: BLE001 - data that cannot be planned is the sender's, not a 500
+            log.error("subscription.unprocessable", source=name, resources=[fhir.describe(r) for r in resources][:5],
+                      problem=where(exc))
+            return outcome(422, "processing", "a resource in the notification could not be processed",
+                           "unprocessable resource")
         if committed.quarantined:
             return outcome(422, "processing", [f"{q.resource_type}/{q.resource_id} v{q.version} not processed: "
                                                f"{q.problem}" for q in committed.quarantined], "resource quarantined")
