@@ -15,7 +15,6 @@ from typing import Any
 from connector import jsontext
 from connector.errors import ResourceError
 from connector.fhir import reference_id
-from connector.logs import safe_text
 
 _FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")  # FHIR R4 `id`
 
@@ -48,7 +47,7 @@ def _number(value: Any) -> int | None:
 
 
 def _reference(value: Any) -> str:
-    return safe_text(value.get("reference") or "", 300) if isinstance(value, dict) else ""
+    return str(value.get("reference") or "")[:300] if isinstance(value, dict) else ""
 
 
 def parse_bundle(bundle: Any, base_url: str) -> Notification:
@@ -67,7 +66,7 @@ def parse_bundle(bundle: Any, base_url: str) -> Notification:
     focus_ids: list[str] = []
     for reference in fields.pop("focus"):
         found = reference_id(reference, "Appointment", base_url) or reference_id(reference, "Appointment")
-        if found and not _FHIR_ID.fullmatch(found):  # it goes into a URL and the ledger
+        if (found is None and "Appointment/" in reference) or (found and not _FHIR_ID.fullmatch(found)):
             raise ResourceError("a focus reference does not end in a FHIR id ([A-Za-z0-9-.], at most 64)")
         if found and found not in focus_ids:
             focus_ids.append(found)
@@ -91,7 +90,7 @@ def _from_parameters(status: dict[str, Any]) -> dict[str, Any]:
         elif name == "subscription":
             found["subscription"] = _reference(value)
         elif name == "status":
-            found["status"] = safe_text(value, 32) if isinstance(value, str) and value else None
+            found["status"] = value[:32] if isinstance(value, str) and value else None
         elif name == "events-since-subscription-start":
             found["events_since"] = _number(value)
         elif name == "notification-event":
@@ -113,7 +112,7 @@ def _from_subscription_status(status: dict[str, Any]) -> dict[str, Any]:
     return {
         "kind": str(status.get("type") or "")[:32],
         "subscription": _reference(status.get("subscription")),
-        "status": safe_text(state, 32) if isinstance(state, str) else None,
+        "status": state[:32] if isinstance(state, str) else None,
         "events_since": _number(status.get("eventsSinceSubscriptionStart")),
         "event_numbers": [n for n in (_number(e.get("eventNumber")) for e in events) if n is not None],
         "focus": [_reference(e.get("focus")) for e in events],
