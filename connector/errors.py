@@ -5,7 +5,9 @@
     │                      Carries a list of Problem (file, line, where, what).
     ├── SourceError        a source could not be read this time (network, HTTP status, bad page);
     │                      the cursor does not move, the next poll tries again.
-    ├── LedgerError        the ledger database is unusable (schema out of date, locked by another daemon).
+    ├── LedgerError        the ledger database is unusable (unreachable, schema out of date, folder missing,
+    │                      locked by another daemon).
+    ├── InfrastructureError  something else the process needs is not there (a port in use, an address).
     └── ResourceError      one resource is invalid; it is recorded and skipped, everything else goes on.
 
 Delivery outcomes are not exceptions: a send returns an `Outcome` value (see connector.delivery).
@@ -56,6 +58,10 @@ class SourceError(ConnectorError):
 
 class LedgerError(ConnectorError):
     """The ledger database cannot be used as it is."""
+
+
+class InfrastructureError(ConnectorError):
+    """The machine does not give the process what it needs (a port, an address); a person fixes it."""
 
 
 class ResourceError(ConnectorError):

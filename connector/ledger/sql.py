@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import Engine, String, and_, bindparam, case, create_engine, event, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, make_url
 
 from connector.ledger import NotificationRecord, OptOut, SeenVersion, SendResult, Withdrawal
 from connector.ledger.schema import (
@@ -74,7 +74,9 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # An unreachable server fails a connection within 10 s rather than never (unless the URL says otherwise).
+    timeout = {} if "connect_timeout" in make_url(url).query else {"connect_timeout": 10}
+    return create_engine(url, pool_pre_ping=True, connect_args=timeout)
 
 
 def _now() -> datetime:
