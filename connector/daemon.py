@@ -96,13 +96,17 @@ class EmbeddedServer(uvicorn.Server):
 def listen(settings: ServerConfig) -> socket.socket:
     """The server's socket, bound before the daemon starts, so that a port in use is a clear error."""
     host, port = settings.host, settings.port
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)  # as uvicorn binds it
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-        return socket.create_server((host, port), family=family)
+        sock.bind((host, port))
+        return sock
     except socket.gaierror:
+        sock.close()
         raise InfrastructureError(f"server.host {host!r} is not a known address: use 127.0.0.1, 0.0.0.0 or an "
                                   f"address of this machine") from None
     except OSError as exc:
+        sock.close()
         what = {errno.EADDRINUSE: "is already in use: stop the process using it, or choose another server.port",
                 errno.EACCES: "needs privileges: choose a server.port above 1023",
                 errno.EADDRNOTAVAIL: "is not on an address of this machine: fix server.host"}
