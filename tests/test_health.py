@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 
 from connector.config import HealthConfig, load_config
-from connector.daemon import run_once
+from connector.daemon import poll, run_once
 from connector.delivery import Outcome, Signal, Verdict
 from connector.delivery.gate import MailerGate
 from connector.health import MailerFacts, SourceFacts, mailer_facts, mailer_finding, report, source_finding
@@ -169,3 +170,31 @@ def test_each_runtime_counts_in_a_registry_of_its_own() -> None:
     from prometheus_client import REGISTRY
 
     assert REGISTRY.get_sample_value("connector_poll_failures_total", {"source": "ehr"}) is None
+
+
+@pytest.mark.postgres
+async def test_a_replica_that_skips_polls_another_holds_counts_the_others_completions(
+        tmp_path: Path, pg_schema_url: str, api_key_env: str, fhir_state: FhirState, fhir_server: Server,
+        paubox_server: Server) -> None:
+    config = load_config(write_config(tmp_path, fhir_server.url, paubox_server.url, ledger_url=pg_schema_url,
+                                      mappings=BASIC, extra_source="    interval: 1s\n",
+                                      extra="health:\n  stale_after: 1\n  stale_floor: 2s\n"))
+    first, second = Runtime.open(config, system_clock), Runtime.open(config, system_clock)
+    try:
+        assert (await poll(first, "ehr")).error is None
+        held = first.ledger.try_lock_source("ehr")  # the first replica is polling (and, as it turns out, stuck)
+        assert not isinstance(held, bool)
+        assert (await poll(second, "ehr")).skipped
+        [finding] = [f for f in await second.monitor.findings() if f.component == "source:ehr"]
+        assert finding.ok and finding.details["last_success"] is not None  # the first replica's completion
+        assert second.monitor.sources["ehr"] == SourceFacts()  # a skipped poll is neither success nor failure
+        await asyncio.sleep(2.2)
+        [finding] = [f for f in await second.monitor.findings() if f.component == "source:ehr"]
+        assert not finding.ok and finding.reason is not None and "no poll completed for 2s" in finding.reason
+        first.ledger.unlock_source(held)
+        assert (await poll(second, "ehr")).error is None
+        await asyncio.sleep(1.1)  # the rows read by readiness are reused for a second
+        assert all(f.ok for f in await first.monitor.findings())  # the second replica's completion counts
+    finally:
+        await first.aclose()
+        await second.aclose()
