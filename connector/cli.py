@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from sqlalchemy.exc import OperationalError
 
 from connector import commands, logs, optout, report
 from connector.config import Environment, load_config
-from connector.errors import ConfigError, ConnectorError
+from connector.errors import ConfigError, ConnectorError, InfrastructureError, LedgerError
 from connector.files import write_private
+from connector.ledger.health import describe
 from connector.ledger.sql import SqlLedger
 from connector.models import Clock, State, fixed_clock, system_clock
 from connector.runtime import open_ledger
@@ -53,8 +56,20 @@ def _clock(now: str | None) -> Clock:
     return system_clock if instant is None else fixed_clock(instant)
 
 
+DEBUG = {"traceback": False}  # --debug: show the traceback of an error that stops a command
+
+
+def _say(message: str) -> None:
+    """One line on stderr, never wrapped: what went wrong and what to do."""
+    print(f"error: {message}", file=sys.stderr)
+
+
 def _fail(exc: ConnectorError) -> typer.Exit:
-    if isinstance(exc, ConfigError):
+    if DEBUG["traceback"]:
+        traceback.print_exception(exc, file=sys.stderr)
+    if isinstance(exc, LedgerError | InfrastructureError):
+        _say(str(exc))
+    elif isinstance(exc, ConfigError):
         report.console.print(f"[red]{len(exc.problems)} problem(s):[/red]")
         for problem in exc.problems:
             report.console.print(f"  {problem}", markup=False)
@@ -75,8 +90,18 @@ def main_options(
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error (env CONNECTOR_LOG_LEVEL).")]
     = ENV.log_level,
     log_format: Annotated[str, typer.Option(help="console or json (env CONNECTOR_LOG_FORMAT).")] = ENV.log_format,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error that stops a command "
+                                                        "(a missing database, a port in use...).")] = False,
 ) -> None:
     """Logs go to stderr and never contain patient data; tables go to stdout."""
+    DEBUG["traceback"] = debug
+    if log_level not in logs.LEVELS:
+        _say(f"invalid log level {log_level!r} (--log-level or CONNECTOR_LOG_LEVEL): use one of "
+             f"{', '.join(logs.LEVELS)}")
+        raise typer.Exit(2)
+    if log_format not in logs.FORMATS:
+        _say(f"invalid log format {log_format!r} (--log-format or CONNECTOR_LOG_FORMAT): use console or json")
+        raise typer.Exit(2)
     logs.configure(log_level, log_format)
 
 
@@ -177,14 +202,20 @@ def db_upgrade(config: ConfigOption = ENV.config) -> None:
     """Create or migrate the ledger schema to this version."""
     from connector.ledger import migrate
     from connector.ledger.sql import make_engine
+    from connector.runtime import sqlite_folder, unreachable
 
     try:
         cfg = load_config(config)
+        sqlite_folder(cfg)
+        engine = make_engine(cfg.ledger_url)
+        try:
+            before, after = migrate.upgrade(engine)
+        except OperationalError as exc:
+            raise unreachable(cfg, exc) from exc
+        finally:
+            engine.dispose()
     except ConnectorError as exc:
         raise _fail(exc) from None
-    engine = make_engine(cfg.ledger_url)
-    before, after = migrate.upgrade(engine)
-    engine.dispose()
     report.console.print(f"ledger {masked(cfg.ledger_url)}: schema {before or 'empty'} -> {after}", markup=False)
 
 
@@ -307,4 +338,11 @@ def main() -> None:
     from connector.sandbox.cli import sandbox_app
 
     app.add_typer(sandbox_app, name="sandbox")
-    app()
+    try:
+        app()
+    except OperationalError as exc:  # the ledger went away in the middle of a command
+        if DEBUG["traceback"]:
+            raise
+        _say(f"the ledger does not answer ({describe(exc)}): check ledger.url and that the database is running, "
+             f"then try again")
+        sys.exit(2)

@@ -5,17 +5,21 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from connector import fhir
+from sqlalchemy.engine import make_url
+
+from connector import fhir, health
 from connector.config import Config, load_config
 from connector.daemon import CycleReport, run_forever, run_once
 from connector.errors import ConfigError, ConnectorError, Problem
+from connector.health import Finding, SourceFacts
 from connector.intake import examine, triples
 from connector.ledger import NotificationRecord, SeenVersion
+from connector.ledger.health import HealthStore
 from connector.lifecycle import appointment_zone
 from connector.mapping.engine import PlanNote, render
 from connector.mapping.loader import load_mappings
@@ -214,12 +218,32 @@ def render_file(mappings_dir: Path, mapping_name: str, resource_file: Path, pati
                   default_reply_to=None)
 
 
+def health_facts(config: Config, store: HealthStore, now: datetime) -> list[Finding]:
+    """What the daemons last wrote of each source and of the mailer, judged as `/healthz` judges them (the
+    ledger answered: this process reads it)."""
+    url = make_url(config.ledger_url).render_as_string(hide_password=True)
+    findings = [Finding("ledger", True, None, None, {"url": url})]
+    rows = store.sources()
+    for name, source in config.sources.items():
+        findings.append(health.source_finding(name, rows.get(name, SourceFacts()), source.interval, config.health,
+                                              now, None))
+    mailer = store.mailer()
+    if mailer is None:
+        findings.append(Finding("mailer", True, None, "no daemon has reported on it yet"))
+    else:
+        facts, reported = mailer
+        finding = health.mailer_finding(facts)
+        findings.append(replace(finding, details={**finding.details, "reported_at": reported}))
+    return findings
+
+
 def status(config: Config) -> dict[str, Any]:
     from connector.runtime import open_ledger
 
     ledger = open_ledger(config)
     try:
         return {
+            "health": health_facts(config, HealthStore(ledger.engine), datetime.now(UTC)),
             "counts": ledger.counts(),
             "cursors": ledger.cursors(),
             "attention": ledger.notifications([State.IN_DOUBT, State.FAILED], 50),

@@ -33,7 +33,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from connector.errors import ConfigError, Problem
+from connector.errors import ConfigError, InfrastructureError, Problem
 from connector.urls import check_url
 from connector.yamlfile import YamlDoc, load_yaml
 
@@ -460,6 +460,22 @@ class LedgerConfig(Strict):
         return value
 
 
+class HealthConfig(Strict):
+    """When `/healthz` (and `connector status`) call a part failing (connector.health)."""
+
+    stale_after: float = Field(3, ge=1, description="a source fails after this many intervals without a "
+                                                    "completed poll")
+    stale_floor: Duration = Field(timedelta(minutes=1), description="... and never sooner than this")
+    ledger_timeout: Duration = Field(timedelta(seconds=2), description="the ledger fails when a read takes longer")
+
+    @field_validator("ledger_timeout")
+    @classmethod
+    def _timeout_range(cls, value: timedelta) -> timedelta:
+        if not timedelta(milliseconds=100) <= value <= timedelta(minutes=1):
+            raise ValueError("give a timeout between 100ms and 1m")
+        return value
+
+
 class Config(Strict):
     sources: dict[Annotated[str, Field(pattern=NAME_PATTERN)], FhirPollSourceConfig] = Field(min_length=1)
     mappings: Path = Path("mappings")
@@ -470,6 +486,7 @@ class Config(Strict):
     crm: dict[Annotated[str, Field(pattern=NAME_PATTERN)], CrmSourceConfig] = Field(default_factory=dict)
     inbox: InboxConfig | None = None
     optout: OptOutConfig | None = None
+    health: HealthConfig = HealthConfig()
 
     @model_validator(mode="after")
     def _bounces_need_an_optout_key(self) -> Config:
@@ -534,12 +551,15 @@ class Environment(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CONNECTOR_", extra="ignore")
 
     config: Path = Path("config.yaml")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["console", "json"] = "console"
+    log_level: str = "info"  # checked by the CLI, which says what to do with a wrong value
+    log_format: str = "console"
 
 
 def load_config(path: Path) -> Config:
     """Read and validate a config file. Raises ConfigError listing every problem with its line."""
+    if not path.exists():
+        raise InfrastructureError(f"the config file {path} does not exist: give --config PATH or set "
+                                  f"CONNECTOR_CONFIG (config.example.yaml shows every key)")
     doc = load_yaml(path)
     if not isinstance(doc.data, dict):
         raise ConfigError([doc.problem((), "the config file must be a mapping of keys to values")])

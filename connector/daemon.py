@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import signal
+import socket
+import time
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -21,7 +24,9 @@ from starlette.applications import Starlette
 
 from connector import httpserver, metrics, web
 from connector.aftercare import ReceiptReader
+from connector.config import ServerConfig
 from connector.dispatch import DispatchReport
+from connector.errors import InfrastructureError
 from connector.logs import where
 from connector.pipeline import PollReport
 from connector.runtime import Runtime
@@ -41,19 +46,31 @@ class CycleReport:
         return all(p.error is None for p in self.polls) and not (self.dispatch and self.dispatch.paused)
 
 
+async def poll(runtime: Runtime, name: str) -> PollReport:
+    """One poll of a source, timed and reported to the health monitor (unless another replica polls it)."""
+    started = time.monotonic()
+    try:
+        report = await runtime.planner.poll(name)
+    except Exception as exc:  # noqa: BLE001 - a bug in one source's poll must not stop the others
+        log.error("poll.crashed", source=name, problem=where(exc))
+        report = PollReport(name, error=f"unexpected {where(exc)}")
+    if not report.skipped:
+        await runtime.monitor.polled(name, report.error, time.monotonic() - started)
+    return report
+
+
+async def dispatch(runtime: Runtime) -> DispatchReport:
+    report = await runtime.dispatcher.run()
+    await runtime.monitor.dispatched()
+    return report
+
+
 async def run_once(runtime: Runtime) -> CycleReport:
     """One poll of every source, one dispatch of everything due, then the after-send checks."""
-    report = CycleReport()
-    names = list(runtime.sources)
-    results = await asyncio.gather(*(runtime.planner.poll(name) for name in names), return_exceptions=True)
-    for name, result in zip(names, results, strict=True):
-        if isinstance(result, BaseException):  # a bug in one source's poll must not stop the others
-            log.error("poll.crashed", source=name, problem=where(result))
-            result = PollReport(name, error=f"unexpected {where(result)}")
-        report.polls.append(result)
+    report = CycleReport(polls=list(await asyncio.gather(*(poll(runtime, name) for name in runtime.sources))))
     if runtime.crm is not None:
         await runtime.crm.process()
-    report.dispatch = await runtime.dispatcher.run()
+    report.dispatch = await dispatch(runtime)
     await aftercare(runtime)
     return report
 
@@ -80,9 +97,29 @@ class EmbeddedServer(uvicorn.Server):
 def web_app(runtime: Runtime) -> Starlette:
     """Every endpoint `connector run` serves (tests drive this same app in-process)."""
     return web.create_app(runtime.config, runtime.aftercare,
-                          health=lambda: {"mailer": runtime.dispatcher.gate.state.value},
-                          extra_routes=[*runtime.subscriptions.routes(),
+                          extra_routes=[*runtime.monitor.routes(), *runtime.subscriptions.routes(),
                                         *(runtime.crm_receiver.routes() if runtime.crm_receiver else [])])
+
+
+def listen(settings: ServerConfig) -> socket.socket:
+    """The server's socket, bound before the daemon starts, so that a port in use is a clear error."""
+    host, port = settings.host, settings.port
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)  # as uvicorn binds it
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        return sock
+    except socket.gaierror:
+        sock.close()
+        raise InfrastructureError(f"server.host {host!r} is not a known address: use 127.0.0.1, 0.0.0.0 or an "
+                                  f"address of this machine") from None
+    except OSError as exc:
+        sock.close()
+        what = {errno.EADDRINUSE: "is already in use: stop the process using it, or choose another server.port",
+                errno.EACCES: "needs privileges: choose a server.port above 1023",
+                errno.EADDRNOTAVAIL: "is not on an address of this machine: fix server.host"}
+        problem = what.get(exc.errno or 0, f"cannot be opened ({exc.strerror}): check server.host and server.port")
+        raise InfrastructureError(f"port {port} on {host} {problem}") from exc
 
 
 def web_server(runtime: Runtime) -> EmbeddedServer | None:
@@ -119,14 +156,14 @@ async def run_forever(runtime: Runtime) -> None:
     scheduler = AsyncIOScheduler(timezone=UTC)
     now = datetime.now(UTC)
     for name, source in runtime.sources.items():
-        scheduler.add_job(guarded(f"poll:{name}", lambda n=name: runtime.planner.poll(n)), "interval",  # type: ignore[misc]
+        scheduler.add_job(guarded(f"poll:{name}", lambda n=name: poll(runtime, n)), "interval",  # type: ignore[misc]
                           seconds=source.config.interval.total_seconds(), id=f"poll:{name}",
                           max_instances=1, coalesce=True, next_run_time=now)
     if runtime.crm is not None:
         scheduler.add_job(guarded("crm", runtime.crm.process), "interval",
                           seconds=runtime.config.dispatch.interval.total_seconds(), id="crm", max_instances=1,
                           coalesce=True, next_run_time=now)
-    scheduler.add_job(guarded("dispatch", runtime.dispatcher.run), "interval",
+    scheduler.add_job(guarded("dispatch", lambda: dispatch(runtime)), "interval",
                       seconds=runtime.config.dispatch.interval.total_seconds(), id="dispatch",
                       max_instances=1, coalesce=True, next_run_time=now)
     scheduler.add_job(guarded("aftercare", lambda: aftercare(runtime)), "interval", seconds=60, id="aftercare",
@@ -134,7 +171,8 @@ async def run_forever(runtime: Runtime) -> None:
     scheduler.add_job(guarded("subscriptions", runtime.subscriptions.watchdog), "interval", seconds=60,
                       id="subscriptions", max_instances=1, coalesce=True)
     server = web_server(runtime)
-    server_task = asyncio.create_task(server.serve()) if server else None
+    sockets = [listen(runtime.config.server)] if server and runtime.config.server else []
+    server_task = asyncio.create_task(server.serve(sockets=sockets)) if server else None
     scheduler.start()
     log.info("daemon.started", sources=list(runtime.sources), mappings=runtime.mappings.names(),
              listening=f"{server.config.host}:{server.config.port}" if server else None)

@@ -10,6 +10,7 @@ preparing (before `sending`) spends an attempt and ends `failed` once the retry 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from connector.delivery import BulkMailer, Mailer, Outcome, Signal, Verdict
 from connector.delivery.gate import GateState, MailerGate
 from connector.delivery.retry import GiveUp, RetryAt, RetryPolicy, next_try
 from connector.errors import SourceError
+from connector.health import MailerFacts, mailer_facts
 from connector.ledger import NotificationRecord, SendResult
 from connector.ledger.batching import Coalesced
 from connector.ledger.sql import SqlLedger, unavailable
@@ -88,6 +90,10 @@ class Dispatcher:
         self.crm: CrmProcessor | None = None
         self.stopping = False
         self._paused: str | None = None
+        # For health: a configuration error blocks sending until an answer shows the mailer works again.
+        self.blocked: str | None = None
+        self.blocked_since: datetime | None = None
+        self.gate_since: datetime | None = None
         settings = config.dispatch
         self.gate = MailerGate(failure_threshold=settings.circuit_failures, cooldown=settings.circuit_cooldown,
                                pause=settings.rate_limit_pause)
@@ -258,7 +264,9 @@ class Dispatcher:
         if not (await self._start_many([n.id]))[0]:
             self.gate.give_back()
             return Step.RELEASED
+        started = time.monotonic()
         outcome = await self.mailer.send(prepared.email)
+        metrics.observe("connector_send_duration_seconds", time.monotonic() - started)
         return await self._record(n, outcome)
 
     async def _send_bulk(self, chunk: list[Prepared]) -> list[Step]:
@@ -271,7 +279,9 @@ class Dispatcher:
             self.gate.give_back()
             return [Step.RELEASED] * len(chunk)
         assert isinstance(self.mailer, BulkMailer)
+        began = time.monotonic()
         outcomes = await self.mailer.send_many([p.email for p in started])
+        metrics.observe("connector_send_duration_seconds", time.monotonic() - began)
         recorded = iter(await asyncio.gather(*(self._record(p.notification, outcome, note_gate=p is started[-1])
                                                for p, outcome in zip(started, outcomes, strict=True))))
         return [next(recorded) if ok else Step.RELEASED for ok in flags]
@@ -352,17 +362,29 @@ class Dispatcher:
     def _note_gate(self, outcome: Outcome) -> None:
         change = self.gate.record(outcome, self.clock())
         if change is not None:
+            self.gate_since = datetime.now(UTC)
             metrics.inc("connector_mailer_state_changes_total", state=change.value)
             if change is GateState.RUNNING:
                 log.info("mailer.recovered")
             else:
                 log.error(f"mailer.{change.value}", until=str(self.gate.until), reason=outcome.reason)
 
+    def _note_blocked(self, outcome: Outcome) -> None:
+        if outcome.blocking and self.blocked is None:
+            self.blocked, self.blocked_since = outcome.reason, datetime.now(UTC)
+        elif not outcome.blocking and outcome.signal is Signal.OK and self.blocked is not None:
+            self.blocked = self.blocked_since = None
+            log.info("mailer.recovered", problem="the mailer accepts this configuration again")
+
+    def mailer_state(self) -> MailerFacts:
+        return mailer_facts(self.gate, self.blocked, self.blocked_since, self.gate_since)
+
     async def _record(self, n: NotificationRecord, outcome: Outcome, note_gate: bool = True) -> Step:
         fields = {"notification": n.id, "mapping": n.mapping, "resource": f"{n.resource_type}/{n.resource_id}"}
         now = self.clock()
         if note_gate:
             self._note_gate(outcome)
+        self._note_blocked(outcome)
         step = await self._store(n, outcome, now, fields)
         metrics.inc("connector_notifications_total", state=step.value)
         return step

@@ -5,7 +5,9 @@
     │                      Carries a list of Problem (file, line, where, what).
     ├── SourceError        a source could not be read this time (network, HTTP status, bad page);
     │                      the cursor does not move, the next poll tries again.
-    ├── LedgerError        the ledger database is unusable (schema out of date, locked by another daemon).
+    ├── LedgerError        the ledger database is unusable (unreachable, schema out of date, folder missing,
+    │                      locked by another daemon).
+    ├── InfrastructureError  something else the process needs is not there (a port in use, an address).
     └── ResourceError      one resource (or event) cannot be processed; it is quarantined with this text
                            as the reason (connector.intake), everything else goes on.
 
@@ -57,6 +59,10 @@ class SourceError(ConnectorError):
 
 class LedgerError(ConnectorError):
     """The ledger database cannot be used as it is."""
+
+
+class InfrastructureError(ConnectorError):
+    """The machine does not give the process what it needs (a port, an address); a person fixes it."""
 
 
 class ResourceError(ConnectorError):

@@ -17,7 +17,8 @@ import structlog
 # Control characters (C0, DEL, C1), line and paragraph separators, and lone surrogates: what must not reach
 # a log line, a ledger column or a header as it is.
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+FORMATS = ("console", "json")
 
 
 def configure(level: str = "info", fmt: str = "console") -> None:
@@ -31,11 +32,11 @@ def configure(level: str = "info", fmt: str = "console") -> None:
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
-    logging.basicConfig(level=max(_LEVELS[level], logging.WARNING), stream=sys.stderr,
+    logging.basicConfig(level=max(LEVELS[level], logging.WARNING), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # "skipped: maximum number of running instances reached" every second while a long dispatch runs is
     # expected (max_instances=1 on purpose), not news.

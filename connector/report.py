@@ -9,9 +9,11 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from connector.commands import DryRun, Replayed
 from connector.daemon import CycleReport
+from connector.health import Finding
 from connector.ledger import NotificationRecord, OptOut, SeenVersion
 from connector.ledger.optouts import Rekeyed
 from connector.mapping.engine import PlanNote
@@ -101,7 +103,26 @@ def dry_run(result: DryRun) -> None:
     console.print(table)
 
 
+def _ago(value: Any) -> str:
+    return value.isoformat(timespec="seconds") if hasattr(value, "isoformat") else str(value)
+
+
+def health(findings: list[Finding]) -> None:
+    """The same facts as `/healthz`: each part, whether it is well, since when and why."""
+    table = _table("Health", ("part", "status", "since", "detail"))
+    for finding in findings:
+        details = [f"{key.replace('_', ' ')}: {_ago(value)}" for key, value in finding.details.items()
+                   if value is not None and key != "last_error"]
+        if finding.details.get("last_error") and finding.ok:
+            details.append(f"last error: {finding.details['last_error']}")
+        detail = "; ".join([*([finding.reason] if finding.reason else []), *details])
+        table.add_row(Text(finding.component), Text("ok" if finding.ok else "FAILING"),
+                      Text(_ago(finding.since) if finding.since else ""), Text(detail))
+    console.print(table)
+
+
 def status(data: dict[str, Any]) -> None:
+    health(data["health"])
     table = Table(title="Notifications", title_justify="left")
     table.add_column("state")
     table.add_column("count", justify="right")

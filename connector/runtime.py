@@ -14,7 +14,9 @@ from typing import IO
 import httpx
 import structlog
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 
+from connector import metrics
 from connector.aftercare import Aftercare
 from connector.cache import ResourceCache
 from connector.config import Config
@@ -28,9 +30,12 @@ from connector.dispatch import Dispatcher
 from connector.errors import LedgerError
 from connector.files import open_private
 from connector.ledger import migrate
+from connector.ledger.health import HealthStore, describe
 from connector.ledger.sql import SqlLedger, make_engine
 from connector.mapping.loader import MappingSet, load_mappings
+from connector.metrics import Metrics
 from connector.models import Clock
+from connector.monitor import Monitor
 from connector.optout import OptOutKeys
 from connector.pipeline import Planner
 from connector.sources.fhir_poll import FhirPollSource
@@ -40,8 +45,15 @@ log = structlog.get_logger("connector.runtime")
 
 
 def open_ledger(config: Config) -> SqlLedger:
+    """The ledger, its schema checked (or created when empty). An unreachable database or a missing SQLite
+    folder is a LedgerError that says what to do."""
+    sqlite_folder(config)
     engine = make_engine(config.ledger_url)
-    migrate.ensure_current(engine)
+    try:
+        migrate.ensure_current(engine)
+    except OperationalError as exc:
+        engine.dispose()
+        raise unreachable(config, exc) from exc
     return SqlLedger(engine, OptOutKeys.from_config(config.optout))
 
 
@@ -61,11 +73,27 @@ def check_optouts(ledger: SqlLedger) -> None:
                         "configure optout.keys, then run `connector optout rekey`"))
 
 
+def unreachable(config: Config, exc: OperationalError) -> LedgerError:
+    safe = make_url(config.ledger_url).render_as_string(hide_password=True)
+    return LedgerError(f"cannot reach the ledger at {safe} ({describe(exc)}): check ledger.url and that the "
+                       f"database is running and accepts connections")
+
+
+def sqlite_folder(config: Config) -> None:
+    url = make_url(config.ledger_url)
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        folder = Path(url.database).parent
+        if not folder.is_dir():
+            raise LedgerError(f"the folder of the SQLite ledger does not exist: {folder} (ledger.url): create it, "
+                              f"or point ledger.url to an existing folder")
+
+
 def lock_sqlite(config: Config) -> IO[str] | None:
     """SQLite ledgers serve one process: hold an exclusive lock beside the database file."""
     url = make_url(config.ledger_url)
     if url.get_backend_name() != "sqlite" or not url.database:
         return None
+    sqlite_folder(config)
     handle = open_private(Path(url.database + ".lock"), "a")  # held open for the life of the process
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -107,12 +135,15 @@ class Runtime:
     crm: CrmProcessor | None
     crm_receiver: CrmReceiver | None
     lock: IO[str] | None
+    metrics: Metrics
+    monitor: Monitor
 
     @classmethod
     def open(cls, config: Config, clock: Clock, *, mailer: Mailer | None = None,
              source_transport: httpx.AsyncBaseTransport | None = None, exclusive: bool = True,
              crm_transport: httpx.AsyncBaseTransport | None = None) -> Runtime:
         mappings = load_mappings(config.mappings_dir, [*config.sources, *config.crm])
+        counted = metrics.install(Metrics())
         lock = lock_sqlite(config) if exclusive else None
         ledger = open_ledger(config)
         try:
@@ -141,8 +172,9 @@ class Runtime:
             keyring = Keyring(config.inbox)
             crm = dispatcher.crm = CrmProcessor(config, mappings, ledger, keyring, clock, crm_transport)
             receiver = CrmReceiver(config, ledger, keyring, clock)
+        monitor = Monitor(config, HealthStore(ledger.engine), counted, dispatcher.mailer_state)
         return cls(config, mappings, ledger, sources, mailer, cache, planner, dispatcher, aftercare, hub, crm,
-                   receiver, lock)
+                   receiver, lock, counted, monitor)
 
     async def aclose(self) -> None:
         await self.dispatcher.release()
@@ -151,6 +183,7 @@ class Runtime:
         if self.crm is not None:
             await self.crm.aclose()
         await self.mailer.aclose()
+        await self.monitor.aclose()
         self.ledger.engine.dispose()
         if self.lock is not None:
             self.lock.close()

@@ -2,8 +2,9 @@
 
     POST /webhooks/paubox/<token>   Paubox webhook events (Paubox does not sign: a secret path token and an
                                     optional source-IP allowlist authenticate the caller)
-    GET  /healthz                   liveness, and the mailer gate's state
-    GET  /metrics                   Prometheus counters
+
+`/livez`, `/healthz` and `/metrics` come from connector.monitor, FHIR notifications from
+connector.sources.subscriptions and CRM webhooks from connector.crm.receiver, as `extra_routes`.
 
 No mapping logic here. Bodies are PHI: they are never logged; rejections are counted and logged by reason.
 """
@@ -18,7 +19,7 @@ from typing import Any
 import structlog
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from connector import jsontext, metrics
@@ -103,8 +104,7 @@ def client_allowed(request: Request, allowed: list[Any]) -> bool:
     return any(address in network for network in allowed)
 
 
-def create_app(config: Config, aftercare: Aftercare, health: Callable[[], dict[str, Any]],
-               extra_routes: list[Route] | None = None) -> Starlette:
+def create_app(config: Config, aftercare: Aftercare, extra_routes: list[Route] | None = None) -> Starlette:
     settings = config.delivery.paubox
     limit = config.server.max_body if config.server else 1_000_000
 
@@ -130,16 +130,8 @@ def create_app(config: Config, aftercare: Aftercare, health: Callable[[], dict[s
             return problem(400, "Bad Request", endpoint, "not a Paubox webhook event")
         return JSONResponse({"result": result.outcome})
 
-    async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok", **health()})
-
-    async def metrics_text(request: Request) -> Response:
-        return PlainTextResponse(metrics.exposition(), media_type="text/plain; version=0.0.4")
-
     routes = [
         Route("/webhooks/paubox/{token}", paubox_webhook, methods=["POST"]),
-        Route("/healthz", healthz, methods=["GET"]),
-        Route("/metrics", metrics_text, methods=["GET"]),
         *(extra_routes or []),
     ]
     return Starlette(routes=[Route(r.path, guarded(r.endpoint), methods=list(r.methods or ["GET"]))

@@ -568,7 +568,7 @@ class Run:
             daemon.start("start")
             self.daemons.append(daemon)
         for daemon, port in zip(self.daemons, ports, strict=True):
-            wait_http(f"http://127.0.0.1:{port}/healthz", daemon)
+            wait_http(f"http://127.0.0.1:{port}/livez", daemon)
         return expected
 
     def progress(self) -> tuple[int, Counter[str]]:

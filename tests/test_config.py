@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from connector.config import load_config, parse_duration
-from connector.errors import ConfigError
+from connector.errors import ConfigError, InfrastructureError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,9 +98,11 @@ def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
     assert "invalid YAML" in problem and "line" in problem
 
 
-def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
-    [problem] = problems(tmp_path / "absent.yaml")
-    assert "cannot read file" in problem
+def test_missing_file_is_a_clear_error_saying_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(InfrastructureError) as caught:
+        load_config(tmp_path / "absent.yaml")
+    assert str(caught.value) == (f"the config file {tmp_path / 'absent.yaml'} does not exist: give --config PATH "
+                                 "or set CONNECTOR_CONFIG (config.example.yaml shows every key)")
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("250ms", 0.25), ("30s", 30), ("5m", 300), ("48h", 172800),

@@ -142,7 +142,7 @@ async def crm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
     runtime = Runtime.open(config, system_clock, mailer=mailer,
                            source_transport=httpx.ASGITransport(app=fhir_app(FhirState())))
     assert runtime.crm_receiver is not None
-    app = web_app(config, runtime.aftercare, health=lambda: {}, extra_routes=runtime.crm_receiver.routes())
+    app = web_app(config, runtime.aftercare, extra_routes=runtime.crm_receiver.routes())
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
                                  base_url="https://connector.example.org") as client:
         yield Crm(runtime, client, paubox)
@@ -357,7 +357,7 @@ async def test_a_mapping_can_read_the_hubspot_object_it_needs(tmp_path: Path,
                            source_transport=httpx.ASGITransport(app=fhir_app(FhirState())),
                            crm_transport=httpx.ASGITransport(app=hubspot_api))
     assert runtime.crm_receiver is not None
-    app = web_app(config, runtime.aftercare, health=lambda: {}, extra_routes=runtime.crm_receiver.routes())
+    app = web_app(config, runtime.aftercare, extra_routes=runtime.crm_receiver.routes())
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
                                      base_url="https://connector.example.org") as client:

@@ -192,7 +192,7 @@ async def hooked(tmp_path: Path, api_key_env: str, monkeypatch: pytest.MonkeyPat
     policy = getattr(request, "param", "hold")
     extra = f"  in_doubt:\n    policy: {policy}\n    wait: 30m\n"
     rig = await rig_for(tmp_path, api_key_env, extra, paubox_extra="    webhook_token: ${PAUBOX_WEBHOOK_TOKEN}\n")
-    app = web_app(rig.runtime.config, rig.runtime.aftercare, health=lambda: {})
+    app = web_app(rig.runtime.config, rig.runtime.aftercare)
     with Server(app) as receiver:
         rig.paubox.webhook_url = f"{receiver.url}/webhooks/paubox/{TOKEN}"
         yield rig

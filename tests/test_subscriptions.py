@@ -75,7 +75,7 @@ async def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
     mailer = PauboxRestMailer(config.delivery.paubox, transport=httpx.ASGITransport(app=paubox_app(paubox)))
     runtime = Runtime.open(config, system_clock, mailer=mailer,
                            source_transport=httpx.ASGITransport(app=fhir_app(fhir)))
-    app = web_app(config, runtime.aftercare, health=lambda: {}, extra_routes=runtime.subscriptions.routes())
+    app = web_app(config, runtime.aftercare, extra_routes=runtime.subscriptions.routes())
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://connector.test") as client:
         yield Hub(runtime, fhir, paubox, client)
     await runtime.aclose()

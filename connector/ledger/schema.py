@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, Column, DateTime, Index, LargeBinary, String, UniqueConstraint
+from sqlalchemy import BigInteger, Boolean, Column, DateTime, Index, LargeBinary, String, UniqueConstraint, text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
@@ -87,7 +87,9 @@ class SeenVersionRow(SQLModel, table=True):
     """Resource versions already handled (or rejected as invalid, with the reason)."""
 
     __tablename__ = "seen_version"
-    __table_args__ = (Index("ix_seen_version_last_updated", "source", "last_updated"),)
+    __table_args__ = (Index("ix_seen_version_last_updated", "source", "last_updated"),
+                      Index("ix_seen_version_problem", "source", postgresql_where=text("problem IS NOT NULL"),
+                            sqlite_where=text("problem IS NOT NULL")))
 
     source: str = Field(primary_key=True, max_length=64)
     resource_type: str = Field(primary_key=True, max_length=64)
@@ -169,3 +171,19 @@ class RejectionRow(SQLModel, table=True):
     reason: str = Field(primary_key=True, max_length=100)
     total: int = Field(default=0, sa_column=Column(BigInteger(), nullable=False))
     last_at: datetime = _when()
+
+
+class ComponentHealthRow(SQLModel, table=True):
+    """How a part of the daemon last fared, for `connector status` (another process): `source:<name>` (its
+    last completed poll, its last error) and `mailer` (its state and why). No patient data: states, times,
+    HTTP statuses and error descriptions that name sources, resource types and ids."""
+
+    __tablename__ = "component_health"
+
+    component: str = Field(primary_key=True, max_length=100)
+    state: str = Field(max_length=16)  # sources: ok, failing; mailer: running, paused, broken, probing, blocked
+    since: datetime | None = _when(nullable=True)  # when it entered `state`
+    last_ok_at: datetime | None = _when(nullable=True)  # sources: the last completed poll
+    problem: str | None = Field(default=None, max_length=500)  # the last error (kept after a recovery)
+    problem_at: datetime | None = _when(nullable=True)
+    updated_at: datetime = _when()

@@ -82,7 +82,9 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # An unreachable server fails a connection within 10 s rather than never (unless the URL says otherwise).
+    timeout = {} if "connect_timeout" in make_url(url).query else {"connect_timeout": 10}
+    return create_engine(url, pool_pre_ping=True, connect_args=timeout)
 
 
 def unavailable(exc: BaseException) -> bool:
