@@ -3,6 +3,7 @@ hold no user info, and a database password is never printed."""
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -29,7 +30,7 @@ BEARER = "    auth:\n      type: bearer\n      token: ${TEST_KEY}\n"
 BASIC = "    auth:\n      type: basic\n      username: connector\n      password: ${TEST_KEY}\n"
 SMART = ("    auth:\n      type: smart\n      client_id: c\n      key_id: k\n      private_key: ${TEST_KEY}\n"
          "      token_endpoint: TOKEN\n")
-INBOX = "inbox:\n  keys:\n    k1: ${TEST_KEY}\n  current: k1\n"
+INBOX = "inbox:\n  keys:\n    k1: ${TEST_INBOX_KEY}\n  current: k1\n"  # base64 of 32 bytes
 
 
 def config_file(tmp_path: Path, base_url: str = "https://fhir.example.org/r4", source: str = "",
@@ -48,6 +49,7 @@ def problems(path: Path) -> list[str]:
 @pytest.fixture(autouse=True)
 def _key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TEST_KEY", "k-secret-value")
+    monkeypatch.setenv("TEST_INBOX_KEY", base64.b64encode(bytes(32)).decode())
 
 
 @pytest.mark.parametrize("auth", [BEARER, BASIC], ids=["bearer", "basic"])
