@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from connector import commands, logs, optout, report
-from connector.config import Environment, load_config
+from connector.config import LEDGER, Environment, load_config
 from connector.errors import ConfigError, ConnectorError
 from connector.ledger.sql import SqlLedger
 from connector.models import Clock, State, fixed_clock, system_clock
@@ -63,7 +63,7 @@ def _fail(exc: ConnectorError) -> typer.Exit:
 
 def _ledger(config: Path) -> SqlLedger:
     try:
-        return open_ledger(load_config(config))
+        return open_ledger(load_config(config, LEDGER))
     except ConnectorError as exc:
         raise _fail(exc) from None
 
@@ -103,11 +103,16 @@ def run(config: ConfigOption = ENV.config,
 def validate(config: ConfigOption = ENV.config) -> None:
     """Check the config, every mapping, and that every template compiles. Exit 0 when all is well."""
     try:
-        cfg, names = commands.validate(config)
+        checked = commands.validate(config)
     except ConnectorError as exc:
         raise _fail(exc) from None
-    report.console.print(f"OK: {config} with {len(cfg.sources)} source(s) and {len(names)} mapping(s): "
-                         f"{', '.join(names)}")
+    for warning in checked.warnings:
+        report.console.print(f"warning: {warning}", markup=False)
+    if checked.errors:
+        raise _fail(ConfigError(checked.errors))
+    names = checked.mappings
+    report.console.print(f"OK: {config} with {len(checked.config.sources)} source(s) and {len(names)} mapping(s): "
+                         f"{', '.join(names)}", markup=False)
 
 
 @app.command()
@@ -165,7 +170,7 @@ def replay(
 def status(config: ConfigOption = ENV.config) -> None:
     """Counts per state, source cursors, and the notifications that need a person (in_doubt, failed)."""
     try:
-        report.status(commands.status(load_config(config)))
+        report.status(commands.status(load_config(config, LEDGER)))
     except ConnectorError as exc:
         raise _fail(exc) from None
 
@@ -177,7 +182,7 @@ def db_upgrade(config: ConfigOption = ENV.config) -> None:
     from connector.ledger.sql import make_engine
 
     try:
-        cfg = load_config(config)
+        cfg = load_config(config, LEDGER)
     except ConnectorError as exc:
         raise _fail(exc) from None
     engine = make_engine(cfg.ledger_url)

@@ -7,9 +7,9 @@ tokens, passwords) must be references, `${VAR}` or `{file: path}`, never inline 
 
 from __future__ import annotations
 
-import os
 import re
 import zoneinfo
+from collections.abc import Sequence
 from datetime import time, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -22,18 +22,18 @@ from pydantic import (
     ConfigDict,
     Field,
     IPvAnyNetwork,
-    SecretStr,
     ValidationError,
-    ValidationInfo,
+    WrapValidator,
     field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from connector import references
 from connector.errors import ConfigError, Problem
+from connector.references import SecretRef, Unresolved, expand_env
 from connector.yamlfile import YamlDoc, load_yaml
 
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
@@ -52,40 +52,9 @@ def parse_duration(value: Any) -> Any:
     raise ValueError("expected a duration such as 250ms, 30s, 5m, 48h or 2d")
 
 
-def expand_env(value: Any) -> Any:
-    """Replace each ${VAR} in a string with the environment variable's value."""
-    if not isinstance(value, str):
-        return value
-
-    def substitute(match: re.Match[str]) -> str:
-        name = match.group(1)
-        if name not in os.environ:
-            raise ValueError(f"environment variable {name} is not set")
-        return os.environ[name]
-
-    return _ENV_REF.sub(substitute, value)
-
-
-def resolve_secret(value: Any, info: ValidationInfo) -> Any:
-    """`${VAR}` or `{file: path}` → the secret; an inline value is refused."""
-    if isinstance(value, SecretStr):
-        return value
-    if isinstance(value, str) and _ENV_REF.fullmatch(value.strip()):
-        return SecretStr(expand_env(value.strip()).strip())
-    if isinstance(value, dict) and set(value) == {"file"} and isinstance(value["file"], str):
-        base = (info.context or {}).get("base_dir", Path.cwd())
-        path = Path(value["file"])
-        path = path if path.is_absolute() else base / path
-        try:
-            return SecretStr(path.read_text(encoding="utf-8").strip())
-        except OSError as exc:
-            raise ValueError(f"cannot read secret file {path}: {exc.strerror}") from None
-    raise ValueError("secrets must be references, ${ENV_VAR} or {file: /path/to/secret}; inline values are refused")
-
-
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
-EnvStr = Annotated[str, BeforeValidator(expand_env)]
-Secret = Annotated[SecretStr, BeforeValidator(resolve_secret)]
+EnvStr = Annotated[str, WrapValidator(expand_env)]  # ${VAR} expanded at load; unset: kept, refused where needed
+Secret = SecretRef  # ${VAR} or {file: path}, read when first used
 
 
 def _human(value: timedelta) -> str:
@@ -224,6 +193,8 @@ class FhirPollSourceConfig(Strict):
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
+        if isinstance(value, Unresolved):
+            return value
         if not re.match(r"^https?://[^/\s]+", value):
             raise ValueError("expected an http(s) URL such as https://ehr.example.org/fhir/r4")
         return value.rstrip("/")
@@ -254,6 +225,8 @@ class PauboxConfig(Strict):
 
     @model_validator(mode="after")
     def _base_url_or_username(self) -> PauboxConfig:
+        if isinstance(self.base_url, Unresolved):  # checked once its variable is set
+            return self
         if self.base_url and not re.match(r"^(https://|http://(127\.0\.0\.1|localhost|\[::1\])[:/])", self.base_url):
             raise ValueError("base_url must use https:// (plain http only for a sandbox on 127.0.0.1 or localhost)")
         return self
@@ -444,8 +417,14 @@ class Environment(BaseSettings):
     log_format: Literal["console", "json"] = "console"
 
 
-def load_config(path: Path) -> Config:
-    """Read and validate a config file. Raises ConfigError listing every problem with its line."""
+LEDGER: tuple[references.Loc, ...] = (("ledger",),)  # what the ledger commands touch
+
+
+def load_config(path: Path, needs: Sequence[references.Loc] | None = None) -> Config:
+    """Read and validate a config file. Raises ConfigError listing every problem with its line.
+
+    Plain `${VAR}` strings must be set within `needs` (key paths such as ("ledger",); None: every part
+    `connector run` reads). Secrets are not read here but on first use (`references`)."""
     doc = load_yaml(path)
     if not isinstance(doc.data, dict):
         raise ConfigError([doc.problem((), "the config file must be a mapping of keys to values")])
@@ -453,7 +432,10 @@ def load_config(path: Path) -> Config:
         config = Config.model_validate(doc.data, context={"base_dir": path.parent})
     except ValidationError as exc:
         raise ConfigError(problems_from(exc, doc)) from None
-    return config.model_copy(update={"path": path})
+    config = config.model_copy(update={"path": path})
+    references.locate(config, doc)
+    references.require(config, needs, secrets=False)
+    return config
 
 
 def problems_from(exc: ValidationError, doc: YamlDoc) -> list[Problem]:
