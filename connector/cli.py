@@ -12,6 +12,7 @@ import typer
 
 from connector import commands, logs, optout, report
 from connector.config import LEDGER, Environment, load_config
+from connector.entry import package_version
 from connector.errors import ConfigError, ConnectorError
 from connector.ledger.sql import SqlLedger
 from connector.models import Clock, State, fixed_clock, system_clock
@@ -68,11 +69,19 @@ def _ledger(config: Path) -> SqlLedger:
         raise _fail(exc) from None
 
 
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        print(f"connector {package_version()}")
+        raise typer.Exit()
+
+
 @app.callback()
 def main_options(
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error (env CONNECTOR_LOG_LEVEL).")]
     = ENV.log_level,
     log_format: Annotated[str, typer.Option(help="console or json (env CONNECTOR_LOG_FORMAT).")] = ENV.log_format,
+    version: Annotated[bool, typer.Option("--version", "-V", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
 ) -> None:
     """Logs go to stderr and never contain patient data; tables go to stdout."""
     logs.configure(log_level, log_format)
@@ -97,6 +106,26 @@ def run(config: ConfigOption = ENV.config,
         report.cycle(result)
         if not result.ok:
             raise typer.Exit(1)
+
+
+@app.command()
+def init(folder: Annotated[Path, typer.Argument(help="Folder to write into (created if needed).")] = Path(),
+         force: Annotated[bool, typer.Option("--force", help="Overwrite config.yaml, .env.example and the "
+                                                            "shipped mapping files.")] = False) -> None:
+    """Start a deployment: a commented config.yaml, the example mappings, and .env.example naming every
+    environment variable the config reads. Never overwrites files (unless --force)."""
+    from connector import scaffold
+
+    try:
+        written = scaffold.init(folder, force=force)
+    except ConnectorError as exc:
+        raise _fail(exc) from None
+    for path in written:
+        print(f"wrote {path}{'/' if path.is_dir() else ''}")
+    config = written[0]
+    print(f"next: edit {config}; copy {written[2]} to .env and fill it in; then\n"
+          f"  connector validate --config {config}\n  connector db upgrade --config {config}\n"
+          f"  connector run --config {config}")
 
 
 @app.command()
