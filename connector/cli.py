@@ -123,14 +123,16 @@ def init(folder: Annotated[Path, typer.Argument(help="Folder to write into (crea
     for path in written:
         print(f"wrote {path}{'/' if path.is_dir() else ''}")
     config = written[0]
-    print(f"next: edit {config}; copy {written[2]} to .env and fill it in; then\n"
+    print(f"next: edit {config}; save {written[2]} as .env with the values filled in, for the service's "
+          "environment (compose env_file, systemd EnvironmentFile; a shell: set -a; . ./.env; set +a); then\n"
           f"  connector validate --config {config}\n  connector db upgrade --config {config}\n"
           f"  connector run --config {config}")
 
 
 @app.command()
 def validate(config: ConfigOption = ENV.config) -> None:
-    """Check the config, every mapping, and that every template compiles. Exit 0 when all is well."""
+    """Check the config, every mapping, that every template compiles, and that every environment variable
+    and secret file the config refers to can be read. Exit 0 when all is well."""
     try:
         checked = commands.validate(config)
     except ConnectorError as exc:
