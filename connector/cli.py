@@ -13,7 +13,8 @@ import typer
 from sqlalchemy.exc import OperationalError
 
 from connector import commands, logs, optout, report
-from connector.config import Environment, load_config
+from connector.config import LEDGER, Environment, load_config
+from connector.entry import package_version
 from connector.errors import ConfigError, ConnectorError, InfrastructureError, LedgerError
 from connector.files import write_private
 from connector.ledger.health import describe
@@ -80,9 +81,15 @@ def _fail(exc: ConnectorError) -> typer.Exit:
 
 def _ledger(config: Path) -> SqlLedger:
     try:
-        return open_ledger(load_config(config))
+        return open_ledger(load_config(config, LEDGER))
     except ConnectorError as exc:
         raise _fail(exc) from None
+
+
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        print(f"connector {package_version()}")
+        raise typer.Exit()
 
 
 @app.callback()
@@ -92,6 +99,8 @@ def main_options(
     log_format: Annotated[str, typer.Option(help="console or json (env CONNECTOR_LOG_FORMAT).")] = ENV.log_format,
     debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error that stops a command "
                                                         "(a missing database, a port in use...).")] = False,
+    version: Annotated[bool, typer.Option("--version", "-V", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
 ) -> None:
     """Logs go to stderr and never contain patient data; tables go to stdout."""
     DEBUG["traceback"] = debug
@@ -127,14 +136,41 @@ def run(config: ConfigOption = ENV.config,
 
 
 @app.command()
-def validate(config: ConfigOption = ENV.config) -> None:
-    """Check the config, every mapping, and that every template compiles. Exit 0 when all is well."""
+def init(folder: Annotated[Path, typer.Argument(help="Folder to write into (created if needed).")] = Path(),
+         force: Annotated[bool, typer.Option("--force", help="Overwrite config.yaml, .env.example and the "
+                                                            "shipped mapping files.")] = False) -> None:
+    """Start a deployment: a commented config.yaml, the example mappings, and .env.example naming every
+    environment variable the config reads. Never overwrites files (unless --force)."""
+    from connector import scaffold
+
     try:
-        cfg, names = commands.validate(config)
+        written = scaffold.init(folder, force=force)
     except ConnectorError as exc:
         raise _fail(exc) from None
-    report.console.print(f"OK: {config} with {len(cfg.sources)} source(s) and {len(names)} mapping(s): "
-                         f"{', '.join(names)}")
+    for path in written:
+        print(f"wrote {path}{'/' if path.is_dir() else ''}")
+    config = written[0]
+    print(f"next: edit {config}; save {written[2]} as .env with the values filled in, for the service's "
+          "environment (compose env_file, systemd EnvironmentFile; a shell: set -a; . ./.env; set +a); then\n"
+          f"  connector validate --config {config}\n  connector db upgrade --config {config}\n"
+          f"  connector run --config {config}")
+
+
+@app.command()
+def validate(config: ConfigOption = ENV.config) -> None:
+    """Check the config, every mapping, that every template compiles, and that every environment variable
+    and secret file the config refers to can be read. Exit 0 when all is well."""
+    try:
+        checked = commands.validate(config)
+    except ConnectorError as exc:
+        raise _fail(exc) from None
+    for warning in checked.warnings:
+        report.console.print(f"warning: {warning}", markup=False)
+    if checked.errors:
+        raise _fail(ConfigError(checked.errors))
+    names = checked.mappings
+    report.console.print(f"OK: {config} with {len(checked.config.sources)} source(s) and {len(names)} mapping(s): "
+                         f"{', '.join(names)}", markup=False)
 
 
 @app.command()
@@ -192,7 +228,7 @@ def replay(
 def status(config: ConfigOption = ENV.config) -> None:
     """Counts per state, source cursors, and the notifications that need a person (in_doubt, failed)."""
     try:
-        report.status(commands.status(load_config(config)))
+        report.status(commands.status(load_config(config, LEDGER)))
     except ConnectorError as exc:
         raise _fail(exc) from None
 
@@ -205,7 +241,7 @@ def db_upgrade(config: ConfigOption = ENV.config) -> None:
     from connector.runtime import sqlite_folder, unreachable
 
     try:
-        cfg = load_config(config)
+        cfg = load_config(config, LEDGER)
         sqlite_folder(cfg)
         engine = make_engine(cfg.ledger_url)
         try:

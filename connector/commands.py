@@ -12,9 +12,10 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
-from connector import fhir, health
+from connector import fhir, health, references
 from connector.config import Config, load_config
 from connector.daemon import CycleReport, run_forever, run_once
+from connector.delivery import Outcome, Verdict
 from connector.errors import ConfigError, ConnectorError, Problem
 from connector.health import Finding, SourceFacts
 from connector.intake import examine, triples
@@ -29,14 +30,38 @@ from connector.replay import Replay, ReplayItem, pages_between, replan
 from connector.runtime import Runtime
 
 
-def validate(config_path: Path) -> tuple[Config, list[str]]:
-    """Check config, mappings and templates; raises ConfigError with every problem found."""
-    config = load_config(config_path)
-    mappings = load_mappings(config.mappings_dir, [*config.sources, *config.crm])
-    return config, mappings.names()
+@dataclass(frozen=True)
+class Validation:
+    config: Config
+    mappings: list[str]
+    errors: list[Problem]  # mappings, templates, and the references `run` needs but cannot read
+    warnings: list[Problem]  # missing references of features that are off
+
+
+def validate(config_path: Path) -> Validation:
+    """Check config, mappings and templates, and every environment variable and secret file the config
+    refers to. A config file that does not parse raises ConfigError."""
+    config = load_config(config_path, needs=())
+    errors, warnings = references.report(config)
+    try:
+        names = load_mappings(config.mappings_dir, [*config.sources, *config.crm]).names()
+    except ConfigError as exc:
+        names, errors = [], [*exc.problems, *errors]
+    return Validation(config, names, errors, warnings)
+
+
+class NoMailer:
+    """The mailer of commands that never send (dry runs, subscribe): Paubox's key is not read."""
+
+    async def send(self, email: Email) -> Outcome:
+        return Outcome(Verdict.RETRY, "not sent: this command does not send", blocking=True)
+
+    async def aclose(self) -> None:
+        return None
 
 
 async def run(config: Config, clock: Clock, once: bool) -> CycleReport | None:
+    references.require(config)  # every secret of what runs, now rather than at the first send
     runtime = Runtime.open(config, clock)
     try:
         if once:
@@ -83,7 +108,7 @@ async def explain(runtime: Runtime, items: list[ReplayItem], now: datetime) -> d
 
 async def dry_run(config: Config, clock: Clock) -> DryRun:
     """Read the sources as the next poll would, plan, check recipients, and commit nothing."""
-    runtime = Runtime.open(config, clock, exclusive=False)
+    runtime = Runtime.open(config, clock, exclusive=False, mailer=NoMailer())
     found = Replay()
     errors: list[str] = []
     try:
@@ -119,7 +144,7 @@ class Replayed:
 async def replay(config: Config, clock: Clock, source: str, since: datetime | None, until: datetime | None,
                  file: Path | None, dry: bool) -> Replayed:
     """Plan a window of a source (or a file) again and send what the ledger does not already hold."""
-    runtime = Runtime.open(config, clock, exclusive=not dry)
+    runtime = Runtime.open(config, clock, exclusive=not dry, mailer=NoMailer() if dry else None)
     try:
         if source in config.crm:
             return await _replay_crm(runtime, source, since, until, dry)
@@ -257,7 +282,7 @@ def status(config: Config) -> dict[str, Any]:
 
 
 async def subscribe(config: Config, source: str) -> tuple[str, str]:
-    runtime = Runtime.open(config, system_clock, exclusive=False)
+    runtime = Runtime.open(config, system_clock, exclusive=False, mailer=NoMailer())
     try:
         return await runtime.subscriptions.subscribe(source)
     finally:

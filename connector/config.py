@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
 import re
 import zoneinfo
+from collections.abc import Sequence
 from datetime import time, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -25,19 +25,20 @@ from pydantic import (
     ConfigDict,
     Field,
     IPvAnyNetwork,
-    SecretStr,
     ValidationError,
     ValidationInfo,
+    WrapValidator,
     field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from connector import references
 from connector.errors import ConfigError, InfrastructureError, Problem
+from connector.references import SecretRef, Unresolved, expand_env
 from connector.urls import check_url
 from connector.yamlfile import YamlDoc, load_yaml
 
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
@@ -56,39 +57,11 @@ def parse_duration(value: Any) -> Any:
     raise ValueError("expected a duration such as 250ms, 30s, 5m, 48h or 2d")
 
 
-def expand_env(value: Any) -> Any:
-    """Replace each ${VAR} in a string with the environment variable's value."""
-    if not isinstance(value, str):
+def _key_of_32_bytes(value: SecretRef) -> SecretRef:
+    """A key given as base64 of exactly 32 bytes (AES-256, HMAC-SHA256), checked at load when it can be read
+    then (else where it is used); the message never echoes it."""
+    if value.problem() is not None:
         return value
-
-    def substitute(match: re.Match[str]) -> str:
-        name = match.group(1)
-        if name not in os.environ:
-            raise ValueError(f"environment variable {name} is not set")
-        return os.environ[name]
-
-    return _ENV_REF.sub(substitute, value)
-
-
-def resolve_secret(value: Any, info: ValidationInfo) -> Any:
-    """`${VAR}` or `{file: path}` → the secret; an inline value is refused."""
-    if isinstance(value, SecretStr):
-        return value
-    if isinstance(value, str) and _ENV_REF.fullmatch(value.strip()):
-        return SecretStr(expand_env(value.strip()).strip())
-    if isinstance(value, dict) and set(value) == {"file"} and isinstance(value["file"], str):
-        base = (info.context or {}).get("base_dir", Path.cwd())
-        path = Path(value["file"])
-        path = path if path.is_absolute() else base / path
-        try:
-            return SecretStr(path.read_text(encoding="utf-8").strip())
-        except OSError as exc:
-            raise ValueError(f"cannot read secret file {path}: {exc.strerror}") from None
-    raise ValueError("secrets must be references, ${ENV_VAR} or {file: /path/to/secret}; inline values are refused")
-
-
-def _key_of_32_bytes(value: SecretStr) -> SecretStr:
-    """A key given as base64 of exactly 32 bytes (AES-256, HMAC-SHA256); the message never echoes it."""
     try:
         raw = base64.b64decode(value.get_secret_value(), validate=True)
     except (binascii.Error, ValueError):
@@ -99,9 +72,9 @@ def _key_of_32_bytes(value: SecretStr) -> SecretStr:
 
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
-EnvStr = Annotated[str, BeforeValidator(expand_env)]
-Secret = Annotated[SecretStr, BeforeValidator(resolve_secret)]
-Key32 = Annotated[SecretStr, BeforeValidator(resolve_secret), AfterValidator(_key_of_32_bytes)]
+EnvStr = Annotated[str, WrapValidator(expand_env)]  # ${VAR} expanded at load; unset: kept, refused where needed
+Secret = SecretRef  # ${VAR} or {file: path}, read when first used
+Key32 = Annotated[SecretRef, AfterValidator(_key_of_32_bytes)]
 
 
 def _human(value: timedelta) -> str:
@@ -267,6 +240,8 @@ class FhirPollSourceConfig(Strict):
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, value: str, info: ValidationInfo) -> str:
+        if isinstance(value, Unresolved):  # checked when its variable is set
+            return value
         auth = info.data.get("auth")
         return check_url(value, credentials=auth is not None and not isinstance(auth, NoAuth)).rstrip("/")
 
@@ -297,7 +272,9 @@ class PauboxConfig(Strict):
     @field_validator("base_url")
     @classmethod
     def _base_url_safe(cls, value: str | None) -> str | None:
-        return None if value is None else check_url(value, credentials=True)  # the API key goes with every request
+        if value is None or isinstance(value, Unresolved):  # checked once its variable is set
+            return value
+        return check_url(value, credentials=True)  # the API key goes with every request
 
     @property
     def endpoint(self) -> str:
@@ -555,8 +532,14 @@ class Environment(BaseSettings):
     log_format: str = "console"
 
 
-def load_config(path: Path) -> Config:
-    """Read and validate a config file. Raises ConfigError listing every problem with its line."""
+LEDGER: tuple[references.Loc, ...] = (("ledger",),)  # what the ledger commands touch
+
+
+def load_config(path: Path, needs: Sequence[references.Loc] | None = None) -> Config:
+    """Read and validate a config file. Raises ConfigError listing every problem with its line.
+
+    Plain `${VAR}` strings must be set within `needs` (key paths such as ("ledger",); None: every part
+    `connector run` reads). Secrets are not read here but on first use (`references`)."""
     if not path.exists():
         raise InfrastructureError(f"the config file {path} does not exist: give --config PATH or set "
                                   f"CONNECTOR_CONFIG (config.example.yaml shows every key)")
@@ -567,7 +550,10 @@ def load_config(path: Path) -> Config:
         config = Config.model_validate(doc.data, context={"base_dir": path.parent})
     except ValidationError as exc:
         raise ConfigError(problems_from(exc, doc)) from None
-    return config.model_copy(update={"path": path})
+    config = config.model_copy(update={"path": path})
+    references.locate(config, doc)
+    references.require(config, needs, secrets=False)
+    return config
 
 
 def problems_from(exc: ValidationError, doc: YamlDoc) -> list[Problem]:

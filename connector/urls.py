@@ -23,6 +23,8 @@ import httpx
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from connector.references import Unresolved
+
 Origin = tuple[str, str, int]
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 LOCAL_ONLY = "plain http:// only to 127.0.0.1, ::1 or localhost"
@@ -58,7 +60,10 @@ def is_loopback(host: str) -> bool:
 
 
 def check_url(value: str, *, credentials: bool) -> str:
-    """`value` if it passes the rules above (with `credentials`: https, or http to loopback)."""
+    """`value` if it passes the rules above (with `credentials`: https, or http to loopback). A value whose
+    `${VAR}` is not set is left for the command that needs it to report."""
+    if isinstance(value, Unresolved):
+        return value
     url = parse_http_url(value)
     if credentials and url.scheme == "http" and not is_loopback(url.host):
         raise ValueError(f"credentials would cross the network in clear to {url.host}: use https:// ({LOCAL_ONLY})")

@@ -56,10 +56,11 @@ def test_secret_from_file_relative_to_config(tmp_path: Path) -> None:
 
 
 def test_missing_environment_variable_is_named_with_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("TEST_PAUBOX_KEY", raising=False)
-    (tmp_path / "c.yaml").write_text(MINIMAL)
+    monkeypatch.delenv("TEST_PAUBOX_USER", raising=False)
+    (tmp_path / "c.yaml").write_text(MINIMAL.replace("username: clinic", "username: ${TEST_PAUBOX_USER}"))
     assert problems(tmp_path / "c.yaml") == [
-        f"{tmp_path / 'c.yaml'} line 8 (delivery.paubox.api_key): environment variable TEST_PAUBOX_KEY is not set"]
+        f"{tmp_path / 'c.yaml'} line 7 (delivery.paubox.username): environment variable TEST_PAUBOX_USER is not set "
+        "(export it, or add it to the env file the service reads)"]
 
 
 def test_inline_secret_is_refused_without_echoing_it(tmp_path: Path) -> None:
