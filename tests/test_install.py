@@ -3,6 +3,7 @@ shipped in the package (one copy: the repository's files) and never overwrites o
 
 from __future__ import annotations
 
+import base64
 import filecmp
 import os
 import subprocess
@@ -56,7 +57,7 @@ def test_env_example_names_every_variable_the_example_config_reads(tmp_path: Pat
     import re
 
     text = (ROOT / "config.example.yaml").read_text()
-    documented = {"VAR", "ENV_VAR"}  # the header explains the syntax with these
+    documented = {"VAR", "ENV_VAR", "LEDGER_PASSWORD"}  # the header explains the syntax with these; the ledger note too
     wanted = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", text)) - documented
     assert connector("init", cwd=tmp_path).returncode == 0
     listed = set(re.findall(r"^(?:# )?([A-Z_][A-Z0-9_]*)=", (tmp_path / ".env.example").read_text(), re.MULTILINE))
@@ -82,14 +83,16 @@ def test_init_refuses_to_overwrite_and_force_does(tmp_path: Path) -> None:
 
 def test_an_initialised_folder_validates_once_its_variables_are_set(tmp_path: Path) -> None:
     assert connector("init", cwd=tmp_path).returncode == 0
-    names = ("EHR_FHIR_TOKEN", "PAUBOX_USERNAME", "PAUBOX_API_KEY", "PAUBOX_WEBHOOK_TOKEN", "EHR_SUBSCRIPTION_SECRET")
+    names = ("EHR_FHIR_TOKEN", "PAUBOX_USERNAME", "PAUBOX_API_KEY", "PAUBOX_WEBHOOK_TOKEN", "OPTOUT_KEY",
+             "EHR_SUBSCRIPTION_SECRET")
     bare = {k: v for k, v in os.environ.items() if k not in names}
     missing = connector("validate", cwd=tmp_path, env=bare)
     assert missing.returncode == 2
-    for name in names[:4]:
+    for name in names[:5]:
         assert f"environment variable {name} is not set (export it" in missing.stdout, name
     assert "warning: config.yaml line" in missing.stdout and "EHR_SUBSCRIPTION_SECRET is not set; not needed" \
         in missing.stdout
-    ready = connector("validate", cwd=tmp_path, env={**bare, **{name: "placeholder" for name in names[:4]}})
+    values = {name: "placeholder" for name in names[:4]} | {"OPTOUT_KEY": base64.b64encode(bytes(32)).decode()}
+    ready = connector("validate", cwd=tmp_path, env={**bare, **values})
     assert ready.returncode == 0, ready.stdout
     assert "OK: config.yaml with 1 source(s) and 5 mapping(s)" in ready.stdout

@@ -8,6 +8,7 @@ only, so later runs install offline."""
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import subprocess
@@ -26,7 +27,8 @@ pytestmark = pytest.mark.slow
 WHEELHOUSE = ROOT / ".cache" / "wheelhouse"
 BIN = Path(sys.executable).parent
 ENV = {"EHR_FHIR_TOKEN": "sandbox-accepts-any-token", "PAUBOX_API_KEY": API_KEY,
-       "PAUBOX_WEBHOOK_TOKEN": "webhook-path-token"}  # PAUBOX_USERNAME: replaced by base_url below
+       "PAUBOX_WEBHOOK_TOKEN": "webhook-path-token",
+       "OPTOUT_KEY": base64.b64encode(bytes(32)).decode()}  # PAUBOX_USERNAME: replaced by base_url below
 
 
 def clean_env(**extra: str) -> dict[str, str]:
