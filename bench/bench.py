@@ -78,8 +78,15 @@ class Report:
     def section(self, title: str) -> None:
         self.rows.append((title, "", "", ""))
 
-    def row(self, measure: str, figure: str, target: str = "", met: bool | None = None,
-            target_name: str = "", label: str = "") -> None:
+    def row(
+        self,
+        measure: str,
+        figure: str,
+        target: str = "",
+        met: bool | None = None,
+        target_name: str = "",
+        label: str = "",
+    ) -> None:
         """A line of the table; with `met`, also a target in the summary (`label`: which variant)."""
         verdict = "" if met is None else ("met" if met else "NOT met")
         self.rows.append(("  " + measure, figure, target, verdict))
@@ -111,8 +118,13 @@ class Processes:
     def server(self, kind: str, *args: str, timeout: float = 180) -> tuple[subprocess.Popen[str], str]:
         errors = (self.folder / f"{kind}-server.log").open("a")
         command = [PY, str(HERE / "servers.py"), kind, *args]
-        process = subprocess.Popen(command, stdout=subprocess.PIPE,  # noqa: S603 - our own script
-                                   stderr=errors, text=True, cwd=HERE.parent)
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,  # noqa: S603 - our own script
+            stderr=errors,
+            text=True,
+            cwd=HERE.parent,
+        )
         self.running.append(process)
         assert process.stdout is not None
         ready, _, _ = select.select([process.stdout], [], [], timeout)
@@ -139,8 +151,13 @@ class Processes:
     def worker(self, role: str, spec: dict[str, Any], timeout: float, name: str) -> dict[str, Any]:
         errors = self.folder / f"{name}.log"
         with errors.open("w") as stderr:
-            process = subprocess.Popen([PY, str(HERE / "workers.py"), role, json.dumps(spec)],  # noqa: S603 - ours
-                                       stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=HERE.parent)
+            process = subprocess.Popen(
+                [PY, str(HERE / "workers.py"), role, json.dumps(spec)],  # noqa: S603 - ours
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                cwd=HERE.parent,
+            )
             self.running.append(process)
             try:
                 out, _ = process.communicate(timeout=timeout)
@@ -189,10 +206,18 @@ def machine() -> str:
         if line.startswith("model name"):
             model = line.split(":", 1)[1].strip()
             break
-    memory = next((int(line.split()[1]) // 1024 for line in Path("/proc/meminfo").read_text().splitlines()
-                   if line.startswith("MemTotal")), 0)
-    return (f"{os.cpu_count()} CPUs ({model}), {memory:,} MiB RAM, Linux {platform.release()}, "
-            f"Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}")
+    memory = next(
+        (
+            int(line.split()[1]) // 1024
+            for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith("MemTotal")
+        ),
+        0,
+    )
+    return (
+        f"{os.cpu_count()} CPUs ({model}), {memory:,} MiB RAM, Linux {platform.release()}, "
+        f"Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}"
+    )
 
 
 def busy_cpu_seconds() -> float:
@@ -245,12 +270,20 @@ class Rig:
         self.runs += 1
         work = self.root / f"run{self.runs}"
         ledger_dir.mkdir(parents=True, exist_ok=True)
-        return {"workdir": str(work), "fhir": fhir, "paubox": self.paubox, "page_size": self.page_size,
-                "ledger": str(ledger_dir / f"ledger{self.runs}.db"), "dispatch": dispatch, **extra}
+        return {
+            "workdir": str(work),
+            "fhir": fhir,
+            "paubox": self.paubox,
+            "page_size": self.page_size,
+            "ledger": str(ledger_dir / f"ledger{self.runs}.db"),
+            "dispatch": dispatch,
+            **extra,
+        }
 
 
-def pipeline_run(rig: Rig, fhir: str, dispatch: dict[str, int], expected: int, ram: bool, name: str,
-                 profile: str | None = None) -> dict[str, Any]:
+def pipeline_run(
+    rig: Rig, fhir: str, dispatch: dict[str, int], expected: int, ram: bool, name: str, profile: str | None = None
+) -> dict[str, Any]:
     sandbox(rig.paubox, "DELETE", "/_sandbox/messages")
     ledger_dir = (rig.ram if ram and rig.ram else rig.root) / f"ledger-{rig.runs + 1}"
     spec = rig.spec(fhir, dispatch, ledger_dir, profile=profile)
@@ -261,8 +294,11 @@ def pipeline_run(rig: Rig, fhir: str, dispatch: dict[str, int], expected: int, r
     result["rate"] = result["sent"] / result["elapsed"]
     result["poll_seconds"] = poll_seconds(result)
     shutil.rmtree(ledger_dir, ignore_errors=True)
-    problem = "" if result["sent"] == expected == result["accepted"] and result["most_copies"] == 1 else \
-        f" (CHECK: sent {result['sent']}, sandbox accepted {result['accepted']}, counts {result['counts']})"
+    problem = (
+        ""
+        if result["sent"] == expected == result["accepted"] and result["most_copies"] == 1
+        else f" (CHECK: sent {result['sent']}, sandbox accepted {result['accepted']}, counts {result['counts']})"
+    )
     log(f"{name}: {result['sent']} in {result['elapsed']:.1f} s = {result['rate']:,.0f}/s{problem}")
     result["problem"] = problem
     return result
@@ -295,47 +331,84 @@ def throughput(rig: Rig, sizes: Sizes, args: argparse.Namespace, report: Report)
         profile = prefix
     rig.procs.stop(fhir_process)
 
-    naive = rig.procs.worker("naive", {"paubox": rig.paubox, "samples": str(rig.root / "samples.json"),
-                                        "count": sizes.naive}, timeout=60 + sizes.naive, name="naive")
+    naive = rig.procs.worker(
+        "naive",
+        {"paubox": rig.paubox, "samples": str(rig.root / "samples.json"), "count": sizes.naive},
+        timeout=60 + sizes.naive,
+        name="naive",
+    )
     naive_rate = naive["sent"] / naive["elapsed"]
     log(f"naive: {naive['sent']} in {naive['elapsed']:.1f} s = {naive_rate:.1f}/s")
 
     bulk_rate = median([r["rate"] for r in on])
-    report.section(f"1. Throughput: {n:,} booked appointments, FHIR page size {rig.page_size}, "
-                   f"sandbox 50 ms per request")
-    spread = f" (median of {len(on)}: {min(r['rate'] for r in on):,.0f}–{max(r['rate'] for r in on):,.0f})" \
-        if len(on) > 1 else ""
+    report.section(
+        f"1. Throughput: {n:,} booked appointments, FHIR page size {rig.page_size}, sandbox 50 ms per request"
+    )
+    spread = (
+        f" (median of {len(on)}: {min(r['rate'] for r in on):,.0f}–{max(r['rate'] for r in on):,.0f})"
+        if len(on) > 1
+        else ""
+    )
     for short, dispatch, rate, runs in (("bulk", bulk, bulk_rate, on), ("one by one", single, one["rate"], [one])):
         polled = [r["poll_seconds"] for r in runs if r["poll_seconds"]]
         detail = f"{rate:,.0f} /s" + (spread if runs is on else "")
-        report.row(f"pipeline, {describe_dispatch(dispatch)}", detail, "≥ 2,000 /s", rate >= 2000,
-                   "≥ 2,000 notifications/s", f"{short}:")
-        report.row("  poll phase / whole run_once", f"{median(polled):.1f} s / "
-                   f"{median([r['elapsed'] for r in runs]):.1f} s" if polled else "?")
-        report.row("  vs naive loop", f"{rate / naive_rate:,.1f}×", "≥ 50×", rate / naive_rate >= 50,
-                   "≥ 50× the naive loop", f"{short}:")
+        report.row(
+            f"pipeline, {describe_dispatch(dispatch)}",
+            detail,
+            "≥ 2,000 /s",
+            rate >= 2000,
+            "≥ 2,000 notifications/s",
+            f"{short}:",
+        )
+        report.row(
+            "  poll phase / whole run_once",
+            f"{median(polled):.1f} s / {median([r['elapsed'] for r in runs]):.1f} s" if polled else "?",
+        )
+        report.row(
+            "  vs naive loop",
+            f"{rate / naive_rate:,.1f}×",
+            "≥ 50×",
+            rate / naive_rate >= 50,
+            "≥ 50× the naive loop",
+            f"{short}:",
+        )
         problems = "".join(r["problem"] for r in runs)
         if problems:
             report.notes.append(f"pipeline {short}: {problems.strip()}")
-    report.row(f"naive loop: 1 POST at a time, {naive['sent']} msgs",
-               f"{naive_rate:,.1f} /s ({n:,} would take {n / naive_rate:,.0f} s)")
+    report.row(
+        f"naive loop: 1 POST at a time, {naive['sent']} msgs",
+        f"{naive_rate:,.1f} /s ({n:,} would take {n / naive_rate:,.0f} s)",
+    )
     cpu = median([r["cpu"] / r["elapsed"] for r in on])
     report.row("connector process CPU during the bulk run", f"{cpu:.0%} of one core")
 
-    report.section("2. Ledger: on = SQLite file, WAL, synchronous=FULL (default); "
-                   "\"off\" = same SQLite on tmpfs /dev/shm")
+    report.section(
+        '2. Ledger: on = SQLite file, WAL, synchronous=FULL (default); "off" = same SQLite on tmpfs /dev/shm'
+    )
     report.row(f"ledger on ({mount_of(rig.root)})", f"{bulk_rate:,.0f} /s")
     if off:
         off_rate = median([r["rate"] for r in off])
         overhead = (off_rate - bulk_rate) / off_rate
-        report.row("ledger \"off\" (RAM: same SQL, no disk I/O or fsync)", f"{off_rate:,.0f} /s")
-        report.row("ledger overhead: (off − on) / off", f"{overhead:.0%}", "≤ 10 %", overhead <= 0.10,
-                   "ledger overhead ≤ 10 %", "on vs off:")
+        report.row('ledger "off" (RAM: same SQL, no disk I/O or fsync)', f"{off_rate:,.0f} /s")
+        report.row(
+            "ledger overhead: (off − on) / off",
+            f"{overhead:.0%}",
+            "≤ 10 %",
+            overhead <= 0.10,
+            "ledger overhead ≤ 10 %",
+            "on vs off:",
+        )
     else:
-        report.row("ledger \"off\"", "not measured: no tmpfs at /dev/shm")
+        report.row('ledger "off"', "not measured: no tmpfs at /dev/shm")
     share = median([r["ledger_cpu"] / r["cpu"] for r in on if r["cpu"]])
-    report.row("CPU of the ledger's threads / process CPU (on)", f"{share:.0%}", "≤ 10 %", share <= 0.10,
-               "ledger overhead ≤ 10 %", "CPU share:")
+    report.row(
+        "CPU of the ledger's threads / process CPU (on)",
+        f"{share:.0%}",
+        "≤ 10 %",
+        share <= 0.10,
+        "ledger overhead ≤ 10 %",
+        "CPU share:",
+    )
     if profile:
         report.notes.append(profile_summary(profile))
 
@@ -370,23 +443,44 @@ def memory(rig: Rig, sizes: Sizes, report: Report) -> None:
     n = sizes.resync
     log(f"resync: loading {n:,} appointments into the FHIR server")
     fhir_process, fhir = rig.procs.server("fhir", "--appointments", str(n), timeout=600)
-    spec = rig.spec(fhir, {"bulk": 50, "concurrency": 16, "batch_size": 500}, rig.root / "ledger-resync",
-                    instant=True, dispatch_seconds=sizes.resync_dispatch)
+    spec = rig.spec(
+        fhir,
+        {"bulk": 50, "concurrency": 16, "batch_size": 500},
+        rig.root / "ledger-resync",
+        instant=True,
+        dispatch_seconds=sizes.resync_dispatch,
+    )
     result = rig.procs.worker("resync", spec, timeout=120 + n / 200 + sizes.resync_dispatch * 4, name="resync")
     rig.procs.stop(fhir_process)
     peak = result["peak_rss_kb"] * 1024 / 1e6
     log(f"resync: poll {result['poll_seconds']:.0f} s, peak RSS {peak:.0f} MB, sent {result['sent']}")
-    report.section(f"3. Memory: first poll of {n:,} appointments (poll + plan + commit), then "
-                   f"{sizes.resync_dispatch:.0f} s of sending through a mailer that accepts at once")
-    report.row("peak RSS (VmHWM) of the connector process", f"{peak:,.0f} MB", "≤ 300 MB", peak <= 300,
-               "peak RSS ≤ 300 MB", f"{n:,}:")
-    report.row("  RSS after start-up / peak by the end of the poll",
-               f"{result['rss_open_kb'] * 1024 / 1e6:,.0f} MB / {result['peak_rss_poll_kb'] * 1024 / 1e6:,.0f} MB")
-    report.row("  poll + plan + commit", f"{result['planned']:,} planned in {result['poll_seconds']:.0f} s "
-               f"= {result['planned'] / result['poll_seconds']:,.0f} /s")
+    report.section(
+        f"3. Memory: first poll of {n:,} appointments (poll + plan + commit), then "
+        f"{sizes.resync_dispatch:.0f} s of sending through a mailer that accepts at once"
+    )
+    report.row(
+        "peak RSS (VmHWM) of the connector process",
+        f"{peak:,.0f} MB",
+        "≤ 300 MB",
+        peak <= 300,
+        "peak RSS ≤ 300 MB",
+        f"{n:,}:",
+    )
+    report.row(
+        "  RSS after start-up / peak by the end of the poll",
+        f"{result['rss_open_kb'] * 1024 / 1e6:,.0f} MB / {result['peak_rss_poll_kb'] * 1024 / 1e6:,.0f} MB",
+    )
+    report.row(
+        "  poll + plan + commit",
+        f"{result['planned']:,} planned in {result['poll_seconds']:.0f} s "
+        f"= {result['planned'] / result['poll_seconds']:,.0f} /s",
+    )
     if result["dispatch_seconds"]:
-        report.row("  then sending, stopped after the slice", f"{result['sent']:,} in "
-                   f"{result['dispatch_seconds']:.0f} s = {result['sent'] / result['dispatch_seconds']:,.0f} /s")
+        report.row(
+            "  then sending, stopped after the slice",
+            f"{result['sent']:,} in "
+            f"{result['dispatch_seconds']:.0f} s = {result['sent'] / result['dispatch_seconds']:,.0f} /s",
+        )
     if result["poll_error"]:
         report.notes.append(f"resync poll error: {result['poll_error']}")
 
@@ -396,13 +490,27 @@ def latency(rig: Rig, sizes: Sizes, args: argparse.Namespace, report: Report) ->
     fhir_process, fhir = rig.procs.server("fhir", "--patients", str(count))
     sandbox(rig.paubox, "DELETE", "/_sandbox/messages")
     dispatch = {"bulk": 50, "concurrency": args.bulk_concurrency, "batch_size": args.batch_size}
-    spec = rig.spec(fhir, dispatch, rig.root / "ledger-latency", overlap=args.overlap, sweep=args.sweep,
-                    source_interval=f"{args.poll_interval}s",
-                    interval=args.poll_interval, duration=sizes.duration, drain=30.0, expected=count)
+    spec = rig.spec(
+        fhir,
+        dispatch,
+        rig.root / "ledger-latency",
+        overlap=args.overlap,
+        sweep=args.sweep,
+        source_interval=f"{args.poll_interval}s",
+        interval=args.poll_interval,
+        duration=sizes.duration,
+        drain=30.0,
+        expected=count,
+    )
     errors = rig.procs.folder / "latency.log"
     with errors.open("w") as stderr:
-        process = subprocess.Popen([PY, str(HERE / "workers.py"), "latency", json.dumps(spec)],  # noqa: S603 - ours
-                                   stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=HERE.parent)
+        process = subprocess.Popen(
+            [PY, str(HERE / "workers.py"), "latency", json.dumps(spec)],  # noqa: S603 - ours
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            cwd=HERE.parent,
+        )
         rig.procs.running.append(process)
         assert process.stdout is not None
         ready, _, _ = select.select([process.stdout], [], [], 120)
@@ -422,19 +530,27 @@ def latency(rig: Rig, sizes: Sizes, args: argparse.Namespace, report: Report) ->
         if appointment_id in written:
             accepted = datetime.fromisoformat(message["received_at"])
             delays.append((accepted - written[appointment_id]).total_seconds() * 1000)
-    report.section(f"4. Latency: {count:,} appointments written at {achieved:.0f}/s for {sizes.duration:.0f} s; "
-                   f"run_once every {args.poll_interval * 1000:.0f} ms, overlap {args.overlap}, sweep {args.sweep}, bulk 50")
+    report.section(
+        f"4. Latency: {count:,} appointments written at {achieved:.0f}/s for {sizes.duration:.0f} s; "
+        f"run_once every {args.poll_interval * 1000:.0f} ms, overlap {args.overlap}, sweep {args.sweep}, bulk 50"
+    )
     if not delays:
-        report.row("event → accepted", "no message accepted", "p99 ≤ 500 ms", False,
-                   "event → accepted p99 ≤ 500 ms")
+        report.row("event → accepted", "no message accepted", "p99 ≤ 500 ms", False, "event → accepted p99 ≤ 500 ms")
         return
     p50, p99 = percentile(delays, 0.50), percentile(delays, 0.99)
     log(f"latency: p50 {p50:.0f} ms, p99 {p99:.0f} ms over {len(delays)} messages")
-    report.row("event → accepted p50 / p99", f"{p50:,.0f} ms / {p99:,.0f} ms", "p99 ≤ 500 ms", p99 <= 500,
-               "event → accepted p99 ≤ 500 ms")
+    report.row(
+        "event → accepted p50 / p99",
+        f"{p50:,.0f} ms / {p99:,.0f} ms",
+        "p99 ≤ 500 ms",
+        p99 <= 500,
+        "event → accepted p99 ≤ 500 ms",
+    )
     report.row("  max; accepted / written", f"{max(delays):,.0f} ms; {len(delays):,} / {count:,}")
-    report.row("  cycles: count, mean, longest", f"{result['cycles']}, {result['mean_cycle'] * 1000:,.0f} ms, "
-               f"{result['longest_cycle'] * 1000:,.0f} ms")
+    report.row(
+        "  cycles: count, mean, longest",
+        f"{result['cycles']}, {result['mean_cycle'] * 1000:,.0f} ms, {result['longest_cycle'] * 1000:,.0f} ms",
+    )
 
 
 def feed(fhir: str, count: int, rate: float) -> tuple[dict[str, datetime], float]:
@@ -477,10 +593,14 @@ def render(report: Report, header: list[str]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="bench/run", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="small sizes (1,000 appointments, 10,000 for memory, 10 s of latency): ~2 minutes")
+    parser = argparse.ArgumentParser(
+        prog="bench/run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes (1,000 appointments, 10,000 for memory, 10 s of latency): ~2 minutes",
+    )
     parser.add_argument("--appointments", type=int, help="appointments for the throughput runs (default 3,000)")
     parser.add_argument("--naive", type=int, help="messages for the naive loop (default 200)")
     parser.add_argument("--resync", type=int, help="appointments for the memory run (default 100,000)")
@@ -488,31 +608,53 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, help="bulk runs with the ledger on and off (default 3, median)")
     parser.add_argument("--page-size", type=int, default=50, help="sources.ehr.page_size (default 50, the product's)")
     parser.add_argument("--batch-size", type=int, default=500, help="dispatch.batch_size (default 500)")
-    parser.add_argument("--bulk-concurrency", type=int, default=16,
-                        help="dispatch.concurrency with bulk 50 (default 16)")
+    parser.add_argument(
+        "--bulk-concurrency", type=int, default=16, help="dispatch.concurrency with bulk 50 (default 16)"
+    )
     parser.add_argument("--concurrency", type=int, default=32, help="dispatch.concurrency one by one (default 32)")
-    parser.add_argument("--poll-interval", type=float, default=0.2,
-                        help="latency run: seconds from one run_once to the next (default 0.2)")
+    parser.add_argument(
+        "--poll-interval",
+        type=float,
+        default=0.2,
+        help="latency run: seconds from one run_once to the next (default 0.2)",
+    )
     parser.add_argument("--overlap", default="5m", help="latency run: sources.ehr.overlap (default 5m, the product's)")
-    parser.add_argument("--sweep", default="1m", help="latency run: sources.ehr.sweep (default 1m, the product's; "
-                                                      "the 30 s run then holds no sweep but the first poll; "
-                                                      "with a short --overlap give a shorter --sweep)")
-    parser.add_argument("--only", choices=["throughput", "memory", "latency"], action="append",
-                        help="run only these parts (repeatable)")
-    parser.add_argument("--profile", action="store_true",
-                        help="one more bulk run under cProfile; print the top functions (event loop, ledger threads)")
+    parser.add_argument(
+        "--sweep",
+        default="1m",
+        help="latency run: sources.ehr.sweep (default 1m, the product's; "
+        "the 30 s run then holds no sweep but the first poll; "
+        "with a short --overlap give a shorter --sweep)",
+    )
+    parser.add_argument(
+        "--only", choices=["throughput", "memory", "latency"], action="append", help="run only these parts (repeatable)"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="one more bulk run under cProfile; print the top functions (event loop, ledger threads)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, configs, profiles)")
     args = parser.parse_args()
     base = QUICK if args.quick else FULL
-    sizes = Sizes(appointments=args.appointments or base.appointments, naive=args.naive or base.naive,
-                  resync=args.resync or base.resync, resync_dispatch=base.resync_dispatch, rate=base.rate,
-                  duration=args.duration or base.duration, repeats=args.repeats or base.repeats)
+    sizes = Sizes(
+        appointments=args.appointments or base.appointments,
+        naive=args.naive or base.naive,
+        resync=args.resync or base.resync,
+        resync_dispatch=base.resync_dispatch,
+        rate=base.rate,
+        duration=args.duration or base.duration,
+        repeats=args.repeats or base.repeats,
+    )
     parts = args.only or ["throughput", "memory", "latency"]
 
     root = Path(tempfile.mkdtemp(prefix="connector-bench-"))
     shm = Path("/dev/shm")  # noqa: S108 - a private folder is made in it with mkdtemp
-    ram = Path(tempfile.mkdtemp(prefix="connector-bench-", dir=shm)) \
-        if shm.is_dir() and mount_of(shm).startswith("tmpfs") else None
+    ram = (
+        Path(tempfile.mkdtemp(prefix="connector-bench-", dir=shm))
+        if shm.is_dir() and mount_of(shm).startswith("tmpfs")
+        else None
+    )
     procs = Processes(root)
     report = Report()
     started, busy0, own0 = time.monotonic(), busy_cpu_seconds(), own_cpu_seconds()
@@ -534,12 +676,14 @@ def main() -> int:
             shutil.rmtree(root, ignore_errors=True)
     wall = time.monotonic() - started
     others = max(0.0, (busy_cpu_seconds() - busy0) - (own_cpu_seconds() - own0)) / wall
-    header = [f"connector benchmark{' (--quick)' if args.quick else ''}: {machine()}",
-              "Processes: FHIR test server, Paubox sandbox (uvicorn, 127.0.0.1) and each connector run in its own "
-              f"process; {wall:,.0f} s in all",
-              f"Other processes on the machine used {others:.2f} of its {os.cpu_count()} cores meanwhile "
-              f"(load average {load0} at the start)" + ("" if others < 0.2 else
-                                                         ": the figures below are lower than on a quiet machine")]
+    header = [
+        f"connector benchmark{' (--quick)' if args.quick else ''}: {machine()}",
+        "Processes: FHIR test server, Paubox sandbox (uvicorn, 127.0.0.1) and each connector run in its own "
+        f"process; {wall:,.0f} s in all",
+        f"Other processes on the machine used {others:.2f} of its {os.cpu_count()} cores meanwhile "
+        f"(load average {load0} at the start)"
+        + ("" if others < 0.2 else ": the figures below are lower than on a quiet machine"),
+    ]
     if args.keep:
         header.append(f"work folder kept: {root}")
     print(render(report, header))

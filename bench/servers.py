@@ -43,25 +43,33 @@ def instant(moment: datetime) -> str:
 
 def patient(index: int) -> dict[str, Any]:
     """A fictional patient who writes only to an example.org address."""
-    return {"resourceType": "Patient", "id": f"bp{index}",
-            "name": [{"use": "official", "given": ["Pat"], "family": f"Bench{index}"}],
-            "telecom": [{"system": "email", "value": f"patient{index}@example.org", "use": "home"}]}
+    return {
+        "resourceType": "Patient",
+        "id": f"bp{index}",
+        "name": [{"use": "official", "given": ["Pat"], "family": f"Bench{index}"}],
+        "telecom": [{"system": "email", "value": f"patient{index}@example.org", "use": "home"}],
+    }
 
 
 def appointment(index: int, now: datetime) -> dict[str, Any]:
     """A booked appointment a few days ahead, for patient `index`."""
     start = now.replace(second=0, microsecond=0) + timedelta(days=3, minutes=index % 20_000)
-    return {"resourceType": "Appointment", "id": f"ba{index}", "status": "booked",
-            "serviceType": [{"text": "Check-up"}],
-            "start": instant(start), "end": instant(start + timedelta(minutes=30)),
-            "participant": [{"actor": {"reference": f"Patient/bp{index}"}, "required": "required",
-                             "status": "accepted"}]}
+    return {
+        "resourceType": "Appointment",
+        "id": f"ba{index}",
+        "status": "booked",
+        "serviceType": [{"text": "Check-up"}],
+        "start": instant(start),
+        "end": instant(start + timedelta(minutes=30)),
+        "participant": [{"actor": {"reference": f"Patient/bp{index}"}, "required": "required", "status": "accepted"}],
+    }
 
 
 def serve(app: Any, lifetime: float) -> None:
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error",
-                                           access_log=False, lifespan="off"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", access_log=False, lifespan="off")
+    )
     parent = os.getppid()
 
     def watch() -> None:
@@ -95,8 +103,9 @@ def main() -> None:
             state.put(appointment(index, now))
         serve(fhir_app(state), args.lifetime)
     else:
-        serve(paubox_app(SandboxState(api_key=API_KEY, username=USERNAME, latency=args.latency_ms / 1000)),
-              args.lifetime)
+        serve(
+            paubox_app(SandboxState(api_key=API_KEY, username=USERNAME, latency=args.latency_ms / 1000)), args.lifetime
+        )
     sys.exit(0)
 
 

@@ -99,25 +99,25 @@ def write_config(spec: dict[str, Any]) -> Path:
     path.write_text(f"""\
 sources:
   ehr:
-    base_url: {spec['fhir']}
+    base_url: {spec["fhir"]}
     start_from: 2000-01-01T00:00:00Z
-    page_size: {spec['page_size']}
-    interval: {spec.get('source_interval', '60s')}
-    overlap: {spec.get('overlap', '5m')}
-    sweep: {spec.get('sweep', '1m')}
+    page_size: {spec["page_size"]}
+    interval: {spec.get("source_interval", "60s")}
+    overlap: {spec.get("overlap", "5m")}
+    sweep: {spec.get("sweep", "1m")}
     timezone: America/New_York
 mappings: {mappings}
 ledger:
-  url: sqlite:///{spec['ledger']}
+  url: sqlite:///{spec["ledger"]}
 delivery:
   from: "Example Clinic <appointments@clinic.example.org>"
   paubox:
-    base_url: {spec['paubox']}/v1/clinic
+    base_url: {spec["paubox"]}/v1/clinic
     api_key: ${{PAUBOX_API_KEY}}
 dispatch:
-  concurrency: {dispatch['concurrency']}
-  batch_size: {dispatch['batch_size']}
-  bulk: {dispatch['bulk']}
+  concurrency: {dispatch["concurrency"]}
+  batch_size: {dispatch["batch_size"]}
+  bulk: {dispatch["bulk"]}
 """)
     return path
 
@@ -190,12 +190,21 @@ async def pipeline(spec: dict[str, Any]) -> dict[str, Any]:
     await runtime.aclose()
     if profiles is not None:
         profiles.dump(spec["profile"])
-    return {"elapsed": elapsed, "started_at": wall0, "cpu": cpu, "ledger_cpu": ledger_cpu,
-            "sent": counts.get(State.SENT.value, 0), "counts": counts,
-            "resources": sum(p.resources for p in report.polls), "pages": sum(p.pages for p in report.polls),
-            "poll_errors": [p.error for p in report.polls if p.error],
-            "rss_before_kb": rss_before, "rss_open_kb": rss_open, "peak_rss_kb": status_kb("VmHWM"),
-            "ru_maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+    return {
+        "elapsed": elapsed,
+        "started_at": wall0,
+        "cpu": cpu,
+        "ledger_cpu": ledger_cpu,
+        "sent": counts.get(State.SENT.value, 0),
+        "counts": counts,
+        "resources": sum(p.resources for p in report.polls),
+        "pages": sum(p.pages for p in report.polls),
+        "poll_errors": [p.error for p in report.polls if p.error],
+        "rss_before_kb": rss_before,
+        "rss_open_kb": rss_open,
+        "peak_rss_kb": status_kb("VmHWM"),
+        "ru_maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+    }
 
 
 async def resync(spec: dict[str, Any]) -> dict[str, Any]:
@@ -208,18 +217,28 @@ async def resync(spec: dict[str, Any]) -> dict[str, Any]:
     poll_seconds, rss_poll = time.perf_counter() - t0, status_kb("VmHWM")
     sent, dispatch_seconds = 0, 0.0
     if spec["dispatch_seconds"] > 0:
-        stop = asyncio.get_running_loop().call_later(spec["dispatch_seconds"],
-                                                     lambda: setattr(runtime.dispatcher, "stopping", True))
+        stop = asyncio.get_running_loop().call_later(
+            spec["dispatch_seconds"], lambda: setattr(runtime.dispatcher, "stopping", True)
+        )
         t1 = time.perf_counter()
         report = await runtime.dispatcher.run()
         dispatch_seconds, sent = time.perf_counter() - t1, report.sent
         stop.cancel()
     counts = {state.value: n for state, n in runtime.ledger.counts().items() if n}
     await runtime.aclose()
-    return {"poll_seconds": poll_seconds, "resources": polled.resources, "pages": polled.pages,
-            "planned": polled.inserted, "poll_error": polled.error, "dispatch_seconds": dispatch_seconds,
-            "sent": sent, "counts": counts, "rss_open_kb": rss_open, "peak_rss_poll_kb": rss_poll,
-            "peak_rss_kb": status_kb("VmHWM")}
+    return {
+        "poll_seconds": poll_seconds,
+        "resources": polled.resources,
+        "pages": polled.pages,
+        "planned": polled.inserted,
+        "poll_error": polled.error,
+        "dispatch_seconds": dispatch_seconds,
+        "sent": sent,
+        "counts": counts,
+        "rss_open_kb": rss_open,
+        "peak_rss_poll_kb": rss_poll,
+        "peak_rss_kb": status_kb("VmHWM"),
+    }
 
 
 async def latency(spec: dict[str, Any]) -> dict[str, Any]:
@@ -240,16 +259,30 @@ async def latency(spec: dict[str, Any]) -> dict[str, Any]:
         await asyncio.sleep(max(0.0, interval - took))
     counts = {state.value: n for state, n in runtime.ledger.counts().items() if n}
     await runtime.aclose()
-    return {"sent": sent, "counts": counts, "cycles": cycles, "longest_cycle": longest,
-            "mean_cycle": busy / cycles if cycles else 0.0, "peak_rss_kb": status_kb("VmHWM")}
+    return {
+        "sent": sent,
+        "counts": counts,
+        "cycles": cycles,
+        "longest_cycle": longest,
+        "mean_cycle": busy / cycles if cycles else 0.0,
+        "peak_rss_kb": status_kb("VmHWM"),
+    }
 
 
 def naive(spec: dict[str, Any]) -> dict[str, Any]:
     """What a script around an official SDK does: for each message, one POST, wait for the answer."""
     samples = json.loads(Path(spec["samples"]).read_text())
-    emails = [Email(notification_key=f"naive-{i}", to=m["recipients"][0], from_address=m["from"],
-                    subject=m["subject"], text=m["text"], html=m["html"])
-              for i, m in zip(range(spec["count"]), itertools.cycle(samples), strict=False)]
+    emails = [
+        Email(
+            notification_key=f"naive-{i}",
+            to=m["recipients"][0],
+            from_address=m["from"],
+            subject=m["subject"],
+            text=m["text"],
+            html=m["html"],
+        )
+        for i, m in zip(range(spec["count"]), itertools.cycle(samples), strict=False)
+    ]
     headers = {"Authorization": f"Token token={API_KEY}", "Accept": "application/json"}
     accepted = 0
     with httpx.Client(base_url=spec["paubox"] + "/v1/clinic/", headers=headers, timeout=30) as client:

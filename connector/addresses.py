@@ -14,15 +14,18 @@ import re
 
 from connector.logs import unsafe
 
-_LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+"
-                    r"(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+)*")
+_LOCAL = re.compile(
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+"
+    r"(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+)*"
+)
 MAX_LENGTH = 254  # RFC 5321's path limit less the angle brackets
 MAX_LOCAL = 64
 
 
 def _label(label: str) -> bool:
-    return 0 < len(label) <= 63 and label[0] != "-" and label[-1] != "-" and \
-        all(ch.isalnum() or ch == "-" for ch in label)
+    return (
+        0 < len(label) <= 63 and label[0] != "-" and label[-1] != "-" and all(ch.isalnum() or ch == "-" for ch in label)
+    )
 
 
 def usable(value: object) -> bool:

@@ -78,8 +78,11 @@ class Aftercare:
         if not isinstance(name, str) or not isinstance(payload, dict):
             raise ConnectorError("not a Paubox webhook event (event_name and payload expected)")
         if name not in WEBHOOK_EVENTS:
-            log.info("webhook.ignored", event_name=name[:64] if jsontext.storable(name) else "(unprintable)",
-                     problem="unknown event name")
+            log.info(
+                "webhook.ignored",
+                event_name=name[:64] if jsontext.storable(name) else "(unprintable)",
+                problem="unknown event name",
+            )
             metrics.inc("connector_webhook_events_total", event="unknown", result="ignored")
             return WebhookResult("ignored")
         key = _notification_key(payload)
@@ -90,13 +93,19 @@ class Aftercare:
         status, rank = WEBHOOK_EVENTS[name]
         when = _when(payload.get("time"), self.clock())
         confirmed = key is not None and await asyncio.to_thread(
-            self.ledger.confirm, key, tracking, f"confirmed by a Paubox webhook ({name})")
+            self.ledger.confirm, key, tracking, f"confirmed by a Paubox webhook ({name})"
+        )
         updated = await asyncio.to_thread(self.ledger.record_delivery, key, tracking, status, rank, when)
         if status == "hard_bounced" and self.config.delivery.paubox.optout_on_hard_bounce:
             address = payload.get("to")
             if isinstance(address, str) and "@" in address and jsontext.storable(address) and len(address) <= 320:
-                await asyncio.to_thread(self.ledger.add_optout, "email", optout.digest("email", address),
-                                        optout.hint("email", address), "hard bounce reported by Paubox")
+                await asyncio.to_thread(
+                    self.ledger.add_optout,
+                    "email",
+                    optout.digest("email", address),
+                    optout.hint("email", address),
+                    "hard bounce reported by Paubox",
+                )
         result = "confirmed" if confirmed else ("updated" if updated else "unchanged")
         if confirmed:
             log.info("notification.confirmed", event_name=name, problem="in_doubt resolved: Paubox had the message")
@@ -111,25 +120,40 @@ class Aftercare:
         held = []
         for n in overdue:
             if settings.policy == "resend" and n.resends == 0:
-                if await asyncio.to_thread(self.ledger.resend, n.id, now, f"resent: no confirmation after "
-                                           f"{settings.wait}", [State.IN_DOUBT], True):
-                    log.warning("notification.resent", notification=n.id, mapping=n.mapping,
-                                problem="in doubt without confirmation; sent again under the same key")
+                if await asyncio.to_thread(
+                    self.ledger.resend,
+                    n.id,
+                    now,
+                    f"resent: no confirmation after {settings.wait}",
+                    [State.IN_DOUBT],
+                    True,
+                ):
+                    log.warning(
+                        "notification.resent",
+                        notification=n.id,
+                        mapping=n.mapping,
+                        problem="in doubt without confirmation; sent again under the same key",
+                    )
                 continue
             held.append(n.id)
         if held:
             await asyncio.to_thread(self.ledger.mark_alerted, held)
             metrics.inc("connector_in_doubt_alerts_total", len(held))
-            log.error("notification.in_doubt_unresolved", count=len(held), notifications=held[:20],
-                      problem="no Paubox confirmation; check the recipients' mail or Paubox, then "
-                              "`connector resolve KEY --sent|--resend|--cancel`")
+            log.error(
+                "notification.in_doubt_unresolved",
+                count=len(held),
+                notifications=held[:20],
+                problem="no Paubox confirmation; check the recipients' mail or Paubox, then "
+                "`connector resolve KEY --sent|--resend|--cancel`",
+            )
         return len(overdue)
 
     async def check_receipts(self, reader: ReceiptReader, limit: int = 50) -> int:
         """Ask Paubox about sent notifications no webhook reported on. Returns how many were updated."""
         now = self.clock()
-        waiting = await asyncio.to_thread(self.ledger.awaiting_receipt, now - self.config.dispatch.receipts_after,
-                                          limit)
+        waiting = await asyncio.to_thread(
+            self.ledger.awaiting_receipt, now - self.config.dispatch.receipts_after, limit
+        )
         updated = 0
         for n in waiting:
             assert n.tracking_id is not None

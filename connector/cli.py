@@ -24,19 +24,30 @@ from connector.runtime import open_ledger
 from connector.urls import masked
 
 ENV = Environment()
-app = typer.Typer(help="Turn FHIR appointment events into patient emails through Paubox, exactly once.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Turn FHIR appointment events into patient emails through Paubox, exactly once.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 db_app = typer.Typer(help="Manage the ledger database.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
-optout_app = typer.Typer(help="The opt-out list: patients (by identifier) or addresses never written to.",
-                         no_args_is_help=True)
+optout_app = typer.Typer(
+    help="The opt-out list: patients (by identifier) or addresses never written to.", no_args_is_help=True
+)
 app.add_typer(optout_app, name="optout")
 
-ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Config file (env CONNECTOR_CONFIG).",
-                                            show_default=True)]
-NowOption = Annotated[str | None, typer.Option(
-    "--now", help="Act as if it were this instant (ISO 8601 with zone, e.g. 2026-11-22T08:00:00+01:00) for due "
-                  "times and late rules. The system clock is not touched.")]
+ConfigOption = Annotated[
+    Path, typer.Option("--config", "-c", help="Config file (env CONNECTOR_CONFIG).", show_default=True)
+]
+NowOption = Annotated[
+    str | None,
+    typer.Option(
+        "--now",
+        help="Act as if it were this instant (ISO 8601 with zone, e.g. 2026-11-22T08:00:00+01:00) for due "
+        "times and late rules. The system clock is not touched.",
+    ),
+]
 DryRunOption = Annotated[bool, typer.Option("--dry-run", help="Show what would be sent; change nothing.")]
 
 
@@ -94,19 +105,28 @@ def _print_version(wanted: bool) -> None:
 
 @app.callback()
 def main_options(
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error (env CONNECTOR_LOG_LEVEL).")]
-    = ENV.log_level,
+    log_level: Annotated[
+        str, typer.Option(help="debug, info, warning or error (env CONNECTOR_LOG_LEVEL).")
+    ] = ENV.log_level,
     log_format: Annotated[str, typer.Option(help="console or json (env CONNECTOR_LOG_FORMAT).")] = ENV.log_format,
-    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error that stops a command "
-                                                        "(a missing database, a port in use...).")] = False,
-    version: Annotated[bool, typer.Option("--version", "-V", callback=_print_version, is_eager=True,
-                                          help="Print the version and exit.")] = False,
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug",
+            help="Show the traceback of an error that stops a command (a missing database, a port in use...).",
+        ),
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", "-V", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
 ) -> None:
     """Logs go to stderr and never contain patient data; tables go to stdout."""
     DEBUG["traceback"] = debug
     if log_level not in logs.LEVELS:
-        _say(f"invalid log level {log_level!r} (--log-level or CONNECTOR_LOG_LEVEL): use one of "
-             f"{', '.join(logs.LEVELS)}")
+        _say(
+            f"invalid log level {log_level!r} (--log-level or CONNECTOR_LOG_LEVEL): use one of {', '.join(logs.LEVELS)}"
+        )
         raise typer.Exit(2)
     if log_format not in logs.FORMATS:
         _say(f"invalid log format {log_format!r} (--log-format or CONNECTOR_LOG_FORMAT): use console or json")
@@ -115,10 +135,17 @@ def main_options(
 
 
 @app.command()
-def run(config: ConfigOption = ENV.config,
-        once: Annotated[bool, typer.Option("--once", help="One poll of every source and one dispatch, then exit "
-                                                          "(for cron). Exit 1 if a source failed.")] = False,
-        now: NowOption = None, dry_run: DryRunOption = False) -> None:
+def run(
+    config: ConfigOption = ENV.config,
+    once: Annotated[
+        bool,
+        typer.Option(
+            "--once", help="One poll of every source and one dispatch, then exit (for cron). Exit 1 if a source failed."
+        ),
+    ] = False,
+    now: NowOption = None,
+    dry_run: DryRunOption = False,
+) -> None:
     """Run the daemon: poll every source on its interval and send due notifications until SIGTERM."""
     clock = _clock(now)
     try:
@@ -136,9 +163,12 @@ def run(config: ConfigOption = ENV.config,
 
 
 @app.command()
-def init(folder: Annotated[Path, typer.Argument(help="Folder to write into (created if needed).")] = Path(),
-         force: Annotated[bool, typer.Option("--force", help="Overwrite config.yaml, .env.example and the "
-                                                            "shipped mapping files.")] = False) -> None:
+def init(
+    folder: Annotated[Path, typer.Argument(help="Folder to write into (created if needed).")] = Path(),
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite config.yaml, .env.example and the shipped mapping files.")
+    ] = False,
+) -> None:
     """Start a deployment: a commented config.yaml, the example mappings, and .env.example naming every
     environment variable the config reads. Never overwrites files (unless --force)."""
     from connector import scaffold
@@ -150,10 +180,12 @@ def init(folder: Annotated[Path, typer.Argument(help="Folder to write into (crea
     for path in written:
         print(f"wrote {path}{'/' if path.is_dir() else ''}")
     config = written[0]
-    print(f"next: edit {config}; save {written[2]} as .env with the values filled in, for the service's "
-          "environment (compose env_file, systemd EnvironmentFile; a shell: set -a; . ./.env; set +a); then\n"
-          f"  connector validate --config {config}\n  connector db upgrade --config {config}\n"
-          f"  connector run --config {config}")
+    print(
+        f"next: edit {config}; save {written[2]} as .env with the values filled in, for the service's "
+        "environment (compose env_file, systemd EnvironmentFile; a shell: set -a; . ./.env; set +a); then\n"
+        f"  connector validate --config {config}\n  connector db upgrade --config {config}\n"
+        f"  connector run --config {config}"
+    )
 
 
 @app.command()
@@ -169,15 +201,16 @@ def validate(config: ConfigOption = ENV.config) -> None:
     if checked.errors:
         raise _fail(ConfigError(checked.errors))
     names = checked.mappings
-    report.console.print(f"OK: {config} with {len(checked.config.sources)} source(s) and {len(names)} mapping(s): "
-                         f"{', '.join(names)}", markup=False)
+    report.console.print(
+        f"OK: {config} with {len(checked.config.sources)} source(s) and {len(names)} mapping(s): {', '.join(names)}",
+        markup=False,
+    )
 
 
 @app.command()
 def render(
     mapping: Annotated[str, typer.Argument(help="Mapping name, e.g. appointment-booked.")],
-    resource: Annotated[Path, typer.Option(help="Appointment JSON, or a Bundle with the Appointment and its "
-                                                "Patient.")],
+    resource: Annotated[Path, typer.Option(help="Appointment JSON, or a Bundle with the Appointment and its Patient.")],
     patient: Annotated[Path | None, typer.Option(help="Patient JSON, when not in the resource file.")] = None,
     html_out: Annotated[Path, typer.Option(help="Where to write the HTML part.")] = Path("rendered.html"),
     mappings: Annotated[Path, typer.Option(help="Mappings folder.")] = Path("mappings"),
@@ -187,8 +220,9 @@ def render(
 ) -> None:
     """Render one mapping for a resource file: print subject and text, write the HTML to a file."""
     try:
-        email = commands.render_file(mappings, mapping, resource, patient, timezone, locale, _clock(now)(),
-                                     "sender@example.org")
+        email = commands.render_file(
+            mappings, mapping, resource, patient, timezone, locale, _clock(now)(), "sender@example.org"
+        )
     except ConnectorError as exc:
         raise _fail(exc) from None
     print(f"Subject: {email.subject}\n\n{email.text}")
@@ -202,9 +236,10 @@ def replay(
     source: Annotated[str | None, typer.Option(help="Source name, FHIR or CRM (default: the only one).")] = None,
     since: Annotated[str | None, typer.Option(help="Start of the window (meta.lastUpdated, ISO 8601).")] = None,
     until: Annotated[str | None, typer.Option(help="End of the window (ISO 8601).")] = None,
-    file: Annotated[Path | None, typer.Option(help="A Bundle or NDJSON file to replay instead of the "
-                                                   "source.")] = None,
-    config: ConfigOption = ENV.config, now: NowOption = None, dry_run: DryRunOption = False,
+    file: Annotated[Path | None, typer.Option(help="A Bundle or NDJSON file to replay instead of the source.")] = None,
+    config: ConfigOption = ENV.config,
+    now: NowOption = None,
+    dry_run: DryRunOption = False,
 ) -> None:
     """Run the mappings again over a window of a source, or a file. The ledger keeps what was already
     sent from going again; --dry-run lists what would be sent and what the ledger suppresses."""
@@ -217,8 +252,9 @@ def replay(
             raise typer.BadParameter(f"choose one of: {', '.join(names)}", param_hint="--source")
         if file is None and since is None:
             raise typer.BadParameter("give --since (and optionally --until), or --file", param_hint="--since")
-        result = asyncio.run(commands.replay(cfg, clock, name, _instant(since, "--since"),
-                                             _instant(until, "--until"), file, dry_run))
+        result = asyncio.run(
+            commands.replay(cfg, clock, name, _instant(since, "--since"), _instant(until, "--until"), file, dry_run)
+        )
     except ConnectorError as exc:
         raise _fail(exc) from None
     report.replayed(result, dry_run)
@@ -256,8 +292,10 @@ def db_upgrade(config: ConfigOption = ENV.config) -> None:
 
 
 @app.command()
-def subscribe(source: Annotated[str, typer.Argument(help="The source whose Subscription to create or check.")],
-              config: ConfigOption = ENV.config) -> None:
+def subscribe(
+    source: Annotated[str, typer.Argument(help="The source whose Subscription to create or check.")],
+    config: ConfigOption = ENV.config,
+) -> None:
     """Create the FHIR Subscription configured for SOURCE on its server (or check the one created before)."""
     try:
         cfg = load_config(config)
@@ -272,10 +310,15 @@ def subscribe(source: Annotated[str, typer.Argument(help="The source whose Subsc
 @app.command()
 def resolve(
     key: Annotated[str, typer.Argument(help="The notification key (from `connector status`).")],
-    sent: Annotated[bool, typer.Option("--sent", help="It did go out (you checked with the patient or Paubox).")]
-    = False,
-    resend: Annotated[bool, typer.Option("--resend", help="Send it again, under the same key (a duplicate is "
-                                                         "possible if the first one went).")] = False,
+    sent: Annotated[
+        bool, typer.Option("--sent", help="It did go out (you checked with the patient or Paubox).")
+    ] = False,
+    resend: Annotated[
+        bool,
+        typer.Option(
+            "--resend", help="Send it again, under the same key (a duplicate is possible if the first one went)."
+        ),
+    ] = False,
     cancel: Annotated[bool, typer.Option("--cancel", help="Do not send it.")] = False,
     config: ConfigOption = ENV.config,
 ) -> None:
@@ -286,23 +329,30 @@ def resolve(
     try:
         if resend:
             records = ledger.existing([key])
-            done = bool(records) and ledger.resend(records[key].id, datetime.now(UTC), "resend ordered by an operator",
-                                                   [State.IN_DOUBT, State.FAILED])
+            done = bool(records) and ledger.resend(
+                records[key].id, datetime.now(UTC), "resend ordered by an operator", [State.IN_DOUBT, State.FAILED]
+            )
         else:
-            done = ledger.resolve(key, State.SENT if sent else State.CANCELLED,
-                                  "resolved by an operator", [State.IN_DOUBT])
+            done = ledger.resolve(
+                key, State.SENT if sent else State.CANCELLED, "resolved by an operator", [State.IN_DOUBT]
+            )
     finally:
         ledger.engine.dispose()
     if not done:
-        report.console.print("no in_doubt notification with that key" +
-                             (" (or failed, for --resend)" if resend else ""), markup=False)
+        report.console.print(
+            "no in_doubt notification with that key" + (" (or failed, for --resend)" if resend else ""), markup=False
+        )
         raise typer.Exit(1)
     action = "sent" if sent else "queued to send again" if resend else "cancelled"
     report.console.print(f"notification {action}", markup=False)
 
 
-IdentifierOption = Annotated[str | None, typer.Option(
-    "--identifier", help="Patient identifier as SYSTEM|VALUE (e.g. urn:oid:2.16.840.1.113883.2.4.6.3|123456789).")]
+IdentifierOption = Annotated[
+    str | None,
+    typer.Option(
+        "--identifier", help="Patient identifier as SYSTEM|VALUE (e.g. urn:oid:2.16.840.1.113883.2.4.6.3|123456789)."
+    ),
+]
 EmailOption = Annotated[str | None, typer.Option("--email", help="Email address.")]
 
 
@@ -320,9 +370,12 @@ def _optout_target(identifier: str | None, email: str | None) -> tuple[optout.Ki
 
 
 @optout_app.command("add")
-def optout_add(identifier: IdentifierOption = None, email: EmailOption = None,
-               note: Annotated[str | None, typer.Option(help="Why (no patient data), e.g. a ticket number.")] = None,
-               config: ConfigOption = ENV.config) -> None:
+def optout_add(
+    identifier: IdentifierOption = None,
+    email: EmailOption = None,
+    note: Annotated[str | None, typer.Option(help="Why (no patient data), e.g. a ticket number.")] = None,
+    config: ConfigOption = ENV.config,
+) -> None:
     """Never write to this patient or address again (every mapping, every source)."""
     kind, value = _optout_target(identifier, email)
     ledger = _ledger(config)
@@ -336,8 +389,9 @@ def optout_add(identifier: IdentifierOption = None, email: EmailOption = None,
 
 
 @optout_app.command("remove")
-def optout_remove(identifier: IdentifierOption = None, email: EmailOption = None,
-                  config: ConfigOption = ENV.config) -> None:
+def optout_remove(
+    identifier: IdentifierOption = None, email: EmailOption = None, config: ConfigOption = ENV.config
+) -> None:
     """Take a patient or address off the opt-out list."""
     kind, value = _optout_target(identifier, email)
     ledger = _ledger(config)
@@ -379,6 +433,8 @@ def main() -> None:
     except OperationalError as exc:  # the ledger went away in the middle of a command
         if DEBUG["traceback"]:
             raise
-        _say(f"the ledger does not answer ({describe(exc)}): check ledger.url and that the database is running, "
-             f"then try again")
+        _say(
+            f"the ledger does not answer ({describe(exc)}): check ledger.url and that the database is running, "
+            f"then try again"
+        )
         sys.exit(2)

@@ -96,8 +96,14 @@ async def explain(runtime: Runtime, items: list[ReplayItem], now: datetime) -> d
             continue
         source = runtime.sources[n.source]
         try:
-            found = await resolve(n.patient_id, source=source, cache=runtime.cache, opted_out=opted_out,
-                                  consent=source.config.consent, now=now)
+            found = await resolve(
+                n.patient_id,
+                source=source,
+                cache=runtime.cache,
+                opted_out=opted_out,
+                consent=source.config.consent,
+                now=now,
+            )
         except ConnectorError as exc:
             verdicts[n.key] = f"unknown: {exc}"
             continue
@@ -141,8 +147,15 @@ class Replayed:
     quarantined: list[tuple[str, SeenVersion]]  # (source, version or event with its problem)
 
 
-async def replay(config: Config, clock: Clock, source: str, since: datetime | None, until: datetime | None,
-                 file: Path | None, dry: bool) -> Replayed:
+async def replay(
+    config: Config,
+    clock: Clock,
+    source: str,
+    since: datetime | None,
+    until: datetime | None,
+    file: Path | None,
+    dry: bool,
+) -> Replayed:
     """Plan a window of a source (or a file) again and send what the ledger does not already hold."""
     runtime = Runtime.open(config, clock, exclusive=not dry, mailer=NoMailer() if dry else None)
     try:
@@ -164,8 +177,9 @@ async def replay(config: Config, clock: Clock, source: str, since: datetime | No
         await runtime.aclose()
 
 
-async def _replay_crm(runtime: Runtime, source: str, since: datetime | None, until: datetime | None,
-                      dry: bool) -> Replayed:
+async def _replay_crm(
+    runtime: Runtime, source: str, since: datetime | None, until: datetime | None, dry: bool
+) -> Replayed:
     """The stored inbox events of a window, planned again; the ledger's keys suppress what exists."""
     assert runtime.crm is not None
     found, quarantined = await runtime.crm.replay(source, since, until)
@@ -213,14 +227,30 @@ def _flatten(documents: list[Any]) -> Iterator[dict[str, Any]]:
             yield document
 
 
-def render_file(mappings_dir: Path, mapping_name: str, resource_file: Path, patient_file: Path | None,
-                timezone: str, locale: str, now: datetime, default_from: str) -> Email:
+def render_file(
+    mappings_dir: Path,
+    mapping_name: str,
+    resource_file: Path,
+    patient_file: Path | None,
+    timezone: str,
+    locale: str,
+    now: datetime,
+    default_from: str,
+) -> Email:
     """Render one mapping for an Appointment (and its Patient) read from files."""
     mappings = load_mappings(mappings_dir)
     mapping = mappings.get(mapping_name)
     if mapping is None:
-        raise ConfigError([Problem(mappings_dir, None, "", f"no mapping named {mapping_name!r}; "
-                                                           f"there are: {', '.join(mappings.names())}")])
+        raise ConfigError(
+            [
+                Problem(
+                    mappings_dir,
+                    None,
+                    "",
+                    f"no mapping named {mapping_name!r}; there are: {', '.join(mappings.names())}",
+                )
+            ]
+        )
     page = read_resource_file(resource_file)
     examined = examine(page, None)
     if any(s.problem for s in examined.seen):
@@ -230,17 +260,36 @@ def render_file(mappings_dir: Path, mapping_name: str, resource_file: Path, pati
     if patient_file:
         patient = json.loads(patient_file.read_text(encoding="utf-8"))
     else:
-        patient = next((page.included.get(f"Patient/{p}") for p in patient_ids if f"Patient/{p}" in page.included),
-                       None)
+        patient = next(
+            (page.included.get(f"Patient/{p}") for p in patient_ids if f"Patient/{p}" in page.included), None
+        )
     if patient is None:
-        raise ConfigError([Problem(resource_file, None, "", "no Patient for the appointment: put it in the "
-                                                            "Bundle or give --patient FILE")])
+        raise ConfigError(
+            [
+                Problem(
+                    resource_file,
+                    None,
+                    "",
+                    "no Patient for the appointment: put it in the Bundle or give --patient FILE",
+                )
+            ]
+        )
     address = fhir.choose_email(patient, now) or "patient@example.org"
-    return render(mapping, key=f"render:{mapping_name}:{appointment.get('id')}", to=address,
-                  appointment=appointment, patient=patient, event=mapping.spec.trigger.event[0], source="file",
-                  timezone=appointment_zone(appointment, {}, timezone), locale=locale,
-                  languages=fhir.preferred_languages(patient), now=now, default_from=default_from,
-                  default_reply_to=None)
+    return render(
+        mapping,
+        key=f"render:{mapping_name}:{appointment.get('id')}",
+        to=address,
+        appointment=appointment,
+        patient=patient,
+        event=mapping.spec.trigger.event[0],
+        source="file",
+        timezone=appointment_zone(appointment, {}, timezone),
+        locale=locale,
+        languages=fhir.preferred_languages(patient),
+        now=now,
+        default_from=default_from,
+        default_reply_to=None,
+    )
 
 
 def health_facts(config: Config, store: HealthStore, now: datetime) -> list[Finding]:
@@ -250,8 +299,9 @@ def health_facts(config: Config, store: HealthStore, now: datetime) -> list[Find
     findings = [Finding("ledger", True, None, None, {"url": url})]
     rows = store.sources()
     for name, source in config.sources.items():
-        findings.append(health.source_finding(name, rows.get(name, SourceFacts()), source.interval, config.health,
-                                              now, None))
+        findings.append(
+            health.source_finding(name, rows.get(name, SourceFacts()), source.interval, config.health, now, None)
+        )
     mailer = store.mailer()
     if mailer is None:
         findings.append(Finding("mailer", True, None, "no daemon has reported on it yet"))

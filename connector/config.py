@@ -207,8 +207,9 @@ class SourceLimits(Strict):
 
     max_pages: int = Field(10_000, ge=1, description="pages per poll (500,000 appointments at page_size 50)")
     max_search_pages: int = Field(20, ge=1, description="pages per small search (a patient's Consents)")
-    max_response_size: ByteSize = Field(ByteSize(32 * 1024 * 1024), ge=1024,
-                                        description="bytes of one response body, after decompression")
+    max_response_size: ByteSize = Field(
+        ByteSize(32 * 1024 * 1024), ge=1024, description="bytes of one response body, after decompression"
+    )
 
 
 class FhirPollSourceConfig(Strict):
@@ -225,13 +226,22 @@ class FhirPollSourceConfig(Strict):
     subscription: SubscriptionConfig = SubscriptionConfig()
     interval: Duration = timedelta(seconds=60)
     page_size: int = Field(50, ge=1, le=1000)
-    overlap: Duration = Field(timedelta(minutes=5), description="how far back a sweep reads again: changes "
-                              "committed late, with an older lastUpdated, are found by the next sweep")
-    sweep: Duration = Field(timedelta(minutes=1), description="how often a poll is a sweep; the polls in "
-                            "between start where the last one ended (0s: every poll is a sweep)")
+    overlap: Duration = Field(
+        timedelta(minutes=5),
+        description="how far back a sweep reads again: changes "
+        "committed late, with an older lastUpdated, are found by the next sweep",
+    )
+    sweep: Duration = Field(
+        timedelta(minutes=1),
+        description="how often a poll is a sweep; the polls in "
+        "between start where the last one ended (0s: every poll is a sweep)",
+    )
     start_from: Literal["now"] | AwareDatetime = "now"
-    timeout: Duration = Field(timedelta(seconds=30), description="the whole of one request: connection, headers "
-                              "and body (a wall-clock deadline, not a time between reads)")
+    timeout: Duration = Field(
+        timedelta(seconds=30),
+        description="the whole of one request: connection, headers "
+        "and body (a wall-clock deadline, not a time between reads)",
+    )
     limits: SourceLimits = SourceLimits()
     timezone: Zone = "UTC"
     location_timezones: dict[Annotated[str, Field(pattern=r"^Location/[^/\s]+$")], Zone] = Field(default_factory=dict)
@@ -250,10 +260,12 @@ class FhirPollSourceConfig(Strict):
         # Between sweeps a late commit waits up to `sweep` + `interval`; by then it must still lie within
         # `overlap` of the cursor, or no poll would read it again.
         if self.sweep > self.interval and self.sweep + self.interval > self.overlap:
-            raise ValueError(f"sweep ({_human(self.sweep)}) plus interval ({_human(self.interval)}) is longer than "
-                             f"overlap ({_human(self.overlap)}): a change committed late could fall behind the "
-                             "cursor before a sweep reads it; lengthen overlap, or shorten sweep (0s: every poll "
-                             "reads the overlap)")
+            raise ValueError(
+                f"sweep ({_human(self.sweep)}) plus interval ({_human(self.interval)}) is longer than "
+                f"overlap ({_human(self.overlap)}): a change committed late could fall behind the "
+                "cursor before a sweep reads it; lengthen overlap, or shorten sweep (0s: every poll "
+                "reads the overlap)"
+            )
         return self
 
 
@@ -303,8 +315,9 @@ class DeliveryConfig(Strict):
     @model_validator(mode="after")
     def _rest_needs_an_endpoint(self) -> DeliveryConfig:
         if self.transport == "paubox-rest" and not self.paubox.base_url and not self.paubox.username:
-            raise ValueError("give delivery.paubox.username (for https://api.paubox.net/v1/<username>) or "
-                             "delivery.paubox.base_url")
+            raise ValueError(
+                "give delivery.paubox.username (for https://api.paubox.net/v1/<username>) or delivery.paubox.base_url"
+            )
         return self
 
 
@@ -329,8 +342,10 @@ class DispatchConfig(Strict):
     rate_limit_pause: Duration = timedelta(seconds=30)
     in_doubt: InDoubtConfig = InDoubtConfig()
     receipts_after: Duration = timedelta(hours=1)
-    lease: Duration = Field(timedelta(minutes=5), description="how long a claim stays with a daemon that may "
-                                                              "have died (several daemons on PostgreSQL)")
+    lease: Duration = Field(
+        timedelta(minutes=5),
+        description="how long a claim stays with a daemon that may have died (several daemons on PostgreSQL)",
+    )
 
 
 class ServerConfig(Strict):
@@ -339,12 +354,16 @@ class ServerConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
     max_body: int = Field(1_000_000, ge=1024)
-    trusted_proxies: list[IPvAnyNetwork] = Field(default_factory=list, description="whose X-Forwarded-For and "
-                                                 "X-Forwarded-Proto are believed; empty: nobody's")
-    header_timeout: Duration = Field(timedelta(seconds=10), description="a request's headers must arrive within "
-                                     "this, or the connection is closed")
-    body_timeout: Duration = Field(timedelta(seconds=30), description="its body within this after the headers, "
-                                   "or the answer is 408 and the connection is closed")
+    trusted_proxies: list[IPvAnyNetwork] = Field(
+        default_factory=list, description="whose X-Forwarded-For and X-Forwarded-Proto are believed; empty: nobody's"
+    )
+    header_timeout: Duration = Field(
+        timedelta(seconds=10), description="a request's headers must arrive within this, or the connection is closed"
+    )
+    body_timeout: Duration = Field(
+        timedelta(seconds=30),
+        description="its body within this after the headers, or the answer is 408 and the connection is closed",
+    )
 
     @field_validator("header_timeout", "body_timeout")
     @classmethod
@@ -393,8 +412,9 @@ class CrmSourceConfig(Strict):
 class InboxConfig(Strict):
     """Received CRM events are stored encrypted (AES-256-GCM) until processed and for `retention`."""
 
-    keys: dict[Annotated[str, Field(pattern=NAME_PATTERN)], Key32] = Field(min_length=1,
-                                                                       description="key id: base64 of 32 bytes")
+    keys: dict[Annotated[str, Field(pattern=NAME_PATTERN)], Key32] = Field(
+        min_length=1, description="key id: base64 of 32 bytes"
+    )
     current: str
     retention: Duration = timedelta(days=30)
 
@@ -409,8 +429,9 @@ class OptOutConfig(Strict):
     """Opt-outs are stored as HMAC-SHA256 digests under these keys: without the key, a stolen ledger does not
     tell whether an address is on the list. `current` keys new entries; every listed key still matches."""
 
-    keys: dict[Annotated[str, Field(pattern=NAME_PATTERN)], Key32] = Field(min_length=1,
-                                                                       description="key id: base64 of 32 bytes")
+    keys: dict[Annotated[str, Field(pattern=NAME_PATTERN)], Key32] = Field(
+        min_length=1, description="key id: base64 of 32 bytes"
+    )
     current: str
 
     @model_validator(mode="after")
@@ -432,16 +453,16 @@ class LedgerConfig(Strict):
         try:
             make_url(value)
         except (ArgumentError, ValueError):  # their messages may quote the URL, and with it a password
-            raise ValueError("not a database URL: use sqlite:///connector.db or "
-                             "postgresql+psycopg://user@host/db") from None
+            raise ValueError(
+                "not a database URL: use sqlite:///connector.db or postgresql+psycopg://user@host/db"
+            ) from None
         return value
 
 
 class HealthConfig(Strict):
     """When `/healthz` (and `connector status`) call a part failing (connector.health)."""
 
-    stale_after: float = Field(3, ge=1, description="a source fails after this many intervals without a "
-                                                    "completed poll")
+    stale_after: float = Field(3, ge=1, description="a source fails after this many intervals without a completed poll")
     stale_floor: Duration = Field(timedelta(minutes=1), description="... and never sooner than this")
     ledger_timeout: Duration = Field(timedelta(seconds=2), description="the ledger fails when a read takes longer")
 
@@ -474,11 +495,16 @@ class Config(Strict):
     @model_validator(mode="after")
     def _lease_outlasts_a_send(self) -> Config:
         paubox = self.delivery.paubox
-        longest = self.delivery.smtp.timeout if self.delivery.transport == "paubox-smtp" else \
-            paubox.connect_timeout + paubox.read_timeout
+        longest = (
+            self.delivery.smtp.timeout
+            if self.delivery.transport == "paubox-smtp"
+            else paubox.connect_timeout + paubox.read_timeout
+        )
         if self.dispatch.lease < longest + timedelta(seconds=10):
-            raise ValueError(f"dispatch.lease must outlast a send: at least {longest + timedelta(seconds=10)} "
-                             "(the timeouts plus 10 s)")
+            raise ValueError(
+                f"dispatch.lease must outlast a send: at least {longest + timedelta(seconds=10)} "
+                "(the timeouts plus 10 s)"
+            )
         return self
 
     @model_validator(mode="after")
@@ -489,6 +515,7 @@ class Config(Strict):
         if clash:
             raise ValueError(f"a CRM source and a FHIR source share the name {sorted(clash)[0]!r}")
         return self
+
     locale: str = "en_US"
     quiet_hours: QuietHoursConfig | None = None
     path: Path | None = Field(None, exclude=True, description="the file this config was read from")
@@ -518,7 +545,7 @@ class Config(Strict):
         url = self.ledger.url
         prefix = "sqlite:///"
         if url.startswith(prefix) and not url.startswith(prefix + "/") and url != "sqlite://":
-            return prefix + str(self.base_dir / url[len(prefix):])
+            return prefix + str(self.base_dir / url[len(prefix) :])
         return url
 
 
@@ -541,8 +568,10 @@ def load_config(path: Path, needs: Sequence[references.Loc] | None = None) -> Co
     Plain `${VAR}` strings must be set within `needs` (key paths such as ("ledger",); None: every part
     `connector run` reads). Secrets are not read here but on first use (`references`)."""
     if not path.exists():
-        raise InfrastructureError(f"the config file {path} does not exist: give --config PATH or set "
-                                  f"CONNECTOR_CONFIG (config.example.yaml shows every key)")
+        raise InfrastructureError(
+            f"the config file {path} does not exist: give --config PATH or set "
+            f"CONNECTOR_CONFIG (config.example.yaml shows every key)"
+        )
     doc = load_yaml(path)
     if not isinstance(doc.data, dict):
         raise ConfigError([doc.problem((), "the config file must be a mapping of keys to values")])
@@ -585,4 +614,3 @@ def _message(error: Any) -> str:
         return "required key is missing"
     message = str(error["msg"])
     return message.removeprefix("Value error, ")
-

@@ -96,9 +96,15 @@ class EmbeddedServer(uvicorn.Server):
 
 def web_app(runtime: Runtime) -> Starlette:
     """Every endpoint `connector run` serves (tests drive this same app in-process)."""
-    return web.create_app(runtime.config, runtime.aftercare,
-                          extra_routes=[*runtime.monitor.routes(), *runtime.subscriptions.routes(),
-                                        *(runtime.crm_receiver.routes() if runtime.crm_receiver else [])])
+    return web.create_app(
+        runtime.config,
+        runtime.aftercare,
+        extra_routes=[
+            *runtime.monitor.routes(),
+            *runtime.subscriptions.routes(),
+            *(runtime.crm_receiver.routes() if runtime.crm_receiver else []),
+        ],
+    )
 
 
 def listen(settings: ServerConfig) -> socket.socket:
@@ -111,13 +117,16 @@ def listen(settings: ServerConfig) -> socket.socket:
         return sock
     except socket.gaierror:
         sock.close()
-        raise InfrastructureError(f"server.host {host!r} is not a known address: use 127.0.0.1, 0.0.0.0 or an "
-                                  f"address of this machine") from None
+        raise InfrastructureError(
+            f"server.host {host!r} is not a known address: use 127.0.0.1, 0.0.0.0 or an address of this machine"
+        ) from None
     except OSError as exc:
         sock.close()
-        what = {errno.EADDRINUSE: "is already in use: stop the process using it, or choose another server.port",
-                errno.EACCES: "needs privileges: choose a server.port above 1023",
-                errno.EADDRNOTAVAIL: "is not on an address of this machine: fix server.host"}
+        what = {
+            errno.EADDRINUSE: "is already in use: stop the process using it, or choose another server.port",
+            errno.EACCES: "needs privileges: choose a server.port above 1023",
+            errno.EADDRNOTAVAIL: "is not on an address of this machine: fix server.host",
+        }
         problem = what.get(exc.errno or 0, f"cannot be opened ({exc.strerror}): check server.host and server.port")
         raise InfrastructureError(f"port {port} on {host} {problem}") from exc
 
@@ -156,26 +165,60 @@ async def run_forever(runtime: Runtime) -> None:
     scheduler = AsyncIOScheduler(timezone=UTC)
     now = datetime.now(UTC)
     for name, source in runtime.sources.items():
-        scheduler.add_job(guarded(f"poll:{name}", lambda n=name: poll(runtime, n)), "interval",  # type: ignore[misc]
-                          seconds=source.config.interval.total_seconds(), id=f"poll:{name}",
-                          max_instances=1, coalesce=True, next_run_time=now)
+        scheduler.add_job(
+            guarded(f"poll:{name}", lambda n=name: poll(runtime, n)),  # type: ignore[misc]
+            "interval",
+            seconds=source.config.interval.total_seconds(),
+            id=f"poll:{name}",
+            max_instances=1,
+            coalesce=True,
+            next_run_time=now,
+        )
     if runtime.crm is not None:
-        scheduler.add_job(guarded("crm", runtime.crm.process), "interval",
-                          seconds=runtime.config.dispatch.interval.total_seconds(), id="crm", max_instances=1,
-                          coalesce=True, next_run_time=now)
-    scheduler.add_job(guarded("dispatch", lambda: dispatch(runtime)), "interval",
-                      seconds=runtime.config.dispatch.interval.total_seconds(), id="dispatch",
-                      max_instances=1, coalesce=True, next_run_time=now)
-    scheduler.add_job(guarded("aftercare", lambda: aftercare(runtime)), "interval", seconds=60, id="aftercare",
-                      max_instances=1, coalesce=True)
-    scheduler.add_job(guarded("subscriptions", runtime.subscriptions.watchdog), "interval", seconds=60,
-                      id="subscriptions", max_instances=1, coalesce=True)
+        scheduler.add_job(
+            guarded("crm", runtime.crm.process),
+            "interval",
+            seconds=runtime.config.dispatch.interval.total_seconds(),
+            id="crm",
+            max_instances=1,
+            coalesce=True,
+            next_run_time=now,
+        )
+    scheduler.add_job(
+        guarded("dispatch", lambda: dispatch(runtime)),
+        "interval",
+        seconds=runtime.config.dispatch.interval.total_seconds(),
+        id="dispatch",
+        max_instances=1,
+        coalesce=True,
+        next_run_time=now,
+    )
+    scheduler.add_job(
+        guarded("aftercare", lambda: aftercare(runtime)),
+        "interval",
+        seconds=60,
+        id="aftercare",
+        max_instances=1,
+        coalesce=True,
+    )
+    scheduler.add_job(
+        guarded("subscriptions", runtime.subscriptions.watchdog),
+        "interval",
+        seconds=60,
+        id="subscriptions",
+        max_instances=1,
+        coalesce=True,
+    )
     server = web_server(runtime)
     sockets = [listen(runtime.config.server)] if server and runtime.config.server else []
     server_task = asyncio.create_task(server.serve(sockets=sockets)) if server else None
     scheduler.start()
-    log.info("daemon.started", sources=list(runtime.sources), mappings=runtime.mappings.names(),
-             listening=f"{server.config.host}:{server.config.port}" if server else None)
+    log.info(
+        "daemon.started",
+        sources=list(runtime.sources),
+        mappings=runtime.mappings.names(),
+        listening=f"{server.config.host}:{server.config.port}" if server else None,
+    )
     await stop.wait()
 
     log.info("daemon.stopping", in_flight=len(running))

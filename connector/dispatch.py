@@ -45,7 +45,6 @@ log = structlog.get_logger("connector.dispatch")
 MAX_PUT_BACK = 10_000  # a run that put back this many stops claiming (a source down with a large backlog)
 
 
-
 class Step(StrEnum):
     SENT = "sent"
     FAILED = "failed"
@@ -75,9 +74,18 @@ class Prepared:
 
 
 class Dispatcher:
-    def __init__(self, config: Config, mappings: MappingSet, ledger: SqlLedger,
-                 sources: dict[str, FhirPollSource], mailer: Mailer, cache: ResourceCache, clock: Clock,
-                 owner: str, on_deleted: Callable[[str, str], Awaitable[object]]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        mappings: MappingSet,
+        ledger: SqlLedger,
+        sources: dict[str, FhirPollSource],
+        mailer: Mailer,
+        cache: ResourceCache,
+        clock: Clock,
+        owner: str,
+        on_deleted: Callable[[str, str], Awaitable[object]],
+    ) -> None:
         self.config = config
         self.mappings = mappings
         self.ledger = ledger
@@ -95,10 +103,17 @@ class Dispatcher:
         self.blocked_since: datetime | None = None
         self.gate_since: datetime | None = None
         settings = config.dispatch
-        self.gate = MailerGate(failure_threshold=settings.circuit_failures, cooldown=settings.circuit_cooldown,
-                               pause=settings.rate_limit_pause)
-        self.policy = RetryPolicy(max_attempts=settings.max_attempts, max_age=settings.max_age,
-                                  base=settings.retry_backoff, cap=settings.retry_backoff_max)
+        self.gate = MailerGate(
+            failure_threshold=settings.circuit_failures,
+            cooldown=settings.circuit_cooldown,
+            pause=settings.rate_limit_pause,
+        )
+        self.policy = RetryPolicy(
+            max_attempts=settings.max_attempts,
+            max_age=settings.max_age,
+            base=settings.retry_backoff,
+            cap=settings.retry_backoff_max,
+        )
         # Concurrent sends share their ledger transactions (group commit, see connector.ledger.batching).
         self._start_many = Coalesced(self._start_sending)
         self._finish_many = Coalesced(self._finish)
@@ -132,7 +147,7 @@ class Dispatcher:
                 while not drained and len(queue) < settings.concurrency and len(put_back) <= MAX_PUT_BACK:
                     batch = await self._claim(put_back)
                     drained = not batch
-                    queue.extend(batch[i:i + size] for i in range(0, len(batch), size))
+                    queue.extend(batch[i : i + size] for i in range(0, len(batch), size))
                 while queue and len(running) < settings.concurrency:
                     running.add(asyncio.create_task(self._group(queue.popleft())))
                 if not running:
@@ -155,8 +170,15 @@ class Dispatcher:
         """The next due notifications, without those put back earlier in this run (a source that could not
         be read, a quick retry): they wait for the next run and do not hold up the others."""
         settings, wall = self.config.dispatch, datetime.now(UTC)
-        batch = await asyncio.to_thread(self.ledger.claim_due, self.clock(), settings.batch_size, self.owner,
-                                        wall + settings.lease, wall, sorted(put_back))
+        batch = await asyncio.to_thread(
+            self.ledger.claim_due,
+            self.clock(),
+            settings.batch_size,
+            self.owner,
+            wall + settings.lease,
+            wall,
+            sorted(put_back),
+        )
         try:
             await prefetch(self.cache, self.sources, batch)
         except Exception as exc:  # noqa: BLE001 - best effort: each notification reads what is missing
@@ -201,8 +223,10 @@ class Dispatcher:
                 sent = iter(await self._send_bulk(ready))
             else:
                 sent = iter([await self._send_one(p) for p in ready])
-            return [(n.id, next(sent) if isinstance(p, Prepared) else p)
-                    for n, p in zip(notifications, prepared, strict=True)]
+            return [
+                (n.id, next(sent) if isinstance(p, Prepared) else p)
+                for n, p in zip(notifications, prepared, strict=True)
+            ]
         except Exception as exc:  # noqa: BLE001 - logged; the other groups go on
             log.error("dispatch.crashed", notifications=[n.id for n in notifications], problem=where(exc))
             self.gate.give_back()  # it may have held the probe: the gate must not stay closed for ever
@@ -228,15 +252,26 @@ class Dispatcher:
         if unavailable(exc):
             return await self._release(n)
         now, reason = self.clock(), f"preparation failed: {problem}"
-        decision = next_try(self.policy, attempts=n.attempts + 1, first_attempt_at=n.first_attempt_at or now,
-                            now=now, reason=reason, retry_after=None)
+        decision = next_try(
+            self.policy,
+            attempts=n.attempts + 1,
+            first_attempt_at=n.first_attempt_at or now,
+            now=now,
+            reason=reason,
+            retry_after=None,
+        )
         if isinstance(decision, RetryAt):
             await asyncio.to_thread(self.ledger.prepare_failed, n.id, self.owner, reason, decision.due)
             return Step.RETRY
         reason = decision.reason
         await asyncio.to_thread(self.ledger.prepare_failed, n.id, self.owner, reason, None)
-        log.error("notification.failed", notification=n.id, mapping=n.mapping,
-                  resource=f"{n.resource_type}/{n.resource_id}", reason=reason)
+        log.error(
+            "notification.failed",
+            notification=n.id,
+            mapping=n.mapping,
+            resource=f"{n.resource_type}/{n.resource_id}",
+            reason=reason,
+        )
         return Step.FAILED
 
     async def release(self) -> None:
@@ -282,8 +317,14 @@ class Dispatcher:
         began = time.monotonic()
         outcomes = await self.mailer.send_many([p.email for p in started])
         metrics.observe("connector_send_duration_seconds", time.monotonic() - began)
-        recorded = iter(await asyncio.gather(*(self._record(p.notification, outcome, note_gate=p is started[-1])
-                                               for p, outcome in zip(started, outcomes, strict=True))))
+        recorded = iter(
+            await asyncio.gather(
+                *(
+                    self._record(p.notification, outcome, note_gate=p is started[-1])
+                    for p, outcome in zip(started, outcomes, strict=True)
+                )
+            )
+        )
         return [next(recorded) if ok else Step.RELEASED for ok in flags]
 
     async def prepare(self, n: NotificationRecord) -> Prepared | Step:
@@ -307,8 +348,12 @@ class Dispatcher:
             log.error("dispatch.no_source", notification=n.id, source=n.source)
             return await self._release(n)
         if not fhir.FHIR_ID.fullmatch(n.resource_id) or (n.patient_id and not fhir.FHIR_ID.fullmatch(n.patient_id)):
-            return await self._settle(n, State.FAILED, "the notification names its Appointment or Patient by an id "
-                                                       "that is not a FHIR id (planned by an earlier version)")
+            return await self._settle(
+                n,
+                State.FAILED,
+                "the notification names its Appointment or Patient by an id "
+                "that is not a FHIR id (planned by an earlier version)",
+            )
         now = self.clock()
         try:
             appointment = await read_cached(self.cache, source, "Appointment", n.resource_id, n.resource_version)
@@ -319,8 +364,14 @@ class Dispatcher:
             stale = still_wanted(n.event, mapping.spec.is_reminder, n.appointment_start, appointment, now)
             if stale is not None:
                 return await self._settle(n, State.CANCELLED, stale)
-            recipient = await resolve(n.patient_id, source=source, cache=self.cache, opted_out=self._opted_out,
-                                      consent=source.config.consent, now=now)
+            recipient = await resolve(
+                n.patient_id,
+                source=source,
+                cache=self.cache,
+                opted_out=self._opted_out,
+                consent=source.config.consent,
+                now=now,
+            )
         except SourceError as exc:
             log.warning("dispatch.read_failed", notification=n.id, problem=str(exc))
             return await self._release(n)
@@ -328,12 +379,21 @@ class Dispatcher:
             return await self._settle(n, recipient.state, recipient.reason)
         settings = source.config
         try:
-            email = render(mapping, key=n.key, to=recipient.address, appointment=appointment,
-                           patient=recipient.patient, event=n.event, source=n.source,
-                           timezone=appointment_zone(appointment, settings.location_timezones, settings.timezone),
-                           locale=self.config.locale, languages=fhir.preferred_languages(recipient.patient),
-                           now=now, default_from=self.config.delivery.from_address,
-                           default_reply_to=self.config.delivery.reply_to)
+            email = render(
+                mapping,
+                key=n.key,
+                to=recipient.address,
+                appointment=appointment,
+                patient=recipient.patient,
+                event=n.event,
+                source=n.source,
+                timezone=appointment_zone(appointment, settings.location_timezones, settings.timezone),
+                locale=self.config.locale,
+                languages=fhir.preferred_languages(recipient.patient),
+                now=now,
+                default_from=self.config.delivery.from_address,
+                default_reply_to=self.config.delivery.reply_to,
+            )
         except RenderError as exc:
             return await self._settle(n, State.FAILED, str(exc))
         return Prepared(n, email)
@@ -351,8 +411,13 @@ class Dispatcher:
 
     async def _settle(self, n: NotificationRecord, state: State, reason: str) -> Step:
         await asyncio.to_thread(self.ledger.settle, n.id, self.owner, state, reason)
-        log.warning(f"notification.{state.value}", notification=n.id, mapping=n.mapping,
-                    resource=f"{n.resource_type}/{n.resource_id}", reason=reason)
+        log.warning(
+            f"notification.{state.value}",
+            notification=n.id,
+            mapping=n.mapping,
+            resource=f"{n.resource_type}/{n.resource_id}",
+            reason=reason,
+        )
         return Step(state.value)
 
     async def _release(self, n: NotificationRecord) -> Step:
@@ -409,13 +474,20 @@ class Dispatcher:
                 self._paused = outcome.reason
                 log.error("mailer.paused", reason=outcome.reason)
             return Step.WAITING
-        decision = next_try(self.policy, attempts=n.attempts + 1, first_attempt_at=n.first_attempt_at or now,
-                            now=now, reason=outcome.reason, retry_after=outcome.retry_after)
+        decision = next_try(
+            self.policy,
+            attempts=n.attempts + 1,
+            first_attempt_at=n.first_attempt_at or now,
+            now=now,
+            reason=outcome.reason,
+            retry_after=outcome.retry_after,
+        )
         if isinstance(decision, GiveUp):
             await self._finish_many([SendResult(n.id, State.FAILED, decision.reason)])
             log.error("notification.failed", **fields, reason=decision.reason)
             return Step.FAILED
         await self._finish_many([SendResult(n.id, State.PENDING, outcome.reason, due_at=decision.due)])
-        log.warning("notification.retry", **fields, reason=outcome.reason,
-                    delay_s=round((decision.due - now).total_seconds()))
+        log.warning(
+            "notification.retry", **fields, reason=outcome.reason, delay_s=round((decision.due - now).total_seconds())
+        )
         return Step.RETRY

@@ -150,7 +150,7 @@ def reference_parts(reference: Any, base: str | None = None) -> tuple[str, str] 
     if "://" in text:
         if base is None or not text.startswith(base.rstrip("/") + "/"):
             return None
-        text = text[len(base.rstrip("/")) + 1:]
+        text = text[len(base.rstrip("/")) + 1 :]
     parts = text.split("/_history/")[0].rstrip("/").split("/")
     if len(parts) >= 2 and parts[-1]:
         return parts[-2], parts[-1]
@@ -230,8 +230,9 @@ def replaced_by(patient: Resource) -> str | None:
             reference = other.get("reference") if isinstance(other, dict) else None
             parts = reference_parts(reference)
             if parts is not None and parts[0] == "Patient" and not FHIR_ID.fullmatch(parts[1]):
-                raise ResourceError(f"{describe(patient)}: link.other.reference (replaced-by) is not a valid "
-                                    "Patient reference")
+                raise ResourceError(
+                    f"{describe(patient)}: link.other.reference (replaced-by) is not a valid Patient reference"
+                )
             return reference_id(reference, "Patient")
     return None
 
@@ -252,8 +253,11 @@ def preferred_languages(patient: Resource) -> list[str]:
     codes: list[str] = []
     for entry in entries:
         language = entry.get("language") or {}
-        coded = [c.get("code") for c in language.get("coding") or []
-                 if isinstance(c, dict) and c.get("code") and c.get("system") in (None, "urn:ietf:bcp:47")]
+        coded = [
+            c.get("code")
+            for c in language.get("coding") or []
+            if isinstance(c, dict) and c.get("code") and c.get("system") in (None, "urn:ietf:bcp:47")
+        ]
         text = language.get("text")
         for code in [*coded, text if isinstance(text, str) and re.fullmatch(r"[A-Za-z]{2,3}(-\w+)*", text) else None]:
             if isinstance(code, str) and code not in codes:

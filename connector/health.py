@@ -22,9 +22,11 @@ from connector.config import HealthConfig
 from connector.delivery.gate import GateState, MailerGate
 
 MAILER_STATES = ("running", "paused", "probing", "broken", "blocked")
-MAILER_FAILING = {"probing": "waiting for a probe to show the mailer works again after server errors",
-                  "broken": "circuit breaker open after consecutive server errors",
-                  "blocked": "sending paused by a configuration error"}
+MAILER_FAILING = {
+    "probing": "waiting for a probe to show the mailer works again after server errors",
+    "broken": "circuit breaker open after consecutive server errors",
+    "blocked": "sending paused by a configuration error",
+}
 
 
 @dataclass(frozen=True)
@@ -50,8 +52,9 @@ class SourceFacts:
         """Both observers' facts (this process and the ledger): the newest success and the newest error."""
         last_ok = _latest(self.last_ok, other.last_ok)
         newer = other if _before(self.last_error_at, other.last_error_at) else self
-        failing_since = [f for f in (self.failing_since, other.failing_since)
-                         if f is not None and (last_ok is None or f > last_ok)]
+        failing_since = [
+            f for f in (self.failing_since, other.failing_since) if f is not None and (last_ok is None or f > last_ok)
+        ]
         return SourceFacts(last_ok, newer.last_error, newer.last_error_at, min(failing_since, default=None))
 
 
@@ -84,8 +87,9 @@ def stale_limit(interval: timedelta, settings: HealthConfig) -> timedelta:
     return max(interval * settings.stale_after, settings.stale_floor)
 
 
-def source_finding(name: str, facts: SourceFacts, interval: timedelta, settings: HealthConfig, now: datetime,
-                   started: datetime | None) -> Finding:
+def source_finding(
+    name: str, facts: SourceFacts, interval: timedelta, settings: HealthConfig, now: datetime, started: datetime | None
+) -> Finding:
     """`started`: when the observing daemon started (None for `connector status`, which observes nothing
     itself): a daemon gives a source its first `limit` before calling it failing."""
     limit = stale_limit(interval, settings)
@@ -117,8 +121,9 @@ def ledger_finding(problem: str | None, since: datetime | None) -> Finding:
     return Finding("ledger", problem is None, since if problem else None, problem)
 
 
-def mailer_facts(gate: MailerGate, blocked: str | None, blocked_since: datetime | None,
-                 gate_since: datetime | None) -> MailerFacts:
+def mailer_facts(
+    gate: MailerGate, blocked: str | None, blocked_since: datetime | None, gate_since: datetime | None
+) -> MailerFacts:
     """The mailer's state: `blocked` (a configuration error, until a send gets through) before the gate's."""
     if blocked is not None:
         return MailerFacts("blocked", blocked, blocked_since)
@@ -131,8 +136,11 @@ def mailer_facts(gate: MailerGate, blocked: str | None, blocked_since: datetime 
 def report(findings: list[Finding]) -> tuple[bool, dict[str, Any]]:
     """The `/healthz` answer: all well, and a JSON body naming each failing component."""
     ok = all(f.ok for f in findings)
-    return ok, {"status": "ok" if ok else "failing", "failing": [f.component for f in findings if not f.ok],
-                "components": {f.component: f.as_json() for f in findings}}
+    return ok, {
+        "status": "ok" if ok else "failing",
+        "failing": [f.component for f in findings if not f.ok],
+        "components": {f.component: f.as_json() for f in findings},
+    }
 
 
 def _latest(a: datetime | None, b: datetime | None) -> datetime | None:

@@ -58,8 +58,15 @@ class TimedH11Protocol(H11Protocol):
         """Arm the deadline that fits what the client owes us now: a request's headers (h11 IDLE) or its
         body (SEND_BODY); nothing otherwise. A deadline runs on until that part has fully arrived."""
         state = self.conn.their_state
-        phase = None if self.transport.is_closing() else \
-            "headers" if state is h11.IDLE else "body" if state is h11.SEND_BODY else None
+        phase = (
+            None
+            if self.transport.is_closing()
+            else "headers"
+            if state is h11.IDLE
+            else "body"
+            if state is h11.SEND_BODY
+            else None
+        )
         if phase == self._phase:
             return
         self._disarm()
@@ -77,8 +84,11 @@ class TimedH11Protocol(H11Protocol):
         if self.transport.is_closing():
             return
         metrics.inc("connector_http_timeouts_total", phase=phase)
-        log.info("request.timed_out", phase=phase,
-                 limit=f"{self.header_timeout if phase == 'headers' else self.body_timeout:g}s")
+        log.info(
+            "request.timed_out",
+            phase=phase,
+            limit=f"{self.header_timeout if phase == 'headers' else self.body_timeout:g}s",
+        )
         cycle: RequestResponseCycle | None = self.cycle
         if cycle is not None and not cycle.response_complete:
             if phase == "body" and not cycle.response_started:
@@ -88,11 +98,17 @@ class TimedH11Protocol(H11Protocol):
         self.transport.close()
 
     def _answer_408(self, cycle: RequestResponseCycle) -> None:
-        headers = [(b"content-type", b"application/problem+json"), (b"connection", b"close"),
-                   (b"content-length", str(len(_TIMEOUT_BODY)).encode())]
+        headers = [
+            (b"content-type", b"application/problem+json"),
+            (b"connection", b"close"),
+            (b"content-length", str(len(_TIMEOUT_BODY)).encode()),
+        ]
         try:
-            for event in (h11.Response(status_code=408, headers=headers, reason=b"Request Timeout"),
-                          h11.Data(data=_TIMEOUT_BODY), h11.EndOfMessage()):
+            for event in (
+                h11.Response(status_code=408, headers=headers, reason=b"Request Timeout"),
+                h11.Data(data=_TIMEOUT_BODY),
+                h11.EndOfMessage(),
+            ):
                 self.transport.write(self.conn.send(event) or b"")
         except h11.LocalProtocolError:  # the connection was in no state to answer: closing is enough
             return
@@ -113,6 +129,15 @@ def server_config(app: ASGIApp, settings: ServerConfig) -> uvicorn.Config:
     """How `connector run` serves `app`. Access log off: request lines would carry the webhook path token."""
     trusted = [str(network) for network in settings.trusted_proxies]
     return uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level="warning", access_log=False, lifespan="off",
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
         http=timed_protocol(settings.header_timeout.total_seconds(), settings.body_timeout.total_seconds()),
-        ws="none", proxy_headers=bool(trusted), forwarded_allow_ips=trusted, server_header=False)
+        ws="none",
+        proxy_headers=bool(trusted),
+        forwarded_allow_ips=trusted,
+        server_header=False,
+    )

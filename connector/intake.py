@@ -24,8 +24,20 @@ from connector.ledger import SeenVersion
 from connector.logs import safe_text, unsafe, where
 from connector.models import PlannedNotification
 
-APPOINTMENT_STATUSES = frozenset({"proposed", "pending", "booked", "arrived", "fulfilled", "cancelled", "noshow",
-                                  "entered-in-error", "checked-in", "waitlist"})
+APPOINTMENT_STATUSES = frozenset(
+    {
+        "proposed",
+        "pending",
+        "booked",
+        "arrived",
+        "fulfilled",
+        "cancelled",
+        "noshow",
+        "entered-in-error",
+        "checked-in",
+        "waitlist",
+    }
+)
 NO_ID = "(no id)"
 MAX_PATIENT_IDS = 2000  # appointment_state.patients: the ids of an appointment's patients, space-separated
 MAX_KEY = 512  # notification.key
@@ -55,6 +67,7 @@ def later(a: datetime | None, b: datetime | None) -> datetime | None:
 
 # -- checks ----------------------------------------------------------------------------------------------
 
+
 def _elements(value: Any, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """Every JSON object inside `value` with its FHIR-style path ('Appointment.participant[0]')."""
     stack: list[tuple[str, Any]] = [(path, value)]
@@ -72,20 +85,26 @@ def check_modifiers(resource: dict[str, Any]) -> None:
     not be processed as if it were absent. We understand none."""
     name = safe_text(resource.get("resourceType", "?"), 64)
     if resource.get("implicitRules"):
-        raise ResourceError(f"{fhir.describe(resource)}: {name}.implicitRules is set; rules the connector does "
-                            "not know may change its meaning")
+        raise ResourceError(
+            f"{fhir.describe(resource)}: {name}.implicitRules is set; rules the connector does "
+            "not know may change its meaning"
+        )
     for path, element in _elements(resource, name):
         if element.get("modifierExtension"):
-            raise ResourceError(f"{fhir.describe(resource)}: {safe_text(path, 120)}.modifierExtension is not "
-                                "understood by the connector, so the resource is not processed")
+            raise ResourceError(
+                f"{fhir.describe(resource)}: {safe_text(path, 120)}.modifierExtension is not "
+                "understood by the connector, so the resource is not processed"
+            )
 
 
 def _check_instant(resource: dict[str, Any], element: str, value: Any) -> None:
     if value is None:
         return
     if fhir.in_utc(fhir.parse_instant(value)) is None:
-        raise ResourceError(f"{fhir.describe(resource)}: {element} is not an instant the connector can compute "
-                            "with (it must be readable and fall within years 1-9999 in UTC)")
+        raise ResourceError(
+            f"{fhir.describe(resource)}: {element} is not an instant the connector can compute "
+            "with (it must be readable and fall within years 1-9999 in UTC)"
+        )
 
 
 def check_appointment(resource: dict[str, Any], base: str | None) -> None:
@@ -98,8 +117,11 @@ def check_appointment(resource: dict[str, Any], base: str | None) -> None:
         raise ResourceError(f"{label}: status is not a code of the AppointmentStatus value set")
     check_modifiers(resource)
     meta = resource["meta"] if isinstance(resource.get("meta"), dict) else {}
-    for element, value in (("start", resource.get("start")), ("end", resource.get("end")),
-                           ("meta.lastUpdated", meta.get("lastUpdated"))):
+    for element, value in (
+        ("start", resource.get("start")),
+        ("end", resource.get("end")),
+        ("meta.lastUpdated", meta.get("lastUpdated")),
+    ):
         _check_instant(resource, f"Appointment.{element}", value)
     participants = resource.get("participant")
     for index, participant in enumerate(participants if isinstance(participants, list) else []):
@@ -109,14 +131,12 @@ def check_appointment(resource: dict[str, Any], base: str | None) -> None:
             continue
         parts = fhir.reference_parts(reference, base)
         if unsafe(reference) or (parts is not None and parts[0] == "Patient" and not fhir.FHIR_ID.fullmatch(parts[1])):
-            raise ResourceError(f"{label}: Appointment.participant[{index}].actor.reference is not a valid "
-                                "reference")
+            raise ResourceError(f"{label}: Appointment.participant[{index}].actor.reference is not a valid reference")
 
 
 def _check_text(value: str, limit: int, what: str) -> None:
     if len(value) > limit or unsafe(value):
-        raise ResourceError(f"{what} is longer than {limit} characters or holds control characters or invalid "
-                            "Unicode")
+        raise ResourceError(f"{what} is longer than {limit} characters or holds control characters or invalid Unicode")
 
 
 def check_storable(notifications: Iterable[PlannedNotification], patients: Iterable[str] = ()) -> None:
@@ -124,8 +144,9 @@ def check_storable(notifications: Iterable[PlannedNotification], patients: Itera
     transaction of a whole page): keys and ids of printable text within their lengths, times within the
     calendar in UTC, the remembered patient ids within their column."""
     if len(" ".join(patients)) > MAX_PATIENT_IDS:
-        raise ResourceError(f"the appointment names more patients than the ledger remembers ({MAX_PATIENT_IDS} "
-                            "characters of ids)")
+        raise ResourceError(
+            f"the appointment names more patients than the ledger remembers ({MAX_PATIENT_IDS} characters of ids)"
+        )
     for n in notifications:
         what = f"mapping {n.mapping!r}: the notification key"
         _check_text(n.key, MAX_KEY, what)
@@ -136,6 +157,7 @@ def check_storable(notifications: Iterable[PlannedNotification], patients: Itera
 
 
 # -- a page, examined ------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Seen:

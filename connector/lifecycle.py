@@ -29,8 +29,9 @@ ENTERED_IN_ERROR = "entered-in-error"
 REMOVED = "removed"  # internal: a patient left a booked appointment (withdraws their pending mail)
 
 # Events a mapping may trigger on.
-APPOINTMENT_EVENTS = frozenset({"proposed", "pending", BOOKED, RESCHEDULED, "arrived", "fulfilled", CANCELLED,
-                                NOSHOW, "checked-in", "waitlist"})
+APPOINTMENT_EVENTS = frozenset(
+    {"proposed", "pending", BOOKED, RESCHEDULED, "arrived", "fulfilled", CANCELLED, NOSHOW, "checked-in", "waitlist"}
+)
 ENDED = frozenset({CANCELLED, NOSHOW, ENTERED_IN_ERROR})
 TZ_CODE = "http://hl7.org/fhir/StructureDefinition/tz-code"
 
@@ -55,8 +56,9 @@ class Transition:
     deleted: bool = False
 
 
-def snapshot(appointment: dict[str, Any], version: str, last_updated: datetime | None,
-             base: str | None = None) -> Snapshot:
+def snapshot(
+    appointment: dict[str, Any], version: str, last_updated: datetime | None, base: str | None = None
+) -> Snapshot:
     return Snapshot(
         status=str(appointment.get("status") or ""),
         start=parse_instant(appointment.get("start")),
@@ -133,8 +135,9 @@ def _known_zone(code: str) -> bool:
     return True
 
 
-def still_wanted(event: str, is_reminder: bool, planned_start: datetime | None,
-                 appointment: dict[str, Any], now: datetime) -> str | None:
+def still_wanted(
+    event: str, is_reminder: bool, planned_start: datetime | None, appointment: dict[str, Any], now: datetime
+) -> str | None:
     """Why a notification planned earlier no longer fits the appointment as it is now (None: it fits).
     A safety net at send time: the poll that will see the change may not have run yet."""
     status = appointment.get("status")

@@ -23,7 +23,8 @@ FORMATS = ("console", "json")
 
 def configure(level: str = "info", fmt: str = "console") -> None:
     renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if fmt == "json"
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
         else structlog.dev.ConsoleRenderer(colors=False, pad_event_to=0)
     )
     structlog.configure(
@@ -36,8 +37,11 @@ def configure(level: str = "info", fmt: str = "console") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
-    logging.basicConfig(level=max(LEVELS[level], logging.WARNING), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=max(LEVELS[level], logging.WARNING),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
     # "skipped: maximum number of running instances reached" every second while a long dispatch runs is
     # expected (max_instances=1 on purpose), not news.
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
@@ -52,7 +56,7 @@ def where(exc: BaseException) -> str:
         return type(exc).__name__
     frame = own[-1]
     parts = Path(frame.filename).parts
-    short = "/".join(parts[parts.index("connector"):]) if "connector" in parts else Path(frame.filename).name
+    short = "/".join(parts[parts.index("connector") :]) if "connector" in parts else Path(frame.filename).name
     return f"{type(exc).__name__} at {short}:{frame.lineno}"
 
 

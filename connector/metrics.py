@@ -18,24 +18,33 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "connector_notifications_total": ("Notifications that reached a state after a send, by state.", ("state",)),
     "connector_mailer_state_changes_total": (
-        "Mailer gate changes: paused (429), broken (circuit open), probing, running.", ("state",)),
-    "connector_webhook_events_total": ("Paubox webhook events received, by event name and result.",
-                                       ("event", "result")),
-    "connector_requests_rejected_total": ("Requests refused by the web endpoints, by endpoint and reason.",
-                                          ("endpoint", "reason")),
+        "Mailer gate changes: paused (429), broken (circuit open), probing, running.",
+        ("state",),
+    ),
+    "connector_webhook_events_total": (
+        "Paubox webhook events received, by event name and result.",
+        ("event", "result"),
+    ),
+    "connector_requests_rejected_total": (
+        "Requests refused by the web endpoints, by endpoint and reason.",
+        ("endpoint", "reason"),
+    ),
     "connector_in_doubt_alerts_total": ("In-doubt notifications reported to operators after the wait.", ()),
     "connector_poll_failures_total": ("Source polls that failed, by source.", ("source",)),
     "connector_crm_events_total": ("CRM events committed to the inbox, by source.", ("source",)),
-    "connector_quarantined_total": ("Resource versions or events set aside as unprocessable, by source.",
-                                    ("source",)),
+    "connector_quarantined_total": ("Resource versions or events set aside as unprocessable, by source.", ("source",)),
 }
 HISTOGRAMS: dict[str, tuple[str, tuple[str, ...], tuple[float, ...]]] = {
     "connector_poll_duration_seconds": (
         "How long source polls took (completed or failed; polls left to another replica are not counted).",
-        ("source",), (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)),
+        ("source",),
+        (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+    ),
     "connector_send_duration_seconds": (
         "How long requests to the mailer took (one message, or one bulk request).",
-        (), (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)),
+        (),
+        (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    ),
 }
 
 
@@ -44,10 +53,13 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self._counters = {name: Counter(name, text, labels, registry=self.registry)
-                          for name, (text, labels) in COUNTERS.items()}
-        self._histograms = {name: Histogram(name, text, labels, buckets=buckets, registry=self.registry)
-                            for name, (text, labels, buckets) in HISTOGRAMS.items()}
+        self._counters = {
+            name: Counter(name, text, labels, registry=self.registry) for name, (text, labels) in COUNTERS.items()
+        }
+        self._histograms = {
+            name: Histogram(name, text, labels, buckets=buckets, registry=self.registry)
+            for name, (text, labels, buckets) in HISTOGRAMS.items()
+        }
         self._refused: Tally[tuple[str, str]] = Tally()  # not yet written to the ledger
 
     def inc(self, name: str, amount: int = 1, **labels: str) -> None:

@@ -67,8 +67,7 @@ class Fresh(Generic[T]):
 
 
 class Monitor:
-    def __init__(self, config: Config, store: HealthStore, metrics: Metrics,
-                 mailer: Callable[[], MailerFacts]) -> None:
+    def __init__(self, config: Config, store: HealthStore, metrics: Metrics, mailer: Callable[[], MailerFacts]) -> None:
         self.config = config
         self.settings = config.health
         self.started = wall()
@@ -103,7 +102,9 @@ class Monitor:
         """A dispatch run ended: write the mailer's state to the ledger when it changed."""
         facts = self.mailer()
         if self._written_mailer is not None and (facts.state, facts.reason) == (
-                self._written_mailer.state, self._written_mailer.reason):
+            self._written_mailer.state,
+            self._written_mailer.reason,
+        ):
             return
         if await self._write(self.store.mailer_changed, facts, wall()):
             self._written_mailer = facts
@@ -139,8 +140,11 @@ class Monitor:
         return findings
 
     def routes(self) -> list[Route]:
-        return [Route("/livez", self._livez, methods=["GET"]), Route("/healthz", self._healthz, methods=["GET"]),
-                Route("/metrics", self._metrics, methods=["GET"])]
+        return [
+            Route("/livez", self._livez, methods=["GET"]),
+            Route("/healthz", self._healthz, methods=["GET"]),
+            Route("/metrics", self._metrics, methods=["GET"]),
+        ]
 
     async def _livez(self, request: Request) -> Response:
         return JSONResponse({"status": "alive"})
@@ -184,20 +188,24 @@ class Gauges:
         ready = GaugeMetricFamily("connector_ready", "1 when /healthz answers 200, else 0.")
         ready.add_metric([], float(bool(self.findings) and all(f.ok for f in self.findings)))
         yield ready
-        up = GaugeMetricFamily("connector_component_up", "1 when a part is well (as /healthz judges), else 0.",
-                               labels=["component"])
+        up = GaugeMetricFamily(
+            "connector_component_up", "1 when a part is well (as /healthz judges), else 0.", labels=["component"]
+        )
         for finding in self.findings:
             up.add_metric([finding.component], float(finding.ok))
         yield up
         state = self.monitor.mailer().state
-        mailer = GaugeMetricFamily("connector_mailer_state", "The mailer's state: 1 for the current one.",
-                                   labels=["state"])
+        mailer = GaugeMetricFamily(
+            "connector_mailer_state", "The mailer's state: 1 for the current one.", labels=["state"]
+        )
         for name in MAILER_STATES:
             mailer.add_metric([name], float(name == state))
         yield mailer
-        polled = GaugeMetricFamily("connector_last_successful_poll_timestamp_seconds",
-                                   "When a poll of the source last completed (any replica), Unix time.",
-                                   labels=["source"])
+        polled = GaugeMetricFamily(
+            "connector_last_successful_poll_timestamp_seconds",
+            "When a poll of the source last completed (any replica), Unix time.",
+            labels=["source"],
+        )
         for finding in self.findings:
             last = finding.details.get("last_success") if finding.component.startswith("source:") else None
             if isinstance(last, datetime):
@@ -209,19 +217,27 @@ class Gauges:
         ledger = self.ledger
         if ledger is None:
             return
-        states = GaugeMetricFamily("connector_ledger_notifications", "Notifications in the ledger, by state.",
-                                   labels=["state"])
+        states = GaugeMetricFamily(
+            "connector_ledger_notifications", "Notifications in the ledger, by state.", labels=["state"]
+        )
         for name, count in ledger.states.items():
             states.add_metric([name], count)
         yield states
-        yield GaugeMetricFamily("connector_in_doubt_notifications",
-                                "Notifications in doubt: a person decides with `connector resolve`.",
-                                value=ledger.states.get("in_doubt", 0))
-        yield GaugeMetricFamily("connector_oldest_due_pending_seconds",
-                                "How long the oldest due pending notification has waited (0: none waits).",
-                                value=ledger.oldest_due_pending)
-        quarantined = GaugeMetricFamily("connector_quarantined_resources",
-                                        "Resource versions set aside as unprocessable, by source.", labels=["source"])
+        yield GaugeMetricFamily(
+            "connector_in_doubt_notifications",
+            "Notifications in doubt: a person decides with `connector resolve`.",
+            value=ledger.states.get("in_doubt", 0),
+        )
+        yield GaugeMetricFamily(
+            "connector_oldest_due_pending_seconds",
+            "How long the oldest due pending notification has waited (0: none waits).",
+            value=ledger.oldest_due_pending,
+        )
+        quarantined = GaugeMetricFamily(
+            "connector_quarantined_resources",
+            "Resource versions set aside as unprocessable, by source.",
+            labels=["source"],
+        )
         for source in sorted({*self.monitor.config.sources, *ledger.quarantined}):
             quarantined.add_metric([source], ledger.quarantined.get(source, 0))
         yield quarantined

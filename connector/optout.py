@@ -64,8 +64,10 @@ class OptOutKeys:
         if config is None:
             return None
         # The config has checked that each is base64 of 32 bytes.
-        return cls({key_id: base64.b64decode(secret.get_secret_value()) for key_id, secret in config.keys.items()},
-                   config.current)
+        return cls(
+            {key_id: base64.b64decode(secret.get_secret_value()) for key_id, secret in config.keys.items()},
+            config.current,
+        )
 
     def keyed(self, inner: str, key_id: str | None = None) -> str:
         """The stored digest of an inner digest under one key (default: the current one)."""

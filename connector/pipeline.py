@@ -110,9 +110,12 @@ class PollReport:
 
 def synthesized(appointment_id: str, before: Snapshot) -> dict[str, Any]:
     """A minimal Appointment from a remembered state, to announce a deletion (no PHI was kept)."""
-    resource: dict[str, Any] = {"resourceType": "Appointment", "id": appointment_id, "status": "cancelled",
-                                "participant": [{"actor": {"reference": f"Patient/{p}"}, "status": "accepted"}
-                                                for p in before.patients]}
+    resource: dict[str, Any] = {
+        "resourceType": "Appointment",
+        "id": appointment_id,
+        "status": "cancelled",
+        "participant": [{"actor": {"reference": f"Patient/{p}"}, "status": "accepted"} for p in before.patients],
+    }
     if before.start and before.end:
         resource["start"] = before.start.isoformat().replace("+00:00", "Z")
         resource["end"] = before.end.isoformat().replace("+00:00", "Z")
@@ -122,8 +125,15 @@ def synthesized(appointment_id: str, before: Snapshot) -> dict[str, Any]:
 class Planner:
     """Turns pages of a source into committed notifications."""
 
-    def __init__(self, config: Config, mappings: MappingSet, ledger: SqlLedger,
-                 sources: dict[str, FhirPollSource], cache: ResourceCache, clock: Clock) -> None:
+    def __init__(
+        self,
+        config: Config,
+        mappings: MappingSet,
+        ledger: SqlLedger,
+        sources: dict[str, FhirPollSource],
+        cache: ResourceCache,
+        clock: Clock,
+    ) -> None:
         self.config = config
         self.mappings = mappings
         self.ledger = ledger
@@ -142,32 +152,47 @@ class Planner:
 
     # -- deciding -------------------------------------------------------------------------------------
 
-    def _situation(self, source: str, appointment: dict[str, Any], version: str,
-                   notified: set[tuple[str, str]]) -> Situation:
+    def _situation(
+        self, source: str, appointment: dict[str, Any], version: str, notified: set[tuple[str, str]]
+    ) -> Situation:
         settings = self.config.sources[source]
         zone = appointment_zone(appointment, settings.location_timezones, settings.timezone)
         appointment_id = str(appointment.get("id"))
         told = frozenset(p for a, p in notified if a == appointment_id)
         return Situation(source, appointment, version, zone, self.quiet, told, self.clock())
 
-    def _apply(self, decision: Decision, source: str, appointment: dict[str, Any], version: str,
-               changes: list[Transition], notified: set[tuple[str, str]]) -> None:
+    def _apply(
+        self,
+        decision: Decision,
+        source: str,
+        appointment: dict[str, Any],
+        version: str,
+        changes: list[Transition],
+        notified: set[tuple[str, str]],
+    ) -> None:
         situation = self._situation(source, appointment, version, notified)
         appointment_id = str(appointment.get("id"))
         for change in changes:
             if change.withdraw:
-                decision.withdrawals.append(Withdrawal(appointment_id, change.patients,
-                                                       f"withdrawn: the appointment became {change.event}"))
+                decision.withdrawals.append(
+                    Withdrawal(appointment_id, change.patients, f"withdrawn: the appointment became {change.event}")
+                )
             result = plan(self.mappings, change, situation)
             decision.notifications += result.notifications
             for note in result.notes:
                 decision.notes.append((appointment_id, note))
                 if note.problem:
-                    log.error("mapping.failed", mapping=note.mapping, source=source,
-                              resource=fhir.describe(appointment), problem=note.message)
+                    log.error(
+                        "mapping.failed",
+                        mapping=note.mapping,
+                        source=source,
+                        resource=fhir.describe(appointment),
+                        problem=note.message,
+                    )
 
-    def decide(self, source: str, valid: list[Seen], before: dict[str, Snapshot],
-               notified: set[tuple[str, str]]) -> Decision:
+    def decide(
+        self, source: str, valid: list[Seen], before: dict[str, Snapshot], notified: set[tuple[str, str]]
+    ) -> Decision:
         """Pure given its inputs: diff each version against the remembered state and plan the changes. A
         version that cannot be decided, or whose result the ledger could not store, is quarantined alone."""
         decision = Decision()
@@ -176,16 +201,16 @@ class Planner:
             appointment_id = str(item.resource["id"])
             part = Decision()
             try:
-                after = snapshot(item.resource, item.version, item.last_updated,
-                                 self.config.sources[source].base_url)
+                after = snapshot(item.resource, item.version, item.last_updated, self.config.sources[source].base_url)
                 if is_stale(states.get(appointment_id), after):
                     continue
                 changes = transitions(states.get(appointment_id), after)
                 self._apply(part, source, item.resource, item.version, changes, notified)
                 check_storable(part.notifications, after.patients)
             except Exception as exc:  # noqa: BLE001 - one version is quarantined, whatever went wrong
-                decision.quarantined.append(SeenVersion(*seen_key(item.resource), item.last_updated,
-                                                        reason(exc, "planning")))
+                decision.quarantined.append(
+                    SeenVersion(*seen_key(item.resource), item.last_updated, reason(exc, "planning"))
+                )
                 continue
             states[appointment_id] = after
             part.snapshots[appointment_id] = after
@@ -201,14 +226,20 @@ class Planner:
 
     # -- recording ------------------------------------------------------------------------------------
 
-    async def _commit(self, name: str, examined: Examined, decision: Decision, cursor: datetime | None
-                      ) -> Committed:
+    async def _commit(self, name: str, examined: Examined, decision: Decision, cursor: datetime | None) -> Committed:
         """Record a page in one transaction. Should the ledger refuse it for its data (not an outage), each
         version is recorded on its own and the one refused is quarantined; the cursor moves last."""
         seen = recorded(examined, decision)
         try:
-            inserted = await asyncio.to_thread(self.ledger.record_page, name, decision.notifications, seen, cursor,
-                                               decision.snapshots, decision.withdrawals)
+            inserted = await asyncio.to_thread(
+                self.ledger.record_page,
+                name,
+                decision.notifications,
+                seen,
+                cursor,
+                decision.snapshots,
+                decision.withdrawals,
+            )
         except Exception as exc:
             if unavailable(exc):
                 raise
@@ -218,8 +249,9 @@ class Planner:
         self._report(name, quarantined)
         return Committed(inserted, quarantined)
 
-    async def _commit_each(self, name: str, examined: Examined, seen: list[SeenVersion], cursor: datetime | None
-                           ) -> Committed:
+    async def _commit_each(
+        self, name: str, examined: Examined, seen: list[SeenVersion], cursor: datetime | None
+    ) -> Committed:
         done = Committed()
         quarantined = {_triple(s): s for s in seen if s.problem}
         for item in examined.valid:
@@ -230,8 +262,15 @@ class Planner:
             try:
                 decision = await self.decide_page(name, single, first_sight=False)
                 rows = recorded(single, decision)
-                done.inserted += await asyncio.to_thread(self.ledger.record_page, name, decision.notifications, rows,
-                                                         None, decision.snapshots, decision.withdrawals)
+                done.inserted += await asyncio.to_thread(
+                    self.ledger.record_page,
+                    name,
+                    decision.notifications,
+                    rows,
+                    None,
+                    decision.snapshots,
+                    decision.withdrawals,
+                )
                 quarantined.update({_triple(r): r for r in rows if r.problem})
             except Exception as exc:
                 if unavailable(exc):
@@ -246,8 +285,13 @@ class Planner:
         """Each quarantined version is logged and counted once: when it is recorded (a version already
         recorded is not read again, see ledger.new_versions)."""
         for row in quarantined:
-            log.error("resource.quarantined", source=name, resource=f"{row.resource_type}/{row.resource_id}",
-                      version=row.version, problem=row.problem)
+            log.error(
+                "resource.quarantined",
+                source=name,
+                resource=f"{row.resource_type}/{row.resource_id}",
+                version=row.version,
+                problem=row.problem,
+            )
             metrics.inc("connector_quarantined_total", source=name)
 
     # -- polling --------------------------------------------------------------------------------------
@@ -349,8 +393,16 @@ class Planner:
             await asyncio.to_thread(self.ledger.record_page, name, [], [], newest)
         self._done(name, sweep, since, highest)
         report.inserted, report.quarantined = len(committed.inserted), len(committed.quarantined)
-        log.info("poll.done", source=name, strategy="history", sweep=sweep is not None, pages=report.pages,
-                 appointments=report.resources, quarantined=report.quarantined, notifications=report.inserted)
+        log.info(
+            "poll.done",
+            source=name,
+            strategy="history",
+            sweep=sweep is not None,
+            pages=report.pages,
+            appointments=report.resources,
+            quarantined=report.quarantined,
+            notifications=report.inserted,
+        )
         return report
 
     async def _poll_window(self, name: str) -> PollReport:
@@ -377,9 +429,16 @@ class Planner:
             else:
                 committed += await self._ingest(name, [current])
         report.inserted, report.quarantined = len(committed.inserted), len(committed.quarantined)
-        log.info("poll.done", source=name, strategy="date-window", pages=report.pages,
-                 appointments=report.resources, vanished=len(set(remembered) - set(found)),
-                 quarantined=report.quarantined, notifications=report.inserted)
+        log.info(
+            "poll.done",
+            source=name,
+            strategy="date-window",
+            pages=report.pages,
+            appointments=report.resources,
+            vanished=len(set(remembered) - set(found)),
+            quarantined=report.quarantined,
+            notifications=report.inserted,
+        )
         return report
 
     async def _poll(self, name: str) -> PollReport:
@@ -399,8 +458,9 @@ class Planner:
                 decision = await self.decide_page(name, examined, first_sight=False)
                 if examined.newest:
                     highest = later(highest, self._bounded(name, examined.newest))
-                committed = await self._commit(name, examined, decision,
-                                               later(cursor, highest) if honours_sort else None)
+                committed = await self._commit(
+                    name, examined, decision, later(cursor, highest) if honours_sort else None
+                )
                 self.remember(name, page)
                 report.resources += len(page.matches)
                 report.new_versions += len(examined.seen)
@@ -418,8 +478,16 @@ class Planner:
         if newest is not None:
             await asyncio.to_thread(self.ledger.prune_seen, name, newest - 2 * source.config.overlap)
         self._done(name, sweep, since, highest)
-        log.info("poll.done", source=name, sweep=sweep is not None, pages=report.pages, resources=report.resources,
-                 new_versions=report.new_versions, quarantined=report.quarantined, notifications=report.inserted)
+        log.info(
+            "poll.done",
+            source=name,
+            sweep=sweep is not None,
+            pages=report.pages,
+            resources=report.resources,
+            new_versions=report.new_versions,
+            quarantined=report.quarantined,
+            notifications=report.inserted,
+        )
         return report
 
     def _bounded(self, name: str, newest: datetime) -> datetime:
@@ -427,8 +495,11 @@ class Planner:
         changes still to come: the cursor goes no further than our wall clock plus the overlap."""
         limit = datetime.now(UTC) + self.sources[name].config.overlap
         if newest > limit:
-            log.warning("poll.future_timestamp", source=name, problem="a resource's meta.lastUpdated is in the "
-                        "future; the cursor is held at the present")
+            log.warning(
+                "poll.future_timestamp",
+                source=name,
+                problem="a resource's meta.lastUpdated is in the future; the cursor is held at the present",
+            )
             return limit - self.sources[name].config.overlap
         return newest
 
@@ -444,11 +515,16 @@ class Planner:
         used = parse_qs(urlsplit(page.self_url or "").query)
         if "_lastUpdated" not in used:
             if self.sources[name].config.on_ignored_filter == "fail":
-                raise SourceError(f"source {name!r}: the server ignored _lastUpdated (its self link does not "
-                                  "list it); use strategy: history or date-window, or on_ignored_filter: scan")
-            log.warning("poll.filter_ignored", source=name,
-                        problem="the server ignored _lastUpdated; every poll reads every appointment (seen "
-                                "versions are still skipped)")
+                raise SourceError(
+                    f"source {name!r}: the server ignored _lastUpdated (its self link does not "
+                    "list it); use strategy: history or date-window, or on_ignored_filter: scan"
+                )
+            log.warning(
+                "poll.filter_ignored",
+                source=name,
+                problem="the server ignored _lastUpdated; every poll reads every appointment (seen "
+                "versions are still skipped)",
+            )
         return any(value.lower() == "_lastupdated" for value in used.get("_sort", []))
 
     async def deleted(self, name: str, appointment_id: str) -> Committed:
@@ -469,11 +545,19 @@ class Planner:
             version = f"deleted-after-{before.version}"[:128]
             notified = await asyncio.to_thread(self.ledger.notified, name, [appointment_id])
             decision = Decision(snapshots={appointment_id: None})
-            self._apply(decision, name, synthesized(appointment_id, before), version, transitions(before, None),
-                        notified)
+            self._apply(
+                decision, name, synthesized(appointment_id, before), version, transitions(before, None), notified
+            )
             check_storable(decision.notifications)
-            inserted = await asyncio.to_thread(self.ledger.record_page, name, decision.notifications, [], None,
-                                               decision.snapshots, decision.withdrawals)
+            inserted = await asyncio.to_thread(
+                self.ledger.record_page,
+                name,
+                decision.notifications,
+                [],
+                None,
+                decision.snapshots,
+                decision.withdrawals,
+            )
         except Exception as exc:
             if unavailable(exc):
                 raise
@@ -482,6 +566,10 @@ class Planner:
             await asyncio.to_thread(self.ledger.record_page, name, [], [row], None)
             self._report(name, [row] if first else [])
             return Committed(quarantined=[row])
-        log.info("appointment.deleted", source=name, resource=f"Appointment/{appointment_id}",
-                 notifications=len(decision.notifications))
+        log.info(
+            "appointment.deleted",
+            source=name,
+            resource=f"Appointment/{appointment_id}",
+            notifications=len(decision.notifications),
+        )
         return Committed(inserted)

@@ -52,8 +52,9 @@ class NoRecipient:
     reason: str
 
 
-async def read_cached(cache: ResourceCache, source: FhirPollSource, resource_type: str, resource_id: str,
-                      version: str | None = None) -> dict[str, Any] | None:
+async def read_cached(
+    cache: ResourceCache, source: FhirPollSource, resource_type: str, resource_id: str, version: str | None = None
+) -> dict[str, Any] | None:
     """A resource from the poller's cache when it holds it (at `version`, if given), else from the source."""
     cached = cache.get(source.name, resource_type, resource_id)
     if cached is not None and (version is None or fhir.version_of(cached) == version):
@@ -64,8 +65,9 @@ async def read_cached(cache: ResourceCache, source: FhirPollSource, resource_typ
     return resource
 
 
-async def prefetch(cache: ResourceCache, sources: dict[str, FhirPollSource],
-                   notifications: list[NotificationRecord]) -> None:
+async def prefetch(
+    cache: ResourceCache, sources: dict[str, FhirPollSource], notifications: list[NotificationRecord]
+) -> None:
     """Read what these notifications need and the cache lacks with `_id` searches (up to PREFETCH ids each),
     not one read per resource: reminders come due long after the poll that saw them. Best effort: whatever
     is still missing is read one by one by `read_cached`, and a read's failure is reported there."""
@@ -81,15 +83,14 @@ async def prefetch(cache: ResourceCache, sources: dict[str, FhirPollSource],
     searches = []
     for (name, resource_type), ids in wanted.items():
         listed = sorted(i for i in ids if "," not in i)
-        chunks = [listed[i:i + PREFETCH] for i in range(0, len(listed), PREFETCH)]
+        chunks = [listed[i : i + PREFETCH] for i in range(0, len(listed), PREFETCH)]
         searches += [_search_ids(cache, sources[name], resource_type, chunk) for chunk in chunks if len(chunk) > 1]
     await asyncio.gather(*searches)
 
 
 async def _search_ids(cache: ResourceCache, source: FhirPollSource, resource_type: str, ids: list[str]) -> None:
     try:
-        found = await source.search(resource_type, [("_id", ",".join(ids)), ("_count", str(len(ids)))],
-                                    limit_pages=1)
+        found = await source.search(resource_type, [("_id", ",".join(ids)), ("_count", str(len(ids)))], limit_pages=1)
     except SourceError as exc:
         log.info("recipients.prefetch_failed", source=source.name, problem=str(exc))
         return
@@ -99,8 +100,15 @@ async def _search_ids(cache: ResourceCache, source: FhirPollSource, resource_typ
             cache.put(source.name, resource)
 
 
-async def resolve(patient_id: str, *, source: FhirPollSource, cache: ResourceCache, opted_out: OptOutLookup,
-                  consent: ConsentCheck, now: datetime) -> Recipient | NoRecipient:
+async def resolve(
+    patient_id: str,
+    *,
+    source: FhirPollSource,
+    cache: ResourceCache,
+    opted_out: OptOutLookup,
+    consent: ConsentCheck,
+    now: datetime,
+) -> Recipient | NoRecipient:
     """Follow `replaced-by` links to the surviving record, then apply the recipient rules.
     Raises SourceError when the source cannot be read (the notification waits for the next pass)."""
     chain: list[str] = []
@@ -119,8 +127,10 @@ async def resolve(patient_id: str, *, source: FhirPollSource, cache: ResourceCac
         if successor is None:
             break
         if successor in chain or len(chain) > MAX_LINK_HOPS:
-            return NoRecipient(State.SKIPPED, f"Patient/{patient_id}: replaced-by links loop or run longer "
-                                              f"than {MAX_LINK_HOPS} records")
+            return NoRecipient(
+                State.SKIPPED,
+                f"Patient/{patient_id}: replaced-by links loop or run longer than {MAX_LINK_HOPS} records",
+            )
         current_id = successor
     survivor = f"Patient/{current_id}" + (f" (replacing Patient/{patient_id})" if current_id != patient_id else "")
     if fhir.is_deceased(patient):
@@ -131,8 +141,9 @@ async def resolve(patient_id: str, *, source: FhirPollSource, cache: ResourceCac
     identifiers = fhir.identifiers(patient)
     match = await opted_out(optout.candidates(identifiers, address))
     if match is not None:
-        return NoRecipient(State.SKIPPED, f"{survivor} opted out (by {match.kind}, "
-                                          f"{match.created_at.date().isoformat()})")
+        return NoRecipient(
+            State.SKIPPED, f"{survivor} opted out (by {match.kind}, {match.created_at.date().isoformat()})"
+        )
     if consent.enabled:
         denial = await _denying_consent(source, current_id, consent.purpose, now)
         if denial is not None:
@@ -140,8 +151,7 @@ async def resolve(patient_id: str, *, source: FhirPollSource, cache: ResourceCac
     return Recipient(patient, address)
 
 
-async def _denying_consent(source: FhirPollSource, patient_id: str, purpose: str | None,
-                           now: datetime) -> str | None:
+async def _denying_consent(source: FhirPollSource, patient_id: str, purpose: str | None, now: datetime) -> str | None:
     consents = await source.search("Consent", [("patient", f"Patient/{patient_id}"), ("status", "active")])
     for consent in consents:
         if consent.get("status", "active") != "active":

@@ -113,8 +113,11 @@ class SecretRef:
         return f"SecretRef({self.reference!r})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, SecretRef) and (self.env, self.file) == (other.env, other.file) and \
-            (self.env is not None or self.file is not None or self._value == other._value)
+        return (
+            isinstance(other, SecretRef)
+            and (self.env, self.file) == (other.env, other.file)
+            and (self.env is not None or self.file is not None or self._value == other._value)
+        )
 
     def __hash__(self) -> int:
         return hash((self.env, self.file))
@@ -122,7 +125,8 @@ class SecretRef:
     @classmethod
     def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
         return core_schema.with_info_plain_validator_function(
-            cls._validate, serialization=core_schema.plain_serializer_function_ser_schema(lambda ref: ref.reference))
+            cls._validate, serialization=core_schema.plain_serializer_function_ser_schema(lambda ref: ref.reference)
+        )
 
     @classmethod
     def _validate(cls, value: Any, info: ValidationInfo) -> SecretRef:
@@ -136,8 +140,7 @@ class SecretRef:
             base = (info.context or {}).get("base_dir", Path.cwd())
             path = Path(value["file"])
             return cls(file=path if path.is_absolute() else base / path)
-        raise ValueError("secrets must be references, ${ENV_VAR} or {file: /path/to/secret}; inline values "
-                         "are refused")
+        raise ValueError("secrets must be references, ${ENV_VAR} or {file: /path/to/secret}; inline values are refused")
 
 
 def _with_next_step(problem: str) -> str:
@@ -173,8 +176,11 @@ def locate(config: Config, doc: YamlDoc) -> None:
 
 def features_off(config: Config) -> list[tuple[Loc, str]]:
     """Parts of the config that `connector run` does not read, and why: their references may be missing."""
-    off: list[tuple[Loc, str]] = [(("sources", name, "subscription"), f"sources.{name}.subscription.enabled is false")
-                                  for name, source in config.sources.items() if not source.subscription.enabled]
+    off: list[tuple[Loc, str]] = [
+        (("sources", name, "subscription"), f"sources.{name}.subscription.enabled is false")
+        for name, source in config.sources.items()
+        if not source.subscription.enabled
+    ]
     if config.server is None:
         off.append((("delivery", "paubox", "webhook_token"), "no `server:` is configured (no webhook endpoint)"))
     if not config.crm:
@@ -183,11 +189,12 @@ def features_off(config: Config) -> list[tuple[Loc, str]]:
 
 
 def _within(loc: Loc, parts: Sequence[Loc]) -> bool:
-    return any(loc[:len(part)] == part for part in parts)
+    return any(loc[: len(part)] == part for part in parts)
 
 
-def missing(config: Config, parts: Sequence[Loc] | None = None, *, secrets: bool = True,
-            next_step: bool = True) -> list[Problem]:
+def missing(
+    config: Config, parts: Sequence[Loc] | None = None, *, secrets: bool = True, next_step: bool = True
+) -> list[Problem]:
     """References that cannot be read, within `parts` (None: every part `connector run` reads).
     `secrets=False` checks only plain strings (secrets are read later, when used)."""
     off = [loc for loc, _ in features_off(config)]
@@ -203,8 +210,11 @@ def missing(config: Config, parts: Sequence[Loc] | None = None, *, secrets: bool
 
 def report(config: Config) -> tuple[list[Problem], list[Problem]]:
     """(errors, warnings): missing references that `connector run` needs, and those of features that are off."""
-    warnings = [Problem(p.file, p.line, p.where, f"{p.message}; not needed while {why}")
-                for part, why in features_off(config) for p in missing(config, [part], next_step=False)]
+    warnings = [
+        Problem(p.file, p.line, p.where, f"{p.message}; not needed while {why}")
+        for part, why in features_off(config)
+        for p in missing(config, [part], next_step=False)
+    ]
     return missing(config), warnings
 
 

@@ -38,8 +38,9 @@ class Replay:
         return self
 
 
-async def pages_between(planner: Planner, name: str, since: datetime | None, until: datetime | None
-                        ) -> AsyncIterator[fhir.SearchPage]:
+async def pages_between(
+    planner: Planner, name: str, since: datetime | None, until: datetime | None
+) -> AsyncIterator[fhir.SearchPage]:
     """The appointments a replay or dry run reads, the way the source is configured: changed in
     [since, until] (last-updated, history), or starting in [since, until] (date-window; default the
     configured window). Deletions are left out: they are not replayed."""
@@ -50,8 +51,11 @@ async def pages_between(planner: Planner, name: str, since: datetime | None, unt
             yield page
     elif strategy == "history":
         async for page in source.history_pages(since):
-            page.matches = [m for m in page.matches if not m.get("_deleted") and
-                            (until is None or (fhir.last_updated(m) or until) <= until)]
+            page.matches = [
+                m
+                for m in page.matches
+                if not m.get("_deleted") and (until is None or (fhir.last_updated(m) or until) <= until)
+            ]
             yield page
     else:
         now = planner.clock()
@@ -60,8 +64,13 @@ async def pages_between(planner: Planner, name: str, since: datetime | None, unt
             yield page
 
 
-async def replan(planner: Planner, name: str, pages: AsyncIterator[fhir.SearchPage] | Iterable[fhir.SearchPage],
-                 dry_run: bool, first_sight: bool = True) -> Replay:
+async def replan(
+    planner: Planner,
+    name: str,
+    pages: AsyncIterator[fhir.SearchPage] | Iterable[fhir.SearchPage],
+    dry_run: bool,
+    first_sight: bool = True,
+) -> Replay:
     """Plan every appointment in `pages` as if seen for the first time (or, with first_sight=False, as the
     next poll would). Unless `dry_run`, new notifications and quarantined versions are recorded."""
     result = Replay()
@@ -79,8 +88,9 @@ async def replan(planner: Planner, name: str, pages: AsyncIterator[fhir.SearchPa
         existing = await asyncio.to_thread(ledger.existing, [p.key for p in planned])
         inserted: set[str] = set()
         if not dry_run:
-            inserted = set(await asyncio.to_thread(ledger.record_page, name, planned, quarantined, None, {},
-                                                   decision.withdrawals))
+            inserted = set(
+                await asyncio.to_thread(ledger.record_page, name, planned, quarantined, None, {}, decision.withdrawals)
+            )
             planner.remember(name, page)
         result.items += [ReplayItem(p, existing.get(p.key), p.key in inserted) for p in planned]
         result.notes += decision.notes

@@ -36,9 +36,11 @@ def cycle(report: CycleReport) -> None:
         if poll.error:
             console.print(f"[red]source {poll.source}: FAILED[/red] {poll.error}")
         else:
-            console.print(f"source {poll.source}: {poll.pages} page(s), {poll.resources} appointment(s), "
-                          f"{poll.new_versions} new version(s), {poll.quarantined} quarantined, "
-                          f"{poll.inserted} new notification(s)")
+            console.print(
+                f"source {poll.source}: {poll.pages} page(s), {poll.resources} appointment(s), "
+                f"{poll.new_versions} new version(s), {poll.quarantined} quarantined, "
+                f"{poll.inserted} new notification(s)"
+            )
     if report.dispatch:
         steps = ", ".join(f"{v} {k}" for k, v in report.dispatch.steps.items() if v) or "nothing due"
         console.print(f"dispatch: {steps}")
@@ -66,19 +68,30 @@ def _table(title: str, columns: tuple[str, ...]) -> Table:
     return table
 
 
-def replay_items(items: list[ReplayItem], notes: list[tuple[str, PlanNote]], final: dict[str, NotificationRecord],
-                 verdicts: dict[str, str], title: str, quarantined: list[tuple[str, SeenVersion]]) -> None:
+def replay_items(
+    items: list[ReplayItem],
+    notes: list[tuple[str, PlanNote]],
+    final: dict[str, NotificationRecord],
+    verdicts: dict[str, str],
+    title: str,
+    quarantined: list[tuple[str, SeenVersion]],
+) -> None:
     table = _table(title, ("mapping", "resource", "patient", "due", "key", "result"))
     counts: dict[str, int] = {}
     for item in items:
         n = item.notification
         verdict = _verdict(item, final.get(n.key), verdicts)
         counts[verdict.split(":")[0].split(" (")[0]] = counts.get(verdict.split(":")[0].split(" (")[0], 0) + 1
-        table.add_row(n.mapping, f"{n.resource_type}/{n.resource_id} v{n.resource_version}", n.patient_id or "-",
-                      n.due_at.isoformat(timespec="minutes"), n.key, verdict)
+        table.add_row(
+            n.mapping,
+            f"{n.resource_type}/{n.resource_id} v{n.resource_version}",
+            n.patient_id or "-",
+            n.due_at.isoformat(timespec="minutes"),
+            n.key,
+            verdict,
+        )
     for appointment_id, note in notes:
-        table.add_row(note.mapping, f"Appointment/{appointment_id}", note.patient_id or "-", "", "",
-                      note.message)
+        table.add_row(note.mapping, f"Appointment/{appointment_id}", note.patient_id or "-", "", "", note.message)
         counts["not planned"] = counts.get("not planned", 0) + 1
     for _source, seen in quarantined:
         table.add_row("-", escape(_version(seen)), "-", "", "", escape(f"quarantined: {seen.problem}"))
@@ -88,15 +101,27 @@ def replay_items(items: list[ReplayItem], notes: list[tuple[str, PlanNote]], fin
 
 
 def replayed(result: Replayed, dry_run: bool) -> None:
-    replay_items(result.items, result.notes, {} if dry_run else result.final, result.verdicts,
-                 "Replay (dry run: nothing is recorded or sent)" if dry_run else "Replay", result.quarantined)
+    replay_items(
+        result.items,
+        result.notes,
+        {} if dry_run else result.final,
+        result.verdicts,
+        "Replay (dry run: nothing is recorded or sent)" if dry_run else "Replay",
+        result.quarantined,
+    )
 
 
 def dry_run(result: DryRun) -> None:
     for error in result.errors:
         console.print(f"[red]{error}[/red]", markup=False)
-    replay_items(result.planned, result.notes, {}, result.verdicts, "Next poll would plan (nothing committed)",
-                 result.quarantined)
+    replay_items(
+        result.planned,
+        result.notes,
+        {},
+        result.verdicts,
+        "Next poll would plan (nothing committed)",
+        result.quarantined,
+    )
     table = _table("Already due, would be sent now", ("id", "mapping", "resource", "key", "due"))
     for n in result.due:
         table.add_row(str(n.id), n.mapping, f"{n.resource_type}/{n.resource_id}", n.key, n.due_at.isoformat())
@@ -111,13 +136,20 @@ def health(findings: list[Finding]) -> None:
     """The same facts as `/healthz`: each part, whether it is well, since when and why."""
     table = _table("Health", ("part", "status", "since", "detail"))
     for finding in findings:
-        details = [f"{key.replace('_', ' ')}: {_ago(value)}" for key, value in finding.details.items()
-                   if value is not None and key != "last_error"]
+        details = [
+            f"{key.replace('_', ' ')}: {_ago(value)}"
+            for key, value in finding.details.items()
+            if value is not None and key != "last_error"
+        ]
         if finding.details.get("last_error") and finding.ok:
             details.append(f"last error: {finding.details['last_error']}")
         detail = "; ".join([*([finding.reason] if finding.reason else []), *details])
-        table.add_row(Text(finding.component), Text("ok" if finding.ok else "FAILING"),
-                      Text(_ago(finding.since) if finding.since else ""), Text(detail))
+        table.add_row(
+            Text(finding.component),
+            Text("ok" if finding.ok else "FAILING"),
+            Text(_ago(finding.since) if finding.since else ""),
+            Text(detail),
+        )
     console.print(table)
 
 
@@ -134,22 +166,32 @@ def status(data: dict[str, Any]) -> None:
     quarantined = data["quarantined"]
     if quarantined:
         per_source = ", ".join(f"{source} {count}" for source, count in sorted(quarantined.items()))
-        console.print(f"quarantined (not processed; kept on record): {sum(quarantined.values())} ({per_source})",
-                      markup=False)
+        console.print(
+            f"quarantined (not processed; kept on record): {sum(quarantined.values())} ({per_source})", markup=False
+        )
     if data["attention"]:
         table = Table(title="Needing attention (in_doubt, failed)", title_justify="left")
         for column in ("id", "state", "mapping", "resource", "key", "reason", "updated"):
             table.add_column(column, overflow="fold")
         for n in data["attention"]:
-            table.add_row(str(n.id), n.state.value, n.mapping, f"{n.resource_type}/{n.resource_id}", n.key,
-                          n.reason or "", n.updated_at.isoformat(timespec="seconds"))
+            table.add_row(
+                str(n.id),
+                n.state.value,
+                n.mapping,
+                f"{n.resource_type}/{n.resource_id}",
+                n.key,
+                n.reason or "",
+                n.updated_at.isoformat(timespec="seconds"),
+            )
         console.print(table)
     if data["suppressed"]:
-        table = _table("Recently skipped or withdrawn (with reasons)", ("id", "state", "mapping", "resource",
-                                                                       "patient", "reason"))
+        table = _table(
+            "Recently skipped or withdrawn (with reasons)", ("id", "state", "mapping", "resource", "patient", "reason")
+        )
         for n in data["suppressed"]:
-            table.add_row(str(n.id), n.state.value, n.mapping, f"{n.resource_type}/{n.resource_id}", n.patient_id,
-                          n.reason or "")
+            table.add_row(
+                str(n.id), n.state.value, n.mapping, f"{n.resource_type}/{n.resource_id}", n.patient_id, n.reason or ""
+            )
         console.print(table)
     if data["rejections"]:
         table = _table("Refused webhook requests (endpoint, reason)", ("endpoint", "reason", "count", "last"))
@@ -157,8 +199,9 @@ def status(data: dict[str, Any]) -> None:
             table.add_row(endpoint, reason, str(total), last.isoformat(timespec="seconds"))
         console.print(table)
     if data["problems"]:
-        table = _table("Quarantined: not processed (a new version is tried again)",
-                       ("source", "resource", "problem", "recorded"))
+        table = _table(
+            "Quarantined: not processed (a new version is tried again)", ("source", "resource", "problem", "recorded")
+        )
         for source, seen in data["problems"]:
             when = seen.seen_at.isoformat(timespec="seconds") if seen.seen_at else ""
             table.add_row(source, escape(_version(seen)), escape(seen.problem or ""), when)
@@ -172,14 +215,25 @@ def _version(seen: SeenVersion) -> str:
 def optouts(entries: list[OptOut]) -> None:
     table = _table(f"Opt-outs ({len(entries)})", ("kind", "value (masked)", "added", "note", "key"))
     for entry in entries:
-        table.add_row(entry.kind, entry.hint, entry.created_at.isoformat(timespec="minutes"), entry.note or "",
-                      entry.key_id or "none: run `connector optout rekey`")
+        table.add_row(
+            entry.kind,
+            entry.hint,
+            entry.created_at.isoformat(timespec="minutes"),
+            entry.note or "",
+            entry.key_id or "none: run `connector optout rekey`",
+        )
     console.print(table)
 
 
 def rekeyed(result: Rekeyed) -> None:
-    console.print(f"keyed {result.converted} opt-out(s) with {result.key_id!r}"
-                  + (f"; {result.merged} already there under it, merged" if result.merged else ""), markup=False)
+    console.print(
+        f"keyed {result.converted} opt-out(s) with {result.key_id!r}"
+        + (f"; {result.merged} already there under it, merged" if result.merged else ""),
+        markup=False,
+    )
     for key_id, count in sorted(result.unknown.items()):
-        console.print(f"warning: {count} opt-out(s) keyed with {key_id!r}, which optout.keys no longer lists: "
-                      "they match nobody until the key is put back", markup=False)
+        console.print(
+            f"warning: {count} opt-out(s) keyed with {key_id!r}, which optout.keys no longer lists: "
+            "they match nobody until the key is put back",
+            markup=False,
+        )

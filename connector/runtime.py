@@ -64,19 +64,25 @@ def check_optouts(ledger: SqlLedger) -> None:
     keys = ledger.optout_keys
     unknown = sorted(k for k in counts if k is not None and (keys is None or k not in keys.keys))
     if unknown:
-        raise LedgerError(f"{sum(counts[k] for k in unknown)} opt-out(s) are keyed with {', '.join(unknown)}, which "
-                          "optout.keys no longer lists: they would match nobody. Put the key(s) back in optout.keys")
+        raise LedgerError(
+            f"{sum(counts[k] for k in unknown)} opt-out(s) are keyed with {', '.join(unknown)}, which "
+            "optout.keys no longer lists: they would match nobody. Put the key(s) back in optout.keys"
+        )
     if counts.get(None):
-        log.warning("optout.unkeyed", count=counts[None],
-                    problem="opt-outs stored as plain SHA-256 digests; " + (
-                        "run `connector optout rekey`" if keys else
-                        "configure optout.keys, then run `connector optout rekey`"))
+        log.warning(
+            "optout.unkeyed",
+            count=counts[None],
+            problem="opt-outs stored as plain SHA-256 digests; "
+            + ("run `connector optout rekey`" if keys else "configure optout.keys, then run `connector optout rekey`"),
+        )
 
 
 def unreachable(config: Config, exc: OperationalError) -> LedgerError:
     safe = make_url(config.ledger_url).render_as_string(hide_password=True)
-    return LedgerError(f"cannot reach the ledger at {safe} ({describe(exc)}): check ledger.url and that the "
-                       f"database is running and accepts connections")
+    return LedgerError(
+        f"cannot reach the ledger at {safe} ({describe(exc)}): check ledger.url and that the "
+        f"database is running and accepts connections"
+    )
 
 
 def sqlite_folder(config: Config) -> None:
@@ -84,8 +90,10 @@ def sqlite_folder(config: Config) -> None:
     if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
         folder = Path(url.database).parent
         if not folder.is_dir():
-            raise LedgerError(f"the folder of the SQLite ledger does not exist: {folder} (ledger.url): create it, "
-                              f"or point ledger.url to an existing folder")
+            raise LedgerError(
+                f"the folder of the SQLite ledger does not exist: {folder} (ledger.url): create it, "
+                f"or point ledger.url to an existing folder"
+            )
 
 
 def lock_sqlite(config: Config) -> IO[str] | None:
@@ -99,8 +107,10 @@ def lock_sqlite(config: Config) -> IO[str] | None:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
-        raise LedgerError(f"another connector process is using the SQLite ledger {url.database}; stop it first "
-                          f"(several daemons need a PostgreSQL ledger)") from None
+        raise LedgerError(
+            f"another connector process is using the SQLite ledger {url.database}; stop it first "
+            f"(several daemons need a PostgreSQL ledger)"
+        ) from None
     handle.truncate(0)
     handle.write(str(os.getpid()))
     handle.flush()
@@ -113,10 +123,16 @@ def make_mailer(config: Config) -> Mailer:
         smtp = delivery.smtp
         ca_file = smtp.ca_file if smtp.ca_file is None or smtp.ca_file.is_absolute() else config.base_dir / smtp.ca_file
         context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
-        return PauboxSmtpMailer(host=smtp.host, port=smtp.port, security=smtp.security, username=smtp.username,
-                                password=delivery.paubox.api_key.get_secret_value(),
-                                timeout=smtp.timeout.total_seconds(), tls_context=context,
-                                max_connections=smtp.max_connections)
+        return PauboxSmtpMailer(
+            host=smtp.host,
+            port=smtp.port,
+            security=smtp.security,
+            username=smtp.username,
+            password=delivery.paubox.api_key.get_secret_value(),
+            timeout=smtp.timeout.total_seconds(),
+            tls_context=context,
+            max_connections=smtp.max_connections,
+        )
     return PauboxRestMailer(delivery.paubox, concurrency=config.dispatch.concurrency)
 
 
@@ -139,9 +155,16 @@ class Runtime:
     monitor: Monitor
 
     @classmethod
-    def open(cls, config: Config, clock: Clock, *, mailer: Mailer | None = None,
-             source_transport: httpx.AsyncBaseTransport | None = None, exclusive: bool = True,
-             crm_transport: httpx.AsyncBaseTransport | None = None) -> Runtime:
+    def open(
+        cls,
+        config: Config,
+        clock: Clock,
+        *,
+        mailer: Mailer | None = None,
+        source_transport: httpx.AsyncBaseTransport | None = None,
+        exclusive: bool = True,
+        crm_transport: httpx.AsyncBaseTransport | None = None,
+    ) -> Runtime:
         mappings = load_mappings(config.mappings_dir, [*config.sources, *config.crm])
         counted = metrics.install(Metrics())
         lock = lock_sqlite(config) if exclusive else None
@@ -173,8 +196,23 @@ class Runtime:
             crm = dispatcher.crm = CrmProcessor(config, mappings, ledger, keyring, clock, crm_transport)
             receiver = CrmReceiver(config, ledger, keyring, clock)
         monitor = Monitor(config, HealthStore(ledger.engine), counted, dispatcher.mailer_state)
-        return cls(config, mappings, ledger, sources, mailer, cache, planner, dispatcher, aftercare, hub, crm,
-                   receiver, lock, counted, monitor)
+        return cls(
+            config,
+            mappings,
+            ledger,
+            sources,
+            mailer,
+            cache,
+            planner,
+            dispatcher,
+            aftercare,
+            hub,
+            crm,
+            receiver,
+            lock,
+            counted,
+            monitor,
+        )
 
     async def aclose(self) -> None:
         await self.dispatcher.release()

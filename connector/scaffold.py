@@ -43,9 +43,11 @@ def env_references(text: str, path: Path) -> list[EnvReference]:
         off = references.features_off(Config.model_validate(doc.data, context={"base_dir": path.parent}))
     found: list[EnvReference] = []
     for loc, value in _strings(doc.data, ()):
-        note = next((f"not needed while {why}" for part, why in off if loc[:len(part)] == part), "")
-        found += [EnvReference(name, ".".join(map(str, loc)), doc.line_of(loc) or 0, note)
-                  for name in references.ENV_REF.findall(value)]
+        note = next((f"not needed while {why}" for part, why in off if loc[: len(part)] == part), "")
+        found += [
+            EnvReference(name, ".".join(map(str, loc)), doc.line_of(loc) or 0, note)
+            for name in references.ENV_REF.findall(value)
+        ]
     seen = {ref.name for ref in found}
     for number, line_text in enumerate(text.splitlines(), start=1):
         commented_key = _COMMENTED_KEY.match(line_text)
@@ -77,8 +79,11 @@ def env_example(text: str, path: Path) -> str:
     refs = env_references(text, path)
     used = [ref for ref in refs if ref.where]
     for ref in used:
-        lines += ["", f"# {ref.where} ({path.name} line {ref.line}){'; ' + ref.note if ref.note else ''}",
-                  f"{ref.name}="]
+        lines += [
+            "",
+            f"# {ref.where} ({path.name} line {ref.line}){'; ' + ref.note if ref.note else ''}",
+            f"{ref.name}=",
+        ]
     commented = [ref for ref in refs if not ref.where]
     if commented:
         lines += ["", f"# In commented-out parts of {path.name} (line numbers); set them when you enable those parts:"]
@@ -92,8 +97,9 @@ def _targets(folder: Path) -> list[Path]:
 
 def existing(folder: Path) -> list[Path]:
     """What `init` would overwrite: the files, and a mappings folder that is not empty."""
-    return [target for target in _targets(folder)
-            if target.exists() and not (target.is_dir() and not any(target.iterdir()))]
+    return [
+        target for target in _targets(folder) if target.exists() and not (target.is_dir() and not any(target.iterdir()))
+    ]
 
 
 def init(folder: Path, *, force: bool = False) -> list[Path]:
@@ -103,8 +109,10 @@ def init(folder: Path, *, force: bool = False) -> list[Path]:
     clash = existing(folder)
     if clash and not force:
         names = ", ".join(str(path) for path in clash)
-        raise ConnectorError(f"{names} already exist; nothing was written (choose another folder, move them "
-                             "away, or pass --force to overwrite them)")
+        raise ConnectorError(
+            f"{names} already exist; nothing was written (choose another folder, move them "
+            "away, or pass --force to overwrite them)"
+        )
     config, mappings, env = _targets(folder)
     folder.mkdir(parents=True, exist_ok=True)
     text = (EXAMPLES / "config.example.yaml").read_text(encoding="utf-8")

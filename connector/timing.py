@@ -1,10 +1,10 @@
 """Pure: when a notification goes out. Offsets from the start, the late rule, and quiet hours.
 
-    due = now                                   (confirmations, cancellations, ...)
-    due = start + offset                        (reminders: `at: start - 48h`)
-    reminder already due when first seen → now, if within the mapping's `late_grace`; else skipped
-    due inside quiet hours (appointment's zone) → the end of the quiet period
-    due at or after the appointment start     → skipped: nothing goes out once the visit has begun
+due = now                                   (confirmations, cancellations, ...)
+due = start + offset                        (reminders: `at: start - 48h`)
+reminder already due when first seen → now, if within the mapping's `late_grace`; else skipped
+due inside quiet hours (appointment's zone) → the end of the quiet period
+due at or after the appointment start     → skipped: nothing goes out once the visit has begun
 """
 
 from __future__ import annotations
@@ -69,8 +69,15 @@ class Schedule:
     skipped: str | None = None
 
 
-def schedule(*, now: datetime, start: datetime | None, offset: timedelta | None, zone: str,
-             quiet: QuietHours | None, late_grace: timedelta | None) -> Schedule:
+def schedule(
+    *,
+    now: datetime,
+    start: datetime | None,
+    offset: timedelta | None,
+    zone: str,
+    quiet: QuietHours | None,
+    late_grace: timedelta | None,
+) -> Schedule:
     """When to send: `offset` is None for "as soon as the event is seen", else relative to `start`."""
     if offset is None:
         due = now
@@ -80,16 +87,16 @@ def schedule(*, now: datetime, start: datetime | None, offset: timedelta | None,
         due = start + offset
         if due < now:
             if late_grace is None or now - due > late_grace:
-                return Schedule(None, f"its time ({offset_label(offset)}) had passed when the appointment "
-                                      f"was seen")
+                return Schedule(None, f"its time ({offset_label(offset)}) had passed when the appointment was seen")
             due = now
     if quiet is not None:
         local = due.astimezone(ZoneInfo(zone))
         if quiet.contains(local):
             due = quiet.end_of(local).astimezone(due.tzinfo)
             if start is not None and due >= start:
-                return Schedule(None, f"quiet hours until {quiet.end.strftime('%H:%M')} ({zone}) last past "
-                                      f"the appointment start")
+                return Schedule(
+                    None, f"quiet hours until {quiet.end.strftime('%H:%M')} ({zone}) last past the appointment start"
+                )
     if start is not None and due >= start:
         return Schedule(None, "the appointment start has already passed")
     return Schedule(due)

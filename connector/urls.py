@@ -42,8 +42,10 @@ def parse_http_url(value: str) -> httpx.URL:
     if url.scheme not in _DEFAULT_PORTS or not url.host:
         raise ValueError("expected an http(s) URL with a host, such as https://ehr.example.org/fhir/r4")
     if "@" in split.netloc or url.userinfo:
-        raise ValueError("a URL may not hold a user name or password (the part before '@'); give credentials "
-                         "in their own settings, by reference")
+        raise ValueError(
+            "a URL may not hold a user name or password (the part before '@'); give credentials "
+            "in their own settings, by reference"
+        )
     if (split.hostname or "") != url.host:
         raise ValueError("the host of this URL is ambiguous; write it plainly, such as https://ehr.example.org")
     return url

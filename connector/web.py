@@ -56,21 +56,28 @@ def guarded(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Req
     """Answer 500 for an unexpected error inside the endpoint, logged by type and place only: no exception
     escapes to the server, whose traceback would quote it (and with it, possibly, request content).
     A client that went away before sending its whole body is no error: logged at info, nobody to answer."""
+
     async def wrapper(request: Request) -> Response:
         try:
             response: Response = await endpoint(request)
             return response
         except ClientDisconnect:
             metrics.inc("connector_client_disconnects_total", endpoint=_endpoint(request))
-            log.info("request.disconnected", endpoint=_endpoint(request), problem="the client left before its body "
-                     "was complete; nothing was processed")
+            log.info(
+                "request.disconnected",
+                endpoint=_endpoint(request),
+                problem="the client left before its body was complete; nothing was processed",
+            )
             return Response(status_code=400)  # never sent: the connection is gone
         except Exception as exc:  # noqa: BLE001 - the last line of defence of a receiver
             from connector.logs import where
 
             log.error("request.crashed", endpoint=_endpoint(request), problem=where(exc))
-            return JSONResponse({"type": "about:blank", "title": "Internal Server Error", "status": 500},
-                                status_code=500, media_type="application/problem+json")
+            return JSONResponse(
+                {"type": "about:blank", "title": "Internal Server Error", "status": 500},
+                status_code=500,
+                media_type="application/problem+json",
+            )
 
     return wrapper
 
@@ -89,8 +96,11 @@ def problem(status: int, title: str, endpoint: str, reason: str) -> JSONResponse
     """An RFC 9457 problem answer; counted and logged by endpoint and reason (never the body)."""
     metrics.refused(endpoint, reason)
     log.warning("request.rejected", endpoint=endpoint, status=status, reason=reason)
-    return JSONResponse({"type": "about:blank", "title": title, "status": status}, status_code=status,
-                        media_type="application/problem+json")
+    return JSONResponse(
+        {"type": "about:blank", "title": title, "status": status},
+        status_code=status,
+        media_type="application/problem+json",
+    )
 
 
 def client_allowed(request: Request, allowed: list[Any]) -> bool:
@@ -134,7 +144,4 @@ def create_app(config: Config, aftercare: Aftercare, extra_routes: list[Route] |
         Route("/webhooks/paubox/{token}", paubox_webhook, methods=["POST"]),
         *(extra_routes or []),
     ]
-    return Starlette(routes=[Route(r.path, guarded(r.endpoint), methods=list(r.methods or ["GET"]))
-                             for r in routes])
-
-
+    return Starlette(routes=[Route(r.path, guarded(r.endpoint), methods=list(r.methods or ["GET"])) for r in routes])

@@ -66,8 +66,9 @@ def _build(node: yaml.Node, loc: Loc, doc: YamlDoc) -> Any:
         for key_node, value_node in node.value:
             key = _scalar(key_node)
             if key in result:
-                raise ConfigError([Problem(doc.path, key_node.start_mark.line + 1, _dotted((*loc, key)),
-                                           "duplicate key")])
+                raise ConfigError(
+                    [Problem(doc.path, key_node.start_mark.line + 1, _dotted((*loc, key)), "duplicate key")]
+                )
             doc.lines[(*loc, key)] = key_node.start_mark.line + 1
             result[key] = _build(value_node, (*loc, key), doc)
         return result

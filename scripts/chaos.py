@@ -53,7 +53,9 @@ API_KEY = "chaos-sandbox-key"  # the sandbox's made-up key; no real key is invol
 
 EXIT_OK, EXIT_DUPLICATE_OR_LOSS, EXIT_USAGE, EXIT_UNFINISHED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
-HELP = __doc__.split("\n\nRun it as")[0] + """
+HELP = (
+    __doc__.split("\n\nRun it as")[0]
+    + """
 
 What is counted (per appointment: each gives exactly one expected notification, key
 ehr:appointment-booked:<appointment id>|booked|<start>|<patient id>):
@@ -89,9 +91,11 @@ not exactly repeatable. A daemon killed with SIGKILL leaves its claimed notifica
 `dispatch.lease` (20 s in the config the harness writes) before another daemon takes them (pending) or
 marks them in_doubt (sending); a restarted SQLite daemon takes them back at once (it is the only one).
 """
+)
 
 
 # -- options -------------------------------------------------------------------------------------------
+
 
 def rate(value: str) -> float:
     number = float(value)
@@ -108,33 +112,68 @@ def positive(value: str) -> int:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="scripts/chaos", description=HELP,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="scripts/chaos", description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     run = parser.add_argument_group("the run")
-    run.add_argument("--appointments", type=positive, default=200, metavar="N",
-                     help="generated booked appointments, one patient each (default 200)")
-    run.add_argument("--kills", type=int, default=5, metavar="K",
-                     help="SIGKILLs of a random daemon at random moments while sending, each followed by a "
-                          "restart (default 5)")
-    run.add_argument("--replicas", type=positive, default=1, metavar="R",
-                     help="`connector run` daemons sharing the ledger; more than 1 needs --postgres (default 1)")
-    run.add_argument("--postgres", action="store_true",
-                     help="ledger on PostgreSQL (database `test` on 127.0.0.1:5432, user postgres, trust auth) in "
-                          "a fresh schema, dropped at the end; default: SQLite in the work folder")
+    run.add_argument(
+        "--appointments",
+        type=positive,
+        default=200,
+        metavar="N",
+        help="generated booked appointments, one patient each (default 200)",
+    )
+    run.add_argument(
+        "--kills",
+        type=int,
+        default=5,
+        metavar="K",
+        help="SIGKILLs of a random daemon at random moments while sending, each followed by a restart (default 5)",
+    )
+    run.add_argument(
+        "--replicas",
+        type=positive,
+        default=1,
+        metavar="R",
+        help="`connector run` daemons sharing the ledger; more than 1 needs --postgres (default 1)",
+    )
+    run.add_argument(
+        "--postgres",
+        action="store_true",
+        help="ledger on PostgreSQL (database `test` on 127.0.0.1:5432, user postgres, trust auth) in "
+        "a fresh schema, dropped at the end; default: SQLite in the work folder",
+    )
     run.add_argument("--keep-schema", action="store_true", help="with --postgres: do not drop the schema")
-    run.add_argument("--seed", type=int, default=None,
-                     help="seed for the data, the sandbox's faults and the kill plan (default: random, printed)")
-    run.add_argument("--timeout", type=float, default=900, metavar="SECONDS",
-                     help="give up waiting for final states after this long (default 900); stopping adds at "
-                          "most about a minute")
-    run.add_argument("--batch-size", type=positive, default=50,
-                     help="dispatch.batch_size of the daemons (default 50)")
-    run.add_argument("--concurrency", type=positive, default=8,
-                     help="dispatch.concurrency of the daemons: send requests in flight per daemon (default 8)")
-    run.add_argument("--page-size", type=positive, default=100,
-                     help="sources.ehr.page_size of the daemons (default 100)")
-    run.add_argument("--settle", type=float, default=3.0, metavar="SECONDS",
-                     help="wait this long for webhooks after the last notification is final (default 3)")
+    run.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed for the data, the sandbox's faults and the kill plan (default: random, printed)",
+    )
+    run.add_argument(
+        "--timeout",
+        type=float,
+        default=900,
+        metavar="SECONDS",
+        help="give up waiting for final states after this long (default 900); stopping adds at most about a minute",
+    )
+    run.add_argument("--batch-size", type=positive, default=50, help="dispatch.batch_size of the daemons (default 50)")
+    run.add_argument(
+        "--concurrency",
+        type=positive,
+        default=8,
+        help="dispatch.concurrency of the daemons: send requests in flight per daemon (default 8)",
+    )
+    run.add_argument(
+        "--page-size", type=positive, default=100, help="sources.ehr.page_size of the daemons (default 100)"
+    )
+    run.add_argument(
+        "--settle",
+        type=float,
+        default=3.0,
+        metavar="SECONDS",
+        help="wait this long for webhooks after the last notification is final (default 3)",
+    )
     faults = parser.add_argument_group("sandbox faults (fractions of send requests)")
     faults.add_argument("--latency-ms", type=float, default=50, help="delay of every send (default 50)")
     faults.add_argument("--server-error", type=rate, default=0.025, help="HTTP 500, not accepted (default 0.025)")
@@ -156,6 +195,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 # -- processes -----------------------------------------------------------------------------------------
+
 
 class Interrupted(Exception):
     """SIGTERM (or SIGINT) asked the harness to stop."""
@@ -189,8 +229,14 @@ class Child:
         self.log.flush()
         # Own session: a Ctrl-C in the terminal reaches the harness only, which then stops everything in order.
         self.process = subprocess.Popen(  # noqa: S603 - our own CLI, arguments built here
-            self.argv, cwd=self.log_path.parent, env=self.env, stdin=subprocess.DEVNULL, stdout=self.log,
-            stderr=subprocess.STDOUT, start_new_session=True)
+            self.argv,
+            cwd=self.log_path.parent,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -244,6 +290,7 @@ class SetupError(Exception):
 
 # -- the world: data, mappings, config, ledger ---------------------------------------------------------
 
+
 def appointment_id(index: int) -> str:
     return f"chaos-{index:06d}"
 
@@ -257,18 +304,28 @@ def write_resources(folder: Path, count: int, rng: random.Random, now: datetime)
     appointments: list[dict[str, object]] = []
     for index in range(1, count + 1):
         pid = f"chaos-p{index:06d}"
-        patients.append({"resourceType": "Patient", "id": pid,
-                         "name": [{"use": "official", "given": [f"Chaos{index}"], "family": "Testperson"}],
-                         "telecom": [{"system": "email", "value": f"chaos.patient.{index}@example.org",
-                                      "use": "home"}]})
+        patients.append(
+            {
+                "resourceType": "Patient",
+                "id": pid,
+                "name": [{"use": "official", "given": [f"Chaos{index}"], "family": "Testperson"}],
+                "telecom": [{"system": "email", "value": f"chaos.patient.{index}@example.org", "use": "home"}],
+            }
+        )
         start = base + timedelta(minutes=15 * rng.randrange(0, 4 * 24 * 4))
-        appointments.append({
-            "resourceType": "Appointment", "id": appointment_id(index), "status": "booked",
-            "serviceType": [{"text": "Check-up"}],
-            "start": start.isoformat().replace("+00:00", "Z"),
-            "end": (start + timedelta(minutes=30)).isoformat().replace("+00:00", "Z"),
-            "participant": [{"actor": {"reference": f"Patient/{pid}"}, "required": "required", "status": "accepted"}],
-        })
+        appointments.append(
+            {
+                "resourceType": "Appointment",
+                "id": appointment_id(index),
+                "status": "booked",
+                "serviceType": [{"text": "Check-up"}],
+                "start": start.isoformat().replace("+00:00", "Z"),
+                "end": (start + timedelta(minutes=30)).isoformat().replace("+00:00", "Z"),
+                "participant": [
+                    {"actor": {"reference": f"Patient/{pid}"}, "required": "required", "status": "accepted"}
+                ],
+            }
+        )
     for name, resources in (("patients", patients), ("appointments", appointments)):
         bundle = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": r} for r in resources]}
         (folder / f"{name}.json").write_text(json.dumps(bundle), encoding="utf-8")
@@ -283,9 +340,11 @@ def write_mappings(folder: Path) -> None:
             shutil.copy2(path, folder / path.name)
 
 
-def write_config(path: Path, *, fhir_port: int, paubox_port: int, server_port: int, ledger_url: str,
-                 args: argparse.Namespace) -> None:
-    path.write_text(f"""\
+def write_config(
+    path: Path, *, fhir_port: int, paubox_port: int, server_port: int, ledger_url: str, args: argparse.Namespace
+) -> None:
+    path.write_text(
+        f"""\
 # Written by scripts/chaos. Short timeouts so that hangs become in_doubt quickly; policy hold so that the
 # result measures exactly-once (an in_doubt notification is never resent without a person).
 sources:
@@ -323,7 +382,9 @@ dispatch:
 server:
   host: 127.0.0.1
   port: {server_port}
-""", encoding="utf-8")
+""",
+        encoding="utf-8",
+    )
 
 
 def create_schema() -> str:
@@ -334,8 +395,10 @@ def create_schema() -> str:
         with psycopg.connect(PG_CONNINFO, autocommit=True) as conn:
             conn.execute(f'CREATE SCHEMA "{schema}"')
     except psycopg.OperationalError as exc:
-        raise SetupError(f"PostgreSQL is not reachable on 127.0.0.1:5432 (database test, user postgres): "
-                         f"{type(exc).__name__}; start it (./scripts/test does) or run without --postgres") from None
+        raise SetupError(
+            f"PostgreSQL is not reachable on 127.0.0.1:5432 (database test, user postgres): "
+            f"{type(exc).__name__}; start it (./scripts/test does) or run without --postgres"
+        ) from None
     return schema
 
 
@@ -364,14 +427,16 @@ class Ledger:
 
     def states(self) -> Counter[str]:
         with self.engine.connect() as conn:
-            rows = conn.execute(text("SELECT state, count(*) FROM notification WHERE mapping = :m GROUP BY state"),
-                                {"m": MAPPING})
+            rows = conn.execute(
+                text("SELECT state, count(*) FROM notification WHERE mapping = :m GROUP BY state"), {"m": MAPPING}
+            )
             return Counter({state: int(count) for state, count in rows})
 
     def rows(self) -> list[Row]:
         with self.engine.connect() as conn:
-            result = conn.execute(text("SELECT key, state, reason, attempts, resends, tracking_id FROM notification "
-                                       "ORDER BY id"))
+            result = conn.execute(
+                text("SELECT key, state, reason, attempts, resends, tracking_id FROM notification ORDER BY id")
+            )
             return [Row(*r) for r in result]
 
     def close(self) -> None:
@@ -381,10 +446,11 @@ class Ledger:
 def appointment_of(key: str) -> str | None:
     """The appointment id in a key `ehr:appointment-booked:<id>|booked|…`, or None for another key."""
     prefix = f"{SOURCE}:{MAPPING}:"
-    return key[len(prefix):].split("|", 1)[0] if key.startswith(prefix) else None
+    return key[len(prefix) :].split("|", 1)[0] if key.startswith(prefix) else None
 
 
 # -- the verdict (pure) --------------------------------------------------------------------------------
+
 
 @dataclass
 class Result:
@@ -463,8 +529,17 @@ def analyse(expected: Sequence[str], rows: Sequence[Row], per_key: dict[str, int
     return result
 
 
-def table(result: Result, *, elapsed: float, kills: int, planned_kills: int, crashes: int, received: int,
-          accepted: int, title: str) -> str:
+def table(
+    result: Result,
+    *,
+    elapsed: float,
+    kills: int,
+    planned_kills: int,
+    crashes: int,
+    received: int,
+    accepted: int,
+    title: str,
+) -> str:
     lines = [title, ""]
 
     def row(label: str, value: object, note: str = "") -> None:
@@ -475,28 +550,42 @@ def table(result: Result, *, elapsed: float, kills: int, planned_kills: int, cra
     row("duplicates", len(result.duplicates))
     row("lost", len(result.lost))
     row("unfinished", len(result.unfinished), "pending/sending when the run ended")
-    row("in_doubt", result.in_doubt, f"accepted by the sandbox: {result.in_doubt_accepted}, "
-                                     f"never accepted: {result.in_doubt_not_accepted}")
+    row(
+        "in_doubt",
+        result.in_doubt,
+        f"accepted by the sandbox: {result.in_doubt_accepted}, never accepted: {result.in_doubt_not_accepted}",
+    )
     for reason, count in result.in_doubt_reasons.most_common():
         lines.append(f"  {'':<22}{count:>8}   {reason}")
     row("resolved by webhook", result.resolved_by_webhook)
-    row("failed", sum(result.failed.values()),
-        f"of which the sandbox accepted: {result.failed_but_accepted}" if result.failed else "")
+    row(
+        "failed",
+        sum(result.failed.values()),
+        f"of which the sandbox accepted: {result.failed_but_accepted}" if result.failed else "",
+    )
     for reason, count in result.failed.most_common():
         lines.append(f"  {'':<22}{count:>8}   {reason}")
     row("skipped", sum(result.skipped.values()))
     for reason, count in result.skipped.most_common():
         lines.append(f"  {'':<22}{count:>8}   {reason}")
     row("ledger states", "", ", ".join(f"{s} {n}" for s, n in sorted(result.states.items())) or "no rows")
-    row("send requests", received, f"sandbox accepted {accepted} message(s)"
-        + (f", {result.unexpected_keys} under unexpected keys" if result.unexpected_keys else ""))
+    row(
+        "send requests",
+        received,
+        f"sandbox accepted {accepted} message(s)"
+        + (f", {result.unexpected_keys} under unexpected keys" if result.unexpected_keys else ""),
+    )
     row("elapsed seconds", f"{elapsed:.1f}")
-    row("kills done", kills, f"of {planned_kills}"
-        + (f"; daemon exits the harness did not cause: {crashes}" if crashes else ""))
+    row(
+        "kills done",
+        kills,
+        f"of {planned_kills}" + (f"; daemon exits the harness did not cause: {crashes}" if crashes else ""),
+    )
     return "\n".join(lines)
 
 
 # -- the run -------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Run:
@@ -514,8 +603,13 @@ class Run:
         print(f"chaos [{time.monotonic() - self.began:6.0f} s]: {message}", file=sys.stderr, flush=True)
 
     def env(self, token: str) -> dict[str, str]:
-        return {**os.environ, "PAUBOX_API_KEY": API_KEY, "PAUBOX_WEBHOOK_TOKEN": token,
-                "CONNECTOR_LOG_FORMAT": "console", "CONNECTOR_LOG_LEVEL": "info"}
+        return {
+            **os.environ,
+            "PAUBOX_API_KEY": API_KEY,
+            "PAUBOX_WEBHOOK_TOKEN": token,
+            "CONNECTOR_LOG_FORMAT": "console",
+            "CONNECTOR_LOG_LEVEL": "info",
+        }
 
     def child(self, name: str, argv: list[str], log_name: str, env: dict[str, str]) -> Child:
         child = Child(name, argv, self.work / log_name, env)
@@ -532,15 +626,42 @@ class Run:
         env = self.env(token)
         fhir_port, paubox_port = free_port(), free_port()
         ports = [free_port() for _ in range(args.replicas)]
-        chaos = ",".join(f"{name}={getattr(args, name)}" for name in
-                         ("server_error", "accepted_500", "rate_limit", "hang", "hang_seconds", "drop_webhook"))
-        fhir = self.child("FHIR test server", [str(CONNECTOR), "sandbox", "fhir", "--port", str(fhir_port),
-                                               "--no-sample-data", "--data", str(self.work / "fhir-data")],
-                          "fhir-server.log", env)
-        paubox = self.child("Paubox sandbox", [
-            str(CONNECTOR), "sandbox", "--port", str(paubox_port), "--latency-ms", str(args.latency_ms),
-            "--chaos", f"{chaos},seed={args.seed}",
-            "--webhook-url", f"http://127.0.0.1:{ports[0]}/webhooks/paubox/{token}"], "paubox-sandbox.log", env)
+        chaos = ",".join(
+            f"{name}={getattr(args, name)}"
+            for name in ("server_error", "accepted_500", "rate_limit", "hang", "hang_seconds", "drop_webhook")
+        )
+        fhir = self.child(
+            "FHIR test server",
+            [
+                str(CONNECTOR),
+                "sandbox",
+                "fhir",
+                "--port",
+                str(fhir_port),
+                "--no-sample-data",
+                "--data",
+                str(self.work / "fhir-data"),
+            ],
+            "fhir-server.log",
+            env,
+        )
+        paubox = self.child(
+            "Paubox sandbox",
+            [
+                str(CONNECTOR),
+                "sandbox",
+                "--port",
+                str(paubox_port),
+                "--latency-ms",
+                str(args.latency_ms),
+                "--chaos",
+                f"{chaos},seed={args.seed}",
+                "--webhook-url",
+                f"http://127.0.0.1:{ports[0]}/webhooks/paubox/{token}",
+            ],
+            "paubox-sandbox.log",
+            env,
+        )
         fhir.start("start")
         paubox.start("start")
         self.fhir_url, self.paubox_url = f"http://127.0.0.1:{fhir_port}", f"http://127.0.0.1:{paubox_port}"
@@ -553,18 +674,33 @@ class Run:
         else:
             ledger_url = "sqlite:///connector.db"
         for index, port in enumerate(ports, start=1):
-            write_config(self.work / f"config-{index}.yaml", fhir_port=fhir_port, paubox_port=paubox_port,
-                         server_port=port, ledger_url=ledger_url, args=args)
+            write_config(
+                self.work / f"config-{index}.yaml",
+                fhir_port=fhir_port,
+                paubox_port=paubox_port,
+                server_port=port,
+                ledger_url=ledger_url,
+                args=args,
+            )
         upgrade = subprocess.run(  # noqa: S603 - our own CLI, arguments built here
             [str(CONNECTOR), "db", "upgrade", "--config", str(self.work / "config-1.yaml")],
-            cwd=self.work, env=env, capture_output=True, text=True, timeout=120, check=False)
+            cwd=self.work,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         if upgrade.returncode != 0:
             raise SetupError(f"connector db upgrade failed:\n{upgrade.stdout}{upgrade.stderr}")
         self.ledger = Ledger(ledger_url if args.postgres else f"sqlite:///{self.work / 'connector.db'}")
         for index in range(1, len(ports) + 1):
-            daemon = self.child(f"replica {index}", [str(CONNECTOR), "run", "--config",
-                                                     str(self.work / f"config-{index}.yaml")],
-                                f"replica-{index}.log", env)
+            daemon = self.child(
+                f"replica {index}",
+                [str(CONNECTOR), "run", "--config", str(self.work / f"config-{index}.yaml")],
+                f"replica-{index}.log",
+                env,
+            )
             daemon.start("start")
             self.daemons.append(daemon)
         for daemon, port in zip(self.daemons, ports, strict=True):
@@ -593,8 +729,10 @@ class Run:
                     crashes += 1
                     if crashes > 5 * len(self.daemons):
                         raise SetupError(f"daemons keep exiting by themselves; see {daemon.log_path}")
-                    self.log(f"{daemon.name} exited by itself (status {daemon.process and daemon.process.returncode});"
-                             f" restarting it; see {daemon.log_path}")
+                    self.log(
+                        f"{daemon.name} exited by itself (status {daemon.process and daemon.process.returncode});"
+                        f" restarting it; see {daemon.log_path}"
+                    )
                     daemon.start("restart after an exit the harness did not cause")
             if kills < len(thresholds) and final >= thresholds[kills] and time.monotonic() >= next_kill_after:
                 victim = rng.choice(self.daemons)
@@ -609,8 +747,10 @@ class Run:
                 return kills, crashes, True
             if time.monotonic() - last_report > 10:
                 last_report = time.monotonic()
-                self.log(f"{final}/{expected} final ({', '.join(f'{s} {n}' for s, n in sorted(states.items()))}), "
-                         f"kills {kills}/{args.kills}")
+                self.log(
+                    f"{final}/{expected} final ({', '.join(f'{s} {n}' for s, n in sorted(states.items()))}), "
+                    f"kills {kills}/{args.kills}"
+                )
             time.sleep(0.3)
         self.log(f"timeout after {args.timeout:.0f} s")
         return kills, crashes, False
@@ -644,8 +784,9 @@ def write_ledger_csv(path: Path, rows: Sequence[Row], per_key: dict[str, int]) -
         writer = csv.writer(handle)
         writer.writerow(["key", "state", "reason", "attempts", "resends", "tracking_id", "sandbox_accepted"])
         for r in rows:
-            writer.writerow([r.key, r.state, r.reason or "", r.attempts, r.resends, r.tracking_id or "",
-                             per_key.get(r.key, 0)])
+            writer.writerow(
+                [r.key, r.state, r.reason or "", r.attempts, r.resends, r.tracking_id or "", per_key.get(r.key, 0)]
+            )
 
 
 def details(result: Result, rows: Sequence[Row], per_key: dict[str, int]) -> Iterator[str]:
@@ -656,8 +797,10 @@ def details(result: Result, rows: Sequence[Row], per_key: dict[str, int]) -> Ite
     for label, ids in (("DUPLICATE", result.duplicates), ("LOST", result.lost), ("unfinished", result.unfinished)):
         for aid in ids[:20]:
             counts = {k: v for k, v in per_key.items() if appointment_of(k) == aid}
-            ledger = [f"{r.key} state={r.state} attempts={r.attempts} resends={r.resends} reason={r.reason!r}"
-                      for r in by_appointment.get(aid, [])] or ["no ledger row"]
+            ledger = [
+                f"{r.key} state={r.state} attempts={r.attempts} resends={r.resends} reason={r.reason!r}"
+                for r in by_appointment.get(aid, [])
+            ] or ["no ledger row"]
             yield f"{label} Appointment/{aid}: sandbox accepted {counts or 0}; ledger: {'; '.join(ledger)}"
 
 
@@ -667,9 +810,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = Run(args, work)
     (work / "run.json").write_text(json.dumps(vars(args), indent=2), encoding="utf-8")
     backend = f"PostgreSQL, {args.replicas} replica(s)" if args.postgres else "SQLite, 1 replica"
-    title = (f"chaos: {args.appointments} appointments, {args.kills} kills, {backend}, seed {args.seed}, "
-             f"faults 500 {args.server_error}+{args.accepted_500} accepted, 429 {args.rate_limit}, "
-             f"hang {args.hang}, dropped webhooks {args.drop_webhook}, latency {args.latency_ms:g} ms")
+    title = (
+        f"chaos: {args.appointments} appointments, {args.kills} kills, {backend}, seed {args.seed}, "
+        f"faults 500 {args.server_error}+{args.accepted_500} accepted, 429 {args.rate_limit}, "
+        f"hang {args.hang}, dropped webhooks {args.drop_webhook}, latency {args.latency_ms:g} ms"
+    )
     run.log(f"work folder {work}")
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -685,8 +830,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = run.ledger.rows()
         write_ledger_csv(work / "ledger.csv", rows, per_key)
         result = analyse(expected, rows, per_key)
-        report = table(result, elapsed=elapsed, kills=kills, planned_kills=args.kills, crashes=crashes,
-                       received=stats["received"], accepted=stats["accepted"], title=title)
+        report = table(
+            result,
+            elapsed=elapsed,
+            kills=kills,
+            planned_kills=args.kills,
+            crashes=crashes,
+            received=stats["received"],
+            accepted=stats["accepted"],
+            title=title,
+        )
         notes = list(details(result, rows, per_key))
         if not finished:
             notes.append(f"TIMEOUT: not every notification was final after {args.timeout:.0f} s")

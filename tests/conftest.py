@@ -45,8 +45,9 @@ class Server:
     def __init__(self, app: Any, port: int | None = None) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error",
-                                                     lifespan="off"))
+        self._server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error", lifespan="off")
+        )
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 
     def __enter__(self) -> Server:
@@ -95,8 +96,10 @@ def pg_schema_url() -> Iterator[str]:
         with psycopg.connect(conninfo, autocommit=True, connect_timeout=5) as conn:
             conn.execute(f'CREATE SCHEMA "{schema}"')
     except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is required for the ledger tests and is not reachable at {PG_URL}: "
-                    f"{type(exc).__name__}. ./scripts/test starts it; or set CONNECTOR_TEST_PG_URL.")
+        pytest.fail(
+            f"PostgreSQL is required for the ledger tests and is not reachable at {PG_URL}: "
+            f"{type(exc).__name__}. ./scripts/test starts it; or set CONNECTOR_TEST_PG_URL."
+        )
     yield str(url.update_query_dict({"options": f"-csearch_path={schema}"}))
     with psycopg.connect(conninfo, autocommit=True) as conn:
         conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
@@ -118,9 +121,19 @@ def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlLedger
 BASIC = ("appointment-booked", "appointment-cancelled")
 
 
-def write_config(folder: Path, fhir_url: str, paubox_url: str, *, ledger_url: str | None = None,
-                 extra_source: str = "", extra: str = "", mappings: tuple[str, ...] | None = None,
-                 paubox_extra: str = "", delivery_extra: str = "", optout: bool = True) -> Path:
+def write_config(
+    folder: Path,
+    fhir_url: str,
+    paubox_url: str,
+    *,
+    ledger_url: str | None = None,
+    extra_source: str = "",
+    extra: str = "",
+    mappings: tuple[str, ...] | None = None,
+    paubox_extra: str = "",
+    delivery_extra: str = "",
+    optout: bool = True,
+) -> Path:
     """A config for the local servers. `mappings`: only these of the shipped mappings (default: all).
     `optout`: with a key for opt-out digests (in a file beside the config)."""
     mappings_dir = ROOT / "mappings"
@@ -143,7 +156,7 @@ sources:
 {extra_source}
 mappings: {mappings_dir}
 ledger:
-  url: {ledger_url or 'sqlite:///connector.db'}
+  url: {ledger_url or "sqlite:///connector.db"}
 delivery:
   from: "Example Clinic <appointments@clinic.example.org>"
 {delivery_extra}  paubox:

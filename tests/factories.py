@@ -16,10 +16,12 @@ def hl7(name: str) -> dict[str, Any]:
     return json.loads((FIXTURES / f"{name}.json").read_text())
 
 
-def patient(pid: str, given: str, family: str = "Testperson", email: str | None = None,
-            **extra: Any) -> dict[str, Any]:
-    resource: dict[str, Any] = {"resourceType": "Patient", "id": pid,
-                                "name": [{"use": "official", "given": [given], "family": family}]}
+def patient(pid: str, given: str, family: str = "Testperson", email: str | None = None, **extra: Any) -> dict[str, Any]:
+    resource: dict[str, Any] = {
+        "resourceType": "Patient",
+        "id": pid,
+        "name": [{"use": "official", "given": [given], "family": family}],
+    }
     if email:
         resource["telecom"] = [{"system": "email", "value": email, "use": "home"}]
     resource.update(extra)
@@ -28,7 +30,9 @@ def patient(pid: str, given: str, family: str = "Testperson", email: str | None 
 
 def appointment(aid: str, pid: str, start: datetime, status: str = "booked", **extra: Any) -> dict[str, Any]:
     resource: dict[str, Any] = {
-        "resourceType": "Appointment", "id": aid, "status": status,
+        "resourceType": "Appointment",
+        "id": aid,
+        "status": status,
         "serviceType": [{"text": "Check-up"}],
         "start": start.isoformat().replace("+00:00", "Z"),
         "end": (start + timedelta(minutes=30)).isoformat().replace("+00:00", "Z"),
@@ -39,5 +43,7 @@ def appointment(aid: str, pid: str, start: datetime, status: str = "booked", **e
 
 
 def marker_patients() -> list[dict[str, Any]]:
-    return [patient(f"p{i}", name, f"{name}son", email=f"{name.lower()}.{i}@example.org")
-            for i, name in enumerate(MARKER_NAMES, start=1)]
+    return [
+        patient(f"p{i}", name, f"{name}son", email=f"{name.lower()}.{i}@example.org")
+        for i, name in enumerate(MARKER_NAMES, start=1)
+    ]

@@ -56,15 +56,17 @@ OpenRuntime = Callable[[str], Runtime]
 
 
 @pytest.fixture
-async def open_runtime(tmp_path: Path, fhir_server: Server, paubox_server: Server,
-                       monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[OpenRuntime]:
+async def open_runtime(
+    tmp_path: Path, fhir_server: Server, paubox_server: Server, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[OpenRuntime]:
     """Opens a runtime polling the FHIR test server over HTTP, with these lines added to the source."""
     monkeypatch.setenv("PAUBOX_API_KEY", API_KEY)
     opened: list[Runtime] = []
 
     def open_one(source: str) -> Runtime:
-        config = load_config(write_config(tmp_path, fhir_server.url, paubox_server.url, mappings=BASIC,
-                                          extra_source=source))
+        config = load_config(
+            write_config(tmp_path, fhir_server.url, paubox_server.url, mappings=BASIC, extra_source=source)
+        )
         opened.append(Runtime.open(config, system_clock))
         return opened[-1]
 
@@ -74,33 +76,38 @@ async def open_runtime(tmp_path: Path, fhir_server: Server, paubox_server: Serve
 
 
 async def test_a_next_link_back_to_the_same_page_fails_the_poll_instead_of_looping(
-        open_runtime: OpenRuntime, fhir_state: FhirState, fhir_server: Server) -> None:
+    open_runtime: OpenRuntime, fhir_state: FhirState, fhir_server: Server
+) -> None:
     runtime = open_runtime("")
     load(fhir_state)
     hostile(fhir_server, next_loop=True)
     before = metrics.value(BREACHES, source="ehr", limit="next_link_loop")
     report = await asyncio.wait_for(runtime.planner.poll("ehr"), timeout=20)
-    assert report.error == ("source 'ehr': Appointment search page 1 links back to a page already read in this "
-                            "poll (a loop of next links)")
+    assert report.error == (
+        "source 'ehr': Appointment search page 1 links back to a page already read in this poll (a loop of next links)"
+    )
     assert report.pages == 1 and sum("/Appointment" in r or "/_page" in r for r in fhir_state.requests) == 1
     assert metrics.value(BREACHES, source="ehr", limit="next_link_loop") == before + 1
 
 
-async def test_endless_invented_pages_stop_at_the_page_limit(open_runtime: OpenRuntime, fhir_state: FhirState,
-                                                             fhir_server: Server) -> None:
+async def test_endless_invented_pages_stop_at_the_page_limit(
+    open_runtime: OpenRuntime, fhir_state: FhirState, fhir_server: Server
+) -> None:
     runtime = open_runtime("    limits:\n      max_pages: 5\n")
     load(fhir_state)
     hostile(fhir_server, endless_pages=True)
     report = await asyncio.wait_for(runtime.planner.poll("ehr"), timeout=20)
-    assert report.error == ("source 'ehr': Appointment search page 5 links to more than 5 pages "
-                            "(sources.ehr.limits.max_pages)")
+    assert report.error == (
+        "source 'ehr': Appointment search page 5 links to more than 5 pages (sources.ehr.limits.max_pages)"
+    )
     assert report.pages == 5 and sum("/Appointment" in r or "/_page" in r for r in fhir_state.requests) == 5
     again = await asyncio.wait_for(runtime.planner.poll("ehr"), timeout=20)
     assert again.error is not None and again.pages == 5  # every poll is bounded, not only the first
 
 
-async def test_a_slow_drip_fails_within_twice_the_timeout(open_runtime: OpenRuntime, fhir_state: FhirState,
-                                                          fhir_server: Server) -> None:
+async def test_a_slow_drip_fails_within_twice_the_timeout(
+    open_runtime: OpenRuntime, fhir_state: FhirState, fhir_server: Server
+) -> None:
     """One byte every 0.5 s never trips a timeout between reads; the whole-request deadline does."""
     runtime = open_runtime("    timeout: 2s\n")
     load(fhir_state)
@@ -108,28 +115,31 @@ async def test_a_slow_drip_fails_within_twice_the_timeout(open_runtime: OpenRunt
     started = time.monotonic()
     report = await asyncio.wait_for(runtime.planner.poll("ehr"), timeout=20)
     elapsed = time.monotonic() - started
-    assert report.error == ("source 'ehr': Appointment search page 1 did not complete within 2s "
-                            "(sources.ehr.timeout: connection, headers and the whole body)")
+    assert report.error == (
+        "source 'ehr': Appointment search page 1 did not complete within 2s "
+        "(sources.ehr.timeout: connection, headers and the whole body)"
+    )
     assert elapsed < 4, f"took {elapsed:.1f} s"
 
 
-async def test_a_small_search_stops_at_its_page_limit_with_an_error(fhir_state: FhirState,
-                                                                    fhir_server: Server) -> None:
+async def test_a_small_search_stops_at_its_page_limit_with_an_error(fhir_state: FhirState, fhir_server: Server) -> None:
     """A patient's Consents spread over endless pages: an error (the notification waits), never a list cut
     short in silence, where a Consent that denies could be on the page not read."""
     hostile(fhir_server, endless_pages=True)
     config = FhirPollSourceConfig(base_url=fhir_server.url, limits={"max_search_pages": 3})
     source = FhirPollSource("ehr", config)
     try:
-        with pytest.raises(SourceLimitError, match=r"Consent search page 3 links to more than 3 pages "
-                                                   r"\(sources\.ehr\.limits\.max_search_pages\)"):
+        with pytest.raises(
+            SourceLimitError,
+            match=r"Consent search page 3 links to more than 3 pages "
+            r"\(sources\.ehr\.limits\.max_search_pages\)",
+        ):
             await asyncio.wait_for(source.search("Consent", [("patient", "Patient/p1")]), timeout=20)
     finally:
         await source.aclose()
 
 
-async def test_a_best_effort_search_reads_only_the_pages_asked_for(fhir_state: FhirState,
-                                                                    fhir_server: Server) -> None:
+async def test_a_best_effort_search_reads_only_the_pages_asked_for(fhir_state: FhirState, fhir_server: Server) -> None:
     """`limit_pages` (an `_id` prefetch) stops quietly after that many pages, even on endless ones."""
     hostile(fhir_server, endless_pages=True)
     source = FhirPollSource("ehr", FhirPollSourceConfig(base_url=fhir_server.url, page_size=2))
@@ -142,6 +152,7 @@ async def test_a_best_effort_search_reads_only_the_pages_asked_for(fhir_state: F
 
 
 # -- https base, http next link ---------------------------------------------------------------------
+
 
 class PlainAndTls:
     """One port that speaks TLS (passed through to an https server) and plain HTTP (recorded, answered 404),
@@ -207,22 +218,39 @@ def tls(tmp_path: Path) -> Iterator[tuple[trustme.CA, Path, Path]]:
 class TlsServer(Server):
     def __init__(self, app: Any, key_file: Path, cert_file: Path) -> None:
         super().__init__(app)
-        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error",
-                                                     lifespan="off", ssl_keyfile=str(key_file),
-                                                     ssl_certfile=str(cert_file)))
+        self._server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host="127.0.0.1",
+                port=self.port,
+                log_level="error",
+                lifespan="off",
+                ssl_keyfile=str(key_file),
+                ssl_certfile=str(cert_file),
+            )
+        )
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 
 
-@pytest.mark.parametrize("auth", [{"type": "bearer", "token": "${TEST_FHIR_SECRET}"},
-                                  {"type": "basic", "username": "connector", "password": "${TEST_FHIR_SECRET}"}],
-                         ids=["bearer", "basic"])
+@pytest.mark.parametrize(
+    "auth",
+    [
+        {"type": "bearer", "token": "${TEST_FHIR_SECRET}"},
+        {"type": "basic", "username": "connector", "password": "${TEST_FHIR_SECRET}"},
+    ],
+    ids=["bearer", "basic"],
+)
 async def test_an_https_source_never_follows_an_http_next_link_with_its_credentials(
-        tls: tuple[trustme.CA, Path, Path], auth: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    tls: tuple[trustme.CA, Path, Path], auth: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Same host and port, scheme downgraded: the link is refused before any byte goes out in clear."""
     ca, key_file, cert_file = tls
     monkeypatch.setenv("TEST_FHIR_SECRET", "fhir-secret-value")
-    state = FhirState(token="fhir-secret-value") if auth["type"] == "bearer" else \
-        FhirState(basic=("connector", "fhir-secret-value"))
+    state = (
+        FhirState(token="fhir-secret-value")
+        if auth["type"] == "bearer"
+        else FhirState(basic=("connector", "fhir-secret-value"))
+    )
     load(state)
     context = ssl.create_default_context()
     ca.configure_trust(context)
@@ -238,14 +266,17 @@ async def test_an_https_source_never_follows_an_http_next_link_with_its_credenti
                     pages.append(page)
         finally:
             await source.aclose()
-    assert str(refused.value) == (f"source 'ehr': Appointment search page 1 links to http://127.0.0.1:{front.port}, "
-                                  f"not https://127.0.0.1:{front.port}: refusing to send this source's credentials "
-                                  "there")
+    assert str(refused.value) == (
+        f"source 'ehr': Appointment search page 1 links to http://127.0.0.1:{front.port}, "
+        f"not https://127.0.0.1:{front.port}: refusing to send this source's credentials "
+        "there"
+    )
     assert len(pages) == 1 and len(pages[0].matches) == 1  # the first page, over https, was read
     assert front.plain == []  # nothing, and so no Authorization header, went out over plain http
 
 
 # -- a huge Bundle, and a healthy source beside it ---------------------------------------------------
+
 
 def two_sources(folder: Path, hostile_url: str, healthy_url: str, paubox_url: str) -> Path:
     path = folder / "config.yaml"
@@ -257,7 +288,7 @@ sources:
   healthy:
     base_url: {healthy_url}
     start_from: 2000-01-01T00:00:00Z
-mappings: {ROOT / 'mappings'}
+mappings: {ROOT / "mappings"}
 ledger:
   url: sqlite:///connector.db
 delivery:
@@ -290,7 +321,8 @@ def run_measured(args: list[str], cwd: Path, env: dict[str, str], limit: float) 
 
 @pytest.mark.slow
 def test_a_huge_streamed_bundle_fails_that_source_in_bounded_memory_and_the_other_source_sends(
-        tmp_path: Path, paubox_state: SandboxState, paubox_server: Server) -> None:
+    tmp_path: Path, paubox_state: SandboxState, paubox_server: Server
+) -> None:
     """A 200 MB Bundle streamed without a Content-Length: `connector run --once` stops reading it at the
     default max_response_size (32 MiB), its peak RSS stays under 400 MB, and the healthy source beside it is
     polled and its appointment emailed."""
@@ -300,19 +332,25 @@ def test_a_huge_streamed_bundle_fails_that_source_in_bounded_memory_and_the_othe
         hostile(bad_server, huge_bundle_mb=200)
         config = two_sources(tmp_path, bad_server.url, good_server.url, paubox_server.url)
         code, peak_kib, output = run_measured(
-            [sys.executable, "-m", "connector", "run", "--once", "--config", str(config)], tmp_path,
-            {**os.environ, "PAUBOX_API_KEY": API_KEY}, limit=120)
+            [sys.executable, "-m", "connector", "run", "--once", "--config", str(config)],
+            tmp_path,
+            {**os.environ, "PAUBOX_API_KEY": API_KEY},
+            limit=120,
+        )
     text = " ".join(output.split())
     print(f"peak RSS of `connector run --once` against a 200 MB Bundle: {peak_kib / 1024:.0f} MiB")
     assert code == 1, output
-    assert ("source hostile: FAILED source 'hostile': Appointment search page 1: the response is larger than "
-            "32.0MiB (sources.hostile.limits.max_response_size); not read further") in text
+    assert (
+        "source hostile: FAILED source 'hostile': Appointment search page 1: the response is larger than "
+        "32.0MiB (sources.hostile.limits.max_response_size); not read further"
+    ) in text
     assert "source healthy: 1 page(s), 1 appointment(s)" in text
     assert paubox_state.messages and all(m["recipients"] == ["robin@example.org"] for m in paubox_state.messages)
     assert peak_kib < 400 * 1024, f"peak RSS {peak_kib / 1024:.0f} MiB"
 
 
 # -- the bounded read itself, and SMART's requests ----------------------------------------------------
+
 
 class Trickle(httpx.AsyncByteStream):
     """An endless body of 1 KiB chunks (`pause` seconds apart), counting what the client pulled."""
@@ -328,10 +366,12 @@ class Trickle(httpx.AsyncByteStream):
 
 
 async def bounded_get(response: httpx.Response, max_bytes: int, deadline: float = 5.0) -> Any:
-    async with httpx.AsyncClient(transport=httpx.MockTransport(lambda request: response),
-                                 event_hooks={"response": [capped(max_bytes)]}) as client:
-        return await fetch(client, client.build_request("GET", "https://fhir.example.org/x"), max_bytes=max_bytes,
-                           deadline=deadline)
+    async with httpx.AsyncClient(
+        transport=httpx.MockTransport(lambda request: response), event_hooks={"response": [capped(max_bytes)]}
+    ) as client:
+        return await fetch(
+            client, client.build_request("GET", "https://fhir.example.org/x"), max_bytes=max_bytes, deadline=deadline
+        )
 
 
 async def test_a_body_is_abandoned_as_soon_as_it_passes_the_limit() -> None:
@@ -364,18 +404,30 @@ async def test_the_deadline_covers_the_whole_body_not_each_read() -> None:
 
 def smart_auth(answer: Callable[[httpx.Request], httpx.Response]) -> SmartBackendAuth:
     key = ec.generate_private_key(ec.SECP384R1()).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    return SmartBackendAuth(fhir_base_url="https://fhir.example.org/r4", client_id="c", private_key_pem=key,
-                            key_id="k", transport=httpx.MockTransport(answer), max_bytes=64 * 1024, source="ehr")
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return SmartBackendAuth(
+        fhir_base_url="https://fhir.example.org/r4",
+        client_id="c",
+        private_key_pem=key,
+        key_id="k",
+        transport=httpx.MockTransport(answer),
+        max_bytes=64 * 1024,
+        source="ehr",
+    )
 
 
 async def test_smart_discovery_is_bounded_like_the_source() -> None:
     padding = "x" * 1_000_000
-    auth = smart_auth(lambda request: httpx.Response(200, json={"token_endpoint": "https://login.example.org/t",
-                                                                "padding": padding}))
+    auth = smart_auth(
+        lambda request: httpx.Response(200, json={"token_endpoint": "https://login.example.org/t", "padding": padding})
+    )
     try:
-        with pytest.raises(SmartLimitError, match=r"^source 'ehr': SMART discovery to fhir\.example\.org: the "
-                                                  r"answer is larger than 65536 bytes") as caught:
+        with pytest.raises(
+            SmartLimitError,
+            match=r"^source 'ehr': SMART discovery to fhir\.example\.org: the "
+            r"answer is larger than 65536 bytes",
+        ) as caught:
             await auth.token_endpoint()
         assert caught.value.limit == "max_response_size"
     finally:
@@ -392,10 +444,12 @@ async def test_a_token_endpoint_advertised_over_plain_http_is_refused() -> None:
 
 
 async def test_a_huge_401_body_read_by_httpx_before_a_smart_retry_is_capped_too(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """httpx reads a 401's body itself before the SMART retry; that read is held to the limit as well."""
     key = ec.generate_private_key(ec.SECP384R1()).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     monkeypatch.setenv("TEST_SMART_KEY", key.decode())
     refusal = Trickle()
 
@@ -405,9 +459,17 @@ async def test_a_huge_401_body_read_by_httpx_before_a_smart_retry_is_capped_too(
         return httpx.Response(401, stream=refusal)
 
     config = FhirPollSourceConfig(
-        base_url="https://fhir.example.org/r4", timeout="10s", limits={"max_response_size": "64KiB"},
-        auth={"type": "smart", "client_id": "c", "key_id": "k", "private_key": "${TEST_SMART_KEY}",
-              "token_endpoint": "https://fhir.example.org/token"})
+        base_url="https://fhir.example.org/r4",
+        timeout="10s",
+        limits={"max_response_size": "64KiB"},
+        auth={
+            "type": "smart",
+            "client_id": "c",
+            "key_id": "k",
+            "private_key": "${TEST_SMART_KEY}",
+            "token_endpoint": "https://fhir.example.org/token",
+        },
+    )
     source = FhirPollSource("ehr", config, transport=httpx.MockTransport(server))
     try:
         with pytest.raises(SourceLimitError, match=r"read of Patient/p1: the response is larger than 64\.0KiB"):

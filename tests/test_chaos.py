@@ -30,8 +30,9 @@ harness = load_harness()
 
 def chaos(*args: str, timeout: float) -> str:
     """Run the harness; fail with its whole output unless it exits 0. Returns the printed table."""
-    result = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True,
-                            timeout=timeout + 150)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout + 150
+    )
     output = f"{result.stdout}\n--- stderr ---\n{result.stderr}"
     assert result.returncode == 0, f"scripts/chaos.py exited {result.returncode}\n{output}"
     return result.stdout
@@ -118,8 +119,20 @@ def test_postgres_three_replicas_killed_three_times_send_every_email_exactly_onc
     """60 appointments, the same faults, 3 daemons sharing a PostgreSQL ledger, random ones killed with
     SIGKILL 3 times: no email accepted twice, none lost. A killed daemon's claims wait for their 5-minute
     lease before another daemon takes them, so this can take about six minutes."""
-    table = chaos("--appointments", "60", "--kills", "3", "--replicas", "3", "--postgres", "--seed", "12",
-                  "--timeout", "480", timeout=480)
+    table = chaos(
+        "--appointments",
+        "60",
+        "--kills",
+        "3",
+        "--replicas",
+        "3",
+        "--postgres",
+        "--seed",
+        "12",
+        "--timeout",
+        "480",
+        timeout=480,
+    )
     assert count(table, "expected") == 60
     assert count(table, "duplicates") == 0
     assert count(table, "lost") == 0

@@ -18,18 +18,39 @@ START = datetime.now(UTC).replace(microsecond=0)
 
 
 def connector(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "connector", *args], cwd=cwd, text=True, capture_output=True,
-                          env={**os.environ, "PAUBOX_API_KEY": API_KEY, "COLUMNS": "400"}, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "connector", *args],
+        cwd=cwd,
+        text=True,
+        capture_output=True,
+        env={**os.environ, "PAUBOX_API_KEY": API_KEY, "COLUMNS": "400"},
+        timeout=120,
+    )
 
 
 def test_render_prints_subject_and_text_and_writes_html(tmp_path: Path) -> None:
-    bundle = {"resourceType": "Bundle", "type": "collection", "entry": [
-        {"resource": appointment("a1", "p1", datetime(2026, 12, 1, 14, 30, tzinfo=UTC))},
-        {"resource": patient("p1", "Robin", email="robin@example.org")}]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [
+            {"resource": appointment("a1", "p1", datetime(2026, 12, 1, 14, 30, tzinfo=UTC))},
+            {"resource": patient("p1", "Robin", email="robin@example.org")},
+        ],
+    }
     (tmp_path / "bundle.json").write_text(json.dumps(bundle))
-    result = connector("render", "appointment-booked", "--resource", "bundle.json", "--mappings",
-                       str(ROOT / "mappings"), "--timezone", "Europe/Amsterdam", "--html-out", "out.html",
-                       cwd=tmp_path)
+    result = connector(
+        "render",
+        "appointment-booked",
+        "--resource",
+        "bundle.json",
+        "--mappings",
+        str(ROOT / "mappings"),
+        "--timezone",
+        "Europe/Amsterdam",
+        "--html-out",
+        "out.html",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Subject: Your appointment at Example Clinic on December 1, 2026")
     assert "Time:  3:30 PM +0100" in result.stdout  # Babel has no English abbreviation for CET
@@ -39,16 +60,27 @@ def test_render_prints_subject_and_text_and_writes_html(tmp_path: Path) -> None:
 def test_render_of_an_invalid_resource_names_the_element(tmp_path: Path) -> None:
     broken = {**hl7("Appointment-example"), "participant": [{"status": 7}]}
     (tmp_path / "a.json").write_text(json.dumps(broken))
-    result = connector("render", "appointment-booked", "--resource", "a.json", "--patient", "a.json",
-                       "--mappings", str(ROOT / "mappings"), cwd=tmp_path)
+    result = connector(
+        "render",
+        "appointment-booked",
+        "--resource",
+        "a.json",
+        "--patient",
+        "a.json",
+        "--mappings",
+        str(ROOT / "mappings"),
+        cwd=tmp_path,
+    )
     assert result.returncode == 2
     assert "Appointment/example is not valid FHIR R4: check participant.0.status" in result.stdout
 
 
-def test_dry_run_commits_nothing_and_now_moves_time(tmp_path: Path, fhir_state: FhirState, fhir_server: Server,
-                                                    paubox_state: SandboxState, paubox_server: Server) -> None:
-    fhir_state.load([patient("p1", "Robin", email="robin@example.org"),
-                     appointment("a1", "p1", START + timedelta(days=2))])
+def test_dry_run_commits_nothing_and_now_moves_time(
+    tmp_path: Path, fhir_state: FhirState, fhir_server: Server, paubox_state: SandboxState, paubox_server: Server
+) -> None:
+    fhir_state.load(
+        [patient("p1", "Robin", email="robin@example.org"), appointment("a1", "p1", START + timedelta(days=2))]
+    )
     config = write_config(tmp_path, fhir_server.url, paubox_server.url, mappings=BASIC)
     dry = connector("run", "--dry-run", "--config", str(config), cwd=tmp_path)
     assert dry.returncode == 0, dry.stderr
@@ -64,52 +96,92 @@ def test_dry_run_commits_nothing_and_now_moves_time(tmp_path: Path, fhir_state: 
     assert "│ skipped   │     1 │" in connector("status", "--config", str(config), cwd=tmp_path).stdout
 
 
-def test_bearer_auth_reaches_the_fhir_server(tmp_path: Path, fhir_state: FhirState, fhir_server: Server,
-                                             paubox_state: SandboxState, paubox_server: Server) -> None:
+def test_bearer_auth_reaches_the_fhir_server(
+    tmp_path: Path, fhir_state: FhirState, fhir_server: Server, paubox_state: SandboxState, paubox_server: Server
+) -> None:
     fhir_state.token = "fhir-test-token"
-    fhir_state.load([patient("p1", "Robin", email="robin@example.org"),
-                     appointment("a1", "p1", START + timedelta(days=2))])
+    fhir_state.load(
+        [patient("p1", "Robin", email="robin@example.org"), appointment("a1", "p1", START + timedelta(days=2))]
+    )
     auth = "    auth:\n      type: bearer\n      token: ${FHIR_TOKEN}\n"
     config = write_config(tmp_path, fhir_server.url, paubox_server.url, extra_source=auth, mappings=BASIC)
     env = {**os.environ, "PAUBOX_API_KEY": API_KEY}
-    denied = subprocess.run([sys.executable, "-m", "connector", "run", "--once", "--config", str(config)],
-                            cwd=tmp_path, text=True, capture_output=True, env={**env, "FHIR_TOKEN": "wrong"})
+    denied = subprocess.run(
+        [sys.executable, "-m", "connector", "run", "--once", "--config", str(config)],
+        cwd=tmp_path,
+        text=True,
+        capture_output=True,
+        env={**env, "FHIR_TOKEN": "wrong"},
+    )
     assert denied.returncode == 1 and "HTTP 401" in denied.stdout
-    allowed = subprocess.run([sys.executable, "-m", "connector", "run", "--once", "--config", str(config)],
-                             cwd=tmp_path, text=True, capture_output=True, env={**env, "FHIR_TOKEN": "fhir-test-token"})
+    allowed = subprocess.run(
+        [sys.executable, "-m", "connector", "run", "--once", "--config", str(config)],
+        cwd=tmp_path,
+        text=True,
+        capture_output=True,
+        env={**env, "FHIR_TOKEN": "fhir-test-token"},
+    )
     assert allowed.returncode == 0, allowed.stdout + allowed.stderr
     assert len(paubox_state.messages) == 1
 
 
 def test_every_command_has_help(tmp_path: Path) -> None:
-    for command in (["run"], ["validate"], ["render"], ["replay"], ["status"], ["db", "upgrade"], ["sandbox"],
-                    ["sandbox", "inbox"], ["sandbox", "fhir"]):
+    for command in (
+        ["run"],
+        ["validate"],
+        ["render"],
+        ["replay"],
+        ["status"],
+        ["db", "upgrade"],
+        ["sandbox"],
+        ["sandbox", "inbox"],
+        ["sandbox", "fhir"],
+    ):
         result = connector(*command, "--help", cwd=tmp_path)
         assert result.returncode == 0 and "Usage:" in result.stdout, command
 
 
 def test_optout_add_list_remove(tmp_path: Path) -> None:
     config = write_config(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9", mappings=BASIC)
-    added = connector("optout", "add", "--email", "Robin.Lee@example.org", "--note", "ticket 42",
-                      "--config", str(config), cwd=tmp_path)
+    added = connector(
+        "optout",
+        "add",
+        "--email",
+        "Robin.Lee@example.org",
+        "--note",
+        "ticket 42",
+        "--config",
+        str(config),
+        cwd=tmp_path,
+    )
     assert added.returncode == 0 and "added: email r…@example.org" in added.stdout
     listed = connector("optout", "list", "--config", str(config), cwd=tmp_path)
     assert "r…@example.org" in listed.stdout and "ticket 42" in listed.stdout
     assert "robin.lee" not in listed.stdout.lower()
-    assert connector("optout", "remove", "--email", "robin.lee@EXAMPLE.org", "--config", str(config),
-                     cwd=tmp_path).returncode == 0
-    assert connector("optout", "remove", "--email", "robin.lee@example.org", "--config", str(config),
-                     cwd=tmp_path).returncode == 1
+    assert (
+        connector(
+            "optout", "remove", "--email", "robin.lee@EXAMPLE.org", "--config", str(config), cwd=tmp_path
+        ).returncode
+        == 0
+    )
+    assert (
+        connector(
+            "optout", "remove", "--email", "robin.lee@example.org", "--config", str(config), cwd=tmp_path
+        ).returncode
+        == 1
+    )
     bad = connector("optout", "add", "--identifier", "no-system", "--config", str(config), cwd=tmp_path)
     assert bad.returncode == 2 and "SYSTEM|VALUE" in bad.stderr
 
 
-def test_replay_dry_run_says_why_not(tmp_path: Path, fhir_state: FhirState, fhir_server: Server,
-                                     paubox_state: SandboxState, paubox_server: Server) -> None:
+def test_replay_dry_run_says_why_not(
+    tmp_path: Path, fhir_state: FhirState, fhir_server: Server, paubox_state: SandboxState, paubox_server: Server
+) -> None:
     fhir_state.load([patient("p1", "Robin"), appointment("a1", "p1", START + timedelta(days=2))])
     config = write_config(tmp_path, fhir_server.url, paubox_server.url, mappings=BASIC)
-    dry = connector("replay", "--since", (START - timedelta(days=1)).isoformat(), "--dry-run", "--config",
-                    str(config), cwd=tmp_path)
+    dry = connector(
+        "replay", "--since", (START - timedelta(days=1)).isoformat(), "--dry-run", "--config", str(config), cwd=tmp_path
+    )
     assert dry.returncode == 0, dry.stderr
     assert "skipped: Patient/p1 has no usable email address" in dry.stdout
     assert "1 skipped" in dry.stdout
@@ -123,9 +195,23 @@ def test_resolve_decides_an_in_doubt_notification(tmp_path: Path, api_key_env: s
 
     config = write_config(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9", mappings=BASIC)
     ledger = open_ledger(load_config(config))
-    ledger.add([PlannedNotification(key=k, source="ehr", mapping="m", event="booked", resource_type="Appointment",
-                                    resource_id=k, resource_version="1", patient_id="p1", due_at=START,
-                                    state=State.IN_DOUBT) for k in ("k-sent", "k-again", "k-drop")])
+    ledger.add(
+        [
+            PlannedNotification(
+                key=k,
+                source="ehr",
+                mapping="m",
+                event="booked",
+                resource_type="Appointment",
+                resource_id=k,
+                resource_version="1",
+                patient_id="p1",
+                due_at=START,
+                state=State.IN_DOUBT,
+            )
+            for k in ("k-sent", "k-again", "k-drop")
+        ]
+    )
     ledger.engine.dispose()
     for key, flag in (("k-sent", "--sent"), ("k-again", "--resend"), ("k-drop", "--cancel")):
         assert connector("resolve", key, flag, "--config", str(config), cwd=tmp_path).returncode == 0

@@ -18,13 +18,20 @@ pytestmark = pytest.mark.slow
 
 
 def connector(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "connector", *args], cwd=cwd, text=True, capture_output=True,
-                          env={**os.environ, "PAUBOX_API_KEY": API_KEY, **env}, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "connector", *args],
+        cwd=cwd,
+        text=True,
+        capture_output=True,
+        env={**os.environ, "PAUBOX_API_KEY": API_KEY, **env},
+        timeout=120,
+    )
 
 
 def config_with(tmp_path: Path, ledger_url: str | None = None, extra: str = "") -> Path:
-    return write_config(tmp_path, "http://127.0.0.1:9/fhir", "http://127.0.0.1:9", ledger_url=ledger_url,
-                        mappings=BASIC, extra=extra)
+    return write_config(
+        tmp_path, "http://127.0.0.1:9/fhir", "http://127.0.0.1:9", ledger_url=ledger_url, mappings=BASIC, extra=extra
+    )
 
 
 @pytest.fixture
@@ -36,31 +43,51 @@ def port_in_use() -> Iterator[int]:
 Case = Callable[[Path, int], tuple[list[str], dict[str, str], str]]
 CASES: dict[str, Case] = {
     "ledger unreachable": lambda tmp, _: (
-        ["status", "--config", str(config_with(tmp, f"postgresql+psycopg://postgres:s3cret@127.0.0.1:{free_port()}"
-                                                    "/test"))], {},
-        "error: cannot reach the ledger at postgresql+psycopg://postgres:***@127.0.0.1:"),
+        [
+            "status",
+            "--config",
+            str(config_with(tmp, f"postgresql+psycopg://postgres:s3cret@127.0.0.1:{free_port()}/test")),
+        ],
+        {},
+        "error: cannot reach the ledger at postgresql+psycopg://postgres:***@127.0.0.1:",
+    ),
     "ledger unreachable at db upgrade": lambda tmp, _: (
-        ["db", "upgrade", "--config", str(config_with(tmp, f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}"
-                                                           "/test"))], {},
-        "error: cannot reach the ledger at postgresql+psycopg://postgres@127.0.0.1:"),
+        [
+            "db",
+            "upgrade",
+            "--config",
+            str(config_with(tmp, f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/test")),
+        ],
+        {},
+        "error: cannot reach the ledger at postgresql+psycopg://postgres@127.0.0.1:",
+    ),
     "SQLite folder missing": lambda tmp, _: (
-        ["run", "--once", "--config", str(config_with(tmp, f"sqlite:///{tmp}/absent/connector.db"))], {},
+        ["run", "--once", "--config", str(config_with(tmp, f"sqlite:///{tmp}/absent/connector.db"))],
+        {},
         f"error: the folder of the SQLite ledger does not exist: {tmp}/absent (ledger.url): create it, or point "
-        "ledger.url to an existing folder"),
+        "ledger.url to an existing folder",
+    ),
     "port in use": lambda tmp, port: (
-        ["run", "--config", str(config_with(tmp, extra=f"server:\n  port: {port}\n"))], {},
-        f"error: port {port} on 127.0.0.1 is already in use: stop the process using it, or choose another "
-        "server.port"),
+        ["run", "--config", str(config_with(tmp, extra=f"server:\n  port: {port}\n"))],
+        {},
+        f"error: port {port} on 127.0.0.1 is already in use: stop the process using it, or choose another server.port",
+    ),
     "invalid log level": lambda tmp, _: (
-        ["--log-level", "verbose", "status", "--config", str(config_with(tmp))], {},
+        ["--log-level", "verbose", "status", "--config", str(config_with(tmp))],
+        {},
         "error: invalid log level 'verbose' (--log-level or CONNECTOR_LOG_LEVEL): use one of debug, info, warning, "
-        "error"),
+        "error",
+    ),
     "invalid log level in the environment": lambda tmp, _: (
-        ["status", "--config", str(config_with(tmp))], {"CONNECTOR_LOG_LEVEL": "loud"},
-        "error: invalid log level 'loud'"),
+        ["status", "--config", str(config_with(tmp))],
+        {"CONNECTOR_LOG_LEVEL": "loud"},
+        "error: invalid log level 'loud'",
+    ),
     "config file missing": lambda tmp, _: (
-        ["run", "--once", "--config", str(tmp / "absent.yaml")], {},
-        f"error: the config file {tmp / 'absent.yaml'} does not exist: give --config PATH or set CONNECTOR_CONFIG"),
+        ["run", "--once", "--config", str(tmp / "absent.yaml")],
+        {},
+        f"error: the config file {tmp / 'absent.yaml'} does not exist: give --config PATH or set CONNECTOR_CONFIG",
+    ),
 }
 
 

@@ -31,8 +31,13 @@ def problems(path: Path) -> list[str]:
 
 
 def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("EHR_FHIR_TOKEN", "PAUBOX_USERNAME", "PAUBOX_API_KEY", "PAUBOX_WEBHOOK_TOKEN",
-                 "EHR_SUBSCRIPTION_SECRET"):
+    for name in (
+        "EHR_FHIR_TOKEN",
+        "PAUBOX_USERNAME",
+        "PAUBOX_API_KEY",
+        "PAUBOX_WEBHOOK_TOKEN",
+        "EHR_SUBSCRIPTION_SECRET",
+    ):
         monkeypatch.setenv(name, "placeholder")
     monkeypatch.setenv("OPTOUT_KEY", "b3B0LW91dCBkaWdlc3Qga2V5IGZvciB0aGUgdGVzdHM=")  # 32 bytes
     config = load_config(ROOT / "config.example.yaml")
@@ -60,7 +65,8 @@ def test_missing_environment_variable_is_named_with_line(tmp_path: Path, monkeyp
     (tmp_path / "c.yaml").write_text(MINIMAL.replace("username: clinic", "username: ${TEST_PAUBOX_USER}"))
     assert problems(tmp_path / "c.yaml") == [
         f"{tmp_path / 'c.yaml'} line 7 (delivery.paubox.username): environment variable TEST_PAUBOX_USER is not set "
-        "(export it, or add it to the env file the service reads)"]
+        "(export it, or add it to the env file the service reads)"
+    ]
 
 
 def test_inline_secret_is_refused_without_echoing_it(tmp_path: Path) -> None:
@@ -72,9 +78,11 @@ def test_inline_secret_is_refused_without_echoing_it(tmp_path: Path) -> None:
 
 def test_every_problem_is_listed_with_its_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TEST_PAUBOX_KEY", "k")
-    text = MINIMAL.replace("    base_url: https://fhir.example.org/r4\n",
-                           "    base_url: https://fhir.example.org/r4\n    pol_interval: 5s\n"
-                           "    timezone: Mars/Olympus\n    overlap: ten minutes\n")
+    text = MINIMAL.replace(
+        "    base_url: https://fhir.example.org/r4\n",
+        "    base_url: https://fhir.example.org/r4\n    pol_interval: 5s\n"
+        "    timezone: Mars/Olympus\n    overlap: ten minutes\n",
+    )
     (tmp_path / "c.yaml").write_text(text)
     found = problems(tmp_path / "c.yaml")
     assert any("line 4 (sources.ehr.pol_interval): unknown key" in p for p in found)
@@ -84,8 +92,10 @@ def test_every_problem_is_listed_with_its_line(tmp_path: Path, monkeypatch: pyte
 
 def test_a_sweep_that_cannot_cover_the_overlap_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TEST_PAUBOX_KEY", "k")
-    text = MINIMAL.replace("    base_url: https://fhir.example.org/r4\n",
-                           "    base_url: https://fhir.example.org/r4\n    interval: 5s\n    overlap: 30s\n")
+    text = MINIMAL.replace(
+        "    base_url: https://fhir.example.org/r4\n",
+        "    base_url: https://fhir.example.org/r4\n    interval: 5s\n    overlap: 30s\n",
+    )
     (tmp_path / "c.yaml").write_text(text)
     [problem] = problems(tmp_path / "c.yaml")
     assert "(sources.ehr): sweep (1m) plus interval (5s) is longer than overlap (30s)" in problem
@@ -102,12 +112,15 @@ def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
 def test_missing_file_is_a_clear_error_saying_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(InfrastructureError) as caught:
         load_config(tmp_path / "absent.yaml")
-    assert str(caught.value) == (f"the config file {tmp_path / 'absent.yaml'} does not exist: give --config PATH "
-                                 "or set CONNECTOR_CONFIG (config.example.yaml shows every key)")
+    assert str(caught.value) == (
+        f"the config file {tmp_path / 'absent.yaml'} does not exist: give --config PATH "
+        "or set CONNECTOR_CONFIG (config.example.yaml shows every key)"
+    )
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("250ms", 0.25), ("30s", 30), ("5m", 300), ("48h", 172800),
-                                                ("2d", 172800), (90, 90)])
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("250ms", 0.25), ("30s", 30), ("5m", 300), ("48h", 172800), ("2d", 172800), (90, 90)]
+)
 def test_durations(text: object, seconds: float) -> None:
     assert parse_duration(text).total_seconds() == seconds
 

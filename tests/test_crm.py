@@ -98,8 +98,14 @@ class Crm:
     def __init__(self, runtime: Runtime, client: httpx.AsyncClient, paubox: SandboxState) -> None:
         self.runtime, self.client, self.paubox = runtime, client, paubox
 
-    async def standard(self, body: dict[str, Any], msg_id: str = "msg_1", secret: str = WH_SECRET,
-                       timestamp: int | None = None, raw: bytes | None = None) -> httpx.Response:
+    async def standard(
+        self,
+        body: dict[str, Any],
+        msg_id: str = "msg_1",
+        secret: str = WH_SECRET,
+        timestamp: int | None = None,
+        raw: bytes | None = None,
+    ) -> httpx.Response:
         data = raw if raw is not None else json.dumps(body).encode()
         headers = standard_webhook_headers(secret, msg_id, timestamp or int(time.time()), json.dumps(body).encode())
         return await self.client.post("/webhooks/crm/std", content=data, headers=headers)
@@ -122,8 +128,9 @@ def crm_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def crm_config(tmp_path: Path, port: int = 9, paubox_url: str = "https://paubox.test") -> Path:
-    config = write_config(tmp_path, "http://fhir.test", paubox_url, mappings=BASIC,
-                          extra=CRM.replace("{port}", str(port)))
+    config = write_config(
+        tmp_path, "http://fhir.test", paubox_url, mappings=BASIC, extra=CRM.replace("{port}", str(port))
+    )
     mappings = tmp_path / "mappings"
     for name in ("hubspot-appointment-request", "salesforce-appointment-booked"):
         for file in (ROOT / "mappings" / "crm-examples").glob(f"{name}.*"):
@@ -139,18 +146,23 @@ async def crm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
     config = load_config(crm_config(tmp_path))
     paubox = SandboxState(api_key=API_KEY, username="clinic")
     mailer = PauboxRestMailer(config.delivery.paubox, transport=httpx.ASGITransport(app=paubox_app(paubox)))
-    runtime = Runtime.open(config, system_clock, mailer=mailer,
-                           source_transport=httpx.ASGITransport(app=fhir_app(FhirState())))
+    runtime = Runtime.open(
+        config, system_clock, mailer=mailer, source_transport=httpx.ASGITransport(app=fhir_app(FhirState()))
+    )
     assert runtime.crm_receiver is not None
     app = web_app(config, runtime.aftercare, extra_routes=runtime.crm_receiver.routes())
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="https://connector.example.org") as client:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="https://connector.example.org"
+    ) as client:
         yield Crm(runtime, client, paubox)
     await runtime.aclose()
 
 
-REGISTERED = {"type": "patient.registered", "timestamp": "2026-11-21T10:00:00Z",
-              "data": {"id": "c1", "email": "quixotica.crm@example.org", "name": "Quixotica"}}
+REGISTERED = {
+    "type": "patient.registered",
+    "timestamp": "2026-11-21T10:00:00Z",
+    "data": {"id": "c1", "email": "quixotica.crm@example.org", "name": "Quixotica"},
+}
 
 
 async def test_standard_webhook_is_stored_then_sent_once_even_when_repeated(crm: Crm) -> None:
@@ -178,15 +190,25 @@ async def test_bad_signatures_and_timestamps_are_refused_and_nothing_stored(crm:
 
 
 async def test_hubspot_v3_events_each_stored_once(crm: Crm) -> None:
-    events = [{"eventId": 11, "subscriptionType": "contact.propertyChange", "objectId": 5,
-               "propertyName": "appointment_request", "propertyValue": "next week",
-               "email": "marmaduke.hs@example.org", "occurredAt": 1714571998741},
-              {"eventId": 12, "subscriptionType": "contact.creation", "objectId": 6}]
+    events = [
+        {
+            "eventId": 11,
+            "subscriptionType": "contact.propertyChange",
+            "objectId": 5,
+            "propertyName": "appointment_request",
+            "propertyValue": "next week",
+            "email": "marmaduke.hs@example.org",
+            "occurredAt": 1714571998741,
+        },
+        {"eventId": 12, "subscriptionType": "contact.creation", "objectId": 6},
+    ]
     body = json.dumps(events).encode()
     stamp = str(int(time.time() * 1000))
     uri = "https://connector.example.org/webhooks/crm/hubspot"
-    headers = {"X-HubSpot-Signature-v3": sign_hubspot_v3(HUB_SECRET, "POST", uri, body, stamp),
-               "X-HubSpot-Request-Timestamp": stamp}
+    headers = {
+        "X-HubSpot-Signature-v3": sign_hubspot_v3(HUB_SECRET, "POST", uri, body, stamp),
+        "X-HubSpot-Request-Timestamp": stamp,
+    }
     for _ in range(2):
         assert (await crm.client.post("/webhooks/crm/hubspot", content=body, headers=headers)).status_code == 204
     assert len(crm.inbox()) == 2
@@ -253,22 +275,41 @@ async def test_replay_of_the_inbox_sends_nothing_twice(crm: Crm) -> None:
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(path=st.sampled_from(["/webhooks/crm/std", "/webhooks/crm/hubspot", "/webhooks/crm/gen",
-                             f"/webhooks/crm/salesforce/{SF_TOKEN}", "/webhooks/crm/nope",
-                             "/webhooks/paubox/token"]),
-       body=st.binary(max_size=3000),
-       headers=st.dictionaries(st.sampled_from(["webhook-id", "webhook-timestamp", "webhook-signature",
-                                                "X-HubSpot-Signature-v3", "X-HubSpot-Request-Timestamp",
-                                                "X-Signature", "Content-Type"]),
-                               st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=60)))
+@given(
+    path=st.sampled_from(
+        [
+            "/webhooks/crm/std",
+            "/webhooks/crm/hubspot",
+            "/webhooks/crm/gen",
+            f"/webhooks/crm/salesforce/{SF_TOKEN}",
+            "/webhooks/crm/nope",
+            "/webhooks/paubox/token",
+        ]
+    ),
+    body=st.binary(max_size=3000),
+    headers=st.dictionaries(
+        st.sampled_from(
+            [
+                "webhook-id",
+                "webhook-timestamp",
+                "webhook-signature",
+                "X-HubSpot-Signature-v3",
+                "X-HubSpot-Request-Timestamp",
+                "X-Signature",
+                "Content-Type",
+            ]
+        ),
+        st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=60),
+    ),
+)
 async def test_arbitrary_requests_never_get_a_5xx(crm: Crm, path: str, body: bytes, headers: dict[str, str]) -> None:
     response = await crm.client.post(path, content=body, headers=headers)
     assert response.status_code < 500
 
 
-def test_an_event_acknowledged_just_before_a_crash_is_sent_once(tmp_path: Path, paubox_state: SandboxState,
-                                                                 paubox_server: Server,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_event_acknowledged_just_before_a_crash_is_sent_once(
+    tmp_path: Path, paubox_state: SandboxState, paubox_server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
     crm_env(monkeypatch)
     port = free_port()
     config = crm_config(tmp_path, port, paubox_server.url)
@@ -276,16 +317,22 @@ def test_an_event_acknowledged_just_before_a_crash_is_sent_once(tmp_path: Path, 
     with Server(fhir_app(FhirState())) as fhir:
         config.write_text(config.read_text().replace("http://fhir.test", fhir.url))
         with (tmp_path / "daemon.log").open("w") as log:
-            daemon = subprocess.Popen([sys.executable, "-m", "connector", "run", "--config", str(config)],
-                                      cwd=tmp_path, env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=log)
+            daemon = subprocess.Popen(
+                [sys.executable, "-m", "connector", "run", "--config", str(config)],
+                cwd=tmp_path,
+                env=os.environ.copy(),
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
             try:
                 body = json.dumps(REGISTERED).encode()
                 headers = standard_webhook_headers(WH_SECRET, "msg_crash", int(time.time()), body)
                 deadline = time.monotonic() + 30
                 while True:
                     try:
-                        answer = httpx.post(f"http://127.0.0.1:{port}/webhooks/crm/std", content=body,
-                                            headers=headers, timeout=5)
+                        answer = httpx.post(
+                            f"http://127.0.0.1:{port}/webhooks/crm/std", content=body, headers=headers, timeout=5
+                        )
                         break
                     except httpx.TransportError:
                         assert time.monotonic() < deadline and daemon.poll() is None
@@ -297,12 +344,17 @@ def test_an_event_acknowledged_just_before_a_crash_is_sent_once(tmp_path: Path, 
                 daemon.wait(timeout=10)
         assert paubox_state.messages == []
         for _ in range(2):
-            result = subprocess.run([sys.executable, "-m", "connector", "run", "--once", "--config", str(config)],
-                                    cwd=tmp_path, env=os.environ.copy(), capture_output=True, text=True, timeout=120)
+            result = subprocess.run(
+                [sys.executable, "-m", "connector", "run", "--once", "--config", str(config)],
+                cwd=tmp_path,
+                env=os.environ.copy(),
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             assert result.returncode == 0, result.stderr
     assert [m["recipients"] for m in paubox_state.messages] == [["quixotica.crm@example.org"]]
     assert "quixotica" not in (tmp_path / "daemon.log").read_text().lower()
-
 
 
 FETCH_MAPPING = """name: hubspot-contact-created
@@ -320,8 +372,7 @@ key: "{{ event_id }}"
 """
 
 
-async def test_a_mapping_can_read_the_hubspot_object_it_needs(tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_mapping_can_read_the_hubspot_object_it_needs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse
@@ -344,35 +395,48 @@ async def test_a_mapping_can_read_the_hubspot_object_it_needs(tmp_path: Path,
 
     hubspot_api = Starlette(routes=[Route("/crm/v3/objects/contacts/{id}", contact)])
     config_path = crm_config(tmp_path)
-    config_path.write_text(config_path.read_text().replace(
-        "    public_url: https://connector.example.org/webhooks/crm/hubspot\n",
-        "    public_url: https://connector.example.org/webhooks/crm/hubspot\n"
-        "    api_token: ${HUBSPOT_TOKEN}\n    api_base: https://hubspot.test\n"))
+    config_path.write_text(
+        config_path.read_text().replace(
+            "    public_url: https://connector.example.org/webhooks/crm/hubspot\n",
+            "    public_url: https://connector.example.org/webhooks/crm/hubspot\n"
+            "    api_token: ${HUBSPOT_TOKEN}\n    api_base: https://hubspot.test\n",
+        )
+    )
     (tmp_path / "mappings" / "hubspot-contact-created.yaml").write_text(FETCH_MAPPING)
     (tmp_path / "mappings" / "hubspot-contact-created.txt").write_text("Hello {{ object.properties.firstname }}\n")
     config = load_config(config_path)
     paubox = SandboxState(api_key=API_KEY, username="clinic")
     mailer = PauboxRestMailer(config.delivery.paubox, transport=httpx.ASGITransport(app=paubox_app(paubox)))
-    runtime = Runtime.open(config, system_clock, mailer=mailer,
-                           source_transport=httpx.ASGITransport(app=fhir_app(FhirState())),
-                           crm_transport=httpx.ASGITransport(app=hubspot_api))
+    runtime = Runtime.open(
+        config,
+        system_clock,
+        mailer=mailer,
+        source_transport=httpx.ASGITransport(app=fhir_app(FhirState())),
+        crm_transport=httpx.ASGITransport(app=hubspot_api),
+    )
     assert runtime.crm_receiver is not None
     app = web_app(config, runtime.aftercare, extra_routes=runtime.crm_receiver.routes())
     try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                     base_url="https://connector.example.org") as client:
-            events = [{"eventId": 21, "subscriptionType": "contact.creation", "objectId": 65},
-                      {"eventId": 22, "subscriptionType": "contact.creation", "objectId": 66}]
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="https://connector.example.org"
+        ) as client:
+            events = [
+                {"eventId": 21, "subscriptionType": "contact.creation", "objectId": 65},
+                {"eventId": 22, "subscriptionType": "contact.creation", "objectId": 66},
+            ]
             body = json.dumps(events).encode()
             stamp = str(int(time.time() * 1000))
             uri = "https://connector.example.org/webhooks/crm/hubspot"
-            headers = {"X-HubSpot-Signature-v3": sign_hubspot_v3(HUB_SECRET, "POST", uri, body, stamp),
-                       "X-HubSpot-Request-Timestamp": stamp}
+            headers = {
+                "X-HubSpot-Signature-v3": sign_hubspot_v3(HUB_SECRET, "POST", uri, body, stamp),
+                "X-HubSpot-Request-Timestamp": stamp,
+            }
             assert (await client.post("/webhooks/crm/hubspot", content=body, headers=headers)).status_code == 204
         await run_once(runtime)  # the API is down for the first read: that notification waits
         await run_once(runtime)
         assert [(m["recipients"], m["subject"]) for m in paubox.messages] == [
-            (["ottoline.hs@example.org"], "Welcome, Ottoline")]
+            (["ottoline.hs@example.org"], "Welcome, Ottoline")
+        ]
         skipped = runtime.ledger.notifications([State.SKIPPED], 10)
         assert [r.reason for r in skipped] == ["the CRM object no longer exists"]
     finally:
@@ -407,7 +471,8 @@ key: "{{ payload.data.ref }}"
 
 
 async def test_crm_events_that_cannot_be_processed_are_quarantined_and_block_nothing(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Stored events that cannot be processed (a key that cannot be stored, a payload that is not an
     object) are quarantined with the reason and shown by `connector status`; the others in the inbox are
     sent. A body that cannot be encoded fails (never in doubt) and a hostile address is never used."""
@@ -421,33 +486,53 @@ async def test_crm_events_that_cannot_be_processed_are_quarantined_and_block_not
     config = load_config(path)
     paubox = SandboxState(api_key=API_KEY, username="clinic")
     mailer = PauboxRestMailer(config.delivery.paubox, transport=httpx.ASGITransport(app=paubox_app(paubox)))
-    runtime = Runtime.open(config, system_clock, mailer=mailer,
-                           source_transport=httpx.ASGITransport(app=fhir_app(FhirState())))
+    runtime = Runtime.open(
+        config, system_clock, mailer=mailer, source_transport=httpx.ASGITransport(app=fhir_app(FhirState()))
+    )
     assert runtime.crm_receiver is not None
     keyring = runtime.crm_receiver.keyring
 
     def stored(event_id: str, event_type: str, payload: Any) -> dict[str, Any]:
         key_id, sealed = keyring.seal("std", event_id, payload)
-        return {"source": "std", "event_id": event_id, "event_type": event_type,
-                "received_at": datetime.now(UTC), "key_id": key_id, "sealed": sealed}
+        return {
+            "source": "std",
+            "event_id": event_id,
+            "event_type": event_type,
+            "received_at": datetime.now(UTC),
+            "key_id": key_id,
+            "sealed": sealed,
+        }
 
     def event(event_id: str, event_type: str, data: dict[str, Any]) -> dict[str, Any]:
-        return stored(event_id, event_type, {"event_id": event_id, "event_type": event_type, "object_id": None,
-                                             "occurred_at": None, "payload": {"data": data}})
+        return stored(
+            event_id,
+            event_type,
+            {
+                "event_id": event_id,
+                "event_type": event_type,
+                "object_id": None,
+                "occurred_at": None,
+                "payload": {"data": data},
+            },
+        )
 
     try:
-        runtime.ledger.inbox_add([
-            event("e1", "patient.registered", {"email": "zebulon.crm@example.org", "name": "Zebulon"}),
-            event("e2", "patient.referred", {"email": "ottoline.crm@example.org", "ref": "r\ud800"}),
-            stored("e3", "patient.registered", ["not", "an", "object"]),
-            event("e4", "patient.referred", {"email": "ottoline.crm@example.org", "ref": "r4", "name": "Ottoline"}),
-            event("e5", "patient.registered", {"email": "quixotica.crm@example.org", "name": "Q\ud800"}),
-            event("e6", "patient.registered", {"email": "marmaduke\ud800@example.org", "name": "Marmaduke"}),
-        ])
+        runtime.ledger.inbox_add(
+            [
+                event("e1", "patient.registered", {"email": "zebulon.crm@example.org", "name": "Zebulon"}),
+                event("e2", "patient.referred", {"email": "ottoline.crm@example.org", "ref": "r\ud800"}),
+                stored("e3", "patient.registered", ["not", "an", "object"]),
+                event("e4", "patient.referred", {"email": "ottoline.crm@example.org", "ref": "r4", "name": "Ottoline"}),
+                event("e5", "patient.registered", {"email": "quixotica.crm@example.org", "name": "Q\ud800"}),
+                event("e6", "patient.registered", {"email": "marmaduke\ud800@example.org", "name": "Marmaduke"}),
+            ]
+        )
         await run_once(runtime)
         await run_once(runtime)
-        assert sorted(m["recipients"][0] for m in paubox.messages) == ["ottoline.crm@example.org",
-                                                                       "zebulon.crm@example.org"]
+        assert sorted(m["recipients"][0] for m in paubox.messages) == [
+            "ottoline.crm@example.org",
+            "zebulon.crm@example.org",
+        ]
         problems = {seen.version: seen.problem or "" for _, seen in runtime.ledger.problems(10)}
         assert set(problems) == {"e2", "e3"}
         assert "the notification key is longer than 512 characters or holds control characters" in problems["e2"]

@@ -34,8 +34,16 @@ from tests.factories import appointment, patient
 
 T0 = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
 TOKEN = "hook-token-0123456789"
-MARKERS = ("robin@example.org", "sam@example.org", "kim@example.org", "lee@example.org", "Your appointment",
-           "Dear Robin", "Robin", "Testperson")
+MARKERS = (
+    "robin@example.org",
+    "sam@example.org",
+    "kim@example.org",
+    "lee@example.org",
+    "Your appointment",
+    "Dear Robin",
+    "Robin",
+    "Testperson",
+)
 
 
 class Clock:
@@ -47,8 +55,7 @@ class Clock:
 
 
 class Rig:
-    def __init__(self, runtime: Runtime, fhir: FhirState, paubox: SandboxState, clock: Clock,
-                 server: Server) -> None:
+    def __init__(self, runtime: Runtime, fhir: FhirState, paubox: SandboxState, clock: Clock, server: Server) -> None:
         self.runtime, self.fhir, self.paubox, self.clock, self.server = runtime, fhir, paubox, clock, server
 
     async def close(self) -> None:
@@ -72,8 +79,14 @@ class Rig:
 
 
 def make_config(tmp_path: Path, paubox_url: str, extra: str, paubox_extra: str) -> Path:
-    return write_config(tmp_path, "http://fhir.test", paubox_url, mappings=BASIC, extra=extra,
-                        paubox_extra="    read_timeout: 1s\n" + paubox_extra)
+    return write_config(
+        tmp_path,
+        "http://fhir.test",
+        paubox_url,
+        mappings=BASIC,
+        extra=extra,
+        paubox_extra="    read_timeout: 1s\n" + paubox_extra,
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -139,22 +152,25 @@ async def test_server_errors_in_retry_mode_are_retried_then_sent_once(tmp_path: 
 
 
 async def test_retries_end_in_failed_with_the_reason(tmp_path: Path, api_key_env: str) -> None:
-    rig = await rig_for(tmp_path, api_key_env, "  max_attempts: 2\n  circuit_failures: 50\n",
-                        paubox_extra=RETRY_5XX)
+    rig = await rig_for(tmp_path, api_key_env, "  max_attempts: 2\n  circuit_failures: 50\n", paubox_extra=RETRY_5XX)
     rig.paubox.faults = [Fault(status=503, count=5)]
     await rig.cycle()
     await rig.cycle(timedelta(minutes=1))
     record = rig.record("p1")
     assert record.state is State.FAILED  # type: ignore[attr-defined]
-    assert record.reason == "gave up after 2 attempts: HTTP 503 Service Unavailable: Fault injected by the " \
-                            "sandbox"  # type: ignore[attr-defined]
+    assert record.reason == "gave up after 2 attempts: HTTP 503 Service Unavailable: Fault injected by the sandbox"  # type: ignore[attr-defined]
     assert rig.paubox.messages == []
     await rig.close()
 
 
 async def test_circuit_opens_after_consecutive_server_errors_and_probes(tmp_path: Path, api_key_env: str) -> None:
-    rig = await rig_for(tmp_path, api_key_env, "  circuit_failures: 2\n  circuit_cooldown: 60s\n  concurrency: 1\n",
-                        people=3, paubox_extra=RETRY_5XX)
+    rig = await rig_for(
+        tmp_path,
+        api_key_env,
+        "  circuit_failures: 2\n  circuit_cooldown: 60s\n  concurrency: 1\n",
+        people=3,
+        paubox_extra=RETRY_5XX,
+    )
     rig.paubox.faults = [Fault(status=502, count=2)]
     await rig.cycle()
     assert rig.runtime.dispatcher.gate.state is GateState.BROKEN
@@ -165,15 +181,19 @@ async def test_circuit_opens_after_consecutive_server_errors_and_probes(tmp_path
     await rig.close()
 
 
-@pytest.mark.parametrize(("fault", "verdict"), [
-    (Fault(hang=3, accept=True), State.IN_DOUBT),  # accepted, then no answer before the read timeout
-    (Fault(close=True, accept=True), State.IN_DOUBT),  # accepted, then the connection dropped
-    (Fault(status=500, accept=True), State.IN_DOUBT),
-    (Fault(status=502, html=True), State.IN_DOUBT),
-    (Fault(status=200), State.FAILED),  # 200 with an `errors` body
-])
-async def test_unclear_answers_are_in_doubt_and_clear_refusals_fail(tmp_path: Path, api_key_env: str,
-                                                                     fault: Fault, verdict: State) -> None:
+@pytest.mark.parametrize(
+    ("fault", "verdict"),
+    [
+        (Fault(hang=3, accept=True), State.IN_DOUBT),  # accepted, then no answer before the read timeout
+        (Fault(close=True, accept=True), State.IN_DOUBT),  # accepted, then the connection dropped
+        (Fault(status=500, accept=True), State.IN_DOUBT),
+        (Fault(status=502, html=True), State.IN_DOUBT),
+        (Fault(status=200), State.FAILED),  # 200 with an `errors` body
+    ],
+)
+async def test_unclear_answers_are_in_doubt_and_clear_refusals_fail(
+    tmp_path: Path, api_key_env: str, fault: Fault, verdict: State
+) -> None:
     rig = await rig_for(tmp_path, api_key_env, "")
     rig.paubox.faults = [fault]
     await rig.cycle()
@@ -185,8 +205,9 @@ async def test_unclear_answers_are_in_doubt_and_clear_refusals_fail(tmp_path: Pa
 
 
 @pytest.fixture
-async def hooked(tmp_path: Path, api_key_env: str, monkeypatch: pytest.MonkeyPatch,
-                 request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
+async def hooked(
+    tmp_path: Path, api_key_env: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> AsyncIterator[Rig]:
     """A rig whose sandbox posts webhooks to the connector's receiver on a real port."""
     monkeypatch.setenv("PAUBOX_WEBHOOK_TOKEN", TOKEN)
     policy = getattr(request, "param", "hold")
@@ -300,8 +321,13 @@ async def test_webhook_receiver_refuses_bad_requests(hooked: Rig) -> None:
         assert (await client.post(url, content=b"x" * 2_000_000)).status_code == 413
         unknown = await client.post(url, json={"event_name": "api_mail_log_clicked", "payload": {}})
         assert unknown.status_code == 200 and unknown.json() == {"result": "ignored"}
-        foreign = await client.post(url, json={"event_name": "api_mail_log_delivered", "payload": {
-            "custom_headers": {"X-Other": "1"}, "to": "x@example.org"}})
+        foreign = await client.post(
+            url,
+            json={
+                "event_name": "api_mail_log_delivered",
+                "payload": {"custom_headers": {"X-Other": "1"}, "to": "x@example.org"},
+            },
+        )
         assert foreign.json() == {"result": "ignored"}
 
 
@@ -321,12 +347,14 @@ def test_gate_and_policy_are_pure() -> None:
     assert not gate.allow(T0 + timedelta(seconds=29))
     assert gate.allow(T0 + timedelta(seconds=30)) and not gate.allow(T0 + timedelta(seconds=30))  # one probe
     assert gate.record(Outcome(Verdict.SENT, "ok"), T0) is GateState.RUNNING
-    policy = RetryPolicy(max_attempts=5, max_age=timedelta(hours=1), base=timedelta(seconds=30),
-                         cap=timedelta(minutes=10))
+    policy = RetryPolicy(
+        max_attempts=5, max_age=timedelta(hours=1), base=timedelta(seconds=30), cap=timedelta(minutes=10)
+    )
     top = lambda low, high: high  # noqa: E731 - the largest jitter
-    assert next_try(policy, attempts=2, first_attempt_at=T0, now=T0, reason="r", retry_after=None, rand=top) == \
-        RetryAt(T0 + timedelta(seconds=60))
-    assert isinstance(next_try(policy, attempts=5, first_attempt_at=T0, now=T0, reason="r", retry_after=None),
-                      GiveUp)
-    assert next_try(policy, attempts=1, first_attempt_at=T0 - timedelta(hours=1), now=T0, reason="r",
-                    retry_after=None) == GiveUp("gave up after 1:00:00 of trying: r")
+    assert next_try(policy, attempts=2, first_attempt_at=T0, now=T0, reason="r", retry_after=None, rand=top) == RetryAt(
+        T0 + timedelta(seconds=60)
+    )
+    assert isinstance(next_try(policy, attempts=5, first_attempt_at=T0, now=T0, reason="r", retry_after=None), GiveUp)
+    assert next_try(
+        policy, attempts=1, first_attempt_at=T0 - timedelta(hours=1), now=T0, reason="r", retry_after=None
+    ) == GiveUp("gave up after 1:00:00 of trying: r")

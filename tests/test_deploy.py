@@ -27,18 +27,25 @@ def tool(name: str) -> str:
 
 def instructions(dockerfile: str) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) of a Dockerfile, continuation lines joined, comments dropped."""
-    joined = re.sub(r"\\\n\s*", " ", "\n".join(line for line in dockerfile.splitlines()
-                                               if not line.lstrip().startswith("#")))
-    return [(word.upper(), rest.strip()) for word, _, rest in (line.strip().partition(" ")
-                                                               for line in joined.splitlines() if line.strip())]
+    joined = re.sub(
+        r"\\\n\s*", " ", "\n".join(line for line in dockerfile.splitlines() if not line.lstrip().startswith("#"))
+    )
+    return [
+        (word.upper(), rest.strip())
+        for word, _, rest in (line.strip().partition(" ") for line in joined.splitlines() if line.strip())
+    ]
 
 
 def test_dockerfile_passes_hadolint() -> None:
-    result = subprocess.run([tool("hadolint"), str(ROOT / "Dockerfile")], text=True, capture_output=True,
-                            timeout=60)
+    result = subprocess.run([tool("hadolint"), str(ROOT / "Dockerfile")], text=True, capture_output=True, timeout=60)
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
-    bad = subprocess.run([tool("hadolint"), "-"], input="FROM python\nRUN pip install build\n", text=True,
-                         capture_output=True, timeout=60)
+    bad = subprocess.run(
+        [tool("hadolint"), "-"],
+        input="FROM python\nRUN pip install build\n",
+        text=True,
+        capture_output=True,
+        timeout=60,
+    )
     assert bad.returncode != 0 and "DL3013" in bad.stdout  # the linter does check: unpinned pip install
 
 
@@ -46,7 +53,7 @@ def test_image_builds_the_wheel_then_installs_only_it_with_the_script_as_a_non_r
     steps = instructions((ROOT / "Dockerfile").read_text())
     froms = [args for word, args in steps if word == "FROM"]
     assert len(froms) == 2 and froms[0].endswith("AS build")
-    final = steps[max(index for index, (word, _) in enumerate(steps) if word == "FROM"):]
+    final = steps[max(index for index, (word, _) in enumerate(steps) if word == "FROM") :]
     runs = " ".join(args for word, args in final if word == "RUN")
     assert "install-connector /opt/connector /tmp/dist/connector-*.whl" in runs
     assert ("COPY", "deploy/install.sh /usr/local/bin/install-connector") in final
@@ -59,8 +66,12 @@ def test_image_builds_the_wheel_then_installs_only_it_with_the_script_as_a_non_r
 
 
 def test_compose_file_follows_the_compose_specification() -> None:
-    result = subprocess.run([tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec",
-                             str(ROOT / "compose.yaml")], text=True, capture_output=True, timeout=120)
+    result = subprocess.run(
+        [tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(ROOT / "compose.yaml")],
+        text=True,
+        capture_output=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
     assert services["migrate"]["command"] == ["db", "upgrade"]
@@ -77,15 +88,23 @@ def test_systemd_unit_passes_verify_and_is_hardened(tmp_path: Path) -> None:
     if analyze is None:
         pytest.skip("systemd-analyze is not installed on this machine")
     text = (ROOT / "deploy" / "connector.service").read_text()
-    for option in ("DynamicUser=yes", "ProtectSystem=strict", "ReadWritePaths=/var/lib/connector",
-                   "NoNewPrivileges=yes", "PrivateTmp=yes", "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
-                   "EnvironmentFile=/etc/connector/connector.env", "Restart=on-failure"):
+    for option in (
+        "DynamicUser=yes",
+        "ProtectSystem=strict",
+        "ReadWritePaths=/var/lib/connector",
+        "NoNewPrivileges=yes",
+        "PrivateTmp=yes",
+        "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
+        "EnvironmentFile=/etc/connector/connector.env",
+        "Restart=on-failure",
+    ):
         assert f"\n{option}\n" in text, option
     # verify checks that the programs exist: point them at this checkout's connector instead of /opt.
     unit = tmp_path / "connector.service"
     unit.write_text(text.replace("/opt/connector/bin/connector", str(BIN / "connector")))
     result = subprocess.run([analyze, "verify", str(unit)], text=True, capture_output=True, timeout=60)
     assert (result.returncode, result.stderr) == (0, ""), result.stderr
-    security = subprocess.run([analyze, "security", "--offline=yes", str(unit)], text=True, capture_output=True,
-                              timeout=60)
+    security = subprocess.run(
+        [analyze, "security", "--offline=yes", str(unit)], text=True, capture_output=True, timeout=60
+    )
     print(security.stdout.strip().splitlines()[-1] if security.stdout.strip() else security.stderr)

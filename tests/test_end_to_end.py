@@ -25,8 +25,9 @@ START = datetime.now(UTC).replace(microsecond=0)
 
 def connector(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, "PAUBOX_API_KEY": API_KEY}
-    result = subprocess.run([sys.executable, "-m", "connector", *args], cwd=cwd, env=full_env, text=True,
-                            capture_output=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "connector", *args], cwd=cwd, env=full_env, text=True, capture_output=True, timeout=120
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"connector {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
@@ -36,9 +37,13 @@ def connector(*args: str, cwd: Path, check: bool = True) -> subprocess.Completed
 def daemon_process(config: Path, cwd: Path) -> Iterator[subprocess.Popen[bytes]]:
     """`connector run` in the background, its log in cwd/daemon.log."""
     with (cwd / "daemon.log").open("w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "connector", "run", "--config", str(config)], cwd=cwd,
-                                   env={**os.environ, "PAUBOX_API_KEY": API_KEY}, stdout=subprocess.DEVNULL,
-                                   stderr=log)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "connector", "run", "--config", str(config)],
+            cwd=cwd,
+            env={**os.environ, "PAUBOX_API_KEY": API_KEY},
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
         try:
             yield process
         finally:
@@ -70,8 +75,9 @@ def loaded(fhir_state: FhirState) -> FhirState:
     return fhir_state
 
 
-def test_run_once_twice_then_replay_sends_each_email_once(tmp_path: Path, loaded: FhirState, fhir_server: Server,
-                                                           paubox_state: SandboxState, paubox_server: Server) -> None:
+def test_run_once_twice_then_replay_sends_each_email_once(
+    tmp_path: Path, loaded: FhirState, fhir_server: Server, paubox_state: SandboxState, paubox_server: Server
+) -> None:
     config = write_config(tmp_path, fhir_server.url, paubox_server.url, mappings=BASIC)
     outputs = []
     first = connector("run", "--once", "--config", str(config), cwd=tmp_path)
@@ -102,8 +108,9 @@ def test_run_once_twice_then_replay_sends_each_email_once(tmp_path: Path, loaded
             assert marker not in result.stdout, f"PHI marker in command output: {marker}"
 
 
-def test_sigkill_during_sends_never_sends_a_key_twice(tmp_path: Path, loaded: FhirState, fhir_server: Server,
-                                                       paubox_state: SandboxState, paubox_server: Server) -> None:
+def test_sigkill_during_sends_never_sends_a_key_twice(
+    tmp_path: Path, loaded: FhirState, fhir_server: Server, paubox_state: SandboxState, paubox_server: Server
+) -> None:
     config = write_config(tmp_path, fhir_server.url, paubox_server.url, mappings=BASIC)
     paubox_state.latency = 5.0  # every send hangs in flight for 5 s
     with daemon_process(config, tmp_path) as daemon:
@@ -118,8 +125,11 @@ def test_sigkill_during_sends_never_sends_a_key_twice(tmp_path: Path, loaded: Fh
     per_key = paubox_state.requests
     assert all(count == 1 for count in per_key.values()), per_key
     status = connector("status", "--config", str(config), cwd=tmp_path).stdout
-    counts = {line.split("│")[1].strip(): int(line.split("│")[2]) for line in status.splitlines()
-              if line.startswith("│ ") and line.count("│") == 3}
+    counts = {
+        line.split("│")[1].strip(): int(line.split("│")[2])
+        for line in status.splitlines()
+        if line.startswith("│ ") and line.count("│") == 3
+    }
     # Whatever was in flight at the kill is in doubt (and was not sent again); everything else went once.
     # (One in doubt may never have left: committed as `sending`, killed before the request went out.)
     assert counts["in_doubt"] >= 1 and counts["in_doubt"] + counts["sent"] == 4
@@ -127,8 +137,9 @@ def test_sigkill_during_sends_never_sends_a_key_twice(tmp_path: Path, loaded: Fh
     assert "interrupted while sending" in status
 
 
-def test_sigterm_finishes_in_flight_sends(tmp_path: Path, loaded: FhirState, fhir_server: Server,
-                                          paubox_state: SandboxState, paubox_server: Server) -> None:
+def test_sigterm_finishes_in_flight_sends(
+    tmp_path: Path, loaded: FhirState, fhir_server: Server, paubox_state: SandboxState, paubox_server: Server
+) -> None:
     config = write_config(tmp_path, fhir_server.url, paubox_server.url, mappings=BASIC)
     paubox_state.latency = 1.0
     with daemon_process(config, tmp_path) as daemon:
@@ -152,16 +163,21 @@ def test_validate_reports_broken_mapping_and_missing_secret(tmp_path: Path) -> N
     assert broken.returncode == 2
     assert "appointment-booked.txt line 1" in broken.stdout and "template error" in broken.stdout
     env = {k: v for k, v in os.environ.items() if k != "PAUBOX_API_KEY"}
-    missing = subprocess.run([sys.executable, "-m", "connector", "validate", "--config", str(config)], cwd=tmp_path,
-                             env=env, text=True, capture_output=True, timeout=60)
+    missing = subprocess.run(
+        [sys.executable, "-m", "connector", "validate", "--config", str(config)],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=60,
+    )
     assert missing.returncode == 2
     assert "(delivery.paubox.api_key): environment variable PAUBOX_API_KEY is not set" in missing.stdout
 
 
-def test_a_poison_instant_is_quarantined_shown_and_the_source_moves_on(tmp_path: Path, fhir_state: FhirState,
-                                                                       fhir_server: Server,
-                                                                       paubox_state: SandboxState,
-                                                                       paubox_server: Server) -> None:
+def test_a_poison_instant_is_quarantined_shown_and_the_source_moves_on(
+    tmp_path: Path, fhir_state: FhirState, fhir_server: Server, paubox_state: SandboxState, paubox_server: Server
+) -> None:
     """An appointment whose start is valid FHIR but beyond the calendar in UTC, among good ones: the good
     ones are emailed, the bad one is quarantined and shown by `status` and the dry runs, and what the EHR
     books or corrects afterwards is planned and sent."""

@@ -67,14 +67,18 @@ def test_the_mailer_fails_when_blocked_or_broken_but_not_while_a_429_pause_runs(
     broken = mailer_finding(mailer_facts(gate, None, None, NOW))
     assert not broken.ok and broken.since == NOW and broken.reason is not None and "circuit breaker" in broken.reason
     blocked = mailer_finding(MailerFacts("blocked", "HTTP 401: check delivery.paubox.api_key", NOW))
-    assert (blocked.ok, blocked.reason) == (False, "sending paused by a configuration error: HTTP 401: check "
-                                                   "delivery.paubox.api_key")
+    assert (blocked.ok, blocked.reason) == (
+        False,
+        "sending paused by a configuration error: HTTP 401: check delivery.paubox.api_key",
+    )
 
 
 def test_the_report_names_each_failing_part() -> None:
-    findings = [source_finding("a", SourceFacts(), MINUTE, SETTINGS, NOW, NOW - timedelta(hours=1)),
-                source_finding("b", SourceFacts(NOW), MINUTE, SETTINGS, NOW, NOW),
-                mailer_finding(MailerFacts("blocked", "HTTP 403", NOW))]
+    findings = [
+        source_finding("a", SourceFacts(), MINUTE, SETTINGS, NOW, NOW - timedelta(hours=1)),
+        source_finding("b", SourceFacts(NOW), MINUTE, SETTINGS, NOW, NOW),
+        mailer_finding(MailerFacts("blocked", "HTTP 403", NOW)),
+    ]
     ok, body = report(findings)
     assert not ok and body["status"] == "failing" and body["failing"] == ["source:a", "mailer"]
     assert body["components"]["source:b"] == {"status": "ok", "since": NOW.isoformat(), "last_success": NOW.isoformat()}
@@ -91,8 +95,9 @@ def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
-async def runtime(tmp_path: Path, ledger_url: str, api_key_env: str, fhir_state: FhirState, fhir_server: Server,
-                  paubox_server: Server) -> AsyncIterator[Runtime]:
+async def runtime(
+    tmp_path: Path, ledger_url: str, api_key_env: str, fhir_state: FhirState, fhir_server: Server, paubox_server: Server
+) -> AsyncIterator[Runtime]:
     people = marker_patients()[:2]
     fhir_state.load(people)
     for index, person in enumerate(people, start=1):
@@ -109,25 +114,51 @@ def seed(runtime: Runtime) -> None:
     now = datetime.now(UTC)
 
     def planned(key: str, state: State, due: datetime) -> PlannedNotification:
-        return PlannedNotification(key=key, source="ehr", mapping="appointment-booked", event="booked",
-                                   resource_type="Appointment", resource_id=key, resource_version="1",
-                                   patient_id="p9", due_at=due, state=state)
+        return PlannedNotification(
+            key=key,
+            source="ehr",
+            mapping="appointment-booked",
+            event="booked",
+            resource_type="Appointment",
+            resource_id=key,
+            resource_version="1",
+            patient_id="p9",
+            due_at=due,
+            state=state,
+        )
 
-    runtime.ledger.add([planned("d1", State.IN_DOUBT, now), planned("d2", State.IN_DOUBT, now),
-                        planned("f1", State.FAILED, now), planned("s1", State.SKIPPED, now),
-                        planned("late", State.PENDING, now - timedelta(minutes=10)),
-                        planned("later", State.PENDING, now + timedelta(days=1))])
-    runtime.ledger.record_page("ehr", [], [SeenVersion("Appointment", "bad-1", "1", None, "bad date"),
-                                           SeenVersion("Appointment", "bad-2", "3", None, "bad reference")], None)
+    runtime.ledger.add(
+        [
+            planned("d1", State.IN_DOUBT, now),
+            planned("d2", State.IN_DOUBT, now),
+            planned("f1", State.FAILED, now),
+            planned("s1", State.SKIPPED, now),
+            planned("late", State.PENDING, now - timedelta(minutes=10)),
+            planned("later", State.PENDING, now + timedelta(days=1)),
+        ]
+    )
+    runtime.ledger.record_page(
+        "ehr",
+        [],
+        [
+            SeenVersion("Appointment", "bad-1", "1", None, "bad date"),
+            SeenVersion("Appointment", "bad-2", "3", None, "bad reference"),
+        ],
+        None,
+    )
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
-async def test_metrics_parse_and_show_the_ledger_gauges_and_the_cycle(runtime: Runtime,
-                                                                      paubox_state: SandboxState) -> None:
+async def test_metrics_parse_and_show_the_ledger_gauges_and_the_cycle(
+    runtime: Runtime, paubox_state: SandboxState
+) -> None:
     before = datetime.now(UTC).timestamp()
     await run_once(runtime)
     assert len(paubox_state.messages) == 2
@@ -150,10 +181,9 @@ async def test_metrics_parse_and_show_the_ledger_gauges_and_the_cycle(runtime: R
     assert value("connector_poll_duration_seconds_count", source="ehr") == 1
     assert value("connector_send_duration_seconds_count") == 2
     assert value("connector_notifications_total", state="sent") == 2
-    assert {s: value("connector_mailer_state", state=s) for s in ("running", "paused", "probing", "broken",
-                                                                   "blocked")} == {"running": 1, "paused": 0,
-                                                                                   "probing": 0, "broken": 0,
-                                                                                   "blocked": 0}
+    assert {
+        s: value("connector_mailer_state", state=s) for s in ("running", "paused", "probing", "broken", "blocked")
+    } == {"running": 1, "paused": 0, "probing": 0, "broken": 0, "blocked": 0}
     assert value("connector_ready") == 1 and value("connector_component_up", component="ledger") == 1
     assert value("connector_in_doubt_alerts_total") == 0  # today's counters keep their names
 
@@ -174,11 +204,24 @@ def test_each_runtime_counts_in_a_registry_of_its_own() -> None:
 
 @pytest.mark.postgres
 async def test_a_replica_that_skips_polls_another_holds_counts_the_others_completions(
-        tmp_path: Path, pg_schema_url: str, api_key_env: str, fhir_state: FhirState, fhir_server: Server,
-        paubox_server: Server) -> None:
-    config = load_config(write_config(tmp_path, fhir_server.url, paubox_server.url, ledger_url=pg_schema_url,
-                                      mappings=BASIC, extra_source="    interval: 1s\n",
-                                      extra="health:\n  stale_after: 1\n  stale_floor: 2s\n"))
+    tmp_path: Path,
+    pg_schema_url: str,
+    api_key_env: str,
+    fhir_state: FhirState,
+    fhir_server: Server,
+    paubox_server: Server,
+) -> None:
+    config = load_config(
+        write_config(
+            tmp_path,
+            fhir_server.url,
+            paubox_server.url,
+            ledger_url=pg_schema_url,
+            mappings=BASIC,
+            extra_source="    interval: 1s\n",
+            extra="health:\n  stale_after: 1\n  stale_floor: 2s\n",
+        )
+    )
     first, second = Runtime.open(config, system_clock), Runtime.open(config, system_clock)
     try:
         assert (await poll(first, "ehr")).error is None

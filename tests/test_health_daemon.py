@@ -34,9 +34,13 @@ T = TypeVar("T")
 @contextmanager
 def daemon(config: Path, cwd: Path, api_key: str = API_KEY) -> Iterator[subprocess.Popen[bytes]]:
     with (cwd / "daemon.log").open("w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "connector", "run", "--config", str(config)], cwd=cwd,
-                                   env={**os.environ, "PAUBOX_API_KEY": api_key}, stdout=subprocess.DEVNULL,
-                                   stderr=log)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "connector", "run", "--config", str(config)],
+            cwd=cwd,
+            env={**os.environ, "PAUBOX_API_KEY": api_key},
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
         try:
             yield process
         finally:
@@ -76,22 +80,35 @@ def alive(port: int) -> bool:
 
 def metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def status(config: Path, cwd: Path) -> str:
-    result = subprocess.run([sys.executable, "-m", "connector", "status", "--config", str(config)], cwd=cwd,
-                            env={**os.environ, "PAUBOX_API_KEY": API_KEY, "COLUMNS": "250"}, text=True,
-                            capture_output=True, timeout=60, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "connector", "status", "--config", str(config)],
+        cwd=cwd,
+        env={**os.environ, "PAUBOX_API_KEY": API_KEY, "COLUMNS": "250"},
+        text=True,
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
     return result.stdout
 
 
 def health_rows(text: str) -> dict[str, list[str]]:
     """The `Health` table of `connector status`: part → [status, since, detail]."""
     table = text.split("Notifications")[0]
-    return {cells[0]: cells[1:] for line in table.splitlines() if line.startswith("│")
-            for cells in [[c.strip() for c in line.strip("│").split("│")]]}
+    return {
+        cells[0]: cells[1:]
+        for line in table.splitlines()
+        if line.startswith("│")
+        for cells in [[c.strip() for c in line.strip("│").split("│")]]
+    }
 
 
 def since(finding: dict[str, Any]) -> datetime:
@@ -113,11 +130,18 @@ def server_section(port: int, health: str = "") -> str:
 
 
 def test_a_source_whose_server_stops_turns_healthz_503_naming_it_and_recovery_turns_it_back(
-        tmp_path: Path, loaded: FhirState, paubox_server: Server) -> None:
+    tmp_path: Path, loaded: FhirState, paubox_server: Server
+) -> None:
     port = free_port()
     fhir = Server(fhir_app(loaded)).__enter__()
-    config = write_config(tmp_path, fhir.url, paubox_server.url, mappings=BASIC, extra_source="    interval: 1s\n",
-                          extra=server_section(port))
+    config = write_config(
+        tmp_path,
+        fhir.url,
+        paubox_server.url,
+        mappings=BASIC,
+        extra_source="    interval: 1s\n",
+        extra=server_section(port),
+    )
     with daemon(config, tmp_path) as process:
         well = wait_until(lambda: polled(health(port, 200)), process, tmp_path)
         assert well["status"] == "ok" and well["failing"] == []
@@ -142,15 +166,16 @@ def test_a_source_whose_server_stops_turns_healthz_503_naming_it_and_recovery_tu
 
         with Server(fhir_app(loaded), port=fhir.port):  # the EHR is back on the same address
             recovered = wait_until(lambda: health(port, 200), process, tmp_path)
-            assert datetime.fromisoformat(recovered["components"]["source:ehr"]["last_success"]) >= stopped - \
-                timedelta(seconds=1)
+            assert datetime.fromisoformat(recovered["components"]["source:ehr"]["last_success"]) >= stopped - timedelta(
+                seconds=1
+            )
             assert alive(port)
             assert health_rows(status(config, tmp_path))["source:ehr"][0] == "ok"
 
 
 def test_a_refused_paubox_key_turns_healthz_503_naming_the_mailer_until_the_key_works(
-        tmp_path: Path, loaded: FhirState, fhir_server: Server, paubox_state: SandboxState,
-        paubox_server: Server) -> None:
+    tmp_path: Path, loaded: FhirState, fhir_server: Server, paubox_state: SandboxState, paubox_server: Server
+) -> None:
     port = free_port()
     config = write_config(tmp_path, fhir_server.url, paubox_server.url, mappings=BASIC, extra=server_section(port))
     with daemon(config, tmp_path, api_key="a-key-paubox-does-not-know") as process:
@@ -224,14 +249,21 @@ def with_shutdown(connection: socket.socket) -> None:
 
 @pytest.mark.postgres
 def test_an_unreachable_ledger_turns_healthz_503_and_livez_stays_200(
-        tmp_path: Path, pg_schema_url: str, loaded: FhirState, fhir_server: Server, paubox_server: Server) -> None:
+    tmp_path: Path, pg_schema_url: str, loaded: FhirState, fhir_server: Server, paubox_server: Server
+) -> None:
     url = make_url(pg_schema_url)
     proxy = TcpProxy((url.host or "127.0.0.1", url.port or 5432))
     proxy.start()
     through_proxy = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
     port = free_port()
-    config = write_config(tmp_path, fhir_server.url, paubox_server.url, mappings=BASIC, ledger_url=through_proxy,
-                          extra=server_section(port, "  ledger_timeout: 1s\n"))
+    config = write_config(
+        tmp_path,
+        fhir_server.url,
+        paubox_server.url,
+        mappings=BASIC,
+        ledger_url=through_proxy,
+        extra=server_section(port, "  ledger_timeout: 1s\n"),
+    )
     try:
         with daemon(config, tmp_path) as process:
             wait_until(lambda: health(port, 200), process, tmp_path)

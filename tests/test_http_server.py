@@ -36,12 +36,18 @@ async def serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterato
 
     async def start(server_extra: str) -> int:
         port = free_port()
-        config = load_config(write_config(
-            tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9", mappings=BASIC,
-            extra_source="    subscription:\n      enabled: true\n      secret: ${SUB_SECRET}\n",
-            paubox_extra="    webhook_token: ${WEBHOOK_TOKEN}\n    webhook_allow_ips: [203.0.113.7]\n",
-            extra=f"server:\n  port: {port}\n  header_timeout: {HEADER_TIMEOUT}s\n  body_timeout: {BODY_TIMEOUT}s\n"
-                  + server_extra))
+        config = load_config(
+            write_config(
+                tmp_path,
+                "http://127.0.0.1:9",
+                "http://127.0.0.1:9",
+                mappings=BASIC,
+                extra_source="    subscription:\n      enabled: true\n      secret: ${SUB_SECRET}\n",
+                paubox_extra="    webhook_token: ${WEBHOOK_TOKEN}\n    webhook_allow_ips: [203.0.113.7]\n",
+                extra=f"server:\n  port: {port}\n  header_timeout: {HEADER_TIMEOUT}s\n  body_timeout: {BODY_TIMEOUT}s\n"
+                + server_extra,
+            )
+        )
         runtime = Runtime.open(config, system_clock)
         server = web_server(runtime)
         assert server is not None
@@ -60,8 +66,7 @@ async def serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterato
 
 async def paubox_status(port: int, forwarded_for: str) -> int:
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
-        response = await client.post(f"/webhooks/paubox/{TOKEN}", json={},
-                                     headers={"X-Forwarded-For": forwarded_for})
+        response = await client.post(f"/webhooks/paubox/{TOKEN}", json={}, headers={"X-Forwarded-For": forwarded_for})
         return response.status_code
 
 
@@ -115,8 +120,10 @@ async def test_headers_sent_one_byte_a_second_are_cut_off_at_the_header_timeout(
 
 async def test_a_body_dripping_slowly_gets_a_408_at_the_body_timeout_and_is_no_crash(serve: Serve) -> None:
     port = await serve("")
-    head = (b"POST /fhir/ehr/notify HTTP/1.1\r\nHost: connector.example.org\r\nContent-Type: application/json\r\n"
-            b"Authorization: " + SECRET.encode() + b"\r\nContent-Length: 200\r\n\r\n")
+    head = (
+        b"POST /fhir/ehr/notify HTTP/1.1\r\nHost: connector.example.org\r\nContent-Type: application/json\r\n"
+        b"Authorization: " + SECRET.encode() + b"\r\nContent-Length: 200\r\n\r\n"
+    )
     with capture_logs() as logs:
         answer, closed_after = await drip(port, head, b"{" + b" " * 199, every=0.25, give_up=3 * BODY_TIMEOUT)
     assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n") and b'"status": 408' in answer
@@ -131,8 +138,11 @@ async def test_a_client_that_leaves_mid_body_is_logged_as_a_disconnect_at_info_n
     port = await serve("")
     with capture_logs() as logs:
         _, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"POST /fhir/ehr/notify HTTP/1.1\r\nHost: connector.example.org\r\nAuthorization: "
-                     + SECRET.encode() + b"\r\nContent-Length: 1000\r\n\r\n{\"resourceType\":")
+        writer.write(
+            b"POST /fhir/ehr/notify HTTP/1.1\r\nHost: connector.example.org\r\nAuthorization: "
+            + SECRET.encode()
+            + b'\r\nContent-Length: 1000\r\n\r\n{"resourceType":'
+        )
         await writer.drain()
         await asyncio.sleep(0.2)
         writer.close()

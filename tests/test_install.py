@@ -17,13 +17,21 @@ HEAVY = ("fhir", "sqlalchemy", "httpx", "starlette", "jinja2", "pydantic", "type
 
 
 def connector(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "connector", *args], cwd=cwd, text=True, capture_output=True,
-                          env=env if env is not None else dict(os.environ), timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "connector", *args],
+        cwd=cwd,
+        text=True,
+        capture_output=True,
+        env=env if env is not None else dict(os.environ),
+        timeout=120,
+    )
 
 
 def test_version_prints_the_package_version_without_importing_heavy_modules() -> None:
-    probe = ("import sys; sys.argv = ['connector', '--version']; from connector.entry import main; main(); "
-             "print(sorted({m.split('.')[0] for m in sys.modules} & set(sys.argv[1:])))")
+    probe = (
+        "import sys; sys.argv = ['connector', '--version']; from connector.entry import main; main(); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & set(sys.argv[1:])))"
+    )
     result = subprocess.run([sys.executable, "-c", probe, *HEAVY], text=True, capture_output=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [f"connector {version('connector')}", "[]"]
@@ -46,8 +54,15 @@ def test_init_writes_config_mappings_and_env_example(tmp_path: Path) -> None:
     assert not compared.left_only and not compared.right_only and not compared.diff_files
     assert (site / "mappings" / "crm-examples" / "hubspot-appointment-request.yaml").is_file()
     env = (site / ".env.example").read_text()
-    for line in ("EHR_FHIR_TOKEN=", "PAUBOX_USERNAME=", "PAUBOX_API_KEY=", "PAUBOX_WEBHOOK_TOKEN=",
-                 "EHR_SUBSCRIPTION_SECRET=", "# INBOX_KEY=", "# HUBSPOT_CLIENT_SECRET="):
+    for line in (
+        "EHR_FHIR_TOKEN=",
+        "PAUBOX_USERNAME=",
+        "PAUBOX_API_KEY=",
+        "PAUBOX_WEBHOOK_TOKEN=",
+        "EHR_SUBSCRIPTION_SECRET=",
+        "# INBOX_KEY=",
+        "# HUBSPOT_CLIENT_SECRET=",
+    ):
         assert f"\n{line}" in env, line
     assert "not needed while sources.ehr.subscription.enabled is false" in env
     assert "# delivery.paubox.api_key (config.yaml line" in env
@@ -83,15 +98,23 @@ def test_init_refuses_to_overwrite_and_force_does(tmp_path: Path) -> None:
 
 def test_an_initialised_folder_validates_once_its_variables_are_set(tmp_path: Path) -> None:
     assert connector("init", cwd=tmp_path).returncode == 0
-    names = ("EHR_FHIR_TOKEN", "PAUBOX_USERNAME", "PAUBOX_API_KEY", "PAUBOX_WEBHOOK_TOKEN", "OPTOUT_KEY",
-             "EHR_SUBSCRIPTION_SECRET")
+    names = (
+        "EHR_FHIR_TOKEN",
+        "PAUBOX_USERNAME",
+        "PAUBOX_API_KEY",
+        "PAUBOX_WEBHOOK_TOKEN",
+        "OPTOUT_KEY",
+        "EHR_SUBSCRIPTION_SECRET",
+    )
     bare = {k: v for k, v in os.environ.items() if k not in names}
     missing = connector("validate", cwd=tmp_path, env=bare)
     assert missing.returncode == 2
     for name in names[:5]:
         assert f"environment variable {name} is not set (export it" in missing.stdout, name
-    assert "warning: config.yaml line" in missing.stdout and "EHR_SUBSCRIPTION_SECRET is not set; not needed" \
-        in missing.stdout
+    assert (
+        "warning: config.yaml line" in missing.stdout
+        and "EHR_SUBSCRIPTION_SECRET is not set; not needed" in missing.stdout
+    )
     values = {name: "placeholder" for name in names[:4]} | {"OPTOUT_KEY": base64.b64encode(bytes(32)).decode()}
     ready = connector("validate", cwd=tmp_path, env={**bare, **values})
     assert ready.returncode == 0, ready.stdout

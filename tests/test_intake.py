@@ -18,19 +18,41 @@ from tests.factories import appointment, patient
 
 NOW = datetime(2026, 11, 21, 10, 0, tzinfo=UTC)
 
-USABLE = ["robin@example.org", "o'brien@example.org", "first.last+tag@sub.example.org", "josé@exämple.org",
-          "a@b.co"]
+USABLE = ["robin@example.org", "o'brien@example.org", "first.last+tag@sub.example.org", "josé@exämple.org", "a@b.co"]
 HOSTILE = [
-    " robin@example.org", "robin@example.org ", "rob in@example.org", "robin\t@example.org",  # whitespace
-    "robin@example.org\r\nBcc: x@example.org", "robin@example.org\n", "robin@exa\x00mple.org",  # controls
-    "ro\ud800bin@example.org", "robin@example.org\u200b", "robin@example.o\u2028rg",  # surrogate, invisible
-    "robin@example.org, other@example.org", "robin@example.org;other@example.org",  # several addresses
-    "Robin <robin@example.org>", '"Robin" <robin@example.org>', "<robin@example.org>",  # header text
-    '"quoted@x"@example.org', "robin@@example.org",
-    "robin@localhost", "robin@", "@example.org", "robin", "",  # no domain, no local part
-    "robin.@example.org", ".robin@example.org", "ro..bin@example.org", "robin@example..org",
-    "robin@-example.org", "robin@example.org.", "robin@exam_ple.org", "robin@ex!ample.org",
-    "robin@[127.0.0.1]", "robin@127.0.0.1", "a" * 65 + "@example.org",
+    " robin@example.org",
+    "robin@example.org ",
+    "rob in@example.org",
+    "robin\t@example.org",  # whitespace
+    "robin@example.org\r\nBcc: x@example.org",
+    "robin@example.org\n",
+    "robin@exa\x00mple.org",  # controls
+    "ro\ud800bin@example.org",
+    "robin@example.org\u200b",
+    "robin@example.o\u2028rg",  # surrogate, invisible
+    "robin@example.org, other@example.org",
+    "robin@example.org;other@example.org",  # several addresses
+    "Robin <robin@example.org>",
+    '"Robin" <robin@example.org>',
+    "<robin@example.org>",  # header text
+    '"quoted@x"@example.org',
+    "robin@@example.org",
+    "robin@localhost",
+    "robin@",
+    "@example.org",
+    "robin",
+    "",  # no domain, no local part
+    "robin.@example.org",
+    ".robin@example.org",
+    "ro..bin@example.org",
+    "robin@example..org",
+    "robin@-example.org",
+    "robin@example.org.",
+    "robin@exam_ple.org",
+    "robin@ex!ample.org",
+    "robin@[127.0.0.1]",
+    "robin@127.0.0.1",
+    "a" * 65 + "@example.org",
 ]
 
 
@@ -63,20 +85,25 @@ def good() -> dict[str, Any]:
     return appointment("a1", "p1", NOW + timedelta(days=1))
 
 
-@pytest.mark.parametrize(("changes", "element"), [
-    ({"start": "9999-12-31T20:00:00-14:00"}, "Appointment.start"),
-    ({"end": "0001-01-01T00:00:00+14:00"}, "Appointment.end"),
-    ({"meta": {"lastUpdated": "9999-12-31T23:00:00-10:00"}}, "Appointment.meta.lastUpdated"),
-    ({"start": "not a date"}, "Appointment.start"),
-    ({"id": "a/1"}, "id is not a FHIR id"),
-    ({"status": "booked-ish"}, "status"),
-    ({"modifierExtension": [{"url": "http://example.org/x"}]}, "Appointment.modifierExtension"),
-    ({"_start": {"modifierExtension": [{"url": "http://example.org/x"}]}}, "Appointment._start.modifierExtension"),
-    ({"implicitRules": "http://example.org/rules"}, "implicitRules"),
-    ({"participant": [{"actor": {"reference": "Patient/p1\n"}}]}, "participant[0].actor.reference"),
-    ({"participant": [{"actor": {"reference": "http://fhir.test/Patient/" + "p" * 65}}]},
-     "participant[0].actor.reference"),
-])
+@pytest.mark.parametrize(
+    ("changes", "element"),
+    [
+        ({"start": "9999-12-31T20:00:00-14:00"}, "Appointment.start"),
+        ({"end": "0001-01-01T00:00:00+14:00"}, "Appointment.end"),
+        ({"meta": {"lastUpdated": "9999-12-31T23:00:00-10:00"}}, "Appointment.meta.lastUpdated"),
+        ({"start": "not a date"}, "Appointment.start"),
+        ({"id": "a/1"}, "id is not a FHIR id"),
+        ({"status": "booked-ish"}, "status"),
+        ({"modifierExtension": [{"url": "http://example.org/x"}]}, "Appointment.modifierExtension"),
+        ({"_start": {"modifierExtension": [{"url": "http://example.org/x"}]}}, "Appointment._start.modifierExtension"),
+        ({"implicitRules": "http://example.org/rules"}, "implicitRules"),
+        ({"participant": [{"actor": {"reference": "Patient/p1\n"}}]}, "participant[0].actor.reference"),
+        (
+            {"participant": [{"actor": {"reference": "http://fhir.test/Patient/" + "p" * 65}}]},
+            "participant[0].actor.reference",
+        ),
+    ],
+)
 def test_check_appointment_names_the_element_that_stops_processing(changes: dict[str, Any], element: str) -> None:
     with pytest.raises(ResourceError, match=element.replace("[", r"\[").replace("]", r"\]")):
         check_appointment({**good(), **changes}, "http://fhir.test")
@@ -102,9 +129,17 @@ def test_a_reason_names_the_error_and_where_it_was_raised_never_its_message() ->
 
 
 def test_check_storable_refuses_what_a_ledger_column_would_refuse() -> None:
-    planned = PlannedNotification(key="ehr:m:a1|p1", source="ehr", mapping="m", event="booked",
-                                  resource_type="Appointment", resource_id="a1", resource_version="1",
-                                  patient_id="p1", due_at=NOW)
+    planned = PlannedNotification(
+        key="ehr:m:a1|p1",
+        source="ehr",
+        mapping="m",
+        event="booked",
+        resource_type="Appointment",
+        resource_id="a1",
+        resource_version="1",
+        patient_id="p1",
+        due_at=NOW,
+    )
     check_storable([planned], ("p1",))
     for bad in ({"key": "ehr:m:a\ud8001"}, {"key": "ehr:m:" + "k" * 600}, {"patient_id": "p\r\n1"}):
         with pytest.raises(ResourceError):
@@ -114,8 +149,12 @@ def test_check_storable_refuses_what_a_ledger_column_would_refuse() -> None:
 
 
 def test_examine_records_every_entry_even_without_an_id_and_moves_the_newest_past_the_bad() -> None:
-    bad = {**good(), "id": "bad", "start": "9999-12-31T20:00:00-14:00",
-           "meta": {"versionId": "1", "lastUpdated": "2026-11-21T09:00:00Z"}}
+    bad = {
+        **good(),
+        "id": "bad",
+        "start": "9999-12-31T20:00:00-14:00",
+        "meta": {"versionId": "1", "lastUpdated": "2026-11-21T09:00:00Z"},
+    }
     page = fhir.SearchPage(matches=[good(), bad, None, {"resourceType": "Appointment"}])
     examined = examine(page, None)
     assert [s.resource_id for s in examined.seen] == ["a1", "bad", "(no id)", "(no id)"]

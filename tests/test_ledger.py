@@ -13,8 +13,18 @@ NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 
 
 def planned(key: str, due: datetime = NOW, state: State = State.PENDING) -> PlannedNotification:
-    return PlannedNotification(key=key, source="ehr", mapping="m", event="booked", resource_type="Appointment",
-                               resource_id=key, resource_version="1", patient_id="p1", due_at=due, state=state)
+    return PlannedNotification(
+        key=key,
+        source="ehr",
+        mapping="m",
+        event="booked",
+        resource_type="Appointment",
+        resource_id=key,
+        resource_version="1",
+        patient_id="p1",
+        due_at=due,
+        state=state,
+    )
 
 
 def test_unique_key_decides_duplicates(ledger: SqlLedger) -> None:
@@ -47,7 +57,8 @@ def test_record_page_is_atomic_and_cursor_never_goes_back(ledger: SqlLedger) -> 
     ledger.record_page("ehr", [], [], NOW + timedelta(seconds=1))
     assert ledger.cursor("ehr") == NOW + timedelta(seconds=1)
     assert ledger.new_versions("ehr", [("Appointment", "a", "1"), ("Appointment", "a", "2")]) == {
-        ("Appointment", "a", "2")}
+        ("Appointment", "a", "2")
+    }
     assert ledger.new_versions("other", [("Appointment", "a", "1")]) == {("Appointment", "a", "1")}
 
 
@@ -93,7 +104,10 @@ def test_retry_later_and_settle(ledger: SqlLedger) -> None:
     ledger.settle(b.id, "w1", State.SKIPPED, "no address")
     records = ledger.existing(["a", "b"])
     assert (records["a"].state, records["a"].attempts, records["a"].due_at) == (
-        State.PENDING, 1, NOW + timedelta(minutes=1))
+        State.PENDING,
+        1,
+        NOW + timedelta(minutes=1),
+    )
     assert (records["b"].state, records["b"].reason) == (State.SKIPPED, "no address")
     assert ledger.claim_due(NOW, 10, "w1", wall + timedelta(minutes=5), wall) == []
     assert [r.key for r in ledger.claim_due(NOW + timedelta(minutes=1), 10, "w1", wall, wall)] == ["a"]
@@ -108,8 +122,15 @@ def test_release_gives_back_leases(ledger: SqlLedger) -> None:
 
 
 def test_problems_and_pruning(ledger: SqlLedger) -> None:
-    ledger.record_page("ehr", [], [SeenVersion("Appointment", "bad", "1", NOW, "not valid FHIR R4: status"),
-                                   SeenVersion("Appointment", "old", "1", NOW - timedelta(days=1))], None)
+    ledger.record_page(
+        "ehr",
+        [],
+        [
+            SeenVersion("Appointment", "bad", "1", NOW, "not valid FHIR R4: status"),
+            SeenVersion("Appointment", "old", "1", NOW - timedelta(days=1)),
+        ],
+        None,
+    )
     assert ledger.prune_seen("ehr", NOW - timedelta(hours=1)) == 1
     [(source, seen)] = ledger.problems(10)
     assert (source, seen.resource_id, seen.problem) == ("ehr", "bad", "not valid FHIR R4: status")
@@ -181,17 +202,20 @@ def test_one_finish_records_every_kind_of_ending(ledger: SqlLedger) -> None:
     wall = datetime.now(UTC)
     claimed = {r.key: r for r in ledger.claim_due(NOW, 10, "w1", wall + timedelta(minutes=5), wall)}
     assert ledger.start_sending([r.id for r in claimed.values()], "w1", wall + timedelta(minutes=5)) == {
-        r.id for r in claimed.values()}
+        r.id for r in claimed.values()
+    }
     ledger.record_delivery("confirmed", None, "delivered", 3, NOW)  # a webhook came before the answer
     ledger.mark_interrupted(wall + timedelta(minutes=6), everything=False)  # all in_doubt: leases ran out
     ids = {k: r.id for k, r in claimed.items()}
-    ledger.finish([
-        SendResult(ids["sent"], State.SENT, tracking_id="t-1", when=NOW),
-        SendResult(ids["failed"], State.FAILED, "HTTP 400: bad address"),
-        SendResult(ids["doubt"], State.IN_DOUBT, "read timeout"),
-        SendResult(ids["confirmed"], State.IN_DOUBT, "read timeout"),
-        SendResult(ids["late"], State.SENT, when=NOW),
-    ])
+    ledger.finish(
+        [
+            SendResult(ids["sent"], State.SENT, tracking_id="t-1", when=NOW),
+            SendResult(ids["failed"], State.FAILED, "HTTP 400: bad address"),
+            SendResult(ids["doubt"], State.IN_DOUBT, "read timeout"),
+            SendResult(ids["confirmed"], State.IN_DOUBT, "read timeout"),
+            SendResult(ids["late"], State.SENT, when=NOW),
+        ]
+    )
     records = ledger.existing(keys)
     assert (records["sent"].state, records["sent"].tracking_id) == (State.SENT, "t-1")
     assert (records["failed"].state, records["failed"].reason) == (State.FAILED, "HTTP 400: bad address")
@@ -208,8 +232,12 @@ def test_a_retry_may_give_the_attempt_back(ledger: SqlLedger) -> None:
     wall = datetime.now(UTC)
     a, b = ledger.claim_due(NOW, 10, "w1", wall + timedelta(minutes=5), wall)
     ledger.start_sending([a.id, b.id], "w1", wall + timedelta(minutes=5))
-    ledger.finish([SendResult(a.id, State.PENDING, "HTTP 429", due_at=NOW, count_attempt=False),
-                   SendResult(b.id, State.PENDING, "HTTP 503", due_at=NOW + timedelta(seconds=30))])
+    ledger.finish(
+        [
+            SendResult(a.id, State.PENDING, "HTTP 429", due_at=NOW, count_attempt=False),
+            SendResult(b.id, State.PENDING, "HTTP 503", due_at=NOW + timedelta(seconds=30)),
+        ]
+    )
     records = ledger.existing(["a", "b"])
     assert (records["a"].state, records["a"].attempts, records["a"].reason) == (State.PENDING, 0, "HTTP 429")
     assert (records["b"].attempts, records["b"].due_at) == (1, NOW + timedelta(seconds=30))

@@ -71,8 +71,15 @@ class World:
         result = []
         for message in self.paubox.messages:
             record = records[message["custom_headers"]["X-Notification-Key"]]
-            result.append(Sent(message["recipients"][0], record.mapping, self._sent_at(record.key),
-                               message["subject"], message["text"]))
+            result.append(
+                Sent(
+                    message["recipients"][0],
+                    record.mapping,
+                    self._sent_at(record.key),
+                    message["subject"],
+                    message["text"],
+                )
+            )
         return result
 
     def _sent_at(self, key: str) -> datetime:
@@ -97,8 +104,9 @@ async def world(tmp_path: Path, api_key_env: str, request: pytest.FixtureRequest
     extra = getattr(request, "param", "")
     fhir, paubox, clock = FhirState(), SandboxState(api_key=api_key_env, username="clinic"), Clock(T0)
     location_zones = "    location_timezones:\n      Location/ny: America/New_York\n"
-    config = load_config(write_config(tmp_path, "http://fhir.test", "https://paubox.test",
-                                      extra_source=location_zones, extra=extra))
+    config = load_config(
+        write_config(tmp_path, "http://fhir.test", "https://paubox.test", extra_source=location_zones, extra=extra)
+    )
     mailer = PauboxRestMailer(config.delivery.paubox, transport=httpx.ASGITransport(app=paubox_app(paubox)))
     runtime = Runtime.open(config, clock, mailer=mailer, source_transport=httpx.ASGITransport(app=fhir_app(fhir)))
     runtime.cache.clear()
@@ -127,7 +135,10 @@ async def test_booked_confirms_now_and_reminds_48h_and_2h_before(world: World) -
     await world.at(T0 + 70 * H)
     await world.at(T0 + 80 * H)  # after the visit: nothing more
     assert [(s.mapping, s.at) for s in world.sent()] == [
-        ("appointment-booked", T0), ("appointment-reminder-48h", T0 + 24 * H), ("appointment-reminder-2h", T0 + 70 * H)]
+        ("appointment-booked", T0),
+        ("appointment-reminder-48h", T0 + 24 * H),
+        ("appointment-reminder-2h", T0 + 70 * H),
+    ]
     assert world.sent()[1].subject == "Reminder: your appointment at Example Clinic on December 10, 2026"
 
 
@@ -162,8 +173,10 @@ async def test_reschedule_withdraws_the_old_reminder_and_arms_the_new_one(world:
     await world.at(T0 + 24 * H)  # the old reminder time: nothing
     await world.at(T0 + 72 * H)  # the new reminder time
     assert [(s.mapping, s.at) for s in world.sent()] == [
-        ("appointment-booked", T0), ("appointment-rescheduled", T0 + 12 * H),
-        ("appointment-reminder-48h", T0 + 72 * H)]
+        ("appointment-booked", T0),
+        ("appointment-rescheduled", T0 + 12 * H),
+        ("appointment-reminder-48h", T0 + 72 * H),
+    ]
     assert "withdrawn: the appointment became rescheduled" in world.reasons(State.CANCELLED).values()
 
 
@@ -187,8 +200,7 @@ async def test_cancel_before_a_reminder(world: World) -> None:
     await world.at(T0 + H)
     await world.at(T0 + 24 * H)
     await world.at(T0 + 70 * H)
-    assert [(s.mapping, s.at) for s in world.sent()] == [("appointment-booked", T0),
-                                                         ("appointment-cancelled", T0 + H)]
+    assert [(s.mapping, s.at) for s in world.sent()] == [("appointment-booked", T0), ("appointment-cancelled", T0 + H)]
 
 
 async def test_created_already_cancelled_sends_nothing(world: World) -> None:
@@ -210,8 +222,7 @@ async def test_entered_in_error_withdraws_and_sends_nothing(world: World) -> Non
 
 
 @pytest.mark.parametrize(("required", "status"), [("information-only", "accepted"), ("required", "declined")])
-async def test_information_only_and_declined_participants_get_nothing(world: World, required: str,
-                                                                      status: str) -> None:
+async def test_information_only_and_declined_participants_get_nothing(world: World, required: str, status: str) -> None:
     world.put(robin())
     world.put(visit(participant=[{"actor": {"reference": "Patient/p1"}, "required": required, "status": status}]))
     await world.at(T0)
@@ -232,23 +243,40 @@ async def test_no_email_and_deceased_are_skipped_with_reasons(world: World) -> N
 
 
 async def test_address_choice_by_use_period_and_rank(world: World) -> None:
-    world.put(patient("p1", "Robin", telecom=[
-        {"system": "email", "value": "old@example.org", "use": "old", "rank": 1},
-        {"system": "email", "value": "expired@example.org", "use": "home", "rank": 1,
-         "period": {"end": "2025-01-01T00:00:00Z"}},
-        {"system": "email", "value": "work@example.org", "use": "work"},
-        {"system": "email", "value": "home@example.org", "use": "home"},
-        {"system": "email", "value": "ranked@example.org", "use": "work", "rank": 2},
-        {"system": "phone", "value": "+1 555 0100", "rank": 1},
-    ]))
+    world.put(
+        patient(
+            "p1",
+            "Robin",
+            telecom=[
+                {"system": "email", "value": "old@example.org", "use": "old", "rank": 1},
+                {
+                    "system": "email",
+                    "value": "expired@example.org",
+                    "use": "home",
+                    "rank": 1,
+                    "period": {"end": "2025-01-01T00:00:00Z"},
+                },
+                {"system": "email", "value": "work@example.org", "use": "work"},
+                {"system": "email", "value": "home@example.org", "use": "home"},
+                {"system": "email", "value": "ranked@example.org", "use": "work", "rank": 2},
+                {"system": "phone", "value": "+1 555 0100", "rank": 1},
+            ],
+        )
+    )
     world.put(visit())
     await world.at(T0)
     assert [s.to for s in world.sent()] == ["ranked@example.org"]
 
 
 async def test_replaced_by_writes_to_the_surviving_record(world: World) -> None:
-    world.put(patient("p1", "Robin", email="stale@example.org",
-                      link=[{"other": {"reference": "Patient/p9"}, "type": "replaced-by"}]))
+    world.put(
+        patient(
+            "p1",
+            "Robin",
+            email="stale@example.org",
+            link=[{"other": {"reference": "Patient/p9"}, "type": "replaced-by"}],
+        )
+    )
     world.put(patient("p9", "Robin", email="current@example.org"))
     world.put(visit())
     await world.at(T0)
@@ -269,9 +297,14 @@ async def test_opt_out_by_address_or_identifier(world: World) -> None:
 
 
 async def test_preferred_language_picks_the_dutch_variant(world: World) -> None:
-    world.put(robin(communication=[
-        {"language": {"coding": [{"system": "urn:ietf:bcp:47", "code": "en"}]}},
-        {"language": {"coding": [{"system": "urn:ietf:bcp:47", "code": "nl-NL"}]}, "preferred": True}]))
+    world.put(
+        robin(
+            communication=[
+                {"language": {"coding": [{"system": "urn:ietf:bcp:47", "code": "en"}]}},
+                {"language": {"coding": [{"system": "urn:ietf:bcp:47", "code": "nl-NL"}]}, "preferred": True},
+            ]
+        )
+    )
     world.put(visit())
     await world.at(T0)
     [message] = world.sent()
@@ -285,8 +318,10 @@ async def test_delete_after_booked_cancels_and_says_so(world: World) -> None:
     await world.at(T0)
     world.fhir.deleted.add(("Appointment", "a1"))
     await world.at(T0 + 24 * H)  # the 48 h reminder finds the appointment gone
-    assert [(s.mapping, s.at) for s in world.sent()] == [("appointment-booked", T0),
-                                                         ("appointment-cancelled", T0 + 24 * H)]
+    assert [(s.mapping, s.at) for s in world.sent()] == [
+        ("appointment-booked", T0),
+        ("appointment-cancelled", T0 + 24 * H),
+    ]
     assert "Thursday, December 10, 2026" in world.sent()[1].text
 
 
@@ -298,7 +333,8 @@ async def test_late_first_sight_skips_or_sends_within_grace(world: World) -> Non
     reminders = [(s.mapping, s.at) for s in world.sent() if "reminder" in s.mapping]
     assert reminders == [("appointment-reminder-48h", T0)]
     assert world.reasons(State.SKIPPED)["appointment-reminder-48h/p1"] == (
-        "its time (start-48h) had passed when the appointment was seen")
+        "its time (start-48h) had passed when the appointment was seen"
+    )
 
 
 @pytest.mark.parametrize("world", [QUIET], indirect=True)
@@ -315,16 +351,19 @@ async def test_quiet_hours_defer_and_never_past_the_start(world: World) -> None:
     sent = [(s.mapping, s.at) for s in world.sent()]
     assert sent.count(("appointment-booked", datetime(2026, 12, 8, 13, 0, tzinfo=UTC))) == 2
     assert sent.count(("appointment-reminder-2h", datetime(2026, 12, 10, 13, 0, tzinfo=UTC))) == 1
-    assert ("quiet hours until 08:00 (America/New_York) last past the appointment start"
-            in world.reasons(State.SKIPPED).values())
+    assert (
+        "quiet hours until 08:00 (America/New_York) last past the appointment start"
+        in world.reasons(State.SKIPPED).values()
+    )
 
 
 @pytest.mark.parametrize("world", [QUIET], indirect=True)
 async def test_two_time_zones_for_rendering_and_quiet_hours(world: World) -> None:
     world.put(robin())
     amsterdam = visit("ams", start=datetime(2026, 12, 10, 14, 0, tzinfo=UTC))
-    amsterdam["_start"] = {"extension": [{"url": "http://hl7.org/fhir/StructureDefinition/tz-code",
-                                          "valueCode": "Europe/Amsterdam"}]}
+    amsterdam["_start"] = {
+        "extension": [{"url": "http://hl7.org/fhir/StructureDefinition/tz-code", "valueCode": "Europe/Amsterdam"}]
+    }
     new_york = visit("nyc", start=datetime(2026, 12, 10, 14, 0, tzinfo=UTC))
     new_york["participant"].append({"actor": {"reference": "Location/ny"}, "status": "accepted"})
     world.put(amsterdam)
@@ -366,10 +405,24 @@ async def test_a_denying_consent_suppresses(consent_world: World) -> None:
     world.put(patient("p2", "Sam", email="sam@example.org"))
     world.put(visit("a1", "p1"))
     world.put(visit("a2", "p2"))
-    world.put({"resourceType": "Consent", "id": "c1", "status": "active", "patient": {"reference": "Patient/p1"},
-               "provision": {"type": "deny", "purpose": [{"code": "PATRPT"}]}})
-    world.put({"resourceType": "Consent", "id": "c2", "status": "active", "patient": {"reference": "Patient/p2"},
-               "provision": {"type": "deny", "purpose": [{"code": "RESEARCH"}]}})
+    world.put(
+        {
+            "resourceType": "Consent",
+            "id": "c1",
+            "status": "active",
+            "patient": {"reference": "Patient/p1"},
+            "provision": {"type": "deny", "purpose": [{"code": "PATRPT"}]},
+        }
+    )
+    world.put(
+        {
+            "resourceType": "Consent",
+            "id": "c2",
+            "status": "active",
+            "patient": {"reference": "Patient/p2"},
+            "provision": {"type": "deny", "purpose": [{"code": "RESEARCH"}]},
+        }
+    )
     await world.at(T0)
     assert [s.to for s in world.sent()] == ["sam@example.org"]
     assert world.reasons(State.SKIPPED)["appointment-booked/p1"] == "Patient/p1: Consent/c1 denies this purpose"

@@ -31,11 +31,17 @@ templates:
 """
 
 
-def folder_with(tmp_path: Path, *, condition: str = "", subject: str = "Hello", text: str = "Hi {{ patient_name }}",
-                html: str | None = None) -> Path:
+def folder_with(
+    tmp_path: Path,
+    *,
+    condition: str = "",
+    subject: str = "Hello",
+    text: str = "Hi {{ patient_name }}",
+    html: str | None = None,
+) -> Path:
     folder = tmp_path / "mappings"
     folder.mkdir(exist_ok=True)
-    body = BASE.format(condition=f"  condition: \"{condition}\"" if condition else "", subject=subject)
+    body = BASE.format(condition=f'  condition: "{condition}"' if condition else "", subject=subject)
     if html is not None:
         body += "  html: reminder.html\n"
         (folder / "reminder.html").write_text(html)
@@ -44,8 +50,9 @@ def folder_with(tmp_path: Path, *, condition: str = "", subject: str = "Hello", 
     return folder
 
 
-def first_sight(mappings: MappingSet, resource: dict[str, object], version: str = "1",
-               notified: frozenset[str] = frozenset()) -> list[PlannedNotification]:
+def first_sight(
+    mappings: MappingSet, resource: dict[str, object], version: str = "1", notified: frozenset[str] = frozenset()
+) -> list[PlannedNotification]:
     """What the mappings plan when this appointment is seen for the first time."""
     situation = Situation("ehr", resource, version, "UTC", None, notified, NOW)
     planned = []
@@ -62,8 +69,13 @@ def load_problems(folder: Path) -> list[str]:
 
 def test_shipped_mappings_load() -> None:
     mappings = load_mappings(ROOT / "mappings")
-    assert mappings.names() == ["appointment-booked", "appointment-cancelled", "appointment-reminder-2h",
-                                "appointment-reminder-48h", "appointment-rescheduled"]
+    assert mappings.names() == [
+        "appointment-booked",
+        "appointment-cancelled",
+        "appointment-reminder-2h",
+        "appointment-reminder-48h",
+        "appointment-rescheduled",
+    ]
     assert all(sorted(mappings.get(n).variants) == ["en", "nl"] for n in mappings.names())  # type: ignore[union-attr]
 
 
@@ -105,9 +117,12 @@ def test_key_may_not_depend_on_the_patient_record(tmp_path: Path) -> None:
 
 def test_unknown_event_and_missing_template_file(tmp_path: Path) -> None:
     folder = folder_with(tmp_path)
-    (folder / "reminder.yaml").write_text((folder / "reminder.yaml").read_text()
-                                          .replace("event: booked", "event: confirmed")
-                                          .replace("reminder.txt", "missing.txt"))
+    (folder / "reminder.yaml").write_text(
+        (folder / "reminder.yaml")
+        .read_text()
+        .replace("event: booked", "event: confirmed")
+        .replace("reminder.txt", "missing.txt")
+    )
     found = load_problems(folder)
     assert any("line 4 (trigger.event): unknown event 'confirmed'" in p for p in found)
 
@@ -149,10 +164,21 @@ def test_render_text_and_autoescaped_html(tmp_path: Path) -> None:
     mappings = load_mappings(tmp_path / "m")
     visit = appointment("a1", "p1", datetime(2026, 12, 1, 14, 30, tzinfo=UTC))
     person = patient("p1", "<script>alert(1)</script>", email="x@example.org")
-    email = render(mappings.get("appointment-booked"), key="k", to="x@example.org",  # type: ignore[arg-type]
-                   appointment=visit, patient=person, event="booked", source="ehr", languages=[],
-                   timezone="America/New_York", locale="en_US", now=NOW, default_from="c@example.org",
-                   default_reply_to=None)
+    email = render(
+        mappings.get("appointment-booked"),
+        key="k",
+        to="x@example.org",  # type: ignore[arg-type]
+        appointment=visit,
+        patient=person,
+        event="booked",
+        source="ehr",
+        languages=[],
+        timezone="America/New_York",
+        locale="en_US",
+        now=NOW,
+        default_from="c@example.org",
+        default_reply_to=None,
+    )
     assert email.subject == "Your appointment at Example Clinic on December 1, 2026"
     assert "Tuesday, December 1, 2026" in email.text and "9:30 AM EST" in email.text
     assert "<script>" in email.text  # plain text is not HTML
@@ -162,8 +188,19 @@ def test_render_text_and_autoescaped_html(tmp_path: Path) -> None:
 def test_render_in_another_locale(tmp_path: Path) -> None:
     mappings = load_mappings(ROOT / "mappings")
     visit = appointment("a1", "p1", datetime(2026, 12, 1, 14, 30, tzinfo=UTC))
-    email = render(mappings.get("appointment-booked"), key="k", to="x@example.org",  # type: ignore[arg-type]
-                   appointment=visit, patient=patient("p1", "A"), event="booked", source="ehr", languages=[],
-                   timezone="Europe/Amsterdam", locale="nl_NL", now=NOW, default_from="c@example.org",
-                   default_reply_to=None)
+    email = render(
+        mappings.get("appointment-booked"),
+        key="k",
+        to="x@example.org",  # type: ignore[arg-type]
+        appointment=visit,
+        patient=patient("p1", "A"),
+        event="booked",
+        source="ehr",
+        languages=[],
+        timezone="Europe/Amsterdam",
+        locale="nl_NL",
+        now=NOW,
+        default_from="c@example.org",
+        default_reply_to=None,
+    )
     assert "dinsdag 1 december 2026" in email.text

@@ -39,8 +39,9 @@ def rows(ledger: SqlLedger) -> list[tuple[str, str | None]]:
 def add_unkeyed(ledger: SqlLedger, kind: str, inner: str) -> None:
     """A row as versions before keyed digests wrote it: the plain SHA-256, no key id."""
     with ledger.engine.begin() as conn:
-        conn.execute(insert(OPT).values(kind=kind, digest=inner, hint="r…@example.org", note=None,
-                                        created_at=datetime.now(UTC)))
+        conn.execute(
+            insert(OPT).values(kind=kind, digest=inner, hint="r…@example.org", note=None, created_at=datetime.now(UTC))
+        )
 
 
 def test_an_optout_is_stored_as_an_hmac_under_the_current_key_not_a_plain_sha256(ledger: SqlLedger) -> None:
@@ -97,7 +98,8 @@ def test_a_new_current_key_keys_new_entries_while_the_old_one_still_matches(ledg
 
 
 def test_a_daemon_refuses_to_start_when_entries_are_keyed_with_a_key_no_longer_configured(
-        tmp_path: Path, api_key_env: str) -> None:
+    tmp_path: Path, api_key_env: str
+) -> None:
     config = load_config(write_config(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9", mappings=BASIC))
     runtime_ledger = SqlLedger(make_engine(config.ledger_url), SECOND)
     migrate.upgrade(runtime_ledger.engine)
@@ -109,13 +111,16 @@ def test_a_daemon_refuses_to_start_when_entries_are_keyed_with_a_key_no_longer_c
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def test_upgrading_a_ledger_with_plain_digests_then_rekey_keeps_every_optout(
-        backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     url = f"sqlite:///{tmp_path / 'old.db'}" if backend == "sqlite" else request.getfixturevalue("pg_schema_url")
     engine = make_engine(url)
     migrate.upgrade(engine, "0006")  # the schema before keyed digests
     with engine.begin() as conn:
-        conn.exec_driver_sql("INSERT INTO optout (kind, digest, hint, note, created_at) VALUES "
-                             f"('email', '{INNER}', 'r…@example.org', NULL, '2026-01-01 00:00:00')")
+        conn.exec_driver_sql(
+            "INSERT INTO optout (kind, digest, hint, note, created_at) VALUES "
+            f"('email', '{INNER}', 'r…@example.org', NULL, '2026-01-01 00:00:00')"
+        )
     migrate.upgrade(engine)
     ledger = SqlLedger(engine, OPTOUT_KEYS)
     assert rows(ledger) == [(INNER, None)]
@@ -127,8 +132,14 @@ def test_upgrading_a_ledger_with_plain_digests_then_rekey_keeps_every_optout(
 
 
 def connector(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "connector", *args], cwd=cwd, text=True, capture_output=True,
-                          env={**os.environ, "PAUBOX_API_KEY": API_KEY, "COLUMNS": "400"}, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "connector", *args],
+        cwd=cwd,
+        text=True,
+        capture_output=True,
+        env={**os.environ, "PAUBOX_API_KEY": API_KEY, "COLUMNS": "400"},
+        timeout=120,
+    )
 
 
 def test_cli_add_needs_a_key_and_rekey_converts_what_an_earlier_version_stored(tmp_path: Path) -> None:
@@ -148,14 +159,19 @@ def test_cli_add_needs_a_key_and_rekey_converts_what_an_earlier_version_stored(t
 
 
 def test_hard_bounce_optouts_need_an_optout_key(tmp_path: Path, api_key_env: str) -> None:
-    path = write_config(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9", mappings=BASIC, optout=False,
-                        paubox_extra="    optout_on_hard_bounce: true\n")
+    path = write_config(
+        tmp_path,
+        "http://127.0.0.1:9",
+        "http://127.0.0.1:9",
+        mappings=BASIC,
+        optout=False,
+        paubox_extra="    optout_on_hard_bounce: true\n",
+    )
     with pytest.raises(ConfigError, match="optout_on_hard_bounce needs `optout:`"):
         load_config(path)
 
 
-def test_an_optout_key_of_the_wrong_length_is_refused_with_file_line_and_key(tmp_path: Path,
-                                                                             api_key_env: str) -> None:
+def test_an_optout_key_of_the_wrong_length_is_refused_with_file_line_and_key(tmp_path: Path, api_key_env: str) -> None:
     path = write_config(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9", mappings=BASIC)
     (tmp_path / "optout.key").write_text(base64.b64encode(b"sixteen byte key").decode())
     with pytest.raises(ConfigError) as refused:

@@ -17,9 +17,14 @@ from connector.models import Email
 from connector.sandbox.paubox import SandboxState, create_app
 from tests.conftest import Server
 
-EMAIL = Email(notification_key="ehr:m:a1|booked", to="pat.one@example.org",
-              from_address="Clinic <appointments@example.org>", subject="Your appointment",
-              text="Hello", html="<p>Hëllo</p>")
+EMAIL = Email(
+    notification_key="ehr:m:a1|booked",
+    to="pat.one@example.org",
+    from_address="Clinic <appointments@example.org>",
+    subject="Your appointment",
+    text="Hello",
+    html="<p>Hëllo</p>",
+)
 
 
 def config(**overrides: object) -> PauboxConfig:
@@ -44,8 +49,10 @@ def test_payload_shape() -> None:
 async def test_send_to_sandbox_with_both_auth_schemes() -> None:
     state = SandboxState(api_key="k-123", username="clinic")
     for scheme in ("token", "bearer"):
-        mailer = PauboxRestMailer(config(auth_scheme=scheme, base_url="https://paubox.test/v1/clinic"),
-                                  transport=httpx.ASGITransport(app=create_app(state)))
+        mailer = PauboxRestMailer(
+            config(auth_scheme=scheme, base_url="https://paubox.test/v1/clinic"),
+            transport=httpx.ASGITransport(app=create_app(state)),
+        )
         outcome = await mailer.send(EMAIL)
         await mailer.aclose()
         assert outcome.verdict is Verdict.SENT and outcome.tracking_id
@@ -55,8 +62,9 @@ async def test_send_to_sandbox_with_both_auth_schemes() -> None:
 
 async def test_wrong_key_pauses_instead_of_failing() -> None:
     state = SandboxState(api_key="another", username="clinic")
-    mailer = PauboxRestMailer(config(base_url="https://paubox.test/v1/clinic"),
-                              transport=httpx.ASGITransport(app=create_app(state)))
+    mailer = PauboxRestMailer(
+        config(base_url="https://paubox.test/v1/clinic"), transport=httpx.ASGITransport(app=create_app(state))
+    )
     outcome = await mailer.send(EMAIL)
     await mailer.aclose()
     assert (outcome.verdict, outcome.blocking) == (Verdict.RETRY, True)
@@ -69,28 +77,35 @@ def answer(status: int, body: object, headers: dict[str, str] | None = None) -> 
     return outcome.verdict, outcome.reason
 
 
-@pytest.mark.parametrize(("status", "body", "verdict"), [
-    (200, {"sourceTrackingId": "3d38ab13", "customHeaders": {}, "data": "Service OK"}, Verdict.SENT),
-    (200, {"sourceTrackingId": "3d38ab13", "data": {"message_id": "x"}}, Verdict.SENT),
-    (200, {"errors": [{"code": 400, "title": "Bad Request"}]}, Verdict.FAILED),
-    (200, {"data": "Service OK"}, Verdict.IN_DOUBT),
-    (200, b"<html>ok</html>", Verdict.IN_DOUBT),
-    (400, {"errors": [{"code": 400, "title": "Bad Request", "details": "Missing subject"}]}, Verdict.FAILED),
-    (400, {"code": 400, "title": "Invalid Request", "details": {"title": "Missing values", "details": "x"}},
-     Verdict.FAILED),
-    (422, {"message": "from domain not verified"}, Verdict.FAILED),
-    (429, {"errors": [{"code": 429, "title": "Too Many Requests"}]}, Verdict.RETRY),
-    (500, {"errors": [{"code": 500, "title": "Internal Server Error"}]}, Verdict.IN_DOUBT),
-    (502, b"<html><h1>502 Bad Gateway</h1></html>", Verdict.IN_DOUBT),
-    (504, b"", Verdict.IN_DOUBT),
-])
+@pytest.mark.parametrize(
+    ("status", "body", "verdict"),
+    [
+        (200, {"sourceTrackingId": "3d38ab13", "customHeaders": {}, "data": "Service OK"}, Verdict.SENT),
+        (200, {"sourceTrackingId": "3d38ab13", "data": {"message_id": "x"}}, Verdict.SENT),
+        (200, {"errors": [{"code": 400, "title": "Bad Request"}]}, Verdict.FAILED),
+        (200, {"data": "Service OK"}, Verdict.IN_DOUBT),
+        (200, b"<html>ok</html>", Verdict.IN_DOUBT),
+        (400, {"errors": [{"code": 400, "title": "Bad Request", "details": "Missing subject"}]}, Verdict.FAILED),
+        (
+            400,
+            {"code": 400, "title": "Invalid Request", "details": {"title": "Missing values", "details": "x"}},
+            Verdict.FAILED,
+        ),
+        (422, {"message": "from domain not verified"}, Verdict.FAILED),
+        (429, {"errors": [{"code": 429, "title": "Too Many Requests"}]}, Verdict.RETRY),
+        (500, {"errors": [{"code": 500, "title": "Internal Server Error"}]}, Verdict.IN_DOUBT),
+        (502, b"<html><h1>502 Bad Gateway</h1></html>", Verdict.IN_DOUBT),
+        (504, b"", Verdict.IN_DOUBT),
+    ],
+)
 def test_classification(status: int, body: object, verdict: Verdict) -> None:
     assert answer(status, body)[0] is verdict
 
 
 def test_error_text_never_carries_an_address() -> None:
-    _, reason = answer(400, {"errors": [{"code": 400, "title": "Bad Request",
-                                         "details": "Invalid recipient pat.one@example.org"}]})
+    _, reason = answer(
+        400, {"errors": [{"code": 400, "title": "Bad Request", "details": "Invalid recipient pat.one@example.org"}]}
+    )
     assert "pat.one" not in reason and "<address>" in reason
 
 
@@ -116,8 +131,9 @@ async def test_timeout_after_sending_is_in_doubt_and_refused_connection_is_retry
 
 async def test_unrouted_base_url_gives_html_404_and_pauses() -> None:
     state = SandboxState(api_key="k-123", username="clinic")
-    mailer = PauboxRestMailer(config(base_url="https://paubox.test/v2/wrong"),
-                              transport=httpx.ASGITransport(app=create_app(state)))
+    mailer = PauboxRestMailer(
+        config(base_url="https://paubox.test/v2/wrong"), transport=httpx.ASGITransport(app=create_app(state))
+    )
     outcome = await mailer.send(EMAIL)
     await mailer.aclose()
     assert (outcome.verdict, outcome.blocking) == (Verdict.RETRY, True)
@@ -132,8 +148,9 @@ def test_backoff_is_bounded_and_honours_retry_after() -> None:
     assert backoff(1, timedelta(seconds=30), timedelta(hours=1), 90, rand=top) == timedelta(seconds=90)
 
 
-async def test_a_message_that_cannot_be_encoded_fails_and_is_never_in_doubt(paubox_server: Server,
-                                                                           paubox_state: SandboxState) -> None:
+async def test_a_message_that_cannot_be_encoded_fails_and_is_never_in_doubt(
+    paubox_server: Server, paubox_state: SandboxState
+) -> None:
     """A lone surrogate in the subject or body makes the JSON body unencodable: nothing leaves, so the
     message is `failed` (not in doubt). In a bulk request it fails alone; the others are sent."""
     from dataclasses import replace

@@ -46,8 +46,7 @@ def paubox() -> SandboxState:
 async def runtime(tmp_path: Path, fhir: FhirState, paubox: SandboxState, api_key_env: str) -> AsyncIterator[Runtime]:
     config = load_config(write_config(tmp_path, "http://fhir.test", "https://paubox.test", mappings=BASIC))
     mailer = PauboxRestMailer(config.delivery.paubox, transport=httpx.ASGITransport(app=paubox_app(paubox)))
-    rt = Runtime.open(config, fixed_clock(NOW), mailer=mailer,
-                      source_transport=httpx.ASGITransport(app=fhir_app(fhir)))
+    rt = Runtime.open(config, fixed_clock(NOW), mailer=mailer, source_transport=httpx.ASGITransport(app=fhir_app(fhir)))
     yield rt
     await rt.aclose()
 
@@ -56,20 +55,21 @@ def keys(paubox: SandboxState) -> list[str]:
     return sorted(m["custom_headers"]["X-Notification-Key"] for m in paubox.messages)
 
 
-async def test_pages_and_includes_send_each_email_once(runtime: Runtime, fhir: FhirState,
-                                                       paubox: SandboxState) -> None:
+async def test_pages_and_includes_send_each_email_once(runtime: Runtime, fhir: FhirState, paubox: SandboxState) -> None:
     report = await run_once(runtime)
     assert report.polls[0].pages == 2 and report.dispatch is not None and report.dispatch.sent == 4
     assert sorted(m["recipients"][0] for m in paubox.messages) == sorted(
-        p["telecom"][0]["value"] for p in marker_patients())
+        p["telecom"][0]["value"] for p in marker_patients()
+    )
     # Patients came with the search (_include): the dispatcher read nothing more from the server.
     assert not [r for r in fhir.requests if r.startswith("GET /Patient/") or r.startswith("GET /Appointment/")]
     again = await run_once(runtime)
     assert again.polls[0].new_versions == 0 and len(paubox.messages) == 4
 
 
-async def test_new_version_with_same_status_sends_nothing_new(runtime: Runtime, fhir: FhirState,
-                                                              paubox: SandboxState) -> None:
+async def test_new_version_with_same_status_sends_nothing_new(
+    runtime: Runtime, fhir: FhirState, paubox: SandboxState
+) -> None:
     await run_once(runtime)
     fhir.put({**fhir.current("Appointment", "a1"), "description": "room changed"})  # type: ignore[dict-item]
     report = await run_once(runtime)
@@ -77,8 +77,7 @@ async def test_new_version_with_same_status_sends_nothing_new(runtime: Runtime, 
     assert len(paubox.messages) == 4
 
 
-async def test_cancellation_is_its_own_notification(runtime: Runtime, fhir: FhirState,
-                                                    paubox: SandboxState) -> None:
+async def test_cancellation_is_its_own_notification(runtime: Runtime, fhir: FhirState, paubox: SandboxState) -> None:
     await run_once(runtime)
     fhir.put({**fhir.current("Appointment", "a2"), "status": "cancelled"})  # type: ignore[dict-item]
     await run_once(runtime)
@@ -97,8 +96,9 @@ async def test_malformed_page_loses_nothing(runtime: Runtime, fhir: FhirState, p
     assert len(paubox.messages) == 4
 
 
-async def test_failed_second_page_keeps_the_first_and_the_cursor_is_safe(runtime: Runtime, fhir: FhirState,
-                                                                         paubox: SandboxState) -> None:
+async def test_failed_second_page_keeps_the_first_and_the_cursor_is_safe(
+    runtime: Runtime, fhir: FhirState, paubox: SandboxState
+) -> None:
     fhir.page_status = [200, 503, 503, 503, 503]  # the first page is served, the second fails 4 times
     report = await run_once(runtime)
     assert report.polls[0].error is not None and "HTTP 503" in report.polls[0].error
@@ -109,8 +109,9 @@ async def test_failed_second_page_keeps_the_first_and_the_cursor_is_safe(runtime
     assert len(paubox.messages) == 4
 
 
-async def test_invalid_resource_is_recorded_and_the_rest_goes_on(runtime: Runtime, fhir: FhirState,
-                                                                 paubox: SandboxState) -> None:
+async def test_invalid_resource_is_recorded_and_the_rest_goes_on(
+    runtime: Runtime, fhir: FhirState, paubox: SandboxState
+) -> None:
     fhir.put({**appointment("bad", "p1", NOW + timedelta(days=3)), "participant": "not-a-list"})
     report = await run_once(runtime)
     assert report.polls[0].quarantined == 1 and len(paubox.messages) == 4
@@ -118,8 +119,9 @@ async def test_invalid_resource_is_recorded_and_the_rest_goes_on(runtime: Runtim
     assert seen.resource_id == "bad" and "not valid FHIR R4" in (seen.problem or "")
 
 
-async def test_recipients_that_cannot_be_written_to_are_skipped_with_reason(runtime: Runtime, fhir: FhirState,
-                                                                           paubox: SandboxState) -> None:
+async def test_recipients_that_cannot_be_written_to_are_skipped_with_reason(
+    runtime: Runtime, fhir: FhirState, paubox: SandboxState
+) -> None:
     fhir.put(patient("nomail", "Nobody"))
     fhir.put(patient("gone", "Late", email="late@example.org", deceasedBoolean=True))
     fhir.put(appointment("x1", "nomail", NOW + timedelta(days=1)))
@@ -127,9 +129,11 @@ async def test_recipients_that_cannot_be_written_to_are_skipped_with_reason(runt
     fhir.put(appointment("x3", "missing", NOW + timedelta(days=1)))
     await run_once(runtime)
     reasons = {r.resource_id: r.reason for r in runtime.ledger.notifications([State.SKIPPED], 10)}
-    assert reasons == {"x1": "Patient/nomail has no usable email address",
-                       "x2": "Patient/gone is recorded as deceased",
-                       "x3": "Patient/missing not found on source 'ehr'"}
+    assert reasons == {
+        "x1": "Patient/nomail has no usable email address",
+        "x2": "Patient/gone is recorded as deceased",
+        "x3": "Patient/missing not found on source 'ehr'",
+    }
     assert len(paubox.messages) == 4
 
 
@@ -165,15 +169,17 @@ async def test_replay_sends_nothing_already_sent(runtime: Runtime, paubox: Sandb
     assert len(paubox.messages) == 4
 
 
-async def test_a_flaky_page_is_retried_and_nothing_is_lost(runtime: Runtime, fhir: FhirState,
-                                                           paubox: SandboxState) -> None:
+async def test_a_flaky_page_is_retried_and_nothing_is_lost(
+    runtime: Runtime, fhir: FhirState, paubox: SandboxState
+) -> None:
     fhir.page_status = [200, 503, 429]  # the second page fails twice, then is served
     report = await run_once(runtime)
     assert report.polls[0].error is None and len(paubox.messages) == 4
 
 
-async def test_a_server_that_ignores_last_updated_fails_loudly(runtime: Runtime, fhir: FhirState,
-                                                              paubox: SandboxState) -> None:
+async def test_a_server_that_ignores_last_updated_fails_loudly(
+    runtime: Runtime, fhir: FhirState, paubox: SandboxState
+) -> None:
     fhir.ignore = {"_lastUpdated"}
     report = await run_once(runtime)
     assert report.polls[0].error is not None and "ignored _lastUpdated" in report.polls[0].error
@@ -182,14 +188,14 @@ async def test_a_server_that_ignores_last_updated_fails_loudly(runtime: Runtime,
 
 async def live_runtime(tmp_path: Path, fhir: FhirState, paubox: SandboxState, extra: str) -> Runtime:
     """A runtime on the real clock (the mailer gate's pauses are measured in real seconds)."""
-    config = load_config(write_config(tmp_path, "http://fhir.test", "https://paubox.test", mappings=BASIC,
-                                      extra=extra))
+    config = load_config(write_config(tmp_path, "http://fhir.test", "https://paubox.test", mappings=BASIC, extra=extra))
     mailer = PauboxRestMailer(config.delivery.paubox, transport=httpx.ASGITransport(app=paubox_app(paubox)))
     return Runtime.open(config, system_clock, mailer=mailer, source_transport=httpx.ASGITransport(app=fhir_app(fhir)))
 
 
-async def test_a_short_rate_limit_pause_is_waited_out_in_the_same_run(tmp_path: Path, fhir: FhirState,
-                                                                       paubox: SandboxState, api_key_env: str) -> None:
+async def test_a_short_rate_limit_pause_is_waited_out_in_the_same_run(
+    tmp_path: Path, fhir: FhirState, paubox: SandboxState, api_key_env: str
+) -> None:
     runtime = await live_runtime(tmp_path, fhir, paubox, "  concurrency: 1\n")
     paubox.faults = [Fault(status=429, retry_after=0.5)]
     try:
@@ -201,8 +207,9 @@ async def test_a_short_rate_limit_pause_is_waited_out_in_the_same_run(tmp_path: 
     assert len(paubox.messages) == 4
 
 
-async def test_a_hung_request_holds_one_slot_and_nothing_else(tmp_path: Path, fhir: FhirState,
-                                                              paubox: SandboxState, api_key_env: str) -> None:
+async def test_a_hung_request_holds_one_slot_and_nothing_else(
+    tmp_path: Path, fhir: FhirState, paubox: SandboxState, api_key_env: str
+) -> None:
     # One notification claimed at a time, two in flight: the first send hangs 1.5 s and the other three
     # go meanwhile (a batch did not used to end before its slowest request).
     runtime = await live_runtime(tmp_path, fhir, paubox, "  concurrency: 2\n  batch_size: 1\n")
@@ -217,8 +224,9 @@ async def test_a_hung_request_holds_one_slot_and_nothing_else(tmp_path: Path, fh
     assert all(n.updated_at < slow.updated_at - timedelta(seconds=1) for n in sent if n is not slow)
 
 
-async def test_what_the_cache_let_go_is_read_back_in_two_searches(runtime: Runtime, fhir: FhirState,
-                                                                   paubox: SandboxState) -> None:
+async def test_what_the_cache_let_go_is_read_back_in_two_searches(
+    runtime: Runtime, fhir: FhirState, paubox: SandboxState
+) -> None:
     await runtime.planner.poll("ehr")
     runtime.cache.clear()  # as for a reminder due days after the poll that planned it
     fhir.requests.clear()
@@ -228,8 +236,7 @@ async def test_what_the_cache_let_go_is_read_back_in_two_searches(runtime: Runti
     assert all("_id=" in r for r in fhir.requests)
 
 
-async def test_a_failed_prefetch_falls_back_to_reads(runtime: Runtime, fhir: FhirState,
-                                                     paubox: SandboxState) -> None:
+async def test_a_failed_prefetch_falls_back_to_reads(runtime: Runtime, fhir: FhirState, paubox: SandboxState) -> None:
     await runtime.planner.poll("ehr")
     runtime.cache.clear()
     fhir.requests.clear()
@@ -239,20 +246,41 @@ async def test_a_failed_prefetch_falls_back_to_reads(runtime: Runtime, fhir: Fhi
     assert sum(1 for r in fhir.requests if r.startswith(("GET /Appointment/", "GET /Patient/"))) == 8
 
 
-async def test_a_notification_put_back_does_not_hold_up_the_others(tmp_path: Path, fhir: FhirState,
-                                                                   paubox: SandboxState, api_key_env: str) -> None:
-    config = load_config(write_config(tmp_path, "http://fhir.test", "https://paubox.test", mappings=BASIC,
-                                      extra="  batch_size: 2\n  concurrency: 1\n"))
+async def test_a_notification_put_back_does_not_hold_up_the_others(
+    tmp_path: Path, fhir: FhirState, paubox: SandboxState, api_key_env: str
+) -> None:
+    config = load_config(
+        write_config(
+            tmp_path,
+            "http://fhir.test",
+            "https://paubox.test",
+            mappings=BASIC,
+            extra="  batch_size: 2\n  concurrency: 1\n",
+        )
+    )
     mailer = PauboxRestMailer(config.delivery.paubox, transport=httpx.ASGITransport(app=paubox_app(paubox)))
-    runtime = Runtime.open(config, fixed_clock(NOW), mailer=mailer,
-                           source_transport=httpx.ASGITransport(app=fhir_app(fhir)))
+    runtime = Runtime.open(
+        config, fixed_clock(NOW), mailer=mailer, source_transport=httpx.ASGITransport(app=fhir_app(fhir))
+    )
     try:
         # Planned for a source no longer configured, more than a batch of them: each is put back, and they
         # stay first in due order.
-        runtime.ledger.add([PlannedNotification(
-            key=f"old:appointment-booked:x{i}", source="old", mapping="appointment-booked", event="booked",
-            resource_type="Appointment", resource_id=f"x{i}", resource_version="1", patient_id="p",
-            due_at=NOW - timedelta(minutes=1)) for i in range(3)])
+        runtime.ledger.add(
+            [
+                PlannedNotification(
+                    key=f"old:appointment-booked:x{i}",
+                    source="old",
+                    mapping="appointment-booked",
+                    event="booked",
+                    resource_type="Appointment",
+                    resource_id=f"x{i}",
+                    resource_version="1",
+                    patient_id="p",
+                    due_at=NOW - timedelta(minutes=1),
+                )
+                for i in range(3)
+            ]
+        )
         await runtime.planner.poll("ehr")
         report = await runtime.dispatcher.run()
     finally:

@@ -64,18 +64,29 @@ def paubox() -> SandboxState:
 
 
 @pytest.fixture
-async def world(tmp_path: Path, ledger: SqlLedger, fhir: FhirState, paubox: SandboxState, api_key_env: str
-                ) -> AsyncIterator[World]:
+async def world(
+    tmp_path: Path, ledger: SqlLedger, fhir: FhirState, paubox: SandboxState, api_key_env: str
+) -> AsyncIterator[World]:
     """Opens a runtime on the test's ledger (SQLite or PostgreSQL) with the given source settings."""
     opened: list[Runtime] = []
 
     async def open_runtime(extra_source: str = "", extra: str = "", clock: Clock | None = None) -> Runtime:
         url = ledger.engine.url.render_as_string(hide_password=False)
-        config = load_config(write_config(tmp_path, "http://fhir.test", "https://paubox.test", ledger_url=url,
-                                          mappings=BASIC, extra_source=extra_source, extra=extra))
+        config = load_config(
+            write_config(
+                tmp_path,
+                "http://fhir.test",
+                "https://paubox.test",
+                ledger_url=url,
+                mappings=BASIC,
+                extra_source=extra_source,
+                extra=extra,
+            )
+        )
         mailer = PauboxRestMailer(config.delivery.paubox, transport=httpx.ASGITransport(app=paubox_app(paubox)))
-        runtime = Runtime.open(config, clock or Clock(NOW), mailer=mailer,
-                               source_transport=httpx.ASGITransport(app=fhir_app(fhir)))
+        runtime = Runtime.open(
+            config, clock or Clock(NOW), mailer=mailer, source_transport=httpx.ASGITransport(app=fhir_app(fhir))
+        )
         opened.append(runtime)
         return runtime
 
@@ -103,8 +114,9 @@ def poisoned(**changes: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("strategy", [pytest.param("", id="last-updated"), pytest.param(HISTORY, id="history")])
-async def test_a_poison_instant_is_quarantined_and_the_source_moves_on(world: World, fhir: FhirState,
-                                                                      paubox: SandboxState, strategy: str) -> None:
+async def test_a_poison_instant_is_quarantined_and_the_source_moves_on(
+    world: World, fhir: FhirState, paubox: SandboxState, strategy: str
+) -> None:
     """The good appointments are emailed, the bad one is quarantined and shown by `connector status`, the
     cursor moves past it, an appointment booked afterwards is planned, and a new version of the bad one with
     a sane date is planned."""
@@ -135,33 +147,47 @@ async def test_a_poison_instant_is_quarantined_and_the_source_moves_on(world: Wo
 
 
 MANY_PATIENTS = [{"actor": {"reference": f"Patient/p{i:02d}{'x' * 60}"}, "status": "accepted"} for i in range(40)]
-MODIFIER = [{"actor": {"reference": "Patient/p1"}, "status": "accepted",
-             "modifierExtension": [{"url": "http://example.org/fhir/not-really", "valueBoolean": True}]}]
+MODIFIER = [
+    {
+        "actor": {"reference": "Patient/p1"},
+        "status": "accepted",
+        "modifierExtension": [{"url": "http://example.org/fhir/not-really", "valueBoolean": True}],
+    }
+]
 POISONS: dict[str, tuple[dict[str, Any], str]] = {
     "an instant past the calendar in UTC": ({"start": POISON_START}, "Appointment.start"),
-    "an instant before the calendar in UTC": ({"start": "0001-01-01T00:00:00+14:00",
-                                               "end": "0001-01-01T00:30:00+14:00"}, "Appointment.start"),
-    "CR/LF in a patient reference": ({"participant": [{"actor": {"reference": "Patient/p1\r\nBcc: x"},
-                                                       "status": "accepted"}]},
-                                     "Appointment.participant[0].actor.reference is not a valid reference"),
-    "a lone surrogate in a patient reference": ({"participant": [{"actor": {"reference": "Patient/p\ud800"},
-                                                                  "status": "accepted"}]},
-                                                "check participant.0.actor.reference"),
+    "an instant before the calendar in UTC": (
+        {"start": "0001-01-01T00:00:00+14:00", "end": "0001-01-01T00:30:00+14:00"},
+        "Appointment.start",
+    ),
+    "CR/LF in a patient reference": (
+        {"participant": [{"actor": {"reference": "Patient/p1\r\nBcc: x"}, "status": "accepted"}]},
+        "Appointment.participant[0].actor.reference is not a valid reference",
+    ),
+    "a lone surrogate in a patient reference": (
+        {"participant": [{"actor": {"reference": "Patient/p\ud800"}, "status": "accepted"}]},
+        "check participant.0.actor.reference",
+    ),
     "CR/LF in the id": ({"id": "bad\r\n1"}, "check id"),
     "a lone surrogate in the id": ({"id": "bad\ud800"}, "check id"),
     "an id longer than FHIR allows": ({"id": "b" * 65}, "id is not a FHIR id"),
-    "a modifierExtension we do not understand": ({"participant": MODIFIER},
-                                                 "Appointment.participant[0].modifierExtension is not understood"),
+    "a modifierExtension we do not understand": (
+        {"participant": MODIFIER},
+        "Appointment.participant[0].modifierExtension is not understood",
+    ),
     "implicitRules": ({"implicitRules": "http://example.org/rules"}, "Appointment.implicitRules is set"),
     "a status outside the value set": ({"status": "x" * 40}, "status is not a code of the AppointmentStatus"),
-    "more patients than the ledger remembers": ({"participant": MANY_PATIENTS},
-                                                "names more patients than the ledger remembers"),
+    "more patients than the ledger remembers": (
+        {"participant": MANY_PATIENTS},
+        "names more patients than the ledger remembers",
+    ),
 }
 
 
 @pytest.mark.parametrize("name", list(POISONS))
 async def test_each_kind_of_poison_is_quarantined_with_a_reason_that_names_the_element(
-        world: World, fhir: FhirState, paubox: SandboxState, name: str) -> None:
+    world: World, fhir: FhirState, paubox: SandboxState, name: str
+) -> None:
     changes, expected = POISONS[name]
     runtime = await world()
     put_around(fhir, poisoned(**changes))
@@ -177,7 +203,8 @@ async def test_each_kind_of_poison_is_quarantined_with_a_reason_that_names_the_e
 
 
 async def test_date_window_quarantines_a_poison_and_a_vanished_one_read_back_poisoned(
-        world: World, fhir: FhirState, paubox: SandboxState) -> None:
+    world: World, fhir: FhirState, paubox: SandboxState
+) -> None:
     """The window's search and the read of an appointment that left the window each quarantine what they
     cannot process, and the poll goes on."""
     runtime = await world(WINDOW)
@@ -195,7 +222,8 @@ async def test_date_window_quarantines_a_poison_and_a_vanished_one_read_back_poi
 
 
 async def test_a_deletion_that_cannot_be_processed_is_quarantined_and_others_are_not(
-        world: World, fhir: FhirState, paubox: SandboxState) -> None:
+    world: World, fhir: FhirState, paubox: SandboxState
+) -> None:
     """History: a DELETE entry naming an invalid id is quarantined (once, however often it is read again);
     a real deletion in the same poll still sends its cancellation."""
     runtime = await world(HISTORY)
@@ -216,8 +244,8 @@ async def test_a_deletion_that_cannot_be_processed_is_quarantined_and_others_are
 
 @pytest.mark.postgres
 async def test_a_page_the_ledger_refuses_is_recorded_one_version_at_a_time(
-        world: World, fhir: FhirState, paubox: SandboxState, ledger: SqlLedger,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    world: World, fhir: FhirState, paubox: SandboxState, ledger: SqlLedger, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The safety net behind the checks: with the storable check switched off (the only patch here: nothing
     else lets bad data reach the ledger), PostgreSQL refuses a page holding a value longer than its column.
     The page is then recorded version by version: the refused one is quarantined, the rest are recorded and
@@ -235,12 +263,18 @@ async def test_a_page_the_ledger_refuses_is_recorded_one_version_at_a_time(
     assert runtime.ledger.cursor("ehr") is not None
 
 
-MALFORMED_CONSENT = {"resourceType": "Consent", "id": "c1", "status": "active",
-                     "patient": {"reference": "Patient/p1"}, "provision": {"type": "deny", "period": "always"}}
+MALFORMED_CONSENT = {
+    "resourceType": "Consent",
+    "id": "c1",
+    "status": "active",
+    "patient": {"reference": "Patient/p1"},
+    "provision": {"type": "deny", "period": "always"},
+}
 
 
 async def test_a_preparation_that_crashes_is_retried_a_bounded_number_of_times_then_failed(
-        world: World, fhir: FhirState, paubox: SandboxState) -> None:
+    world: World, fhir: FhirState, paubox: SandboxState
+) -> None:
     """A notification whose preparation crashes (here on a malformed Consent) is retried after the backoff,
     counted against dispatch.max_attempts, then `failed` with where it crashed, and listed as needing
     attention; the other patients' emails go."""
@@ -261,31 +295,51 @@ async def test_a_preparation_that_crashes_is_retried_a_bounded_number_of_times_t
     assert len(paubox.messages) == 4
 
 
-async def test_a_notification_naming_an_invalid_patient_id_fails_at_once(world: World, fhir: FhirState,
-                                                                        paubox: SandboxState) -> None:
+async def test_a_notification_naming_an_invalid_patient_id_fails_at_once(
+    world: World, fhir: FhirState, paubox: SandboxState
+) -> None:
     """A notification planned by an earlier version from a CR/LF patient reference fails with the reason;
     it is never read with that id, and never stays pending."""
     runtime = await world()
-    runtime.ledger.add([PlannedNotification(key="ehr:appointment-booked:old|p1", source="ehr",
-                                            mapping="appointment-booked", event="booked", resource_type="Appointment",
-                                            resource_id="a1", resource_version="1", patient_id="p1\r\nX",
-                                            due_at=NOW)])
+    runtime.ledger.add(
+        [
+            PlannedNotification(
+                key="ehr:appointment-booked:old|p1",
+                source="ehr",
+                mapping="appointment-booked",
+                event="booked",
+                resource_type="Appointment",
+                resource_id="a1",
+                resource_version="1",
+                patient_id="p1\r\nX",
+                due_at=NOW,
+            )
+        ]
+    )
     fhir.put(appointment("a1", "p1", NOW + timedelta(days=1)))
     await runtime.dispatcher.run()
     [failed] = runtime.ledger.notifications([State.FAILED], 10)
     assert "not a FHIR id" in (failed.reason or "") and not [r for r in fhir.requests if "\r" in r]
 
 
-async def test_an_address_that_is_not_exactly_one_address_is_never_used(world: World, fhir: FhirState,
-                                                                        paubox: SandboxState) -> None:
+async def test_an_address_that_is_not_exactly_one_address_is_never_used(
+    world: World, fhir: FhirState, paubox: SandboxState
+) -> None:
     """Email values are used as they are or not at all: a padded value, several addresses, a display name
     are passed over for the next candidate; with none left the notification is skipped."""
-    hostile = [" zebulon.1@example.org", "zebulon.1@example.org;bcc@example.org", "Zebulon <zeb@example.org>",
-               "zebulon.1@example.org\r\nBcc: x@example.org", "zebulon.1@localhost"]
-    telecom = [{"system": "email", "value": value, "use": "home", "rank": rank}
-               for rank, value in enumerate(hostile, start=1)]
-    fhir.put({**marker_patients()[0], "telecom": [*telecom, {"system": "email", "value": "zeb.ok@example.org",
-                                                             "rank": 9}]})
+    hostile = [
+        " zebulon.1@example.org",
+        "zebulon.1@example.org;bcc@example.org",
+        "Zebulon <zeb@example.org>",
+        "zebulon.1@example.org\r\nBcc: x@example.org",
+        "zebulon.1@localhost",
+    ]
+    telecom = [
+        {"system": "email", "value": value, "use": "home", "rank": rank} for rank, value in enumerate(hostile, start=1)
+    ]
+    fhir.put(
+        {**marker_patients()[0], "telecom": [*telecom, {"system": "email", "value": "zeb.ok@example.org", "rank": 9}]}
+    )
     fhir.put({**marker_patients()[1], "telecom": telecom})
     runtime = await world()
     put_around(fhir, appointment("a9", "p3", NOW + timedelta(days=9)))
@@ -296,12 +350,17 @@ async def test_an_address_that_is_not_exactly_one_address_is_never_used(world: W
     assert skipped.reason == "Patient/p2 has no usable email address"
 
 
-async def test_a_patient_with_a_modifier_extension_is_not_written_to(world: World, fhir: FhirState,
-                                                                    paubox: SandboxState) -> None:
+async def test_a_patient_with_a_modifier_extension_is_not_written_to(
+    world: World, fhir: FhirState, paubox: SandboxState
+) -> None:
     """FHIR forbids processing a resource as if a modifier extension it does not understand were absent:
     the Patient's notification fails with the element named; the others go."""
-    fhir.put({**marker_patients()[1], "modifierExtension": [{"url": "http://example.org/fhir/not-really",
-                                                             "valueBoolean": True}]})
+    fhir.put(
+        {
+            **marker_patients()[1],
+            "modifierExtension": [{"url": "http://example.org/fhir/not-really", "valueBoolean": True}],
+        }
+    )
     runtime = await world()
     put_around(fhir, appointment("a9", "p3", NOW + timedelta(days=9)))
     await run_once(runtime)

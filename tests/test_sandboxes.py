@@ -18,10 +18,15 @@ from connector.sandbox.paubox import SandboxState
 from connector.sandbox.paubox import create_app as paubox_app
 from tests.conftest import Server
 
-MESSAGE = {"data": {"message": {
-    "recipients": ["robin@example.org"],
-    "headers": {"subject": "Hi", "from": "clinic@example.org", "X-Notification-Key": "k1"},
-    "content": {"text/plain": "Hello", "text/html": "PHA+SGVsbG88L3A+"}}}}
+MESSAGE = {
+    "data": {
+        "message": {
+            "recipients": ["robin@example.org"],
+            "headers": {"subject": "Hi", "from": "clinic@example.org", "X-Notification-Key": "k1"},
+            "content": {"text/plain": "Hello", "text/html": "PHA+SGVsbG88L3A+"},
+        }
+    }
+}
 
 
 def client(app: Any) -> httpx.AsyncClient:
@@ -34,8 +39,9 @@ async def test_paubox_sandbox_accepts_validates_and_keeps_messages() -> None:
         ok = await http.post("/v1/clinic/messages", json=MESSAGE, headers={"Authorization": "Token token=k"})
         assert ok.status_code == 200 and ok.json()["customHeaders"] == {"X-Notification-Key": "k1"}
         tracking = ok.json()["sourceTrackingId"]
-        receipt = await http.get(f"/v1/clinic/message_receipt?sourceTrackingId={tracking}",
-                                 headers={"Authorization": "Bearer k"})
+        receipt = await http.get(
+            f"/v1/clinic/message_receipt?sourceTrackingId={tracking}", headers={"Authorization": "Bearer k"}
+        )
         assert receipt.json()["data"]["message"]["message_deliveries"][0]["status"]["deliveryStatus"] == "delivered"
         wrong_user = await http.post("/v1/other/messages", json=MESSAGE, headers={"Authorization": "Token token=k"})
         assert wrong_user.status_code == 401 and wrong_user.json()["errors"][0]["status"] == "invalid_access_token"

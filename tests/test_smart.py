@@ -41,14 +41,18 @@ CLIENT = "connector-test"
 
 
 def pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 @pytest.fixture(scope="module")
 def keys() -> dict[str, bytes]:
-    return {"rsa": pem(rsa.generate_private_key(65537, 2048)), "ec": pem(ec.generate_private_key(ec.SECP384R1())),
-            "other": pem(rsa.generate_private_key(65537, 2048))}
+    return {
+        "rsa": pem(rsa.generate_private_key(65537, 2048)),
+        "ec": pem(ec.generate_private_key(ec.SECP384R1())),
+        "other": pem(rsa.generate_private_key(65537, 2048)),
+    }
 
 
 class Clock:
@@ -105,8 +109,9 @@ async def connect(world: World, keys: dict[str, bytes]) -> AsyncIterator[Connect
 
     def make(key: str = "rsa", kid: str = "rsa-1", **options: Any) -> tuple[httpx.AsyncClient, SmartBackendAuth]:
         options.setdefault("transport", httpx.ASGITransport(create_app(world.state)))
-        auth = SmartBackendAuth(fhir_base_url=FHIR, client_id=CLIENT, private_key_pem=keys[key], key_id=kid,
-                                clock=world.clock, **options)
+        auth = SmartBackendAuth(
+            fhir_base_url=FHIR, client_id=CLIENT, private_key_pem=keys[key], key_id=kid, clock=world.clock, **options
+        )
         client = httpx.AsyncClient(base_url=FHIR, auth=auth, transport=httpx.ASGITransport(fhir_app(world)))
         opened.append((client, auth))
         return client, auth
@@ -121,20 +126,27 @@ def assertion(key: bytes, kid: str = "rsa-1", alg: str = "RS384", now: float | N
     now = time.time() if now is None else now
     body = {"iss": CLIENT, "sub": CLIENT, "aud": f"{AUTH}/token", "exp": int(now) + 240, "jti": str(uuid.uuid4())}
     body.update(claims)
-    return jwt.encode({k: v for k, v in body.items() if v is not None}, key, algorithm=alg,
-                      headers={"kid": kid, "typ": "JWT"})
+    return jwt.encode(
+        {k: v for k, v in body.items() if v is not None}, key, algorithm=alg, headers={"kid": kid, "typ": "JWT"}
+    )
 
 
 async def post_token(world: World, signed: str, **form: str) -> httpx.Response:
-    data = {"grant_type": "client_credentials", "scope": "system/Patient.rs",
-            "client_assertion_type": ASSERTION_TYPE, "client_assertion": signed, **form}
+    data = {
+        "grant_type": "client_credentials",
+        "scope": "system/Patient.rs",
+        "client_assertion_type": ASSERTION_TYPE,
+        "client_assertion": signed,
+        **form,
+    }
     async with httpx.AsyncClient(transport=httpx.ASGITransport(create_app(world.state)), base_url=AUTH) as client:
         return await client.post("/token", data=data)
 
 
 @pytest.mark.parametrize(("key", "kid", "alg"), [("rsa", "rsa-1", "RS384"), ("ec", "ec-1", "ES384")])
-async def test_both_algorithms_obtain_a_token_and_read(connect: Connect, world: World, key: str, kid: str,
-                                                       alg: str) -> None:
+async def test_both_algorithms_obtain_a_token_and_read(
+    connect: Connect, world: World, key: str, kid: str, alg: str
+) -> None:
     """An RSA key signs RS384 and an EC P-384 key ES384; either gets a token that reads a resource."""
     client, auth = connect(key, kid)
     response = await client.get("/Patient/p1")
@@ -166,22 +178,27 @@ def test_algorithm_is_derived_from_the_key(keys: dict[str, bytes], tmp_path: Pat
         load_private_key(tmp_path / "bad.pem")
     assert "secret-text" not in str(caught.value)
     with pytest.raises(SmartAuthError, match="use ES384"):
-        SmartBackendAuth(fhir_base_url=FHIR, client_id=CLIENT, private_key_pem=keys["ec"], key_id="k",
-                         algorithm="RS384")
+        SmartBackendAuth(
+            fhir_base_url=FHIR, client_id=CLIENT, private_key_pem=keys["ec"], key_id="k", algorithm="RS384"
+        )
 
 
-@pytest.mark.parametrize(("case", "description"), [
-    ("bad signature", "signature does not verify"),
-    ("wrong aud", "aud is not this token endpoint"),
-    ("exp too far ahead", "exp is more than five minutes ahead"),
-    ("expired", "client_assertion has expired"),
-    ("RS256", "alg 'RS256' is not accepted"),
-    ("unknown kid", "no RS384 key registered under this kid"),
-    ("sub differs", "sub must equal iss"),
-    ("no jti", "claim jti is missing"),
-])
-async def test_token_server_refuses_bad_assertions(world: World, keys: dict[str, bytes], case: str,
-                                                   description: str) -> None:
+@pytest.mark.parametrize(
+    ("case", "description"),
+    [
+        ("bad signature", "signature does not verify"),
+        ("wrong aud", "aud is not this token endpoint"),
+        ("exp too far ahead", "exp is more than five minutes ahead"),
+        ("expired", "client_assertion has expired"),
+        ("RS256", "alg 'RS256' is not accepted"),
+        ("unknown kid", "no RS384 key registered under this kid"),
+        ("sub differs", "sub must equal iss"),
+        ("no jti", "claim jti is missing"),
+    ],
+)
+async def test_token_server_refuses_bad_assertions(
+    world: World, keys: dict[str, bytes], case: str, description: str
+) -> None:
     """Each broken assertion gets HTTP 400 {"error": "invalid_client"} with a description of the fault."""
     now = world.clock.now
     signed = {
@@ -205,8 +222,10 @@ async def test_token_server_refuses_a_replayed_jti_and_wrong_grant(world: World,
     signed = assertion(keys["rsa"], now=world.clock.now, exp=int(world.clock.now) + 300)
     assert (await post_token(world, signed)).status_code == 200
     replay = await post_token(world, signed)
-    assert (replay.status_code, replay.json()) == (400, {"error": "invalid_client",
-                                                         "error_description": "jti has been used before"})
+    assert (replay.status_code, replay.json()) == (
+        400,
+        {"error": "invalid_client", "error_description": "jti has been used before"},
+    )
     fresh = assertion(keys["rsa"], now=world.clock.now)
     assert (await post_token(world, fresh, grant_type="password")).json()["error"] == "unsupported_grant_type"
     assert (await post_token(world, fresh, client_assertion_type="x")).json()["error"] == "invalid_client"
@@ -291,8 +310,9 @@ async def test_discovery_problems_are_clear(connect: Connect, world: World) -> N
         await client.get("/Patient/p1")
 
 
-async def test_errors_never_contain_the_key_assertion_or_token(connect: Connect, world: World,
-                                                              keys: dict[str, bytes]) -> None:
+async def test_errors_never_contain_the_key_assertion_or_token(
+    connect: Connect, world: World, keys: dict[str, bytes]
+) -> None:
     """Refusals and failures are SourceErrors naming host and status/OAuth code, and no secret."""
     client, auth = connect()
     assert (await client.get("/Patient/p1")).status_code == 200
@@ -315,13 +335,16 @@ async def test_errors_never_contain_the_key_assertion_or_token(connect: Connect,
 async def test_tokens_go_only_to_the_fhir_server(connect: Connect, world: World) -> None:
     """A request to another host is refused before any token is fetched or sent."""
     client, _ = connect()
-    with pytest.raises(SmartAuthError, match=r"refusing to send a token to http://evil\.test:80 \(not https://fhir\.test:443\)"):
+    with pytest.raises(
+        SmartAuthError, match=r"refusing to send a token to http://evil\.test:80 \(not https://fhir\.test:443\)"
+    ):
         await client.get("http://evil.test/Patient/p1")
     assert world.state.token_requests == 0
 
 
-async def test_a_smart_source_polls_end_to_end(tmp_path: Path, keys: dict[str, bytes],
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_smart_source_polls_end_to_end(
+    tmp_path: Path, keys: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`auth: {type: smart}` in the config: the poller discovers the token endpoint, signs an assertion with
     the key file, and reads the FHIR server with the token; the email goes out."""
     from datetime import UTC, datetime, timedelta
@@ -357,10 +380,13 @@ async def test_a_smart_source_polls_end_to_end(tmp_path: Path, keys: dict[str, b
 
     (tmp_path / "client-key.pem").write_bytes(keys["rsa"])
     monkeypatch.setenv("PAUBOX_API_KEY", "k")
-    smart = ("    auth:\n      type: smart\n      client_id: connector-test\n      key_id: rsa-1\n"
-             "      private_key: {file: client-key.pem}\n")
-    config = load_config(write_config(tmp_path, "https://fhir.test", "https://paubox.test", mappings=BASIC,
-                                      extra_source=smart))
+    smart = (
+        "    auth:\n      type: smart\n      client_id: connector-test\n      key_id: rsa-1\n"
+        "      private_key: {file: client-key.pem}\n"
+    )
+    config = load_config(
+        write_config(tmp_path, "https://fhir.test", "https://paubox.test", mappings=BASIC, extra_source=smart)
+    )
     sandbox = SandboxState(api_key="k", username="clinic")
     mailer = PauboxRestMailer(config.delivery.paubox, transport=httpx.ASGITransport(app=paubox_server(sandbox)))
     runtime = Runtime.open(config, system_clock, mailer=mailer, source_transport=httpx.ASGITransport(app=router))

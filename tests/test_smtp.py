@@ -27,10 +27,16 @@ from connector.delivery.smtp import PauboxSmtpMailer, reply_reason
 from connector.models import Email
 
 PASSWORD = "test-api-key-5f3a9c"
-EMAIL = Email(notification_key="ehr:m:a1|booked", to="Pat One <pat.one@example.org>",
-              from_address="Clinic <appointments@example.org>", subject="Your appointment ✓",
-              text="Hello Pat,\n.see you soon\n", html="<p>Hëllo Pat</p>", reply_to="desk@example.org",
-              headers={"X-Campaign": "reminders"})
+EMAIL = Email(
+    notification_key="ehr:m:a1|booked",
+    to="Pat One <pat.one@example.org>",
+    from_address="Clinic <appointments@example.org>",
+    subject="Your appointment ✓",
+    text="Hello Pat,\n.see you soon\n",
+    html="<p>Hëllo Pat</p>",
+    reply_to="desk@example.org",
+    headers={"X-Campaign": "reminders"},
+)
 
 Mode = Literal["starttls", "plain", "tls"]
 
@@ -54,23 +60,26 @@ class Relay:
     rcpt_reply: str | None = None
     hang_after_data: bool = False
 
-    def authenticate(self, server: SmtpServer, session: Session, envelope: Envelope, mechanism: str,
-                     auth_data: Any) -> AuthResult:
+    def authenticate(
+        self, server: SmtpServer, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+    ) -> AuthResult:
         assert isinstance(auth_data, LoginPassword)
         under_tls = server.transport is not None and server.transport.get_extra_info("sslcontext") is not None
         self.logins.append((mechanism, auth_data.login, under_tls))
         valid = auth_data.login == b"apikey" and auth_data.password == PASSWORD.encode()
         return AuthResult(success=valid, handled=False)  # handled=False: aiosmtpd sends 235 or 535 itself
 
-    async def handle_MAIL(self, server: SmtpServer, session: Session, envelope: Envelope, address: str,
-                          options: list[str]) -> str:
+    async def handle_MAIL(
+        self, server: SmtpServer, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
         if not session.authenticated:
             return "530 5.7.0 Authentication required"
         envelope.mail_from = address
         return "250 OK"
 
-    async def handle_RCPT(self, server: SmtpServer, session: Session, envelope: Envelope, address: str,
-                          options: list[str]) -> str:
+    async def handle_RCPT(
+        self, server: SmtpServer, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
         if self.rcpt_reply:
             return self.rcpt_reply
         envelope.rcpt_tos.append(address)
@@ -119,8 +128,7 @@ async def start_relay(tls: Tls) -> AsyncIterator[StartRelay]:
         def factory() -> RecordingServer:
             relay.connections += 1
             if mode == "starttls":
-                options: dict[str, Any] = {"tls_context": tls.server, "require_starttls": True,
-                                           "auth_required": True}
+                options: dict[str, Any] = {"tls_context": tls.server, "require_starttls": True, "auth_required": True}
             else:  # aiosmtpd does not count implicit TLS as TLS for AUTH; handle_MAIL still demands AUTH
                 options = {"auth_require_tls": False}
             return RecordingServer(relay, loop=loop, **options)
@@ -149,8 +157,13 @@ async def make_mailer(tls: Tls, start_relay: StartRelay) -> AsyncIterator[MakeMa
     mailers: list[PauboxSmtpMailer] = []
 
     def make(port: int, **overrides: Any) -> PauboxSmtpMailer:
-        options: dict[str, Any] = {"host": "127.0.0.1", "port": port, "password": PASSWORD, "timeout": 5.0,
-                                   "tls_context": tls.client}
+        options: dict[str, Any] = {
+            "host": "127.0.0.1",
+            "port": port,
+            "password": PASSWORD,
+            "timeout": 5.0,
+            "tls_context": tls.client,
+        }
         options.update(overrides)
         mailer = PauboxSmtpMailer(**options)
         mailers.append(mailer)
@@ -217,8 +230,7 @@ async def test_wrong_password_is_a_blocking_retry(start_relay: StartRelay, make_
     assert relay.messages == []
 
 
-async def test_rcpt_4xx_retries_and_5xx_fails_without_address(start_relay: StartRelay,
-                                                              make_mailer: MakeMailer) -> None:
+async def test_rcpt_4xx_retries_and_5xx_fails_without_address(start_relay: StartRelay, make_mailer: MakeMailer) -> None:
     """451 to RCPT → RETRY (not blocking); 550 → FAILED with the server text, addresses replaced; the session
     survives both (RSET) and is reused."""
     relay = Relay(rcpt_reply="451 4.3.0 Try again later")
@@ -252,8 +264,9 @@ async def test_no_reply_after_content_is_in_doubt(start_relay: StartRelay, make_
     assert relay.connections == 2
 
 
-async def test_server_without_starttls_never_sees_the_password(start_relay: StartRelay,
-                                                               make_mailer: MakeMailer) -> None:
+async def test_server_without_starttls_never_sees_the_password(
+    start_relay: StartRelay, make_mailer: MakeMailer
+) -> None:
     """Port 587 without STARTTLS: RETRY blocking, and no AUTH command (so no password) crosses the wire even
     though the server offers AUTH in clear."""
     relay = Relay()
@@ -280,8 +293,9 @@ async def test_implicit_tls(start_relay: StartRelay, make_mailer: MakeMailer) ->
 async def test_untrusted_certificate_is_not_sent(start_relay: StartRelay, make_mailer: MakeMailer) -> None:
     """A certificate the client does not trust stops the session before AUTH: RETRY, password never sent."""
     relay = Relay()
-    outcome = await make_mailer(await start_relay(relay, "starttls"),
-                                tls_context=ssl.create_default_context()).send(EMAIL)
+    outcome = await make_mailer(await start_relay(relay, "starttls"), tls_context=ssl.create_default_context()).send(
+        EMAIL
+    )
 
     assert outcome.verdict is Verdict.RETRY
     assert "SSLCertVerificationError" in outcome.reason
@@ -316,12 +330,16 @@ async def test_session_closed_by_server_is_replaced(start_relay: StartRelay, mak
     assert len(relay.messages) == 2
 
 
-async def test_unbuildable_message_fails_without_connecting(start_relay: StartRelay,
-                                                            make_mailer: MakeMailer) -> None:
+async def test_unbuildable_message_fails_without_connecting(start_relay: StartRelay, make_mailer: MakeMailer) -> None:
     """A header value with a line break cannot be sent: FAILED, no connection opened, no value in the reason."""
     relay = Relay()
-    bad = Email(notification_key="k", to="pat.one@example.org", from_address="appointments@example.org",
-                subject="Hi\r\nBcc: other@example.org", text="t")
+    bad = Email(
+        notification_key="k",
+        to="pat.one@example.org",
+        from_address="appointments@example.org",
+        subject="Hi\r\nBcc: other@example.org",
+        text="t",
+    )
     outcome = await make_mailer(await start_relay(relay, "starttls")).send(bad)
 
     assert outcome.verdict is Verdict.FAILED
@@ -335,9 +353,9 @@ def test_reply_reason_hides_addresses() -> None:
     assert reply_reason(552, "mailbox pat@x.org full") == "SMTP 552 mailbox <address> full"
 
 
-async def test_the_pipeline_sends_through_the_relay_when_configured(tls: Tls, start_relay: StartRelay,
-                                                                    tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_pipeline_sends_through_the_relay_when_configured(
+    tls: Tls, start_relay: StartRelay, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With `transport: paubox-smtp` the daemon's whole path ends at the relay: STARTTLS, AUTH, the key header,
     and a `sent` notification carrying the relay's queue id."""
     from datetime import UTC, datetime, timedelta
@@ -357,15 +375,21 @@ async def test_the_pipeline_sends_through_the_relay_when_configured(tls: Tls, st
     port = await start_relay(relay, "starttls")
     tls.ca.cert_pem.write_to_path(str(tmp_path / "relay-ca.pem"))
     monkeypatch.setenv("PAUBOX_API_KEY", PASSWORD)
-    config_path = write_config(tmp_path, "http://fhir.test", "https://paubox.test", mappings=BASIC,
-                               delivery_extra="  transport: paubox-smtp\n"
-                                              f"  smtp:\n    host: 127.0.0.1\n    port: {port}\n"
-                                              "    ca_file: relay-ca.pem\n    timeout: 5s\n")
+    config_path = write_config(
+        tmp_path,
+        "http://fhir.test",
+        "https://paubox.test",
+        mappings=BASIC,
+        delivery_extra="  transport: paubox-smtp\n"
+        f"  smtp:\n    host: 127.0.0.1\n    port: {port}\n"
+        "    ca_file: relay-ca.pem\n    timeout: 5s\n",
+    )
     fhir = FhirState()
     fhir.put(patient("p1", "Robin", email="robin@example.org"))
     fhir.put(appointment("a1", "p1", datetime.now(UTC) + timedelta(days=3)))
-    runtime = Runtime.open(load_config(config_path), system_clock,
-                           source_transport=httpx.ASGITransport(app=fhir_app(fhir)))
+    runtime = Runtime.open(
+        load_config(config_path), system_clock, source_transport=httpx.ASGITransport(app=fhir_app(fhir))
+    )
     try:
         await run_once(runtime)
         [record] = runtime.ledger.notifications([State.SENT], 10)

@@ -34,12 +34,20 @@ NOW = datetime.now(UTC).replace(microsecond=0)
 MAPPINGS = ("appointment-booked", "appointment-cancelled", "appointment-rescheduled")
 
 
-def visit(aid: str, start: datetime, status: str = "booked", practitioner: str = "Practitioner/dr1",
-          pid: str = "p1") -> dict[str, Any]:
-    return {"resourceType": "Appointment", "id": aid, "status": status, "start": start.isoformat(),
-            "end": (start + timedelta(minutes=30)).isoformat(),
-            "participant": [{"actor": {"reference": f"Patient/{pid}"}, "status": "accepted"},
-                            {"actor": {"reference": practitioner}, "status": "accepted"}]}
+def visit(
+    aid: str, start: datetime, status: str = "booked", practitioner: str = "Practitioner/dr1", pid: str = "p1"
+) -> dict[str, Any]:
+    return {
+        "resourceType": "Appointment",
+        "id": aid,
+        "status": status,
+        "start": start.isoformat(),
+        "end": (start + timedelta(minutes=30)).isoformat(),
+        "participant": [
+            {"actor": {"reference": f"Patient/{pid}"}, "status": "accepted"},
+            {"actor": {"reference": practitioner}, "status": "accepted"},
+        ],
+    }
 
 
 class Ehr:
@@ -53,15 +61,17 @@ class Ehr:
         return [r.mapping for r in sorted(self.runtime.ledger.notifications([State.SENT], 100), key=lambda r: r.id)]
 
 
-async def make(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str, mode: str = "full",
-               clock: Clock = lambda: NOW) -> Ehr:
+async def make(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str, mode: str = "full", clock: Clock = lambda: NOW
+) -> Ehr:
     monkeypatch.setenv("PAUBOX_API_KEY", API_KEY)
     fhir, paubox = FhirState(), SandboxState(api_key=API_KEY, username="clinic")
     fhir.mode = mode
     fhir.put(patient("p1", "Robin", email="robin@example.org"))
     fhir.put(patient("p2", "Sam", email="sam@example.org"))
-    config = load_config(write_config(tmp_path, "http://fhir.test", "https://paubox.test", mappings=MAPPINGS,
-                                      extra_source=source))
+    config = load_config(
+        write_config(tmp_path, "http://fhir.test", "https://paubox.test", mappings=MAPPINGS, extra_source=source)
+    )
     mailer = PauboxRestMailer(config.delivery.paubox, transport=httpx.ASGITransport(app=paubox_app(paubox)))
     runtime = Runtime.open(config, clock, mailer=mailer, source_transport=httpx.ASGITransport(app=fhir_app(fhir)))
     return Ehr(runtime, fhir, paubox)
@@ -86,8 +96,9 @@ async def test_history_turns_versions_and_deletes_into_one_change_each(history: 
     assert history.sent() == ["appointment-booked", "appointment-rescheduled", "appointment-cancelled"]
 
 
-async def test_a_late_commit_inside_the_overlap_is_found_by_the_next_sweep(tmp_path: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_late_commit_inside_the_overlap_is_found_by_the_next_sweep(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     now = [NOW]
     ehr = await make(tmp_path, monkeypatch, "    interval: 1s\n    sweep: 1m\n", clock=lambda: now[0])
     ehr.fhir.put(visit("a1", NOW + timedelta(days=3)))
@@ -105,7 +116,10 @@ async def test_a_late_commit_inside_the_overlap_is_found_by_the_next_sweep(tmp_p
     now[0] += timedelta(seconds=31)
     await ehr.cycle()  # a minute after the last sweep: the overlap is read again
     assert sorted(m["custom_headers"]["X-Notification-Key"].split("|")[0] for m in ehr.paubox.messages) == [
-        "ehr:appointment-booked:a1", "ehr:appointment-booked:late", "ehr:appointment-booked:new"]
+        "ehr:appointment-booked:a1",
+        "ehr:appointment-booked:late",
+        "ehr:appointment-booked:new",
+    ]
     await ehr.runtime.aclose()
 
 
@@ -138,9 +152,9 @@ CERNER = EPIC + "      scope:\n        practitioners: [Practitioner/dr1, Practit
 
 
 @pytest.mark.parametrize(("mode", "source"), [("epic", EPIC), ("cerner", CERNER)])
-async def test_date_windows_see_new_changed_and_vanished_appointments(tmp_path: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch,
-                                                                       mode: str, source: str) -> None:
+async def test_date_windows_see_new_changed_and_vanished_appointments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, source: str
+) -> None:
     ehr = await make(tmp_path, monkeypatch, source, mode)
     ehr.fhir.put(visit("a1", NOW + timedelta(days=3)))
     ehr.fhir.put(visit("a2", NOW + timedelta(days=4), practitioner="Practitioner/dr2", pid="p2"))
@@ -149,27 +163,35 @@ async def test_date_windows_see_new_changed_and_vanished_appointments(tmp_path: 
     ehr.fhir.delete("Appointment", "a2")  # vanished: read by id, gone
     await ehr.cycle()
     await ehr.cycle()
-    assert sorted(ehr.sent()) == ["appointment-booked", "appointment-booked", "appointment-cancelled",
-                                  "appointment-rescheduled"]
+    assert sorted(ehr.sent()) == [
+        "appointment-booked",
+        "appointment-booked",
+        "appointment-cancelled",
+        "appointment-rescheduled",
+    ]
     assert not [r for r in ehr.fhir.requests if "_lastUpdated" in r or "_history" in r]
     await ehr.runtime.aclose()
 
 
 async def test_an_oracle_style_server_refusing_the_search_is_a_clear_source_error(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ehr = await make(tmp_path, monkeypatch, EPIC, "cerner")  # no practitioner/location list configured
     report = await run_once(ehr.runtime)
     assert report.polls[0].error is not None and "HTTP 400" in report.polls[0].error
     await ehr.runtime.aclose()
 
 
-SUBSCRIPTION = ("    subscription:\n      enabled: true\n      kind: backport\n      secret: ${SUB_SECRET}\n"
-                "      topic: http://fhir.test/SubscriptionTopic/appointment-changed\n"
-                "      payload: id-only\n      endpoint: {endpoint}\n")
+SUBSCRIPTION = (
+    "    subscription:\n      enabled: true\n      kind: backport\n      secret: ${SUB_SECRET}\n"
+    "      topic: http://fhir.test/SubscriptionTopic/appointment-changed\n"
+    "      payload: id-only\n      endpoint: {endpoint}\n"
+)
 
 
-async def test_a_dropped_subscription_event_is_recovered_by_the_resync(tmp_path: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_dropped_subscription_event_is_recovered_by_the_resync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("SUB_SECRET", "Bearer sub-secret")
     monkeypatch.setenv("PAUBOX_API_KEY", API_KEY)
     fhir, paubox = FhirState(), SandboxState(api_key=API_KEY, username="clinic")
@@ -178,9 +200,16 @@ async def test_a_dropped_subscription_event_is_recovered_by_the_resync(tmp_path:
     with Server(fhir_app(fhir)) as ehr_server:
         port = free_port()
         endpoint = f"http://127.0.0.1:{port}/fhir/ehr/notify"
-        config = load_config(write_config(tmp_path, ehr_server.url, "https://paubox.test", mappings=MAPPINGS,
-                                          extra_source=SUBSCRIPTION.replace("{endpoint}", endpoint),
-                                          extra=f"server:\n  host: 127.0.0.1\n  port: {port}\n"))
+        config = load_config(
+            write_config(
+                tmp_path,
+                ehr_server.url,
+                "https://paubox.test",
+                mappings=MAPPINGS,
+                extra_source=SUBSCRIPTION.replace("{endpoint}", endpoint),
+                extra=f"server:\n  host: 127.0.0.1\n  port: {port}\n",
+            )
+        )
         mailer = PauboxRestMailer(config.delivery.paubox, transport=httpx.ASGITransport(app=paubox_app(paubox)))
         runtime = Runtime.open(config, lambda: NOW, mailer=mailer)
         server = web_server(runtime)  # in this loop, as `connector run` serves it
@@ -206,7 +235,10 @@ async def test_a_dropped_subscription_event_is_recovered_by_the_resync(tmp_path:
             await task
             await runtime.dispatcher.run()
             assert sorted(m["recipients"][0] for m in paubox.messages) == [
-                "robin@example.org", "robin@example.org", "sam@example.org"]
+                "robin@example.org",
+                "robin@example.org",
+                "sam@example.org",
+            ]
         finally:
             server.should_exit = True
             await serving

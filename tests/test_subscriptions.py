@@ -29,13 +29,13 @@ SECRET = "Bearer subscription-secret-for-tests"
 BASE = "http://fhir.test"
 SOON = datetime.now(UTC) + timedelta(days=3)
 SUBSCRIPTION = (
-    "    subscription:\n      enabled: true\n      kind: backport\n      secret: ${SUB_SECRET}\n"
-    "      heartbeat: 1m\n"
+    "    subscription:\n      enabled: true\n      kind: backport\n      secret: ${SUB_SECRET}\n      heartbeat: 1m\n"
 )
 
 
-def status_bundle(kind: str, events_since: int, numbers: list[int], ids: list[str],
-                  resources: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def status_bundle(
+    kind: str, events_since: int, numbers: list[int], ids: list[str], resources: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     parameters: list[dict[str, Any]] = [
         {"name": "subscription", "valueReference": {"reference": f"{BASE}/Subscription/s1"}},
         {"name": "status", "valueCode": "active"},
@@ -43,14 +43,26 @@ def status_bundle(kind: str, events_since: int, numbers: list[int], ids: list[st
         {"name": "events-since-subscription-start", "valueString": str(events_since)},
     ]
     for number, appointment_id in zip(numbers, ids, strict=True):
-        parameters.append({"name": "notification-event", "part": [
-            {"name": "event-number", "valueString": str(number)},
-            {"name": "focus", "valueReference": {"reference": f"{BASE}/Appointment/{appointment_id}"}}]})
-    entries: list[dict[str, Any]] = [{"fullUrl": "urn:uuid:1", "resource": {"resourceType": "Parameters",
-                                                                               "parameter": parameters}}]
+        parameters.append(
+            {
+                "name": "notification-event",
+                "part": [
+                    {"name": "event-number", "valueString": str(number)},
+                    {"name": "focus", "valueReference": {"reference": f"{BASE}/Appointment/{appointment_id}"}},
+                ],
+            }
+        )
+    entries: list[dict[str, Any]] = [
+        {"fullUrl": "urn:uuid:1", "resource": {"resourceType": "Parameters", "parameter": parameters}}
+    ]
     for resource in resources or []:
-        entries.append({"fullUrl": f"{BASE}/Appointment/{resource['id']}", "resource": resource,
-                        "request": {"method": "PUT", "url": f"Appointment/{resource['id']}"}})
+        entries.append(
+            {
+                "fullUrl": f"{BASE}/Appointment/{resource['id']}",
+                "resource": resource,
+                "request": {"method": "PUT", "url": f"Appointment/{resource['id']}"},
+            }
+        )
     return {"resourceType": "Bundle", "type": "history", "entry": entries}
 
 
@@ -60,21 +72,33 @@ class Hub:
 
     async def post(self, body: Any, secret: str = SECRET, raw: bytes | None = None) -> httpx.Response:
         content = raw if raw is not None else json.dumps(body).encode()
-        return await self.client.post("/fhir/ehr/notify", content=content,
-                                      headers={"Authorization": secret, "Content-Type": "application/fhir+json"})
+        return await self.client.post(
+            "/fhir/ehr/notify",
+            content=content,
+            headers={"Authorization": secret, "Content-Type": "application/fhir+json"},
+        )
 
 
 @pytest.fixture
 async def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Hub]:
     monkeypatch.setenv("PAUBOX_API_KEY", API_KEY)
     monkeypatch.setenv("SUB_SECRET", SECRET)
-    config = load_config(write_config(tmp_path, BASE, "https://paubox.test", mappings=BASIC,
-                                      extra_source=SUBSCRIPTION, extra="server:\n  port: 9\n  max_body: 50000\n"))
+    config = load_config(
+        write_config(
+            tmp_path,
+            BASE,
+            "https://paubox.test",
+            mappings=BASIC,
+            extra_source=SUBSCRIPTION,
+            extra="server:\n  port: 9\n  max_body: 50000\n",
+        )
+    )
     fhir, paubox = FhirState(), SandboxState(api_key=API_KEY, username="clinic")
     fhir.put(patient("p1", "Robin", email="robin@example.org"))
     mailer = PauboxRestMailer(config.delivery.paubox, transport=httpx.ASGITransport(app=paubox_app(paubox)))
-    runtime = Runtime.open(config, system_clock, mailer=mailer,
-                           source_transport=httpx.ASGITransport(app=fhir_app(fhir)))
+    runtime = Runtime.open(
+        config, system_clock, mailer=mailer, source_transport=httpx.ASGITransport(app=fhir_app(fhir))
+    )
     app = web_app(config, runtime.aftercare, extra_routes=runtime.subscriptions.routes())
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://connector.test") as client:
         yield Hub(runtime, fhir, paubox, client)
@@ -136,27 +160,49 @@ async def test_rest_hook_ping_polls_and_put_is_processed(hub: Hub) -> None:
     assert response.status_code == 200
     await hub.runtime.subscriptions._resyncs["ehr"]
     resource = hub.fhir.put(appointment("a4", "p1", SOON + timedelta(days=1)))
-    put = await hub.client.put("/fhir/ehr/notify/Appointment/a4", content=json.dumps(resource),
-                               headers={"Authorization": SECRET})
+    put = await hub.client.put(
+        "/fhir/ehr/notify/Appointment/a4", content=json.dumps(resource), headers={"Authorization": SECRET}
+    )
     assert put.status_code == 200
     await hub.runtime.dispatcher.run()
     assert len(hub.paubox.messages) == 2
 
 
-@pytest.mark.parametrize(("headers", "content", "status"), [
-    ({"Authorization": "Bearer wrong"}, b"{}", 401),
-    ({}, b"{}", 401),
-    ({"Authorization": SECRET}, b"not json", 400),
-    ({"Authorization": SECRET}, json.dumps({"resourceType": "Patient"}).encode(), 400),
-    ({"Authorization": SECRET}, json.dumps({"resourceType": "Bundle", "entry": []}).encode(), 400),
-    ({"Authorization": SECRET}, b"{" + b" " * 60000 + b"}", 413),
-    ({"Authorization": SECRET}, b"[" * 20000 + b"]" * 20000, 400),  # a nesting bomb
-    ({"Authorization": SECRET}, json.dumps({"resourceType": "Bundle", "entry": [{"resource": {
-        "resourceType": "SubscriptionStatus", "type": "heartbeat", "subscription": "not-a-reference",
-        "status": {"odd": 1}, "eventsSinceSubscriptionStart": "9" * 40}}]}).encode(), 200),
-])
-async def test_bad_notifications_are_refused_with_an_operation_outcome(hub: Hub, headers: dict[str, str],
-                                                                       content: bytes, status: int) -> None:
+@pytest.mark.parametrize(
+    ("headers", "content", "status"),
+    [
+        ({"Authorization": "Bearer wrong"}, b"{}", 401),
+        ({}, b"{}", 401),
+        ({"Authorization": SECRET}, b"not json", 400),
+        ({"Authorization": SECRET}, json.dumps({"resourceType": "Patient"}).encode(), 400),
+        ({"Authorization": SECRET}, json.dumps({"resourceType": "Bundle", "entry": []}).encode(), 400),
+        ({"Authorization": SECRET}, b"{" + b" " * 60000 + b"}", 413),
+        ({"Authorization": SECRET}, b"[" * 20000 + b"]" * 20000, 400),  # a nesting bomb
+        (
+            {"Authorization": SECRET},
+            json.dumps(
+                {
+                    "resourceType": "Bundle",
+                    "entry": [
+                        {
+                            "resource": {
+                                "resourceType": "SubscriptionStatus",
+                                "type": "heartbeat",
+                                "subscription": "not-a-reference",
+                                "status": {"odd": 1},
+                                "eventsSinceSubscriptionStart": "9" * 40,
+                            }
+                        }
+                    ],
+                }
+            ).encode(),
+            200,
+        ),
+    ],
+)
+async def test_bad_notifications_are_refused_with_an_operation_outcome(
+    hub: Hub, headers: dict[str, str], content: bytes, status: int
+) -> None:
     response = await hub.client.post("/fhir/ehr/notify", content=content, headers=headers)
     assert response.status_code == status
     if status != 200:
@@ -166,8 +212,9 @@ async def test_bad_notifications_are_refused_with_an_operation_outcome(hub: Hub,
 
 async def test_an_invalid_pushed_resource_is_quarantined_and_answered_422(hub: Hub) -> None:
     bad = {"resourceType": "Appointment", "id": "a9", "status": "booked", "participant": [{"status": 5}]}
-    response = await hub.client.put("/fhir/ehr/notify/Appointment/a9", content=json.dumps(bad),
-                                    headers={"Authorization": SECRET})
+    response = await hub.client.put(
+        "/fhir/ehr/notify/Appointment/a9", content=json.dumps(bad), headers={"Authorization": SECRET}
+    )
     assert response.status_code == 422 and "not valid FHIR R4" in response.text
 
 
@@ -175,13 +222,14 @@ async def test_a_notification_with_poison_resources_answers_422_and_processes_th
     """Resources that cannot be processed (an instant beyond the calendar in UTC, CR/LF in a patient
     reference) are quarantined and named in a 422 OperationOutcome; the others in the bundle are processed."""
     good = [hub.fhir.put(appointment(f"g{i}", "p1", SOON + timedelta(days=i))) for i in (1, 2)]
-    extreme = {**appointment("x1", "p1", SOON), "start": "9999-12-31T20:00:00-14:00",
-               "meta": {"versionId": "1"}}
-    crlf = {**appointment("x2", "p1", SOON), "meta": {"versionId": "1"},
-            "participant": [{"actor": {"reference": "Patient/p1\r\nX"}, "status": "accepted"}]}
+    extreme = {**appointment("x1", "p1", SOON), "start": "9999-12-31T20:00:00-14:00", "meta": {"versionId": "1"}}
+    crlf = {
+        **appointment("x2", "p1", SOON),
+        "meta": {"versionId": "1"},
+        "participant": [{"actor": {"reference": "Patient/p1\r\nX"}, "status": "accepted"}],
+    }
     resources = [good[0], extreme, crlf, good[1]]
-    response = await hub.post(status_bundle("event-notification", 4, [1, 2, 3, 4], ["g1", "x1", "x2", "g2"],
-                                            resources))
+    response = await hub.post(status_bundle("event-notification", 4, [1, 2, 3, 4], ["g1", "x1", "x2", "g2"], resources))
     assert response.status_code == 422
     issues = [issue["diagnostics"] for issue in response.json()["issue"]]
     assert [text.split(" not processed: ")[0] for text in issues] == ["Appointment/x1 v1", "Appointment/x2 v1"]
@@ -193,6 +241,7 @@ async def test_a_notification_with_poison_resources_answers_422_and_processes_th
 
 async def test_a_pushed_appointment_with_an_extreme_date_is_a_4xx_not_a_500(hub: Hub) -> None:
     resource = {**appointment("x3", "p1", SOON), "start": "9999-12-31T20:00:00-14:00"}
-    response = await hub.client.put("/fhir/ehr/notify/Appointment/x3", content=json.dumps(resource),
-                                    headers={"Authorization": SECRET})
+    response = await hub.client.put(
+        "/fhir/ehr/notify/Appointment/x3", content=json.dumps(resource), headers={"Authorization": SECRET}
+    )
     assert response.status_code == 422 and response.json()["resourceType"] == "OperationOutcome"

@@ -26,24 +26,33 @@ from tests.conftest import API_KEY, ROOT, free_port
 pytestmark = pytest.mark.slow
 WHEELHOUSE = ROOT / ".cache" / "wheelhouse"
 BIN = Path(sys.executable).parent
-ENV = {"EHR_FHIR_TOKEN": "sandbox-accepts-any-token", "PAUBOX_API_KEY": API_KEY,
-       "PAUBOX_WEBHOOK_TOKEN": "webhook-path-token",
-       "OPTOUT_KEY": base64.b64encode(bytes(32)).decode()}  # PAUBOX_USERNAME: replaced by base_url below
+ENV = {
+    "EHR_FHIR_TOKEN": "sandbox-accepts-any-token",
+    "PAUBOX_API_KEY": API_KEY,
+    "PAUBOX_WEBHOOK_TOKEN": "webhook-path-token",
+    "OPTOUT_KEY": base64.b64encode(bytes(32)).decode(),
+}  # PAUBOX_USERNAME: replaced by base_url below
 
 
 def clean_env(**extra: str) -> dict[str, str]:
     """The test's environment without the repository's virtual environment or the example's variables.
     Bytecode is written: the installs skip compiling every module, the first run compiles what it imports."""
-    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONDONTWRITEBYTECODE",
-                                                            *ENV) and not k.startswith(("PIPX_", "UV_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONDONTWRITEBYTECODE", *ENV)
+        and not k.startswith(("PIPX_", "UV_"))
+    }
     return {**env, **extra}
 
 
-def sh(*args: str | Path, cwd: Path, env: dict[str, str] | None = None,
-       timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def sh(
+    *args: str | Path, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     started = time.monotonic()
-    result = subprocess.run([str(a) for a in args], cwd=cwd, env=env or clean_env(), text=True,
-                            capture_output=True, timeout=timeout)
+    result = subprocess.run(
+        [str(a) for a in args], cwd=cwd, env=env or clean_env(), text=True, capture_output=True, timeout=timeout
+    )
     print(f"{time.monotonic() - started:6.1f} s  {Path(str(args[0])).name} {' '.join(map(str, args[1:3]))}")
     assert result.returncode == 0, f"{args} exited {result.returncode}\n{result.stdout}\n{result.stderr}"
     return result
@@ -57,8 +66,23 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     sh(sys.executable, "-m", "build", "--outdir", out, ROOT, cwd=out)
     [built] = out.glob("connector-*.whl")
     wanted = [str(built), "pip"]  # pip: pipx upgrades the pip of its environments
-    offline = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-index", "--find-links",
-                              str(WHEELHOUSE), "--dest", str(WHEELHOUSE), *wanted], capture_output=True, timeout=300)
+    offline = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-index",
+            "--find-links",
+            str(WHEELHOUSE),
+            "--dest",
+            str(WHEELHOUSE),
+            *wanted,
+        ],
+        capture_output=True,
+        timeout=300,
+    )
     if offline.returncode != 0:
         sh(sys.executable, "-m", "pip", "download", "--quiet", "--dest", WHEELHOUSE, *wanted, cwd=out)
     for copy in WHEELHOUSE.glob("connector-*"):
@@ -69,8 +93,18 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def pip_venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     prefix = tmp_path_factory.mktemp("pip") / "venv"
-    sh("sh", ROOT / "deploy" / "install.sh", prefix, wheel, "--no-index", "--no-compile", "--find-links", WHEELHOUSE,
-       cwd=prefix.parent, env=clean_env(PYTHON=sys.executable))
+    sh(
+        "sh",
+        ROOT / "deploy" / "install.sh",
+        prefix,
+        wheel,
+        "--no-index",
+        "--no-compile",
+        "--find-links",
+        WHEELHOUSE,
+        cwd=prefix.parent,
+        env=clean_env(PYTHON=sys.executable),
+    )
     return prefix / "bin" / "connector"
 
 
@@ -80,10 +114,22 @@ def sandboxes(pip_venv: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     connector."""
     work = tmp_path_factory.mktemp("sandboxes")
     fhir, paubox = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
-    processes = [subprocess.Popen([pip_venv, "sandbox", "fhir", "--port", fhir.rsplit(":", 1)[1]], cwd=work,
-                                  env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-                 subprocess.Popen([pip_venv, "sandbox", "--port", paubox.rsplit(":", 1)[1], "--api-key", API_KEY],
-                                  cwd=work, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    processes = [
+        subprocess.Popen(
+            [pip_venv, "sandbox", "fhir", "--port", fhir.rsplit(":", 1)[1]],
+            cwd=work,
+            env=clean_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ),
+        subprocess.Popen(
+            [pip_venv, "sandbox", "--port", paubox.rsplit(":", 1)[1], "--api-key", API_KEY],
+            cwd=work,
+            env=clean_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ),
+    ]
     try:
         deadline = time.monotonic() + 60
         for url in (f"{fhir}/metadata", f"{paubox}/_sandbox/messages"):
@@ -111,10 +157,12 @@ def site_for(connector: Path, folder: Path, fhir: str, paubox: str) -> Path:
     sh(connector, "init", folder, cwd=folder.parent)
     config = folder / "config.yaml"
     text = config.read_text()
-    for old, new in (("base_url: https://fhir.example.org/r4", f"base_url: {fhir}"),
-                     ("start_from: now", "start_from: 2000-01-01T00:00:00Z"),
-                     ("username: ${PAUBOX_USERNAME}", f"base_url: {paubox}/v1/sandbox"),
-                     ("  port: 8080", f"  port: {free_port()}")):
+    for old, new in (
+        ("base_url: https://fhir.example.org/r4", f"base_url: {fhir}"),
+        ("start_from: now", "start_from: 2000-01-01T00:00:00Z"),
+        ("username: ${PAUBOX_USERNAME}", f"base_url: {paubox}/v1/sandbox"),
+        ("  port: 8080", f"  port: {free_port()}"),
+    ):
         assert old in text, old
         text = text.replace(old, new)
     config.write_text(re.sub(r"^quiet_hours:.*\n(?:[ ]+\S.*\n)*", "", text, flags=re.MULTILINE))
@@ -127,8 +175,9 @@ def run_once(connector: Path, config: Path, paubox: str) -> int:
     return sent(paubox) - before
 
 
-def test_pip_install_then_init_validate_upgrade_and_run_once_send(pip_venv: Path, sandboxes: tuple[str, str],
-                                                                   tmp_path: Path) -> None:
+def test_pip_install_then_init_validate_upgrade_and_run_once_send(
+    pip_venv: Path, sandboxes: tuple[str, str], tmp_path: Path
+) -> None:
     fhir, paubox = sandboxes
     where = sh(pip_venv.parent / "python", "-c", "import connector; print(connector.__file__)", cwd=tmp_path)
     assert where.stdout.startswith(str(pip_venv.parent.parent))  # the installed copy, not the checkout
@@ -143,10 +192,24 @@ def test_pip_install_then_init_validate_upgrade_and_run_once_send(pip_venv: Path
 
 def test_uv_tool_install_runs_once(wheel: Path, sandboxes: tuple[str, str], tmp_path: Path) -> None:
     fhir, paubox = sandboxes
-    uv_env = clean_env(UV_TOOL_DIR=str(tmp_path / "tools"), UV_TOOL_BIN_DIR=str(tmp_path / "bin"),
-                       UV_CACHE_DIR=str(ROOT / ".cache" / "uv"))
-    sh(BIN / "uv", "tool", "install", "--python", sys.executable, "--no-index", "--find-links", WHEELHOUSE, wheel,
-       cwd=tmp_path, env=uv_env)
+    uv_env = clean_env(
+        UV_TOOL_DIR=str(tmp_path / "tools"),
+        UV_TOOL_BIN_DIR=str(tmp_path / "bin"),
+        UV_CACHE_DIR=str(ROOT / ".cache" / "uv"),
+    )
+    sh(
+        BIN / "uv",
+        "tool",
+        "install",
+        "--python",
+        sys.executable,
+        "--no-index",
+        "--find-links",
+        WHEELHOUSE,
+        wheel,
+        cwd=tmp_path,
+        env=uv_env,
+    )
     connector = tmp_path / "bin" / "connector"
     config = site_for(connector, tmp_path / "site", fhir, paubox)
     sh(connector, "db", "upgrade", "--config", config, cwd=tmp_path)
@@ -155,10 +218,22 @@ def test_uv_tool_install_runs_once(wheel: Path, sandboxes: tuple[str, str], tmp_
 
 def test_pipx_install_runs_once(wheel: Path, sandboxes: tuple[str, str], tmp_path: Path) -> None:
     fhir, paubox = sandboxes
-    pipx_env = clean_env(PIPX_HOME=str(tmp_path / "pipx"), PIPX_BIN_DIR=str(tmp_path / "bin"),
-                         PIPX_MAN_DIR=str(tmp_path / "man"))
-    sh(BIN / "pipx", "install", "--backend", "pip", "--python", sys.executable, "--pip-args",
-       f"--no-index --no-compile --find-links {WHEELHOUSE}", wheel, cwd=tmp_path, env=pipx_env)
+    pipx_env = clean_env(
+        PIPX_HOME=str(tmp_path / "pipx"), PIPX_BIN_DIR=str(tmp_path / "bin"), PIPX_MAN_DIR=str(tmp_path / "man")
+    )
+    sh(
+        BIN / "pipx",
+        "install",
+        "--backend",
+        "pip",
+        "--python",
+        sys.executable,
+        "--pip-args",
+        f"--no-index --no-compile --find-links {WHEELHOUSE}",
+        wheel,
+        cwd=tmp_path,
+        env=pipx_env,
+    )
     connector = tmp_path / "bin" / "connector"
     config = site_for(connector, tmp_path / "site", fhir, paubox)
     sh(connector, "db", "upgrade", "--config", config, cwd=tmp_path)

@@ -65,8 +65,9 @@ class Endpoints:
         return await self.client.post("/fhir/ehr/notify", content=body, headers=self._fhir_headers())
 
     async def put(self, appointment_id: str, body: bytes) -> httpx.Response:
-        return await self.client.put(f"/fhir/ehr/notify/Appointment/{appointment_id}", content=body,
-                                     headers=self._fhir_headers())
+        return await self.client.put(
+            f"/fhir/ehr/notify/Appointment/{appointment_id}", content=body, headers=self._fhir_headers()
+        )
 
     async def standard(self, body: bytes, msg_id: bytes = b"msg_1") -> httpx.Response:
         headers = standard_webhook_headers(STD_SECRET, msg_id.decode("latin-1"), int(time.time()), body)
@@ -75,17 +76,24 @@ class Endpoints:
 
     async def hubspot(self, body: bytes) -> httpx.Response:
         now = int(time.time() * 1000)
-        return await self.client.post("/webhooks/crm/hubspot", content=body, headers={
-            "X-HubSpot-Signature-v3": sign_hubspot_v3(HUB_SECRET, "POST", HUB_URL, body, now),
-            "X-HubSpot-Request-Timestamp": str(now)})
+        return await self.client.post(
+            "/webhooks/crm/hubspot",
+            content=body,
+            headers={
+                "X-HubSpot-Signature-v3": sign_hubspot_v3(HUB_SECRET, "POST", HUB_URL, body, now),
+                "X-HubSpot-Request-Timestamp": str(now),
+            },
+        )
 
     async def generic(self, body: bytes) -> httpx.Response:
-        return await self.client.post("/webhooks/crm/gen", content=body,
-                                      headers={"X-Signature": sign_hmac(GEN_SECRET.encode(), body, "sha256=")})
+        return await self.client.post(
+            "/webhooks/crm/gen", content=body, headers={"X-Signature": sign_hmac(GEN_SECRET.encode(), body, "sha256=")}
+        )
 
     async def salesforce(self, body: bytes) -> httpx.Response:
-        return await self.client.post(f"/webhooks/crm/salesforce/{SF_TOKEN}", content=body,
-                                      headers={"Content-Type": "text/xml"})
+        return await self.client.post(
+            f"/webhooks/crm/salesforce/{SF_TOKEN}", content=body, headers={"Content-Type": "text/xml"}
+        )
 
     @staticmethod
     def _fhir_headers() -> dict[str, str]:
@@ -93,26 +101,45 @@ class Endpoints:
 
 
 @contextlib.asynccontextmanager
-async def open_endpoints(folder: Path, monkeypatch: pytest.MonkeyPatch,
-                         ledger_url: str | None = None) -> AsyncIterator[Endpoints]:
-    for name, value in {"PAUBOX_API_KEY": API_KEY, "PAUBOX_TOKEN": PAUBOX_TOKEN, "SUB_SECRET": SUBSCRIPTION_SECRET,
-                        "STD_SECRET": STD_SECRET, "HUB_SECRET": HUB_SECRET, "GEN_SECRET": GEN_SECRET,
-                        "SF_TOKEN": SF_TOKEN, "INBOX_KEY": base64.b64encode(os.urandom(32)).decode()}.items():
+async def open_endpoints(
+    folder: Path, monkeypatch: pytest.MonkeyPatch, ledger_url: str | None = None
+) -> AsyncIterator[Endpoints]:
+    for name, value in {
+        "PAUBOX_API_KEY": API_KEY,
+        "PAUBOX_TOKEN": PAUBOX_TOKEN,
+        "SUB_SECRET": SUBSCRIPTION_SECRET,
+        "STD_SECRET": STD_SECRET,
+        "HUB_SECRET": HUB_SECRET,
+        "GEN_SECRET": GEN_SECRET,
+        "SF_TOKEN": SF_TOKEN,
+        "INBOX_KEY": base64.b64encode(os.urandom(32)).decode(),
+    }.items():
         monkeypatch.setenv(name, value)
-    config = load_config(write_config(
-        folder, FHIR_BASE, "https://paubox.test", mappings=BASIC, ledger_url=ledger_url,
-        extra_source="    subscription:\n      enabled: true\n      secret: ${SUB_SECRET}\n",
-        paubox_extra="    webhook_token: ${PAUBOX_TOKEN}\n    optout_on_hard_bounce: true\n", extra=SERVER))
+    config = load_config(
+        write_config(
+            folder,
+            FHIR_BASE,
+            "https://paubox.test",
+            mappings=BASIC,
+            ledger_url=ledger_url,
+            extra_source="    subscription:\n      enabled: true\n      secret: ${SUB_SECRET}\n",
+            paubox_extra="    webhook_token: ${PAUBOX_TOKEN}\n    optout_on_hard_bounce: true\n",
+            extra=SERVER,
+        )
+    )
     fhir = FhirState()
     fhir.put(patient("p1", "Robin", email="robin@example.org"))
-    mailer = PauboxRestMailer(config.delivery.paubox,
-                              transport=httpx.ASGITransport(app=paubox_app(SandboxState(api_key=API_KEY,
-                                                                                       username="clinic"))))
-    runtime = Runtime.open(config, system_clock, mailer=mailer,
-                           source_transport=httpx.ASGITransport(app=fhir_app(fhir)))
+    mailer = PauboxRestMailer(
+        config.delivery.paubox,
+        transport=httpx.ASGITransport(app=paubox_app(SandboxState(api_key=API_KEY, username="clinic"))),
+    )
+    runtime = Runtime.open(
+        config, system_clock, mailer=mailer, source_transport=httpx.ASGITransport(app=fhir_app(fhir))
+    )
     try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=web_app(runtime)),
-                                     base_url="https://connector.example.org") as client:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=web_app(runtime)), base_url="https://connector.example.org"
+        ) as client:
             yield Endpoints(runtime, client, fhir)
     finally:
         await runtime.aclose()

@@ -28,9 +28,11 @@ class HubSpotClient:
         self.name = name
         self.properties = settings.properties
         self._client = httpx.AsyncClient(
-            base_url=settings.api_base.rstrip("/") + "/", timeout=10.0, transport=transport,
-            headers={"Authorization": f"Bearer {settings.api_token.get_secret_value()}",
-                     "Accept": "application/json"})
+            base_url=settings.api_base.rstrip("/") + "/",
+            timeout=10.0,
+            transport=transport,
+            headers={"Authorization": f"Bearer {settings.api_token.get_secret_value()}", "Accept": "application/json"},
+        )
 
     async def read(self, event_type: str, object_id: str) -> dict[str, Any] | None:
         """The object (`{"id", "properties": {...}}`), None when HubSpot no longer has it. Raises
@@ -40,8 +42,9 @@ class HubSpotClient:
             raise SourceError(f"crm source {self.name!r}: no CRM object type for {event_type!r} events")
         what = f"HubSpot {kind}/{object_id}"
         try:
-            response = await self._client.get(f"crm/v3/objects/{kind}/{object_id}",
-                                              params={"properties": ",".join(self.properties)})
+            response = await self._client.get(
+                f"crm/v3/objects/{kind}/{object_id}", params={"properties": ",".join(self.properties)}
+            )
         except httpx.HTTPError as exc:
             raise SourceError(f"crm source {self.name!r}: read of {what} failed: {type(exc).__name__}") from None
         if response.status_code == 404:

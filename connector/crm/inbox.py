@@ -35,8 +35,16 @@ class Keyring:
             except (binascii.Error, ValueError):
                 raw = b""
             if len(raw) != 32:
-                raise ConfigError([Problem(None, None, f"inbox.keys.{key_id}",
-                                           "must be base64 of 32 random bytes (e.g. `openssl rand -base64 32`)")])
+                raise ConfigError(
+                    [
+                        Problem(
+                            None,
+                            None,
+                            f"inbox.keys.{key_id}",
+                            "must be base64 of 32 random bytes (e.g. `openssl rand -base64 32`)",
+                        )
+                    ]
+                )
             self._keys[key_id] = AESGCM(raw)
 
     def seal(self, source: str, event_id: str, payload: dict[str, Any]) -> tuple[str, bytes]:

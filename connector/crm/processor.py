@@ -49,15 +49,25 @@ class NotYet:
 
 
 class CrmProcessor:
-    def __init__(self, config: Config, mappings: MappingSet, ledger: SqlLedger, keyring: Keyring,
-                 clock: Clock, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        mappings: MappingSet,
+        ledger: SqlLedger,
+        keyring: Keyring,
+        clock: Clock,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         self.config = config
         self.mappings = mappings
         self.ledger = ledger
         self.keyring = keyring
         self.clock = clock
-        self.apis = {name: HubSpotClient(name, settings, transport) for name, settings in config.crm.items()
-                     if settings.kind == "hubspot" and settings.api_token is not None}
+        self.apis = {
+            name: HubSpotClient(name, settings, transport)
+            for name, settings in config.crm.items()
+            if settings.kind == "hubspot" and settings.api_token is not None
+        }
         quiet = config.quiet_hours
         self.quiet = QuietHours(quiet.start, quiet.end) if quiet else None
 
@@ -81,8 +91,15 @@ class CrmProcessor:
 
     def _plan(self, row: Any, event: dict[str, Any]) -> list[PlannedNotification]:
         zone = self.config.crm[row.source].timezone if row.source in self.config.crm else "UTC"
-        result = plan_crm(self.mappings, source=row.source, inbox_id=row.id, event=event, now=self.clock(),
-                          zone=zone, quiet=self.quiet)
+        result = plan_crm(
+            self.mappings,
+            source=row.source,
+            inbox_id=row.id,
+            event=event,
+            now=self.clock(),
+            zone=zone,
+            quiet=self.quiet,
+        )
         for note in result.notes:
             log.error("mapping.failed", mapping=note.mapping, source=row.source, problem=note.message)
         return result.notifications
@@ -97,9 +114,12 @@ class CrmProcessor:
             return 0
         outcomes = [self._outcome(row) for row in rows]
         try:
-            inserted = await asyncio.to_thread(self.ledger.inbox_commit, [row.id for row, _, _ in outcomes],
-                                               [n for _, planned, _ in outcomes for n in planned],
-                                               [(row.source, q) for row, _, q in outcomes if q])
+            inserted = await asyncio.to_thread(
+                self.ledger.inbox_commit,
+                [row.id for row, _, _ in outcomes],
+                [n for _, planned, _ in outcomes for n in planned],
+                [(row.source, q) for row, _, q in outcomes if q],
+            )
         except Exception as exc:
             if unavailable(exc):
                 raise
@@ -109,8 +129,12 @@ class CrmProcessor:
             if problem is not None:
                 log.error("crm.quarantined", source=row.source, inbox=row.id, problem=problem.problem)
                 metrics.inc("connector_quarantined_total", source=row.source)
-        log.info("crm.processed", events=len(outcomes), notifications=len(inserted),
-                 quarantined=sum(1 for _, _, q in outcomes if q))
+        log.info(
+            "crm.processed",
+            events=len(outcomes),
+            notifications=len(inserted),
+            quarantined=sum(1 for _, _, q in outcomes if q),
+        )
         return len(outcomes)
 
     async def _commit_each(self, outcomes: list[Outcome]) -> list[str]:
@@ -118,8 +142,9 @@ class CrmProcessor:
         inserted: list[str] = []
         for index, (row, planned, problem) in enumerate(outcomes):
             try:
-                inserted += await asyncio.to_thread(self.ledger.inbox_commit, [row.id], planned,
-                                                    [(row.source, problem)] if problem else [])
+                inserted += await asyncio.to_thread(
+                    self.ledger.inbox_commit, [row.id], planned, [(row.source, problem)] if problem else []
+                )
             except Exception as exc:
                 if unavailable(exc):
                     raise
@@ -128,14 +153,14 @@ class CrmProcessor:
                 await asyncio.to_thread(self.ledger.inbox_commit, [row.id], [], [(row.source, refused)])
         return inserted
 
-    async def replay(self, source: str, since: datetime | None, until: datetime | None
-                     ) -> tuple[list[PlannedNotification], list[tuple[str, SeenVersion]]]:
+    async def replay(
+        self, source: str, since: datetime | None, until: datetime | None
+    ) -> tuple[list[PlannedNotification], list[tuple[str, SeenVersion]]]:
         """Plan the stored events of a window again (nothing is recorded: the caller decides). Returns the
         notifications and the events that cannot be processed."""
         rows = await asyncio.to_thread(self.ledger.inbox_window, source, since, until)
         outcomes = [self._outcome(row) for row in rows]
-        return ([n for _, planned, _ in outcomes for n in planned],
-                [(row.source, q) for row, _, q in outcomes if q])
+        return ([n for _, planned, _ in outcomes for n in planned], [(row.source, q) for row, _, q in outcomes if q])
 
     async def purge(self) -> int:
         assert self.config.inbox is not None
@@ -160,8 +185,9 @@ class CrmProcessor:
         if mapping.spec.fetch_object:
             api = self.apis.get(row.source)
             if api is None or not event.get("object_id"):
-                return NotSendable(State.FAILED, "fetch_object needs a hubspot source with api_token and an "
-                                                 "event with an object id")
+                return NotSendable(
+                    State.FAILED, "fetch_object needs a hubspot source with api_token and an event with an object id"
+                )
             try:
                 event["object"] = await api.read(str(event.get("event_type")), str(event["object_id"]))
             except SourceError as exc:
@@ -175,16 +201,26 @@ class CrmProcessor:
             return NotSendable(State.FAILED, f"recipient path failed ({type(exc).__name__})")
         address = next((v for v in found if usable(v)), None)  # as it is: never trimmed or split
         if address is None:
-            return NotSendable(State.SKIPPED, f"the {row.event_type} event has no usable email address at the "
-                                              "recipient path")
+            return NotSendable(
+                State.SKIPPED, f"the {row.event_type} event has no usable email address at the recipient path"
+            )
         match = await asyncio.to_thread(self.ledger.opted_out, optout.candidates([], address))
         if match is not None:
             return NotSendable(State.SKIPPED, f"the address opted out ({match.created_at.date().isoformat()})")
         zone = self.config.crm[row.source].timezone if row.source in self.config.crm else "UTC"
         try:
-            return render_crm(mapping, key=n.key, to=address, event=event, source=row.source, timezone=zone,
-                              locale=self.config.locale, now=now, default_from=self.config.delivery.from_address,
-                              default_reply_to=self.config.delivery.reply_to)
+            return render_crm(
+                mapping,
+                key=n.key,
+                to=address,
+                event=event,
+                source=row.source,
+                timezone=zone,
+                locale=self.config.locale,
+                now=now,
+                default_from=self.config.delivery.from_address,
+                default_reply_to=self.config.delivery.reply_to,
+            )
         except RenderError as exc:
             return NotSendable(State.FAILED, str(exc))
 

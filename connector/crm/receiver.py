@@ -64,16 +64,18 @@ class TokenBucket:
         return (1 - self.tokens) / self.rate
 
 
-def verify(settings: CrmSourceConfig, request_url: str, method: str, headers: dict[str, str], body: bytes,
-           now: float) -> None:
+def verify(
+    settings: CrmSourceConfig, request_url: str, method: str, headers: dict[str, str], body: bytes, now: float
+) -> None:
     """Raise SignatureError unless the request is authentic and fresh for this source."""
     tolerance = settings.tolerance.total_seconds()
     secret = settings.secret.get_secret_value() if settings.secret else ""
     if settings.kind == "standard-webhooks":
         verify_standard_webhook(secret, headers, body, now, tolerance)
     elif settings.kind == "hubspot":
-        verify_hubspot_v3(secret, method, settings.public_url or request_url, headers, body, int(now * 1000),
-                          int(tolerance * 1000))
+        verify_hubspot_v3(
+            secret, method, settings.public_url or request_url, headers, body, int(now * 1000), int(tolerance * 1000)
+        )
     elif settings.kind == "hmac-json":
         value = next((v for k, v in headers.items() if k.lower() == settings.hmac_header.lower()), None)
         verify_hmac(secret.encode(), value, body, settings.hmac_prefix, settings.hmac_encoding)
@@ -98,8 +100,10 @@ class CrmReceiver:
         self.buckets = {name: TokenBucket(s.rate_limit, s.burst) for name, s in config.crm.items()}
 
     def routes(self) -> list[Route]:
-        return [Route("/webhooks/crm/{source}", self.receive, methods=["POST"]),
-                Route("/webhooks/crm/{source}/{token}", self.receive, methods=["POST"])]
+        return [
+            Route("/webhooks/crm/{source}", self.receive, methods=["POST"]),
+            Route("/webhooks/crm/{source}/{token}", self.receive, methods=["POST"]),
+        ]
 
     async def receive(self, request: Request) -> Response:
         name = request.path_params["source"]
@@ -149,9 +153,22 @@ class CrmReceiver:
     def _rows(self, name: str, events: list[CrmEvent], now: datetime) -> list[dict[str, object]]:
         rows = []
         for event in events:
-            payload = {"event_id": event.event_id, "event_type": event.event_type, "object_id": event.object_id,
-                       "occurred_at": event.occurred_at, "payload": event.payload}
+            payload = {
+                "event_id": event.event_id,
+                "event_type": event.event_type,
+                "object_id": event.object_id,
+                "occurred_at": event.occurred_at,
+                "payload": event.payload,
+            }
             key_id, sealed = self.keyring.seal(name, event.event_id, payload)
-            rows.append({"source": name, "event_id": event.event_id, "event_type": event.event_type,
-                         "received_at": now, "key_id": key_id, "sealed": sealed})
+            rows.append(
+                {
+                    "source": name,
+                    "event_id": event.event_id,
+                    "event_type": event.event_type,
+                    "received_at": now,
+                    "key_id": key_id,
+                    "sealed": sealed,
+                }
+            )
         return rows

@@ -58,8 +58,9 @@ def error_title(body: bytes) -> str:
     if isinstance(data, dict):
         errors = data.get("errors")
         if isinstance(errors, list) and errors and isinstance(errors[0], dict):
-            text = ": ".join(str(errors[0][k]) for k in ("title", "details")
-                             if isinstance(errors[0].get(k), str) and errors[0][k])
+            text = ": ".join(
+                str(errors[0][k]) for k in ("title", "details") if isinstance(errors[0].get(k), str) and errors[0][k]
+            )
         elif isinstance(data.get("title"), str):
             details = data.get("details")
             inner = details.get("details") if isinstance(details, dict) else details
@@ -102,8 +103,7 @@ def accepted(data: Any, body: bytes) -> Outcome:
     return Outcome(Verdict.IN_DOUBT, "HTTP 200 without a sourceTrackingId")
 
 
-def classify(status: int, body: bytes, headers: Mapping[str, str], server_errors: ServerErrors = "in_doubt"
-             ) -> Outcome:
+def classify(status: int, body: bytes, headers: Mapping[str, str], server_errors: ServerErrors = "in_doubt") -> Outcome:
     """Decide what an HTTP answer to `POST /messages` means for the notification."""
     if status == 200:
         try:
@@ -113,25 +113,33 @@ def classify(status: int, body: bytes, headers: Mapping[str, str], server_errors
         return accepted(data, body)
     title = error_title(body)
     if status == 429:
-        return Outcome(Verdict.RETRY, f"HTTP 429 rate limited: {title}", retry_after=_retry_after(headers),
-                       signal=Signal.RATE_LIMITED)
+        return Outcome(
+            Verdict.RETRY,
+            f"HTTP 429 rate limited: {title}",
+            retry_after=_retry_after(headers),
+            signal=Signal.RATE_LIMITED,
+        )
     if status == 408:  # the server gave up reading the request: it was not processed
         return Outcome(Verdict.RETRY, "HTTP 408 request timeout", retry_after=_retry_after(headers))
     if 300 <= status < 400:
         return Outcome(Verdict.RETRY, f"HTTP {status} redirect: check delivery.paubox.base_url", blocking=True)
     if status in (401, 403):
-        return Outcome(Verdict.RETRY, f"HTTP {status} {title}: check delivery.paubox.api_key and username",
-                       blocking=True)
+        return Outcome(
+            Verdict.RETRY, f"HTTP {status} {title}: check delivery.paubox.api_key and username", blocking=True
+        )
     if status == 404:
-        return Outcome(Verdict.RETRY, f"HTTP 404 {title}: check delivery.paubox.base_url / username",
-                       blocking=True)
+        return Outcome(Verdict.RETRY, f"HTTP 404 {title}: check delivery.paubox.base_url / username", blocking=True)
     if 400 <= status < 500:
         return Outcome(Verdict.FAILED, f"HTTP {status} {title}")
     if status >= 500 and server_errors == "retry":
-        return Outcome(Verdict.RETRY, f"HTTP {status} {title}", retry_after=_retry_after(headers),
-                       signal=Signal.SERVER_ERROR)
-    return Outcome(Verdict.IN_DOUBT, f"HTTP {status} {title}: Paubox may have accepted the message",
-                   signal=Signal.SERVER_ERROR if status >= 500 else Signal.OK)
+        return Outcome(
+            Verdict.RETRY, f"HTTP {status} {title}", retry_after=_retry_after(headers), signal=Signal.SERVER_ERROR
+        )
+    return Outcome(
+        Verdict.IN_DOUBT,
+        f"HTTP {status} {title}: Paubox may have accepted the message",
+        signal=Signal.SERVER_ERROR if status >= 500 else Signal.OK,
+    )
 
 
 def classify_exception(exc: httpx.HTTPError) -> Outcome:
@@ -147,16 +155,23 @@ def classify_exception(exc: httpx.HTTPError) -> Outcome:
 class PauboxRestMailer:
     """Sends with `POST {base}/messages`. `transport` lets tests put any httpx transport underneath."""
 
-    def __init__(self, config: PauboxConfig, *, concurrency: int = 4,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self, config: PauboxConfig, *, concurrency: int = 4, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
         self._server_errors: ServerErrors = config.server_errors
         key = config.api_key.get_secret_value()
         authorization = f"Bearer {key}" if config.auth_scheme == "bearer" else f"Token token={key}"
-        timeout = httpx.Timeout(connect=config.connect_timeout.total_seconds(),
-                                read=config.read_timeout.total_seconds(),
-                                write=config.read_timeout.total_seconds(), pool=60.0)
+        timeout = httpx.Timeout(
+            connect=config.connect_timeout.total_seconds(),
+            read=config.read_timeout.total_seconds(),
+            write=config.read_timeout.total_seconds(),
+            pool=60.0,
+        )
         self._client = httpx.AsyncClient(
-            base_url=config.endpoint + "/", timeout=timeout, transport=transport, follow_redirects=False,
+            base_url=config.endpoint + "/",
+            timeout=timeout,
+            transport=transport,
+            follow_redirects=False,
             headers={"Authorization": authorization, "Accept": "application/json"},
             limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
         )
@@ -164,11 +179,15 @@ class PauboxRestMailer:
     def _request(self, path: str, content: bytes) -> httpx.Request | Outcome:
         """The request, or why it could not be built (nothing has left: never in doubt)."""
         try:
-            return self._client.build_request("POST", path, content=content,
-                                              headers={"Content-Type": "application/json"})
+            return self._client.build_request(
+                "POST", path, content=content, headers={"Content-Type": "application/json"}
+            )
         except Exception as exc:  # noqa: BLE001 - nothing was sent, whatever broke
-            return Outcome(Verdict.RETRY, f"not sent: the request could not be built ({type(exc).__name__}); "
-                                          "check delivery.paubox", blocking=True)
+            return Outcome(
+                Verdict.RETRY,
+                f"not sent: the request could not be built ({type(exc).__name__}); check delivery.paubox",
+                blocking=True,
+            )
 
     async def _post(self, path: str, content: bytes) -> httpx.Response | Outcome:
         """Send a request. Failures before it is built are retried or failed; only what happens once it may
@@ -181,8 +200,9 @@ class PauboxRestMailer:
         except httpx.HTTPError as exc:
             return classify_exception(exc)
         except Exception as exc:  # noqa: BLE001 - whatever broke, the request may have left: never resend blindly
-            return Outcome(Verdict.IN_DOUBT, f"unexpected {type(exc).__name__} while sending",
-                           signal=Signal.SERVER_ERROR)
+            return Outcome(
+                Verdict.IN_DOUBT, f"unexpected {type(exc).__name__} while sending", signal=Signal.SERVER_ERROR
+            )
 
     async def send(self, email: Email) -> Outcome:
         try:
@@ -220,15 +240,17 @@ class PauboxRestMailer:
             # Refused as a whole (nothing was accepted) and Paubox does not say which item: one by one.
             return [await self.send(email) for email in emails]
         if response.status_code != 200:
-            return [classify(response.status_code, response.content, response.headers,
-                             self._server_errors)] * len(emails)
+            return [classify(response.status_code, response.content, response.headers, self._server_errors)] * len(
+                emails
+            )
         try:
             items = json.loads(response.content).get("messages")
         except (ValueError, UnicodeDecodeError, AttributeError):
             items = None
         if not isinstance(items, list) or len(items) != len(emails):
-            return [Outcome(Verdict.IN_DOUBT, "bulk answer does not account for every message",
-                            signal=Signal.SERVER_ERROR)] * len(emails)
+            return [
+                Outcome(Verdict.IN_DOUBT, "bulk answer does not account for every message", signal=Signal.SERVER_ERROR)
+            ] * len(emails)
         return [accepted(item, response.content) for item in items]
 
     async def receipt(self, tracking_id: str) -> Any:

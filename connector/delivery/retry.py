@@ -9,8 +9,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 
-def backoff(attempt: int, base: timedelta, cap: timedelta, retry_after: float | None = None,
-            rand: Callable[[float, float], float] = random.uniform) -> timedelta:
+def backoff(
+    attempt: int,
+    base: timedelta,
+    cap: timedelta,
+    retry_after: float | None = None,
+    rand: Callable[[float, float], float] = random.uniform,
+) -> timedelta:
     """Delay before attempt `attempt + 1`: uniform in [0, min(cap, base·2^(attempt-1))], at least Retry-After."""
     ceiling = min(cap.total_seconds(), base.total_seconds() * 2 ** max(0, attempt - 1))
     delay = rand(0.0, ceiling)
@@ -37,9 +42,16 @@ class GiveUp:
     reason: str
 
 
-def next_try(policy: RetryPolicy, *, attempts: int, first_attempt_at: datetime | None, now: datetime,
-             reason: str, retry_after: float | None,
-             rand: Callable[[float, float], float] = random.uniform) -> RetryAt | GiveUp:
+def next_try(
+    policy: RetryPolicy,
+    *,
+    attempts: int,
+    first_attempt_at: datetime | None,
+    now: datetime,
+    reason: str,
+    retry_after: float | None,
+    rand: Callable[[float, float], float] = random.uniform,
+) -> RetryAt | GiveUp:
     """After a failed attempt that certainly did not reach Paubox: when to try again, or give up."""
     if attempts >= policy.max_attempts:
         return GiveUp(f"gave up after {attempts} attempts: {reason}")

@@ -153,26 +153,36 @@ def classify_exception(exc: BaseException, *, content_sent: bool) -> Outcome:
     if exc.__cause__ is not None:
         kind += f" ({type(exc.__cause__).__name__})"
     if content_sent:
-        return Outcome(Verdict.IN_DOUBT, f"no reply after the content was sent: {kind}",
-                       signal=Signal.SERVER_ERROR)
+        return Outcome(Verdict.IN_DOUBT, f"no reply after the content was sent: {kind}", signal=Signal.SERVER_ERROR)
     if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
         if 400 <= exc.code < 500:
             return Outcome(Verdict.RETRY, f"SMTP {exc.code} authentication failed temporarily")
-        return Outcome(Verdict.RETRY, f"SMTP {exc.code} authentication failed: check the SMTP username "
-                       "and password (the Paubox API key)", blocking=True)
+        return Outcome(
+            Verdict.RETRY,
+            f"SMTP {exc.code} authentication failed: check the SMTP username and password (the Paubox API key)",
+            blocking=True,
+        )
     if isinstance(exc, aiosmtplib.SMTPResponseException):
-        return Outcome(Verdict.RETRY, f"not sent: {reply_reason(exc.code, exc.message)}",
-                       signal=Signal.SERVER_ERROR)
+        return Outcome(Verdict.RETRY, f"not sent: {reply_reason(exc.code, exc.message)}", signal=Signal.SERVER_ERROR)
     return Outcome(Verdict.RETRY, f"not sent: {kind}", signal=Signal.SERVER_ERROR)
 
 
 class PauboxSmtpMailer:
     """Sends through an SMTP relay with STARTTLS (587) or implicit TLS (465) and AUTH, reusing connections."""
 
-    def __init__(self, *, host: str = "smtp.paubox.com", port: int = 587,
-                 security: Literal["starttls", "tls"] = "starttls", username: str = "apikey", password: str,
-                 timeout: float = 30.0, tls_context: ssl.SSLContext | None = None, max_connections: int = 2,
-                 clock: Clock = system_clock) -> None:
+    def __init__(
+        self,
+        *,
+        host: str = "smtp.paubox.com",
+        port: int = 587,
+        security: Literal["starttls", "tls"] = "starttls",
+        username: str = "apikey",
+        password: str,
+        timeout: float = 30.0,
+        tls_context: ssl.SSLContext | None = None,
+        max_connections: int = 2,
+        clock: Clock = system_clock,
+    ) -> None:
         if security not in ("starttls", "tls"):
             raise ValueError("security must be 'starttls' or 'tls'")
         if max_connections < 1:
@@ -249,20 +259,32 @@ class PauboxSmtpMailer:
     async def _open(self) -> aiosmtplib.SMTP:
         """Connect, secure and authenticate a session; the password never travels outside TLS."""
         implicit = self._security == "tls"
-        smtp = aiosmtplib.SMTP(hostname=self._host, port=self._port, timeout=self._timeout, use_tls=implicit,
-                               start_tls=False, tls_context=self._tls_context)
+        smtp = aiosmtplib.SMTP(
+            hostname=self._host,
+            port=self._port,
+            timeout=self._timeout,
+            use_tls=implicit,
+            start_tls=False,
+            tls_context=self._tls_context,
+        )
         try:
             await smtp.connect()
             await smtp.ehlo()
             if not implicit:
                 if not smtp.supports_extension("starttls"):
-                    raise _Stop(Outcome(Verdict.RETRY, "not sent: the SMTP server does not offer STARTTLS; "
-                                        "check delivery.smtp host/port/security", blocking=True))
+                    raise _Stop(
+                        Outcome(
+                            Verdict.RETRY,
+                            "not sent: the SMTP server does not offer STARTTLS; check delivery.smtp host/port/security",
+                            blocking=True,
+                        )
+                    )
                 await smtp.starttls()
                 await smtp.ehlo()
             if not smtp.supports_extension("auth") or not smtp.supported_auth_methods:
-                raise _Stop(Outcome(Verdict.RETRY, "not sent: the SMTP server offers no usable AUTH mechanism",
-                                    blocking=True))
+                raise _Stop(
+                    Outcome(Verdict.RETRY, "not sent: the SMTP server offers no usable AUTH mechanism", blocking=True)
+                )
             await smtp.login(self._username, self._password)
         except BaseException:
             smtp.close()
@@ -270,8 +292,9 @@ class PauboxSmtpMailer:
         log.debug("smtp.connected", security=self._security)
         return smtp
 
-    async def _transact(self, smtp: aiosmtplib.SMTP, sender: str, recipient: str, content: bytes,
-                        progress: _Progress) -> tuple[Outcome, bool]:
+    async def _transact(
+        self, smtp: aiosmtplib.SMTP, sender: str, recipient: str, content: bytes, progress: _Progress
+    ) -> tuple[Outcome, bool]:
         """MAIL, RCPT, DATA, then the content; returns the outcome and whether the session can be reused."""
         steps: list[tuple[tuple[bytes, ...], tuple[int, ...]]] = [
             ((b"MAIL", b"FROM:<" + sender.encode() + b">"), (250,)),

@@ -52,7 +52,7 @@ class Coalesced(Generic[T, R]):
                 offset = 0
                 for part, future in group:
                     if not future.done():
-                        future.set_result(results[offset:offset + len(part)])
+                        future.set_result(results[offset : offset + len(part)])
                     offset += len(part)
         except BaseException:  # cancelled (the loop is closing): nobody may wait for ever
             for _, future in [*group, *self._waiting]:

@@ -57,12 +57,13 @@ class HealthStore:
         self.engine = engine
 
     def _upsert(self, values: dict[str, Any], update: dict[str, Any]) -> None:
-        insert = (postgresql.insert(H) if self.engine.dialect.name == "postgresql" else sqlite.insert(H))
+        insert = postgresql.insert(H) if self.engine.dialect.name == "postgresql" else sqlite.insert(H)
         statement = insert.values(**values)
         fresh = statement.excluded
         statement = statement.on_conflict_do_update(
-            index_elements=["component"], set_={name: value(fresh) if callable(value) else value
-                                                for name, value in update.items()})
+            index_elements=["component"],
+            set_={name: value(fresh) if callable(value) else value for name, value in update.items()},
+        )
         with self.engine.begin() as conn:
             conn.execute(statement)
 
@@ -71,24 +72,42 @@ class HealthStore:
         newer = (H.c.last_ok_at.is_(None)) | (H.c.last_ok_at < when)
         self._upsert(
             {"component": f"source:{source}", "state": "ok", "since": when, "last_ok_at": when, "updated_at": when},
-            {"state": lambda x: case((newer, "ok"), else_=H.c.state),
-             "since": lambda x: case((newer & (H.c.state != "ok"), x.since), else_=H.c.since),
-             "last_ok_at": lambda x: case((newer, x.last_ok_at), else_=H.c.last_ok_at),
-             "updated_at": lambda x: x.updated_at})
+            {
+                "state": lambda x: case((newer, "ok"), else_=H.c.state),
+                "since": lambda x: case((newer & (H.c.state != "ok"), x.since), else_=H.c.since),
+                "last_ok_at": lambda x: case((newer, x.last_ok_at), else_=H.c.last_ok_at),
+                "updated_at": lambda x: x.updated_at,
+            },
+        )
 
     def poll_failed(self, source: str, when: datetime, problem: str) -> None:
         """A poll of `source` failed; `since` keeps the first failure after the last completed poll."""
         self._upsert(
-            {"component": f"source:{source}", "state": "failing", "since": when, "problem": problem[:500],
-             "problem_at": when, "updated_at": when},
-            {"state": lambda x: "failing",
-             "since": lambda x: case((H.c.state == "failing", H.c.since), else_=x.since),
-             "problem": lambda x: x.problem, "problem_at": lambda x: x.problem_at,
-             "updated_at": lambda x: x.updated_at})
+            {
+                "component": f"source:{source}",
+                "state": "failing",
+                "since": when,
+                "problem": problem[:500],
+                "problem_at": when,
+                "updated_at": when,
+            },
+            {
+                "state": lambda x: "failing",
+                "since": lambda x: case((H.c.state == "failing", H.c.since), else_=x.since),
+                "problem": lambda x: x.problem,
+                "problem_at": lambda x: x.problem_at,
+                "updated_at": lambda x: x.updated_at,
+            },
+        )
 
     def mailer_changed(self, facts: MailerFacts, when: datetime) -> None:
-        values = {"component": MAILER, "state": facts.state, "since": facts.since or when,
-                  "problem": (facts.reason or "")[:500] or None, "updated_at": when}
+        values = {
+            "component": MAILER,
+            "state": facts.state,
+            "since": facts.since or when,
+            "problem": (facts.reason or "")[:500] or None,
+            "updated_at": when,
+        }
         if facts.reason:
             values["problem_at"] = when
         self._upsert(values, {name: (lambda x, n=name: x[n]) for name in values if name != "component"})
@@ -97,9 +116,12 @@ class HealthStore:
         """Every source's row (read by readiness checks and by `connector status`)."""
         with self.engine.connect() as conn:
             rows = conn.execute(select(H).where(H.c.component.like("source:%")))
-            return {row.component.split(":", 1)[1]: SourceFacts(
-                row.last_ok_at, row.problem, row.problem_at, row.since if row.state == "failing" else None)
-                for row in rows}
+            return {
+                row.component.split(":", 1)[1]: SourceFacts(
+                    row.last_ok_at, row.problem, row.problem_at, row.since if row.state == "failing" else None
+                )
+                for row in rows
+            }
 
     def mailer(self) -> tuple[MailerFacts, datetime] | None:
         """The mailer's state as a daemon last wrote it, and when."""
@@ -119,5 +141,8 @@ class HealthStore:
             quarantined = {str(row[0]): int(row[1]) for row in conn.execute(set_aside)}
         if oldest is not None and oldest.tzinfo is None:
             oldest = oldest.replace(tzinfo=UTC)
-        return LedgerGauges({state.value: found.get(state.value, 0) for state in State},
-                            max(0.0, (now - oldest).total_seconds()) if oldest is not None else 0.0, quarantined)
+        return LedgerGauges(
+            {state.value: found.get(state.value, 0) for state in State},
+            max(0.0, (now - oldest).total_seconds()) if oldest is not None else 0.0,
+            quarantined,
+        )

@@ -50,5 +50,7 @@ def ensure_current(engine: Engine) -> None:
         return
     head = head_revision()
     if current != head:
-        raise LedgerError(f"the ledger schema is at revision {current or 'none'} but this version of connector "
-                          f"needs {head}: run `connector db upgrade` (back up the database first)")
+        raise LedgerError(
+            f"the ledger schema is at revision {current or 'none'} but this version of connector "
+            f"needs {head}: run `connector db upgrade` (back up the database first)"
+        )

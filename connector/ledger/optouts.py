@@ -49,20 +49,36 @@ class OptOutStore:
 
     def _keys(self) -> optout.OptOutKeys:
         if self.optout_keys is None:
-            raise ConfigError([Problem(None, None, "optout", "opt-outs are stored as keyed digests: add `optout: "
-                                       "{keys: {k1: ${OPTOUT_KEY}}, current: k1}` with a key from "
-                                       "`openssl rand -base64 32` (see README, Security)")])
+            raise ConfigError(
+                [
+                    Problem(
+                        None,
+                        None,
+                        "optout",
+                        "opt-outs are stored as keyed digests: add `optout: "
+                        "{keys: {k1: ${OPTOUT_KEY}}, current: k1}` with a key from "
+                        "`openssl rand -base64 32` (see README, Security)",
+                    )
+                ]
+            )
         return self.optout_keys
 
     def add_optout(self, kind: str, digest: str, hint: str, note: str | None) -> bool:
         """Add an entry (`digest`: the inner digest). False when it is already on the list, under any key."""
         keys = self._keys()
         with self.engine.begin() as conn:
-            if conn.execute(select(OPT.c.id).where(OPT.c.kind == kind,
-                                                   OPT.c.digest.in_([d for _, d in keys.variants(digest)]))).first():
+            if conn.execute(
+                select(OPT.c.id).where(OPT.c.kind == kind, OPT.c.digest.in_([d for _, d in keys.variants(digest)]))
+            ).first():
                 return False
-            statement = self._insert(OPT).values(kind=kind, digest=keys.keyed(digest), key_id=keys.current,
-                                                 hint=hint, note=note, created_at=datetime.now(UTC))
+            statement = self._insert(OPT).values(
+                kind=kind,
+                digest=keys.keyed(digest),
+                key_id=keys.current,
+                hint=hint,
+                note=note,
+                created_at=datetime.now(UTC),
+            )
             return bool(conn.execute(statement.on_conflict_do_nothing()).rowcount)
 
     def remove_optout(self, kind: str, digest: str) -> bool:
@@ -89,21 +105,26 @@ class OptOutStore:
         found: dict[tuple[str, str], OptOut] = {}
         with self.engine.connect() as conn:
             for start in range(0, len(digests), 500):
-                for r in conn.execute(select(OPT).where(OPT.c.digest.in_(digests[start:start + 500]))):
+                for r in conn.execute(select(OPT).where(OPT.c.digest.in_(digests[start : start + 500]))):
                     if expected.get((r.kind, r.digest), _MISSING) == r.key_id:
                         found[(r.kind, r.digest)] = _entry(r)
         results: list[OptOut | None] = []
         for candidates in candidate_lists:
-            matches = (found.get((kind, stored)) for kind, inner in candidates
-                       for _, stored in optout.variants(self.optout_keys, inner))
+            matches = (
+                found.get((kind, stored))
+                for kind, inner in candidates
+                for _, stored in optout.variants(self.optout_keys, inner)
+            )
             results.append(next((m for m in matches if m is not None), None))
         return results
 
     def optout_key_counts(self) -> dict[str | None, int]:
         """Entries per key id (None: unkeyed, written before keys existed)."""
         with self.engine.connect() as conn:
-            return {r.key_id: r.n for r in conn.execute(select(OPT.c.key_id, func.count().label("n"))
-                                                        .group_by(OPT.c.key_id))}
+            return {
+                r.key_id: r.n
+                for r in conn.execute(select(OPT.c.key_id, func.count().label("n")).group_by(OPT.c.key_id))
+            }
 
     def rekey_optouts(self) -> Rekeyed:
         """Key every unkeyed entry with the current key, in one transaction: HMAC(key, stored SHA-256), so
@@ -111,8 +132,10 @@ class OptOutStore:
         keys = self._keys()
         with self.engine.begin() as conn:
             legacy = conn.execute(select(OPT.c.id, OPT.c.kind, OPT.c.digest).where(OPT.c.key_id.is_(None))).all()
-            taken = {(r.kind, r.digest) for r in conn.execute(select(OPT.c.kind, OPT.c.digest)
-                                                              .where(OPT.c.key_id == keys.current))}
+            taken = {
+                (r.kind, r.digest)
+                for r in conn.execute(select(OPT.c.kind, OPT.c.digest).where(OPT.c.key_id == keys.current))
+            }
             converted: list[dict[str, Any]] = []
             merged: list[int] = []
             for row in legacy:
@@ -123,8 +146,12 @@ class OptOutStore:
                 taken.add((row.kind, stored))
                 converted.append({"rid": row.id, "new": stored})
             if converted:
-                conn.execute(update(OPT).where(OPT.c.id == bindparam("rid"))
-                             .values(digest=bindparam("new"), key_id=keys.current), converted)
+                conn.execute(
+                    update(OPT)
+                    .where(OPT.c.id == bindparam("rid"))
+                    .values(digest=bindparam("new"), key_id=keys.current),
+                    converted,
+                )
             if merged:
                 conn.execute(OPT.delete().where(OPT.c.id.in_(merged)))
         counts = self.optout_key_counts()

@@ -87,9 +87,15 @@ class SeenVersionRow(SQLModel, table=True):
     """Resource versions already handled (or rejected as invalid, with the reason)."""
 
     __tablename__ = "seen_version"
-    __table_args__ = (Index("ix_seen_version_last_updated", "source", "last_updated"),
-                      Index("ix_seen_version_problem", "source", postgresql_where=text("problem IS NOT NULL"),
-                            sqlite_where=text("problem IS NOT NULL")))
+    __table_args__ = (
+        Index("ix_seen_version_last_updated", "source", "last_updated"),
+        Index(
+            "ix_seen_version_problem",
+            "source",
+            postgresql_where=text("problem IS NOT NULL"),
+            sqlite_where=text("problem IS NOT NULL"),
+        ),
+    )
 
     source: str = Field(primary_key=True, max_length=64)
     resource_type: str = Field(primary_key=True, max_length=64)
@@ -149,8 +155,10 @@ class InboxEventRow(SQLModel, table=True):
     """A received CRM event: its payload sealed with AES-256-GCM (nonce + ciphertext), never in clear."""
 
     __tablename__ = "inbox_event"
-    __table_args__ = (UniqueConstraint("source", "event_id", name="uq_inbox_source_event"),
-                      Index("ix_inbox_pending", "processed_at", "id"))
+    __table_args__ = (
+        UniqueConstraint("source", "event_id", name="uq_inbox_source_event"),
+        Index("ix_inbox_pending", "processed_at", "id"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     source: str = Field(max_length=64)

@@ -91,12 +91,19 @@ def _plan_mapping(mapping: Mapping, event: str, patient_id: str, situation: Situ
             result.notes.append(PlanNote(mapping.name, patient_id, f"condition failed ({type(exc).__name__})", True))
             return
     if mapping.spec.needs_prior_email and patient_id not in situation.notified:
-        result.notes.append(PlanNote(mapping.name, patient_id, "not sent: no earlier email about this appointment "
-                                                               "went to this patient"))
+        result.notes.append(
+            PlanNote(mapping.name, patient_id, "not sent: no earlier email about this appointment went to this patient")
+        )
         return
     key_event = BOOKED if mapping.spec.is_reminder else event
-    context = {"appointment": appointment, "patient_id": patient_id, "event": key_event, "mapping": mapping.name,
-               "source": situation.source, "start": key_instant(appointment.get("start"))}
+    context = {
+        "appointment": appointment,
+        "patient_id": patient_id,
+        "event": key_event,
+        "mapping": mapping.name,
+        "source": situation.source,
+        "start": key_instant(appointment.get("start")),
+    }
     try:
         rendered = mapping.key.render(context).strip()
     except Exception as exc:  # noqa: BLE001 - any template failure is reported the same way
@@ -105,37 +112,70 @@ def _plan_mapping(mapping: Mapping, event: str, patient_id: str, situation: Situ
     start = parse_instant(appointment.get("start"))
     offsets: list[timedelta | None] = list(mapping.spec.at) if mapping.spec.at else [None]
     for offset in offsets:
-        key = f"{situation.source}:{mapping.name}:{rendered}" + (f"@{offset_label(offset)}" if offset is not None
-                                                                 else "")
+        key = f"{situation.source}:{mapping.name}:{rendered}" + (
+            f"@{offset_label(offset)}" if offset is not None else ""
+        )
         if not rendered or len(key) > MAX_KEY_LENGTH:
-            result.notes.append(PlanNote(mapping.name, patient_id, "key template gave an empty key or one longer "
-                                                                   f"than {MAX_KEY_LENGTH} characters", True))
+            result.notes.append(
+                PlanNote(
+                    mapping.name,
+                    patient_id,
+                    f"key template gave an empty key or one longer than {MAX_KEY_LENGTH} characters",
+                    True,
+                )
+            )
             return
-        timing = schedule(now=situation.now, start=start, offset=offset, zone=situation.zone,
-                          quiet=situation.quiet if mapping.spec.quiet_hours else None,
-                          late_grace=mapping.spec.late_grace)
+        timing = schedule(
+            now=situation.now,
+            start=start,
+            offset=offset,
+            zone=situation.zone,
+            quiet=situation.quiet if mapping.spec.quiet_hours else None,
+            late_grace=mapping.spec.late_grace,
+        )
         state, reason = State.PENDING, None
         if not patient_id:
             state, reason = State.SKIPPED, "no patient participant to write to"
         elif timing.skipped is not None:
             state, reason = State.SKIPPED, timing.skipped
-        result.notifications.append(PlannedNotification(
-            key=key, source=situation.source, mapping=mapping.name, event=key_event,
-            resource_type="Appointment", resource_id=str(appointment.get("id")), resource_version=situation.version,
-            patient_id=patient_id, due_at=timing.due or situation.now, state=state, reason=reason,
-            appointment_start=start,
-        ))
+        result.notifications.append(
+            PlannedNotification(
+                key=key,
+                source=situation.source,
+                mapping=mapping.name,
+                event=key_event,
+                resource_type="Appointment",
+                resource_id=str(appointment.get("id")),
+                resource_version=situation.version,
+                patient_id=patient_id,
+                due_at=timing.due or situation.now,
+                state=state,
+                reason=reason,
+                appointment_start=start,
+            )
+        )
 
 
-def plan_crm(mappings: MappingSet, *, source: str, inbox_id: int, event: dict[str, Any], now: datetime,
-             zone: str, quiet: QuietHours | None) -> Plan:
+def plan_crm(
+    mappings: MappingSet,
+    *,
+    source: str,
+    inbox_id: int,
+    event: dict[str, Any],
+    now: datetime,
+    zone: str,
+    quiet: QuietHours | None,
+) -> Plan:
     """The notifications a CRM event calls for: one per matching mapping (the address is read when sending)."""
     result = Plan()
     event_type = str(event.get("event_type") or "")
     for mapping in mappings:
         spec = mapping.spec
-        if not spec.is_crm or event_type not in spec.trigger.event or \
-                (spec.trigger.sources is not None and source not in spec.trigger.sources):
+        if (
+            not spec.is_crm
+            or event_type not in spec.trigger.event
+            or (spec.trigger.sources is not None and source not in spec.trigger.sources)
+        ):
             continue
         if mapping.condition is not None:
             try:
@@ -144,8 +184,14 @@ def plan_crm(mappings: MappingSet, *, source: str, inbox_id: int, event: dict[st
             except Exception as exc:  # noqa: BLE001 - fhirpathpy raises bare Exception
                 result.notes.append(PlanNote(mapping.name, "", f"condition failed ({type(exc).__name__})", True))
                 continue
-        context = {"payload": event.get("payload"), "event_id": event.get("event_id"), "event_type": event_type,
-                   "object_id": event.get("object_id"), "mapping": mapping.name, "source": source}
+        context = {
+            "payload": event.get("payload"),
+            "event_id": event.get("event_id"),
+            "event_type": event_type,
+            "object_id": event.get("object_id"),
+            "mapping": mapping.name,
+            "source": source,
+        }
         try:
             rendered = mapping.key.render(context).strip()
         except Exception as exc:  # noqa: BLE001 - any template failure is reported the same way
@@ -155,12 +201,22 @@ def plan_crm(mappings: MappingSet, *, source: str, inbox_id: int, event: dict[st
         if not rendered or len(key) > MAX_KEY_LENGTH:
             result.notes.append(PlanNote(mapping.name, "", "key template gave an empty or too long key", True))
             continue
-        timing = schedule(now=now, start=None, offset=None, zone=zone, quiet=quiet if spec.quiet_hours else None,
-                          late_grace=None)
-        result.notifications.append(PlannedNotification(
-            key=key, source=source, mapping=mapping.name, event=event_type[:32], resource_type="CrmEvent",
-            resource_id=str(inbox_id), resource_version=str(event.get("event_id"))[:128], patient_id="",
-            due_at=timing.due or now))
+        timing = schedule(
+            now=now, start=None, offset=None, zone=zone, quiet=quiet if spec.quiet_hours else None, late_grace=None
+        )
+        result.notifications.append(
+            PlannedNotification(
+                key=key,
+                source=source,
+                mapping=mapping.name,
+                event=event_type[:32],
+                resource_type="CrmEvent",
+                resource_id=str(inbox_id),
+                resource_version=str(event.get("event_id"))[:128],
+                patient_id="",
+                due_at=timing.due or now,
+            )
+        )
     return result
 
 
@@ -168,32 +224,94 @@ class RenderError(Exception):
     """A template failed; the message is PHI-safe (see templates.safe_error)."""
 
 
-def render(mapping: Mapping, *, key: str, to: str, appointment: dict[str, Any], patient: dict[str, Any],
-           event: str, source: str, timezone: str, locale: str, languages: list[str], now: datetime,
-           default_from: str, default_reply_to: str | None) -> Email:
+def render(
+    mapping: Mapping,
+    *,
+    key: str,
+    to: str,
+    appointment: dict[str, Any],
+    patient: dict[str, Any],
+    event: str,
+    source: str,
+    timezone: str,
+    locale: str,
+    languages: list[str],
+    now: datetime,
+    default_from: str,
+    default_reply_to: str | None,
+) -> Email:
     """Render an Appointment mapping for one recipient, in the first of `languages` it has templates for."""
     context = {
-        "appointment": appointment, "patient": patient, "patient_name": display_name(patient),
-        "start": parse_instant(appointment.get("start")), "end": parse_instant(appointment.get("end")),
-        "event": event, "source": source, "timezone": timezone, "now": now,
+        "appointment": appointment,
+        "patient": patient,
+        "patient_name": display_name(patient),
+        "start": parse_instant(appointment.get("start")),
+        "end": parse_instant(appointment.get("end")),
+        "event": event,
+        "source": source,
+        "timezone": timezone,
+        "now": now,
     }
-    return render_with(mapping, context, key=key, to=to, locale=locale, languages=languages,
-                       default_from=default_from, default_reply_to=default_reply_to)
+    return render_with(
+        mapping,
+        context,
+        key=key,
+        to=to,
+        locale=locale,
+        languages=languages,
+        default_from=default_from,
+        default_reply_to=default_reply_to,
+    )
 
 
-def render_crm(mapping: Mapping, *, key: str, to: str, event: dict[str, Any], source: str, timezone: str,
-               locale: str, now: datetime, default_from: str, default_reply_to: str | None) -> Email:
+def render_crm(
+    mapping: Mapping,
+    *,
+    key: str,
+    to: str,
+    event: dict[str, Any],
+    source: str,
+    timezone: str,
+    locale: str,
+    now: datetime,
+    default_from: str,
+    default_reply_to: str | None,
+) -> Email:
     """Render a CRM event mapping (templates see the event: `payload`, `event_type`, ...)."""
-    context = {"payload": event.get("payload"), "event_id": event.get("event_id"),
-               "event_type": event.get("event_type"), "object_id": event.get("object_id"),
-               "occurred_at": event.get("occurred_at"), "object": event.get("object"), "source": source,
-               "timezone": timezone, "now": now}
-    return render_with(mapping, context, key=key, to=to, locale=locale, languages=[], default_from=default_from,
-                       default_reply_to=default_reply_to)
+    context = {
+        "payload": event.get("payload"),
+        "event_id": event.get("event_id"),
+        "event_type": event.get("event_type"),
+        "object_id": event.get("object_id"),
+        "occurred_at": event.get("occurred_at"),
+        "object": event.get("object"),
+        "source": source,
+        "timezone": timezone,
+        "now": now,
+    }
+    return render_with(
+        mapping,
+        context,
+        key=key,
+        to=to,
+        locale=locale,
+        languages=[],
+        default_from=default_from,
+        default_reply_to=default_reply_to,
+    )
 
 
-def render_with(mapping: Mapping, values: dict[str, Any], *, key: str, to: str, locale: str,
-                languages: list[str], default_from: str, default_reply_to: str | None) -> Email:
+def render_with(
+    mapping: Mapping,
+    values: dict[str, Any],
+    *,
+    key: str,
+    to: str,
+    locale: str,
+    languages: list[str],
+    default_from: str,
+    default_reply_to: str | None,
+) -> Email:
     language, variant = mapping.variant_for(languages)
     if language != mapping.spec.language:
         locale = language.replace("-", "_")
@@ -212,8 +330,11 @@ def render_with(mapping: Mapping, values: dict[str, Any], *, key: str, to: str, 
     if not subject:
         raise RenderError(f"mapping {mapping.name!r}: the subject rendered empty")
     return Email(
-        notification_key=key, to=to,
+        notification_key=key,
+        to=to,
         from_address=mapping.spec.from_address or default_from,
         reply_to=mapping.spec.reply_to or default_reply_to,
-        subject=subject, text=parts["text"] or "", html=parts["html"],
+        subject=subject,
+        text=parts["text"] or "",
+        html=parts["html"],
     )

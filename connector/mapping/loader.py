@@ -31,8 +31,13 @@ Condition = Callable[..., list[Any]]
 # A skeletal resource to run each FHIRPath condition once at load time: fhirpathpy reports unknown
 # functions only when an expression is evaluated.
 _TRIAL_RESOURCE = {"resourceType": "Appointment", "id": "trial", "status": "booked", "participant": []}
-_TRIAL_EVENT: dict[str, Any] = {"event_id": "trial", "event_type": "trial", "object_id": None, "payload": {},
-                                "object": {}}
+_TRIAL_EVENT: dict[str, Any] = {
+    "event_id": "trial",
+    "event_type": "trial",
+    "object_id": None,
+    "payload": {},
+    "object": {},
+}
 
 
 @dataclass(frozen=True)
@@ -105,8 +110,9 @@ def load_mappings(folder: Path, source_names: Iterable[str] | None = None) -> Ma
             problems.extend(exc.problems)
             continue
         if mapping.name in seen:
-            problems.append(Problem(path, None, "name", f"mapping name {mapping.name!r} is also used by "
-                                                        f"{seen[mapping.name].name}"))
+            problems.append(
+                Problem(path, None, "name", f"mapping name {mapping.name!r} is also used by {seen[mapping.name].name}")
+            )
             continue
         seen[mapping.name] = path
         mappings.append(mapping)
@@ -131,8 +137,11 @@ def _load_one(path: Path, root: Path, env: SandboxedEnvironment, sources: set[st
     variants = _variants(spec, env, path, root, doc, problems, message_names)
     trial = _TRIAL_EVENT if spec.is_crm else _TRIAL_RESOURCE
     condition = _condition(spec.trigger.condition, doc, problems, trial)
-    recipient = _condition(spec.recipient.path, doc, problems, trial, ("recipient", "path"), boolean=False) \
-        if isinstance(spec.recipient, RecipientPath) else None
+    recipient = (
+        _condition(spec.recipient.path, doc, problems, trial, ("recipient", "path"), boolean=False)
+        if isinstance(spec.recipient, RecipientPath)
+        else None
+    )
     for index, name in enumerate(spec.trigger.sources or []):
         if sources is not None and name not in sources:
             problems.append(doc.problem(("trigger", "sources", index), f"no source named {name!r} in the config"))
@@ -147,27 +156,38 @@ def _language_files(folder: Path, name: str) -> dict[str, str]:
     stem, dot, suffix = Path(name).name.partition(".")
     found = {}
     for candidate in folder.glob(f"{stem}.*.{suffix}" if dot else f"{stem}.*"):
-        middle = candidate.name[len(stem) + 1:len(candidate.name) - (len(suffix) + 1 if dot else 0)]
+        middle = candidate.name[len(stem) + 1 : len(candidate.name) - (len(suffix) + 1 if dot else 0)]
         if re.fullmatch(LANGUAGE_PATTERN, middle):
             found[middle] = str(Path(name).parent / candidate.name)
     return found
 
 
-def _variants(spec: MappingSpec, env: SandboxedEnvironment, path: Path, root: Path, doc: YamlDoc,
-              problems: list[Problem], names: frozenset[str]) -> dict[str, Variant]:
+def _variants(
+    spec: MappingSpec,
+    env: SandboxedEnvironment,
+    path: Path,
+    root: Path,
+    doc: YamlDoc,
+    problems: list[Problem],
+    names: frozenset[str],
+) -> dict[str, Variant]:
     """The base templates (in spec.language) and every language variant found beside them."""
     templates = spec.templates
     folder = (path.parent / templates.text).parent
     text_files = {spec.language: templates.text, **_language_files(folder, templates.text)}
-    html_files = {spec.language: templates.html, **_language_files(folder, templates.html)} if templates.html \
-        else {}
+    html_files = {spec.language: templates.html, **_language_files(folder, templates.html)} if templates.html else {}
     variants: dict[str, Variant] = {}
     for language, text_name in text_files.items():
         subjects = templates.subject
         if isinstance(subjects, str) and language != spec.language:
-            problems.append(doc.problem(("templates", "subject"), f"{text_name} is a {language!r} variant: give "
-                                        f"the subject per language, e.g. subject: {{{spec.language}: ..., "
-                                        f"{language}: ...}}"))
+            problems.append(
+                doc.problem(
+                    ("templates", "subject"),
+                    f"{text_name} is a {language!r} variant: give "
+                    f"the subject per language, e.g. subject: {{{spec.language}: ..., "
+                    f"{language}: ...}}",
+                )
+            )
             continue
         subject_source = subjects if isinstance(subjects, str) else subjects.get(language)
         if subject_source is None:
@@ -179,8 +199,12 @@ def _variants(spec: MappingSpec, env: SandboxedEnvironment, path: Path, root: Pa
         html = None
         if templates.html:
             if language not in html_files:
-                problems.append(doc.problem(("templates", "html"), f"{text_name} has no matching HTML variant "
-                                            f"({Path(templates.html).stem}.{language}.html)"))
+                problems.append(
+                    doc.problem(
+                        ("templates", "html"),
+                        f"{text_name} has no matching HTML variant ({Path(templates.html).stem}.{language}.html)",
+                    )
+                )
                 continue
             html = _file(env, html_files[language], path, root, doc, ("templates", "html"), problems, names)
         if subject is not None and text is not None:
@@ -188,8 +212,14 @@ def _variants(spec: MappingSpec, env: SandboxedEnvironment, path: Path, root: Pa
     return variants
 
 
-def _inline(env: SandboxedEnvironment, source: str, doc: YamlDoc, loc: tuple[str, ...],
-            allowed: frozenset[str], problems: list[Problem]) -> Template | None:
+def _inline(
+    env: SandboxedEnvironment,
+    source: str,
+    doc: YamlDoc,
+    loc: tuple[str, ...],
+    allowed: frozenset[str],
+    problems: list[Problem],
+) -> Template | None:
     try:
         template = env.from_string(source)
         unknown = undeclared_names(env, source) - allowed
@@ -201,8 +231,16 @@ def _inline(env: SandboxedEnvironment, source: str, doc: YamlDoc, loc: tuple[str
     return template
 
 
-def _file(env: SandboxedEnvironment, name: str | None, mapping_path: Path, root: Path, doc: YamlDoc,
-          loc: tuple[str, ...], problems: list[Problem], names: frozenset[str] = MESSAGE_NAMES) -> Template | None:
+def _file(
+    env: SandboxedEnvironment,
+    name: str | None,
+    mapping_path: Path,
+    root: Path,
+    doc: YamlDoc,
+    loc: tuple[str, ...],
+    problems: list[Problem],
+    names: frozenset[str] = MESSAGE_NAMES,
+) -> Template | None:
     assert name is not None
     relative = (mapping_path.parent / name).resolve()
     try:
@@ -234,8 +272,14 @@ def _unknown_names(unknown: set[str], allowed: frozenset[str]) -> str:
     return f"unknown variable {names}; templates here can use: {', '.join(sorted(allowed))}"
 
 
-def _condition(expression: str | None, doc: YamlDoc, problems: list[Problem], trial: dict[str, Any],
-               loc: tuple[str, ...] = ("trigger", "condition"), boolean: bool = True) -> Condition | None:
+def _condition(
+    expression: str | None,
+    doc: YamlDoc,
+    problems: list[Problem],
+    trial: dict[str, Any],
+    loc: tuple[str, ...] = ("trigger", "condition"),
+    boolean: bool = True,
+) -> Condition | None:
     if not expression:
         return None
     try:
@@ -245,7 +289,8 @@ def _condition(expression: str | None, doc: YamlDoc, problems: list[Problem], tr
         problems.append(doc.problem(loc, f"FHIRPath error: {exc}"))
         return None
     if boolean and any(not isinstance(item, bool) for item in result):
-        problems.append(doc.problem(loc, "the condition must give true or false (e.g. add `.exists()` or a "
-                                         "comparison)"))
+        problems.append(
+            doc.problem(loc, "the condition must give true or false (e.g. add `.exists()` or a comparison)")
+        )
         return None
     return compiled

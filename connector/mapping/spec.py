@@ -1,24 +1,24 @@
 """The YAML mapping language: what a file in `mappings/` may say (README, "Mapping reference").
 
-    name: appointment-reminder-48h          # unique; defaults to the file name
-    description: Reminder two days before.
-    trigger:
-      resource: Appointment
-      event: booked                         # or a list: [cancelled, noshow]
-      condition: "Appointment.serviceType.exists()"   # optional FHIRPath, must give true/false
-      sources: [ehr]                        # optional; default: every source
-    at: start - 48h                         # optional; a reminder (or a list of offsets)
-    late_grace: 2h                          # optional; send a reminder up to this late when first seen late
-    quiet_hours: true                       # respect the configured quiet hours (default true)
-    only_after_sent: true                   # cancellations/reschedules only if an email was sent before
-    recipient: patient
-    language: en                            # language of the base templates
-    templates:
-      subject: "Reminder: {{ start | format_date }}"    # or {en: "...", nl: "..."}
-      text: reminder.txt                    # variants beside it: reminder.nl.txt
-      html: reminder.html                   # optional; autoescaped
-    key: "{{ appointment.id }}|{{ event }}|{{ start }}|{{ patient_id }}"
-    vars: {clinic_name: Example Clinic}
+name: appointment-reminder-48h          # unique; defaults to the file name
+description: Reminder two days before.
+trigger:
+  resource: Appointment
+  event: booked                         # or a list: [cancelled, noshow]
+  condition: "Appointment.serviceType.exists()"   # optional FHIRPath, must give true/false
+  sources: [ehr]                        # optional; default: every source
+at: start - 48h                         # optional; a reminder (or a list of offsets)
+late_grace: 2h                          # optional; send a reminder up to this late when first seen late
+quiet_hours: true                       # respect the configured quiet hours (default true)
+only_after_sent: true                   # cancellations/reschedules only if an email was sent before
+recipient: patient
+language: en                            # language of the base templates
+templates:
+  subject: "Reminder: {{ start | format_date }}"    # or {en: "...", nl: "..."}
+  text: reminder.txt                    # variants beside it: reminder.nl.txt
+  html: reminder.html                   # optional; autoescaped
+key: "{{ appointment.id }}|{{ event }}|{{ start }}|{{ patient_id }}"
+vars: {clinic_name: Example Clinic}
 """
 
 from __future__ import annotations

@@ -26,14 +26,40 @@ from connector.fhir import parse_instant
 # Names a message template may use, and the smaller set a notification key may use (the key is
 # decided before the patient record is read, so it cannot depend on it).
 MESSAGE_NAMES = frozenset(
-    {"appointment", "patient", "patient_name", "start", "end", "event", "mapping", "source", "vars",
-     "timezone", "locale", "language", "now"}
+    {
+        "appointment",
+        "patient",
+        "patient_name",
+        "start",
+        "end",
+        "event",
+        "mapping",
+        "source",
+        "vars",
+        "timezone",
+        "locale",
+        "language",
+        "now",
+    }
 )
 KEY_NAMES = frozenset({"appointment", "patient_id", "event", "mapping", "source", "start"})
 # The same for CRM event mappings: the event as stored (`payload` is what the CRM sent).
 CRM_MESSAGE_NAMES = frozenset(
-    {"payload", "event_id", "event_type", "object_id", "occurred_at", "object", "mapping", "source", "vars",
-     "timezone", "locale", "language", "now"}
+    {
+        "payload",
+        "event_id",
+        "event_type",
+        "object_id",
+        "occurred_at",
+        "object",
+        "mapping",
+        "source",
+        "vars",
+        "timezone",
+        "locale",
+        "language",
+        "now",
+    }
 )
 CRM_KEY_NAMES = frozenset({"payload", "event_id", "event_type", "object_id", "mapping", "source"})
 
@@ -82,22 +108,27 @@ def _locale(context: Context) -> str:
 @pass_context
 def _format_datetime(context: Context, value: Any, format: str = "medium") -> str:
     moment = _when(value, context)
-    return "" if moment is None else _formatted("datetime", moment.isoformat(), str(moment.tzinfo), format,
-                                                _locale(context))
+    return (
+        ""
+        if moment is None
+        else _formatted("datetime", moment.isoformat(), str(moment.tzinfo), format, _locale(context))
+    )
 
 
 @pass_context
 def _format_date(context: Context, value: Any, format: str = "long") -> str:
     moment = _when(value, context)
-    return "" if moment is None else _formatted("date", moment.isoformat(), str(moment.tzinfo), format,
-                                                _locale(context))
+    return (
+        "" if moment is None else _formatted("date", moment.isoformat(), str(moment.tzinfo), format, _locale(context))
+    )
 
 
 @pass_context
 def _format_time(context: Context, value: Any, format: str = "short") -> str:
     moment = _when(value, context)
-    return "" if moment is None else _formatted("time", moment.isoformat(), str(moment.tzinfo), format,
-                                                _locale(context))
+    return (
+        "" if moment is None else _formatted("time", moment.isoformat(), str(moment.tzinfo), format, _locale(context))
+    )
 
 
 @functools.lru_cache(maxsize=4096)

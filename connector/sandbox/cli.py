@@ -12,8 +12,9 @@ import httpx
 import typer
 import uvicorn
 
-sandbox_app = typer.Typer(help="Local stand-ins for Paubox and a FHIR server: try everything before any real "
-                               "key exists.")
+sandbox_app = typer.Typer(
+    help="Local stand-ins for Paubox and a FHIR server: try everything before any real key exists."
+)
 
 
 def _serve(app: object, host: str, port: int) -> None:
@@ -27,15 +28,20 @@ def paubox(
     ctx: typer.Context,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8025,
-    api_key: Annotated[str, typer.Option(envvar="PAUBOX_API_KEY", help="API key to accept (env PAUBOX_API_KEY).",
-                                         show_default=False)] = "sandbox-key",
+    api_key: Annotated[
+        str, typer.Option(envvar="PAUBOX_API_KEY", help="API key to accept (env PAUBOX_API_KEY).", show_default=False)
+    ] = "sandbox-key",
     username: Annotated[str, typer.Option(help="API username in /v1/<username>/….")] = "sandbox",
     from_domain: Annotated[list[str], typer.Option(help="Verified sender domain(s).")] = ["example.org"],  # noqa: B006
     webhook_url: Annotated[str | None, typer.Option(help="POST Paubox-shaped webhooks here.")] = None,
     latency_ms: Annotated[float, typer.Option(help="Delay every send by this much.")] = 0,
-    chaos: Annotated[str | None, typer.Option(
-        help="Random faults per send, e.g. server_error=0.05,rate_limit=0.02,hang=0.01,drop_webhook=0.01,"
-             "accepted_500=0.01,hang_seconds=30,seed=7")] = None,
+    chaos: Annotated[
+        str | None,
+        typer.Option(
+            help="Random faults per send, e.g. server_error=0.05,rate_limit=0.02,hang=0.01,drop_webhook=0.01,"
+            "accepted_500=0.01,hang_seconds=30,seed=7"
+        ),
+    ] = None,
 ) -> None:
     """Serve a Paubox-compatible Email API on http://HOST:PORT/v1/<username> (and /v1/email, /v1)."""
     if ctx.invoked_subcommand is not None:
@@ -51,10 +57,18 @@ def paubox(
             raise typer.BadParameter(f"unknown chaos setting {name!r}", param_hint="--chaos")
         setattr(chaos_state, name, int(value) if name == "seed" else float(value))
     chaos_state.__post_init__()  # reseed after the settings
-    state = SandboxState(api_key=api_key, username=username, from_domains=tuple(from_domain),
-                         webhook_url=webhook_url, latency=latency_ms / 1000, chaos=chaos_state if chaos else None)
-    print(f"Paubox sandbox on http://{host}:{port}/v1/{username} (inbox: http://{host}:{port}/_sandbox/messages)",
-          file=sys.stderr)
+    state = SandboxState(
+        api_key=api_key,
+        username=username,
+        from_domains=tuple(from_domain),
+        webhook_url=webhook_url,
+        latency=latency_ms / 1000,
+        chaos=chaos_state if chaos else None,
+    )
+    print(
+        f"Paubox sandbox on http://{host}:{port}/v1/{username} (inbox: http://{host}:{port}/_sandbox/messages)",
+        file=sys.stderr,
+    )
     _serve(create_app(state), host, port)
 
 
@@ -71,8 +85,7 @@ def inbox(
     try:
         messages = httpx.get(f"{url.rstrip('/')}/_sandbox/messages", timeout=10).json()["messages"]
     except (httpx.HTTPError, ValueError, KeyError) as exc:
-        raise typer.BadParameter(f"no sandbox answering at {url} ({type(exc).__name__})", param_hint="--url") \
-            from None
+        raise typer.BadParameter(f"no sandbox answering at {url} ({type(exc).__name__})", param_hint="--url") from None
     if as_json:
         print(json.dumps(messages, indent=2))
         return
@@ -87,8 +100,13 @@ def inbox(
     for column in ("#", "received", "to", "subject", "X-Notification-Key"):
         table.add_column(column, overflow="fold")
     for number, message in enumerate(messages, start=1):
-        table.add_row(str(number), message["received_at"][11:19], ", ".join(message["recipients"]),
-                      message["subject"], message["custom_headers"].get("X-Notification-Key", ""))
+        table.add_row(
+            str(number),
+            message["received_at"][11:19],
+            ", ".join(message["recipients"]),
+            message["subject"],
+            message["custom_headers"].get("X-Notification-Key", ""),
+        )
     Console(highlight=False, width=None if sys.stdout.isatty() else 160).print(table)
 
 
@@ -97,8 +115,7 @@ def fhir(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8090,
     data: Annotated[list[Path], typer.Option(help="Extra JSON resources or Bundles to load.")] = [],  # noqa: B006
-    sample_data: Annotated[bool, typer.Option(help="Load the HL7 examples and generated demo appointments.")]
-    = True,
+    sample_data: Annotated[bool, typer.Option(help="Load the HL7 examples and generated demo appointments.")] = True,
 ) -> None:
     """Serve a FHIR R4 test server (search, _include, paging, versions) with sample data."""
     from connector.sandbox.fhir import FhirState, create_app

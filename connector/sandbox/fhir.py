@@ -61,13 +61,23 @@ Resource = dict[str, Any]
 Pairs = list[tuple[str, str]]
 
 COMMON = frozenset({"_id", "_count", "_lastUpdated", "_sort", "_include"})
-PARAMETERS = {"Appointment": frozenset({"date", "patient", "practitioner", "location", "status"}),
-              "Consent": frozenset({"patient", "status"}), "Patient": frozenset[str]()}
+PARAMETERS = {
+    "Appointment": frozenset({"date", "patient", "practitioner", "location", "status"}),
+    "Consent": frozenset({"patient", "status"}),
+    "Patient": frozenset[str](),
+}
 VENDOR_IGNORED = frozenset({"_lastUpdated", "_sort", "_include"})
 EPIC_APPOINTMENT = frozenset({"patient", "date", "status", "_count", "_id"})
 ACTORS = {"patient": "Patient", "practitioner": "Practitioner", "location": "Location"}
-PARAMETER_TYPES = {"_id": "token", "_lastUpdated": "date", "date": "date", "status": "token",
-                   "patient": "reference", "practitioner": "reference", "location": "reference"}
+PARAMETER_TYPES = {
+    "_id": "token",
+    "_lastUpdated": "date",
+    "date": "date",
+    "status": "token",
+    "patient": "reference",
+    "practitioner": "reference",
+    "location": "reference",
+}
 PREFIXES = ("ge", "gt", "le", "lt", "eq")
 DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 LATEST = datetime.max.replace(tzinfo=UTC)
@@ -88,6 +98,7 @@ def instant(moment: datetime) -> str:
 
 
 # --- search: pure ---------------------------------------------------------------------------------------
+
 
 class QueryError(ValueError):
     """A search the server refuses with 400; the text names the parameter and the accepted form."""
@@ -126,11 +137,14 @@ def check_cerner(pairs: Pairs) -> None:
         return
     actors = [name for name in names if name in ACTORS]
     if not actors:
-        raise QueryError("Appointment search requires _id, or one of patient, practitioner or location "
-                         "together with date")
+        raise QueryError(
+            "Appointment search requires _id, or one of patient, practitioner or location together with date"
+        )
     if len(set(actors)) > 1:
-        raise QueryError(f"{' and '.join(sorted(set(actors)))} may not be combined: search by one of patient, "
-                         "practitioner or location")
+        raise QueryError(
+            f"{' and '.join(sorted(set(actors)))} may not be combined: search by one of patient, "
+            "practitioner or location"
+        )
     if len(actors) > 1:
         raise QueryError(f"{actors[0]} may appear only once: give several ids as a comma-separated list")
     dates = [value for name, value in pairs if name == "date"]
@@ -138,8 +152,10 @@ def check_cerner(pairs: Pairs) -> None:
     timed = all("T" in value for value in dates)
     if timed and ((len(dates) == 1 and prefixes[0] in PREFIXES) or (len(dates) == 2 and prefixes == ["ge", "lt"])):
         return
-    raise QueryError(f"{actors[0]} needs date, once with a prefix and a time (date=ge2026-12-10T00:00:00Z) "
-                     "or twice as a ge + lt pair")
+    raise QueryError(
+        f"{actors[0]} needs date, once with a prefix and a time (date=ge2026-12-10T00:00:00Z) "
+        "or twice as a ge + lt pair"
+    )
 
 
 def _bounds(raw: str) -> tuple[datetime, datetime] | None:
@@ -162,8 +178,12 @@ def date_test(condition: str) -> Callable[[datetime | None], bool]:
         raise QueryError(f"'{condition}' is not a date: use e.g. ge2026-12-10 or lt2026-12-11T00:00:00Z")
     low, high = bounds
     tests: dict[str, Callable[[datetime], bool]] = {
-        "ge": lambda v: v >= low, "gt": lambda v: v > high, "le": lambda v: v <= high, "lt": lambda v: v < low,
-        "eq": lambda v: low <= v <= high}
+        "ge": lambda v: v >= low,
+        "gt": lambda v: v > high,
+        "le": lambda v: v <= high,
+        "lt": lambda v: v < low,
+        "eq": lambda v: low <= v <= high,
+    }
     chosen = tests[prefix]
     return lambda value: value is not None and chosen(value)
 
@@ -198,8 +218,11 @@ def _filter(resource_type: str, name: str, value: str, base: str | None) -> Call
         return lambda r: r.get("status") in statuses
     if name in ("_lastUpdated", "date"):
         test = date_test(value)
-        return (lambda r: test(last_updated(r))) if name == "_lastUpdated" else (
-            lambda r: test(parse_instant(r.get("start"))))
+        return (
+            (lambda r: test(last_updated(r)))
+            if name == "_lastUpdated"
+            else (lambda r: test(parse_instant(r.get("start"))))
+        )
     kind = ACTORS[name]
     wanted = _wanted_ids(value, kind, base)
     if resource_type == "Consent":
@@ -207,8 +230,9 @@ def _filter(resource_type: str, name: str, value: str, base: str | None) -> Call
     return lambda r: any(reference_id(ref, kind, base) in wanted for ref in _actors(r))
 
 
-def build_query(resource_type: str, pairs: Pairs, mode: str = "full", ignore: Iterable[str] = (),
-                base: str | None = None) -> Query:
+def build_query(
+    resource_type: str, pairs: Pairs, mode: str = "full", ignore: Iterable[str] = (), base: str | None = None
+) -> Query:
     """Parse a search as a server in `mode` would; raise QueryError for a search it refuses."""
     if mode == "cerner" and resource_type == "Appointment":
         check_cerner(pairs)
@@ -245,6 +269,7 @@ def _sort(matches: list[Resource], sort: str | None) -> None:
 
 
 # --- state ----------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Change:
@@ -409,10 +434,14 @@ class FhirState:
 
 # --- HTTP -----------------------------------------------------------------------------------------------
 
+
 def _outcome(status: int, code: str, text: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"resourceType": "OperationOutcome",
-                         "issue": [{"severity": "error", "code": code, "diagnostics": text}]},
-                        status_code=status, media_type=FHIR_JSON, headers=headers)
+    return JSONResponse(
+        {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": code, "diagnostics": text}]},
+        status_code=status,
+        media_type=FHIR_JSON,
+        headers=headers,
+    )
 
 
 def _injected(status: int) -> JSONResponse:
@@ -428,8 +457,11 @@ def _history_entry(change: Change, base: str) -> Resource:
         entry["response"] = {"status": "204", "lastModified": instant(change.when)}
     else:
         entry["resource"] = copy.deepcopy(change.resource)
-        entry["response"] = {"status": "201" if change.method == "POST" else "200",
-                             "etag": f'W/"{change.version_id}"', "lastModified": instant(change.when)}
+        entry["response"] = {
+            "status": "201" if change.method == "POST" else "200",
+            "etag": f'W/"{change.version_id}"',
+            "lastModified": instant(change.when),
+        }
     return entry
 
 
@@ -439,13 +471,25 @@ def capability(mode: str) -> Resource:
     for resource_type in SEARCHABLE:
         codes = ["read", "search-type"] + (["history-type"] if mode == "full" else [])
         names = sorted(n for n in honoured(resource_type, mode, []) if n in PARAMETER_TYPES)
-        resources.append({"type": resource_type, "interaction": [{"code": c} for c in codes],
-                          "searchParam": [{"name": n, "type": PARAMETER_TYPES[n]} for n in names]})
+        resources.append(
+            {
+                "type": resource_type,
+                "interaction": [{"code": c} for c in codes],
+                "searchParam": [{"name": n, "type": PARAMETER_TYPES[n]} for n in names],
+            }
+        )
     if mode == "full":
-        resources.append({"type": "Subscription", "interaction": [
-            {"code": c} for c in ("read", "create", "update", "delete")]})
-    return {"resourceType": "CapabilityStatement", "status": "active", "kind": "instance",
-            "fhirVersion": "4.0.1", "format": ["json"], "rest": [{"mode": "server", "resource": resources}]}
+        resources.append(
+            {"type": "Subscription", "interaction": [{"code": c} for c in ("read", "create", "update", "delete")]}
+        )
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "kind": "instance",
+        "fhirVersion": "4.0.1",
+        "format": ["json"],
+        "rest": [{"mode": "server", "resource": resources}],
+    }
 
 
 def _faults(state: FhirState, body: Any) -> None:
@@ -503,26 +547,39 @@ def create_app(state: FhirState) -> Starlette:
         status = state.page_status.pop(0) if state.page_status else 200  # 200 = serve this page normally
         if status != 200:
             return _outcome(status, "transient", "injected failure")
-        chunk = snapshot.entries[offset:offset + snapshot.count]
+        chunk = snapshot.entries[offset : offset + snapshot.count]
         endless = state.hostile.endless_pages and snapshot.kind == "searchset"
         if endless and len(chunk) < snapshot.count:
             chunk = chunk + state.hostile.invented(offset + len(chunk), snapshot.count - len(chunk))
         if snapshot.kind == "history":
             entries = chunk
         else:
-            entries = [{"fullUrl": f"{snapshot.base}/{r['resourceType']}/{r['id']}", "resource": r,
-                        "search": {"mode": "match"}} for r in chunk]
+            entries = [
+                {
+                    "fullUrl": f"{snapshot.base}/{r['resourceType']}/{r['id']}",
+                    "resource": r,
+                    "search": {"mode": "match"},
+                }
+                for r in chunk
+            ]
             if snapshot.include_patients:
                 entries += included_patients(chunk, snapshot.base)
         links = [{"relation": "self", "url": snapshot.self_url}]
         more = endless or offset + snapshot.count < len(snapshot.entries)
-        next_url = state.hostile.next_link(f"{snapshot.next_url}{offset + snapshot.count}" if more else None,
-                                           str(request.url))
+        next_url = state.hostile.next_link(
+            f"{snapshot.next_url}{offset + snapshot.count}" if more else None, str(request.url)
+        )
         if next_url is not None:
             links.append({"relation": "next", "url": next_url})
-        bundle = {"resourceType": "Bundle", "id": str(uuid.uuid4()), "type": snapshot.kind,
-                  "meta": {"lastUpdated": datetime.now(UTC).isoformat()},
-                  "total": len(snapshot.entries), "link": links, "entry": entries}
+        bundle = {
+            "resourceType": "Bundle",
+            "id": str(uuid.uuid4()),
+            "type": snapshot.kind,
+            "meta": {"lastUpdated": datetime.now(UTC).isoformat()},
+            "total": len(snapshot.entries),
+            "link": links,
+            "entry": entries,
+        }
         if (hostile := state.hostile.streamed(bundle)) is not None:
             return hostile
         if state.malformed_pages:
@@ -539,8 +596,9 @@ def create_app(state: FhirState) -> Starlette:
                 patient = state.current("Patient", patient_id) if patient_id else None
                 if patient_id and patient is not None and patient_id not in seen:
                     seen.add(patient_id)
-                    entries.append({"fullUrl": f"{base}/Patient/{patient_id}", "resource": patient,
-                                    "search": {"mode": "include"}})
+                    entries.append(
+                        {"fullUrl": f"{base}/Patient/{patient_id}", "resource": patient, "search": {"mode": "include"}}
+                    )
         return entries
 
     async def search(request: Request) -> Response:
@@ -555,16 +613,27 @@ def create_app(state: FhirState) -> Starlette:
         except QueryError as exc:
             return _outcome(400, "invalid", str(exc))
         ids = [i for name, value in query.used if name == "_id" for i in value.split(",")]
-        keys = [(resource_type, i) for i in dict.fromkeys(ids)] if ids else \
-            [key for key in state.resources if key[0] == resource_type]  # `_id` looks up, like a server's index
-        matches = [state.resources[key][-1] for key in keys
-                   if key in state.resources and key not in state.deleted and query.matches(state.resources[key][-1])]
+        keys = (
+            [(resource_type, i) for i in dict.fromkeys(ids)]
+            if ids
+            else [key for key in state.resources if key[0] == resource_type]
+        )  # `_id` looks up, like a server's index
+        matches = [
+            state.resources[key][-1]
+            for key in keys
+            if key in state.resources and key not in state.deleted and query.matches(state.resources[key][-1])
+        ]
         _sort(matches, query.sort)
         token = uuid.uuid4().hex
-        state.snapshots[token] = Snapshot("searchset", [copy.deepcopy(m) for m in matches], query.count,
-                                          query.include_patients, base,
-                                          f"{base}/{resource_type}?{urlencode(query.used)}",
-                                          f"{base}/_page?token={token}&offset=")
+        state.snapshots[token] = Snapshot(
+            "searchset",
+            [copy.deepcopy(m) for m in matches],
+            query.count,
+            query.include_patients,
+            base,
+            f"{base}/{resource_type}?{urlencode(query.used)}",
+            f"{base}/_page?token={token}&offset=",
+        )
         return page_response(request, token, 0)
 
     async def next_page(request: Request) -> Response:
@@ -601,13 +670,26 @@ def create_app(state: FhirState) -> Starlette:
         except ValueError:
             return _outcome(400, "invalid", "_count must be a number")
         used.append(("_count", str(count)))
-        changes = sorted((c for c in state.history if resource_type in (None, c.resource_type)
-                          and (since is None or c.when >= since)),
-                         key=lambda c: (c.when, c.sequence), reverse=True)
+        changes = sorted(
+            (
+                c
+                for c in state.history
+                if resource_type in (None, c.resource_type) and (since is None or c.when >= since)
+            ),
+            key=lambda c: (c.when, c.sequence),
+            reverse=True,
+        )
         token = uuid.uuid4().hex
         self_url = f"{base}/{resource_type + '/' if resource_type else ''}_history?{urlencode(used)}"
-        state.snapshots[token] = Snapshot("history", [_history_entry(c, base) for c in changes], count, False,
-                                          base, self_url, f"{self_url}&_page={token}&_offset=")
+        state.snapshots[token] = Snapshot(
+            "history",
+            [_history_entry(c, base) for c in changes],
+            count,
+            False,
+            base,
+            self_url,
+            f"{self_url}&_page={token}&_offset=",
+        )
         return page_response(request, token, 0)
 
     async def read_body(request: Request) -> Resource | Response:
@@ -623,8 +705,12 @@ def create_app(state: FhirState) -> Starlette:
             stored = state.put(body)
         except SubscriptionError as exc:
             return _outcome(400, "invalid", str(exc))
-        return JSONResponse(stored, status_code=201 if created else 200, media_type=FHIR_JSON,
-                            headers={"ETag": f'W/"{stored["meta"]["versionId"]}"'})
+        return JSONResponse(
+            stored,
+            status_code=201 if created else 200,
+            media_type=FHIR_JSON,
+            headers={"ETag": f'W/"{stored["meta"]["versionId"]}"'},
+        )
 
     async def instance(request: Request) -> Response:
         if (denied := await guard(request)) is not None:
@@ -688,25 +774,28 @@ def create_app(state: FhirState) -> Starlette:
 
     async def flush(request: Request) -> Response:
         done = await state.subscriptions.outbox.flush()
-        return JSONResponse({"ok": done, "failures": len(state.notification_failures)},
-                            status_code=200 if done else 504)
+        return JSONResponse(
+            {"ok": done, "failures": len(state.notification_failures)}, status_code=200 if done else 504
+        )
 
     async def heartbeat(request: Request) -> Response:
         state.subscriptions.outbox.attach()
         return JSONResponse({"subscriptions": state.subscriptions.heartbeat(state)})
 
-    return Starlette(routes=[
-        Route("/_test/faults", faults, methods=["POST"]),
-        Route("/_test/reset", reset, methods=["POST"]),
-        Route("/_test/flush", flush, methods=["POST"]),
-        Route("/_test/heartbeat", heartbeat, methods=["POST"]),
-        Route("/metadata", metadata, methods=["GET"]),
-        Route("/_page", next_page, methods=["GET"]),
-        Route("/_history", history, methods=["GET"]),
-        Route("/Subscription/$status", subscription_status, methods=["GET"]),
-        Route("/Subscription/{id}/$status", subscription_status, methods=["GET"]),
-        Route("/{type}", search, methods=["GET"]),
-        Route("/{type}", create, methods=["POST"]),
-        Route("/{type}/_history", history, methods=["GET"]),
-        Route("/{type}/{id}", instance, methods=["GET", "PUT", "DELETE"]),
-    ])
+    return Starlette(
+        routes=[
+            Route("/_test/faults", faults, methods=["POST"]),
+            Route("/_test/reset", reset, methods=["POST"]),
+            Route("/_test/flush", flush, methods=["POST"]),
+            Route("/_test/heartbeat", heartbeat, methods=["POST"]),
+            Route("/metadata", metadata, methods=["GET"]),
+            Route("/_page", next_page, methods=["GET"]),
+            Route("/_history", history, methods=["GET"]),
+            Route("/Subscription/$status", subscription_status, methods=["GET"]),
+            Route("/Subscription/{id}/$status", subscription_status, methods=["GET"]),
+            Route("/{type}", search, methods=["GET"]),
+            Route("/{type}", create, methods=["POST"]),
+            Route("/{type}/_history", history, methods=["GET"]),
+            Route("/{type}/{id}", instance, methods=["GET", "PUT", "DELETE"]),
+        ]
+    )

@@ -44,20 +44,30 @@ class Hostility:
             url = httpx.URL(str(origin))
             if url.scheme not in ("http", "https") or not url.host:
                 raise ValueError("next_origin must be a scheme, host and port such as http://127.0.0.1:8091")
-        return cls(next_loop=bool(body.get("next_loop", False)), endless_pages=bool(body.get("endless_pages", False)),
-                   huge_bundle_mb=max(0.0, float(body.get("huge_bundle_mb", 0))),
-                   drip_seconds=max(0.0, float(body.get("drip_seconds", 0))),
-                   next_origin=None if origin is None else str(origin))
+        return cls(
+            next_loop=bool(body.get("next_loop", False)),
+            endless_pages=bool(body.get("endless_pages", False)),
+            huge_bundle_mb=max(0.0, float(body.get("huge_bundle_mb", 0))),
+            drip_seconds=max(0.0, float(body.get("drip_seconds", 0))),
+            next_origin=None if origin is None else str(origin),
+        )
 
     def invented(self, start: int, count: int) -> list[Resource]:
         """`count` appointments that exist only on this page (ids numbered from `start`), booked in 3 days."""
         when = datetime.now(UTC).replace(microsecond=0)
         start_at = when + timedelta(days=3)
-        return [{"resourceType": "Appointment", "id": f"invented-{number}", "status": "booked",
-                 "meta": {"versionId": "1", "lastUpdated": when.isoformat().replace("+00:00", "Z")},
-                 "start": start_at.isoformat(), "end": (start_at + timedelta(hours=1)).isoformat(),
-                 "participant": [{"actor": {"reference": "Patient/invented"}, "status": "accepted"}]}
-                for number in range(start, start + count)]
+        return [
+            {
+                "resourceType": "Appointment",
+                "id": f"invented-{number}",
+                "status": "booked",
+                "meta": {"versionId": "1", "lastUpdated": when.isoformat().replace("+00:00", "Z")},
+                "start": start_at.isoformat(),
+                "end": (start_at + timedelta(hours=1)).isoformat(),
+                "participant": [{"actor": {"reference": "Patient/invented"}, "status": "accepted"}],
+            }
+            for number in range(start, start + count)
+        ]
 
     def next_link(self, next_url: str | None, this_url: str) -> str | None:
         """The `next` link to print on a page served at `this_url`."""
@@ -82,8 +92,9 @@ async def _huge(bundle: Resource, size: int) -> AsyncIterator[bytes]:
     head = json.dumps({**{k: v for k, v in bundle.items() if k != "entry"}, "entry": []})
     yield head[:-2].encode()  # up to and including `"entry": [`
     sent, number = len(head), 0
-    template = json.dumps({"fullUrl": "Appointment/huge-{n}", "resource": Hostility().invented(0, 1)[0],
-                           "search": {"mode": "match"}}).replace("invented-0", "huge-{n}")
+    template = json.dumps(
+        {"fullUrl": "Appointment/huge-{n}", "resource": Hostility().invented(0, 1)[0], "search": {"mode": "match"}}
+    ).replace("invented-0", "huge-{n}")
     while sent < size:
         entries, length = [], 0
         while length < CHUNK:
@@ -101,4 +112,4 @@ async def _drip(body: bytes, seconds: float) -> AsyncIterator[bytes]:
     for index in range(len(body)):
         if index:
             await asyncio.sleep(seconds)
-        yield body[index:index + 1]
+        yield body[index : index + 1]

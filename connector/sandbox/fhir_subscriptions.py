@@ -134,18 +134,25 @@ def channel_of(resource: Resource) -> Channel:
     return Channel(True, criteria, filters or ("Appointment",), endpoint, parsed, payload, content)
 
 
-def status_parameters(base: str, subscription_id: str, channel: Channel, status: str, kind: str,
-                      events: int, event: Event | None = None) -> Resource:
+def status_parameters(
+    base: str, subscription_id: str, channel: Channel, status: str, kind: str, events: int, event: Event | None = None
+) -> Resource:
     """The Backport R4 status resource (a Parameters) for a notification or a $status answer."""
     parameters: list[Resource] = [
-        {"name": "subscription", "valueReference": {"reference": f"{base}/Subscription/{subscription_id}"}}]
+        {"name": "subscription", "valueReference": {"reference": f"{base}/Subscription/{subscription_id}"}}
+    ]
     if channel.backport:
         parameters.append({"name": "topic", "valueCanonical": channel.criteria})
-    parameters += [{"name": "status", "valueCode": status}, {"name": "type", "valueCode": kind},
-                   {"name": "events-since-subscription-start", "valueString": str(events)}]
+    parameters += [
+        {"name": "status", "valueCode": status},
+        {"name": "type", "valueCode": kind},
+        {"name": "events-since-subscription-start", "valueString": str(events)},
+    ]
     if event is not None:
-        part: list[Resource] = [{"name": "event-number", "valueString": str(event.number)},
-                                {"name": "timestamp", "valueInstant": event.timestamp}]
+        part: list[Resource] = [
+            {"name": "event-number", "valueString": str(event.number)},
+            {"name": "timestamp", "valueInstant": event.timestamp},
+        ]
         if channel.content != "empty":
             focus = f"{base}/{event.resource['resourceType']}/{event.resource['id']}"
             part.append({"name": "focus", "valueReference": {"reference": focus}})
@@ -153,21 +160,25 @@ def status_parameters(base: str, subscription_id: str, channel: Channel, status:
     return {"resourceType": "Parameters", "meta": {"profile": [STATUS_PROFILE]}, "parameter": parameters}
 
 
-def notification_bundle(base: str, subscription_id: str, channel: Channel, status: Resource,
-                        event: Event | None = None) -> Resource:
+def notification_bundle(
+    base: str, subscription_id: str, channel: Channel, status: Resource, event: Event | None = None
+) -> Resource:
     """A Backport R4 notification: a history Bundle whose first entry is the status Parameters."""
-    entries: list[Resource] = [{
-        "fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": status,
-        "request": {"method": "GET", "url": f"{base}/Subscription/{subscription_id}/$status"},
-        "response": {"status": "200"}}]
+    entries: list[Resource] = [
+        {
+            "fullUrl": f"urn:uuid:{uuid.uuid4()}",
+            "resource": status,
+            "request": {"method": "GET", "url": f"{base}/Subscription/{subscription_id}/$status"},
+            "response": {"status": "200"},
+        }
+    ]
     if event is not None and channel.content != "empty":
         url = f"{event.resource['resourceType']}/{event.resource['id']}"
         entry: Resource = {"fullUrl": f"{base}/{url}", "request": {"method": event.method, "url": url}}
         if channel.content == "full-resource" and event.method != "DELETE":
             entry["resource"] = event.resource
         entries.append(entry)
-    return {"resourceType": "Bundle", "id": str(uuid.uuid4()), "type": "history", "timestamp": _now(),
-            "entry": entries}
+    return {"resourceType": "Bundle", "id": str(uuid.uuid4()), "type": "history", "timestamp": _now(), "entry": entries}
 
 
 class Outbox:
@@ -241,8 +252,9 @@ class Outbox:
         error: str | None = None
         try:
             async with httpx.AsyncClient(timeout=self.timeout) as client:
-                response = await client.request(outgoing.method, outgoing.url, headers=outgoing.headers,
-                                                content=outgoing.body)
+                response = await client.request(
+                    outgoing.method, outgoing.url, headers=outgoing.headers, content=outgoing.body
+                )
             if not response.is_success:
                 error = f"HTTP {response.status_code}"
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
@@ -282,9 +294,13 @@ class Subscriptions:
         if created:
             self.events[subscription_id] = 0
         if stored["status"] == "requested":
-            self.outbox.send(Delivery(subscription_id,
-                                      functools.partial(self._signal, state, subscription_id, "handshake"),
-                                      functools.partial(self._handshake_done, state, subscription_id)))
+            self.outbox.send(
+                Delivery(
+                    subscription_id,
+                    functools.partial(self._signal, state, subscription_id, "handshake"),
+                    functools.partial(self._handshake_done, state, subscription_id),
+                )
+            )
 
     def deleted(self, state: FhirState, last: Resource, timestamp: str) -> None:
         """After a delete: forget a Subscription, or notify Backport subscriptions about the deletion."""
@@ -295,21 +311,46 @@ class Subscriptions:
 
     def heartbeat(self, state: FhirState) -> list[str]:
         """Queue a heartbeat for every active Backport subscription; their ids."""
-        ids = [sid for sid, channel in list(self.channels.items())
-               if channel.backport and self._status(state, sid) == "active"]
+        ids = [
+            sid
+            for sid, channel in list(self.channels.items())
+            if channel.backport and self._status(state, sid) == "active"
+        ]
         for sid in ids:
-            self.outbox.send(Delivery(sid, functools.partial(self._signal, state, sid, "heartbeat"),
-                                      functools.partial(self._delivered, state, sid, "heartbeat")))
+            self.outbox.send(
+                Delivery(
+                    sid,
+                    functools.partial(self._signal, state, sid, "heartbeat"),
+                    functools.partial(self._delivered, state, sid, "heartbeat"),
+                )
+            )
         return ids
 
     def status_bundle(self, state: FhirState, ids: list[str]) -> Resource:
         """The $status answer: a searchset Bundle of `query-status` Parameters, one per known id."""
-        entries = [{"fullUrl": f"urn:uuid:{uuid.uuid4()}", "search": {"mode": "match"},
-                    "resource": status_parameters(state.base_url, sid, self.channels[sid], self._reported(state, sid),
-                                                  "query-status", self.events.get(sid, 0))}
-                   for sid in ids if sid in self.channels and self._status(state, sid) is not None]
-        return {"resourceType": "Bundle", "id": str(uuid.uuid4()), "type": "searchset", "total": len(entries),
-                "entry": entries}
+        entries = [
+            {
+                "fullUrl": f"urn:uuid:{uuid.uuid4()}",
+                "search": {"mode": "match"},
+                "resource": status_parameters(
+                    state.base_url,
+                    sid,
+                    self.channels[sid],
+                    self._reported(state, sid),
+                    "query-status",
+                    self.events.get(sid, 0),
+                ),
+            }
+            for sid in ids
+            if sid in self.channels and self._status(state, sid) is not None
+        ]
+        return {
+            "resourceType": "Bundle",
+            "id": str(uuid.uuid4()),
+            "type": "searchset",
+            "total": len(entries),
+            "entry": entries,
+        }
 
     def clear(self) -> None:
         self.channels.clear()
@@ -334,8 +375,13 @@ class Subscriptions:
                 state.drop_notifications -= 1
                 continue
             event = Event(number, timestamp, method, resource)
-            self.outbox.send(Delivery(sid, functools.partial(self._event, state, sid, event),
-                                      functools.partial(self._delivered, state, sid, "event-notification")))
+            self.outbox.send(
+                Delivery(
+                    sid,
+                    functools.partial(self._event, state, sid, event),
+                    functools.partial(self._delivered, state, sid, "event-notification"),
+                )
+            )
 
     def _event(self, state: FhirState, subscription_id: str, event: Event) -> Outgoing | None:
         channel = self.channels.get(subscription_id)
@@ -346,10 +392,18 @@ class Subscriptions:
             if channel.payload is None:
                 return Outgoing("POST", channel.endpoint, headers, b"")
             url = f"{channel.endpoint.rstrip('/')}/{event.resource['resourceType']}/{event.resource['id']}"
-            return Outgoing("PUT", url, {"Content-Type": channel.payload, **headers},
-                            json.dumps(event.resource).encode())
-        status = status_parameters(state.base_url, subscription_id, channel, self._reported(state, subscription_id),
-                                   "event-notification", event.number, event)
+            return Outgoing(
+                "PUT", url, {"Content-Type": channel.payload, **headers}, json.dumps(event.resource).encode()
+            )
+        status = status_parameters(
+            state.base_url,
+            subscription_id,
+            channel,
+            self._reported(state, subscription_id),
+            "event-notification",
+            event.number,
+            event,
+        )
         bundle = notification_bundle(state.base_url, subscription_id, channel, status, event)
         return Outgoing("POST", channel.endpoint, {"Content-Type": FHIR_JSON, **headers}, json.dumps(bundle).encode())
 
@@ -359,20 +413,23 @@ class Subscriptions:
         if channel is None or status != ("requested" if kind == "handshake" else "active"):
             return None
         reported = "error" if state.subscription_error and kind == "heartbeat" else status
-        parameters = status_parameters(state.base_url, subscription_id, channel, reported, kind,
-                                       self.events.get(subscription_id, 0))
+        parameters = status_parameters(
+            state.base_url, subscription_id, channel, reported, kind, self.events.get(subscription_id, 0)
+        )
         bundle = notification_bundle(state.base_url, subscription_id, channel, parameters)
-        return Outgoing("POST", channel.endpoint, {"Content-Type": FHIR_JSON, **dict(channel.headers)},
-                        json.dumps(bundle).encode())
+        return Outgoing(
+            "POST", channel.endpoint, {"Content-Type": FHIR_JSON, **dict(channel.headers)}, json.dumps(bundle).encode()
+        )
 
-    def _delivered(self, state: FhirState, subscription_id: str, kind: str, outgoing: Outgoing,
-                   error: str | None) -> None:
+    def _delivered(
+        self, state: FhirState, subscription_id: str, kind: str, outgoing: Outgoing, error: str | None
+    ) -> None:
         if error is not None:
-            state.notification_failures.append({"subscription": subscription_id, "type": kind,
-                                                "url": outgoing.url, "error": error, "at": _now()})
+            state.notification_failures.append(
+                {"subscription": subscription_id, "type": kind, "url": outgoing.url, "error": error, "at": _now()}
+            )
 
-    def _handshake_done(self, state: FhirState, subscription_id: str, outgoing: Outgoing,
-                        error: str | None) -> None:
+    def _handshake_done(self, state: FhirState, subscription_id: str, outgoing: Outgoing, error: str | None) -> None:
         self._delivered(state, subscription_id, "handshake", outgoing, error)
         current = state.current("Subscription", subscription_id)
         if current is None or current.get("status") != "requested":

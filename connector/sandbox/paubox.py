@@ -80,9 +80,12 @@ class Chaos:
 
     def draw(self) -> Fault | None:
         roll = self._random.random()
-        choices = ((self.server_error, Fault(status=500)), (self.accepted_500, Fault(status=500, accept=True)),
-                   (self.rate_limit, Fault(status=429, retry_after=1)),
-                   (self.hang, Fault(hang=self.hang_seconds, accept=True)))
+        choices = (
+            (self.server_error, Fault(status=500)),
+            (self.accepted_500, Fault(status=500, accept=True)),
+            (self.rate_limit, Fault(status=429, retry_after=1)),
+            (self.hang, Fault(hang=self.hang_seconds, accept=True)),
+        )
         for chance, fault in choices:
             if roll < chance:
                 return fault
@@ -130,7 +133,7 @@ def _errors(status: int, title: str, details: str, slug: str | None = None) -> J
 def _domain(address: str) -> str:
     address = address.strip()
     if "<" in address and address.endswith(">"):
-        address = address[address.rindex("<") + 1:-1]
+        address = address[address.rindex("<") + 1 : -1]
     return address.rpartition("@")[2].lower()
 
 
@@ -205,29 +208,44 @@ def _store(message: dict[str, Any], state: SandboxState) -> dict[str, Any]:
 
 def _authorised(request: Request, state: SandboxState) -> bool:
     header = request.headers.get("authorization", "")
-    key = header.removeprefix("Token token=") if header.startswith("Token token=") else \
-        header.removeprefix("Bearer ") if header.startswith("Bearer ") else None
+    key = (
+        header.removeprefix("Token token=")
+        if header.startswith("Token token=")
+        else header.removeprefix("Bearer ")
+        if header.startswith("Bearer ")
+        else None
+    )
     username = request.path_params.get("username")
     return key == state.api_key and (username is None or username == state.username)
 
 
 def _unauthorised() -> JSONResponse:
-    return _errors(401, "Invalid Access Token", "Access token is missing or does not match endpoint username",
-                   "invalid_access_token")
+    return _errors(
+        401,
+        "Invalid Access Token",
+        "Access token is missing or does not match endpoint username",
+        "invalid_access_token",
+    )
 
 
 class _BrokenResponse(Response):
     """Announces a body it never finishes: the connection drops mid-answer."""
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"1000")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"1000")],
+            }
+        )
         await send({"type": "http.response.body", "body": b'{"sourceTrackingId": "', "more_body": True})
         raise ConnectionAbortedError("sandbox fault: connection dropped after accepting")
 
 
-async def _apply_fault(fault: Fault | None, request_body: dict[str, Any], state: SandboxState,
-                       store: Any) -> Response | None:
+async def _apply_fault(
+    fault: Fault | None, request_body: dict[str, Any], state: SandboxState, store: Any
+) -> Response | None:
     if fault is None:
         return None
     if fault.accept:
@@ -242,10 +260,17 @@ async def _apply_fault(fault: Fault | None, request_body: dict[str, Any], state:
         return HTMLResponse(BAD_GATEWAY_HTML, status_code=fault.status)
     headers = {"Retry-After": str(int(fault.retry_after))} if fault.retry_after is not None else None
     if fault.status == 200:
-        return JSONResponse({"errors": [{"code": 400, "title": "Bad Request", "details": "Fault injected"}]},
-                            status_code=200)
-    titles = {429: "Too Many Requests", 500: "Internal Server Error", 502: "Bad Gateway",
-              503: "Service Unavailable", 504: "Gateway Timeout", 400: "Bad Request"}
+        return JSONResponse(
+            {"errors": [{"code": 400, "title": "Bad Request", "details": "Fault injected"}]}, status_code=200
+        )
+    titles = {
+        429: "Too Many Requests",
+        500: "Internal Server Error",
+        502: "Bad Gateway",
+        503: "Service Unavailable",
+        504: "Gateway Timeout",
+        400: "Bad Request",
+    }
     response = _errors(fault.status, titles.get(fault.status, "Error"), "Fault injected by the sandbox")
     if headers:
         response.headers.update(headers)
@@ -269,13 +294,19 @@ def create_app(state: SandboxState) -> Starlette:
         if problem:
             return _errors(400, "Bad Request", problem)
         stored: list[dict[str, Any]] = []
-        fault_response = await _apply_fault(state.next_fault(), body, state,
-                                            lambda: stored.append(_store(message, state)))
+        fault_response = await _apply_fault(
+            state.next_fault(), body, state, lambda: stored.append(_store(message, state))
+        )
         if fault_response is not None:
             return fault_response
         saved = stored[0] if stored else _store(message, state)
-        return JSONResponse({"sourceTrackingId": saved["sourceTrackingId"],
-                             "customHeaders": saved["custom_headers"], "data": "Service OK"})
+        return JSONResponse(
+            {
+                "sourceTrackingId": saved["sourceTrackingId"],
+                "customHeaders": saved["custom_headers"],
+                "data": "Service OK",
+            }
+        )
 
     async def send_bulk(request: Request) -> Response:
         state.bulk_requests += 1
@@ -294,14 +325,24 @@ def create_app(state: SandboxState) -> Starlette:
             if problem:
                 return _errors(400, "Bad Request", f"messages[{index}]: {problem}")
         stored: list[dict[str, Any]] = []
-        fault_response = await _apply_fault(state.next_fault(), {}, state,
-                                            lambda: stored.extend(_store(m, state) for m in messages))
+        fault_response = await _apply_fault(
+            state.next_fault(), {}, state, lambda: stored.extend(_store(m, state) for m in messages)
+        )
         if fault_response is not None:
             return fault_response
         saved = stored or [_store(m, state) for m in messages]
-        return JSONResponse({"messages": [{"sourceTrackingId": s["sourceTrackingId"],
-                                           "customHeaders": s["custom_headers"], "data": "Service OK"}
-                                          for s in saved]})
+        return JSONResponse(
+            {
+                "messages": [
+                    {
+                        "sourceTrackingId": s["sourceTrackingId"],
+                        "customHeaders": s["custom_headers"],
+                        "data": "Service OK",
+                    }
+                    for s in saved
+                ]
+            }
+        )
 
     async def receipt(request: Request) -> Response:
         if not _authorised(request, state):
@@ -310,15 +351,29 @@ def create_app(state: SandboxState) -> Starlette:
         for message in state.messages:
             if message["sourceTrackingId"] == tracking:
                 moment = format_datetime(datetime.fromisoformat(message["received_at"]))
-                deliveries = [{"recipient": r, "status": {"deliveryStatus": message["delivery_status"],
-                                                          "deliveryTime": moment}}
-                              for r in message["recipients"]]
-                return JSONResponse({"sourceTrackingId": tracking,
-                                     "data": {"message": {"id": message["message_id"],
-                                                          "message_deliveries": deliveries}}})
-        return JSONResponse({"errors": [{"code": 404, "title": "Message was not found",
-                                         "details": "Message with this tracking id was not found"}],
-                             "sourceTrackingId": tracking}, status_code=404)
+                deliveries = [
+                    {"recipient": r, "status": {"deliveryStatus": message["delivery_status"], "deliveryTime": moment}}
+                    for r in message["recipients"]
+                ]
+                return JSONResponse(
+                    {
+                        "sourceTrackingId": tracking,
+                        "data": {"message": {"id": message["message_id"], "message_deliveries": deliveries}},
+                    }
+                )
+        return JSONResponse(
+            {
+                "errors": [
+                    {
+                        "code": 404,
+                        "title": "Message was not found",
+                        "details": "Message with this tracking id was not found",
+                    }
+                ],
+                "sourceTrackingId": tracking,
+            },
+            status_code=404,
+        )
 
     async def list_messages(request: Request) -> Response:
         if request.method == "DELETE":
@@ -336,10 +391,17 @@ def create_app(state: SandboxState) -> Starlette:
         return JSONResponse({"latency_ms": state.latency * 1000, "faults": len(state.faults)})
 
     async def stats(request: Request) -> Response:
-        return JSONResponse({"received": state.received, "accepted": len(state.messages),
-                             "bulk_requests": state.bulk_requests, "per_key": dict(state.requests),
-                             "tracking": {m["custom_headers"].get("X-Notification-Key", ""): m["sourceTrackingId"]
-                                          for m in state.messages}})
+        return JSONResponse(
+            {
+                "received": state.received,
+                "accepted": len(state.messages),
+                "bulk_requests": state.bulk_requests,
+                "per_key": dict(state.requests),
+                "tracking": {
+                    m["custom_headers"].get("X-Notification-Key", ""): m["sourceTrackingId"] for m in state.messages
+                },
+            }
+        )
 
     async def not_found(request: Request) -> Response:
         return HTMLResponse(NOT_FOUND_HTML, status_code=404)
@@ -361,12 +423,20 @@ def create_app(state: SandboxState) -> Starlette:
 
 def webhook_event(message: dict[str, Any], recipient: str, event_name: str) -> dict[str, Any]:
     """A Paubox-shaped webhook event (../shared/docs/paubox-api.md section 9.2)."""
-    return {"event_name": event_name, "payload": {
-        "id": abs(hash((message["sourceTrackingId"], recipient, event_name))) % 10**10,
-        "subject": message["subject"], "header_message_id": message["message_id"],
-        "source_tracking_id": message["sourceTrackingId"], "outbound_queue_id": uuid.uuid4().hex[:15],
-        "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-        "from": message["from"], "to": recipient, "custom_headers": message["custom_headers"]}}
+    return {
+        "event_name": event_name,
+        "payload": {
+            "id": abs(hash((message["sourceTrackingId"], recipient, event_name))) % 10**10,
+            "subject": message["subject"],
+            "header_message_id": message["message_id"],
+            "source_tracking_id": message["sourceTrackingId"],
+            "outbound_queue_id": uuid.uuid4().hex[:15],
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "from": message["from"],
+            "to": recipient,
+            "custom_headers": message["custom_headers"],
+        },
+    }
 
 
 def _emit_webhooks(message: dict[str, Any], state: SandboxState) -> None:

@@ -13,8 +13,12 @@ from typing import Any
 
 PATIENTS: list[tuple[str, str, str, list[tuple[str, str, int | None]]]] = [
     ("demo-p1", "Alex", "Rivera", [("alex.rivera@example.org", "home", None)]),
-    ("demo-p2", "Samira", "Okafor", [("s.okafor.old@example.org", "old", None),
-                                     ("samira.okafor@example.org", "home", 1)]),
+    (
+        "demo-p2",
+        "Samira",
+        "Okafor",
+        [("s.okafor.old@example.org", "old", None), ("samira.okafor@example.org", "home", 1)],
+    ),
     ("demo-p3", "Jonas", "Lindqvist", [("jonas.lindqvist@example.org", "work", None)]),
     ("demo-p4", "Priya", "Raman", []),  # no email address: the notification is skipped
 ]
@@ -31,8 +35,11 @@ APPOINTMENTS = [
 
 def hl7_examples() -> list[dict[str, Any]]:
     folder = resources.files("connector.sandbox") / "data" / "hl7"
-    return [json.loads(f.read_text(encoding="utf-8")) for f in sorted(folder.iterdir(), key=lambda f: f.name)
-            if f.name.endswith(".json")]
+    return [
+        json.loads(f.read_text(encoding="utf-8"))
+        for f in sorted(folder.iterdir(), key=lambda f: f.name)
+        if f.name.endswith(".json")
+    ]
 
 
 def patient(pid: str, given: str, family: str, emails: list[tuple[str, str, int | None]]) -> dict[str, Any]:
@@ -42,22 +49,30 @@ def patient(pid: str, given: str, family: str, emails: list[tuple[str, str, int 
         if rank is not None:
             entry["rank"] = rank
         telecom.append(entry)
-    return {"resourceType": "Patient", "id": pid, "active": True,
-            "name": [{"use": "official", "family": family, "given": [given]}], "telecom": telecom,
-            "communication": [{"language": {"coding": [{"system": "urn:ietf:bcp:47", "code": "en"}]},
-                               "preferred": True}]}
+    return {
+        "resourceType": "Patient",
+        "id": pid,
+        "active": True,
+        "name": [{"use": "official", "family": family, "given": [given]}],
+        "telecom": telecom,
+        "communication": [{"language": {"coding": [{"system": "urn:ietf:bcp:47", "code": "en"}]}, "preferred": True}],
+    }
 
 
-def appointment(aid: str, pid: str, start: datetime, status: str, service: str,
-                minutes: int = 30) -> dict[str, Any]:
+def appointment(aid: str, pid: str, start: datetime, status: str, service: str, minutes: int = 30) -> dict[str, Any]:
     resource: dict[str, Any] = {
-        "resourceType": "Appointment", "id": aid, "status": status,
+        "resourceType": "Appointment",
+        "id": aid,
+        "status": status,
         "serviceType": [{"text": service}],
         "description": service,
         "participant": [
             {"actor": {"reference": f"Patient/{pid}"}, "required": "required", "status": "accepted"},
-            {"actor": {"reference": "Practitioner/example", "display": "Dr Adam Careful"},
-             "required": "required", "status": "accepted"},
+            {
+                "actor": {"reference": "Practitioner/example", "display": "Dr Adam Careful"},
+                "required": "required",
+                "status": "accepted",
+            },
         ],
     }
     if status != "proposed":

@@ -33,7 +33,9 @@ ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 MAX_ASSERTION_LIFETIME = 300  # seconds: "no more than five minutes in the future"
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 _KEY_TYPES: dict[str, type[rsa.RSAPublicKey] | type[ec.EllipticCurvePublicKey]] = {
-    "RS384": rsa.RSAPublicKey, "ES384": ec.EllipticCurvePublicKey}
+    "RS384": rsa.RSAPublicKey,
+    "ES384": ec.EllipticCurvePublicKey,
+}
 
 
 @dataclass(frozen=True)
@@ -95,8 +97,11 @@ class OAuthError(Exception):
         self.code, self.description, self.status = code, description, status
 
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": self.code, "error_description": self.description}, status_code=self.status,
-                            headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
+        return JSONResponse(
+            {"error": self.code, "error_description": self.description},
+            status_code=self.status,
+            headers={"Cache-Control": "no-store", "Pragma": "no-cache"},
+        )
 
 
 def verify_assertion(state: SmartTokenState, assertion: str, audience: str) -> str:
@@ -117,8 +122,12 @@ def verify_assertion(state: SmartTokenState, assertion: str, audience: str) -> s
     key = keys.get(kid) if isinstance(kid, str) else None
     if key is None or not isinstance(key, _KEY_TYPES[alg]):
         raise OAuthError("invalid_client", f"no {alg} key registered under this kid")
-    options: Options = {"require": ["iss", "sub", "aud", "exp", "jti"], "verify_exp": False,
-                    "verify_iat": False, "verify_nbf": False}
+    options: Options = {
+        "require": ["iss", "sub", "aud", "exp", "jti"],
+        "verify_exp": False,
+        "verify_iat": False,
+        "verify_nbf": False,
+    }
     try:
         claims = jwt.decode(assertion, key, algorithms=[alg], audience=audience, issuer=client_id, options=options)
     except jwt.InvalidSignatureError:
@@ -165,20 +174,23 @@ def create_app(state: SmartTokenState) -> Starlette:
 
     async def configuration(request: Request) -> Response:
         state.discovery_requests += 1
-        return JSONResponse({
-            "token_endpoint": endpoint_url(request),
-            "grant_types_supported": ["client_credentials"],
-            "token_endpoint_auth_methods_supported": ["private_key_jwt"],
-            "token_endpoint_auth_signing_alg_values_supported": list(state.algorithms),
-            "scopes_supported": ["system/*.rs", "system/*.read"],
-            "capabilities": ["client-confidential-asymmetric", "permission-v2", "permission-v1"],
-        })
+        return JSONResponse(
+            {
+                "token_endpoint": endpoint_url(request),
+                "grant_types_supported": ["client_credentials"],
+                "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+                "token_endpoint_auth_signing_alg_values_supported": list(state.algorithms),
+                "scopes_supported": ["system/*.rs", "system/*.read"],
+                "capabilities": ["client-confidential-asymmetric", "permission-v2", "permission-v1"],
+            }
+        )
 
     async def token(request: Request) -> Response:
         state.token_requests += 1
         if state.token_status and (status := state.token_status.pop(0)) != 200:
-            return OAuthError("temporarily_unavailable" if status == 503 else "server_error",
-                              "injected failure", status).response()
+            return OAuthError(
+                "temporarily_unavailable" if status == 503 else "server_error", "injected failure", status
+            ).response()
         try:
             if request.headers.get("content-type", "").split(";")[0].strip() != "application/x-www-form-urlencoded":
                 raise OAuthError("invalid_request", "the body must be application/x-www-form-urlencoded")
@@ -197,10 +209,14 @@ def create_app(state: SmartTokenState) -> Starlette:
             return refusal.response()
         value = secrets.token_urlsafe(32)
         state.tokens[value] = IssuedToken(client_id, scope, state.clock() + state.expires_in)
-        return JSONResponse({"access_token": value, "token_type": "bearer", "expires_in": state.expires_in,
-                             "scope": scope}, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
+        return JSONResponse(
+            {"access_token": value, "token_type": "bearer", "expires_in": state.expires_in, "scope": scope},
+            headers={"Cache-Control": "no-store", "Pragma": "no-cache"},
+        )
 
-    return Starlette(routes=[
-        Route("/.well-known/smart-configuration", configuration, methods=["GET"]),
-        Route("/token", token, methods=["POST"], name="token"),
-    ])
+    return Starlette(
+        routes=[
+            Route("/.well-known/smart-configuration", configuration, methods=["GET"]),
+            Route("/token", token, methods=["POST"], name="token"),
+        ]
+    )

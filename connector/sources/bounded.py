@@ -65,6 +65,7 @@ class _CappedStream(httpx.AsyncByteStream):
 
 def capped(max_bytes: int) -> Callable[[httpx.Response], Awaitable[None]]:
     """A response event hook holding every response body of an AsyncClient to `max_bytes` as received."""
+
     async def cap(response: httpx.Response) -> None:
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_bytes:

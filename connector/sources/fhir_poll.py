@@ -69,8 +69,9 @@ class PageBudget:
 class FhirPollSource:
     """One configured FHIR server. `transport` lets tests put any httpx transport underneath."""
 
-    def __init__(self, name: str, config: FhirPollSourceConfig,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self, name: str, config: FhirPollSourceConfig, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
         self.name = name
         self.config = config
         headers = {"Accept": "application/fhir+json"}
@@ -83,18 +84,31 @@ class FhirPollSource:
             auth = httpx.BasicAuth(config.auth.username, config.auth.password.get_secret_value())
         elif isinstance(config.auth, SmartAuth):
             self._smart = auth = SmartBackendAuth(
-                fhir_base_url=config.base_url, client_id=config.auth.client_id,
-                private_key_pem=config.auth.private_key.get_secret_value().encode(), key_id=config.auth.key_id,
-                algorithm=config.auth.algorithm, scope=config.auth.scope,
-                token_endpoint=config.auth.token_endpoint, transport=transport, timeout=self._deadline,
-                max_bytes=self._max_bytes, source=name)
+                fhir_base_url=config.base_url,
+                client_id=config.auth.client_id,
+                private_key_pem=config.auth.private_key.get_secret_value().encode(),
+                key_id=config.auth.key_id,
+                algorithm=config.auth.algorithm,
+                scope=config.auth.scope,
+                token_endpoint=config.auth.token_endpoint,
+                transport=transport,
+                timeout=self._deadline,
+                max_bytes=self._max_bytes,
+                source=name,
+            )
         self._base = httpx.URL(config.base_url + "/")
         self._origin = origin(self._base)
         self._client = httpx.AsyncClient(
-            base_url=self._base, headers=headers, auth=auth, timeout=self._deadline, transport=transport,
+            base_url=self._base,
+            headers=headers,
+            auth=auth,
+            timeout=self._deadline,
+            transport=transport,
             event_hooks={"response": [capped(self._max_bytes)]},
-            limits=httpx.Limits(max_connections=config.max_connections,
-                                max_keepalive_connections=config.max_connections))
+            limits=httpx.Limits(
+                max_connections=config.max_connections, max_keepalive_connections=config.max_connections
+            ),
+        )
         self._in_flight = asyncio.Semaphore(config.max_connections)
 
     # -- what to ask --------------------------------------------------------------------------------------
@@ -105,22 +119,31 @@ class FhirPollSource:
             params.append(("_lastUpdated", f"ge{fhir_instant(since)}"))
         if until is not None:
             params.append(("_lastUpdated", f"le{fhir_instant(until)}"))
-        params += [("_sort", "_lastUpdated"), ("_include", "Appointment:patient"),
-                   ("_count", str(self.config.page_size))]
+        params += [
+            ("_sort", "_lastUpdated"),
+            ("_include", "Appointment:patient"),
+            ("_count", str(self.config.page_size)),
+        ]
         return params
 
     def window_queries(self, start: datetime, end: datetime) -> list[Params]:
         """The date-window searches: one per chunk of each configured id list (servers such as Oracle
         Health accept one kind of reference per request, with comma lists), or one for everything."""
-        dates: Params = [("date", f"ge{fhir_instant(start)}"), ("date", f"lt{fhir_instant(end)}"),
-                         ("_count", str(self.config.page_size))]
+        dates: Params = [
+            ("date", f"ge{fhir_instant(start)}"),
+            ("date", f"lt{fhir_instant(end)}"),
+            ("_count", str(self.config.page_size)),
+        ]
         scope = self.config.window.scope
         queries: list[Params] = []
-        for name, ids in (("patient", scope.patients), ("practitioner", scope.practitioners),
-                          ("location", scope.locations)):
+        for name, ids in (
+            ("patient", scope.patients),
+            ("practitioner", scope.practitioners),
+            ("location", scope.locations),
+        ):
             size = self.config.window.chunk
             for index in range(0, len(ids), size):
-                queries.append([(name, ",".join(ids[index:index + size])), *dates])
+                queries.append([(name, ",".join(ids[index : index + size])), *dates])
         return queries or [dates]
 
     # -- paging -------------------------------------------------------------------------------------------
@@ -130,15 +153,15 @@ class FhirPollSource:
 
     async def pages(self, since: datetime | None, until: datetime | None = None) -> AsyncIterator[SearchPage]:
         """Appointments changed since `since` (and up to `until`), following `next` links verbatim."""
-        async for page in self._follow("Appointment", self.search_params(since, until), "Appointment search",
-                                       self._poll_budget()):
+        async for page in self._follow(
+            "Appointment", self.search_params(since, until), "Appointment search", self._poll_budget()
+        ):
             yield page
 
     async def window_pages(self, start: datetime, end: datetime) -> AsyncIterator[SearchPage]:
         budget = self._poll_budget()  # one poll, several searches: the pages of all of them count
         for number, params in enumerate(self.window_queries(start, end), start=1):
-            async for page in self._follow("Appointment", params, f"Appointment date-window search {number}",
-                                           budget):
+            async for page in self._follow("Appointment", params, f"Appointment date-window search {number}", budget):
                 yield page
 
     async def history_pages(self, since: datetime | None) -> AsyncIterator[SearchPage]:
@@ -146,15 +169,18 @@ class FhirPollSource:
         params: Params = [("_count", str(self.config.page_size))]
         if since is not None:
             params.insert(0, ("_since", fhir_instant(since)))
-        async for page in self._follow("Appointment/_history", params, "Appointment history", self._poll_budget(),
-                                       history=True):
+        async for page in self._follow(
+            "Appointment/_history", params, "Appointment history", self._poll_budget(), history=True
+        ):
             yield page
 
-    async def _follow(self, url: str, params: Params, what: str, budget: PageBudget, history: bool = False,
-                      read_ahead: bool = True) -> AsyncGenerator[SearchPage, None]:
+    async def _follow(
+        self, url: str, params: Params, what: str, budget: PageBudget, history: bool = False, read_ahead: bool = True
+    ) -> AsyncGenerator[SearchPage, None]:
         """Pages one after the other. With `read_ahead`, the next page is requested while the caller handles
         this one (a poll commits page N before it asks for page N + 1, so its cursor never runs ahead). A
         `next` link that breaks a rule ends the pages with a SourceLimitError, after the page that holds it."""
+
         def fetch_page(page_url: str, number: int) -> asyncio.Task[Any]:
             return asyncio.create_task(self.get_json(page_url, None, f"{what} page {number}"))
 
@@ -192,14 +218,20 @@ class FhirPollSource:
         read before in this poll, within the page budget. `what` names the page whose link this is."""
         target = self._client.build_request("GET", url, params=params).url
         if origin(target) != self._origin:
-            raise self._breach("next_link_origin", f"{what} links to {show_origin(target)}, not "
-                               f"{show_origin(self._base)}: refusing to send this source's credentials there")
+            raise self._breach(
+                "next_link_origin",
+                f"{what} links to {show_origin(target)}, not "
+                f"{show_origin(self._base)}: refusing to send this source's credentials there",
+            )
         if str(target) in visited:
-            raise self._breach("next_link_loop", f"{what} links back to a page already read in this poll "
-                               "(a loop of next links)")
+            raise self._breach(
+                "next_link_loop", f"{what} links back to a page already read in this poll (a loop of next links)"
+            )
         if budget.used >= budget.limit:
-            raise self._breach(budget.setting, f"{what} links to more than {budget.limit} pages "
-                               f"(sources.{self.name}.limits.{budget.setting})")
+            raise self._breach(
+                budget.setting,
+                f"{what} links to more than {budget.limit} pages (sources.{self.name}.limits.{budget.setting})",
+            )
         visited.add(str(target))
         budget.used += 1
         return str(target)
@@ -208,15 +240,15 @@ class FhirPollSource:
         metrics.inc("connector_source_limit_breaches_total", source=self.name, limit=limit)
         return SourceLimitError(f"source {self.name!r}: {problem}", limit)
 
-    async def search(self, resource_type: str, params: Params, limit_pages: int | None = None
-                     ) -> list[dict[str, Any]]:
+    async def search(self, resource_type: str, params: Params, limit_pages: int | None = None) -> list[dict[str, Any]]:
         """Every match of a small search (a patient's Consents, say); more pages than
         `limits.max_search_pages` is a SourceLimitError. `limit_pages` reads only that many pages, quietly
         (a best-effort read, such as an `_id` prefetch)."""
         found: list[dict[str, Any]] = []
         budget = PageBudget("max_search_pages", self.config.limits.max_search_pages)
-        async with contextlib.aclosing(self._follow(resource_type, params, f"{resource_type} search", budget,
-                                                    read_ahead=False)) as pages:
+        async with contextlib.aclosing(
+            self._follow(resource_type, params, f"{resource_type} search", budget, read_ahead=False)
+        ) as pages:
             read = 0
             async for page in pages:
                 found += [m for m in page.matches if isinstance(m, dict)]
@@ -236,8 +268,9 @@ class FhirPollSource:
     async def post(self, url: str, body: dict[str, Any], what: str, method: str = "POST") -> Any:
         """A write (creating a Subscription, say): not retried."""
         try:
-            reply = await self._exchange(method, url, None, what, json=body,
-                                         headers={"Content-Type": "application/fhir+json"})
+            reply = await self._exchange(
+                method, url, None, what, json=body, headers={"Content-Type": "application/fhir+json"}
+            )
         except httpx.HTTPError as exc:
             raise SourceError(f"source {self.name!r}: {what} failed: {type(exc).__name__}") from exc
         if reply.status_code not in (200, 201):
@@ -251,18 +284,27 @@ class FhirPollSource:
         """One request within the limits, to the origin of `base_url` only."""
         request = self._client.build_request(method, url, params=params, **kwargs)
         if origin(request.url) != self._origin:
-            raise self._breach("origin", f"{what}: refusing to send this source's credentials to "
-                               f"{show_origin(request.url)} (not {show_origin(self._base)})")
+            raise self._breach(
+                "origin",
+                f"{what}: refusing to send this source's credentials to "
+                f"{show_origin(request.url)} (not {show_origin(self._base)})",
+            )
         try:
             async with self._in_flight:
                 return await fetch(self._client, request, max_bytes=self._max_bytes, deadline=self._deadline)
         except BodyTooLarge:
-            raise self._breach("max_response_size", f"{what}: the response is larger than "
-                               f"{self.config.limits.max_response_size.human_readable()} "
-                               f"(sources.{self.name}.limits.max_response_size); not read further") from None
+            raise self._breach(
+                "max_response_size",
+                f"{what}: the response is larger than "
+                f"{self.config.limits.max_response_size.human_readable()} "
+                f"(sources.{self.name}.limits.max_response_size); not read further",
+            ) from None
         except TimeoutError:
-            raise self._breach("timeout", f"{what} did not complete within {human_duration(self.config.timeout)} "
-                               f"(sources.{self.name}.timeout: connection, headers and the whole body)") from None
+            raise self._breach(
+                "timeout",
+                f"{what} did not complete within {human_duration(self.config.timeout)} "
+                f"(sources.{self.name}.timeout: connection, headers and the whole body)",
+            ) from None
 
     async def get_json(self, url: str, params: Params | None, what: str, missing_ok: bool = False) -> Any:
         settings = self.config.retries
@@ -272,8 +314,9 @@ class FhirPollSource:
                 reply = await self._exchange("GET", url, params, what)
             except httpx.HTTPError as exc:
                 if attempt == settings.attempts:
-                    raise SourceError(f"source {self.name!r}: {what} failed: {type(exc).__name__} "
-                                      f"({show_origin(self._base)})") from exc
+                    raise SourceError(
+                        f"source {self.name!r}: {what} failed: {type(exc).__name__} ({show_origin(self._base)})"
+                    ) from exc
                 problem = type(exc).__name__
             else:
                 if missing_ok and reply.status_code in (404, 410):
@@ -283,15 +326,19 @@ class FhirPollSource:
                         return json.loads(reply.content)
                     except ValueError:
                         kind = reply.headers.get("content-type", "no content type")
-                        raise SourceError(f"source {self.name!r}: {what} is not valid JSON (HTTP 200, {kind})") \
-                            from None
+                        raise SourceError(
+                            f"source {self.name!r}: {what} is not valid JSON (HTTP 200, {kind})"
+                        ) from None
                 if reply.status_code not in RETRIED or attempt == settings.attempts:
                     raise SourceError(f"source {self.name!r}: {what} answered HTTP {reply.status_code}")
                 problem, delay = f"HTTP {reply.status_code}", _retry_after(reply.headers)
-            wait = min(settings.backoff_max.total_seconds(),
-                       max(delay or 0.0, random.uniform(0, settings.backoff.total_seconds() * 2 ** (attempt - 1))))
-            log.warning("source.retry", source=self.name, request=what, problem=problem, attempt=attempt,
-                        delay_s=round(wait, 2))
+            wait = min(
+                settings.backoff_max.total_seconds(),
+                max(delay or 0.0, random.uniform(0, settings.backoff.total_seconds() * 2 ** (attempt - 1))),
+            )
+            log.warning(
+                "source.retry", source=self.name, request=what, problem=problem, attempt=attempt, delay_s=round(wait, 2)
+            )
             await asyncio.sleep(wait)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -317,8 +364,14 @@ def history_page(bundle: Any) -> SearchPage:
             parts = str(request.get("url") or entry.get("fullUrl") or "").split("/_history/")[0].rstrip("/").split("/")
             if len(parts) >= 2 and parts[-2] == "Appointment" and parts[-1]:
                 response: dict[str, Any] = entry["response"] if isinstance(entry.get("response"), dict) else {}
-                page.matches.append({"resourceType": "Appointment", "id": parts[-1], "_deleted": True,
-                                     "meta": {"lastUpdated": response.get("lastModified")}})
+                page.matches.append(
+                    {
+                        "resourceType": "Appointment",
+                        "id": parts[-1],
+                        "_deleted": True,
+                        "meta": {"lastUpdated": response.get("lastModified")},
+                    }
+                )
         elif isinstance(resource, dict):
             page.matches.append(resource)
     return page

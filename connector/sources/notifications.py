@@ -70,16 +70,25 @@ def parse_bundle(bundle: Any, base_url: str) -> Notification:
             raise ResourceError("a focus reference does not end in a FHIR id ([A-Za-z0-9-.], at most 64)")
         if found and found not in focus_ids:
             focus_ids.append(found)
-    resources = [e["resource"] for e in entries[1:]
-                 if isinstance(e.get("resource"), dict) and e["resource"].get("resourceType") == "Appointment"]
+    resources = [
+        e["resource"]
+        for e in entries[1:]
+        if isinstance(e.get("resource"), dict) and e["resource"].get("resourceType") == "Appointment"
+    ]
     if not fields["kind"]:
         raise ResourceError("the subscription status names no notification type")
     return Notification(focus_ids=focus_ids, resources=resources, **fields)
 
 
 def _from_parameters(status: dict[str, Any]) -> dict[str, Any]:
-    found: dict[str, Any] = {"kind": "", "subscription": "", "status": None, "events_since": None,
-                             "event_numbers": [], "focus": []}
+    found: dict[str, Any] = {
+        "kind": "",
+        "subscription": "",
+        "status": None,
+        "events_since": None,
+        "event_numbers": [],
+        "focus": [],
+    }
     listed = status.get("parameter")
     for parameter in listed if isinstance(listed, list) else []:
         if not isinstance(parameter, dict):

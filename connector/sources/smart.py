@@ -75,8 +75,9 @@ def _parse_key(pem: bytes, where: str) -> SigningKey:
         key = load_pem_private_key(pem, password=None)
     except (ValueError, TypeError):
         raise SmartAuthError(f"{where}: not an unencrypted PEM private key") from None
-    if isinstance(key, rsa.RSAPrivateKey) or (isinstance(key, ec.EllipticCurvePrivateKey)
-                                              and isinstance(key.curve, ec.SECP384R1)):
+    if isinstance(key, rsa.RSAPrivateKey) or (
+        isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP384R1)
+    ):
         return key
     raise SmartAuthError(f"{where}: SMART needs an RSA or EC P-384 key, not {type(key).__name__}")
 
@@ -119,16 +120,29 @@ class AccessToken:
 class SmartBackendAuth(httpx.Auth):
     """Adds `Authorization: Bearer …` from a SMART Backend Services token; for httpx.AsyncClient only."""
 
-    def __init__(self, *, fhir_base_url: str, client_id: str, private_key_pem: bytes, key_id: str,
-                 algorithm: Algorithm | None = None, scope: str = DEFAULT_SCOPE,
-                 token_endpoint: str | None = None, clock: Callable[[], float] = time.time,
-                 refresh_margin: float = 30.0, transport: httpx.AsyncBaseTransport | None = None,
-                 timeout: float = 30.0, max_bytes: int = 32 * 1024 * 1024, source: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        fhir_base_url: str,
+        client_id: str,
+        private_key_pem: bytes,
+        key_id: str,
+        algorithm: Algorithm | None = None,
+        scope: str = DEFAULT_SCOPE,
+        token_endpoint: str | None = None,
+        clock: Callable[[], float] = time.time,
+        refresh_margin: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+        timeout: float = 30.0,
+        max_bytes: int = 32 * 1024 * 1024,
+        source: str | None = None,
+    ) -> None:
         self._key = _parse_key(private_key_pem, where=f"SMART client {client_id!r}: private key")
         derived = _algorithm(self._key)
         if algorithm is not None and algorithm != derived:
-            raise SmartAuthError(f"SMART client {client_id!r}: algorithm {algorithm} does not fit the "
-                                 f"key (use {derived})")
+            raise SmartAuthError(
+                f"SMART client {client_id!r}: algorithm {algorithm} does not fit the key (use {derived})"
+            )
         self.algorithm: Algorithm = derived
         self.fhir_base_url = fhir_base_url.rstrip("/")
         self.client_id, self.key_id, self.scope = client_id, key_id, scope
@@ -138,8 +152,9 @@ class SmartBackendAuth(httpx.Auth):
         self._clock, self._margin = clock, refresh_margin
         self._source, self._timeout, self._max_bytes = source, timeout, max_bytes
         self._prefix = f"source {source!r}: " if source else ""
-        self._http = httpx.AsyncClient(transport=transport, timeout=timeout,
-                                       event_hooks={"response": [capped(max_bytes)]})
+        self._http = httpx.AsyncClient(
+            transport=transport, timeout=timeout, event_hooks={"response": [capped(max_bytes)]}
+        )
         self._lock = asyncio.Lock()
         self._token: AccessToken | None = None
         self.granted_scope: str | None = None
@@ -150,8 +165,10 @@ class SmartBackendAuth(httpx.Auth):
 
     async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
         if origin(request.url) != self._base:
-            raise SmartAuthError(f"{self._prefix}SMART client {self.client_id!r}: refusing to send a token to "
-                                 f"{show_origin(request.url)} (not {show_origin(self.fhir_base_url)})")
+            raise SmartAuthError(
+                f"{self._prefix}SMART client {self.client_id!r}: refusing to send a token to "
+                f"{show_origin(request.url)} (not {show_origin(self.fhir_base_url)})"
+            )
         await request.aread()  # a request retried after a 401 must be replayable
         token = await self.token()
         request.headers["Authorization"] = f"Bearer {token.value}"
@@ -181,27 +198,39 @@ class SmartBackendAuth(httpx.Auth):
             try:
                 check_url(endpoint, credentials=True)
             except ValueError as exc:
-                raise SmartAuthError(f"{self._prefix}SMART discovery at {self._origin}: the advertised "
-                                     f"token_endpoint is refused: {exc}") from None
+                raise SmartAuthError(
+                    f"{self._prefix}SMART discovery at {self._origin}: the advertised token_endpoint is refused: {exc}"
+                ) from None
             algorithms = config.get("token_endpoint_auth_signing_alg_values_supported")
             if isinstance(algorithms, list) and algorithms and self.algorithm not in algorithms:
-                raise SmartAuthError(f"{self._prefix}SMART discovery at {self._origin}: the server does not accept "
-                                     f"{self.algorithm} assertions (it lists {', '.join(map(str, algorithms))})")
+                raise SmartAuthError(
+                    f"{self._prefix}SMART discovery at {self._origin}: the server does not accept "
+                    f"{self.algorithm} assertions (it lists {', '.join(map(str, algorithms))})"
+                )
             self._token_endpoint = endpoint
         return self._token_endpoint
 
     def assertion(self, audience: str) -> str:
         """A freshly signed client assertion JWT (new `jti`, `exp` ASSERTION_LIFETIME seconds ahead)."""
-        claims = {"iss": self.client_id, "sub": self.client_id, "aud": audience,
-                  "exp": int(self._clock()) + ASSERTION_LIFETIME, "jti": str(uuid.uuid4())}
+        claims = {
+            "iss": self.client_id,
+            "sub": self.client_id,
+            "aud": audience,
+            "exp": int(self._clock()) + ASSERTION_LIFETIME,
+            "jti": str(uuid.uuid4()),
+        }
         return jwt.encode(claims, self._key, algorithm=self.algorithm, headers={"kid": self.key_id, "typ": "JWT"})
 
     async def _request_token(self) -> AccessToken:
         endpoint = await self.token_endpoint()
         host = urlsplit(endpoint).netloc
         started = self._clock()
-        form = {"grant_type": "client_credentials", "scope": self.scope,
-                "client_assertion_type": ASSERTION_TYPE, "client_assertion": self.assertion(endpoint)}
+        form = {
+            "grant_type": "client_credentials",
+            "scope": self.scope,
+            "client_assertion_type": ASSERTION_TYPE,
+            "client_assertion": self.assertion(endpoint),
+        }
         body = await self._json("POST", endpoint, "SMART token request", data=form)
         value, kind = body.get("access_token"), body.get("token_type")
         if not isinstance(value, str) or not value or not isinstance(kind, str) or kind.lower() != "bearer":
@@ -214,8 +243,13 @@ class SmartBackendAuth(httpx.Auth):
             granted = self.scope
         self.granted_scope, self.missing_scopes = granted, missing_scopes(self.scope, granted)
         if self.missing_scopes:
-            log.warning("smart.scope_narrowed", client_id=self.client_id, token_endpoint=host,
-                        missing=self.missing_scopes, granted=granted)
+            log.warning(
+                "smart.scope_narrowed",
+                client_id=self.client_id,
+                token_endpoint=host,
+                missing=self.missing_scopes,
+                granted=granted,
+            )
         log.info("smart.token", client_id=self.client_id, token_endpoint=host, expires_in=expires_in)
         margin = min(self._margin, expires_in / 2)  # a very short-lived token is still used for a while
         return AccessToken(value=value, refresh_at=started + expires_in - margin, scope=granted)
@@ -223,24 +257,36 @@ class SmartBackendAuth(httpx.Auth):
     async def _json(self, method: str, url: str, what: str, **kwargs: Any) -> dict[str, Any]:
         host = urlsplit(url).netloc
         try:
-            reply = await fetch(self._http, self._http.build_request(method, url, **kwargs),
-                                max_bytes=self._max_bytes, deadline=self._timeout)
+            reply = await fetch(
+                self._http,
+                self._http.build_request(method, url, **kwargs),
+                max_bytes=self._max_bytes,
+                deadline=self._timeout,
+            )
         except httpx.HTTPError as exc:
             raise SmartAuthError(f"{self._prefix}{what} to {host} failed: {type(exc).__name__}") from exc
         except BodyTooLarge:
-            raise self._breach("max_response_size", f"{what} to {host}: the answer is larger than "
-                               f"{self._max_bytes} bytes (limits.max_response_size)") from None
+            raise self._breach(
+                "max_response_size",
+                f"{what} to {host}: the answer is larger than {self._max_bytes} bytes (limits.max_response_size)",
+            ) from None
         except TimeoutError:
-            raise self._breach("timeout", f"{what} to {host} did not complete within {self._timeout:g} s "
-                               "(timeout: connection, headers and the whole body)") from None
+            raise self._breach(
+                "timeout",
+                f"{what} to {host} did not complete within {self._timeout:g} s "
+                "(timeout: connection, headers and the whole body)",
+            ) from None
         try:
             body = json.loads(reply.content)
         except ValueError:
             body = None
         if reply.status_code != 200:
             code = body.get("error") if isinstance(body, dict) else None
-            oauth = f" {code}" if isinstance(code, str) and code.isascii() and len(code) <= 40 \
-                and code.replace("_", "").isalpha() else ""
+            oauth = (
+                f" {code}"
+                if isinstance(code, str) and code.isascii() and len(code) <= 40 and code.replace("_", "").isalpha()
+                else ""
+            )
             raise SmartAuthError(f"{self._prefix}{what} to {host} answered HTTP {reply.status_code}{oauth}")
         if not isinstance(body, dict):
             raise SmartAuthError(f"{self._prefix}{what} to {host}: the answer is not a JSON object")

@@ -46,14 +46,20 @@ def outcome(status: int, code: str, text: str | list[str], reason: str) -> JSONR
     metrics.refused("fhir-subscription", reason)
     log.warning("request.rejected", endpoint="fhir-subscription", status=status, reason=reason)
     texts = [t.encode("utf-8", "replace").decode() for t in ([text] if isinstance(text, str) else text)]
-    return JSONResponse({"resourceType": "OperationOutcome",
-                         "issue": [{"severity": "error", "code": code, "diagnostics": t} for t in texts]},
-                        status_code=status, media_type="application/fhir+json")
+    return JSONResponse(
+        {
+            "resourceType": "OperationOutcome",
+            "issue": [{"severity": "error", "code": code, "diagnostics": t} for t in texts],
+        },
+        status_code=status,
+        media_type="application/fhir+json",
+    )
 
 
 class SubscriptionHub:
-    def __init__(self, config: Config, planner: Planner, sources: dict[str, FhirPollSource], ledger: SqlLedger,
-                 clock: Clock) -> None:
+    def __init__(
+        self, config: Config, planner: Planner, sources: dict[str, FhirPollSource], ledger: SqlLedger, clock: Clock
+    ) -> None:
         self.config = config
         self.planner = planner
         self.sources = sources
@@ -62,8 +68,10 @@ class SubscriptionHub:
         self._resyncs: dict[str, asyncio.Task[Any]] = {}
 
     def routes(self) -> list[Route]:
-        return [Route("/fhir/{source}/notify", self.notify, methods=["POST"]),
-                Route("/fhir/{source}/notify/Appointment/{id}", self.put_appointment, methods=["PUT"])]
+        return [
+            Route("/fhir/{source}/notify", self.notify, methods=["POST"]),
+            Route("/fhir/{source}/notify/Appointment/{id}", self.put_appointment, methods=["PUT"]),
+        ]
 
     # -- receiving ------------------------------------------------------------------------------------
 
@@ -103,10 +111,15 @@ class SubscriptionHub:
             notification = parse_bundle(document, self.config.sources[name].base_url)
         except ResourceError as exc:
             return outcome(400, "structure", str(exc), "not a notification")
-        known = await asyncio.to_thread(self.ledger.heard, name, _relative(notification.subscription)[:300],
-                                        notification.events_since, notification.status, self.clock())
-        log.info("subscription.notification", source=name, kind=notification.kind,
-                 events=notification.events_since)
+        known = await asyncio.to_thread(
+            self.ledger.heard,
+            name,
+            _relative(notification.subscription)[:300],
+            notification.events_since,
+            notification.status,
+            self.clock(),
+        )
+        log.info("subscription.notification", source=name, kind=notification.kind, events=notification.events_since)
         if gap(known, notification):
             log.warning("subscription.gap", source=name, known=known, now=notification.events_since)
             self.resync(name, "missed subscription events")
@@ -135,8 +148,11 @@ class SubscriptionHub:
             resource = loads(body)
         except ValueError as exc:  # jsontext.BadJson: a fixed reason
             return outcome(400, "structure", str(exc), "not JSON")
-        if not isinstance(resource, dict) or resource.get("resourceType") != "Appointment" or \
-                str(resource.get("id")) != request.path_params["id"]:
+        if (
+            not isinstance(resource, dict)
+            or resource.get("resourceType") != "Appointment"
+            or str(resource.get("id")) != request.path_params["id"]
+        ):
             return outcome(400, "structure", "expected the Appointment named in the URL", "wrong resource")
         return await self._take(name, [resource])
 
@@ -147,16 +163,29 @@ class SubscriptionHub:
             committed = await self.planner.ingest(name, resources)
         except (OperationalError, InterfaceError, SQLAlchemyTimeout, OSError) as exc:
             log.error("subscription.not_recorded", source=name, problem=where(exc))
-            return outcome(503, "transient", "the notification could not be recorded now; send it again",
-                           "ledger unavailable")  # the EHR retries: nothing is lost
+            return outcome(
+                503, "transient", "the notification could not be recorded now; send it again", "ledger unavailable"
+            )  # the EHR retries: nothing is lost
         except Exception as exc:  # noqa: BLE001 - data that cannot be planned is the sender's, not a 500
-            log.error("subscription.unprocessable", source=name, resources=[fhir.describe(r) for r in resources][:5],
-                      problem=where(exc))
-            return outcome(422, "processing", "a resource in the notification could not be processed",
-                           "unprocessable resource")
+            log.error(
+                "subscription.unprocessable",
+                source=name,
+                resources=[fhir.describe(r) for r in resources][:5],
+                problem=where(exc),
+            )
+            return outcome(
+                422, "processing", "a resource in the notification could not be processed", "unprocessable resource"
+            )
         if committed.quarantined:
-            return outcome(422, "processing", [f"{q.resource_type}/{q.resource_id} v{q.version} not processed: "
-                                               f"{q.problem}" for q in committed.quarantined], "resource quarantined")
+            return outcome(
+                422,
+                "processing",
+                [
+                    f"{q.resource_type}/{q.resource_id} v{q.version} not processed: {q.problem}"
+                    for q in committed.quarantined
+                ],
+                "resource quarantined",
+            )
         return Response(status_code=200)
 
     def resync(self, name: str, reason: str) -> None:
@@ -176,8 +205,7 @@ class SubscriptionHub:
         for name, settings in self.config.sources.items():
             if not (settings.subscription.enabled and settings.subscription.kind == "backport"):
                 continue
-            for subscription, _events, _status, last_seen in await asyncio.to_thread(self.ledger.subscriptions,
-                                                                                     name):
+            for subscription, _events, _status, last_seen in await asyncio.to_thread(self.ledger.subscriptions, name):
                 if now - last_seen <= 2 * settings.subscription.heartbeat:
                     continue
                 status = await self._status(name, subscription)
@@ -189,10 +217,14 @@ class SubscriptionHub:
 
     async def _status(self, name: str, subscription: str) -> str | None:
         try:
-            answer = await self.sources[name].get_json(f"{_relative(subscription)}/$status", None,
-                                                        "Subscription $status")
-            bundle = answer if isinstance(answer, dict) and answer.get("resourceType") == "Bundle" else \
-                {"resourceType": "Bundle", "entry": [{"resource": answer}]}
+            answer = await self.sources[name].get_json(
+                f"{_relative(subscription)}/$status", None, "Subscription $status"
+            )
+            bundle = (
+                answer
+                if isinstance(answer, dict) and answer.get("resourceType") == "Bundle"
+                else {"resourceType": "Bundle", "entry": [{"resource": answer}]}
+            )
             return parse_bundle(bundle, self.config.sources[name].base_url).status
         except (SourceError, ResourceError):
             return None
@@ -218,11 +250,11 @@ class SubscriptionHub:
                 if current.get("status") not in ("active", "requested"):
                     await self.reactivate(name, subscription)
                 return subscription, str(current.get("status"))
-        created = await source.post("Subscription", subscription_resource(self.config.sources[name]),
-                                    "Subscription creation")
+        created = await source.post(
+            "Subscription", subscription_resource(self.config.sources[name]), "Subscription creation"
+        )
         reference = f"Subscription/{(created or {}).get('id')}"
-        await asyncio.to_thread(self.ledger.heard, name, reference, 0, str((created or {}).get("status")),
-                                self.clock())
+        await asyncio.to_thread(self.ledger.heard, name, reference, 0, str((created or {}).get("status")), self.clock())
         return reference, str((created or {}).get("status"))
 
 
@@ -237,21 +269,33 @@ def subscription_resource(settings: FhirPollSourceConfig) -> dict[str, Any]:
     sub = settings.subscription
     if sub.endpoint is None or sub.secret is None:
         raise SourceError("subscription.endpoint and subscription.secret are needed to create a Subscription")
-    channel: dict[str, Any] = {"type": "rest-hook", "endpoint": sub.endpoint,
-                               "header": [f"{sub.header}: {sub.secret.get_secret_value()}"]}
-    resource: dict[str, Any] = {"resourceType": "Subscription", "status": "requested",
-                                "reason": "Patient appointment emails (connector)"}
+    channel: dict[str, Any] = {
+        "type": "rest-hook",
+        "endpoint": sub.endpoint,
+        "header": [f"{sub.header}: {sub.secret.get_secret_value()}"],
+    }
+    resource: dict[str, Any] = {
+        "resourceType": "Subscription",
+        "status": "requested",
+        "reason": "Patient appointment emails (connector)",
+    }
     if sub.kind == "rest-hook":
         if sub.payload == "full-resource":
             channel["payload"] = "application/fhir+json"
         return {**resource, "criteria": sub.criteria, "channel": channel}
     if sub.topic is None:
         raise SourceError("subscription.topic (the SubscriptionTopic URL) is needed for a backport Subscription")
-    channel.update(payload="application/fhir+json",
-                   _payload={"extension": [{"url": BACKPORT + "backport-payload-content", "valueCode": sub.payload}]},
-                   extension=[{"url": BACKPORT + "backport-heartbeat-period",
-                               "valueUnsignedInt": int(sub.heartbeat.total_seconds())}])
-    return {**resource, "meta": {"profile": [BACKPORT + "backport-subscription"]}, "criteria": sub.topic,
-            "_criteria": {"extension": [{"url": BACKPORT + "backport-filter-criteria", "valueString": sub.criteria}]},
-            "channel": channel}
-
+    channel.update(
+        payload="application/fhir+json",
+        _payload={"extension": [{"url": BACKPORT + "backport-payload-content", "valueCode": sub.payload}]},
+        extension=[
+            {"url": BACKPORT + "backport-heartbeat-period", "valueUnsignedInt": int(sub.heartbeat.total_seconds())}
+        ],
+    )
+    return {
+        **resource,
+        "meta": {"profile": [BACKPORT + "backport-subscription"]},
+        "criteria": sub.topic,
+        "_criteria": {"extension": [{"url": BACKPORT + "backport-filter-criteria", "valueString": sub.criteria}]},
+        "channel": channel,
+    }

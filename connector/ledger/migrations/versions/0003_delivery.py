@@ -33,6 +33,12 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index("ix_notification_tracking", table_name="notification")
     with op.batch_alter_table("notification") as batch:
-        for column in ("alerted_at", "delivery_updated_at", "delivery_rank", "delivery_status", "resends",
-                       "first_attempt_at"):
+        for column in (
+            "alerted_at",
+            "delivery_updated_at",
+            "delivery_rank",
+            "delivery_status",
+            "resends",
+            "first_attempt_at",
+        ):
             batch.drop_column(column)

@@ -31,8 +31,9 @@ def upgrade() -> None:
         sa.Column("updated_at", UTCDateTime(), nullable=False),
     )
     problem = sa.text("problem IS NOT NULL")
-    op.create_index("ix_seen_version_problem", "seen_version", ["source"], postgresql_where=problem,
-                    sqlite_where=problem)
+    op.create_index(
+        "ix_seen_version_problem", "seen_version", ["source"], postgresql_where=problem, sqlite_where=problem
+    )
 
 
 def downgrade() -> None:
