@@ -13,6 +13,7 @@ subscription's event counter and POSTs an `event-notification` Bundle (payload `
 a timer. `GET Subscription/{id}/$status` answers a searchset Bundle holding a `query-status` Parameters,
 as the IG's OperationDefinition says.
 
+The state is seen through the `ServerState` protocol below (the store imports this module, never the reverse).
 `FhirState.put`/`delete` are synchronous and may run on any thread: they count events at once and queue
 the deliveries; the server's event loop sends them (adopted on each request), one subscription's in order,
 each once with a short timeout. Failures land in `FhirState.notification_failures`; nothing is retried.
@@ -21,21 +22,14 @@ Tests POST `/_test/flush` before their event loop ends, or in-flight deliveries 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 import json
 import uuid
-from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-import httpx
-
-if TYPE_CHECKING:
-    from connector.sandbox.fhir import FhirState
+from connector.sandbox.fhir_outbox import Delivery, Outbox, Outgoing
 
 Resource = dict[str, Any]
 FHIR_JSON = "application/fhir+json"
@@ -43,7 +37,24 @@ BACKPORT = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/"
 BACKPORT_PROFILE = BACKPORT + "backport-subscription"
 STATUS_PROFILE = BACKPORT + "backport-subscription-status-r4"
 CONTENTS = ("empty", "id-only", "full-resource")
-TIMEOUT = 2.0
+
+
+class ServerState(Protocol):
+    """What subscriptions need of the server's state (`fhir_store.FhirState`), declared here so that this
+    module does not import the store that holds it."""
+
+    base_url: str
+    subscription_error: bool
+    drop_notifications: int
+    notification_failures: list[dict[str, Any]]
+
+    def current(self, resource_type: str, resource_id: str) -> Resource | None: ...
+
+    def store(self, resource: Resource, when: datetime | None = None, method: str = "PUT") -> Resource: ...
+
+    def criteria_matches(self, criteria: str, resource: Resource) -> bool: ...
+
+    def check_criteria(self, criteria: str) -> None: ...
 
 
 class SubscriptionError(ValueError):
@@ -71,23 +82,6 @@ class Event:
     timestamp: str
     method: str
     resource: Resource
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    method: str
-    url: str
-    headers: dict[str, str]
-    body: bytes
-
-
-@dataclass
-class Delivery:
-    """A notification to send: `prepare` runs at send time (None = skip), `done` gets the error or None."""
-
-    key: str
-    prepare: Callable[[], Outgoing | None]
-    done: Callable[[Outgoing, str | None], None]
 
 
 def _now() -> str:
@@ -181,87 +175,6 @@ def notification_bundle(
     return {"resourceType": "Bundle", "id": str(uuid.uuid4()), "type": "history", "timestamp": _now(), "entry": entries}
 
 
-class Outbox:
-    """Sends deliveries from the server's event loop: queued from any thread, one key's in order."""
-
-    def __init__(self, timeout: float = TIMEOUT) -> None:
-        self.timeout = timeout
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.errors: list[BaseException] = []  # bugs in a delivery task, raised by flush()
-        self._queue: deque[Delivery] = deque()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._tails: dict[str, asyncio.Task[None]] = {}
-
-    def attach(self) -> None:
-        """Adopt the running loop (called on every request) and start what is queued."""
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:
-            self._loop, self._tails = loop, {}
-        self._start()
-
-    def send(self, delivery: Delivery) -> None:
-        """Queue a delivery (from any thread); a loop already adopted starts it at once."""
-        self._queue.append(delivery)
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # closed meanwhile: the next request's loop sends it
-                loop.call_soon_threadsafe(self._start)
-
-    def clear(self) -> None:
-        self._queue.clear()
-
-    async def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until everything queued (and what that queues) is sent; False on timeout."""
-        self.attach()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self.tasks or self._queue:
-            self._start()
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return False
-            if self.tasks:
-                await asyncio.wait(set(self.tasks), timeout=remaining)
-        if self.errors:
-            errors, self.errors = self.errors, []
-            raise RuntimeError(f"{len(errors)} notification task(s) failed") from errors[0]
-        return True
-
-    def _start(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._queue:
-            delivery = self._queue.popleft()
-            task = loop.create_task(self._deliver(delivery, self._tails.get(delivery.key)))
-            self._tails[delivery.key] = task
-            self.tasks.add(task)
-            task.add_done_callback(functools.partial(self._finished, delivery.key))
-
-    def _finished(self, key: str, task: asyncio.Task[None]) -> None:
-        self.tasks.discard(task)
-        if self._tails.get(key) is task:
-            del self._tails[key]
-        if not task.cancelled() and (error := task.exception()) is not None:
-            self.errors.append(error)
-
-    async def _deliver(self, delivery: Delivery, previous: asyncio.Task[None] | None) -> None:
-        if previous is not None:
-            await asyncio.wait({previous})
-        outgoing = delivery.prepare()
-        if outgoing is None:
-            return
-        error: str | None = None
-        try:
-            async with httpx.AsyncClient(timeout=self.timeout) as client:
-                response = await client.request(
-                    outgoing.method, outgoing.url, headers=outgoing.headers, content=outgoing.body
-                )
-            if not response.is_success:
-                error = f"HTTP {response.status_code}"
-        except (httpx.HTTPError, httpx.InvalidURL) as exc:
-            error = type(exc).__name__
-        delivery.done(outgoing, error)
-
-
 @dataclass
 class Subscriptions:
     """The server's side of subscriptions: channels by Subscription id, event counters, the outbox."""
@@ -270,7 +183,7 @@ class Subscriptions:
     events: dict[str, int] = field(default_factory=dict)
     outbox: Outbox = field(default_factory=Outbox)
 
-    def admit(self, state: FhirState, resource: Resource) -> Resource:
+    def admit(self, state: ServerState, resource: Resource) -> Resource:
         """Check a submitted Subscription and give it the server's status: `off` stays off; otherwise
         classic → `active`, Backport → `requested` (the handshake decides)."""
         channel = channel_of(resource)
@@ -284,7 +197,7 @@ class Subscriptions:
         admitted.pop("error", None)
         return admitted
 
-    def written(self, state: FhirState, stored: Resource, created: bool) -> None:
+    def written(self, state: ServerState, stored: Resource, created: bool) -> None:
         """After a version is written: register a Subscription, or notify about any other change."""
         if stored["resourceType"] != "Subscription":
             self._notify(state, stored, "POST" if created else "PUT", stored["meta"]["lastUpdated"])
@@ -302,14 +215,14 @@ class Subscriptions:
                 )
             )
 
-    def deleted(self, state: FhirState, last: Resource, timestamp: str) -> None:
+    def deleted(self, state: ServerState, last: Resource, timestamp: str) -> None:
         """After a delete: forget a Subscription, or notify Backport subscriptions about the deletion."""
         if last["resourceType"] == "Subscription":
             self.channels.pop(last["id"], None)
         else:
             self._notify(state, last, "DELETE", timestamp)
 
-    def heartbeat(self, state: FhirState) -> list[str]:
+    def heartbeat(self, state: ServerState) -> list[str]:
         """Queue a heartbeat for every active Backport subscription; their ids."""
         ids = [
             sid
@@ -326,7 +239,7 @@ class Subscriptions:
             )
         return ids
 
-    def status_bundle(self, state: FhirState, ids: list[str]) -> Resource:
+    def status_bundle(self, state: ServerState, ids: list[str]) -> Resource:
         """The $status answer: a searchset Bundle of `query-status` Parameters, one per known id."""
         entries = [
             {
@@ -357,14 +270,14 @@ class Subscriptions:
         self.events.clear()
         self.outbox.clear()
 
-    def _status(self, state: FhirState, subscription_id: str) -> str | None:
+    def _status(self, state: ServerState, subscription_id: str) -> str | None:
         current = state.current("Subscription", subscription_id)
         return None if current is None else str(current.get("status"))
 
-    def _reported(self, state: FhirState, subscription_id: str) -> str:
+    def _reported(self, state: ServerState, subscription_id: str) -> str:
         return "error" if state.subscription_error else self._status(state, subscription_id) or "off"
 
-    def _notify(self, state: FhirState, resource: Resource, method: str, timestamp: str) -> None:
+    def _notify(self, state: ServerState, resource: Resource, method: str, timestamp: str) -> None:
         for sid, channel in list(self.channels.items()):
             if self._status(state, sid) in (None, "off") or (method == "DELETE" and not channel.backport):
                 continue
@@ -383,7 +296,7 @@ class Subscriptions:
                 )
             )
 
-    def _event(self, state: FhirState, subscription_id: str, event: Event) -> Outgoing | None:
+    def _event(self, state: ServerState, subscription_id: str, event: Event) -> Outgoing | None:
         channel = self.channels.get(subscription_id)
         if channel is None or self._status(state, subscription_id) != "active":
             return None
@@ -407,7 +320,7 @@ class Subscriptions:
         bundle = notification_bundle(state.base_url, subscription_id, channel, status, event)
         return Outgoing("POST", channel.endpoint, {"Content-Type": FHIR_JSON, **headers}, json.dumps(bundle).encode())
 
-    def _signal(self, state: FhirState, subscription_id: str, kind: str) -> Outgoing | None:
+    def _signal(self, state: ServerState, subscription_id: str, kind: str) -> Outgoing | None:
         """A handshake or heartbeat: the status entry only, the event counter unchanged."""
         channel, status = self.channels.get(subscription_id), self._status(state, subscription_id)
         if channel is None or status != ("requested" if kind == "handshake" else "active"):
@@ -422,14 +335,14 @@ class Subscriptions:
         )
 
     def _delivered(
-        self, state: FhirState, subscription_id: str, kind: str, outgoing: Outgoing, error: str | None
+        self, state: ServerState, subscription_id: str, kind: str, outgoing: Outgoing, error: str | None
     ) -> None:
         if error is not None:
             state.notification_failures.append(
                 {"subscription": subscription_id, "type": kind, "url": outgoing.url, "error": error, "at": _now()}
             )
 
-    def _handshake_done(self, state: FhirState, subscription_id: str, outgoing: Outgoing, error: str | None) -> None:
+    def _handshake_done(self, state: ServerState, subscription_id: str, outgoing: Outgoing, error: str | None) -> None:
         self._delivered(state, subscription_id, "handshake", outgoing, error)
         current = state.current("Subscription", subscription_id)
         if current is None or current.get("status") != "requested":
