@@ -46,7 +46,8 @@ def paubox(
     """Serve a Paubox-compatible Email API on http://HOST:PORT/v1/<username> (and /v1/email, /v1)."""
     if ctx.invoked_subcommand is not None:
         return
-    from connector.sandbox.paubox import Chaos, SandboxState, create_app
+    from connector.sandbox.paubox import SandboxState, create_app
+    from connector.sandbox.paubox_faults import Chaos
 
     chaos_state = Chaos()
     for item in (chaos or "").split(","):
@@ -117,7 +118,7 @@ def fhir(
     data: Annotated[list[Path], typer.Option(help="Extra JSON resources or Bundles to load.")] = [],  # noqa: B006
     sample_data: Annotated[bool, typer.Option(help="Load the HL7 examples and generated demo appointments.")] = True,
 ) -> None:
-    """Serve a FHIR R4 test server (search, _include, paging, versions) with sample data."""
+    """Serve a FHIR R4 test server (search, _include, paging, versions, writes) with sample data."""
     from connector.sandbox.fhir import FhirState, create_app
     from connector.sandbox.sample_data import demo_resources
 
