@@ -1,7 +1,7 @@
 """A local FHIR R4 test server that versions, searches, pages, keeps history, writes and notifies like a real one.
 
 Search `GET [base]/{type}?…`: `_id`, `_count`, `_lastUpdated` (ge/gt/le/lt/eq, repeatable), `_sort=
-[-]_lastUpdated`, `_include=Appointment:patient`, and per type (see `fhir_params.SEARCH`): on Appointment
+[-]_lastUpdated`, `_include=Appointment:patient`, and per type (see `fhir_search.SEARCH`): on Appointment
 `date` (on `start`, prefixed and repeatable to form a range), `patient`, `practitioner`, `location`
 (participant actors; comma lists), `status`, `identifier`; on AppointmentResponse `appointment`, `actor`,
 `patient`, `part-status`, `identifier`; on Communication `about`, `subject`, `patient`, `recipient`,
@@ -42,10 +42,11 @@ Test controls (not FHIR):
     POST /_test/flush      wait until every queued notification has been sent (or failed)
     POST /_test/heartbeat  send a heartbeat to every active Backport subscription
 
-Modules by role: `fhir_store` (the state: versions, history, locks, accessors), `fhir_params` and
-`fhir_search` (pure search), `fhir_pages` (Bundles, paging, CapabilityStatement), `fhir_writes`,
-`fhir_scopes`, `fhir_app` (routes), `fhir_subscriptions` with `fhir_outbox`, `fhir_hostile`. This module
-is their front door: `FhirState`, `create_app` and `instant` are imported from here.
+Modules by role: `fhir_store` (the state: versions, history, the lock, accessors for tests),
+`fhir_search` (pure: parameters and vendor rules), `fhir_pages` (Bundles, paging, CapabilityStatement),
+`fhir_responses`, `fhir_writes`, `fhir_scopes` (pure), `fhir_app` (routes), `fhir_subscriptions` with
+`fhir_outbox`, `fhir_hostile`. This module is their front door: `FhirState`, `create_app` and `instant`
+are imported from here.
 """
 
 from __future__ import annotations

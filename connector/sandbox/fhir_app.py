@@ -18,20 +18,10 @@ from starlette.routing import Route
 from connector.fhir import parse_instant
 from connector.sandbox import fhir_writes
 from connector.sandbox.fhir_hostile import Hostility
-from connector.sandbox.fhir_pages import (
-    FHIR_JSON,
-    FhirJson,
-    capability,
-    history_snapshot,
-    injected,
-    outcome,
-    page,
-    search_snapshot,
-    version_headers,
-)
-from connector.sandbox.fhir_params import QueryError
+from connector.sandbox.fhir_pages import capability, history_snapshot, page, search_snapshot
+from connector.sandbox.fhir_responses import FHIR_JSON, FhirJson, injected, outcome, version_headers
 from connector.sandbox.fhir_scopes import grants, needed
-from connector.sandbox.fhir_search import MODES, Mode, Pairs, build_query, searchable
+from connector.sandbox.fhir_search import MODES, Mode, Pairs, QueryError, build_query, searchable
 from connector.sandbox.fhir_store import FhirState, WriteFault
 
 INSTANCE = {"GET": "read", "PUT": "update", "DELETE": "delete"}

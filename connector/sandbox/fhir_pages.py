@@ -1,5 +1,5 @@
-"""What the FHIR test server answers with: OperationOutcomes, search and history Bundles served page by page
-from snapshots (with the page faults and hostile pages of the fault profile), and its CapabilityStatement."""
+"""The FHIR test server's Bundles and CapabilityStatement: search and history results frozen in snapshots and
+served page by page, with the page faults and hostile pages of the fault profile."""
 
 from __future__ import annotations
 
@@ -7,55 +7,27 @@ import copy
 import json
 import uuid
 from datetime import UTC, datetime
-from email.utils import format_datetime
 from typing import Any
 from urllib.parse import urlencode
 
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from connector.fhir import reference_id
-from connector.sandbox.fhir_params import SEARCH, actors
-from connector.sandbox.fhir_search import CONDITIONS, Pairs, Query, honoured, parameter_type, searchable, sort_matches
+from connector.sandbox.fhir_responses import FHIR_JSON, FhirJson, outcome
+from connector.sandbox.fhir_search import (
+    CONDITIONS,
+    SEARCH,
+    Pairs,
+    Query,
+    actors,
+    honoured,
+    parameter_type,
+    searchable,
+    sort_matches,
+)
 from connector.sandbox.fhir_store import Change, FhirState, Snapshot, instant
 
-FHIR_JSON = "application/fhir+json"
 Resource = dict[str, Any]
-
-
-class FhirJson(JSONResponse):
-    """JSON as many servers write it, every non-ASCII character escaped (`\\u00e9`): a lone surrogate that a
-    test planted in a resource goes out as the escape `\\ud800`, which a client's parser reads back as it."""
-
-    media_type = FHIR_JSON
-
-    def render(self, content: Any) -> bytes:
-        return json.dumps(content, separators=(",", ":")).encode("ascii")
-
-
-def outcome(status: int, code: str, text: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(
-        {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": code, "diagnostics": text}]},
-        status_code=status,
-        media_type=FHIR_JSON,
-        headers=headers,
-    )
-
-
-def injected(status: int) -> JSONResponse:
-    code = {429: "throttled", 500: "exception"}.get(status, "transient")
-    retry = {"Retry-After": "1"} if status in (429, 503) else None
-    return outcome(status, code, "injected failure", retry)
-
-
-def version_headers(resource: Resource, base: str) -> dict[str, str]:
-    """ETag, Last-Modified and Location (`[base]/[type]/[id]/_history/[vid]`) of a stored version."""
-    meta = resource["meta"]
-    modified = datetime.fromisoformat(meta["lastUpdated"].replace("Z", "+00:00"))
-    return {
-        "ETag": f'W/"{meta["versionId"]}"',
-        "Last-Modified": format_datetime(modified.astimezone(UTC), usegmt=True),
-        "Location": f"{base}/{resource['resourceType']}/{resource['id']}/_history/{meta['versionId']}",
-    }
 
 
 def history_entry(change: Change, base: str) -> Resource:

@@ -22,8 +22,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from connector.sandbox.fhir_hostile import Hostility
-from connector.sandbox.fhir_params import QueryError
-from connector.sandbox.fhir_search import Mode, Query, build_query, searchable
+from connector.sandbox.fhir_search import Mode, Query, QueryError, build_query, searchable
 from connector.sandbox.fhir_subscriptions import Subscriptions
 
 Resource = dict[str, Any]

@@ -13,11 +13,11 @@ subscription's event counter and POSTs an `event-notification` Bundle (payload `
 a timer. `GET Subscription/{id}/$status` answers a searchset Bundle holding a `query-status` Parameters,
 as the IG's OperationDefinition says.
 
-The state is seen through the `ServerState` protocol below (the store imports this module, never the reverse).
-`FhirState.put`/`delete` are synchronous and may run on any thread: they count events at once and queue
-the deliveries; the server's event loop sends them (adopted on each request), one subscription's in order,
-each once with a short timeout. Failures land in `FhirState.notification_failures`; nothing is retried.
-Tests POST `/_test/flush` before their event loop ends, or in-flight deliveries are cancelled with it.
+The state is seen through the `ServerState` protocol below (the store imports this module, never the
+reverse). `FhirState.put`/`delete` are synchronous and may run on any thread: they count events at once and
+queue the deliveries; the server's event loop sends them (`fhir_outbox`, adopted on each request), one
+subscription's in order, each once with a short timeout. Failures land in
+`FhirState.notification_failures`; nothing is retried. Tests POST `/_test/flush` before their event loop ends, or in-flight deliveries are cancelled with it.
 """
 
 from __future__ import annotations

@@ -31,9 +31,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from connector.fhir import FHIR_ID
-from connector.sandbox.fhir_pages import FHIR_JSON, FhirJson, injected, outcome, version_headers
-from connector.sandbox.fhir_params import QueryError
-from connector.sandbox.fhir_search import Query, condition
+from connector.sandbox.fhir_responses import FHIR_JSON, FhirJson, injected, outcome, version_headers
+from connector.sandbox.fhir_search import Query, QueryError, condition
 from connector.sandbox.fhir_store import FhirState, PreconditionFailed, WriteFault, WriteRecord
 from connector.sandbox.fhir_subscriptions import SubscriptionError
 
