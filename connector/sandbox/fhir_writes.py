@@ -94,7 +94,7 @@ def problems(resource: Resource) -> list[str]:
 
 
 async def body_of(request: Request, resource_type: str) -> Resource:
-    """The request's resource, of the URL's type and valid, or Refused."""
+    """The request's resource (of the URL's type, not yet validated), or Refused."""
     if _model(resource_type) is None:
         raise Refused(404, "not-supported", f"{resource_type} is not a FHIR R4 resource type")
     try:
