@@ -17,7 +17,8 @@ The state is seen through the `ServerState` protocol below (the store imports th
 reverse). `FhirState.put`/`delete` are synchronous and may run on any thread: they count events at once and
 queue the deliveries; the server's event loop sends them (`fhir_outbox`, adopted on each request), one
 subscription's in order, each once with a short timeout. Failures land in
-`FhirState.notification_failures`; nothing is retried. Tests POST `/_test/flush` before their event loop ends, or in-flight deliveries are cancelled with it.
+`FhirState.notification_failures`; nothing is retried. Tests POST `/_test/flush` before their event loop
+ends, or in-flight deliveries are cancelled with it.
 """
 
 from __future__ import annotations
