@@ -1,12 +1,12 @@
 """What runs in the benchmark's worker processes, one process per measurement (clean CPU and RSS figures).
 
-    python bench/workers.py pipeline SPEC_JSON   one run_once over everything on the FHIR server
-    python bench/workers.py resync   SPEC_JSON   a first poll of everything, then a bounded slice of dispatch
-    python bench/workers.py latency  SPEC_JSON   run_once every `interval` while appointments arrive
-    python bench/workers.py naive    SPEC_JSON   one POST /messages at a time, synchronously
+    python -m bench.workers pipeline SPEC_JSON   one run_once over everything on the FHIR server
+    python -m bench.workers resync   SPEC_JSON   a first poll of everything, then a bounded slice of dispatch
+    python -m bench.workers latency  SPEC_JSON   run_once every `interval` while appointments arrive
+    python -m bench.workers naive    SPEC_JSON   one POST /messages at a time, synchronously
 
 Each prints one JSON line of results on stdout (the latency worker first prints "ready"). The connector's
-logs (product default: info, console) go to stderr, which bench.py sends to a file.
+logs (product default: info, console) go to stderr, which the benchmark sends to a file.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import json
 import os
 import pstats
 import resource
-import shutil
 import sys
 import threading
 import time
@@ -29,7 +28,7 @@ from typing import Any
 
 import httpx
 
-from connector import logs
+from connector import logs, testing
 from connector.config import load_config
 from connector.daemon import run_once
 from connector.delivery import Outcome, Verdict
@@ -37,8 +36,6 @@ from connector.delivery.paubox import build_payload
 from connector.models import Email, State
 from connector.runtime import Runtime
 
-ROOT = Path(__file__).resolve().parent.parent
-API_KEY = "bench-sandbox-key"  # the sandbox's made-up key (servers.py)
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -80,46 +77,34 @@ def ledger_thread_cpu() -> float:
 # -- the connector, configured for a run -------------------------------------------------------------
 
 
-def copy_mappings(folder: Path) -> Path:
-    """Only the shipped appointment-booked mapping and the layouts it extends."""
-    target = folder / "mappings"
-    target.mkdir(parents=True, exist_ok=True)
-    for pattern in ("appointment-booked.*", "_layout*.html"):
-        for path in (ROOT / "mappings").glob(pattern):
-            shutil.copy(path, target / path.name)
-    return target
-
-
 def write_config(spec: dict[str, Any]) -> Path:
+    """The config of one run: the bench's dispatch settings, only the appointment-booked mapping, a SQLite
+    ledger, the source's poll settings; no retry or opt-out settings beyond the product's defaults."""
     folder = Path(spec["workdir"])
     folder.mkdir(parents=True, exist_ok=True)
-    mappings = copy_mappings(folder)
     dispatch = spec["dispatch"]
-    path = folder / "config.yaml"
-    path.write_text(f"""\
-sources:
-  ehr:
-    base_url: {spec["fhir"]}
-    start_from: 2000-01-01T00:00:00Z
-    page_size: {spec["page_size"]}
-    interval: {spec.get("source_interval", "60s")}
-    overlap: {spec.get("overlap", "5m")}
-    sweep: {spec.get("sweep", "1m")}
-    timezone: America/New_York
-mappings: {mappings}
-ledger:
-  url: sqlite:///{spec["ledger"]}
-delivery:
-  from: "Example Clinic <appointments@clinic.example.org>"
-  paubox:
-    base_url: {spec["paubox"]}/v1/clinic
-    api_key: ${{PAUBOX_API_KEY}}
-dispatch:
-  concurrency: {dispatch["concurrency"]}
-  batch_size: {dispatch["batch_size"]}
-  bulk: {dispatch["bulk"]}
-""")
-    return path
+    return testing.write_config(
+        folder,
+        spec["fhir"],
+        spec["paubox"],
+        ledger_url=testing.sqlite_url(Path(spec["ledger"])),
+        mappings=("appointment-booked",),
+        optout=False,
+        source={
+            "page_size": spec["page_size"],
+            "interval": spec.get("source_interval", "60s"),
+            "overlap": spec.get("overlap", "5m"),
+            "sweep": spec.get("sweep", "1m"),
+            "retries": None,
+        },
+        dispatch={
+            "interval": None,
+            "retry_backoff": None,
+            "concurrency": dispatch["concurrency"],
+            "batch_size": dispatch["batch_size"],
+            "bulk": dispatch["bulk"],
+        },
+    )
 
 
 class InstantMailer:
@@ -139,7 +124,7 @@ class InstantMailer:
 
 
 def open_runtime(spec: dict[str, Any]) -> Runtime:
-    os.environ["PAUBOX_API_KEY"] = API_KEY
+    os.environ["PAUBOX_API_KEY"] = testing.API_KEY
     logs.configure("info", "console")  # the product default, on stderr
     config = load_config(write_config(spec))
     return Runtime.open(config, now, mailer=InstantMailer() if spec.get("instant") else None)
@@ -283,9 +268,9 @@ def naive(spec: dict[str, Any]) -> dict[str, Any]:
         )
         for i, m in zip(range(spec["count"]), itertools.cycle(samples), strict=False)
     ]
-    headers = {"Authorization": f"Token token={API_KEY}", "Accept": "application/json"}
+    headers = {"Authorization": f"Token token={testing.API_KEY}", "Accept": "application/json"}
     accepted = 0
-    with httpx.Client(base_url=spec["paubox"] + "/v1/clinic/", headers=headers, timeout=30) as client:
+    with httpx.Client(base_url=f"{spec['paubox']}/v1/{testing.USERNAME}/", headers=headers, timeout=30) as client:
         t0 = time.perf_counter()
         for email in emails:
             response = client.post("messages", json=build_payload(email))

@@ -4,7 +4,7 @@ world from. Nothing in the product imports it.
     servers     the FHIR test server and the Paubox sandbox (any ASGI app) served by uvicorn on 127.0.0.1
                 in a thread, for a `with` block; free ports
     configs     config files for those servers: `write_config`, copies of the shipped mappings
-    databases   PostgreSQL private schemas (URL with `search_path`), SQLite URLs, migrated ledger engines
+    databases   PostgreSQL private schemas (URL with `search_path`), SQLite URLs, the ledger's engine, migrated or not
     processes   `connector run` daemons and other children: start, wait for /livez, SIGTERM, SIGKILL,
                 restart, their logs; the CLI run to its end
     resources   fictional Patients and Appointments
@@ -28,6 +28,7 @@ from connector.testing.databases import (
     PG_URL,
     create_schema,
     drop_schema,
+    ledger_engine,
     migrated_engine,
     pg_schema,
     schema_url,
@@ -67,6 +68,7 @@ __all__ = [
     "environment",
     "free_port",
     "instant",
+    "ledger_engine",
     "migrated_engine",
     "patient",
     "pg_schema",

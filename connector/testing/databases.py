@@ -79,3 +79,9 @@ def migrated_engine(url: str) -> Iterator[Engine]:
         yield engine
     finally:
         engine.dispose()
+
+
+def ledger_engine(url: str) -> Engine:
+    """The ledger's own engine on `url` (SQLite with its pragmas), as the daemon opens it; not migrated. The
+    caller disposes of it."""
+    return make_engine(url)
