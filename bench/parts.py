@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from bench.rig import Rig, describe_dispatch, pipeline_run, sandbox
+from bench.rig import Rig, describe_dispatch, naive_auth, pipeline_run, sandbox
 from bench.servers import bench_appointment
 from bench.table import Report, log, median, mount_of, percentile
 from connector.testing import HarnessError
@@ -58,7 +58,7 @@ def throughput(rig: Rig, sizes: Sizes, args: argparse.Namespace, report: Report)
 
     naive = rig.procs.worker(
         "naive",
-        {"paubox": rig.paubox, "samples": str(rig.root / "samples.json"), "count": sizes.naive},
+        {"paubox": rig.paubox, "samples": str(rig.root / "samples.json"), "count": sizes.naive, **naive_auth()},
         timeout=60 + sizes.naive,
         name="naive",
     )

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 
 from bench.table import log
-from connector.testing import HarnessError, Process
+from connector.testing import API_KEY, USERNAME, HarnessError, Process, sqlite_url, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -99,15 +99,52 @@ class Rig:
         self.runs += 1
         work = self.root / f"run{self.runs}"
         ledger_dir.mkdir(parents=True, exist_ok=True)
-        return {
+        spec = {
             "workdir": str(work),
             "fhir": fhir,
             "paubox": self.paubox,
             "page_size": self.page_size,
             "ledger": str(ledger_dir / f"ledger{self.runs}.db"),
             "dispatch": dispatch,
+            "api_key": API_KEY,
             **extra,
         }
+        return {**spec, "config": str(run_config(spec))}
+
+
+def run_config(spec: dict[str, Any]) -> Path:
+    """The config of one run: the bench's dispatch settings, only the appointment-booked mapping, a SQLite
+    ledger, the source's poll settings; no retry or opt-out settings beyond the product's defaults."""
+    folder = Path(spec["workdir"])
+    folder.mkdir(parents=True, exist_ok=True)
+    dispatch = spec["dispatch"]
+    return write_config(
+        folder,
+        spec["fhir"],
+        spec["paubox"],
+        ledger_url=sqlite_url(Path(spec["ledger"])),
+        mappings=("appointment-booked",),
+        optout=False,
+        source={
+            "page_size": spec["page_size"],
+            "interval": spec.get("source_interval", "60s"),
+            "overlap": spec.get("overlap", "5m"),
+            "sweep": spec.get("sweep", "1m"),
+            "retries": None,
+        },
+        dispatch={
+            "interval": None,
+            "retry_backoff": None,
+            "concurrency": dispatch["concurrency"],
+            "batch_size": dispatch["batch_size"],
+            "bulk": dispatch["bulk"],
+        },
+    )
+
+
+def naive_auth() -> dict[str, str]:
+    """What the naive loop needs to post to the sandbox: its key and API username."""
+    return {"api_key": API_KEY, "username": USERNAME}
 
 
 def pipeline_run(
