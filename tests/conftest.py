@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -18,22 +19,19 @@ from connector.sandbox.paubox import SandboxState
 from connector.testing import (
     API_KEY,
     OPTOUT_KEY,
-    PG_URL,
     HarnessError,
     Server,
-    create_schema,
-    drop_schema,
     free_port,
     migrated_engine,
+    pg_schema,
     sandbox_state,
-    schema_url,
     serve_fhir,
     serve_paubox,
     sqlite_url,
     write_config,
 )
 
-__all__ = ["API_KEY", "BASIC", "OPTOUT_KEY", "OPTOUT_KEYS", "PG_URL", "ROOT", "Server", "free_port", "write_config"]
+__all__ = ["API_KEY", "BASIC", "OPTOUT_KEY", "OPTOUT_KEYS", "ROOT", "Server", "free_port", "write_config"]
 
 ROOT = Path(__file__).resolve().parent.parent
 OPTOUT_KEYS = OptOutKeys({"t1": base64.b64decode(OPTOUT_KEY)}, "t1")
@@ -65,12 +63,12 @@ def paubox_server(paubox_state: SandboxState) -> Iterator[Server]:
 @pytest.fixture
 def pg_schema_url() -> Iterator[str]:
     """A private, empty schema in the `test` database for one test; dropped afterwards."""
-    try:
-        schema = create_schema()
-    except HarnessError as exc:
-        pytest.fail(f"PostgreSQL is required for the ledger tests: {exc}")
-    yield schema_url(PG_URL, schema)
-    drop_schema(schema)
+    with ExitStack() as stack:
+        try:
+            url = stack.enter_context(pg_schema())
+        except HarnessError as exc:
+            pytest.fail(f"PostgreSQL is required for the ledger tests: {exc}")
+        yield url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
