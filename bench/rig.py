@@ -29,8 +29,9 @@ class Processes:
 
     def start(self, module: str, *args: str, log_name: str, name: str) -> Process:
         """`python -m MODULE ARGS` from the checkout, its stdout a pipe and its stderr in `log_name`."""
-        process = Process([PY, "-m", module, *args], self.folder / log_name, cwd=ROOT, name=name, pipe_stdout=True)
-        process.grace = 15
+        # The benchmark's own session, as before the harness: how the CPU is shared under load stays the same.
+        argv, log_path = [PY, "-m", module, *args], self.folder / log_name
+        process = Process(argv, log_path, cwd=ROOT, name=name, pipe_stdout=True, grace=15, new_session=False)
         self.running.append(process.start())
         return process
 

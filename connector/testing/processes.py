@@ -37,10 +37,11 @@ def connector_argv(*args: str) -> list[str]:
 class Process:
     """A child process whose stdout and stderr go to `log_path` (stdout to a pipe instead with `pipe_stdout`).
 
+    `with Process(...) as child:` starts it and stops it at the end (SIGTERM, then SIGKILL after `grace`
+    seconds); `start` may be called again after it ended (a restart), adding a marked section to the same log.
     It runs in a session of its own, so that a Ctrl-C in a terminal reaches only its parent, which then stops
-    it in order. `with Process(...) as child:` starts it and stops it at the end (SIGTERM, then SIGKILL after
-    `grace` seconds); `start` may be called again after it ended (a restart), adding a marked section to the
-    same log."""
+    it in order; `new_session=False` keeps it in its parent's (Linux's autogroup scheduling shares the CPU
+    between sessions as between programs, which matters to a benchmark on a busy machine)."""
 
     def __init__(
         self,
@@ -52,6 +53,7 @@ class Process:
         name: str | None = None,
         pipe_stdout: bool = False,
         grace: float = 30,
+        new_session: bool = True,
     ) -> None:
         self.argv = [str(part) for part in argv]
         self.log_path = log_path
@@ -60,6 +62,7 @@ class Process:
         self.name = name or Path(self.argv[0]).name
         self.pipe_stdout = pipe_stdout
         self.grace = grace
+        self.new_session = new_session
         self.popen: subprocess.Popen[str] | None = None
         self._log: IO[bytes] | None = None
         self._terminated = False
@@ -81,7 +84,7 @@ class Process:
             stdout=subprocess.PIPE if self.pipe_stdout else self._log,
             stderr=self._log if self.pipe_stdout else subprocess.STDOUT,
             text=True,
-            start_new_session=True,
+            start_new_session=self.new_session,
         )
         return self
 
