@@ -29,15 +29,16 @@ def free_port() -> int:
 
 class Server:
     """An ASGI app served by uvicorn on 127.0.0.1 in a daemon thread: `with Server(app) as server:` waits until
-    it accepts connections (`server.url`), and the end of the block stops it."""
+    it accepts connections (`server.url`), and the end of the block stops it. `options` go to uvicorn's
+    Config (`ssl_keyfile` and `ssl_certfile` serve https)."""
 
-    def __init__(self, app: Any, port: int | None = None, *, start_timeout: float = 10) -> None:
+    def __init__(self, app: Any, port: int | None = None, *, start_timeout: float = 10, **options: Any) -> None:
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        scheme = "https" if options.get("ssl_certfile") else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
         self._start_timeout = start_timeout
-        self._server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error", access_log=False, lifespan="off")
-        )
+        settings: dict[str, Any] = {"log_level": "error", "access_log": False, "lifespan": "off", **options}
+        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, **settings))
         self._thread = threading.Thread(target=self._server.run, name=f"uvicorn-{self.port}", daemon=True)
 
     def __enter__(self) -> Server:
