@@ -1,12 +1,14 @@
 """What runs in the benchmark's worker processes, one process per measurement (clean CPU and RSS figures).
 
-    python bench/workers.py pipeline SPEC_JSON   one run_once over everything on the FHIR server
-    python bench/workers.py resync   SPEC_JSON   a first poll of everything, then a bounded slice of dispatch
-    python bench/workers.py latency  SPEC_JSON   run_once every `interval` while appointments arrive
-    python bench/workers.py naive    SPEC_JSON   one POST /messages at a time, synchronously
+    python -m bench.workers pipeline SPEC_JSON   one run_once over everything on the FHIR server
+    python -m bench.workers resync   SPEC_JSON   a first poll of everything, then a bounded slice of dispatch
+    python -m bench.workers latency  SPEC_JSON   run_once every `interval` while appointments arrive
+    python -m bench.workers naive    SPEC_JSON   one POST /messages at a time, synchronously
 
 Each prints one JSON line of results on stdout (the latency worker first prints "ready"). The connector's
-logs (product default: info, console) go to stderr, which bench.py sends to a file.
+logs (product default: info, console) go to stderr, which the benchmark sends to a file. The worker reads
+the config the benchmark wrote (bench/rig.py) and imports only the connector's public API, not the test
+harness: its memory figures are the connector's.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import json
 import os
 import pstats
 import resource
-import shutil
 import sys
 import threading
 import time
@@ -37,8 +38,6 @@ from connector.delivery.paubox import build_payload
 from connector.models import Email, State
 from connector.runtime import Runtime
 
-ROOT = Path(__file__).resolve().parent.parent
-API_KEY = "bench-sandbox-key"  # the sandbox's made-up key (servers.py)
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -77,49 +76,7 @@ def ledger_thread_cpu() -> float:
     return sum(thread_cpu(t.native_id) for t in threading.enumerate() if t.name.startswith("asyncio_"))
 
 
-# -- the connector, configured for a run -------------------------------------------------------------
-
-
-def copy_mappings(folder: Path) -> Path:
-    """Only the shipped appointment-booked mapping and the layouts it extends."""
-    target = folder / "mappings"
-    target.mkdir(parents=True, exist_ok=True)
-    for pattern in ("appointment-booked.*", "_layout*.html"):
-        for path in (ROOT / "mappings").glob(pattern):
-            shutil.copy(path, target / path.name)
-    return target
-
-
-def write_config(spec: dict[str, Any]) -> Path:
-    folder = Path(spec["workdir"])
-    folder.mkdir(parents=True, exist_ok=True)
-    mappings = copy_mappings(folder)
-    dispatch = spec["dispatch"]
-    path = folder / "config.yaml"
-    path.write_text(f"""\
-sources:
-  ehr:
-    base_url: {spec["fhir"]}
-    start_from: 2000-01-01T00:00:00Z
-    page_size: {spec["page_size"]}
-    interval: {spec.get("source_interval", "60s")}
-    overlap: {spec.get("overlap", "5m")}
-    sweep: {spec.get("sweep", "1m")}
-    timezone: America/New_York
-mappings: {mappings}
-ledger:
-  url: sqlite:///{spec["ledger"]}
-delivery:
-  from: "Example Clinic <appointments@clinic.example.org>"
-  paubox:
-    base_url: {spec["paubox"]}/v1/clinic
-    api_key: ${{PAUBOX_API_KEY}}
-dispatch:
-  concurrency: {dispatch["concurrency"]}
-  batch_size: {dispatch["batch_size"]}
-  bulk: {dispatch["bulk"]}
-""")
-    return path
+# -- the connector, configured for a run (bench/rig.py wrote its config) -----------------------
 
 
 class InstantMailer:
@@ -139,9 +96,9 @@ class InstantMailer:
 
 
 def open_runtime(spec: dict[str, Any]) -> Runtime:
-    os.environ["PAUBOX_API_KEY"] = API_KEY
+    os.environ["PAUBOX_API_KEY"] = spec["api_key"]
     logs.configure("info", "console")  # the product default, on stderr
-    config = load_config(write_config(spec))
+    config = load_config(Path(spec["config"]))
     return Runtime.open(config, now, mailer=InstantMailer() if spec.get("instant") else None)
 
 
@@ -283,9 +240,9 @@ def naive(spec: dict[str, Any]) -> dict[str, Any]:
         )
         for i, m in zip(range(spec["count"]), itertools.cycle(samples), strict=False)
     ]
-    headers = {"Authorization": f"Token token={API_KEY}", "Accept": "application/json"}
+    headers = {"Authorization": f"Token token={spec['api_key']}", "Accept": "application/json"}
     accepted = 0
-    with httpx.Client(base_url=spec["paubox"] + "/v1/clinic/", headers=headers, timeout=30) as client:
+    with httpx.Client(base_url=f"{spec['paubox']}/v1/{spec['username']}/", headers=headers, timeout=30) as client:
         t0 = time.perf_counter()
         for email in emails:
             response = client.post("messages", json=build_payload(email))

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+from connector.testing import appointment, patient
+
+__all__ = ["MARKER_NAMES", "appointment", "hl7", "marker_patients", "patient"]
 
 FIXTURES = Path(__file__).with_name("fixtures")
 
@@ -14,32 +17,6 @@ MARKER_NAMES = ["Zebulon", "Quixotica", "Marmaduke", "Ottoline"]
 
 def hl7(name: str) -> dict[str, Any]:
     return json.loads((FIXTURES / f"{name}.json").read_text())
-
-
-def patient(pid: str, given: str, family: str = "Testperson", email: str | None = None, **extra: Any) -> dict[str, Any]:
-    resource: dict[str, Any] = {
-        "resourceType": "Patient",
-        "id": pid,
-        "name": [{"use": "official", "given": [given], "family": family}],
-    }
-    if email:
-        resource["telecom"] = [{"system": "email", "value": email, "use": "home"}]
-    resource.update(extra)
-    return resource
-
-
-def appointment(aid: str, pid: str, start: datetime, status: str = "booked", **extra: Any) -> dict[str, Any]:
-    resource: dict[str, Any] = {
-        "resourceType": "Appointment",
-        "id": aid,
-        "status": status,
-        "serviceType": [{"text": "Check-up"}],
-        "start": start.isoformat().replace("+00:00", "Z"),
-        "end": (start + timedelta(minutes=30)).isoformat().replace("+00:00", "Z"),
-        "participant": [{"actor": {"reference": f"Patient/{pid}"}, "required": "required", "status": "accepted"}],
-    }
-    resource.update(extra)
-    return resource
 
 
 def marker_patients() -> list[dict[str, Any]]:

@@ -21,7 +21,6 @@ from typing import Any
 import httpx
 import pytest
 import trustme
-import uvicorn
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -215,23 +214,6 @@ def tls(tmp_path: Path) -> Iterator[tuple[trustme.CA, Path, Path]]:
     yield ca, key_file, cert_file
 
 
-class TlsServer(Server):
-    def __init__(self, app: Any, key_file: Path, cert_file: Path) -> None:
-        super().__init__(app)
-        self._server = uvicorn.Server(
-            uvicorn.Config(
-                app,
-                host="127.0.0.1",
-                port=self.port,
-                log_level="error",
-                lifespan="off",
-                ssl_keyfile=str(key_file),
-                ssl_certfile=str(cert_file),
-            )
-        )
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-
-
 @pytest.mark.parametrize(
     "auth",
     [
@@ -254,7 +236,8 @@ async def test_an_https_source_never_follows_an_http_next_link_with_its_credenti
     load(state)
     context = ssl.create_default_context()
     ca.configure_trust(context)
-    with TlsServer(fhir_app(state), key_file, cert_file) as server, PlainAndTls(server.port) as front:
+    tls_server = Server(fhir_app(state), ssl_keyfile=str(key_file), ssl_certfile=str(cert_file))
+    with tls_server as server, PlainAndTls(server.port) as front:
         base = f"https://127.0.0.1:{front.port}"
         state.hostile = state.hostile.from_profile({"next_origin": f"http://127.0.0.1:{front.port}"})
         config = FhirPollSourceConfig(base_url=base, auth=auth, page_size=1)

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -31,6 +29,7 @@ from connector.sandbox.fhir import FhirState
 from connector.sandbox.fhir import create_app as fhir_app
 from connector.sandbox.paubox import SandboxState
 from connector.sandbox.paubox import create_app as paubox_app
+from connector.testing import cli, daemon, environment
 from connector.web import create_app as web_app
 from tests.conftest import API_KEY, BASIC, ROOT, Server, free_port, write_config
 
@@ -316,43 +315,22 @@ def test_an_event_acknowledged_just_before_a_crash_is_sent_once(
     config.write_text(config.read_text().replace("  interval: 1s\n", "  interval: 1h\n"))  # no processing
     with Server(fhir_app(FhirState())) as fhir:
         config.write_text(config.read_text().replace("http://fhir.test", fhir.url))
-        with (tmp_path / "daemon.log").open("w") as log:
-            daemon = subprocess.Popen(
-                [sys.executable, "-m", "connector", "run", "--config", str(config)],
-                cwd=tmp_path,
-                env=os.environ.copy(),
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-            )
-            try:
-                body = json.dumps(REGISTERED).encode()
-                headers = standard_webhook_headers(WH_SECRET, "msg_crash", int(time.time()), body)
-                deadline = time.monotonic() + 30
-                while True:
-                    try:
-                        answer = httpx.post(
-                            f"http://127.0.0.1:{port}/webhooks/crm/std", content=body, headers=headers, timeout=5
-                        )
-                        break
-                    except httpx.TransportError:
-                        assert time.monotonic() < deadline and daemon.poll() is None
-                        time.sleep(0.1)
-                assert answer.status_code == 204
-                daemon.send_signal(signal.SIGKILL)  # acknowledged, not yet processed
-            finally:
-                daemon.kill()
-                daemon.wait(timeout=10)
+        with daemon(config, env=environment()) as child:
+            body = json.dumps(REGISTERED).encode()
+            headers = standard_webhook_headers(WH_SECRET, "msg_crash", int(time.time()), body)
+
+            def post() -> httpx.Response | None:
+                with contextlib.suppress(httpx.TransportError):
+                    url = f"http://127.0.0.1:{port}/webhooks/crm/std"
+                    return httpx.post(url, content=body, headers=headers, timeout=5)
+                return None
+
+            answer = child.wait_until(post, seconds=30)
+            assert answer.status_code == 204
+            child.kill()  # acknowledged, not yet processed
         assert paubox_state.messages == []
         for _ in range(2):
-            result = subprocess.run(
-                [sys.executable, "-m", "connector", "run", "--once", "--config", str(config)],
-                cwd=tmp_path,
-                env=os.environ.copy(),
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-            assert result.returncode == 0, result.stderr
+            cli("run", "--once", "--config", str(config), cwd=tmp_path, env=environment())
     assert [m["recipients"] for m in paubox_state.messages] == [["quixotica.crm@example.org"]]
     assert "quixotica" not in (tmp_path / "daemon.log").read_text().lower()
 

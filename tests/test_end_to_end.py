@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -16,48 +11,12 @@ import pytest
 
 from connector.sandbox.fhir import FhirState
 from connector.sandbox.paubox import SandboxState
-from tests.conftest import API_KEY, BASIC, ROOT, Server, write_config
+from connector.testing import cli, daemon
+from tests.conftest import BASIC, ROOT, Server, write_config
 from tests.factories import MARKER_NAMES, appointment, marker_patients
 
 pytestmark = pytest.mark.slow
 START = datetime.now(UTC).replace(microsecond=0)
-
-
-def connector(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, "PAUBOX_API_KEY": API_KEY}
-    result = subprocess.run(
-        [sys.executable, "-m", "connector", *args], cwd=cwd, env=full_env, text=True, capture_output=True, timeout=120
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"connector {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-@contextmanager
-def daemon_process(config: Path, cwd: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """`connector run` in the background, its log in cwd/daemon.log."""
-    with (cwd / "daemon.log").open("w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "connector", "run", "--config", str(config)],
-            cwd=cwd,
-            env={**os.environ, "PAUBOX_API_KEY": API_KEY},
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-        )
-        try:
-            yield process
-        finally:
-            if process.poll() is None:
-                process.kill()
-            process.wait(timeout=10)
-
-
-def wait_for(condition: Callable[[], bool], process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting for the daemon"
-        assert process.poll() is None, log.read_text()
-        time.sleep(0.05)
 
 
 def phi_markers() -> list[str]:
@@ -80,7 +39,7 @@ def test_run_once_twice_then_replay_sends_each_email_once(
 ) -> None:
     config = write_config(tmp_path, fhir_server.url, paubox_server.url, mappings=BASIC)
     outputs = []
-    first = connector("run", "--once", "--config", str(config), cwd=tmp_path)
+    first = cli("run", "--once", "--config", str(config), cwd=tmp_path)
     outputs.append(first)
     assert "3 page(s), 5 appointment(s)" in first.stdout
     expected = {f"ehr:appointment-booked:visit-{i}|booked|" for i in range(1, 5)}
@@ -88,17 +47,17 @@ def test_run_once_twice_then_replay_sends_each_email_once(
     assert {k.split("|")[0] + "|" + k.split("|")[1] + "|" for k in sent_keys} == expected
     assert len(sent_keys) == len(set(sent_keys)) == 4
 
-    outputs.append(connector("run", "--once", "--config", str(config), cwd=tmp_path))
+    outputs.append(cli("run", "--once", "--config", str(config), cwd=tmp_path))
     since = (START - timedelta(days=1)).isoformat()
-    outputs.append(connector("replay", "--config", str(config), "--since", since, cwd=tmp_path))
+    outputs.append(cli("replay", "--config", str(config), "--since", since, cwd=tmp_path))
     assert len(paubox_state.messages) == 4
 
-    dry = connector("replay", "--config", str(config), "--since", since, "--dry-run", cwd=tmp_path)
+    dry = cli("replay", "--config", str(config), "--since", since, "--dry-run", cwd=tmp_path)
     outputs.append(dry)
     assert "would send" not in dry.stdout
     assert dry.stdout.count("suppressed: already sent") == 4
     assert "1 not planned, 4 suppressed" in dry.stdout  # the cancellation: nobody was told of visit-9
-    status = connector("status", "--config", str(config), cwd=tmp_path)
+    status = cli("status", "--config", str(config), cwd=tmp_path)
     outputs.append(status)
     assert "│ sent      │     4 │" in status.stdout
 
@@ -113,18 +72,17 @@ def test_sigkill_during_sends_never_sends_a_key_twice(
 ) -> None:
     config = write_config(tmp_path, fhir_server.url, paubox_server.url, mappings=BASIC)
     paubox_state.latency = 5.0  # every send hangs in flight for 5 s
-    with daemon_process(config, tmp_path) as daemon:
-        wait_for(lambda: paubox_state.received >= 2, daemon, tmp_path / "daemon.log")
-        daemon.send_signal(signal.SIGKILL)
-        daemon.wait(timeout=10)
+    with daemon(config) as child:
+        child.wait_until(lambda: paubox_state.received >= 2, seconds=30, interval=0.05)
+        child.kill()
     time.sleep(5.5)  # the sandbox finishes the requests it had: Paubox accepted them, we never heard
 
     paubox_state.latency = 0
-    connector("run", "--once", "--config", str(config), cwd=tmp_path)
-    connector("run", "--once", "--config", str(config), cwd=tmp_path)
+    cli("run", "--once", "--config", str(config), cwd=tmp_path)
+    cli("run", "--once", "--config", str(config), cwd=tmp_path)
     per_key = paubox_state.requests
     assert all(count == 1 for count in per_key.values()), per_key
-    status = connector("status", "--config", str(config), cwd=tmp_path).stdout
+    status = cli("status", "--config", str(config), cwd=tmp_path).stdout
     counts = {
         line.split("│")[1].strip(): int(line.split("│")[2])
         for line in status.splitlines()
@@ -142,11 +100,11 @@ def test_sigterm_finishes_in_flight_sends(
 ) -> None:
     config = write_config(tmp_path, fhir_server.url, paubox_server.url, mappings=BASIC)
     paubox_state.latency = 1.0
-    with daemon_process(config, tmp_path) as daemon:
-        wait_for(lambda: paubox_state.received >= 1, daemon, tmp_path / "daemon.log")
-        daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(timeout=30) == 0
-    status = connector("status", "--config", str(config), cwd=tmp_path).stdout
+    with daemon(config) as child:
+        child.wait_until(lambda: paubox_state.received >= 1, seconds=30, interval=0.05)
+        child.terminate()
+        assert child.wait(timeout=30) == 0
+    status = cli("status", "--config", str(config), cwd=tmp_path).stdout
     assert "│ in_doubt  │     0 │" in status and "│ sending   │     0 │" in status
     assert f"│ sent      │     {paubox_state.received} │" in status
 
@@ -159,18 +117,11 @@ def test_validate_reports_broken_mapping_and_missing_secret(tmp_path: Path) -> N
     (mappings / "appointment-booked.txt").write_text("Dear {{ patient_name }\n")
     config = write_config(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9")
     config.write_text(config.read_text().replace(str(ROOT / "mappings"), "mappings"))
-    broken = connector("validate", "--config", str(config), cwd=tmp_path, check=False)
+    broken = cli("validate", "--config", str(config), cwd=tmp_path, check=False)
     assert broken.returncode == 2
     assert "appointment-booked.txt line 1" in broken.stdout and "template error" in broken.stdout
     env = {k: v for k, v in os.environ.items() if k != "PAUBOX_API_KEY"}
-    missing = subprocess.run(
-        [sys.executable, "-m", "connector", "validate", "--config", str(config)],
-        cwd=tmp_path,
-        env=env,
-        text=True,
-        capture_output=True,
-        timeout=60,
-    )
+    missing = cli("validate", "--config", str(config), cwd=tmp_path, env=env, check=False)
     assert missing.returncode == 2
     assert "(delivery.paubox.api_key): environment variable PAUBOX_API_KEY is not set" in missing.stdout
 
@@ -189,23 +140,23 @@ def test_a_poison_instant_is_quarantined_shown_and_the_source_moves_on(
     for index in (3, 4):
         fhir_state.put(appointment(f"visit-{index}", f"p{index}", START + timedelta(days=index)))
     config = write_config(tmp_path, fhir_server.url, paubox_server.url, mappings=BASIC)
-    outputs = [connector("run", "--once", "--config", str(config), cwd=tmp_path)]
+    outputs = [cli("run", "--once", "--config", str(config), cwd=tmp_path)]
     assert "5 new version(s), 1 quarantined, 4 new notification(s)" in outputs[0].stdout
     assert len(paubox_state.messages) == 4
 
-    outputs.append(connector("status", "--config", str(config), cwd=tmp_path))
+    outputs.append(cli("status", "--config", str(config), cwd=tmp_path))
     assert "quarantined (not processed; kept on record): 1 (ehr 1)" in outputs[-1].stdout
     assert "Appointment/bad v1" in outputs[-1].stdout and "Appointment.start is not an" in outputs[-1].stdout
     since = (START - timedelta(days=1)).isoformat()
-    outputs.append(connector("replay", "--config", str(config), "--since", since, "--dry-run", cwd=tmp_path))
+    outputs.append(cli("replay", "--config", str(config), "--since", since, "--dry-run", cwd=tmp_path))
     assert "quarantined: Appointment/bad v1:" in outputs[-1].stdout and "Appointment/bad v1 " in outputs[-1].stdout
     assert "1 quarantined, 4 suppressed" in outputs[-1].stdout
 
     fhir_state.put(appointment("bad", "p3", START + timedelta(days=5)))  # corrected: version 2
     fhir_state.put(appointment("visit-5", "p4", START + timedelta(days=6)))  # booked afterwards
-    outputs.append(connector("run", "--once", "--dry-run", "--config", str(config), cwd=tmp_path))
+    outputs.append(cli("run", "--once", "--dry-run", "--config", str(config), cwd=tmp_path))
     assert outputs[-1].stdout.count("would send (now)") == 2
-    outputs.append(connector("run", "--once", "--config", str(config), cwd=tmp_path))
+    outputs.append(cli("run", "--once", "--config", str(config), cwd=tmp_path))
     assert len(paubox_state.messages) == 6
     for result in outputs:
         for marker in phi_markers():

@@ -4,17 +4,13 @@ back to 200; `/livez` answers 200 throughout; `connector status` shows the same 
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
@@ -24,39 +20,17 @@ from sqlalchemy.engine import make_url
 from connector.sandbox.fhir import FhirState
 from connector.sandbox.fhir import create_app as fhir_app
 from connector.sandbox.paubox import SandboxState
+from connector.testing import Process, cli, environment
+from connector.testing import daemon as connector_daemon
 from tests.conftest import API_KEY, BASIC, Server, free_port, write_config
 from tests.factories import appointment, marker_patients
 
 pytestmark = pytest.mark.slow
-T = TypeVar("T")
 
 
-@contextmanager
-def daemon(config: Path, cwd: Path, api_key: str = API_KEY) -> Iterator[subprocess.Popen[bytes]]:
-    with (cwd / "daemon.log").open("w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "connector", "run", "--config", str(config)],
-            cwd=cwd,
-            env={**os.environ, "PAUBOX_API_KEY": api_key},
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-        )
-        try:
-            yield process
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
-
-
-def wait_until(check: Callable[[], T | None], process: subprocess.Popen[bytes], cwd: Path, seconds: float = 40) -> T:
-    deadline = time.monotonic() + seconds
-    while True:
-        assert process.poll() is None, (cwd / "daemon.log").read_text()
-        found = check()
-        if found is not None:
-            return found
-        assert time.monotonic() < deadline, f"timed out; daemon log:\n{(cwd / 'daemon.log').read_text()[-3000:]}"
-        time.sleep(0.1)
+def daemon(config: Path, api_key: str = API_KEY) -> Process:
+    """`connector run` with its log in the config's folder; stopped with SIGTERM at the end of the block."""
+    return connector_daemon(config, env=environment(PAUBOX_API_KEY=api_key))
 
 
 def health(port: int, status: int) -> dict[str, Any] | None:
@@ -88,16 +62,9 @@ def metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def status(config: Path, cwd: Path) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "connector", "status", "--config", str(config)],
-        cwd=cwd,
-        env={**os.environ, "PAUBOX_API_KEY": API_KEY, "COLUMNS": "250"},
-        text=True,
-        capture_output=True,
-        timeout=60,
-        check=True,
-    )
-    return result.stdout
+    return cli(
+        "status", "--config", str(config), cwd=cwd, env=environment(PAUBOX_API_KEY=API_KEY, COLUMNS="250")
+    ).stdout
 
 
 def health_rows(text: str) -> dict[str, list[str]]:
@@ -142,12 +109,12 @@ def test_a_source_whose_server_stops_turns_healthz_503_naming_it_and_recovery_tu
         extra_source="    interval: 1s\n",
         extra=server_section(port),
     )
-    with daemon(config, tmp_path) as process:
-        well = wait_until(lambda: polled(health(port, 200)), process, tmp_path)
+    with daemon(config) as process:
+        well = process.wait_until(lambda: polled(health(port, 200)))
         assert well["status"] == "ok" and well["failing"] == []
         fhir.__exit__()  # the EHR goes away: every poll fails from now on
         stopped = datetime.now(UTC)
-        failing = wait_until(lambda: health(port, 503), process, tmp_path)
+        failing = process.wait_until(lambda: health(port, 503))
         assert failing["status"] == "failing" and failing["failing"] == ["source:ehr"]
         source = failing["components"]["source:ehr"]
         # since its last completed poll (one in flight at the stop may complete just after it)
@@ -165,7 +132,7 @@ def test_a_source_whose_server_stops_turns_healthz_503_naming_it_and_recovery_tu
         assert rows["ledger"][0] == "ok"
 
         with Server(fhir_app(loaded), port=fhir.port):  # the EHR is back on the same address
-            recovered = wait_until(lambda: health(port, 200), process, tmp_path)
+            recovered = process.wait_until(lambda: health(port, 200))
             assert datetime.fromisoformat(recovered["components"]["source:ehr"]["last_success"]) >= stopped - timedelta(
                 seconds=1
             )
@@ -178,8 +145,8 @@ def test_a_refused_paubox_key_turns_healthz_503_naming_the_mailer_until_the_key_
 ) -> None:
     port = free_port()
     config = write_config(tmp_path, fhir_server.url, paubox_server.url, mappings=BASIC, extra=server_section(port))
-    with daemon(config, tmp_path, api_key="a-key-paubox-does-not-know") as process:
-        failing = wait_until(lambda: health(port, 503), process, tmp_path)
+    with daemon(config, api_key="a-key-paubox-does-not-know") as process:
+        failing = process.wait_until(lambda: health(port, 503))
         assert failing["failing"] == ["mailer"]
         mailer = failing["components"]["mailer"]
         assert mailer["state"] == "blocked" and "401" in mailer["reason"] and "since" in mailer
@@ -190,10 +157,10 @@ def test_a_refused_paubox_key_turns_healthz_503_naming_the_mailer_until_the_key_
         assert rows["mailer"][0] == "FAILING" and "401" in rows["mailer"][2] and "state: blocked" in rows["mailer"][2]
 
         paubox_state.api_key = "a-key-paubox-does-not-know"  # the key is fixed: Paubox accepts it now
-        wait_until(lambda: health(port, 200), process, tmp_path)
-        wait_until(lambda: len(paubox_state.messages) == 4 or None, process, tmp_path)
+        process.wait_until(lambda: health(port, 200))
+        process.wait_until(lambda: len(paubox_state.messages) == 4)
         assert metrics(port)[("connector_mailer_state", (("state", "running"),))] == 1
-        wait_until(lambda: health_rows(status(config, tmp_path))["mailer"][0] == "ok" or None, process, tmp_path)
+        process.wait_until(lambda: health_rows(status(config, tmp_path))["mailer"][0] == "ok")
 
 
 class TcpProxy:
@@ -265,17 +232,17 @@ def test_an_unreachable_ledger_turns_healthz_503_and_livez_stays_200(
         extra=server_section(port, "  ledger_timeout: 1s\n"),
     )
     try:
-        with daemon(config, tmp_path) as process:
-            wait_until(lambda: health(port, 200), process, tmp_path)
+        with daemon(config) as process:
+            process.wait_until(lambda: health(port, 200))
             proxy.stop()
-            failing = wait_until(lambda: health(port, 503), process, tmp_path)
+            failing = process.wait_until(lambda: health(port, 503))
             assert "ledger" in failing["failing"]
             ledger = failing["components"]["ledger"]
             assert ledger["reason"].startswith("the ledger cannot be read: ") and "since" in ledger
             assert alive(port)
             assert metrics(port)[("connector_component_up", (("component", "ledger"),))] == 0
             proxy.start()
-            recovered = wait_until(lambda: health(port, 200), process, tmp_path)
+            recovered = process.wait_until(lambda: health(port, 200))
             assert recovered["components"]["ledger"] == {"status": "ok"}
             assert alive(port)
     finally:

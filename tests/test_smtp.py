@@ -6,7 +6,6 @@ Certificates come from a throw-away CA made at test time (trustme); no key file 
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,6 +24,7 @@ from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 from connector.delivery import Signal, Verdict
 from connector.delivery.smtp import PauboxSmtpMailer, reply_reason
 from connector.models import Email
+from connector.testing import free_port
 
 PASSWORD = "test-api-key-5f3a9c"
 EMAIL = Email(
@@ -304,10 +304,7 @@ async def test_untrusted_certificate_is_not_sent(start_relay: StartRelay, make_m
 
 async def test_connection_refused_is_a_plain_retry(make_mailer: MakeMailer) -> None:
     """Nothing listening: RETRY, not blocking (the relay may come back), a server-error signal."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = int(probe.getsockname()[1])
-    outcome = await make_mailer(port).send(EMAIL)
+    outcome = await make_mailer(free_port()).send(EMAIL)
 
     assert outcome.verdict is Verdict.RETRY and not outcome.blocking
     assert outcome.signal is Signal.SERVER_ERROR  # counts towards the mailer gate's circuit breaker

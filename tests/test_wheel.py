@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from connector.testing import Process
 from tests.conftest import API_KEY, ROOT, free_port
 
 pytestmark = pytest.mark.slow
@@ -113,38 +114,15 @@ def sandboxes(pip_venv: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     """The FHIR test server (with its sample appointments) and the Paubox sandbox, run by the installed
     connector."""
     work = tmp_path_factory.mktemp("sandboxes")
-    fhir, paubox = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
-    processes = [
-        subprocess.Popen(
-            [pip_venv, "sandbox", "fhir", "--port", fhir.rsplit(":", 1)[1]],
-            cwd=work,
-            env=clean_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        ),
-        subprocess.Popen(
-            [pip_venv, "sandbox", "--port", paubox.rsplit(":", 1)[1], "--api-key", API_KEY],
-            cwd=work,
-            env=clean_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        ),
-    ]
-    try:
-        deadline = time.monotonic() + 60
-        for url in (f"{fhir}/metadata", f"{paubox}/_sandbox/messages"):
-            while True:
-                assert time.monotonic() < deadline, f"{url} did not answer"
-                try:
-                    httpx.get(url).raise_for_status()
-                    break
-                except httpx.HTTPError:
-                    time.sleep(0.2)
-        yield fhir, paubox
-    finally:
-        for process in processes:
-            process.terminate()
-            process.wait(timeout=30)
+    fhir_port, paubox_port = free_port(), free_port()
+    fhir = Process([pip_venv, "sandbox", "fhir", "--port", str(fhir_port)], work / "fhir.log", env=clean_env())
+    paubox = Process(
+        [pip_venv, "sandbox", "--port", str(paubox_port), "--api-key", API_KEY], work / "paubox.log", env=clean_env()
+    )
+    with fhir, paubox:
+        fhir.wait_http(f"http://127.0.0.1:{fhir_port}/metadata")
+        paubox.wait_http(f"http://127.0.0.1:{paubox_port}/_sandbox/messages")
+        yield f"http://127.0.0.1:{fhir_port}", f"http://127.0.0.1:{paubox_port}"
 
 
 def sent(paubox: str) -> int:
