@@ -12,7 +12,8 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
-from connector import fhir, health, references
+from connector import config as configuration
+from connector import fhir, health
 from connector.config import Config, load_config
 from connector.daemon import CycleReport, run_forever, run_once
 from connector.delivery import Outcome, Verdict
@@ -42,7 +43,7 @@ def validate(config_path: Path) -> Validation:
     """Check config, mappings and templates, and every environment variable and secret file the config
     refers to. A config file that does not parse raises ConfigError."""
     config = load_config(config_path, needs=())
-    errors, warnings = references.report(config)
+    errors, warnings = configuration.report(config)
     try:
         names = load_mappings(config.mappings_dir, [*config.sources, *config.crm]).names()
     except ConfigError as exc:
@@ -61,7 +62,7 @@ class NoMailer:
 
 
 async def run(config: Config, clock: Clock, once: bool) -> CycleReport | None:
-    references.require(config)  # every secret of what runs, now rather than at the first send
+    configuration.require(config)  # every secret of what runs, now rather than at the first send
     runtime = Runtime.open(config, clock)
     try:
         if once:

@@ -24,7 +24,7 @@ from starlette.applications import Starlette
 
 from connector import httpserver, metrics, web
 from connector.aftercare import ReceiptReader
-from connector.config import ServerConfig
+from connector.config.server import ServerConfig
 from connector.dispatch import DispatchReport
 from connector.errors import InfrastructureError
 from connector.logs import where

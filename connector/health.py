@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from connector.config import HealthConfig
+from connector.config.server import HealthConfig
 from connector.delivery.gate import GateState, MailerGate
 
 MAILER_STATES = ("running", "paused", "probing", "broken", "blocked")

@@ -23,7 +23,7 @@ from starlette.types import ASGIApp
 from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
 
 from connector import metrics
-from connector.config import ServerConfig
+from connector.config.server import ServerConfig
 
 log = structlog.get_logger("connector.web")
 

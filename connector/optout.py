@@ -19,7 +19,7 @@ import hmac
 from dataclasses import dataclass
 from typing import Literal
 
-from connector.config import OptOutConfig
+from connector.config.delivery import OptOutConfig
 
 Kind = Literal["identifier", "email"]
 

@@ -14,7 +14,7 @@ import structlog
 
 from connector import fhir, intake, optout
 from connector.cache import ResourceCache
-from connector.config import ConsentCheck
+from connector.config.sources import ConsentCheck
 from connector.errors import ResourceError, SourceError
 from connector.ledger import NotificationRecord, OptOut
 from connector.ledger.batching import Coalesced

@@ -18,7 +18,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from connector import references
-from connector.config import Config
+from connector.config import Config, features_off
 from connector.errors import ConnectorError
 from connector.yamlfile import parse_yaml
 
@@ -40,7 +40,7 @@ def env_references(text: str, path: Path) -> list[EnvReference]:
     doc = parse_yaml(text, path)
     off: list[tuple[Loc, str]] = []
     with contextlib.suppress(ValidationError):  # an invalid config still lists its variables, without notes
-        off = references.features_off(Config.model_validate(doc.data, context={"base_dir": path.parent}))
+        off = features_off(Config.model_validate(doc.data, context={"base_dir": path.parent}))
     found: list[EnvReference] = []
     for loc, value in _strings(doc.data, ()):
         note = next((f"not needed while {why}" for part, why in off if loc[: len(part)] == part), "")

@@ -26,7 +26,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from connector import metrics
-from connector.config import FhirPollSourceConfig, load_config
+from connector.config import load_config
+from connector.config.sources import FhirPollSourceConfig
 from connector.models import system_clock
 from connector.runtime import Runtime
 from connector.sandbox.fhir import FhirState

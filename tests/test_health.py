@@ -12,7 +12,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 
-from connector.config import HealthConfig, load_config
+from connector.config import load_config
+from connector.config.server import HealthConfig
 from connector.daemon import poll, run_once
 from connector.delivery import Outcome, Signal, Verdict
 from connector.delivery.gate import MailerGate

@@ -17,7 +17,8 @@ from urllib.parse import unquote
 import httpx
 import pytest
 
-from connector.config import FhirPollSourceConfig, load_config
+from connector.config import load_config
+from connector.config.sources import FhirPollSourceConfig
 from connector.daemon import run_once, web_server
 from connector.delivery.paubox import PauboxRestMailer
 from connector.models import Clock, State

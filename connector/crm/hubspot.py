@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from connector.config import CrmSourceConfig
+from connector.config.sources import CrmSourceConfig
 from connector.errors import SourceError
 
 # subscriptionType prefix → CRM object type in the v3 API

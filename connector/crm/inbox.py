@@ -15,7 +15,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from connector.config import InboxConfig
+from connector.config.sources import InboxConfig
 from connector.errors import ConfigError, ConnectorError, Problem
 
 NONCE = 12

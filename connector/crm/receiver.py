@@ -23,7 +23,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from connector import jsontext, metrics
-from connector.config import Config, CrmSourceConfig
+from connector.config import Config
+from connector.config.sources import CrmSourceConfig
 from connector.crm.inbox import Keyring
 from connector.crm.parse import (
     BodyError,

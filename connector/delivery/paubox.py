@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import httpx
 
-from connector.config import PauboxConfig
+from connector.config.delivery import PauboxConfig
 from connector.delivery import Outcome, Signal, Verdict
 from connector.errors import ConnectorError
 from connector.models import Email

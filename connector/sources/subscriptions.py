@@ -26,7 +26,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from connector import fhir, metrics
-from connector.config import Config, FhirPollSourceConfig
+from connector.config import Config
+from connector.config.sources import FhirPollSourceConfig
 from connector.errors import ResourceError, SourceError
 from connector.ledger.sql import SqlLedger
 from connector.logs import where
