@@ -15,19 +15,19 @@ from sqlalchemy.engine import make_url
 from connector import config as configuration
 from connector import fhir, health
 from connector.config import Config, load_config
-from connector.daemon import CycleReport, run_forever, run_once
+from connector.daemon import run_forever, run_once
 from connector.delivery import Outcome, Verdict
 from connector.errors import ConfigError, ConnectorError, Problem
 from connector.health import Finding, SourceFacts
 from connector.intake import examine, triples
-from connector.ledger import NotificationRecord, SeenVersion
 from connector.ledger.health import HealthStore
 from connector.lifecycle import appointment_zone
-from connector.mapping.engine import PlanNote, render
+from connector.mapping.engine import render
 from connector.mapping.loader import load_mappings
 from connector.models import Clock, Email, State, system_clock
 from connector.recipients import NoRecipient, optout_lookup, resolve
-from connector.replay import Replay, ReplayItem, pages_between, replan
+from connector.replay import pages_between, replan
+from connector.results import CycleReport, DryRun, Replay, Replayed, ReplayItem
 from connector.runtime import Runtime
 
 
@@ -71,20 +71,6 @@ async def run(config: Config, clock: Clock, once: bool) -> CycleReport | None:
         return None
     finally:
         await runtime.aclose()
-
-
-@dataclass(frozen=True)
-class DryRun:
-    """What a run would do: newly planned notifications (with what the recipient rules say of them), the
-    mappings that chose not to send, the versions it would quarantine, and the due notifications it would
-    send."""
-
-    planned: list[ReplayItem]
-    notes: list[tuple[str, PlanNote]]
-    verdicts: dict[str, str]
-    due: list[NotificationRecord]
-    errors: list[str]
-    quarantined: list[tuple[str, SeenVersion]]
 
 
 async def explain(runtime: Runtime, items: list[ReplayItem], now: datetime) -> dict[str, str]:
@@ -137,15 +123,6 @@ async def dry_run(config: Config, clock: Clock) -> DryRun:
         return DryRun(found.items, found.notes, verdicts, due, errors, found.quarantined)
     finally:
         await runtime.aclose()
-
-
-@dataclass(frozen=True)
-class Replayed:
-    items: list[ReplayItem]
-    notes: list[tuple[str, PlanNote]]
-    verdicts: dict[str, str]  # dry run: what the recipient rules say
-    final: dict[str, NotificationRecord]  # real run: where each notification ended
-    quarantined: list[tuple[str, SeenVersion]]  # (source, version or event with its problem)
 
 
 async def replay(

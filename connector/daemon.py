@@ -14,7 +14,6 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Generator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import structlog
@@ -25,25 +24,14 @@ from starlette.applications import Starlette
 from connector import httpserver, metrics, web
 from connector.aftercare import ReceiptReader
 from connector.config.server import ServerConfig
-from connector.dispatch import DispatchReport
 from connector.errors import InfrastructureError
 from connector.logs import where
-from connector.pipeline import PollReport
+from connector.results import CycleReport, DispatchReport, PollReport
 from connector.runtime import Runtime
 
 log = structlog.get_logger("connector.daemon")
 
 STOP_GRACE_SECONDS = 15.0  # on top of the longest a send may take (connect + read timeouts)
-
-
-@dataclass
-class CycleReport:
-    polls: list[PollReport] = field(default_factory=list)
-    dispatch: DispatchReport | None = None
-
-    @property
-    def ok(self) -> bool:
-        return all(p.error is None for p in self.polls) and not (self.dispatch and self.dispatch.paused)
 
 
 async def poll(runtime: Runtime, name: str) -> PollReport:

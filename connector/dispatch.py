@@ -13,9 +13,8 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Any
 
 import structlog
@@ -39,32 +38,11 @@ from connector.mapping.loader import MappingSet
 from connector.models import Clock, Email, State
 from connector.pipeline import synthesized
 from connector.recipients import NoRecipient, optout_lookup, prefetch, read_cached, resolve
+from connector.results import DispatchReport, Step
 from connector.sources.fhir_poll import FhirPollSource
 
 log = structlog.get_logger("connector.dispatch")
 MAX_PUT_BACK = 10_000  # a run that put back this many stops claiming (a source down with a large backlog)
-
-
-class Step(StrEnum):
-    SENT = "sent"
-    FAILED = "failed"
-    IN_DOUBT = "in_doubt"
-    RETRY = "retry"
-    SKIPPED = "skipped"
-    CANCELLED = "cancelled"
-    RELEASED = "released"  # put back untouched (source unreachable, lease lost, unexpected error)
-    WAITING = "waiting"  # put back for the mailer: rate limited, circuit open, paused
-
-
-@dataclass
-class DispatchReport:
-    steps: dict[Step, int] = field(default_factory=lambda: dict.fromkeys(Step, 0))
-    paused: str | None = None  # a configuration problem stopped sending (wrong key, base URL)
-    waiting: str | None = None  # the mailer gate is closed for now (rate limited, circuit open)
-
-    @property
-    def sent(self) -> int:
-        return self.steps[Step.SENT]
 
 
 @dataclass(frozen=True)

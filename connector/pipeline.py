@@ -30,9 +30,10 @@ from connector.ledger import SeenVersion, Withdrawal
 from connector.ledger.sql import SqlLedger, unavailable
 from connector.lifecycle import Snapshot, Transition, appointment_zone, is_stale, snapshot, transitions
 from connector.logs import safe_text, where
-from connector.mapping.engine import PlanNote, Situation, plan
+from connector.mapping.engine import Situation, plan
 from connector.mapping.loader import MappingSet
-from connector.models import Clock, PlannedNotification
+from connector.models import Clock, PlannedNotification, PlanNote
+from connector.results import PollReport
 from connector.sources.fhir_poll import FhirPollSource
 from connector.timing import QuietHours
 
@@ -93,19 +94,6 @@ class Committed:
         self.inserted += other.inserted
         self.quarantined += other.quarantined
         return self
-
-
-@dataclass
-class PollReport:
-    source: str
-    pages: int = 0
-    resources: int = 0
-    new_versions: int = 0
-    planned: int = 0
-    inserted: int = 0
-    quarantined: int = 0  # versions that could not be processed (invalid, or failed while planned)
-    error: str | None = None
-    skipped: bool = False  # another replica held this source's poll lock
 
 
 def synthesized(appointment_id: str, before: Snapshot) -> dict[str, Any]:

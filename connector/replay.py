@@ -6,36 +6,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from connector import fhir
 from connector.intake import examine
-from connector.ledger import NotificationRecord, SeenVersion
-from connector.mapping.engine import PlanNote
-from connector.models import PlannedNotification
 from connector.pipeline import Planner, recorded
-
-
-@dataclass
-class ReplayItem:
-    notification: PlannedNotification
-    existing: NotificationRecord | None
-    inserted: bool
-
-
-@dataclass
-class Replay:
-    items: list[ReplayItem] = field(default_factory=list)
-    notes: list[tuple[str, PlanNote]] = field(default_factory=list)  # (appointment id, note)
-    quarantined: list[tuple[str, SeenVersion]] = field(default_factory=list)  # (source, version with its problem)
-
-    def __iadd__(self, other: Replay) -> Replay:
-        self.items += other.items
-        self.notes += other.notes
-        self.quarantined += other.quarantined
-        return self
+from connector.results import Replay, ReplayItem
 
 
 async def pages_between(

@@ -11,14 +11,11 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from connector.commands import DryRun, Replayed
-from connector.daemon import CycleReport
 from connector.health import Finding
 from connector.ledger import NotificationRecord, OptOut, SeenVersion
 from connector.ledger.optouts import Rekeyed
-from connector.mapping.engine import PlanNote
-from connector.models import State
-from connector.replay import ReplayItem
+from connector.models import PlanNote, State
+from connector.results import CycleReport, DryRun, Replayed, ReplayItem
 
 
 def _width() -> int | None:

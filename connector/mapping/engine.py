@@ -14,20 +14,10 @@ from connector.fhir import display_name, parse_instant
 from connector.lifecycle import BOOKED, REMOVED, RESCHEDULED, Transition
 from connector.mapping.loader import Mapping, MappingSet
 from connector.mapping.templates import safe_error
-from connector.models import Email, PlannedNotification, State
+from connector.models import Email, PlannedNotification, PlanNote, State
 from connector.timing import QuietHours, offset_label, schedule
 
 MAX_KEY_LENGTH = 500
-
-
-@dataclass(frozen=True)
-class PlanNote:
-    """A mapping that did not produce a notification, and why (safe to log: no resource content)."""
-
-    mapping: str
-    patient_id: str
-    message: str
-    problem: bool = False  # True: something is wrong (a failing condition or key template)
 
 
 @dataclass
