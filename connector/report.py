@@ -12,8 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from connector.health import Finding
-from connector.ledger import NotificationRecord, OptOut, SeenVersion
-from connector.ledger.optouts import Rekeyed
+from connector.ledger import NotificationRecord, OptOut, Rekeyed, SeenVersion
 from connector.models import PlanNote, State
 from connector.results import CycleReport, DryRun, Replayed, ReplayItem
 

@@ -39,7 +39,7 @@ from typing import IO
 import httpx
 from sqlalchemy import text
 
-from connector.ledger.sql import make_engine
+from connector.ledger.engine import make_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 CONNECTOR = ROOT / ".venv" / "bin" / "connector"

@@ -19,7 +19,8 @@ import uvicorn
 from sqlalchemy.engine import make_url
 
 from connector.ledger import migrate
-from connector.ledger.sql import SqlLedger, make_engine
+from connector.ledger.engine import make_engine
+from connector.ledger.sql import SqlLedger
 from connector.optout import OptOutKeys
 from connector.sandbox.fhir import FhirState
 from connector.sandbox.fhir import create_app as fhir_app

@@ -190,8 +190,8 @@ def test_replay_dry_run_says_why_not(
 
 def test_resolve_decides_an_in_doubt_notification(tmp_path: Path, api_key_env: str) -> None:
     from connector.config import load_config
+    from connector.ledger.sql import open_ledger
     from connector.models import PlannedNotification, State
-    from connector.runtime import open_ledger
 
     config = write_config(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9", mappings=BASIC)
     ledger = open_ledger(load_config(config))

@@ -24,14 +24,14 @@ from connector.config import load_config
 from connector.crm.verify import sign_hmac, sign_hubspot_v3, standard_webhook_headers
 from connector.daemon import run_once
 from connector.delivery.paubox import PauboxRestMailer
-from connector.ledger.sql import INBOX
+from connector.ledger.engine import INBOX
 from connector.models import State, system_clock
 from connector.runtime import Runtime
 from connector.sandbox.fhir import FhirState
 from connector.sandbox.fhir import create_app as fhir_app
 from connector.sandbox.paubox import SandboxState
 from connector.sandbox.paubox import create_app as paubox_app
-from connector.web import create_app as web_app
+from connector.web.app import create_app as web_app
 from tests.conftest import API_KEY, BASIC, ROOT, Server, free_port, write_config
 
 WH_SECRET = "whsec_" + base64.b64encode(b"standard-webhooks-test-secret-32").decode()
@@ -265,7 +265,7 @@ async def test_the_stored_payload_is_not_readable_without_the_key(crm: Crm) -> N
 
 
 async def test_replay_of_the_inbox_sends_nothing_twice(crm: Crm) -> None:
-    from connector.commands import _replay_crm
+    from connector.commands.run import replay_crm as _replay_crm
 
     await crm.standard(REGISTERED)
     await crm.cycle()
@@ -478,7 +478,7 @@ async def test_crm_events_that_cannot_be_processed_are_quarantined_and_block_not
     sent. A body that cannot be encoded fails (never in doubt) and a hostile address is never used."""
     from datetime import UTC, datetime
 
-    from connector.commands import status
+    from connector.commands.ledger import status
 
     crm_env(monkeypatch)
     path = crm_config(tmp_path)

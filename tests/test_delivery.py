@@ -28,7 +28,7 @@ from connector.sandbox.fhir import FhirState
 from connector.sandbox.fhir import create_app as fhir_app
 from connector.sandbox.paubox import Fault, SandboxState, WebhookFaults
 from connector.sandbox.paubox import create_app as paubox_app
-from connector.web import create_app as web_app
+from connector.web.app import create_app as web_app
 from tests.conftest import BASIC, Server, write_config
 from tests.factories import appointment, patient
 

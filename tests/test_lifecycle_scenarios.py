@@ -85,7 +85,7 @@ class World:
     def _sent_at(self, key: str) -> datetime:
         from sqlalchemy import select
 
-        from connector.ledger.sql import N
+        from connector.ledger.engine import N
 
         with self.runtime.ledger.engine.connect() as conn:
             value = conn.execute(select(N.c.sent_at).where(N.c.key == key)).scalar_one()

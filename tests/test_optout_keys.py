@@ -19,8 +19,8 @@ from connector import optout
 from connector.config import load_config
 from connector.errors import ConfigError, LedgerError
 from connector.ledger import migrate
-from connector.ledger.optouts import OPT
-from connector.ledger.sql import SqlLedger, make_engine
+from connector.ledger.engine import OPT, make_engine
+from connector.ledger.sql import SqlLedger
 from connector.models import system_clock
 from connector.optout import OptOutKeys
 from connector.runtime import Runtime

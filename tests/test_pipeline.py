@@ -14,8 +14,8 @@ from connector.daemon import run_once
 from connector.delivery import Outcome
 from connector.delivery.gate import GateState
 from connector.delivery.paubox import PauboxRestMailer
+from connector.intake.replay import replan
 from connector.models import Email, PlannedNotification, State, fixed_clock, system_clock
-from connector.replay import replan
 from connector.runtime import Runtime
 from connector.sandbox.fhir import FhirState
 from connector.sandbox.fhir import create_app as fhir_app

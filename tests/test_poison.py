@@ -15,12 +15,13 @@ from typing import Any
 import httpx
 import pytest
 
-from connector import metrics, pipeline
-from connector.commands import status
+from connector import metrics
+from connector.commands.ledger import status
 from connector.config import load_config
 from connector.daemon import run_once
 from connector.delivery.paubox import PauboxRestMailer
 from connector.fhir import parse_instant
+from connector.intake import decide
 from connector.ledger.sql import SqlLedger
 from connector.logs import unsafe
 from connector.models import PlannedNotification, State
@@ -252,7 +253,7 @@ async def test_a_page_the_ledger_refuses_is_recorded_one_version_at_a_time(
     the cursor moves."""
     if ledger.dialect != "postgresql":
         pytest.skip("SQLite does not enforce column lengths")
-    monkeypatch.setattr(pipeline, "check_storable", lambda *args, **kwargs: None)
+    monkeypatch.setattr(decide, "check_storable", lambda *args, **kwargs: None)
     runtime = await world()
     put_around(fhir, poisoned(participant=MANY_PATIENTS))
     report = await run_once(runtime)

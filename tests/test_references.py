@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from connector import commands
 from connector import config as configuration
+from connector.commands import files
 from connector.config import LEDGER, load_config
 from connector.errors import ConfigError
 from tests.conftest import API_KEY, BASIC, write_config
@@ -120,9 +120,9 @@ def test_validate_errors_for_what_run_needs_and_warns_for_features_that_are_off(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = config_file(tmp_path)
-    assert [p.where for p in commands.validate(path).errors] == ["delivery.paubox.api_key"]
+    assert [p.where for p in files.validate(path).errors] == ["delivery.paubox.api_key"]
     monkeypatch.setenv("PAUBOX_API_KEY", API_KEY)
-    checked = commands.validate(path)
+    checked = files.validate(path)
     assert checked.errors == []
     assert [(p.where, p.line) for p in checked.warnings] == [
         ("sources.ehr.subscription.secret", line_of(path, "TEST_SUB_SECRET")),

@@ -14,14 +14,14 @@ import pytest
 from connector.config import load_config
 from connector.daemon import run_once
 from connector.delivery.paubox import PauboxRestMailer
+from connector.intake.notifications import Notification, gap, parse_bundle
 from connector.models import system_clock
 from connector.runtime import Runtime
 from connector.sandbox.fhir import FhirState
 from connector.sandbox.fhir import create_app as fhir_app
 from connector.sandbox.paubox import SandboxState
 from connector.sandbox.paubox import create_app as paubox_app
-from connector.sources.notifications import Notification, gap, parse_bundle
-from connector.web import create_app as web_app
+from connector.web.app import create_app as web_app
 from tests.conftest import API_KEY, BASIC, write_config
 from tests.factories import appointment, patient
 
@@ -106,7 +106,7 @@ async def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
 
 
 def test_history_keeps_the_newest_entry_even_a_delete_without_a_time() -> None:
-    from connector.pipeline import newest_per_id
+    from connector.intake.decide import newest_per_id
 
     deleted = {"resourceType": "Appointment", "id": "a1", "_deleted": True, "meta": {"lastUpdated": None}}
     older = {"resourceType": "Appointment", "id": "a1", "meta": {"lastUpdated": "2026-11-20T10:00:00Z"}}

@@ -16,7 +16,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from connector.config.sources import InboxConfig
-from connector.errors import ConfigError, ConnectorError, Problem
+from connector.errors import ConfigError, ConnectorError, Problem, ResourceError
 
 NONCE = 12
 
@@ -66,3 +66,11 @@ class Keyring:
 
 def _aad(source: str, event_id: str) -> bytes:
     return f"{source}\x00{event_id}".encode()
+
+
+def open_event(keyring: Keyring, row: Any) -> dict[str, Any]:
+    """The event an inbox row holds. Raises SealError (it does not open) or ResourceError (not an object)."""
+    event: Any = keyring.open(row.key_id, row.source, row.event_id, row.sealed)
+    if not isinstance(event, dict):
+        raise ResourceError(f"CRM event {row.id} of {row.source!r} is not a JSON object")
+    return event

@@ -16,7 +16,7 @@ concurrent sends into one transaction (see connector.ledger.batching).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from connector.models import State
@@ -86,3 +86,14 @@ class SendResult:
     when: datetime | None = None  # when it was sent (state sent)
     due_at: datetime | None = None  # state pending
     count_attempt: bool = True
+
+
+@dataclass(frozen=True)
+class Rekeyed:
+    """What `connector optout rekey` did."""
+
+    key_id: str
+    converted: int  # unkeyed rows now keyed with `key_id`
+    merged: int  # unkeyed rows dropped: the same entry was already there under `key_id`
+    by_key: dict[str | None, int] = field(default_factory=dict)  # rows per key id afterwards
+    unknown: dict[str, int] = field(default_factory=dict)  # rows under key ids no longer configured

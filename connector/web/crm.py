@@ -11,7 +11,6 @@ and logged by reason, never with the body. No 5xx for bad input.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import time
 from dataclasses import dataclass, field
@@ -37,9 +36,9 @@ from connector.crm.parse import (
 )
 from connector.crm.verify import SignatureError, verify_hmac, verify_hubspot_v3, verify_standard_webhook
 from connector.errors import ConfigError
-from connector.ledger.sql import SqlLedger
+from connector.ledger.abc import Inbox
 from connector.models import Clock
-from connector.web import BodyTooLarge, problem, read_body
+from connector.web.common import BodyTooLarge, problem, read_body
 
 log = structlog.get_logger("connector.crm")
 MAX_ID, MAX_TYPE = 200, 100  # the inbox columns; longer ones are refused, never cut (ids are dedup keys)
@@ -93,9 +92,9 @@ def parse(settings: CrmSourceConfig, headers: dict[str, str], body: bytes) -> li
 
 
 class CrmReceiver:
-    def __init__(self, config: Config, ledger: SqlLedger, keyring: Keyring, clock: Clock) -> None:
+    def __init__(self, config: Config, inbox: Inbox, keyring: Keyring, clock: Clock) -> None:
         self.config = config
-        self.ledger = ledger
+        self.inbox = inbox
         self.keyring = keyring
         self.clock = clock
         self.buckets = {name: TokenBucket(s.rate_limit, s.burst) for name, s in config.crm.items()}
@@ -144,7 +143,7 @@ class CrmReceiver:
             return problem(400, "Bad Request", endpoint, "event id or type too long")
         if not all(jsontext.storable(e.event_id) and jsontext.storable(e.event_type) for e in events):
             return problem(400, "Bad Request", endpoint, "event id or type holds control characters")
-        stored = await asyncio.to_thread(self.ledger.inbox_add, self._rows(name, events, self.clock()))
+        stored = await self.inbox.add(self._rows(name, events, self.clock()))
         metrics.inc("connector_crm_events_total", amount=len(events), source=name)
         log.info("crm.received", source=name, events=len(events), new=stored)
         if settings.kind == "salesforce-outbound":

@@ -1,37 +1,29 @@
-"""The HTTP endpoints `connector run` serves (`server:` in the config): verify → parse → hand over.
+"""What every endpoint of `connector run` shares: bodies read within a limit, JSON from strangers, RFC 9457
+problem answers counted and logged by reason, the guard that turns an unexpected error into a bare 500, and
+source-address allowlists.
 
-    POST /webhooks/paubox/<token>   Paubox webhook events (Paubox does not sign: a secret path token and an
-                                    optional source-IP allowlist authenticate the caller)
-
-`/livez`, `/healthz` and `/metrics` come from connector.monitor, FHIR notifications from
-connector.sources.subscriptions and CRM webhooks from connector.crm.receiver, as `extra_routes`.
-
-No mapping logic here. Bodies are PHI: they are never logged; rejections are counted and logged by reason.
+Bodies are PHI: they are never logged; rejections are counted and logged by endpoint and reason.
 """
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
-from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from connector import jsontext, metrics
-from connector.aftercare import Aftercare
-from connector.config import Config
 from connector.errors import ConnectorError
+from connector.logs import where
 
 log = structlog.get_logger("connector.web")
 
 
-class BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(ConnectorError):
+    """A request body is larger than `server.max_body` (answered 413, never read whole)."""
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -70,8 +62,6 @@ def guarded(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Req
             )
             return Response(status_code=400)  # never sent: the connection is gone
         except Exception as exc:  # noqa: BLE001 - the last line of defence of a receiver
-            from connector.logs import where
-
             log.error("request.crashed", endpoint=_endpoint(request), problem=where(exc))
             return JSONResponse(
                 {"type": "about:blank", "title": "Internal Server Error", "status": 500},
@@ -112,36 +102,3 @@ def client_allowed(request: Request, allowed: list[Any]) -> bool:
     except ValueError:
         return False
     return any(address in network for network in allowed)
-
-
-def create_app(config: Config, aftercare: Aftercare, extra_routes: list[Route] | None = None) -> Starlette:
-    settings = config.delivery.paubox
-    limit = config.server.max_body if config.server else 1_000_000
-
-    async def paubox_webhook(request: Request) -> Response:
-        endpoint = "paubox"
-        expected = settings.webhook_token.get_secret_value() if settings.webhook_token else None
-        given = request.path_params["token"]
-        if expected is None or not hmac.compare_digest(given.encode(), expected.encode()):
-            return problem(404, "Not Found", endpoint, "unknown path token")
-        if not client_allowed(request, settings.webhook_allow_ips):
-            return problem(403, "Forbidden", endpoint, "source address not allowed")
-        try:
-            body = await read_body(request, limit)
-        except BodyTooLarge:
-            return problem(413, "Content Too Large", endpoint, "body too large")
-        try:
-            event = loads(body)
-        except ValueError as exc:  # jsontext.BadJson: a fixed reason
-            return problem(400, "Bad Request", endpoint, str(exc))
-        try:
-            result = await aftercare.webhook(event)
-        except ConnectorError:
-            return problem(400, "Bad Request", endpoint, "not a Paubox webhook event")
-        return JSONResponse({"result": result.outcome})
-
-    routes = [
-        Route("/webhooks/paubox/{token}", paubox_webhook, methods=["POST"]),
-        *(extra_routes or []),
-    ]
-    return Starlette(routes=[Route(r.path, guarded(r.endpoint), methods=list(r.methods or ["GET"])) for r in routes])

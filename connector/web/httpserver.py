@@ -9,12 +9,18 @@
   request `server.header_timeout` to deliver its headers, else the connection is closed, and then
   `server.body_timeout` for its body, else it is answered 408 and closed. Both are totals, not per read.
 - h11 is used whether or not httptools is installed, so that these timeouts always apply; no websockets.
+- The socket is bound before the daemon starts (`listen`), so that a port in use is a clear error; the
+  server runs inside the daemon's loop, and the daemon, not uvicorn, owns SIGTERM and SIGINT.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
+import socket
+from collections.abc import Generator
 
 import h11
 import structlog
@@ -24,6 +30,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
 
 from connector import metrics
 from connector.config.server import ServerConfig
+from connector.errors import InfrastructureError
 
 log = structlog.get_logger("connector.web")
 
@@ -141,3 +148,35 @@ def server_config(app: ASGIApp, settings: ServerConfig) -> uvicorn.Config:
         forwarded_allow_ips=trusted,
         server_header=False,
     )
+
+
+class EmbeddedServer(uvicorn.Server):
+    """uvicorn inside the daemon's loop; the daemon, not uvicorn, owns SIGTERM and SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def listen(settings: ServerConfig) -> socket.socket:
+    """The server's socket, bound before the daemon starts, so that a port in use is a clear error."""
+    host, port = settings.host, settings.port
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)  # as uvicorn binds it
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        return sock
+    except socket.gaierror:
+        sock.close()
+        raise InfrastructureError(
+            f"server.host {host!r} is not a known address: use 127.0.0.1, 0.0.0.0 or an address of this machine"
+        ) from None
+    except OSError as exc:
+        sock.close()
+        what = {
+            errno.EADDRINUSE: "is already in use: stop the process using it, or choose another server.port",
+            errno.EACCES: "needs privileges: choose a server.port above 1023",
+            errno.EADDRNOTAVAIL: "is not on an address of this machine: fix server.host",
+        }
+        problem = what.get(exc.errno or 0, f"cannot be opened ({exc.strerror}): check server.host and server.port")
+        raise InfrastructureError(f"port {port} on {host} {problem}") from exc

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol, runtime_checkable
@@ -24,7 +23,7 @@ from connector.delivery.paubox import NOTIFICATION_HEADER
 from connector.delivery.status import WEBHOOK_EVENTS, from_receipt
 from connector.errors import ConnectorError
 from connector.fhir import parse_instant
-from connector.ledger.sql import SqlLedger
+from connector.ledger.abc import AfterSend, OptOuts
 from connector.models import Clock, State
 
 log = structlog.get_logger("connector.aftercare")
@@ -66,9 +65,10 @@ def _when(value: Any, fallback: datetime) -> datetime:
 
 
 class Aftercare:
-    def __init__(self, config: Config, ledger: SqlLedger, clock: Clock) -> None:
+    def __init__(self, config: Config, after_send: AfterSend, optouts: OptOuts, clock: Clock) -> None:
         self.config = config
-        self.ledger = ledger
+        self.after_send = after_send
+        self.optouts = optouts
         self.clock = clock
 
     async def webhook(self, event: Any) -> WebhookResult:
@@ -92,15 +92,14 @@ class Aftercare:
             return WebhookResult("ignored")
         status, rank = WEBHOOK_EVENTS[name]
         when = _when(payload.get("time"), self.clock())
-        confirmed = key is not None and await asyncio.to_thread(
-            self.ledger.confirm, key, tracking, f"confirmed by a Paubox webhook ({name})"
+        confirmed = key is not None and await self.after_send.confirm(
+            key, tracking, f"confirmed by a Paubox webhook ({name})"
         )
-        updated = await asyncio.to_thread(self.ledger.record_delivery, key, tracking, status, rank, when)
+        updated = await self.after_send.record_delivery(key, tracking, status, rank, when)
         if status == "hard_bounced" and self.config.delivery.paubox.optout_on_hard_bounce:
             address = payload.get("to")
             if isinstance(address, str) and "@" in address and jsontext.storable(address) and len(address) <= 320:
-                await asyncio.to_thread(
-                    self.ledger.add_optout,
+                await self.optouts.add(
                     "email",
                     optout.digest("email", address),
                     optout.hint("email", address),
@@ -116,12 +115,11 @@ class Aftercare:
         """Apply the in-doubt policy to notifications nobody confirmed in time. Returns how many."""
         settings = self.config.dispatch.in_doubt
         now = self.clock()
-        overdue = await asyncio.to_thread(self.ledger.overdue_in_doubt, now - settings.wait, 500)
+        overdue = await self.after_send.overdue_in_doubt(now - settings.wait, 500)
         held = []
         for n in overdue:
             if settings.policy == "resend" and n.resends == 0:
-                if await asyncio.to_thread(
-                    self.ledger.resend,
+                if await self.after_send.resend(
                     n.id,
                     now,
                     f"resent: no confirmation after {settings.wait}",
@@ -137,7 +135,7 @@ class Aftercare:
                 continue
             held.append(n.id)
         if held:
-            await asyncio.to_thread(self.ledger.mark_alerted, held)
+            await self.after_send.mark_alerted(held)
             metrics.inc("connector_in_doubt_alerts_total", len(held))
             log.error(
                 "notification.in_doubt_unresolved",
@@ -151,9 +149,7 @@ class Aftercare:
     async def check_receipts(self, reader: ReceiptReader, limit: int = 50) -> int:
         """Ask Paubox about sent notifications no webhook reported on. Returns how many were updated."""
         now = self.clock()
-        waiting = await asyncio.to_thread(
-            self.ledger.awaiting_receipt, now - self.config.dispatch.receipts_after, limit
-        )
+        waiting = await self.after_send.awaiting_receipt(now - self.config.dispatch.receipts_after, limit)
         updated = 0
         for n in waiting:
             assert n.tracking_id is not None
@@ -164,5 +160,5 @@ class Aftercare:
                 break
             if found is not None:
                 status, rank = found
-                updated += await asyncio.to_thread(self.ledger.record_delivery, n.key, None, status, rank, now)
+                updated += await self.after_send.record_delivery(n.key, None, status, rank, now)
         return updated

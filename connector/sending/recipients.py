@@ -12,14 +12,15 @@ from typing import Any
 
 import structlog
 
-from connector import fhir, intake, optout
-from connector.cache import ResourceCache
+from connector import fhir, optout
 from connector.config.sources import ConsentCheck
 from connector.errors import ResourceError, SourceError
+from connector.fhir import check_modifiers
 from connector.ledger import NotificationRecord, OptOut
+from connector.ledger.abc import OptOuts
 from connector.ledger.batching import Coalesced
-from connector.ledger.sql import SqlLedger
 from connector.models import State
+from connector.sources.cache import ResourceCache
 from connector.sources.fhir_poll import FhirPollSource
 
 MAX_LINK_HOPS = 3
@@ -30,9 +31,9 @@ log = structlog.get_logger("connector.recipients")
 OptOutLookup = Callable[[list[tuple[str, str]]], Awaitable[OptOut | None]]
 
 
-def optout_lookup(ledger: SqlLedger) -> OptOutLookup:
+def optout_lookup(optouts: OptOuts) -> OptOutLookup:
     """Look-ups from concurrent tasks share one query (see connector.ledger.batching)."""
-    many = Coalesced(ledger.opted_out_many)
+    many = Coalesced(optouts.opted_out_many)
 
     async def opted_out(candidates: list[tuple[str, str]]) -> OptOut | None:
         return (await many([candidates]))[0]
@@ -119,7 +120,7 @@ async def resolve(
             return NoRecipient(State.SKIPPED, f"Patient/{current_id} not found on source {source.name!r}")
         try:
             fhir.validate(patient)
-            intake.check_modifiers(patient)
+            check_modifiers(patient)
             successor = fhir.replaced_by(patient)
         except ResourceError as exc:
             return NoRecipient(State.FAILED, str(exc))

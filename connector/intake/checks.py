@@ -13,7 +13,7 @@ is built from type, id, version and element paths; any other error is described 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -68,35 +68,6 @@ def later(a: datetime | None, b: datetime | None) -> datetime | None:
 # -- checks ----------------------------------------------------------------------------------------------
 
 
-def _elements(value: Any, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Every JSON object inside `value` with its FHIR-style path ('Appointment.participant[0]')."""
-    stack: list[tuple[str, Any]] = [(path, value)]
-    while stack:
-        where_, item = stack.pop()
-        if isinstance(item, dict):
-            yield where_, item
-            stack += [(f"{where_}.{k}", v) for k, v in item.items() if isinstance(v, dict | list)]
-        elif isinstance(item, list):
-            stack += [(f"{where_}[{i}]", v) for i, v in enumerate(item) if isinstance(v, dict | list)]
-
-
-def check_modifiers(resource: dict[str, Any]) -> None:
-    """FHIR: a resource with a modifier extension (or implicit rules) that a system does not understand must
-    not be processed as if it were absent. We understand none."""
-    name = safe_text(resource.get("resourceType", "?"), 64)
-    if resource.get("implicitRules"):
-        raise ResourceError(
-            f"{fhir.describe(resource)}: {name}.implicitRules is set; rules the connector does "
-            "not know may change its meaning"
-        )
-    for path, element in _elements(resource, name):
-        if element.get("modifierExtension"):
-            raise ResourceError(
-                f"{fhir.describe(resource)}: {safe_text(path, 120)}.modifierExtension is not "
-                "understood by the connector, so the resource is not processed"
-            )
-
-
 def _check_instant(resource: dict[str, Any], element: str, value: Any) -> None:
     if value is None:
         return
@@ -115,7 +86,7 @@ def check_appointment(resource: dict[str, Any], base: str | None) -> None:
         raise ResourceError(f"{label}: id is not a FHIR id (1-64 of A-Z, a-z, 0-9, '-', '.')")
     if resource.get("status") not in APPOINTMENT_STATUSES:
         raise ResourceError(f"{label}: status is not a code of the AppointmentStatus value set")
-    check_modifiers(resource)
+    fhir.check_modifiers(resource)
     meta = resource["meta"] if isinstance(resource.get("meta"), dict) else {}
     for element, value in (
         ("start", resource.get("start")),

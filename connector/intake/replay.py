@@ -4,24 +4,26 @@ states move. Versions that cannot be processed are listed as quarantined, with t
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Iterable
 from datetime import datetime
 from typing import Any
 
 from connector import fhir
-from connector.intake import examine
-from connector.pipeline import Planner, recorded
+from connector.intake.checks import examine
+from connector.intake.decide import recorded
+from connector.intake.planner import Planner
+from connector.intake.polling import Poller
+from connector.ledger.abc import Reports
 from connector.results import Replay, ReplayItem
 
 
 async def pages_between(
-    planner: Planner, name: str, since: datetime | None, until: datetime | None
+    poller: Poller, name: str, since: datetime | None, until: datetime | None
 ) -> AsyncIterator[fhir.SearchPage]:
     """The appointments a replay or dry run reads, the way the source is configured: changed in
     [since, until] (last-updated, history), or starting in [since, until] (date-window; default the
     configured window). Deletions are left out: they are not replayed."""
-    source = planner.sources[name]
+    source = poller.sources[name]
     strategy = source.config.strategy
     if strategy == "last-updated":
         async for page in source.pages(since, until):
@@ -35,7 +37,7 @@ async def pages_between(
             ]
             yield page
     else:
-        now = planner.clock()
+        now = poller.clock()
         window = source.config.window
         async for page in source.window_pages(since or now - window.past, until or now + window.future):
             yield page
@@ -43,6 +45,7 @@ async def pages_between(
 
 async def replan(
     planner: Planner,
+    reports: Reports,
     name: str,
     pages: AsyncIterator[fhir.SearchPage] | Iterable[fhir.SearchPage],
     dry_run: bool,
@@ -52,22 +55,19 @@ async def replan(
     next poll would). Unless `dry_run`, new notifications and quarantined versions are recorded."""
     result = Replay()
     keys: set[str] = set()
-    ledger = planner.ledger
     async for page in _aiter(pages):
         examined = examine(page, None, planner.config.sources[name].base_url)
-        decision = await planner.decide_page(name, examined, first_sight)
+        decision = await planner.decide(name, examined, first_sight)
         quarantined = [s for s in recorded(examined, decision) if s.problem]
         planned = []
         for notification in decision.notifications:  # several versions may plan one key
             if notification.key not in keys:
                 keys.add(notification.key)
                 planned.append(notification)
-        existing = await asyncio.to_thread(ledger.existing, [p.key for p in planned])
+        existing = await reports.existing([p.key for p in planned])
         inserted: set[str] = set()
         if not dry_run:
-            inserted = set(
-                await asyncio.to_thread(ledger.record_page, name, planned, quarantined, None, {}, decision.withdrawals)
-            )
+            inserted = set(await planner.intake.record_page(name, planned, quarantined, None, {}, decision.withdrawals))
             planner.remember(name, page)
         result.items += [ReplayItem(p, existing.get(p.key), p.key in inserted) for p in planned]
         result.notes += decision.notes
