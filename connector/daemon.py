@@ -12,6 +12,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -20,12 +21,14 @@ from starlette.applications import Starlette
 from connector import metrics
 from connector.logs import where
 from connector.results import CycleReport, DispatchReport, PollReport
-from connector.runtime import Runtime
 from connector.sending.aftercare import ReceiptReader
 from connector.web import health, httpserver
 from connector.web.app import create_app
 from connector.web.fhir import FhirEndpoints
 from connector.web.httpserver import EmbeddedServer, listen
+
+if TYPE_CHECKING:
+    from connector.runtime import Runtime
 
 log = structlog.get_logger("connector.daemon")
 

@@ -18,19 +18,21 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import structlog
 from prometheus_client.core import GaugeMetricFamily, Metric
 from sqlalchemy.exc import SQLAlchemyError
 
 from connector import health
-from connector.config import Config
 from connector.health import MAILER_STATES, Finding, MailerFacts, SourceFacts
-from connector.ledger.abc import Health
 from connector.ledger.health import LedgerGauges, SqlHealth, describe, probe_engine
 from connector.logs import where
-from connector.metrics import Metrics
+
+if TYPE_CHECKING:
+    from connector.config import Config
+    from connector.ledger.abc import Health
+    from connector.metrics import Metrics
 
 log = structlog.get_logger("connector.monitor")
 T = TypeVar("T")

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
-from connector.ledger import NotificationRecord, SeenVersion
-from connector.models import PlannedNotification, PlanNote
+if TYPE_CHECKING:
+    from connector.ledger import NotificationRecord, SeenVersion
+    from connector.models import PlannedNotification, PlanNote
 
 
 @dataclass

@@ -14,16 +14,14 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import httpx
 import structlog
 from sqlalchemy.engine import make_url
 
 from connector import metrics
-from connector.config import Config
 from connector.crm.inbox import Keyring
-from connector.delivery import Mailer
 from connector.delivery.paubox import PauboxRestMailer
 from connector.delivery.smtp import PauboxSmtpMailer
 from connector.errors import LedgerError
@@ -36,16 +34,20 @@ from connector.ledger.aio import AsyncLedger
 from connector.ledger.sql import SqlLedger, check_optouts, open_ledger, sqlite_folder
 from connector.mapping.loader import MappingSet, load_mappings
 from connector.metrics import Metrics
-from connector.models import Clock
 from connector.monitor import Monitor
 from connector.sending.aftercare import Aftercare
 from connector.sending.appointment import AppointmentPreparer
 from connector.sending.crm import CrmPreparer
 from connector.sending.dispatch import Dispatcher
-from connector.sending.preparer import Preparer
 from connector.sources.cache import ResourceCache
 from connector.sources.fhir_poll import FhirPollSource
 from connector.web.crm import CrmReceiver
+
+if TYPE_CHECKING:
+    from connector.config import Config
+    from connector.delivery import Mailer
+    from connector.models import Clock
+    from connector.sending.preparer import Preparer
 
 log = structlog.get_logger("connector.runtime")
 

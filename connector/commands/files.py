@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from connector import config as configuration
 from connector import fhir
@@ -19,7 +19,9 @@ from connector.intake.checks import examine
 from connector.lifecycle import appointment_zone
 from connector.mapping.engine import RenderRequest, render
 from connector.mapping.loader import load_mappings
-from connector.models import Email
+
+if TYPE_CHECKING:
+    from connector.models import Email
 
 
 @dataclass(frozen=True)

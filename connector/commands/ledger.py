@@ -8,19 +8,21 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from connector import health, optout
-from connector.config import Config
 from connector.health import Finding, SourceFacts
 from connector.ledger import OptOut, Rekeyed, migrate
 from connector.ledger.engine import make_engine
-from connector.ledger.health import SqlHealth
 from connector.ledger.sql import open_ledger, sqlite_folder, unreachable
 from connector.models import State
+
+if TYPE_CHECKING:
+    from connector.config import Config
+    from connector.ledger.health import SqlHealth
 
 
 def health_facts(config: Config, store: SqlHealth, now: datetime) -> list[Finding]:

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from connector import config as configuration
 from connector.commands.files import read_resource_file
-from connector.config import Config
 from connector.daemon import run_forever, run_once
 from connector.delivery import Outcome, Verdict
 from connector.errors import ConnectorError
@@ -19,6 +18,9 @@ from connector.models import Clock, Email, State, system_clock
 from connector.results import CycleReport, DryRun, Replay, Replayed, ReplayItem
 from connector.runtime import Runtime
 from connector.sending.recipients import NoRecipient, optout_lookup, resolve
+
+if TYPE_CHECKING:
+    from connector.config import Config
 
 
 class NoMailer:

@@ -10,13 +10,15 @@ import base64
 import binascii
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from connector.config.sources import InboxConfig
 from connector.errors import ConfigError, ConnectorError, Problem, ResourceError
+
+if TYPE_CHECKING:
+    from connector.config.sources import InboxConfig
 
 NONCE = 12
 

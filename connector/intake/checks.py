@@ -16,13 +16,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from connector import fhir
 from connector.errors import ConnectorError, ResourceError
 from connector.ledger import SeenVersion
 from connector.logs import safe_text, unsafe, where
-from connector.models import PlannedNotification
+
+if TYPE_CHECKING:
+    from connector.models import PlannedNotification
 
 APPOINTMENT_STATUSES = frozenset(
     {

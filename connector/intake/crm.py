@@ -10,22 +10,24 @@ preparer (connector.sending.crm).
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from connector import metrics
-from connector.config import Config
 from connector.crm.inbox import Keyring, open_event
 from connector.intake.checks import check_storable, reason
 from connector.ledger import SeenVersion
-from connector.ledger.abc import Inbox
 from connector.ledger.engine import unavailable
 from connector.logs import safe_text, where
 from connector.mapping.engine import plan_crm
-from connector.mapping.loader import MappingSet
 from connector.models import Clock, PlannedNotification
 from connector.timing import QuietHours
+
+if TYPE_CHECKING:
+    from connector.config import Config
+    from connector.ledger.abc import Inbox
+    from connector.mapping.loader import MappingSet
 
 log = structlog.get_logger("connector.crm")
 Outcome = tuple[Any, list[PlannedNotification], SeenVersion | None]  # inbox row, its notifications, quarantine

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
-from connector.config.sources import FhirPollSourceConfig
 from connector.intake.checks import later
+
+if TYPE_CHECKING:
+    from connector.config.sources import FhirPollSourceConfig
 
 
 def since(cursor: datetime | None, settings: FhirPollSourceConfig, now: datetime) -> datetime:

@@ -13,17 +13,19 @@ values, and the mappings that failed come back as values for the caller to log.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from connector import fhir
-from connector.config.sources import FhirPollSourceConfig
 from connector.intake.checks import Examined, Seen, check_storable, reason, seen_key
 from connector.ledger import SeenVersion, Withdrawal
 from connector.lifecycle import Snapshot, Transition, appointment_zone, is_stale, snapshot, synthesized, transitions
 from connector.mapping.engine import Situation, plan
-from connector.mapping.loader import MappingSet
-from connector.models import Clock, PlannedNotification, PlanNote
-from connector.timing import QuietHours
+
+if TYPE_CHECKING:
+    from connector.config.sources import FhirPollSourceConfig
+    from connector.mapping.loader import MappingSet
+    from connector.models import Clock, PlannedNotification, PlanNote
+    from connector.timing import QuietHours
 
 Triple = tuple[str, str, str]  # (resource type, id, version)
 

@@ -15,23 +15,25 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from connector import fhir, metrics
-from connector.config import Config
 from connector.errors import ResourceError
 from connector.intake.checks import Examined, check_storable, examine, reason, seen_key, triples
 from connector.intake.decide import Decision, Rules, decide, deleted_version, deletion, recorded, triple
 from connector.ledger import SeenVersion
-from connector.ledger.abc import Intake
 from connector.ledger.engine import unavailable
 from connector.logs import safe_text, where
-from connector.mapping.loader import MappingSet
-from connector.models import Clock
-from connector.sources.cache import ResourceCache
 from connector.timing import QuietHours
+
+if TYPE_CHECKING:
+    from connector.config import Config
+    from connector.ledger.abc import Intake
+    from connector.mapping.loader import MappingSet
+    from connector.models import Clock
+    from connector.sources.cache import ResourceCache
 
 log = structlog.get_logger("connector.pipeline")
 

@@ -16,7 +16,7 @@ this one skip.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import structlog
@@ -25,11 +25,13 @@ from connector import fhir, metrics
 from connector.errors import SourceError
 from connector.intake.cursor import PollWindow, Progress, in_future, since
 from connector.intake.decide import newest_per_id
-from connector.intake.planner import Planner
-from connector.ledger.abc import Intake
-from connector.models import Clock
 from connector.results import PollReport
-from connector.sources.fhir_poll import FhirPollSource
+
+if TYPE_CHECKING:
+    from connector.intake.planner import Planner
+    from connector.ledger.abc import Intake
+    from connector.models import Clock
+    from connector.sources.fhir_poll import FhirPollSource
 
 log = structlog.get_logger("connector.pipeline")
 

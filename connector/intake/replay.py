@@ -6,15 +6,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from connector import fhir
 from connector.intake.checks import examine
 from connector.intake.decide import recorded
-from connector.intake.planner import Planner
-from connector.intake.polling import Poller
-from connector.ledger.abc import Reports
 from connector.results import Replay, ReplayItem
+
+if TYPE_CHECKING:
+    from connector.intake.planner import Planner
+    from connector.intake.polling import Poller
+    from connector.ledger.abc import Reports
 
 
 async def pages_between(

@@ -11,19 +11,21 @@ seeing the same version are one event: seen versions and notification keys make 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from connector.config import Config
-from connector.config.sources import FhirPollSourceConfig
 from connector.errors import ResourceError, SourceError
 from connector.intake.notifications import Notification, gap, parse_bundle
-from connector.intake.planner import Planner
-from connector.intake.polling import Poller
-from connector.ledger.abc import Intake
-from connector.models import Clock
-from connector.sources.fhir_poll import FhirPollSource
+
+if TYPE_CHECKING:
+    from connector.config import Config
+    from connector.config.sources import FhirPollSourceConfig
+    from connector.intake.planner import Planner
+    from connector.intake.polling import Poller
+    from connector.ledger.abc import Intake
+    from connector.models import Clock
+    from connector.sources.fhir_poll import FhirPollSource
 
 log = structlog.get_logger("connector.subscriptions")
 

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING
 
-from connector.models import State
+if TYPE_CHECKING:
+    from connector.models import State
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from connector.health import MailerFacts
-from connector.ledger import NotificationRecord, OptOut, SeenVersion, SendResult, Withdrawal
-from connector.lifecycle import Snapshot
-from connector.models import PlannedNotification, State
+if TYPE_CHECKING:
+    from connector.health import MailerFacts
+    from connector.ledger import NotificationRecord, OptOut, SeenVersion, SendResult, Withdrawal
+    from connector.lifecycle import Snapshot
+    from connector.models import PlannedNotification, State
 
 
 class Intake(Protocol):

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, func, select, update
 
-from connector.ledger import NotificationRecord
 from connector.ledger.engine import N, SqlRole, record, utcnow
 from connector.models import State
+
+if TYPE_CHECKING:
+    from connector.ledger import NotificationRecord
 
 
 class SqlAfterSend(SqlRole):

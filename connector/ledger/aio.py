@@ -11,20 +11,21 @@ import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-from connector.health import MailerFacts
-from connector.ledger import NotificationRecord, OptOut, SeenVersion, SendResult, Withdrawal
-from connector.ledger.after_send import SqlAfterSend
-from connector.ledger.health import SqlHealth
-from connector.ledger.inbox import SqlInbox
-from connector.ledger.intake import SqlIntake
-from connector.ledger.optouts import SqlOptOuts
-from connector.ledger.outbox import SqlOutbox
-from connector.ledger.reports import SqlReports
-from connector.ledger.sql import SqlLedger
-from connector.lifecycle import Snapshot
-from connector.models import PlannedNotification, State
+if TYPE_CHECKING:
+    from connector.health import MailerFacts
+    from connector.ledger import NotificationRecord, OptOut, SeenVersion, SendResult, Withdrawal
+    from connector.ledger.after_send import SqlAfterSend
+    from connector.ledger.health import SqlHealth
+    from connector.ledger.inbox import SqlInbox
+    from connector.ledger.intake import SqlIntake
+    from connector.ledger.optouts import SqlOptOuts
+    from connector.ledger.outbox import SqlOutbox
+    from connector.ledger.reports import SqlReports
+    from connector.ledger.sql import SqlLedger
+    from connector.lifecycle import Snapshot
+    from connector.models import PlannedNotification, State
 
 P = ParamSpec("P")
 R = TypeVar("R")

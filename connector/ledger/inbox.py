@@ -6,14 +6,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, select, update
 
-from connector.ledger import SeenVersion
 from connector.ledger.engine import INBOX, utcnow
 from connector.ledger.writes import PlanWrites
-from connector.models import PlannedNotification
+
+if TYPE_CHECKING:
+    from connector.ledger import SeenVersion
+    from connector.models import PlannedNotification
 
 
 class SqlInbox(PlanWrites):

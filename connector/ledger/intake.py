@@ -11,16 +11,18 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, text
 from sqlalchemy.engine import Connection
 
-from connector.ledger import SeenVersion, Withdrawal
 from connector.ledger.engine import NOTIFIED, SUB, A, C, N, S
 from connector.ledger.writes import PlanWrites
 from connector.lifecycle import Snapshot
-from connector.models import PlannedNotification
+
+if TYPE_CHECKING:
+    from connector.ledger import SeenVersion, Withdrawal
+    from connector.models import PlannedNotification
 
 
 class SqlIntake(PlanWrites):

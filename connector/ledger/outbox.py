@@ -13,13 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import String, and_, bindparam, case, func, or_, select, update
 
-from connector.ledger import NotificationRecord, SendResult
 from connector.ledger.engine import N, SqlRole, record, utcnow
 from connector.models import State
+
+if TYPE_CHECKING:
+    from connector.ledger import NotificationRecord, SendResult
 
 # The writes that follow each send, built once (SQLAlchemy caches their compiled form) and run with
 # executemany. Bind names differ from column names, as executemany UPDATEs require.

@@ -17,13 +17,13 @@ Protocols of connector.ledger.abc. Only the wiring (connector.runtime, connector
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
-from connector.config import Config
 from connector.errors import LedgerError
 from connector.ledger import migrate
 from connector.ledger.after_send import SqlAfterSend
@@ -35,6 +35,9 @@ from connector.ledger.optouts import SqlOptOuts
 from connector.ledger.outbox import SqlOutbox
 from connector.ledger.reports import SqlReports
 from connector.optout import OptOutKeys
+
+if TYPE_CHECKING:
+    from connector.config import Config
 
 log = structlog.get_logger("connector.runtime")
 

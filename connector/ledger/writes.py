@@ -6,14 +6,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from sqlalchemy import bindparam, update
 from sqlalchemy.engine import Connection
 
-from connector.ledger import SeenVersion, Withdrawal
 from connector.ledger.engine import A, C, N, S, SqlRole, utcnow
-from connector.lifecycle import Snapshot
 from connector.models import PlannedNotification, State
+
+if TYPE_CHECKING:
+    from connector.ledger import SeenVersion, Withdrawal
+    from connector.lifecycle import Snapshot
 
 
 class PlanWrites(SqlRole):

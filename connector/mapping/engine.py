@@ -8,15 +8,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from connector.errors import ConnectorError
 from connector.fhir import display_name, parse_instant
 from connector.lifecycle import BOOKED, REMOVED, RESCHEDULED, Transition
-from connector.mapping.loader import Mapping, MappingSet
 from connector.mapping.templates import safe_error
 from connector.models import Email, PlannedNotification, PlanNote, State
 from connector.timing import QuietHours, offset_label, schedule
+
+if TYPE_CHECKING:
+    from connector.mapping.loader import Mapping, MappingSet
 
 MAX_KEY_LENGTH = 500
 

@@ -13,18 +13,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import structlog
 
 from connector import jsontext, metrics, optout
-from connector.config import Config
 from connector.delivery.paubox import NOTIFICATION_HEADER
 from connector.delivery.status import WEBHOOK_EVENTS, from_receipt
 from connector.errors import ConnectorError
 from connector.fhir import parse_instant
-from connector.ledger.abc import AfterSend, OptOuts
 from connector.models import Clock, State
+
+if TYPE_CHECKING:
+    from connector.config import Config
+    from connector.ledger.abc import AfterSend, OptOuts
 
 log = structlog.get_logger("connector.aftercare")
 

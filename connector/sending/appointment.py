@@ -9,20 +9,23 @@ one is rendered from the remembered state (connector.lifecycle.synthesized), as 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from connector import fhir
-from connector.config import Config
 from connector.errors import SourceError
-from connector.ledger import NotificationRecord
-from connector.ledger.abc import Intake, OptOuts
 from connector.lifecycle import CANCELLED, NOSHOW, appointment_zone, still_wanted, synthesized
 from connector.mapping.engine import RenderError, RenderRequest, render
-from connector.mapping.loader import Mapping
 from connector.models import State
 from connector.sending.preparer import Gone, NoSource, NotSendable, NotYet, Prepared
 from connector.sending.recipients import NoRecipient, optout_lookup, prefetch, read_cached, resolve
-from connector.sources.cache import ResourceCache
-from connector.sources.fhir_poll import FhirPollSource
+
+if TYPE_CHECKING:
+    from connector.config import Config
+    from connector.ledger import NotificationRecord
+    from connector.ledger.abc import Intake, OptOuts
+    from connector.mapping.loader import Mapping
+    from connector.sources.cache import ResourceCache
+    from connector.sources.fhir_poll import FhirPollSource
 
 
 class AppointmentPreparer:

@@ -5,21 +5,24 @@ the address read with the mapping's `recipient.path`, checked against the opt-ou
 from __future__ import annotations
 
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import httpx
 
 from connector import optout
 from connector.addresses import usable
-from connector.config import Config
 from connector.crm.inbox import Keyring, SealError, open_event
 from connector.errors import ResourceError, SourceError
-from connector.ledger import NotificationRecord
-from connector.ledger.abc import Inbox, OptOuts
 from connector.mapping.engine import CrmRenderRequest, RenderError, render_crm
-from connector.mapping.loader import Mapping
 from connector.models import State
 from connector.sending.preparer import NotSendable, NotYet, Prepared
 from connector.sources.hubspot import HubSpotClient
+
+if TYPE_CHECKING:
+    from connector.config import Config
+    from connector.ledger import NotificationRecord
+    from connector.ledger.abc import Inbox, OptOuts
+    from connector.mapping.loader import Mapping
 
 
 class CrmPreparer:

@@ -15,26 +15,28 @@ from collections import deque
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from connector import metrics
-from connector.config import Config
 from connector.delivery import BulkMailer, Mailer, Outcome, Signal
 from connector.delivery.gate import GateState, MailerGate
 from connector.delivery.retry import RetryPolicy
 from connector.health import MailerFacts, mailer_facts
-from connector.ledger import NotificationRecord, SendResult
-from connector.ledger.abc import Outbox
 from connector.ledger.batching import Coalesced
 from connector.ledger.engine import unavailable
 from connector.logs import where
-from connector.mapping.loader import MappingSet
 from connector.models import Clock, Email, State
 from connector.results import DispatchReport, Step
 from connector.sending.preparer import Deletions, Gone, NoSource, NotSendable, NotYet, Preparer
 from connector.sending.steps import after_crash, recording
+
+if TYPE_CHECKING:
+    from connector.config import Config
+    from connector.ledger import NotificationRecord, SendResult
+    from connector.ledger.abc import Outbox
+    from connector.mapping.loader import MappingSet
 
 log = structlog.get_logger("connector.dispatch")
 MAX_PUT_BACK = 10_000  # a run that put back this many stops claiming (a source down with a large backlog)

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from connector.ledger import NotificationRecord
-from connector.mapping.loader import Mapping
 from connector.models import Email, State
+
+if TYPE_CHECKING:
+    from connector.ledger import NotificationRecord
+    from connector.mapping.loader import Mapping
 
 
 @dataclass(frozen=True)

@@ -8,20 +8,22 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from connector import fhir, optout
-from connector.config.sources import ConsentCheck
 from connector.errors import ResourceError, SourceError
 from connector.fhir import check_modifiers
 from connector.ledger import NotificationRecord, OptOut
-from connector.ledger.abc import OptOuts
 from connector.ledger.batching import Coalesced
 from connector.models import State
-from connector.sources.cache import ResourceCache
-from connector.sources.fhir_poll import FhirPollSource
+
+if TYPE_CHECKING:
+    from connector.config.sources import ConsentCheck
+    from connector.ledger.abc import OptOuts
+    from connector.sources.cache import ResourceCache
+    from connector.sources.fhir_poll import FhirPollSource
 
 MAX_LINK_HOPS = 3
 PREFETCH = 50  # ids per `_id` search

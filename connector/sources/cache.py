@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from connector.fhir import last_updated
-from connector.models import Clock
+
+if TYPE_CHECKING:
+    from connector.models import Clock
 
 
 class ResourceCache:

@@ -7,12 +7,14 @@ type, id and HTTP status, never the answer.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from connector.config.sources import CrmSourceConfig
 from connector.errors import SourceError
+
+if TYPE_CHECKING:
+    from connector.config.sources import CrmSourceConfig
 
 # subscriptionType prefix → CRM object type in the v3 API
 OBJECT_TYPES = {"contact": "contacts", "company": "companies", "deal": "deals", "ticket": "tickets"}

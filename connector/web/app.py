@@ -11,13 +11,17 @@ Endpoints verify, parse and hand over; no mapping logic lives here. Bodies are P
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from connector.config import Config
-from connector.sending.aftercare import Aftercare
 from connector.web import paubox
 from connector.web.common import guarded
+
+if TYPE_CHECKING:
+    from connector.config import Config
+    from connector.sending.aftercare import Aftercare
 
 
 def create_app(config: Config, aftercare: Aftercare, extra_routes: list[Route] | None = None) -> Starlette:

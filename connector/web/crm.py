@@ -15,6 +15,7 @@ import hmac
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import structlog
 from starlette.requests import Request
@@ -22,9 +23,6 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from connector import jsontext, metrics
-from connector.config import Config
-from connector.config.sources import CrmSourceConfig
-from connector.crm.inbox import Keyring
 from connector.crm.parse import (
     BodyError,
     CrmEvent,
@@ -36,9 +34,14 @@ from connector.crm.parse import (
 )
 from connector.crm.verify import SignatureError, verify_hmac, verify_hubspot_v3, verify_standard_webhook
 from connector.errors import ConfigError
-from connector.ledger.abc import Inbox
-from connector.models import Clock
 from connector.web.common import BodyTooLarge, problem, read_body
+
+if TYPE_CHECKING:
+    from connector.config import Config
+    from connector.config.sources import CrmSourceConfig
+    from connector.crm.inbox import Keyring
+    from connector.ledger.abc import Inbox
+    from connector.models import Clock
 
 log = structlog.get_logger("connector.crm")
 MAX_ID, MAX_TYPE = 200, 100  # the inbox columns; longer ones are refused, never cut (ids are dedup keys)

@@ -14,7 +14,7 @@ bodies are PHI: never logged.
 from __future__ import annotations
 
 import hmac
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -24,12 +24,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from connector import fhir, metrics
-from connector.config import Config
 from connector.errors import ResourceError
 from connector.intake.notifications import parse_bundle
-from connector.intake.subscriptions import SubscriptionHub
 from connector.logs import where
 from connector.web.common import BodyTooLarge, loads, read_body
+
+if TYPE_CHECKING:
+    from connector.config import Config
+    from connector.intake.subscriptions import SubscriptionHub
 
 log = structlog.get_logger("connector.subscriptions")
 

@@ -8,12 +8,16 @@ GET /metrics   Prometheus text (connector.monitor.Monitor.exposition)
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from connector import health
-from connector.monitor import Monitor
+
+if TYPE_CHECKING:
+    from connector.monitor import Monitor
 
 
 def routes(monitor: Monitor) -> list[Route]:

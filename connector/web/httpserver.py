@@ -21,6 +21,7 @@ import errno
 import json
 import socket
 from collections.abc import Generator
+from typing import TYPE_CHECKING
 
 import h11
 import structlog
@@ -29,8 +30,10 @@ from starlette.types import ASGIApp
 from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
 
 from connector import metrics
-from connector.config.server import ServerConfig
 from connector.errors import InfrastructureError
+
+if TYPE_CHECKING:
+    from connector.config.server import ServerConfig
 
 log = structlog.get_logger("connector.web")
 

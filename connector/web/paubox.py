@@ -5,15 +5,18 @@ and an optional source-address allowlist authenticate the caller. The event goes
 from __future__ import annotations
 
 import hmac
+from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from connector.config import Config
 from connector.errors import ConnectorError
-from connector.sending.aftercare import Aftercare
 from connector.web.common import BodyTooLarge, client_allowed, loads, problem, read_body
+
+if TYPE_CHECKING:
+    from connector.config import Config
+    from connector.sending.aftercare import Aftercare
 
 
 def routes(config: Config, aftercare: Aftercare) -> list[Route]:
