@@ -437,7 +437,7 @@ async def test_a_mapping_can_read_the_hubspot_object_it_needs(tmp_path: Path, mo
         assert [(m["recipients"], m["subject"]) for m in paubox.messages] == [
             (["ottoline.hs@example.org"], "Welcome, Ottoline")
         ]
-        skipped = runtime.ledger.notifications([State.SKIPPED], 10)
+        skipped = runtime.ledger.reports.notifications([State.SKIPPED], 10)
         assert [r.reason for r in skipped] == ["the CRM object no longer exists"]
     finally:
         await runtime.aclose()
@@ -452,7 +452,7 @@ async def test_refused_requests_are_counted_in_the_ledger_for_status(crm: Crm) -
     await crm.standard(REGISTERED, secret="whsec_" + base64.b64encode(b"another-secret").decode())
     await crm.client.post("/webhooks/crm/nope", content=b"{}")
     await aftercare(crm.runtime)
-    counts = {(e, r): n for e, r, n, _ in crm.runtime.ledger.rejections()}
+    counts = {(e, r): n for e, r, n, _ in crm.runtime.ledger.reports.rejections()}
     assert counts == {("crm:std", "signature mismatch"): 2, ("crm", "unknown source"): 1}
 
 
@@ -517,7 +517,7 @@ async def test_crm_events_that_cannot_be_processed_are_quarantined_and_block_not
         )
 
     try:
-        runtime.ledger.inbox_add(
+        runtime.ledger.inbox.add(
             [
                 event("e1", "patient.registered", {"email": "zebulon.crm@example.org", "name": "Zebulon"}),
                 event("e2", "patient.referred", {"email": "ottoline.crm@example.org", "ref": "r\ud800"}),
@@ -533,7 +533,7 @@ async def test_crm_events_that_cannot_be_processed_are_quarantined_and_block_not
             "ottoline.crm@example.org",
             "zebulon.crm@example.org",
         ]
-        problems = {seen.version: seen.problem or "" for _, seen in runtime.ledger.problems(10)}
+        problems = {seen.version: seen.problem or "" for _, seen in runtime.ledger.reports.problems(10)}
         assert set(problems) == {"e2", "e3"}
         assert "the notification key is longer than 512 characters or holds control characters" in problems["e2"]
         assert "is not a JSON object" in problems["e3"]
@@ -541,8 +541,8 @@ async def test_crm_events_that_cannot_be_processed_are_quarantined_and_block_not
         assert shown["quarantined"] == {"std": 2}
         assert [(n.resource_version, n.state) for n in shown["attention"]] == [("e5", State.FAILED)]
         assert "cannot be encoded as JSON" in (shown["attention"][0].reason or "")
-        [skipped] = runtime.ledger.notifications([State.SKIPPED], 10)
+        [skipped] = runtime.ledger.reports.notifications([State.SKIPPED], 10)
         assert skipped.resource_version == "e6" and "no usable email address" in (skipped.reason or "")
-        assert runtime.ledger.inbox_pending(10) == []
+        assert runtime.ledger.inbox.pending(10) == []
     finally:
         await runtime.aclose()

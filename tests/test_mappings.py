@@ -11,7 +11,7 @@ import pytest
 
 from connector.errors import ConfigError
 from connector.lifecycle import snapshot, transitions
-from connector.mapping.engine import Situation, plan, render
+from connector.mapping.engine import RenderRequest, Situation, plan, render
 from connector.mapping.loader import MappingSet, load_mappings
 from connector.models import PlannedNotification, State
 from tests.factories import appointment, hl7, patient
@@ -164,21 +164,19 @@ def test_render_text_and_autoescaped_html(tmp_path: Path) -> None:
     mappings = load_mappings(tmp_path / "m")
     visit = appointment("a1", "p1", datetime(2026, 12, 1, 14, 30, tzinfo=UTC))
     person = patient("p1", "<script>alert(1)</script>", email="x@example.org")
-    email = render(
-        mappings.get("appointment-booked"),
+    request = RenderRequest(
         key="k",
-        to="x@example.org",  # type: ignore[arg-type]
+        to="x@example.org",
         appointment=visit,
         patient=person,
         event="booked",
         source="ehr",
-        languages=[],
         timezone="America/New_York",
         locale="en_US",
         now=NOW,
         default_from="c@example.org",
-        default_reply_to=None,
     )
+    email = render(mappings.get("appointment-booked"), request)  # type: ignore[arg-type]
     assert email.subject == "Your appointment at Example Clinic on December 1, 2026"
     assert "Tuesday, December 1, 2026" in email.text and "9:30 AM EST" in email.text
     assert "<script>" in email.text  # plain text is not HTML
@@ -188,19 +186,17 @@ def test_render_text_and_autoescaped_html(tmp_path: Path) -> None:
 def test_render_in_another_locale(tmp_path: Path) -> None:
     mappings = load_mappings(ROOT / "mappings")
     visit = appointment("a1", "p1", datetime(2026, 12, 1, 14, 30, tzinfo=UTC))
-    email = render(
-        mappings.get("appointment-booked"),
+    request = RenderRequest(
         key="k",
-        to="x@example.org",  # type: ignore[arg-type]
+        to="x@example.org",
         appointment=visit,
         patient=patient("p1", "A"),
         event="booked",
         source="ehr",
-        languages=[],
         timezone="Europe/Amsterdam",
         locale="nl_NL",
         now=NOW,
         default_from="c@example.org",
-        default_reply_to=None,
     )
+    email = render(mappings.get("appointment-booked"), request)  # type: ignore[arg-type]
     assert "dinsdag 1 december 2026" in email.text
