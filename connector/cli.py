@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import sys
 import traceback
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal, TypeVar
 
 import typer
 from sqlalchemy.exc import OperationalError
@@ -25,6 +26,7 @@ from connector.sandbox.cli import sandbox_app
 from connector.urls import masked
 
 ENV = Environment()
+T = TypeVar("T")
 app = typer.Typer(
     help="Turn FHIR appointment events into patient emails through Paubox, exactly once.",
     no_args_is_help=True,
@@ -91,10 +93,10 @@ def _fail(exc: ConnectorError) -> typer.Exit:
     return typer.Exit(2)
 
 
-def _ledger_config(config: Path) -> Config:
-    """The config, for a command that touches the ledger only (it needs no other secret)."""
+def _on_ledger(config: Path, work: Callable[[Config], T]) -> T:
+    """A command that touches the ledger only (it reads no other secret); its errors stop it (exit 2)."""
     try:
-        return load_config(config, LEDGER)
+        return work(load_config(config, LEDGER))
     except ConnectorError as exc:
         raise _fail(exc) from None
 
@@ -263,21 +265,14 @@ def replay(
 @app.command()
 def status(config: ConfigOption = ENV.config) -> None:
     """Counts per state, source cursors, and the notifications that need a person (in_doubt, failed)."""
-    try:
-        report.status(ledger.status(load_config(config, LEDGER)))
-    except ConnectorError as exc:
-        raise _fail(exc) from None
+    report.status(_on_ledger(config, ledger.status))
 
 
 @db_app.command("upgrade")
 def db_upgrade(config: ConfigOption = ENV.config) -> None:
     """Create or migrate the ledger schema to this version."""
-    try:
-        cfg = load_config(config, LEDGER)
-        before, after = ledger.db_upgrade(cfg)
-    except ConnectorError as exc:
-        raise _fail(exc) from None
-    report.console.print(f"ledger {masked(cfg.ledger_url)}: schema {before or 'empty'} -> {after}", markup=False)
+    url, (before, after) = _on_ledger(config, lambda cfg: (masked(cfg.ledger_url), ledger.db_upgrade(cfg)))
+    report.console.print(f"ledger {url}: schema {before or 'empty'} -> {after}", markup=False)
 
 
 @app.command()
@@ -314,11 +309,8 @@ def resolve(
     """Decide what happened to an in_doubt notification (or resend a failed one)."""
     if sum((sent, resend, cancel)) != 1:
         raise typer.BadParameter("give exactly one of --sent, --resend, --cancel")
-    cfg = _ledger_config(config)
-    try:
-        done = ledger.resolve(cfg, key, "sent" if sent else "resend" if resend else "cancel")
-    except ConnectorError as exc:
-        raise _fail(exc) from None
+    decision: Literal["sent", "resend", "cancel"] = "sent" if sent else "resend" if resend else "cancel"
+    done = _on_ledger(config, lambda cfg: ledger.resolve(cfg, key, decision))
     if not done:
         report.console.print(
             "no in_doubt notification with that key" + (" (or failed, for --resend)" if resend else ""), markup=False
@@ -359,11 +351,7 @@ def optout_add(
 ) -> None:
     """Never write to this patient or address again (every mapping, every source)."""
     kind, value = _optout_target(identifier, email)
-    cfg = _ledger_config(config)
-    try:
-        added = ledger.optout_add(cfg, kind, value, note)
-    except ConnectorError as exc:
-        raise _fail(exc) from None
+    added = _on_ledger(config, lambda cfg: ledger.optout_add(cfg, kind, value, note))
     report.console.print(f"{'added' if added else 'already on the list'}: {kind} {optout.hint(kind, value)}")
 
 
@@ -373,11 +361,7 @@ def optout_remove(
 ) -> None:
     """Take a patient or address off the opt-out list."""
     kind, value = _optout_target(identifier, email)
-    cfg = _ledger_config(config)
-    try:
-        removed = ledger.optout_remove(cfg, kind, value)
-    except ConnectorError as exc:
-        raise _fail(exc) from None
+    removed = _on_ledger(config, lambda cfg: ledger.optout_remove(cfg, kind, value))
     report.console.print(f"{'removed' if removed else 'not on the list'}: {kind} {optout.hint(kind, value)}")
     if not removed:
         raise typer.Exit(1)
@@ -386,24 +370,14 @@ def optout_remove(
 @optout_app.command("list")
 def optout_list(config: ConfigOption = ENV.config) -> None:
     """The opt-out list. Values are stored as digests; only a masked hint is shown."""
-    cfg = _ledger_config(config)
-    try:
-        entries = ledger.optout_list(cfg)
-    except ConnectorError as exc:
-        raise _fail(exc) from None
-    report.optouts(entries)
+    report.optouts(_on_ledger(config, ledger.optout_list))
 
 
 @optout_app.command("rekey")
 def optout_rekey(config: ConfigOption = ENV.config) -> None:
     """Key the opt-outs stored as plain SHA-256 digests (before optout.keys existed) with the current key
     of optout.keys. Run once after `connector db upgrade`; running it again changes nothing."""
-    cfg = _ledger_config(config)
-    try:
-        result = ledger.optout_rekey(cfg)
-    except ConnectorError as exc:
-        raise _fail(exc) from None
-    report.rekeyed(result)
+    report.rekeyed(_on_ledger(config, ledger.optout_rekey))
 
 
 app.add_typer(sandbox_app, name="sandbox")
