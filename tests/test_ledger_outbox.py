@@ -1,65 +1,14 @@
-"""The ledger contract, run against SQLite and the real PostgreSQL."""
+"""The outbox role of the ledger (claims, sending, outcomes, leases), run against SQLite and the real
+PostgreSQL."""
 
 from __future__ import annotations
 
-import threading
 from datetime import UTC, datetime, timedelta
 
-from connector.ledger import SeenVersion, SendResult
+from connector.ledger import SendResult
 from connector.ledger.sql import SqlLedger
-from connector.models import PlannedNotification, State
-
-NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
-
-
-def planned(key: str, due: datetime = NOW, state: State = State.PENDING) -> PlannedNotification:
-    return PlannedNotification(
-        key=key,
-        source="ehr",
-        mapping="m",
-        event="booked",
-        resource_type="Appointment",
-        resource_id=key,
-        resource_version="1",
-        patient_id="p1",
-        due_at=due,
-        state=state,
-    )
-
-
-def test_unique_key_decides_duplicates(ledger: SqlLedger) -> None:
-    assert ledger.intake.add([planned("a"), planned("b")]) == ["a", "b"]
-    assert ledger.intake.add([planned("a"), planned("c")]) == ["c"]
-    assert ledger.reports.counts()[State.PENDING] == 3
-
-
-def test_concurrent_inserts_of_one_key_keep_one(ledger: SqlLedger) -> None:
-    results: list[list[str]] = []
-    barrier = threading.Barrier(4)
-
-    def insert() -> None:
-        barrier.wait()
-        results.append(ledger.intake.add([planned("same")]))
-
-    threads = [threading.Thread(target=insert) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert sorted(len(r) for r in results) == [0, 0, 0, 1]
-
-
-def test_record_page_is_atomic_and_cursor_never_goes_back(ledger: SqlLedger) -> None:
-    seen = [SeenVersion("Appointment", "a", "1", NOW)]
-    ledger.intake.record_page("ehr", [planned("a")], seen, NOW)
-    ledger.intake.record_page("ehr", [], [], NOW - timedelta(hours=1))
-    assert ledger.intake.cursor("ehr") == NOW
-    ledger.intake.record_page("ehr", [], [], NOW + timedelta(seconds=1))
-    assert ledger.intake.cursor("ehr") == NOW + timedelta(seconds=1)
-    assert ledger.intake.new_versions("ehr", [("Appointment", "a", "1"), ("Appointment", "a", "2")]) == {
-        ("Appointment", "a", "2")
-    }
-    assert ledger.intake.new_versions("other", [("Appointment", "a", "1")]) == {("Appointment", "a", "1")}
+from connector.models import State
+from tests.factories import NOW, planned
 
 
 def test_claim_send_finish(ledger: SqlLedger) -> None:
@@ -119,81 +68,6 @@ def test_release_gives_back_leases(ledger: SqlLedger) -> None:
     ledger.outbox.claim_due(NOW, 10, "w1", wall + timedelta(minutes=5), wall)
     assert ledger.outbox.release("w1") == 1
     assert len(ledger.outbox.claim_due(NOW, 10, "w2", wall + timedelta(minutes=5), wall)) == 1
-
-
-def test_problems_and_pruning(ledger: SqlLedger) -> None:
-    ledger.intake.record_page(
-        "ehr",
-        [],
-        [
-            SeenVersion("Appointment", "bad", "1", NOW, "not valid FHIR R4: status"),
-            SeenVersion("Appointment", "old", "1", NOW - timedelta(days=1)),
-        ],
-        None,
-    )
-    assert ledger.intake.prune_seen("ehr", NOW - timedelta(hours=1)) == 1
-    [(source, seen)] = ledger.reports.problems(10)
-    assert (source, seen.resource_id, seen.problem) == ("ehr", "bad", "not valid FHIR R4: status")
-
-
-def test_only_one_process_polls_a_source_at_a_time(ledger: SqlLedger) -> None:
-    first = ledger.intake.try_lock_source("ehr")
-    assert first is not False
-    second = ledger.intake.try_lock_source("ehr")
-    other = ledger.intake.try_lock_source("other")
-    if ledger.dialect == "postgresql":
-        assert second is False and other is not False
-    else:  # SQLite: one process per ledger, guarded by the lock file
-        assert second is True
-    ledger.intake.unlock_source(first)
-    ledger.intake.unlock_source(other)
-    again = ledger.intake.try_lock_source("ehr")
-    assert again is not False
-    ledger.intake.unlock_source(again)
-
-
-def test_an_operator_cancelled_doubt_is_never_rearmed(ledger: SqlLedger) -> None:
-    ledger.intake.add([planned("a")])
-    wall = datetime.now(UTC)
-    [record] = ledger.outbox.claim_due(NOW, 10, "w1", wall + timedelta(minutes=5), wall)
-    ledger.outbox.start_sending(record.id, "w1", wall + timedelta(minutes=5))
-    ledger.outbox.finish([SendResult(record.id, State.IN_DOUBT, "timeout")])
-    assert ledger.after_send.resolve("a", State.CANCELLED, "operator", [State.IN_DOUBT])
-    assert ledger.intake.add([planned("a")]) == []  # planned again (a replay): stays cancelled
-    assert ledger.reports.existing(["a"])["a"].state is State.CANCELLED
-
-
-def test_a_withdrawn_never_attempted_notification_is_rearmed(ledger: SqlLedger) -> None:
-    from connector.ledger import Withdrawal
-
-    ledger.intake.add([planned("a")])
-    ledger.intake.record_page("ehr", [], [], None, withdrawals=[Withdrawal("a", ("p1",), "moved")])
-    assert ledger.reports.existing(["a"])["a"].state is State.CANCELLED
-    assert ledger.intake.add([planned("a")]) == ["a"]
-    assert ledger.reports.existing(["a"])["a"].state is State.PENDING
-
-
-def test_remembered_state_never_goes_back_to_an_older_version(ledger: SqlLedger) -> None:
-    from connector.lifecycle import Snapshot
-
-    newer = Snapshot("booked", NOW, NOW, "3", ("p1",), NOW)
-    older = Snapshot("booked", NOW - timedelta(days=1), NOW, "2", ("p1",), NOW - timedelta(minutes=1))
-    ledger.intake.record_page("ehr", [], [], None, {"a1": newer})
-    ledger.intake.record_page("ehr", [], [], None, {"a1": older})
-    assert ledger.intake.snapshots("ehr", ["a1"])["a1"].version == "3"
-
-
-def test_a_webhook_confirms_a_resent_copy_before_it_goes(ledger: SqlLedger) -> None:
-    ledger.intake.add([planned("a")])
-    wall = datetime.now(UTC)
-    [record] = ledger.outbox.claim_due(NOW, 10, "w1", wall + timedelta(minutes=5), wall)
-    ledger.outbox.start_sending(record.id, "w1", wall + timedelta(minutes=5))
-    ledger.outbox.finish([SendResult(record.id, State.IN_DOUBT, "timeout")])
-    assert ledger.after_send.resend(record.id, NOW, "policy", [State.IN_DOUBT], first_only=True)
-    assert ledger.reports.existing(["a"])["a"].first_attempt_at is None  # the age limit starts again
-    assert ledger.after_send.confirm("a", "track-1", "confirmed by a Paubox webhook")  # the first copy arrived
-    assert ledger.reports.existing(["a"])["a"].state is State.SENT
-    assert not ledger.after_send.resend(record.id, NOW, "policy", [State.SENT, State.IN_DOUBT], first_only=True)
 
 
 def test_one_finish_records_every_kind_of_ending(ledger: SqlLedger) -> None:
