@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -200,3 +201,74 @@ def test_render_in_another_locale(tmp_path: Path) -> None:
     )
     email = render(mappings.get("appointment-booked"), request)  # type: ignore[arg-type]
     assert "dinsdag 1 december 2026" in email.text
+
+
+VISIT = appointment("a1", "p1", datetime(2026, 12, 1, 14, 30, tzinfo=UTC))
+ROBIN = patient("p1", "Robin", email="robin@example.org")
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        # What the templates see of a request: the start and end as instants, the patient's display name.
+        ({}, {"start": datetime(2026, 12, 1, 14, 30, tzinfo=UTC), "patient_name": "Robin Testperson"}),
+        (
+            {"appointment": {**VISIT, "start": "not a time"}},
+            {"start": None, "end": datetime(2026, 12, 1, 15, 0, tzinfo=UTC)},
+        ),
+        ({"event": "rescheduled", "source": "west"}, {"event": "rescheduled", "source": "west"}),
+        ({"timezone": "Europe/Amsterdam"}, {"timezone": "Europe/Amsterdam", "now": NOW}),
+    ],
+)
+def test_a_render_request_is_what_the_templates_see(changes: dict[str, object], expected: dict[str, object]) -> None:
+    base = RenderRequest(
+        key="k",
+        to="robin@example.org",
+        appointment=VISIT,
+        patient=ROBIN,
+        event="booked",
+        source="ehr",
+        timezone="UTC",
+        locale="en_US",
+        now=NOW,
+        default_from="clinic@example.org",
+    )
+    context = replace(base, **changes).context()  # type: ignore[arg-type]
+    assert {key: context[key] for key in expected} == expected
+
+
+@pytest.mark.parametrize(
+    ("languages", "reply_to", "subject_starts", "sender", "replies"),
+    [
+        ((), None, "Your appointment", "clinic@example.org", None),
+        (("nl",), "desk@example.org", "Uw afspraak", "clinic@example.org", "desk@example.org"),
+        (("fr", "nl-NL"), None, "Uw afspraak", "clinic@example.org", None),  # the first language it has
+        (("fr",), None, "Your appointment", "clinic@example.org", None),  # none: the mapping's own
+    ],
+)
+def test_a_render_request_chooses_language_and_envelope(
+    languages: tuple[str, ...], reply_to: str | None, subject_starts: str, sender: str, replies: str | None
+) -> None:
+    mappings = load_mappings(ROOT / "mappings")
+    request = RenderRequest(
+        key="k",
+        to="robin@example.org",
+        appointment=VISIT,
+        patient=ROBIN,
+        event="booked",
+        source="ehr",
+        timezone="UTC",
+        locale="en_US",
+        now=NOW,
+        default_from="clinic@example.org",
+        default_reply_to=reply_to,
+        languages=languages,
+    )
+    email = render(mappings.get("appointment-booked"), request)  # type: ignore[arg-type]
+    assert email.subject.startswith(subject_starts)
+    assert (email.notification_key, email.to, email.from_address, email.reply_to) == (
+        "k",
+        "robin@example.org",
+        sender,
+        replies,
+    )
