@@ -22,7 +22,7 @@ from connector.logs import where
 log = structlog.get_logger("connector.web")
 
 
-class BodyTooLarge(ConnectorError):
+class RequestTooLarge(ConnectorError):
     """A request body is larger than `server.max_body` (answered 413, never read whole)."""
 
 
@@ -30,12 +30,12 @@ async def read_body(request: Request, limit: int) -> bytes:
     """The raw body, refusing more than `limit` bytes without reading them all."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge
+        raise RequestTooLarge
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise BodyTooLarge
+            raise RequestTooLarge
     return bytes(body)
 
 

@@ -34,7 +34,7 @@ from connector.crm.parse import (
 )
 from connector.crm.verify import SignatureError, verify_hmac, verify_hubspot_v3, verify_standard_webhook
 from connector.errors import ConfigError
-from connector.web.common import BodyTooLarge, problem, read_body
+from connector.web.common import RequestTooLarge, problem, read_body
 
 if TYPE_CHECKING:
     from connector.config import Config
@@ -124,7 +124,7 @@ class CrmReceiver:
         limit = self.config.server.max_body if self.config.server else 1_000_000
         try:
             body = await read_body(request, limit)
-        except BodyTooLarge:
+        except RequestTooLarge:
             return problem(413, "Content Too Large", endpoint, "body too large")
         headers = dict(request.headers)
         try:

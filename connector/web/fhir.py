@@ -27,7 +27,7 @@ from connector import fhir, metrics
 from connector.errors import ResourceError
 from connector.intake.notifications import parse_bundle
 from connector.logs import where
-from connector.web.common import BodyTooLarge, loads, read_body
+from connector.web.common import RequestTooLarge, loads, read_body
 
 if TYPE_CHECKING:
     from connector.config import Config
@@ -74,7 +74,7 @@ class FhirEndpoints:
         limit = self.config.server.max_body if self.config.server else 1_000_000
         try:
             return name, await read_body(request, limit)
-        except BodyTooLarge:
+        except RequestTooLarge:
             return outcome(413, "too-costly", "the notification is too large", "body too large")
 
     async def notify(self, request: Request) -> Response:

@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from connector.errors import ConnectorError
-from connector.web.common import BodyTooLarge, client_allowed, loads, problem, read_body
+from connector.web.common import RequestTooLarge, client_allowed, loads, problem, read_body
 
 if TYPE_CHECKING:
     from connector.config import Config
@@ -33,7 +33,7 @@ def routes(config: Config, aftercare: Aftercare) -> list[Route]:
             return problem(403, "Forbidden", endpoint, "source address not allowed")
         try:
             body = await read_body(request, limit)
-        except BodyTooLarge:
+        except RequestTooLarge:
             return problem(413, "Content Too Large", endpoint, "body too large")
         try:
             event = loads(body)
