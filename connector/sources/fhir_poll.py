@@ -1,5 +1,5 @@
 """FHIR R4 source: how the connector reads a server. Only I/O lives here (HTTP, auth, paging, retries,
-JSON); what a page means is decided in connector.pipeline.
+JSON); what a page means is decided in connector.intake.
 
 Three ways to find changed appointments, chosen per source (`strategy`):
 
