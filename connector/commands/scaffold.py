@@ -22,7 +22,7 @@ from connector.config import Config, features_off
 from connector.errors import ConnectorError
 from connector.yamlfile import parse_yaml
 
-EXAMPLES = Path(__file__).parent / "examples"
+EXAMPLES = Path(__file__).parent.parent / "examples"  # connector/examples
 Loc = references.Loc
 _COMMENTED_KEY = re.compile(r"^\s*#\s*[A-Za-z0-9_-]+:\s+(.*)$")  # "#   client_id: ${EHR_CLIENT_ID}"
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 if TYPE_CHECKING:
     from connector.health import MailerFacts
-    from connector.ledger import NotificationRecord, OptOut, SeenVersion, SendResult, Withdrawal
+    from connector.ledger import NotificationRecord, OptOut, SeenVersion, SendResult, Withdrawal, abc
     from connector.ledger.after_send import SqlAfterSend
     from connector.ledger.health import SqlHealth
     from connector.ledger.inbox import SqlInbox
@@ -219,15 +219,15 @@ class AsyncHealth:
 
 @dataclass(frozen=True)
 class AsyncLedger:
-    """Every role of one SqlLedger, async."""
+    """Every role of one SqlLedger, async, as its Protocol (mypy checks here that each class implements it)."""
 
-    intake: AsyncIntake
-    outbox: AsyncOutbox
-    after_send: AsyncAfterSend
-    inbox: AsyncInbox
-    optouts: AsyncOptOuts
-    reports: AsyncReports
-    health: AsyncHealth
+    intake: abc.Intake
+    outbox: abc.Outbox
+    after_send: abc.AfterSend
+    inbox: abc.Inbox
+    optouts: abc.OptOuts
+    reports: abc.Reports
+    health: abc.Health
 
     @classmethod
     def over(cls, ledger: SqlLedger) -> AsyncLedger:
