@@ -143,7 +143,7 @@ async def pipeline(spec: dict[str, Any]) -> dict[str, Any]:
     if profiles is not None:
         profiles.main.disable()
     cpu, ledger_cpu = process_cpu() - cpu0, ledger_thread_cpu()
-    counts = {state.value: n for state, n in runtime.ledger.counts().items() if n}
+    counts = {state.value: n for state, n in runtime.ledger.reports.counts().items() if n}
     await runtime.aclose()
     if profiles is not None:
         profiles.dump(spec["profile"])
@@ -170,7 +170,7 @@ async def resync(spec: dict[str, Any]) -> dict[str, Any]:
     runtime = open_runtime(spec)
     rss_open = status_kb("VmRSS")
     t0 = time.perf_counter()
-    polled = await runtime.planner.poll("ehr")
+    polled = await runtime.poller.poll("ehr")
     poll_seconds, rss_poll = time.perf_counter() - t0, status_kb("VmHWM")
     sent, dispatch_seconds = 0, 0.0
     if spec["dispatch_seconds"] > 0:
@@ -181,7 +181,7 @@ async def resync(spec: dict[str, Any]) -> dict[str, Any]:
         report = await runtime.dispatcher.run()
         dispatch_seconds, sent = time.perf_counter() - t1, report.sent
         stop.cancel()
-    counts = {state.value: n for state, n in runtime.ledger.counts().items() if n}
+    counts = {state.value: n for state, n in runtime.ledger.reports.counts().items() if n}
     await runtime.aclose()
     return {
         "poll_seconds": poll_seconds,
@@ -214,7 +214,7 @@ async def latency(spec: dict[str, Any]) -> dict[str, Any]:
         cycles, busy, longest = cycles + 1, busy + took, max(longest, took)
         sent += report.dispatch.sent if report.dispatch else 0
         await asyncio.sleep(max(0.0, interval - took))
-    counts = {state.value: n for state, n in runtime.ledger.counts().items() if n}
+    counts = {state.value: n for state, n in runtime.ledger.reports.counts().items() if n}
     await runtime.aclose()
     return {
         "sent": sent,

@@ -5,25 +5,28 @@ from __future__ import annotations
 import asyncio
 import sys
 import traceback
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal, TypeVar
 
 import typer
 from sqlalchemy.exc import OperationalError
 
-from connector import commands, logs, optout, report
-from connector.config import LEDGER, Environment, load_config
+from connector import logs, optout, report
+from connector.commands import files, ledger, scaffold
+from connector.commands import run as running
+from connector.config import LEDGER, Config, Environment, load_config
 from connector.entry import package_version
 from connector.errors import ConfigError, ConnectorError, InfrastructureError, LedgerError
 from connector.files import write_private
 from connector.ledger.health import describe
-from connector.ledger.sql import SqlLedger
-from connector.models import Clock, State, fixed_clock, system_clock
-from connector.runtime import open_ledger
+from connector.models import Clock, fixed_clock, system_clock
+from connector.sandbox.cli import sandbox_app
 from connector.urls import masked
 
 ENV = Environment()
+T = TypeVar("T")
 app = typer.Typer(
     help="Turn FHIR appointment events into patient emails through Paubox, exactly once.",
     no_args_is_help=True,
@@ -90,9 +93,10 @@ def _fail(exc: ConnectorError) -> typer.Exit:
     return typer.Exit(2)
 
 
-def _ledger(config: Path) -> SqlLedger:
+def _on_ledger(config: Path, work: Callable[[Config], T]) -> T:
+    """A command that touches the ledger only (it reads no other secret); its errors stop it (exit 2)."""
     try:
-        return open_ledger(load_config(config, LEDGER))
+        return work(load_config(config, LEDGER))
     except ConnectorError as exc:
         raise _fail(exc) from None
 
@@ -151,9 +155,9 @@ def run(
     try:
         cfg = load_config(config)
         if dry_run:
-            report.dry_run(asyncio.run(commands.dry_run(cfg, clock)))
+            report.dry_run(asyncio.run(running.dry_run(cfg, clock)))
             return
-        result = asyncio.run(commands.run(cfg, clock, once=once or now is not None))
+        result = asyncio.run(running.run(cfg, clock, once=once or now is not None))
     except ConnectorError as exc:
         raise _fail(exc) from None
     if result is not None:
@@ -171,8 +175,6 @@ def init(
 ) -> None:
     """Start a deployment: a commented config.yaml, the example mappings, and .env.example naming every
     environment variable the config reads. Never overwrites files (unless --force)."""
-    from connector import scaffold
-
     try:
         written = scaffold.init(folder, force=force)
     except ConnectorError as exc:
@@ -193,7 +195,7 @@ def validate(config: ConfigOption = ENV.config) -> None:
     """Check the config, every mapping, that every template compiles, and that every environment variable
     and secret file the config refers to can be read. Exit 0 when all is well."""
     try:
-        checked = commands.validate(config)
+        checked = files.validate(config)
     except ConnectorError as exc:
         raise _fail(exc) from None
     for warning in checked.warnings:
@@ -220,7 +222,7 @@ def render(
 ) -> None:
     """Render one mapping for a resource file: print subject and text, write the HTML to a file."""
     try:
-        email = commands.render_file(
+        email = files.render_file(
             mappings, mapping, resource, patient, timezone, locale, _clock(now)(), "sender@example.org"
         )
     except ConnectorError as exc:
@@ -253,7 +255,7 @@ def replay(
         if file is None and since is None:
             raise typer.BadParameter("give --since (and optionally --until), or --file", param_hint="--since")
         result = asyncio.run(
-            commands.replay(cfg, clock, name, _instant(since, "--since"), _instant(until, "--until"), file, dry_run)
+            running.replay(cfg, clock, name, _instant(since, "--since"), _instant(until, "--until"), file, dry_run)
         )
     except ConnectorError as exc:
         raise _fail(exc) from None
@@ -263,32 +265,14 @@ def replay(
 @app.command()
 def status(config: ConfigOption = ENV.config) -> None:
     """Counts per state, source cursors, and the notifications that need a person (in_doubt, failed)."""
-    try:
-        report.status(commands.status(load_config(config, LEDGER)))
-    except ConnectorError as exc:
-        raise _fail(exc) from None
+    report.status(_on_ledger(config, ledger.status))
 
 
 @db_app.command("upgrade")
 def db_upgrade(config: ConfigOption = ENV.config) -> None:
     """Create or migrate the ledger schema to this version."""
-    from connector.ledger import migrate
-    from connector.ledger.sql import make_engine
-    from connector.runtime import sqlite_folder, unreachable
-
-    try:
-        cfg = load_config(config, LEDGER)
-        sqlite_folder(cfg)
-        engine = make_engine(cfg.ledger_url)
-        try:
-            before, after = migrate.upgrade(engine)
-        except OperationalError as exc:
-            raise unreachable(cfg, exc) from exc
-        finally:
-            engine.dispose()
-    except ConnectorError as exc:
-        raise _fail(exc) from None
-    report.console.print(f"ledger {masked(cfg.ledger_url)}: schema {before or 'empty'} -> {after}", markup=False)
+    url, (before, after) = _on_ledger(config, lambda cfg: (masked(cfg.ledger_url), ledger.db_upgrade(cfg)))
+    report.console.print(f"ledger {url}: schema {before or 'empty'} -> {after}", markup=False)
 
 
 @app.command()
@@ -301,7 +285,7 @@ def subscribe(
         cfg = load_config(config)
         if source not in cfg.sources or not cfg.sources[source].subscription.enabled:
             raise typer.BadParameter(f"no source {source!r} with subscription.enabled", param_hint="SOURCE")
-        reference, status = asyncio.run(commands.subscribe(cfg, source))
+        reference, status = asyncio.run(running.subscribe(cfg, source))
     except ConnectorError as exc:
         raise _fail(exc) from None
     report.console.print(f"{reference}: {status}", markup=False)
@@ -325,19 +309,8 @@ def resolve(
     """Decide what happened to an in_doubt notification (or resend a failed one)."""
     if sum((sent, resend, cancel)) != 1:
         raise typer.BadParameter("give exactly one of --sent, --resend, --cancel")
-    ledger = _ledger(config)
-    try:
-        if resend:
-            records = ledger.existing([key])
-            done = bool(records) and ledger.resend(
-                records[key].id, datetime.now(UTC), "resend ordered by an operator", [State.IN_DOUBT, State.FAILED]
-            )
-        else:
-            done = ledger.resolve(
-                key, State.SENT if sent else State.CANCELLED, "resolved by an operator", [State.IN_DOUBT]
-            )
-    finally:
-        ledger.engine.dispose()
+    decision: Literal["sent", "resend", "cancel"] = "sent" if sent else "resend" if resend else "cancel"
+    done = _on_ledger(config, lambda cfg: ledger.resolve(cfg, key, decision))
     if not done:
         report.console.print(
             "no in_doubt notification with that key" + (" (or failed, for --resend)" if resend else ""), markup=False
@@ -378,13 +351,7 @@ def optout_add(
 ) -> None:
     """Never write to this patient or address again (every mapping, every source)."""
     kind, value = _optout_target(identifier, email)
-    ledger = _ledger(config)
-    try:
-        added = ledger.add_optout(kind, optout.digest(kind, value), optout.hint(kind, value), note)
-    except ConnectorError as exc:
-        raise _fail(exc) from None
-    finally:
-        ledger.engine.dispose()
+    added = _on_ledger(config, lambda cfg: ledger.optout_add(cfg, kind, value, note))
     report.console.print(f"{'added' if added else 'already on the list'}: {kind} {optout.hint(kind, value)}")
 
 
@@ -394,9 +361,7 @@ def optout_remove(
 ) -> None:
     """Take a patient or address off the opt-out list."""
     kind, value = _optout_target(identifier, email)
-    ledger = _ledger(config)
-    removed = ledger.remove_optout(kind, optout.digest(kind, value))
-    ledger.engine.dispose()
+    removed = _on_ledger(config, lambda cfg: ledger.optout_remove(cfg, kind, value))
     report.console.print(f"{'removed' if removed else 'not on the list'}: {kind} {optout.hint(kind, value)}")
     if not removed:
         raise typer.Exit(1)
@@ -405,29 +370,20 @@ def optout_remove(
 @optout_app.command("list")
 def optout_list(config: ConfigOption = ENV.config) -> None:
     """The opt-out list. Values are stored as digests; only a masked hint is shown."""
-    ledger = _ledger(config)
-    report.optouts(ledger.optouts())
-    ledger.engine.dispose()
+    report.optouts(_on_ledger(config, ledger.optout_list))
 
 
 @optout_app.command("rekey")
 def optout_rekey(config: ConfigOption = ENV.config) -> None:
     """Key the opt-outs stored as plain SHA-256 digests (before optout.keys existed) with the current key
     of optout.keys. Run once after `connector db upgrade`; running it again changes nothing."""
-    ledger = _ledger(config)
-    try:
-        result = ledger.rekey_optouts()
-    except ConnectorError as exc:
-        raise _fail(exc) from None
-    finally:
-        ledger.engine.dispose()
-    report.rekeyed(result)
+    report.rekeyed(_on_ledger(config, ledger.optout_rekey))
+
+
+app.add_typer(sandbox_app, name="sandbox")
 
 
 def main() -> None:
-    from connector.sandbox.cli import sandbox_app
-
-    app.add_typer(sandbox_app, name="sandbox")
     try:
         app()
     except OperationalError as exc:  # the ledger went away in the middle of a command

@@ -8,49 +8,38 @@ in-flight sends finish (their outcome is recorded), give back leases and exit.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
 import signal
-import socket
 import time
-from collections.abc import Awaitable, Callable, Generator
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import structlog
-import uvicorn
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from starlette.applications import Starlette
 
-from connector import httpserver, metrics, web
-from connector.aftercare import ReceiptReader
-from connector.config import ServerConfig
-from connector.dispatch import DispatchReport
-from connector.errors import InfrastructureError
+from connector import metrics
 from connector.logs import where
-from connector.pipeline import PollReport
-from connector.runtime import Runtime
+from connector.results import CycleReport, DispatchReport, PollReport
+from connector.sending.aftercare import ReceiptReader
+from connector.web import health, httpserver
+from connector.web.app import create_app
+from connector.web.fhir import FhirEndpoints
+from connector.web.httpserver import EmbeddedServer, listen
+
+if TYPE_CHECKING:
+    from connector.runtime import Runtime
 
 log = structlog.get_logger("connector.daemon")
 
 STOP_GRACE_SECONDS = 15.0  # on top of the longest a send may take (connect + read timeouts)
 
 
-@dataclass
-class CycleReport:
-    polls: list[PollReport] = field(default_factory=list)
-    dispatch: DispatchReport | None = None
-
-    @property
-    def ok(self) -> bool:
-        return all(p.error is None for p in self.polls) and not (self.dispatch and self.dispatch.paused)
-
-
 async def poll(runtime: Runtime, name: str) -> PollReport:
     """One poll of a source, timed and reported to the health monitor (unless another replica polls it)."""
     started = time.monotonic()
     try:
-        report = await runtime.planner.poll(name)
+        report = await runtime.poller.poll(name)
     except Exception as exc:  # noqa: BLE001 - a bug in one source's poll must not stop the others
         log.error("poll.crashed", source=name, problem=where(exc))
         report = PollReport(name, error=f"unexpected {where(exc)}")
@@ -78,7 +67,7 @@ async def run_once(runtime: Runtime) -> CycleReport:
 async def aftercare(runtime: Runtime) -> None:
     """Refusal counts to the ledger, the in-doubt policy, then receipts for sent notifications no webhook
     reported on."""
-    await asyncio.to_thread(runtime.ledger.add_rejections, metrics.take_refused(), runtime.aftercare.clock())
+    await runtime.store.reports.add_rejections(metrics.take_refused(), runtime.aftercare.clock())
     await runtime.aftercare.settle_doubts()
     if runtime.crm is not None:
         await runtime.crm.purge()
@@ -86,49 +75,17 @@ async def aftercare(runtime: Runtime) -> None:
         await runtime.aftercare.check_receipts(runtime.mailer)
 
 
-class EmbeddedServer(uvicorn.Server):
-    """uvicorn inside the daemon's loop; the daemon, not uvicorn, owns SIGTERM and SIGINT."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
-
-
 def web_app(runtime: Runtime) -> Starlette:
     """Every endpoint `connector run` serves (tests drive this same app in-process)."""
-    return web.create_app(
+    return create_app(
         runtime.config,
         runtime.aftercare,
         extra_routes=[
-            *runtime.monitor.routes(),
-            *runtime.subscriptions.routes(),
+            *health.routes(runtime.monitor),
+            *FhirEndpoints(runtime.config, runtime.subscriptions).routes(),
             *(runtime.crm_receiver.routes() if runtime.crm_receiver else []),
         ],
     )
-
-
-def listen(settings: ServerConfig) -> socket.socket:
-    """The server's socket, bound before the daemon starts, so that a port in use is a clear error."""
-    host, port = settings.host, settings.port
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)  # as uvicorn binds it
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-        return sock
-    except socket.gaierror:
-        sock.close()
-        raise InfrastructureError(
-            f"server.host {host!r} is not a known address: use 127.0.0.1, 0.0.0.0 or an address of this machine"
-        ) from None
-    except OSError as exc:
-        sock.close()
-        what = {
-            errno.EADDRINUSE: "is already in use: stop the process using it, or choose another server.port",
-            errno.EACCES: "needs privileges: choose a server.port above 1023",
-            errno.EADDRNOTAVAIL: "is not on an address of this machine: fix server.host",
-        }
-        problem = what.get(exc.errno or 0, f"cannot be opened ({exc.strerror}): check server.host and server.port")
-        raise InfrastructureError(f"port {port} on {host} {problem}") from exc
 
 
 def web_server(runtime: Runtime) -> EmbeddedServer | None:
@@ -234,5 +191,5 @@ async def run_forever(runtime: Runtime) -> None:
     if server is not None and server_task is not None:
         server.should_exit = True
         await server_task
-    await asyncio.to_thread(runtime.ledger.add_rejections, metrics.take_refused(), runtime.aftercare.clock())
+    await runtime.store.reports.add_rejections(metrics.take_refused(), runtime.aftercare.clock())
     log.info("daemon.stopped")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -263,3 +264,32 @@ def preferred_languages(patient: Resource) -> list[str]:
             if isinstance(code, str) and code not in codes:
                 codes.append(code)
     return codes
+
+
+def _elements(value: Any, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every JSON object inside `value` with its FHIR-style path ('Appointment.participant[0]')."""
+    stack: list[tuple[str, Any]] = [(path, value)]
+    while stack:
+        where_, item = stack.pop()
+        if isinstance(item, dict):
+            yield where_, item
+            stack += [(f"{where_}.{k}", v) for k, v in item.items() if isinstance(v, dict | list)]
+        elif isinstance(item, list):
+            stack += [(f"{where_}[{i}]", v) for i, v in enumerate(item) if isinstance(v, dict | list)]
+
+
+def check_modifiers(resource: dict[str, Any]) -> None:
+    """FHIR: a resource with a modifier extension (or implicit rules) that a system does not understand must
+    not be processed as if it were absent. We understand none."""
+    name = safe_text(resource.get("resourceType", "?"), 64)
+    if resource.get("implicitRules"):
+        raise ResourceError(
+            f"{describe(resource)}: {name}.implicitRules is set; rules the connector does "
+            "not know may change its meaning"
+        )
+    for path, element in _elements(resource, name):
+        if element.get("modifierExtension"):
+            raise ResourceError(
+                f"{describe(resource)}: {safe_text(path, 120)}.modifierExtension is not "
+                "understood by the connector, so the resource is not processed"
+            )

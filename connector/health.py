@@ -16,10 +16,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from connector.config import HealthConfig
 from connector.delivery.gate import GateState, MailerGate
+
+if TYPE_CHECKING:
+    from connector.config.server import HealthConfig
 
 MAILER_STATES = ("running", "paused", "probing", "broken", "blocked")
 MAILER_FAILING = {

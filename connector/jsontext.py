@@ -14,12 +14,15 @@ import math
 import re
 from typing import Any
 
+from connector.errors import ConnectorError
+
 MAX_DEPTH = 64
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-class BadJson(ValueError):
-    """The body is not JSON we accept; `str()` is a fixed reason, safe to log and to answer with."""
+class BadJson(ConnectorError, ValueError):
+    """The body is not JSON we accept; `str()` is a fixed reason, safe to log and to answer with. Also a
+    ValueError, as `json.loads`'s own errors are, so that callers treat both alike."""
 
 
 def load(body: bytes | str, max_depth: int = MAX_DEPTH) -> Any:

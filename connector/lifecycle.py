@@ -154,3 +154,17 @@ def still_wanted(
     if event in (CANCELLED, NOSHOW) and status not in (CANCELLED, NOSHOW):
         return f"the appointment is {status} again"
     return None
+
+
+def synthesized(appointment_id: str, before: Snapshot) -> dict[str, Any]:
+    """A minimal Appointment from a remembered state, to announce a deletion (no PHI was kept)."""
+    resource: dict[str, Any] = {
+        "resourceType": "Appointment",
+        "id": appointment_id,
+        "status": "cancelled",
+        "participant": [{"actor": {"reference": f"Patient/{p}"}, "status": "accepted"} for p in before.patients],
+    }
+    if before.start and before.end:
+        resource["start"] = before.start.isoformat().replace("+00:00", "Z")
+        resource["end"] = before.end.isoformat().replace("+00:00", "Z")
+    return resource

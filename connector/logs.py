@@ -48,7 +48,7 @@ def configure(level: str = "info", fmt: str = "console") -> None:
 
 
 def where(exc: BaseException) -> str:
-    """'KeyError at connector/pipeline.py:123': an unexpected error, located but not quoted
+    """'KeyError at connector/intake/planner.py:123': an unexpected error, located but not quoted
     (exception messages can carry data from a resource)."""
     frames = traceback.extract_tb(exc.__traceback__)
     own = [f for f in frames if "/connector/" in f.filename] or frames

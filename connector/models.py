@@ -54,6 +54,16 @@ class PlannedNotification:
 
 
 @dataclass(frozen=True)
+class PlanNote:
+    """A mapping that did not produce a notification, and why (safe to log: no resource content)."""
+
+    mapping: str
+    patient_id: str
+    message: str
+    problem: bool = False  # True: something is wrong (a failing condition or key template)
+
+
+@dataclass(frozen=True)
 class Email:
     """A rendered message, ready for a mailer. PHI: never logged, never stored."""
 

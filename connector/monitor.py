@@ -1,9 +1,8 @@
-"""The daemon's view of its own health: `/livez`, `/healthz`, `/metrics`, and the rows `connector status` reads.
+"""The daemon's view of its own health, behind `/healthz` and `/metrics` (connector.web.health), and the rows
+`connector status` reads.
 
-    GET /livez     200 while the process serves requests
-    GET /healthz   readiness: 200 when every part is well, else 503; a JSON body names each failing part,
-                   since when and why (connector.health decides)
-    GET /metrics   Prometheus text: the counters and histograms of connector.metrics, and gauges computed at
+    findings()     readiness: every part well or not, since when and why (connector.health decides)
+    exposition()   Prometheus text: the counters and histograms of connector.metrics, and gauges computed at
                    scrape time from the ledger and from this process
 
 Polls and dispatch runs report here (`polled`, `dispatched`); what they report is kept in memory and
@@ -16,24 +15,24 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import structlog
 from prometheus_client.core import GaugeMetricFamily, Metric
 from sqlalchemy.exc import SQLAlchemyError
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from connector import health
-from connector.config import Config
 from connector.health import MAILER_STATES, Finding, MailerFacts, SourceFacts
-from connector.ledger.health import HealthStore, LedgerGauges, describe, probe_engine
+from connector.ledger.health import LedgerGauges, SqlHealth, describe, probe_engine
 from connector.logs import where
-from connector.metrics import Metrics
+
+if TYPE_CHECKING:
+    from connector.config import Config
+    from connector.ledger.abc import Health
+    from connector.metrics import Metrics
 
 log = structlog.get_logger("connector.monitor")
 T = TypeVar("T")
@@ -67,7 +66,7 @@ class Fresh(Generic[T]):
 
 
 class Monitor:
-    def __init__(self, config: Config, store: HealthStore, metrics: Metrics, mailer: Callable[[], MailerFacts]) -> None:
+    def __init__(self, config: Config, store: Health, metrics: Metrics, mailer: Callable[[], MailerFacts]) -> None:
         self.config = config
         self.settings = config.health
         self.started = wall()
@@ -79,7 +78,7 @@ class Monitor:
         self._ledger_failing_since: datetime | None = None
         timeout = self.settings.ledger_timeout.total_seconds()
         self._probe = probe_engine(config.ledger_url, timeout)
-        reader = HealthStore(self._probe)
+        reader = SqlHealth(self._probe)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="connector-health")
         self._rows = Fresh(reader.sources, self._executor, max_age=1.0, timeout=timeout)
         self._gauges = Fresh(lambda: reader.gauges(wall()), self._executor, max_age=1.0, timeout=timeout)
@@ -109,9 +108,9 @@ class Monitor:
         if await self._write(self.store.mailer_changed, facts, wall()):
             self._written_mailer = facts
 
-    async def _write(self, write: Callable[..., None], *args: Any) -> bool:
+    async def _write(self, write: Callable[..., Awaitable[None]], *args: Any) -> bool:
         try:
-            await asyncio.to_thread(write, *args)
+            await write(*args)
             return True
         except SQLAlchemyError as exc:
             log.warning("health.not_recorded", problem=describe(exc))
@@ -139,28 +138,15 @@ class Monitor:
         findings.append(health.mailer_finding(self.mailer()))
         return findings
 
-    def routes(self) -> list[Route]:
-        return [
-            Route("/livez", self._livez, methods=["GET"]),
-            Route("/healthz", self._healthz, methods=["GET"]),
-            Route("/metrics", self._metrics, methods=["GET"]),
-        ]
-
-    async def _livez(self, request: Request) -> Response:
-        return JSONResponse({"status": "alive"})
-
-    async def _healthz(self, request: Request) -> Response:
-        ok, body = health.report(await self.findings())
-        return JSONResponse(body, status_code=200 if ok else 503)
-
-    async def _metrics(self, request: Request) -> Response:
+    async def exposition(self) -> bytes:
+        """The text of `/metrics`, with the gauges gathered just before (off the event loop)."""
         self.gauges.findings = await self.findings()
         try:
             self.gauges.ledger = await self._gauges.get()
         except (SQLAlchemyError, TimeoutError, OSError) as exc:
             log.debug("metrics.ledger_unreadable", problem=describe(exc))
             self.gauges.ledger = None
-        return Response(self.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return self.metrics.exposition()
 
     async def aclose(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

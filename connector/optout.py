@@ -17,9 +17,10 @@ import base64
 import hashlib
 import hmac
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from connector.config import OptOutConfig
+if TYPE_CHECKING:
+    from connector.config.delivery import OptOutConfig
 
 Kind = Literal["identifier", "email"]
 

@@ -5,26 +5,22 @@ of what it touches, and a disabled feature's secret is never read. A plain strin
 expanded when the file is loaded; when the variable is not set it is kept as written (`Unresolved`) and
 refused only in the parts a command touches. An empty variable counts as not set.
 
-Every reference knows where it was written (file, line, key) once `locate` has run, so a missing one is
-reported like any other config problem, with the next step.
+Every reference knows where it was written (file, line, key) once `connector.config.locate` has run, so a
+missing one is reported like any other config problem, with the next step (`connector.config.missing`).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel, GetCoreSchemaHandler, SecretStr, ValidationInfo, ValidatorFunctionWrapHandler
 from pydantic_core import CoreSchema, core_schema
 
 from connector.errors import ConfigError, Problem
-
-if TYPE_CHECKING:
-    from connector.config import Config
-    from connector.yamlfile import YamlDoc
 
 ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 Loc = tuple[str | int, ...]
@@ -105,7 +101,7 @@ class SecretRef:
     def get_secret_value(self) -> str:
         problem = self.problem()
         if problem is not None:
-            raise ConfigError([located(self.origin, _with_next_step(problem))])
+            raise ConfigError([located(self.origin, with_next_step(problem))])
         assert self._value is not None
         return self._value
 
@@ -143,7 +139,7 @@ class SecretRef:
         raise ValueError("secrets must be references, ${ENV_VAR} or {file: /path/to/secret}; inline values are refused")
 
 
-def _with_next_step(problem: str) -> str:
+def with_next_step(problem: str) -> str:
     return f"{problem} ({_NEXT_STEP})" if problem.startswith("environment variable") else problem
 
 
@@ -166,60 +162,3 @@ def walk(node: Any, loc: Loc = ()) -> Iterator[tuple[Loc, SecretRef | Unresolved
     elif isinstance(node, list | tuple):
         for index, item in enumerate(node):
             yield from walk(item, (*loc, index))
-
-
-def locate(config: Config, doc: YamlDoc) -> None:
-    """Tell each reference where it was written."""
-    for loc, ref in walk(config):
-        ref.origin = doc.problem(loc, "")
-
-
-def features_off(config: Config) -> list[tuple[Loc, str]]:
-    """Parts of the config that `connector run` does not read, and why: their references may be missing."""
-    off: list[tuple[Loc, str]] = [
-        (("sources", name, "subscription"), f"sources.{name}.subscription.enabled is false")
-        for name, source in config.sources.items()
-        if not source.subscription.enabled
-    ]
-    if config.server is None:
-        off.append((("delivery", "paubox", "webhook_token"), "no `server:` is configured (no webhook endpoint)"))
-    if not config.crm:
-        off.append((("inbox",), "no `crm:` source is configured"))
-    return off
-
-
-def _within(loc: Loc, parts: Sequence[Loc]) -> bool:
-    return any(loc[: len(part)] == part for part in parts)
-
-
-def missing(
-    config: Config, parts: Sequence[Loc] | None = None, *, secrets: bool = True, next_step: bool = True
-) -> list[Problem]:
-    """References that cannot be read, within `parts` (None: every part `connector run` reads).
-    `secrets=False` checks only plain strings (secrets are read later, when used)."""
-    off = [loc for loc, _ in features_off(config)]
-    problems = []
-    for loc, ref in walk(config):
-        if (parts is None and _within(loc, off)) or (parts is not None and not _within(loc, parts)):
-            continue
-        problem = ref.problem if isinstance(ref, Unresolved) else ref.problem() if secrets else None
-        if problem is not None:
-            problems.append(located(ref.origin, _with_next_step(problem) if next_step else problem))
-    return problems
-
-
-def report(config: Config) -> tuple[list[Problem], list[Problem]]:
-    """(errors, warnings): missing references that `connector run` needs, and those of features that are off."""
-    warnings = [
-        Problem(p.file, p.line, p.where, f"{p.message}; not needed while {why}")
-        for part, why in features_off(config)
-        for p in missing(config, [part], next_step=False)
-    ]
-    return missing(config), warnings
-
-
-def require(config: Config, parts: Sequence[Loc] | None = None, *, secrets: bool = True) -> None:
-    """Raise ConfigError naming every missing reference within `parts` (None: what `run` reads)."""
-    problems = missing(config, parts, secrets=secrets)
-    if problems:
-        raise ConfigError(problems)

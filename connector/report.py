@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from connector.commands import DryRun, Replayed
-from connector.daemon import CycleReport
-from connector.health import Finding
-from connector.ledger import NotificationRecord, OptOut, SeenVersion
-from connector.ledger.optouts import Rekeyed
-from connector.mapping.engine import PlanNote
-from connector.models import State
-from connector.replay import ReplayItem
+from connector.models import PlanNote, State
+
+if TYPE_CHECKING:
+    from connector.health import Finding
+    from connector.ledger import NotificationRecord, OptOut, Rekeyed, SeenVersion
+    from connector.results import CycleReport, DryRun, Replayed, ReplayItem
 
 
 def _width() -> int | None:

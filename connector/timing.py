@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
-from connector.config import parse_duration
+from connector.units import parse_duration
 
 _OFFSET = re.compile(r"^\s*start\s*(?:([+-])\s*(\S+))?\s*$")
 

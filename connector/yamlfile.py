@@ -1,4 +1,5 @@
-"""YAML loading that remembers where each key was written, so errors can name file and line."""
+"""YAML loading that remembers where each key was written, so errors can name file and line; pydantic's
+errors turned into problems at those lines (`problems_from`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 from connector.errors import ConfigError, Problem
 
@@ -92,3 +94,34 @@ def _scalar(node: yaml.Node) -> Any:
 
 def _dotted(loc: Loc) -> str:
     return ".".join(str(part) for part in loc)
+
+
+def problems_from(exc: ValidationError, doc: YamlDoc) -> list[Problem]:
+    """Turn pydantic errors into problems with file, line and a readable key path (never the input)."""
+    problems = []
+    for error in exc.errors(include_input=False, include_url=False):
+        loc = _readable_loc(error["loc"], doc)
+        message = _message(error)
+        if loc and loc[-1] == "[key]":
+            loc, message = loc[:-1], "names may only use lowercase letters, digits, '-' and '_'"
+        problems.append(doc.problem(loc, message))
+    return problems
+
+
+def _readable_loc(loc: tuple[Any, ...], doc: YamlDoc) -> tuple[str | int, ...]:
+    """Drop the union-tag entries pydantic inserts, keeping keys the person actually wrote."""
+    kept: list[str | int] = []
+    for index, part in enumerate(loc):
+        if (*kept, part) in doc.lines or index == len(loc) - 1 or isinstance(part, int):
+            kept.append(part)
+    return tuple(kept)
+
+
+def _message(error: Any) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return "unknown key (check the spelling against config.example.yaml)"
+    if kind == "missing":
+        return "required key is missing"
+    message = str(error["msg"])
+    return message.removeprefix("Value error, ")

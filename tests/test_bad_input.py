@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from connector.ledger.sql import INBOX, N
+from connector.ledger.engine import INBOX, N
 from tests.web_harness import Endpoints, open_endpoints
 
 SURROGATE = '"\\ud800"'  # as a sender's JSON encoder writes a lone surrogate

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import pytest
 
@@ -12,12 +11,12 @@ from connector.ledger.batching import Coalesced
 
 async def test_calls_made_while_one_runs_go_together_in_order() -> None:
     calls: list[list[int]] = []
-    gate = threading.Event()
+    gate = asyncio.Event()
 
-    def double(items: list[int]) -> list[int]:
+    async def double(items: list[int]) -> list[int]:
         calls.append(items)
         if len(calls) == 1:
-            gate.wait(5)  # the first call is slow: the others queue up meanwhile
+            await asyncio.wait_for(gate.wait(), 5)  # the first call is slow: the others queue up meanwhile
         return [2 * i for i in items]
 
     coalesced = Coalesced(double)
@@ -34,7 +33,7 @@ async def test_calls_made_while_one_runs_go_together_in_order() -> None:
 
 
 async def test_an_error_reaches_every_caller_of_that_call_only() -> None:
-    def fail_on_zero(items: list[int]) -> list[int]:
+    async def fail_on_zero(items: list[int]) -> list[int]:
         if 0 in items:
             raise ValueError("zero")
         return items
@@ -46,16 +45,19 @@ async def test_an_error_reaches_every_caller_of_that_call_only() -> None:
 
 
 async def test_a_call_that_returns_the_wrong_number_of_results_is_an_error() -> None:
-    coalesced: Coalesced[int, int] = Coalesced(lambda items: items[:-1])
+    async def short(items: list[int]) -> list[int]:
+        return items[:-1]
+
+    coalesced: Coalesced[int, int] = Coalesced(short)
     with pytest.raises(RuntimeError, match="returned 1 results for 2 items"):
         await coalesced([1, 2])
 
 
 async def test_cancelling_the_worker_cancels_every_waiting_call() -> None:
-    gate = threading.Event()
+    gate = asyncio.Event()
 
-    def slow(items: list[int]) -> list[int]:
-        gate.wait(5)
+    async def slow(items: list[int]) -> list[int]:
+        await asyncio.wait_for(gate.wait(), 5)
         return items
 
     coalesced = Coalesced(slow)

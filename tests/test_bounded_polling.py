@@ -25,7 +25,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from connector import metrics
-from connector.config import FhirPollSourceConfig, load_config
+from connector.config import load_config
+from connector.config.sources import FhirPollSourceConfig
 from connector.models import system_clock
 from connector.runtime import Runtime
 from connector.sandbox.fhir import FhirState
@@ -81,7 +82,7 @@ async def test_a_next_link_back_to_the_same_page_fails_the_poll_instead_of_loopi
     load(fhir_state)
     hostile(fhir_server, next_loop=True)
     before = metrics.value(BREACHES, source="ehr", limit="next_link_loop")
-    report = await asyncio.wait_for(runtime.planner.poll("ehr"), timeout=20)
+    report = await asyncio.wait_for(runtime.poller.poll("ehr"), timeout=20)
     assert report.error == (
         "source 'ehr': Appointment search page 1 links back to a page already read in this poll (a loop of next links)"
     )
@@ -95,12 +96,12 @@ async def test_endless_invented_pages_stop_at_the_page_limit(
     runtime = open_runtime("    limits:\n      max_pages: 5\n")
     load(fhir_state)
     hostile(fhir_server, endless_pages=True)
-    report = await asyncio.wait_for(runtime.planner.poll("ehr"), timeout=20)
+    report = await asyncio.wait_for(runtime.poller.poll("ehr"), timeout=20)
     assert report.error == (
         "source 'ehr': Appointment search page 5 links to more than 5 pages (sources.ehr.limits.max_pages)"
     )
     assert report.pages == 5 and sum("/Appointment" in r or "/_page" in r for r in fhir_state.requests) == 5
-    again = await asyncio.wait_for(runtime.planner.poll("ehr"), timeout=20)
+    again = await asyncio.wait_for(runtime.poller.poll("ehr"), timeout=20)
     assert again.error is not None and again.pages == 5  # every poll is bounded, not only the first
 
 
@@ -112,7 +113,7 @@ async def test_a_slow_drip_fails_within_twice_the_timeout(
     load(fhir_state)
     hostile(fhir_server, drip_seconds=0.5)
     started = time.monotonic()
-    report = await asyncio.wait_for(runtime.planner.poll("ehr"), timeout=20)
+    report = await asyncio.wait_for(runtime.poller.poll("ehr"), timeout=20)
     elapsed = time.monotonic() - started
     assert report.error == (
         "source 'ehr': Appointment search page 1 did not complete within 2s "

@@ -190,12 +190,12 @@ def test_replay_dry_run_says_why_not(
 
 def test_resolve_decides_an_in_doubt_notification(tmp_path: Path, api_key_env: str) -> None:
     from connector.config import load_config
+    from connector.ledger.sql import open_ledger
     from connector.models import PlannedNotification, State
-    from connector.runtime import open_ledger
 
     config = write_config(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9", mappings=BASIC)
     ledger = open_ledger(load_config(config))
-    ledger.add(
+    ledger.intake.add(
         [
             PlannedNotification(
                 key=k,
@@ -217,6 +217,6 @@ def test_resolve_decides_an_in_doubt_notification(tmp_path: Path, api_key_env: s
         assert connector("resolve", key, flag, "--config", str(config), cwd=tmp_path).returncode == 0
     assert connector("resolve", "k-sent", "--sent", "--config", str(config), cwd=tmp_path).returncode == 1
     ledger = open_ledger(load_config(config))
-    states = {k: r.state for k, r in ledger.existing(["k-sent", "k-again", "k-drop"]).items()}
+    states = {k: r.state for k, r in ledger.reports.existing(["k-sent", "k-again", "k-drop"]).items()}
     ledger.engine.dispose()
     assert states == {"k-sent": State.SENT, "k-again": State.PENDING, "k-drop": State.CANCELLED}

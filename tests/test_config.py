@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from connector.config import load_config, parse_duration
+from connector.config import load_config
 from connector.errors import ConfigError, InfrastructureError
+from connector.units import parse_duration
 
 ROOT = Path(__file__).resolve().parent.parent
 

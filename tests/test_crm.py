@@ -22,7 +22,7 @@ from connector.config import load_config
 from connector.crm.verify import sign_hmac, sign_hubspot_v3, standard_webhook_headers
 from connector.daemon import run_once
 from connector.delivery.paubox import PauboxRestMailer
-from connector.ledger.sql import INBOX
+from connector.ledger.engine import INBOX
 from connector.models import State, system_clock
 from connector.runtime import Runtime
 from connector.sandbox.fhir import FhirState
@@ -30,7 +30,7 @@ from connector.sandbox.fhir import create_app as fhir_app
 from connector.sandbox.paubox import SandboxState
 from connector.sandbox.paubox import create_app as paubox_app
 from connector.testing import cli, daemon, environment
-from connector.web import create_app as web_app
+from connector.web.app import create_app as web_app
 from tests.conftest import API_KEY, BASIC, ROOT, Server, free_port, write_config
 
 WH_SECRET = "whsec_" + base64.b64encode(b"standard-webhooks-test-secret-32").decode()
@@ -264,7 +264,7 @@ async def test_the_stored_payload_is_not_readable_without_the_key(crm: Crm) -> N
 
 
 async def test_replay_of_the_inbox_sends_nothing_twice(crm: Crm) -> None:
-    from connector.commands import _replay_crm
+    from connector.commands.run import replay_crm as _replay_crm
 
     await crm.standard(REGISTERED)
     await crm.cycle()
@@ -415,7 +415,7 @@ async def test_a_mapping_can_read_the_hubspot_object_it_needs(tmp_path: Path, mo
         assert [(m["recipients"], m["subject"]) for m in paubox.messages] == [
             (["ottoline.hs@example.org"], "Welcome, Ottoline")
         ]
-        skipped = runtime.ledger.notifications([State.SKIPPED], 10)
+        skipped = runtime.ledger.reports.notifications([State.SKIPPED], 10)
         assert [r.reason for r in skipped] == ["the CRM object no longer exists"]
     finally:
         await runtime.aclose()
@@ -430,7 +430,7 @@ async def test_refused_requests_are_counted_in_the_ledger_for_status(crm: Crm) -
     await crm.standard(REGISTERED, secret="whsec_" + base64.b64encode(b"another-secret").decode())
     await crm.client.post("/webhooks/crm/nope", content=b"{}")
     await aftercare(crm.runtime)
-    counts = {(e, r): n for e, r, n, _ in crm.runtime.ledger.rejections()}
+    counts = {(e, r): n for e, r, n, _ in crm.runtime.ledger.reports.rejections()}
     assert counts == {("crm:std", "signature mismatch"): 2, ("crm", "unknown source"): 1}
 
 
@@ -456,7 +456,7 @@ async def test_crm_events_that_cannot_be_processed_are_quarantined_and_block_not
     sent. A body that cannot be encoded fails (never in doubt) and a hostile address is never used."""
     from datetime import UTC, datetime
 
-    from connector.commands import status
+    from connector.commands.ledger import status
 
     crm_env(monkeypatch)
     path = crm_config(tmp_path)
@@ -495,7 +495,7 @@ async def test_crm_events_that_cannot_be_processed_are_quarantined_and_block_not
         )
 
     try:
-        runtime.ledger.inbox_add(
+        runtime.ledger.inbox.add(
             [
                 event("e1", "patient.registered", {"email": "zebulon.crm@example.org", "name": "Zebulon"}),
                 event("e2", "patient.referred", {"email": "ottoline.crm@example.org", "ref": "r\ud800"}),
@@ -511,7 +511,7 @@ async def test_crm_events_that_cannot_be_processed_are_quarantined_and_block_not
             "ottoline.crm@example.org",
             "zebulon.crm@example.org",
         ]
-        problems = {seen.version: seen.problem or "" for _, seen in runtime.ledger.problems(10)}
+        problems = {seen.version: seen.problem or "" for _, seen in runtime.ledger.reports.problems(10)}
         assert set(problems) == {"e2", "e3"}
         assert "the notification key is longer than 512 characters or holds control characters" in problems["e2"]
         assert "is not a JSON object" in problems["e3"]
@@ -519,8 +519,8 @@ async def test_crm_events_that_cannot_be_processed_are_quarantined_and_block_not
         assert shown["quarantined"] == {"std": 2}
         assert [(n.resource_version, n.state) for n in shown["attention"]] == [("e5", State.FAILED)]
         assert "cannot be encoded as JSON" in (shown["attention"][0].reason or "")
-        [skipped] = runtime.ledger.notifications([State.SKIPPED], 10)
+        [skipped] = runtime.ledger.reports.notifications([State.SKIPPED], 10)
         assert skipped.resource_version == "e6" and "no usable email address" in (skipped.reason or "")
-        assert runtime.ledger.inbox_pending(10) == []
+        assert runtime.ledger.inbox.pending(10) == []
     finally:
         await runtime.aclose()

@@ -28,7 +28,7 @@ from connector.sandbox.fhir import FhirState
 from connector.sandbox.fhir import create_app as fhir_app
 from connector.sandbox.paubox import Fault, SandboxState, WebhookFaults
 from connector.sandbox.paubox import create_app as paubox_app
-from connector.web import create_app as web_app
+from connector.web.app import create_app as web_app
 from tests.conftest import BASIC, Server, write_config
 from tests.factories import appointment, patient
 
@@ -67,11 +67,11 @@ class Rig:
         await run_once(self.runtime)
 
     def states(self) -> dict[str, State]:
-        records = self.runtime.ledger.notifications(list(State), 100)
+        records = self.runtime.ledger.reports.notifications(list(State), 100)
         return {r.patient_id: r.state for r in records}
 
     def record(self, patient_id: str) -> object:
-        [found] = [r for r in self.runtime.ledger.notifications(list(State), 100) if r.patient_id == patient_id]
+        [found] = [r for r in self.runtime.ledger.reports.notifications(list(State), 100) if r.patient_id == patient_id]
         return found
 
     def copies(self) -> list[int]:
@@ -260,7 +260,7 @@ async def test_in_doubt_without_webhook_is_held_and_visible(hooked: Rig) -> None
     await hooked.cycle(timedelta(minutes=31))
     assert hooked.states() == {"p1": State.IN_DOUBT} and hooked.copies() == [1]
     assert metrics.value("connector_in_doubt_alerts_total") == before + 1  # alerted once, not every cycle
-    [held] = hooked.runtime.ledger.notifications([State.IN_DOUBT], 10)
+    [held] = hooked.runtime.ledger.reports.notifications([State.IN_DOUBT], 10)
     assert "no answer after sending: ReadTimeout" in (held.reason or "")
 
 

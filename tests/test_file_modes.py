@@ -38,7 +38,7 @@ async def test_the_sqlite_ledger_its_wal_shm_and_lock_files_are_created_0600(
     config = load_config(write_config(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9", mappings=BASIC))
     runtime = Runtime.open(config, system_clock)
     try:
-        runtime.ledger.add_optout("email", "0" * 64, "x", None)  # a write, so that the WAL holds something
+        runtime.ledger.optouts.add("email", "0" * 64, "x", None)  # a write, so that the WAL holds something
         database = tmp_path / "connector.db"
         files = [database, Path(f"{database}-wal"), Path(f"{database}-shm"), Path(f"{database}.lock")]
         assert {f.name: mode(f) for f in files} == {f.name: "0o600" for f in files}

@@ -12,7 +12,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 
-from connector.config import HealthConfig, load_config
+from connector.config import load_config
+from connector.config.server import HealthConfig
 from connector.daemon import poll, run_once
 from connector.delivery import Outcome, Signal, Verdict
 from connector.delivery.gate import MailerGate
@@ -22,6 +23,7 @@ from connector.models import PlannedNotification, State, system_clock
 from connector.runtime import Runtime
 from connector.sandbox.fhir import FhirState
 from connector.sandbox.paubox import SandboxState
+from connector.web.health import routes as health_routes
 from tests.conftest import BASIC, Server, write_config
 from tests.factories import appointment, marker_patients
 
@@ -127,7 +129,7 @@ def seed(runtime: Runtime) -> None:
             state=state,
         )
 
-    runtime.ledger.add(
+    runtime.ledger.intake.add(
         [
             planned("d1", State.IN_DOUBT, now),
             planned("d2", State.IN_DOUBT, now),
@@ -137,7 +139,7 @@ def seed(runtime: Runtime) -> None:
             planned("later", State.PENDING, now + timedelta(days=1)),
         ]
     )
-    runtime.ledger.record_page(
+    runtime.ledger.intake.record_page(
         "ehr",
         [],
         [
@@ -163,7 +165,7 @@ async def test_metrics_parse_and_show_the_ledger_gauges_and_the_cycle(
     await run_once(runtime)
     assert len(paubox_state.messages) == 2
     seed(runtime)
-    app = Starlette(routes=runtime.monitor.routes())
+    app = Starlette(routes=health_routes(runtime.monitor))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://connector") as client:
         answer = await client.get("/metrics")
     assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/plain; version=0.0.4")
@@ -225,7 +227,7 @@ async def test_a_replica_that_skips_polls_another_holds_counts_the_others_comple
     first, second = Runtime.open(config, system_clock), Runtime.open(config, system_clock)
     try:
         assert (await poll(first, "ehr")).error is None
-        held = first.ledger.try_lock_source("ehr")  # the first replica is polling (and, as it turns out, stuck)
+        held = first.ledger.intake.try_lock_source("ehr")  # the first replica is polling (and, as it turns out, stuck)
         assert not isinstance(held, bool)
         assert (await poll(second, "ehr")).skipped
         [finding] = [f for f in await second.monitor.findings() if f.component == "source:ehr"]
@@ -234,7 +236,7 @@ async def test_a_replica_that_skips_polls_another_holds_counts_the_others_comple
         await asyncio.sleep(2.2)
         [finding] = [f for f in await second.monitor.findings() if f.component == "source:ehr"]
         assert not finding.ok and finding.reason is not None and "no poll completed for 2s" in finding.reason
-        first.ledger.unlock_source(held)
+        first.ledger.intake.unlock_source(held)
         assert (await poll(second, "ehr")).error is None
         await asyncio.sleep(1.1)  # the rows read by readiness are reused for a second
         assert all(f.ok for f in await first.monitor.findings())  # the second replica's completion counts

@@ -11,7 +11,8 @@ import pytest
 from connector import fhir
 from connector.addresses import usable
 from connector.errors import ResourceError
-from connector.intake import check_appointment, check_modifiers, check_storable, examine, reason
+from connector.fhir import check_modifiers
+from connector.intake.checks import check_appointment, check_storable, examine, reason
 from connector.logs import safe_text, unsafe
 from connector.models import PlannedNotification
 from tests.factories import appointment, patient

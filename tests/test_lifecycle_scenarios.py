@@ -67,7 +67,7 @@ class World:
         self.fhir.put({**current, **changes})
 
     def sent(self) -> list[Sent]:
-        records = {r.key: r for r in self.runtime.ledger.notifications([State.SENT], 1000)}
+        records = {r.key: r for r in self.runtime.ledger.reports.notifications([State.SENT], 1000)}
         result = []
         for message in self.paubox.messages:
             record = records[message["custom_headers"]["X-Notification-Key"]]
@@ -85,7 +85,7 @@ class World:
     def _sent_at(self, key: str) -> datetime:
         from sqlalchemy import select
 
-        from connector.ledger.sql import N
+        from connector.ledger.engine import N
 
         with self.runtime.ledger.engine.connect() as conn:
             value = conn.execute(select(N.c.sent_at).where(N.c.key == key)).scalar_one()
@@ -96,7 +96,10 @@ class World:
         return [s.mapping for s in self.sent()]
 
     def reasons(self, state: State) -> dict[str, str]:
-        return {f"{r.mapping}/{r.patient_id}": r.reason or "" for r in self.runtime.ledger.notifications([state], 100)}
+        return {
+            f"{r.mapping}/{r.patient_id}": r.reason or ""
+            for r in self.runtime.ledger.reports.notifications([state], 100)
+        }
 
 
 @pytest.fixture
@@ -218,7 +221,7 @@ async def test_entered_in_error_withdraws_and_sends_nothing(world: World) -> Non
     await world.at(T0 + H)
     await world.at(T0 + 70 * H)
     assert world.mappings_sent() == ["appointment-booked"]
-    assert world.runtime.ledger.counts()[State.CANCELLED] == 2
+    assert world.runtime.ledger.reports.counts()[State.CANCELLED] == 2
 
 
 @pytest.mark.parametrize(("required", "status"), [("information-only", "accepted"), ("required", "declined")])
@@ -289,8 +292,8 @@ async def test_opt_out_by_address_or_identifier(world: World) -> None:
     world.put(visit("a1", "p1"))
     world.put(visit("a2", "p2"))
     ledger = world.runtime.ledger
-    ledger.add_optout("identifier", optout.digest("identifier", "urn:oid:1.2.3|MRN-1"), "x", None)
-    ledger.add_optout("email", optout.digest("email", "sam@example.org"), "x", None)
+    ledger.optouts.add("identifier", optout.digest("identifier", "urn:oid:1.2.3|MRN-1"), "x", None)
+    ledger.optouts.add("email", optout.digest("email", "sam@example.org"), "x", None)
     await world.at(T0)
     assert world.sent() == []
     assert all("opted out" in reason for reason in world.reasons(State.SKIPPED).values())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -11,7 +12,7 @@ import pytest
 
 from connector.errors import ConfigError
 from connector.lifecycle import snapshot, transitions
-from connector.mapping.engine import Situation, plan, render
+from connector.mapping.engine import RenderRequest, Situation, plan, render
 from connector.mapping.loader import MappingSet, load_mappings
 from connector.models import PlannedNotification, State
 from tests.factories import appointment, hl7, patient
@@ -164,21 +165,19 @@ def test_render_text_and_autoescaped_html(tmp_path: Path) -> None:
     mappings = load_mappings(tmp_path / "m")
     visit = appointment("a1", "p1", datetime(2026, 12, 1, 14, 30, tzinfo=UTC))
     person = patient("p1", "<script>alert(1)</script>", email="x@example.org")
-    email = render(
-        mappings.get("appointment-booked"),
+    request = RenderRequest(
         key="k",
-        to="x@example.org",  # type: ignore[arg-type]
+        to="x@example.org",
         appointment=visit,
         patient=person,
         event="booked",
         source="ehr",
-        languages=[],
         timezone="America/New_York",
         locale="en_US",
         now=NOW,
         default_from="c@example.org",
-        default_reply_to=None,
     )
+    email = render(mappings.get("appointment-booked"), request)  # type: ignore[arg-type]
     assert email.subject == "Your appointment at Example Clinic on December 1, 2026"
     assert "Tuesday, December 1, 2026" in email.text and "9:30 AM EST" in email.text
     assert "<script>" in email.text  # plain text is not HTML
@@ -188,19 +187,88 @@ def test_render_text_and_autoescaped_html(tmp_path: Path) -> None:
 def test_render_in_another_locale(tmp_path: Path) -> None:
     mappings = load_mappings(ROOT / "mappings")
     visit = appointment("a1", "p1", datetime(2026, 12, 1, 14, 30, tzinfo=UTC))
-    email = render(
-        mappings.get("appointment-booked"),
+    request = RenderRequest(
         key="k",
-        to="x@example.org",  # type: ignore[arg-type]
+        to="x@example.org",
         appointment=visit,
         patient=patient("p1", "A"),
         event="booked",
         source="ehr",
-        languages=[],
         timezone="Europe/Amsterdam",
         locale="nl_NL",
         now=NOW,
         default_from="c@example.org",
-        default_reply_to=None,
     )
+    email = render(mappings.get("appointment-booked"), request)  # type: ignore[arg-type]
     assert "dinsdag 1 december 2026" in email.text
+
+
+VISIT = appointment("a1", "p1", datetime(2026, 12, 1, 14, 30, tzinfo=UTC))
+ROBIN = patient("p1", "Robin", email="robin@example.org")
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        # What the templates see of a request: the start and end as instants, the patient's display name.
+        ({}, {"start": datetime(2026, 12, 1, 14, 30, tzinfo=UTC), "patient_name": "Robin Testperson"}),
+        (
+            {"appointment": {**VISIT, "start": "not a time"}},
+            {"start": None, "end": datetime(2026, 12, 1, 15, 0, tzinfo=UTC)},
+        ),
+        ({"event": "rescheduled", "source": "west"}, {"event": "rescheduled", "source": "west"}),
+        ({"timezone": "Europe/Amsterdam"}, {"timezone": "Europe/Amsterdam", "now": NOW}),
+    ],
+)
+def test_a_render_request_is_what_the_templates_see(changes: dict[str, object], expected: dict[str, object]) -> None:
+    base = RenderRequest(
+        key="k",
+        to="robin@example.org",
+        appointment=VISIT,
+        patient=ROBIN,
+        event="booked",
+        source="ehr",
+        timezone="UTC",
+        locale="en_US",
+        now=NOW,
+        default_from="clinic@example.org",
+    )
+    context = replace(base, **changes).context()  # type: ignore[arg-type]
+    assert {key: context[key] for key in expected} == expected
+
+
+@pytest.mark.parametrize(
+    ("languages", "reply_to", "subject_starts", "sender", "replies"),
+    [
+        ((), None, "Your appointment", "clinic@example.org", None),
+        (("nl",), "desk@example.org", "Uw afspraak", "clinic@example.org", "desk@example.org"),
+        (("fr", "nl-NL"), None, "Uw afspraak", "clinic@example.org", None),  # the first language it has
+        (("fr",), None, "Your appointment", "clinic@example.org", None),  # none: the mapping's own
+    ],
+)
+def test_a_render_request_chooses_language_and_envelope(
+    languages: tuple[str, ...], reply_to: str | None, subject_starts: str, sender: str, replies: str | None
+) -> None:
+    mappings = load_mappings(ROOT / "mappings")
+    request = RenderRequest(
+        key="k",
+        to="robin@example.org",
+        appointment=VISIT,
+        patient=ROBIN,
+        event="booked",
+        source="ehr",
+        timezone="UTC",
+        locale="en_US",
+        now=NOW,
+        default_from="clinic@example.org",
+        default_reply_to=reply_to,
+        languages=languages,
+    )
+    email = render(mappings.get("appointment-booked"), request)  # type: ignore[arg-type]
+    assert email.subject.startswith(subject_starts)
+    assert (email.notification_key, email.to, email.from_address, email.reply_to) == (
+        "k",
+        "robin@example.org",
+        sender,
+        replies,
+    )

@@ -19,8 +19,8 @@ from connector import optout
 from connector.config import load_config
 from connector.errors import ConfigError, LedgerError
 from connector.ledger import migrate
-from connector.ledger.optouts import OPT
-from connector.ledger.sql import SqlLedger, make_engine
+from connector.ledger.engine import OPT, make_engine
+from connector.ledger.sql import SqlLedger
 from connector.models import system_clock
 from connector.optout import OptOutKeys
 from connector.runtime import Runtime
@@ -45,56 +45,56 @@ def add_unkeyed(ledger: SqlLedger, kind: str, inner: str) -> None:
 
 
 def test_an_optout_is_stored_as_an_hmac_under_the_current_key_not_a_plain_sha256(ledger: SqlLedger) -> None:
-    assert ledger.add_optout("email", INNER, optout.hint("email", ADDRESS), None)
+    assert ledger.optouts.add("email", INNER, optout.hint("email", ADDRESS), None)
     plain = hashlib.sha256(b"email:robin.lee@example.org").hexdigest()
     keyed = hmac.new(OPTOUT_KEYS.keys["t1"], plain.encode(), hashlib.sha256).hexdigest()
     assert rows(ledger) == [(keyed, "t1")]
     assert plain not in str(rows(ledger))
-    found = ledger.opted_out(optout.candidates([], "robin.lee@EXAMPLE.org"))
+    found = ledger.optouts.opted_out(optout.candidates([], "robin.lee@EXAMPLE.org"))
     assert found is not None and found.key_id == "t1"
-    assert not ledger.add_optout("email", INNER, "x", None)  # already on the list
+    assert not ledger.optouts.add("email", INNER, "x", None)  # already on the list
 
 
 def test_without_keys_the_list_is_read_but_not_added_to(ledger: SqlLedger) -> None:
     bare = SqlLedger(ledger.engine)
     with pytest.raises(ConfigError, match="openssl rand -base64 32"):
-        bare.add_optout("email", INNER, "x", None)
+        bare.optouts.add("email", INNER, "x", None)
     add_unkeyed(ledger, "email", INNER)
-    assert bare.opted_out(optout.candidates([], ADDRESS)) is not None
+    assert bare.optouts.opted_out(optout.candidates([], ADDRESS)) is not None
 
 
 def test_unkeyed_rows_match_until_rekeyed_and_rekey_needs_no_values(ledger: SqlLedger) -> None:
     identifier = optout.digest("identifier", "urn:oid:1.2.3|MRN-1")
     add_unkeyed(ledger, "email", INNER)
     add_unkeyed(ledger, "identifier", identifier)
-    assert ledger.opted_out(optout.candidates([], ADDRESS)) is not None
-    result = ledger.rekey_optouts()
+    assert ledger.optouts.opted_out(optout.candidates([], ADDRESS)) is not None
+    result = ledger.optouts.rekey()
     assert (result.converted, result.merged, result.by_key, result.unknown) == (2, 0, {"t1": 2}, {})
     assert {key for _, key in rows(ledger)} == {"t1"} and INNER not in str(rows(ledger))
-    assert ledger.opted_out(optout.candidates([], ADDRESS)) is not None
-    assert ledger.opted_out(optout.candidates(["urn:oid:1.2.3|MRN-1"], None)) is not None
-    assert ledger.opted_out(optout.candidates(["urn:oid:1.2.3|MRN-2"], "other@example.org")) is None
-    assert ledger.rekey_optouts().converted == 0  # a second run changes nothing
+    assert ledger.optouts.opted_out(optout.candidates([], ADDRESS)) is not None
+    assert ledger.optouts.opted_out(optout.candidates(["urn:oid:1.2.3|MRN-1"], None)) is not None
+    assert ledger.optouts.opted_out(optout.candidates(["urn:oid:1.2.3|MRN-2"], "other@example.org")) is None
+    assert ledger.optouts.rekey().converted == 0  # a second run changes nothing
 
 
 def test_rekey_merges_an_unkeyed_row_already_present_under_the_key(ledger: SqlLedger) -> None:
-    ledger.add_optout("email", INNER, "r…@example.org", "from the new version")
+    ledger.optouts.add("email", INNER, "r…@example.org", "from the new version")
     add_unkeyed(ledger, "email", INNER)
-    result = ledger.rekey_optouts()
+    result = ledger.optouts.rekey()
     assert (result.converted, result.merged) == (0, 1)
     assert [key for _, key in rows(ledger)] == ["t1"]
 
 
 def test_a_new_current_key_keys_new_entries_while_the_old_one_still_matches(ledger: SqlLedger) -> None:
-    ledger.add_optout("email", INNER, "x", None)
+    ledger.optouts.add("email", INNER, "x", None)
     rotated = SqlLedger(ledger.engine, SECOND)
     other = optout.digest("email", "sam@example.org")
-    assert rotated.add_optout("email", other, "x", None)
-    assert not rotated.add_optout("email", INNER, "x", None)  # on the list under t1 already
+    assert rotated.optouts.add("email", other, "x", None)
+    assert not rotated.optouts.add("email", INNER, "x", None)  # on the list under t1 already
     assert [key for _, key in rows(ledger)] == ["t1", "t2"]
-    assert rotated.opted_out(optout.candidates([], ADDRESS)) is not None
-    assert rotated.opted_out(optout.candidates([], "sam@example.org")) is not None
-    assert rotated.remove_optout("email", INNER) and rotated.opted_out(optout.candidates([], ADDRESS)) is None
+    assert rotated.optouts.opted_out(optout.candidates([], ADDRESS)) is not None
+    assert rotated.optouts.opted_out(optout.candidates([], "sam@example.org")) is not None
+    assert rotated.optouts.remove("email", INNER) and rotated.optouts.opted_out(optout.candidates([], ADDRESS)) is None
 
 
 def test_a_daemon_refuses_to_start_when_entries_are_keyed_with_a_key_no_longer_configured(
@@ -103,7 +103,7 @@ def test_a_daemon_refuses_to_start_when_entries_are_keyed_with_a_key_no_longer_c
     config = load_config(write_config(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9", mappings=BASIC))
     runtime_ledger = SqlLedger(make_engine(config.ledger_url), SECOND)
     migrate.upgrade(runtime_ledger.engine)
-    runtime_ledger.add_optout("email", INNER, "x", None)  # keyed with t2, which the config does not list
+    runtime_ledger.optouts.add("email", INNER, "x", None)  # keyed with t2, which the config does not list
     runtime_ledger.engine.dispose()
     with pytest.raises(LedgerError, match=r"keyed with t2, which optout\.keys no longer lists"):
         Runtime.open(config, system_clock)
@@ -124,9 +124,9 @@ def test_upgrading_a_ledger_with_plain_digests_then_rekey_keeps_every_optout(
     migrate.upgrade(engine)
     ledger = SqlLedger(engine, OPTOUT_KEYS)
     assert rows(ledger) == [(INNER, None)]
-    assert ledger.opted_out(optout.candidates([], ADDRESS)) is not None
-    assert ledger.rekey_optouts().converted == 1
-    assert ledger.opted_out(optout.candidates([], ADDRESS)) is not None
+    assert ledger.optouts.opted_out(optout.candidates([], ADDRESS)) is not None
+    assert ledger.optouts.rekey().converted == 1
+    assert ledger.optouts.opted_out(optout.candidates([], ADDRESS)) is not None
     assert rows(ledger) == [(OPTOUT_KEYS.keyed(INNER), "t1")]
     engine.dispose()
 

@@ -9,7 +9,7 @@ from datetime import timedelta
 import httpx
 import pytest
 
-from connector.config import PauboxConfig
+from connector.config.delivery import PauboxConfig
 from connector.delivery import Verdict
 from connector.delivery.paubox import PauboxRestMailer, build_payload, classify
 from connector.delivery.retry import backoff

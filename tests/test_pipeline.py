@@ -14,8 +14,8 @@ from connector.daemon import run_once
 from connector.delivery import Outcome
 from connector.delivery.gate import GateState
 from connector.delivery.paubox import PauboxRestMailer
+from connector.intake.replay import replan
 from connector.models import Email, PlannedNotification, State, fixed_clock, system_clock
-from connector.replay import replan
 from connector.runtime import Runtime
 from connector.sandbox.fhir import FhirState
 from connector.sandbox.fhir import create_app as fhir_app
@@ -91,7 +91,7 @@ async def test_malformed_page_loses_nothing(runtime: Runtime, fhir: FhirState, p
     report = await run_once(runtime)
     assert report.polls[0].error is not None and "not valid JSON" in report.polls[0].error
     start_from = runtime.config.sources["ehr"].start_from
-    assert runtime.ledger.cursor("ehr") == start_from + timedelta(minutes=5)  # where the first poll began
+    assert runtime.ledger.intake.cursor("ehr") == start_from + timedelta(minutes=5)  # where the first poll began
     await run_once(runtime)
     assert len(paubox.messages) == 4
 
@@ -102,7 +102,7 @@ async def test_failed_second_page_keeps_the_first_and_the_cursor_is_safe(
     fhir.page_status = [200, 503, 503, 503, 503]  # the first page is served, the second fails 4 times
     report = await run_once(runtime)
     assert report.polls[0].error is not None and "HTTP 503" in report.polls[0].error
-    first_page_cursor = runtime.ledger.cursor("ehr")
+    first_page_cursor = runtime.ledger.intake.cursor("ehr")
     assert first_page_cursor is not None  # sorted server: the committed first page moved the cursor
     assert len(paubox.messages) == 2
     await run_once(runtime)
@@ -115,7 +115,7 @@ async def test_invalid_resource_is_recorded_and_the_rest_goes_on(
     fhir.put({**appointment("bad", "p1", NOW + timedelta(days=3)), "participant": "not-a-list"})
     report = await run_once(runtime)
     assert report.polls[0].quarantined == 1 and len(paubox.messages) == 4
-    [(_, seen)] = runtime.ledger.problems(10)
+    [(_, seen)] = runtime.ledger.reports.problems(10)
     assert seen.resource_id == "bad" and "not valid FHIR R4" in (seen.problem or "")
 
 
@@ -128,7 +128,7 @@ async def test_recipients_that_cannot_be_written_to_are_skipped_with_reason(
     fhir.put(appointment("x2", "gone", NOW + timedelta(days=1)))
     fhir.put(appointment("x3", "missing", NOW + timedelta(days=1)))
     await run_once(runtime)
-    reasons = {r.resource_id: r.reason for r in runtime.ledger.notifications([State.SKIPPED], 10)}
+    reasons = {r.resource_id: r.reason for r in runtime.ledger.reports.notifications([State.SKIPPED], 10)}
     assert reasons == {
         "x1": "Patient/nomail has no usable email address",
         "x2": "Patient/gone is recorded as deceased",
@@ -140,11 +140,11 @@ async def test_recipients_that_cannot_be_written_to_are_skipped_with_reason(
 async def test_paubox_errors_each_end_in_the_right_state(runtime: Runtime, paubox: SandboxState) -> None:
     paubox.faults = [Fault(status=400), Fault(status=500, accept=True), Fault(status=429, retry_after=60)]
     report = await run_once(runtime)
-    counts = runtime.ledger.counts()
+    counts = runtime.ledger.reports.counts()
     assert (counts[State.SENT], counts[State.FAILED], counts[State.IN_DOUBT], counts[State.PENDING]) == (1, 1, 1, 1)
     assert report.dispatch is not None and report.dispatch.steps["waiting"] == 1  # the 429 waits, unspent
     assert report.dispatch.waiting is not None and "paused" in report.dispatch.waiting
-    [failed] = runtime.ledger.notifications([State.FAILED], 10)
+    [failed] = runtime.ledger.reports.notifications([State.FAILED], 10)
     assert failed.reason == "HTTP 400 Bad Request: Fault injected by the sandbox"
 
 
@@ -153,8 +153,8 @@ async def test_wrong_api_key_pauses_and_keeps_everything_pending(runtime: Runtim
     report = await run_once(runtime)
     assert report.dispatch is not None and report.dispatch.paused is not None
     assert "HTTP 401" in report.dispatch.paused
-    assert runtime.ledger.counts()[State.PENDING] == 4
-    assert all(r.attempts == 0 for r in runtime.ledger.due(NOW, 10))
+    assert runtime.ledger.reports.counts()[State.PENDING] == 4
+    assert all(r.attempts == 0 for r in runtime.ledger.reports.due(NOW, 10))
     paubox.api_key = "test-sandbox-key"
     await run_once(runtime)
     assert len(paubox.messages) == 4
@@ -163,7 +163,11 @@ async def test_wrong_api_key_pauses_and_keeps_everything_pending(runtime: Runtim
 async def test_replay_sends_nothing_already_sent(runtime: Runtime, paubox: SandboxState) -> None:
     await run_once(runtime)
     source = runtime.sources["ehr"]
-    items = (await replan(runtime.planner, "ehr", source.pages(NOW - timedelta(days=1)), dry_run=False)).items
+    items = (
+        await replan(
+            runtime.planner, runtime.store.reports, "ehr", source.pages(NOW - timedelta(days=1)), dry_run=False
+        )
+    ).items
     assert len(items) == 4 and all(i.existing is not None and not i.inserted for i in items)
     await runtime.dispatcher.run()
     assert len(paubox.messages) == 4
@@ -216,7 +220,7 @@ async def test_a_hung_request_holds_one_slot_and_nothing_else(
     paubox.faults = [Fault(hang=1.5, accept=True)]
     try:
         report = await run_once(runtime)
-        sent = runtime.ledger.notifications([State.SENT], 10)
+        sent = runtime.ledger.reports.notifications([State.SENT], 10)
     finally:
         await runtime.aclose()
     assert report.dispatch is not None and report.dispatch.sent == 4
@@ -227,7 +231,7 @@ async def test_a_hung_request_holds_one_slot_and_nothing_else(
 async def test_what_the_cache_let_go_is_read_back_in_two_searches(
     runtime: Runtime, fhir: FhirState, paubox: SandboxState
 ) -> None:
-    await runtime.planner.poll("ehr")
+    await runtime.poller.poll("ehr")
     runtime.cache.clear()  # as for a reminder due days after the poll that planned it
     fhir.requests.clear()
     report = await runtime.dispatcher.run()
@@ -237,7 +241,7 @@ async def test_what_the_cache_let_go_is_read_back_in_two_searches(
 
 
 async def test_a_failed_prefetch_falls_back_to_reads(runtime: Runtime, fhir: FhirState, paubox: SandboxState) -> None:
-    await runtime.planner.poll("ehr")
+    await runtime.poller.poll("ehr")
     runtime.cache.clear()
     fhir.requests.clear()
     fhir.fail_next = [400, 400]  # both searches refused
@@ -265,7 +269,7 @@ async def test_a_notification_put_back_does_not_hold_up_the_others(
     try:
         # Planned for a source no longer configured, more than a batch of them: each is put back, and they
         # stay first in due order.
-        runtime.ledger.add(
+        runtime.ledger.intake.add(
             [
                 PlannedNotification(
                     key=f"old:appointment-booked:x{i}",
@@ -281,7 +285,7 @@ async def test_a_notification_put_back_does_not_hold_up_the_others(
                 for i in range(3)
             ]
         )
-        await runtime.planner.poll("ehr")
+        await runtime.poller.poll("ehr")
         report = await runtime.dispatcher.run()
     finally:
         await runtime.aclose()
@@ -289,7 +293,7 @@ async def test_a_notification_put_back_does_not_hold_up_the_others(
 
 
 async def test_a_crash_while_probing_does_not_keep_the_gate_closed(runtime: Runtime, paubox: SandboxState) -> None:
-    await runtime.planner.poll("ehr")
+    await runtime.poller.poll("ehr")
     dispatcher, real = runtime.dispatcher, runtime.dispatcher.mailer
 
     class CrashOnce:
@@ -306,4 +310,4 @@ async def test_a_crash_while_probing_does_not_keep_the_gate_closed(runtime: Runt
     report = await dispatcher.run()
     # The probe crashed after `sending` was committed (that one waits for a person); the next probe went.
     assert (report.sent, dispatcher.gate.state) == (3, GateState.RUNNING)
-    assert runtime.ledger.counts()[State.SENDING] == 1
+    assert runtime.ledger.reports.counts()[State.SENDING] == 1

@@ -15,12 +15,13 @@ from typing import Any
 import httpx
 import pytest
 
-from connector import metrics, pipeline
-from connector.commands import status
+from connector import metrics
+from connector.commands.ledger import status
 from connector.config import load_config
 from connector.daemon import run_once
 from connector.delivery.paubox import PauboxRestMailer
 from connector.fhir import parse_instant
+from connector.intake import decide
 from connector.ledger.sql import SqlLedger
 from connector.logs import unsafe
 from connector.models import PlannedNotification, State
@@ -127,13 +128,13 @@ async def test_a_poison_instant_is_quarantined_and_the_source_moves_on(
     report = await run_once(runtime)
     assert report.polls[0].error is None and report.polls[0].quarantined == 1
     assert booked(paubox) == {"a1", "a2", "a3", "a4"}
-    [(source, seen)] = runtime.ledger.problems(10)
+    [(source, seen)] = runtime.ledger.reports.problems(10)
     assert (source, seen.resource_id, seen.version) == ("ehr", "bad", "1")
     assert "Appointment.start is not an instant the connector can compute with" in (seen.problem or "")
     shown = status(runtime.config)
     assert shown["quarantined"] == {"ehr": 1} and shown["problems"][0][1].resource_id == "bad"
     bad_updated = parse_instant(fhir.current("Appointment", "bad")["meta"]["lastUpdated"])  # type: ignore[index]
-    cursor = runtime.ledger.cursor("ehr")
+    cursor = runtime.ledger.intake.cursor("ehr")
     assert cursor is not None and bad_updated is not None and cursor >= bad_updated
 
     fhir.put(appointment("a5", "p2", NOW + timedelta(days=6)))  # booked after the poison
@@ -142,7 +143,7 @@ async def test_a_poison_instant_is_quarantined_and_the_source_moves_on(
     fhir.put(poisoned())  # the EHR corrects the date: version 2 is tried again
     await run_once(runtime)
     assert booked(paubox) == {"a1", "a2", "a3", "a4", "a5", "bad"}
-    assert runtime.ledger.quarantined() == {"ehr": 1}  # version 1 stays quarantined
+    assert runtime.ledger.reports.quarantined() == {"ehr": 1}  # version 1 stays quarantined
     assert metrics.value("connector_quarantined_total", source="ehr") == counted + 1  # logged and counted once
 
 
@@ -194,12 +195,12 @@ async def test_each_kind_of_poison_is_quarantined_with_a_reason_that_names_the_e
     report = await run_once(runtime)
     assert report.polls[0].error is None and report.polls[0].quarantined == 1
     assert booked(paubox) == {"a1", "a2", "a3", "a4"}
-    [(_, seen)] = runtime.ledger.problems(10)
+    [(_, seen)] = runtime.ledger.reports.problems(10)
     assert expected in (seen.problem or "")
     assert not unsafe(seen.resource_id + seen.version + (seen.problem or ""))  # escaped, never as received
     assert "Bcc" not in (seen.problem or "") and "not-really" not in (seen.problem or "")  # no values
     await run_once(runtime)  # a sweep reads it again: already recorded, not quarantined twice
-    assert len(runtime.ledger.problems(10)) == 1 and len(paubox.messages) == 4
+    assert len(runtime.ledger.reports.problems(10)) == 1 and len(paubox.messages) == 4
 
 
 async def test_date_window_quarantines_a_poison_and_a_vanished_one_read_back_poisoned(
@@ -218,7 +219,7 @@ async def test_date_window_quarantines_a_poison_and_a_vanished_one_read_back_poi
     report = await run_once(runtime)
     assert report.polls[0].error is None and report.polls[0].quarantined == 1
     assert "a6" in booked(paubox)
-    assert {seen.resource_id for _, seen in runtime.ledger.problems(10)} == {"bad", "a1"}
+    assert {seen.resource_id for _, seen in runtime.ledger.reports.problems(10)} == {"bad", "a1"}
 
 
 async def test_a_deletion_that_cannot_be_processed_is_quarantined_and_others_are_not(
@@ -235,7 +236,7 @@ async def test_a_deletion_that_cannot_be_processed_is_quarantined_and_others_are
     report = await run_once(runtime)
     assert report.polls[0].error is None
     assert paubox.messages[-1]["subject"].endswith("is cancelled") and len(paubox.messages) == 5
-    problems = sorted((seen.version, seen.problem or "") for _, seen in runtime.ledger.problems(10))
+    problems = sorted((seen.version, seen.problem or "") for _, seen in runtime.ledger.reports.problems(10))
     assert [version for version, _ in problems] == ["1", "deleted"]
     assert "a deletion names an Appointment by an id that is not a FHIR id" in problems[1][1]
     await run_once(runtime)  # the DELETE entry is read again within the overlap
@@ -252,15 +253,15 @@ async def test_a_page_the_ledger_refuses_is_recorded_one_version_at_a_time(
     the cursor moves."""
     if ledger.dialect != "postgresql":
         pytest.skip("SQLite does not enforce column lengths")
-    monkeypatch.setattr(pipeline, "check_storable", lambda *args, **kwargs: None)
+    monkeypatch.setattr(decide, "check_storable", lambda *args, **kwargs: None)
     runtime = await world()
     put_around(fhir, poisoned(participant=MANY_PATIENTS))
     report = await run_once(runtime)
     assert report.polls[0].error is None and report.polls[0].quarantined == 1
     assert booked(paubox) == {"a1", "a2", "a3", "a4"}
-    [(_, seen)] = runtime.ledger.problems(10)
+    [(_, seen)] = runtime.ledger.reports.problems(10)
     assert seen.resource_id == "bad" and (seen.problem or "").startswith("recording failed: DataError at ")
-    assert runtime.ledger.cursor("ehr") is not None
+    assert runtime.ledger.intake.cursor("ehr") is not None
 
 
 MALFORMED_CONSENT = {
@@ -284,9 +285,9 @@ async def test_a_preparation_that_crashes_is_retried_a_bounded_number_of_times_t
     put_around(fhir, appointment("a9", "p4", NOW + timedelta(days=9)))
     await run_once(runtime)
     assert booked(paubox) == {"a2", "a3", "a4", "a9"}
-    [pending] = runtime.ledger.notifications([State.PENDING], 10)
+    [pending] = runtime.ledger.reports.notifications([State.PENDING], 10)
     assert pending.resource_id == "a1" and pending.attempts == 1
-    assert (pending.reason or "").startswith("preparation failed: AttributeError at connector/recipients.py:")
+    assert (pending.reason or "").startswith("preparation failed: AttributeError at connector/sending/recipients.py:")
     clock.now += timedelta(minutes=5)
     await run_once(runtime)
     attention = status(runtime.config)["attention"]
@@ -301,7 +302,7 @@ async def test_a_notification_naming_an_invalid_patient_id_fails_at_once(
     """A notification planned by an earlier version from a CR/LF patient reference fails with the reason;
     it is never read with that id, and never stays pending."""
     runtime = await world()
-    runtime.ledger.add(
+    runtime.ledger.intake.add(
         [
             PlannedNotification(
                 key="ehr:appointment-booked:old|p1",
@@ -318,7 +319,7 @@ async def test_a_notification_naming_an_invalid_patient_id_fails_at_once(
     )
     fhir.put(appointment("a1", "p1", NOW + timedelta(days=1)))
     await runtime.dispatcher.run()
-    [failed] = runtime.ledger.notifications([State.FAILED], 10)
+    [failed] = runtime.ledger.reports.notifications([State.FAILED], 10)
     assert "not a FHIR id" in (failed.reason or "") and not [r for r in fhir.requests if "\r" in r]
 
 
@@ -346,7 +347,7 @@ async def test_an_address_that_is_not_exactly_one_address_is_never_used(
     await run_once(runtime)
     recipients = {m["recipients"][0] for m in paubox.messages}
     assert "zeb.ok@example.org" in recipients and not any(v.strip() in recipients for v in hostile)
-    [skipped] = [n for n in runtime.ledger.notifications([State.SKIPPED], 10) if n.resource_id == "a2"]
+    [skipped] = [n for n in runtime.ledger.reports.notifications([State.SKIPPED], 10) if n.resource_id == "a2"]
     assert skipped.reason == "Patient/p2 has no usable email address"
 
 
@@ -365,5 +366,5 @@ async def test_a_patient_with_a_modifier_extension_is_not_written_to(
     put_around(fhir, appointment("a9", "p3", NOW + timedelta(days=9)))
     await run_once(runtime)
     assert booked(paubox) == {"a1", "a3", "a4", "a9"}
-    [failed] = runtime.ledger.notifications([State.FAILED], 10)
+    [failed] = runtime.ledger.reports.notifications([State.FAILED], 10)
     assert failed.resource_id == "a2" and "Patient.modifierExtension is not understood" in (failed.reason or "")

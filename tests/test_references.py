@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from connector import commands, references
+from connector import config as configuration
+from connector.commands import files
 from connector.config import LEDGER, load_config
 from connector.errors import ConfigError
 from tests.conftest import API_KEY, BASIC, write_config
@@ -103,13 +104,13 @@ def test_a_plain_variable_is_needed_only_in_the_parts_a_command_touches(
 
 def test_run_needs_every_secret_of_enabled_features_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = load_config(config_file(tmp_path))
-    assert [p.where for p in references.missing(config)] == ["delivery.paubox.api_key"]
+    assert [p.where for p in configuration.missing(config)] == ["delivery.paubox.api_key"]
     monkeypatch.setenv("PAUBOX_API_KEY", API_KEY)
-    references.require(config)  # the disabled subscription's secret and the unserved webhook token: not needed
+    configuration.require(config)  # the disabled subscription's secret and the unserved webhook token: not needed
     (tmp_path / "other").mkdir()
     enabled = config_file(tmp_path / "other")
     enabled.write_text(enabled.read_text().replace("enabled: false", "enabled: true") + "server:\n  port: 8080\n")
-    assert sorted(p.where for p in references.missing(load_config(enabled))) == [
+    assert sorted(p.where for p in configuration.missing(load_config(enabled))) == [
         "delivery.paubox.webhook_token",
         "sources.ehr.subscription.secret",
     ]
@@ -119,9 +120,9 @@ def test_validate_errors_for_what_run_needs_and_warns_for_features_that_are_off(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = config_file(tmp_path)
-    assert [p.where for p in commands.validate(path).errors] == ["delivery.paubox.api_key"]
+    assert [p.where for p in files.validate(path).errors] == ["delivery.paubox.api_key"]
     monkeypatch.setenv("PAUBOX_API_KEY", API_KEY)
-    checked = commands.validate(path)
+    checked = files.validate(path)
     assert checked.errors == []
     assert [(p.where, p.line) for p in checked.warnings] == [
         ("sources.ehr.subscription.secret", line_of(path, "TEST_SUB_SECRET")),

@@ -389,7 +389,7 @@ async def test_the_pipeline_sends_through_the_relay_when_configured(
     )
     try:
         await run_once(runtime)
-        [record] = runtime.ledger.notifications([State.SENT], 10)
+        [record] = runtime.ledger.reports.notifications([State.SENT], 10)
     finally:
         await runtime.aclose()
     [envelope] = relay.messages

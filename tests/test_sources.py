@@ -17,7 +17,8 @@ from urllib.parse import unquote
 import httpx
 import pytest
 
-from connector.config import FhirPollSourceConfig, load_config
+from connector.config import load_config
+from connector.config.sources import FhirPollSourceConfig
 from connector.daemon import run_once, web_server
 from connector.delivery.paubox import PauboxRestMailer
 from connector.models import Clock, State
@@ -58,7 +59,9 @@ class Ehr:
         await run_once(self.runtime)
 
     def sent(self) -> list[str]:
-        return [r.mapping for r in sorted(self.runtime.ledger.notifications([State.SENT], 100), key=lambda r: r.id)]
+        return [
+            r.mapping for r in sorted(self.runtime.ledger.reports.notifications([State.SENT], 100), key=lambda r: r.id)
+        ]
 
 
 async def make(
@@ -103,7 +106,7 @@ async def test_a_late_commit_inside_the_overlap_is_found_by_the_next_sweep(
     ehr = await make(tmp_path, monkeypatch, "    interval: 1s\n    sweep: 1m\n", clock=lambda: now[0])
     ehr.fhir.put(visit("a1", NOW + timedelta(days=3)))
     await ehr.cycle()  # the first poll of a process is a sweep
-    cursor = ehr.runtime.ledger.cursor("ehr")
+    cursor = ehr.runtime.ledger.intake.cursor("ehr")
     assert cursor is not None
     # Committed late: visible only now, stamped a minute before what the cursor already passed.
     ehr.fhir.put(visit("late", NOW + timedelta(days=3), pid="p2"), when=cursor - timedelta(minutes=1))
@@ -127,7 +130,7 @@ async def test_with_sweep_0s_every_poll_reads_the_overlap(tmp_path: Path, monkey
     ehr = await make(tmp_path, monkeypatch, "    sweep: 0s\n")
     ehr.fhir.put(visit("a1", NOW + timedelta(days=3)))
     await ehr.cycle()
-    cursor = ehr.runtime.ledger.cursor("ehr")
+    cursor = ehr.runtime.ledger.intake.cursor("ehr")
     assert cursor is not None
     ehr.fhir.put(visit("late", NOW + timedelta(days=3), pid="p2"), when=cursor - timedelta(minutes=1))
     await ehr.cycle()

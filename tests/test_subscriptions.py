@@ -14,14 +14,15 @@ import pytest
 from connector.config import load_config
 from connector.daemon import run_once
 from connector.delivery.paubox import PauboxRestMailer
+from connector.intake.notifications import Notification, gap, parse_bundle
 from connector.models import system_clock
 from connector.runtime import Runtime
 from connector.sandbox.fhir import FhirState
 from connector.sandbox.fhir import create_app as fhir_app
 from connector.sandbox.paubox import SandboxState
 from connector.sandbox.paubox import create_app as paubox_app
-from connector.sources.notifications import Notification, gap, parse_bundle
-from connector.web import create_app as web_app
+from connector.web.app import create_app as web_app
+from connector.web.fhir import FhirEndpoints
 from tests.conftest import API_KEY, BASIC, write_config
 from tests.factories import appointment, patient
 
@@ -99,14 +100,14 @@ async def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
     runtime = Runtime.open(
         config, system_clock, mailer=mailer, source_transport=httpx.ASGITransport(app=fhir_app(fhir))
     )
-    app = web_app(config, runtime.aftercare, extra_routes=runtime.subscriptions.routes())
+    app = web_app(config, runtime.aftercare, extra_routes=FhirEndpoints(config, runtime.subscriptions).routes())
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://connector.test") as client:
         yield Hub(runtime, fhir, paubox, client)
     await runtime.aclose()
 
 
 def test_history_keeps_the_newest_entry_even_a_delete_without_a_time() -> None:
-    from connector.pipeline import newest_per_id
+    from connector.intake.decide import newest_per_id
 
     deleted = {"resourceType": "Appointment", "id": "a1", "_deleted": True, "meta": {"lastUpdated": None}}
     older = {"resourceType": "Appointment", "id": "a1", "meta": {"lastUpdated": "2026-11-20T10:00:00Z"}}
@@ -236,7 +237,7 @@ async def test_a_notification_with_poison_resources_answers_422_and_processes_th
     assert "Appointment.start" in issues[0] and "participant[0].actor.reference" in issues[1]
     await hub.runtime.dispatcher.run()
     assert len(hub.paubox.messages) == 2
-    assert {seen.resource_id for _, seen in hub.runtime.ledger.problems(10)} == {"x1", "x2"}
+    assert {seen.resource_id for _, seen in hub.runtime.ledger.reports.problems(10)} == {"x1", "x2"}
 
 
 async def test_a_pushed_appointment_with_an_extreme_date_is_a_4xx_not_a_500(hub: Hub) -> None:

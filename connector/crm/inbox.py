@@ -10,13 +10,15 @@ import base64
 import binascii
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from connector.config import InboxConfig
-from connector.errors import ConfigError, ConnectorError, Problem
+from connector.errors import ConfigError, ConnectorError, Problem, ResourceError
+
+if TYPE_CHECKING:
+    from connector.config.sources import InboxConfig
 
 NONCE = 12
 
@@ -66,3 +68,11 @@ class Keyring:
 
 def _aad(source: str, event_id: str) -> bytes:
     return f"{source}\x00{event_id}".encode()
+
+
+def open_event(keyring: Keyring, row: Any) -> dict[str, Any]:
+    """The event an inbox row holds. Raises SealError (it does not open) or ResourceError (not an object)."""
+    event: Any = keyring.open(row.key_id, row.source, row.event_id, row.sealed)
+    if not isinstance(event, dict):
+        raise ResourceError(f"CRM event {row.id} of {row.source!r} is not a JSON object")
+    return event

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from connector.models import Email
+if TYPE_CHECKING:
+    from connector.models import Email
 
 
 class Signal(StrEnum):

@@ -11,14 +11,16 @@ import base64
 import json
 import re
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 
-from connector.config import PauboxConfig
 from connector.delivery import Outcome, Signal, Verdict
 from connector.errors import ConnectorError
-from connector.models import Email
+
+if TYPE_CHECKING:
+    from connector.config.delivery import PauboxConfig
+    from connector.models import Email
 
 NOTIFICATION_HEADER = "X-Notification-Key"
 _ADDRESS = re.compile(r"[^\s@<>\"',;:]+@[^\s@<>\"',;:]+")

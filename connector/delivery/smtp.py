@@ -42,6 +42,7 @@ import structlog
 
 from connector.delivery import Outcome, Signal, Verdict
 from connector.delivery.paubox import NOTIFICATION_HEADER
+from connector.errors import ConnectorError
 from connector.models import Clock, Email, system_clock
 
 log = structlog.get_logger("connector.delivery.smtp")
@@ -55,11 +56,11 @@ _AUTH_REQUIRED = {530, 538}
 _MAX_IDLE = 60.0  # seconds; servers and NATs drop idle SMTP sessions, so older ones are not reused
 
 
-class _Unbuildable(ValueError):
+class _Unbuildable(ConnectorError):
     """The Email cannot become an SMTP message. Its text names no address or value."""
 
 
-class _Stop(Exception):
+class _Stop(ConnectorError):
     """Ends a send early with a known Outcome (a configuration problem found while opening a session)."""
 
     def __init__(self, outcome: Outcome) -> None:

@@ -1,25 +1,25 @@
 """The ledger: the record of every notification under its unique key, and of each source's progress.
-connector.ledger.sql.SqlLedger implements it; this module holds its value types.
 
-Rules every implementation keeps:
-- duplicates are decided by the UNIQUE key at insert time (a conflict means "already there");
-- a notification is committed as `sending` before its request leaves, so a crash leaves `in_doubt`;
-- a source's cursor moves in the same transaction as the notifications it produced.
+    abc.py        one Protocol per role, as the daemon's async code sees it (the contract is stated there)
+    sql.py        SqlLedger: the roles over one engine, and how a config opens it
+    engine.py     the engine, the tables, what every role shares
+    intake.py, outbox.py, after_send.py, inbox.py, optouts.py, reports.py, health.py    the roles (SQL)
+    writes.py     statements more than one role makes inside its own transaction
+    aio.py        the async face: the one place that crosses into threads
+    batching.py   group commit of concurrent calls
+    schema.py, migrate.py, migrations/    tables and their Alembic revisions
 
-    pending ──claim (lease)──▶ pending+lease ──start_sending──▶ sending ──finish──▶ sent | failed | in_doubt
-       │                          │ settle                        │ finish(pending) ──▶ pending (later due time)
-       └─ (planned skipped)       └──▶ skipped | failed | cancelled └ crash/lease expiry ──▶ in_doubt
-
-`start_sending` and `finish` take many notifications at once: the dispatcher gathers the writes of its
-concurrent sends into one transaction (see connector.ledger.batching).
+This module holds the ledger's value types.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING
 
-from connector.models import State
+if TYPE_CHECKING:
+    from connector.models import State
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class NotificationRecord:
 
 @dataclass(frozen=True)
 class SendResult:
-    """How a send ended, for `SqlLedger.finish`: `sent`, `failed` or `in_doubt`; or `pending` to try again
+    """How a send ended, for the outbox's `finish`: `sent`, `failed` or `in_doubt`; or `pending` to try again
     at `due_at` (`count_attempt` False gives the attempt back: the mailer, not the message, was the problem)."""
 
     notification_id: int
@@ -86,3 +86,14 @@ class SendResult:
     when: datetime | None = None  # when it was sent (state sent)
     due_at: datetime | None = None  # state pending
     count_attempt: bool = True
+
+
+@dataclass(frozen=True)
+class Rekeyed:
+    """What `connector optout rekey` did."""
+
+    key_id: str
+    converted: int  # unkeyed rows now keyed with `key_id`
+    merged: int  # unkeyed rows dropped: the same entry was already there under `key_id`
+    by_key: dict[str | None, int] = field(default_factory=dict)  # rows per key id afterwards
+    unknown: dict[str, int] = field(default_factory=dict)  # rows under key ids no longer configured

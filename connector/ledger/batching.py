@@ -1,14 +1,15 @@
 """Group commit: ledger calls from concurrent tasks gathered into one transaction.
 
-While one call runs in its worker thread, the calls that arrive meanwhile wait and then run together as
-the next one. No timer is involved, so a lone call goes at once; under load a transaction serves every
-send that finished (or is about to start) in the meantime, instead of one transaction each.
+While one call runs (on the ledger's worker thread, connector.ledger.aio), the calls that arrive meanwhile
+wait and then run together as the next one. No timer is involved, so a lone call goes at once; under load
+a transaction serves every send that finished (or is about to start) in the meantime, instead of one
+transaction each.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -16,11 +17,11 @@ R = TypeVar("R")
 
 
 class Coalesced(Generic[T, R]):
-    """`await coalesced(items)` returns `call(items)`'s results for those items; `call` (blocking, run in
-    a thread) may receive other tasks' items with them and must return one result per item, in order.
+    """`await coalesced(items)` returns `call(items)`'s results for those items; `call` (an async ledger
+    call) may receive other tasks' items with them and must return one result per item, in order.
     When `call` raises, every task whose items it held gets the exception."""
 
-    def __init__(self, call: Callable[[list[T]], Sequence[R]]) -> None:
+    def __init__(self, call: Callable[[list[T]], Awaitable[Sequence[R]]]) -> None:
         self._call = call
         self._waiting: list[tuple[list[T], asyncio.Future[list[R]]]] = []
         self._worker: asyncio.Task[None] | None = None
@@ -41,7 +42,7 @@ class Coalesced(Generic[T, R]):
                 group, self._waiting = self._waiting, []
                 items = [item for part, _ in group for item in part]
                 try:
-                    results = list(await asyncio.to_thread(self._call, items))
+                    results = list(await self._call(items))
                     if len(results) != len(items):
                         raise RuntimeError(f"{self._call!r} returned {len(results)} results for {len(items)} items")
                 except Exception as exc:  # noqa: BLE001 - handed to every waiting task

@@ -13,17 +13,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine, case, create_engine, func, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from connector.health import MailerFacts, SourceFacts
-from connector.ledger.schema import ComponentHealthRow, NotificationRow, SeenVersionRow
+from connector.ledger.engine import N, S, SqlRole
+from connector.ledger.schema import ComponentHealthRow
 from connector.models import State
 
 H = ComponentHealthRow.__table__  # type: ignore[attr-defined]
-N = NotificationRow.__table__  # type: ignore[attr-defined]
-S = SeenVersionRow.__table__  # type: ignore[attr-defined]
 MAILER = "mailer"
 
 
@@ -52,13 +50,12 @@ def probe_engine(url: str, timeout: float) -> Engine:
     return create_engine(url, poolclass=NullPool, connect_args={"connect_timeout": max(1, round(timeout))})
 
 
-class HealthStore:
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+class SqlHealth(SqlRole):
+    """The health role: the rows a daemon writes for `connector status` and readiness checks (over the
+    daemon's engine), read back by `/healthz`, `/metrics` and `status` (over a probe engine, see above)."""
 
     def _upsert(self, values: dict[str, Any], update: dict[str, Any]) -> None:
-        insert = postgresql.insert(H) if self.engine.dialect.name == "postgresql" else sqlite.insert(H)
-        statement = insert.values(**values)
+        statement = self._insert(H).values(**values)
         fresh = statement.excluded
         statement = statement.on_conflict_do_update(
             index_elements=["component"],

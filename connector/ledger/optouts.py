@@ -2,13 +2,12 @@
 
 Callers hand over the *inner* digest (`optout.digest(kind, value)`); this store keys it with the current
 key to write it, and looks for it under every key in `optout.keys` and in the unkeyed form of rows written
-before keys existed. `rekey_optouts` converts those rows to the current key (`connector optout rekey`).
+before keys existed. `rekey` converts those rows to the current key (`connector optout rekey`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,36 +15,22 @@ from sqlalchemy import Engine, bindparam, func, select, update
 
 from connector import optout
 from connector.errors import ConfigError, Problem
-from connector.ledger import OptOut
-from connector.ledger.schema import OptOutRow
+from connector.ledger import OptOut, Rekeyed
+from connector.ledger.engine import OPT, SqlRole
 
-OPT = OptOutRow.__table__  # type: ignore[attr-defined]
 _MISSING = object()
-
-
-@dataclass(frozen=True)
-class Rekeyed:
-    """What `connector optout rekey` did."""
-
-    key_id: str
-    converted: int  # unkeyed rows now keyed with `key_id`
-    merged: int  # unkeyed rows dropped: the same entry was already there under `key_id`
-    by_key: dict[str | None, int] = field(default_factory=dict)  # rows per key id afterwards
-    unknown: dict[str, int] = field(default_factory=dict)  # rows under key ids no longer configured
 
 
 def _entry(row: Any) -> OptOut:
     return OptOut(row.kind, row.digest, row.hint, row.note, row.created_at, row.key_id)
 
 
-class OptOutStore:
-    """Mixed into SqlLedger, which provides the engine, the dialect's INSERT and the keys."""
+class SqlOptOuts(SqlRole):
+    """The opt-out role. `keys` None: the list can be read (unkeyed rows) and matched, but not added to."""
 
-    engine: Engine
-    optout_keys: optout.OptOutKeys | None
-
-    def _insert(self, table: Any) -> Any:
-        raise NotImplementedError
+    def __init__(self, engine: Engine, keys: optout.OptOutKeys | None = None) -> None:
+        super().__init__(engine)
+        self.optout_keys = keys
 
     def _keys(self) -> optout.OptOutKeys:
         if self.optout_keys is None:
@@ -63,7 +48,7 @@ class OptOutStore:
             )
         return self.optout_keys
 
-    def add_optout(self, kind: str, digest: str, hint: str, note: str | None) -> bool:
+    def add(self, kind: str, digest: str, hint: str, note: str | None) -> bool:
         """Add an entry (`digest`: the inner digest). False when it is already on the list, under any key."""
         keys = self._keys()
         with self.engine.begin() as conn:
@@ -81,12 +66,12 @@ class OptOutStore:
             )
             return bool(conn.execute(statement.on_conflict_do_nothing()).rowcount)
 
-    def remove_optout(self, kind: str, digest: str) -> bool:
+    def remove(self, kind: str, digest: str) -> bool:
         stored = [d for _, d in optout.variants(self.optout_keys, digest)]
         with self.engine.begin() as conn:
             return bool(conn.execute(OPT.delete().where(OPT.c.kind == kind, OPT.c.digest.in_(stored))).rowcount)
 
-    def optouts(self) -> list[OptOut]:
+    def entries(self) -> list[OptOut]:
         with self.engine.connect() as conn:
             return [_entry(r) for r in conn.execute(select(OPT).order_by(OPT.c.created_at))]
 
@@ -118,7 +103,7 @@ class OptOutStore:
             results.append(next((m for m in matches if m is not None), None))
         return results
 
-    def optout_key_counts(self) -> dict[str | None, int]:
+    def key_counts(self) -> dict[str | None, int]:
         """Entries per key id (None: unkeyed, written before keys existed)."""
         with self.engine.connect() as conn:
             return {
@@ -126,7 +111,7 @@ class OptOutStore:
                 for r in conn.execute(select(OPT.c.key_id, func.count().label("n")).group_by(OPT.c.key_id))
             }
 
-    def rekey_optouts(self) -> Rekeyed:
+    def rekey(self) -> Rekeyed:
         """Key every unkeyed entry with the current key, in one transaction: HMAC(key, stored SHA-256), so
         no value is needed. An entry already there under the current key is merged (the unkeyed row goes)."""
         keys = self._keys()
@@ -154,6 +139,6 @@ class OptOutStore:
                 )
             if merged:
                 conn.execute(OPT.delete().where(OPT.c.id.in_(merged)))
-        counts = self.optout_key_counts()
+        counts = self.key_counts()
         unknown = {k: n for k, n in counts.items() if k is not None and k not in keys.keys}
         return Rekeyed(keys.current, len(converted), len(merged), counts, unknown)

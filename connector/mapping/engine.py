@@ -8,26 +8,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from connector.errors import ConnectorError
 from connector.fhir import display_name, parse_instant
 from connector.lifecycle import BOOKED, REMOVED, RESCHEDULED, Transition
-from connector.mapping.loader import Mapping, MappingSet
 from connector.mapping.templates import safe_error
-from connector.models import Email, PlannedNotification, State
+from connector.models import Email, PlannedNotification, PlanNote, State
 from connector.timing import QuietHours, offset_label, schedule
 
+if TYPE_CHECKING:
+    from connector.mapping.loader import Mapping, MappingSet
+
 MAX_KEY_LENGTH = 500
-
-
-@dataclass(frozen=True)
-class PlanNote:
-    """A mapping that did not produce a notification, and why (safe to log: no resource content)."""
-
-    mapping: str
-    patient_id: str
-    message: str
-    problem: bool = False  # True: something is wrong (a failing condition or key template)
 
 
 @dataclass
@@ -220,84 +213,98 @@ def plan_crm(
     return result
 
 
-class RenderError(Exception):
+class RenderError(ConnectorError):
     """A template failed; the message is PHI-safe (see templates.safe_error)."""
 
 
-def render(
-    mapping: Mapping,
-    *,
-    key: str,
-    to: str,
-    appointment: dict[str, Any],
-    patient: dict[str, Any],
-    event: str,
-    source: str,
-    timezone: str,
-    locale: str,
-    languages: list[str],
-    now: datetime,
-    default_from: str,
-    default_reply_to: str | None,
-) -> Email:
-    """Render an Appointment mapping for one recipient, in the first of `languages` it has templates for."""
-    context = {
-        "appointment": appointment,
-        "patient": patient,
-        "patient_name": display_name(patient),
-        "start": parse_instant(appointment.get("start")),
-        "end": parse_instant(appointment.get("end")),
-        "event": event,
-        "source": source,
-        "timezone": timezone,
-        "now": now,
-    }
+@dataclass(frozen=True)
+class RenderRequest:
+    """Everything rendering an Appointment mapping needs besides the mapping: the message's key and
+    recipient, the resources, and how to write dates (zone, locale, the patient's languages)."""
+
+    key: str
+    to: str
+    appointment: dict[str, Any]
+    patient: dict[str, Any]
+    event: str
+    source: str
+    timezone: str
+    locale: str
+    now: datetime
+    default_from: str
+    default_reply_to: str | None = None
+    languages: tuple[str, ...] = ()
+
+    def context(self) -> dict[str, Any]:
+        """What the templates see (besides the mapping's own names, added by `render_with`)."""
+        return {
+            "appointment": self.appointment,
+            "patient": self.patient,
+            "patient_name": display_name(self.patient),
+            "start": parse_instant(self.appointment.get("start")),
+            "end": parse_instant(self.appointment.get("end")),
+            "event": self.event,
+            "source": self.source,
+            "timezone": self.timezone,
+            "now": self.now,
+        }
+
+
+@dataclass(frozen=True)
+class CrmRenderRequest:
+    """Everything rendering a CRM event mapping needs besides the mapping."""
+
+    key: str
+    to: str
+    event: dict[str, Any]
+    source: str
+    timezone: str
+    locale: str
+    now: datetime
+    default_from: str
+    default_reply_to: str | None = None
+
+    def context(self) -> dict[str, Any]:
+        """What the templates see: the event (`payload`, `event_type`, ...), the source, zone and time."""
+        return {
+            "payload": self.event.get("payload"),
+            "event_id": self.event.get("event_id"),
+            "event_type": self.event.get("event_type"),
+            "object_id": self.event.get("object_id"),
+            "occurred_at": self.event.get("occurred_at"),
+            "object": self.event.get("object"),
+            "source": self.source,
+            "timezone": self.timezone,
+            "now": self.now,
+        }
+
+
+def render(mapping: Mapping, request: RenderRequest) -> Email:
+    """Render an Appointment mapping for one recipient, in the first of the request's languages it has
+    templates for."""
     return render_with(
         mapping,
-        context,
-        key=key,
-        to=to,
-        locale=locale,
-        languages=languages,
-        default_from=default_from,
-        default_reply_to=default_reply_to,
+        request.context(),
+        key=request.key,
+        to=request.to,
+        locale=request.locale,
+        languages=list(request.languages),
+        default_from=request.default_from,
+        default_reply_to=request.default_reply_to,
     )
 
 
-def render_crm(
-    mapping: Mapping,
-    *,
-    key: str,
-    to: str,
-    event: dict[str, Any],
-    source: str,
-    timezone: str,
-    locale: str,
-    now: datetime,
-    default_from: str,
-    default_reply_to: str | None,
-) -> Email:
+def render_crm(mapping: Mapping, request: CrmRenderRequest) -> Email:
     """Render a CRM event mapping (templates see the event: `payload`, `event_type`, ...)."""
-    context = {
-        "payload": event.get("payload"),
-        "event_id": event.get("event_id"),
-        "event_type": event.get("event_type"),
-        "object_id": event.get("object_id"),
-        "occurred_at": event.get("occurred_at"),
-        "object": event.get("object"),
-        "source": source,
-        "timezone": timezone,
-        "now": now,
-    }
     return render_with(
         mapping,
-        context,
-        key=key,
-        to=to,
-        locale=locale,
+        request.context(),
+        key=request.key,
+        to=request.to,
+        locale=request.locale,
         languages=[],
-        default_from=default_from,
-        default_reply_to=default_reply_to,
+        default_from=request.default_from,
+        default_reply_to=request.default_reply_to,
     )
 
 

@@ -13,7 +13,6 @@ from jinja2 import Template, TemplateError, TemplateNotFound, TemplateSyntaxErro
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import ValidationError
 
-from connector.config import problems_from
 from connector.errors import ConfigError, Problem
 from connector.mapping.spec import LANGUAGE_PATTERN, MappingSpec, RecipientPath
 from connector.mapping.templates import (
@@ -24,7 +23,7 @@ from connector.mapping.templates import (
     make_environment,
     undeclared_names,
 )
-from connector.yamlfile import YamlDoc, load_yaml
+from connector.yamlfile import YamlDoc, load_yaml, problems_from
 
 Condition = Callable[..., list[Any]]
 

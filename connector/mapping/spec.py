@@ -28,9 +28,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from connector.config import NAME_PATTERN, Duration
 from connector.lifecycle import APPOINTMENT_EVENTS, BOOKED, CANCELLED, NOSHOW, RESCHEDULED
 from connector.timing import parse_offset
+from connector.units import NAME_PATTERN, Duration
 
 DEFAULT_KEY = "{{ appointment.id }}|{{ event }}|{{ start }}|{{ patient_id }}"
 ANNOUNCES_A_CHANGE = frozenset({CANCELLED, NOSHOW, RESCHEDULED})

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from connector.errors import SourceError
+from connector.errors import ConnectorError, SourceError
 
 
 class SourceLimitError(SourceError):
@@ -34,8 +34,8 @@ class SourceLimitError(SourceError):
         self.limit = limit
 
 
-class BodyTooLarge(Exception):
-    """A response body passed the size limit."""
+class BodyTooLarge(ConnectorError):
+    """A response body passed the size limit (the caller turns it into a SourceLimitError naming it)."""
 
 
 @dataclass(frozen=True)

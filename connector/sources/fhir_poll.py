@@ -1,5 +1,5 @@
 """FHIR R4 source: how the connector reads a server. Only I/O lives here (HTTP, auth, paging, retries,
-JSON); what a page means is decided in connector.pipeline.
+JSON); what a page means is decided in connector.intake.
 
 Three ways to find changed appointments, chosen per source (`strategy`):
 
@@ -36,11 +36,12 @@ import httpx
 import structlog
 
 from connector import metrics
-from connector.config import BasicAuth, BearerAuth, FhirPollSourceConfig, SmartAuth, human_duration
+from connector.config.sources import BasicAuth, BearerAuth, FhirPollSourceConfig, SmartAuth
 from connector.errors import ResourceError, SourceError
 from connector.fhir import SearchPage, split_search_bundle
 from connector.sources.bounded import BodyTooLarge, Reply, SourceLimitError, capped, fetch
 from connector.sources.smart import SmartBackendAuth
+from connector.units import human_duration
 from connector.urls import origin, show_origin
 
 Params = list[tuple[str, Any]]

@@ -13,7 +13,7 @@ import psycopg
 from sqlalchemy.engine import Engine, make_url
 
 from connector.ledger import migrate
-from connector.ledger.sql import make_engine
+from connector.ledger.engine import make_engine
 from connector.testing.errors import HarnessError
 
 # The PostgreSQL server of the tests: the `test` database on 127.0.0.1 (trust auth), or CONNECTOR_TEST_PG_URL.

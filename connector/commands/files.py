@@ -1,0 +1,141 @@
+"""Commands over files: `connector validate` (config, mappings, templates, references) and `connector
+render` (one mapping over resource files); and the reading of Bundle / NDJSON files that `render` and
+`replay --file` share."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from connector import config as configuration
+from connector import fhir
+from connector.config import Config, load_config
+from connector.errors import ConfigError, Problem
+from connector.intake.checks import examine
+from connector.lifecycle import appointment_zone
+from connector.mapping.engine import RenderRequest, render
+from connector.mapping.loader import load_mappings
+
+if TYPE_CHECKING:
+    from connector.models import Email
+
+
+@dataclass(frozen=True)
+class Validation:
+    config: Config
+    mappings: list[str]
+    errors: list[Problem]  # mappings, templates, and the references `run` needs but cannot read
+    warnings: list[Problem]  # missing references of features that are off
+
+
+def validate(config_path: Path) -> Validation:
+    """Check config, mappings and templates, and every environment variable and secret file the config
+    refers to. A config file that does not parse raises ConfigError."""
+    config = load_config(config_path, needs=())
+    errors, warnings = configuration.report(config)
+    try:
+        names = load_mappings(config.mappings_dir, [*config.sources, *config.crm]).names()
+    except ConfigError as exc:
+        names, errors = [], [*exc.problems, *errors]
+    return Validation(config, names, errors, warnings)
+
+
+def read_resource_file(path: Path) -> fhir.SearchPage:
+    """A Bundle, a single resource, or NDJSON (one resource per line) → one page of resources."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        documents = [json.loads(text)]
+    except ValueError:
+        documents = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                documents.append(json.loads(line))
+            except ValueError:
+                raise ConfigError([Problem(path, number, "", "line is not valid JSON")]) from None
+    page = fhir.SearchPage()
+    for resource in _flatten(documents):
+        if resource.get("resourceType") == "Appointment":
+            page.matches.append(resource)
+        elif resource.get("id"):
+            page.included[f"{resource.get('resourceType')}/{resource['id']}"] = resource
+    if not page.matches:
+        raise ConfigError([Problem(path, None, "", "no Appointment resources in the file")])
+    return page
+
+
+def _flatten(documents: list[Any]) -> Iterator[dict[str, Any]]:
+    for document in documents:
+        if isinstance(document, dict) and document.get("resourceType") == "Bundle":
+            yield from _flatten([e.get("resource") for e in document.get("entry") or [] if isinstance(e, dict)])
+        elif isinstance(document, dict):
+            yield document
+
+
+def render_file(
+    mappings_dir: Path,
+    mapping_name: str,
+    resource_file: Path,
+    patient_file: Path | None,
+    timezone: str,
+    locale: str,
+    now: datetime,
+    default_from: str,
+) -> Email:
+    """Render one mapping for an Appointment (and its Patient) read from files."""
+    mappings = load_mappings(mappings_dir)
+    mapping = mappings.get(mapping_name)
+    if mapping is None:
+        raise ConfigError(
+            [
+                Problem(
+                    mappings_dir,
+                    None,
+                    "",
+                    f"no mapping named {mapping_name!r}; there are: {', '.join(mappings.names())}",
+                )
+            ]
+        )
+    page = read_resource_file(resource_file)
+    examined = examine(page, None)
+    if any(s.problem for s in examined.seen):
+        raise ConfigError([Problem(resource_file, None, "", s.problem or "") for s in examined.seen if s.problem])
+    appointment = page.matches[0]
+    patient_ids = fhir.patient_participants(appointment)
+    if patient_file:
+        patient = json.loads(patient_file.read_text(encoding="utf-8"))
+    else:
+        patient = next(
+            (page.included.get(f"Patient/{p}") for p in patient_ids if f"Patient/{p}" in page.included), None
+        )
+    if patient is None:
+        raise ConfigError(
+            [
+                Problem(
+                    resource_file,
+                    None,
+                    "",
+                    "no Patient for the appointment: put it in the Bundle or give --patient FILE",
+                )
+            ]
+        )
+    address = fhir.choose_email(patient, now) or "patient@example.org"
+    request = RenderRequest(
+        key=f"render:{mapping_name}:{appointment.get('id')}",
+        to=address,
+        appointment=appointment,
+        patient=patient,
+        event=mapping.spec.trigger.event[0],
+        source="file",
+        timezone=appointment_zone(appointment, {}, timezone),
+        locale=locale,
+        now=now,
+        default_from=default_from,
+        languages=tuple(fhir.preferred_languages(patient)),
+    )
+    return render(mapping, request)

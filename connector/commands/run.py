@@ -1,0 +1,152 @@
+"""Commands that run the daemon's parts: `connector run` (once, for ever, or as a dry run), `replay` and
+`subscribe`. Each opens a Runtime, calls into it, and returns a result value (connector.results)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from connector import config as configuration
+from connector.commands.files import read_resource_file
+from connector.daemon import run_forever, run_once
+from connector.delivery import Outcome, Verdict
+from connector.errors import ConnectorError
+from connector.intake.checks import triples
+from connector.intake.replay import pages_between, replan
+from connector.models import Clock, Email, State, system_clock
+from connector.results import CycleReport, DryRun, Replay, Replayed, ReplayItem
+from connector.runtime import Runtime
+from connector.sending.recipients import NoRecipient, optout_lookup, resolve
+
+if TYPE_CHECKING:
+    from connector.config import Config
+
+
+class NoMailer:
+    """The mailer of commands that never send (dry runs, subscribe): Paubox's key is not read."""
+
+    async def send(self, email: Email) -> Outcome:
+        return Outcome(Verdict.RETRY, "not sent: this command does not send", blocking=True)
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def run(config: Config, clock: Clock, once: bool) -> CycleReport | None:
+    configuration.require(config)  # every secret of what runs, now rather than at the first send
+    runtime = Runtime.open(config, clock)
+    try:
+        if once:
+            return await run_once(runtime)
+        await run_forever(runtime)
+        return None
+    finally:
+        await runtime.aclose()
+
+
+async def explain(runtime: Runtime, items: list[ReplayItem], now: datetime) -> dict[str, str]:
+    """For each notification that would be sent: 'would send', or why the recipient rules say no."""
+    verdicts: dict[str, str] = {}
+    opted_out = optout_lookup(runtime.store.optouts)
+    for item in items:
+        n = item.notification
+        if item.existing is not None or n.state is not State.PENDING or not n.patient_id:
+            continue
+        source = runtime.sources[n.source]
+        try:
+            found = await resolve(
+                n.patient_id,
+                source=source,
+                cache=runtime.cache,
+                opted_out=opted_out,
+                consent=source.config.consent,
+                now=now,
+            )
+        except ConnectorError as exc:
+            verdicts[n.key] = f"unknown: {exc}"
+            continue
+        when = "now" if n.due_at <= now else n.due_at.isoformat(timespec="minutes")
+        verdicts[n.key] = f"skipped: {found.reason}" if isinstance(found, NoRecipient) else f"would send ({when})"
+    return verdicts
+
+
+async def dry_run(config: Config, clock: Clock) -> DryRun:
+    """Read the sources as the next poll would, plan, check recipients, and commit nothing."""
+    runtime = Runtime.open(config, clock, exclusive=False, mailer=NoMailer())
+    found = Replay()
+    errors: list[str] = []
+    try:
+        for name, source in runtime.sources.items():
+            cursor = await runtime.store.intake.cursor(name)
+            try:
+                since = runtime.poller.since(name, cursor) if source.config.strategy != "date-window" else None
+                pages = [page async for page in pages_between(runtime.poller, name, since, None)]
+            except ConnectorError as exc:
+                errors.append(str(exc))
+                continue
+            for page in pages:
+                fresh = await runtime.store.intake.new_versions(name, triples(page))
+                page.matches = [m for m, triple in zip(page.matches, triples(page), strict=True) if triple in fresh]
+                runtime.planner.remember(name, page)
+            found += await replan(runtime.planner, runtime.store.reports, name, pages, dry_run=True, first_sight=False)
+        verdicts = await explain(runtime, found.items, clock())
+        due = await runtime.store.reports.due(clock(), 1000)
+        return DryRun(found.items, found.notes, verdicts, due, errors, found.quarantined)
+    finally:
+        await runtime.aclose()
+
+
+async def replay(
+    config: Config,
+    clock: Clock,
+    source: str,
+    since: datetime | None,
+    until: datetime | None,
+    file: Path | None,
+    dry: bool,
+) -> Replayed:
+    """Plan a window of a source (or a file) again and send what the ledger does not already hold."""
+    runtime = Runtime.open(config, clock, exclusive=not dry, mailer=NoMailer() if dry else None)
+    try:
+        if source in config.crm:
+            return await replay_crm(runtime, source, since, until, dry)
+        if file:
+            page = read_resource_file(file)
+            runtime.planner.remember(source, page)
+            pages: Any = [page]
+        else:
+            pages = pages_between(runtime.poller, source, since, until)
+        found = await replan(runtime.planner, runtime.store.reports, source, pages, dry_run=dry)
+        verdicts = await explain(runtime, found.items, clock()) if dry else {}
+        if not dry:
+            await runtime.dispatcher.run()
+        final = await runtime.store.reports.existing([i.notification.key for i in found.items])
+        return Replayed(found.items, found.notes, verdicts, final, found.quarantined)
+    finally:
+        await runtime.aclose()
+
+
+async def replay_crm(
+    runtime: Runtime, source: str, since: datetime | None, until: datetime | None, dry: bool
+) -> Replayed:
+    """The stored inbox events of a window, planned again; the ledger's keys suppress what exists."""
+    assert runtime.crm is not None
+    found, quarantined = await runtime.crm.replay(source, since, until)
+    planned = list({p.key: p for p in found}.values())
+    existing = await runtime.store.reports.existing([p.key for p in planned])
+    inserted: set[str] = set()
+    if not dry:
+        inserted = set(await runtime.store.inbox.commit([], planned, quarantined))
+        await runtime.dispatcher.run()
+    items = [ReplayItem(p, existing.get(p.key), p.key in inserted) for p in planned]
+    final = await runtime.store.reports.existing([p.key for p in planned])
+    return Replayed(items, [], {}, final, quarantined)
+
+
+async def subscribe(config: Config, source: str) -> tuple[str, str]:
+    runtime = Runtime.open(config, system_clock, exclusive=False, mailer=NoMailer())
+    try:
+        return await runtime.subscriptions.subscribe(source)
+    finally:
+        await runtime.aclose()

@@ -1,0 +1,69 @@
+"""The config's service parts: the HTTP server of `connector run`, the ledger database, and when health
+checks call a part failing."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from pydantic import Field, IPvAnyNetwork, field_validator
+
+from connector.config.base import EnvStr, Strict
+from connector.units import Duration
+
+
+class ServerConfig(Strict):
+    """The HTTP endpoint `connector run` serves for webhooks (Paubox, FHIR subscriptions, CRMs)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    max_body: int = Field(1_000_000, ge=1024)
+    trusted_proxies: list[IPvAnyNetwork] = Field(
+        default_factory=list, description="whose X-Forwarded-For and X-Forwarded-Proto are believed; empty: nobody's"
+    )
+    header_timeout: Duration = Field(
+        timedelta(seconds=10), description="a request's headers must arrive within this, or the connection is closed"
+    )
+    body_timeout: Duration = Field(
+        timedelta(seconds=30),
+        description="its body within this after the headers, or the answer is 408 and the connection is closed",
+    )
+
+    @field_validator("header_timeout", "body_timeout")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if not timedelta(0) < value <= timedelta(hours=1):
+            raise ValueError("must be more than 0s and at most 1h")
+        return value
+
+
+class LedgerConfig(Strict):
+    url: EnvStr = "sqlite:///connector.db"
+
+    @field_validator("url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            make_url(value)
+        except (ArgumentError, ValueError):  # their messages may quote the URL, and with it a password
+            raise ValueError(
+                "not a database URL: use sqlite:///connector.db or postgresql+psycopg://user@host/db"
+            ) from None
+        return value
+
+
+class HealthConfig(Strict):
+    """When `/healthz` (and `connector status`) call a part failing (connector.health)."""
+
+    stale_after: float = Field(3, ge=1, description="a source fails after this many intervals without a completed poll")
+    stale_floor: Duration = Field(timedelta(minutes=1), description="... and never sooner than this")
+    ledger_timeout: Duration = Field(timedelta(seconds=2), description="the ledger fails when a read takes longer")
+
+    @field_validator("ledger_timeout")
+    @classmethod
+    def _timeout_range(cls, value: timedelta) -> timedelta:
+        if not timedelta(milliseconds=100) <= value <= timedelta(minutes=1):
+            raise ValueError("give a timeout between 100ms and 1m")
+        return value

@@ -1,0 +1,242 @@
+"""The ledger's async face: the one place where the daemon's event loop crosses into threads.
+
+Each role of connector.ledger.sql is synchronous (one short transaction per call); the classes here run
+each call on a worker thread (`asyncio.to_thread`, below) and implement the Protocols of
+connector.ledger.abc. Nothing else in the package calls `asyncio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+
+if TYPE_CHECKING:
+    from connector.health import MailerFacts
+    from connector.ledger import NotificationRecord, OptOut, SeenVersion, SendResult, Withdrawal, abc
+    from connector.ledger.after_send import SqlAfterSend
+    from connector.ledger.health import SqlHealth
+    from connector.ledger.inbox import SqlInbox
+    from connector.ledger.intake import SqlIntake
+    from connector.ledger.optouts import SqlOptOuts
+    from connector.ledger.outbox import SqlOutbox
+    from connector.ledger.reports import SqlReports
+    from connector.ledger.sql import SqlLedger
+    from connector.lifecycle import Snapshot
+    from connector.models import PlannedNotification, State
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+async def _thread(call: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+    """Run one blocking ledger call on a worker thread."""
+    return await asyncio.to_thread(call, *args, **kwargs)
+
+
+class AsyncIntake:
+    def __init__(self, role: SqlIntake) -> None:
+        self.sync = role
+
+    async def record_page(
+        self,
+        source: str,
+        notifications: Sequence[PlannedNotification],
+        seen: Sequence[SeenVersion],
+        cursor: datetime | None,
+        snapshots: Mapping[str, Snapshot | None] | None = None,
+        withdrawals: Sequence[Withdrawal] = (),
+    ) -> list[str]:
+        return await _thread(self.sync.record_page, source, notifications, seen, cursor, snapshots, withdrawals)
+
+    async def new_versions(self, source: str, versions: Sequence[tuple[str, str, str]]) -> set[tuple[str, str, str]]:
+        return await _thread(self.sync.new_versions, source, versions)
+
+    async def cursor(self, source: str) -> datetime | None:
+        return await _thread(self.sync.cursor, source)
+
+    async def snapshots(self, source: str, appointment_ids: Sequence[str]) -> dict[str, Snapshot]:
+        return await _thread(self.sync.snapshots, source, appointment_ids)
+
+    async def window_snapshots(self, source: str, start: datetime, end: datetime) -> dict[str, Snapshot]:
+        return await _thread(self.sync.window_snapshots, source, start, end)
+
+    async def snapshot(self, source: str, appointment_id: str) -> Snapshot | None:
+        return await _thread(self.sync.snapshot, source, appointment_id)
+
+    async def notified(self, source: str, appointment_ids: Sequence[str]) -> set[tuple[str, str]]:
+        return await _thread(self.sync.notified, source, appointment_ids)
+
+    async def prune_seen(self, source: str, before: datetime) -> int:
+        return await _thread(self.sync.prune_seen, source, before)
+
+    async def try_lock_source(self, source: str) -> object:
+        return await _thread(self.sync.try_lock_source, source)
+
+    async def unlock_source(self, handle: object) -> None:
+        return await _thread(self.sync.unlock_source, handle)
+
+    async def heard(
+        self, source: str, subscription: str, events: int | None, status: str | None, when: datetime
+    ) -> int | None:
+        return await _thread(self.sync.heard, source, subscription, events, status, when)
+
+    async def subscriptions(self, source: str) -> list[tuple[str, int, str | None, datetime]]:
+        return await _thread(self.sync.subscriptions, source)
+
+
+class AsyncOutbox:
+    def __init__(self, role: SqlOutbox) -> None:
+        self.sync = role
+
+    async def claim_due(
+        self, now: datetime, limit: int, owner: str, lease_until: datetime, wall_now: datetime, skip: Sequence[int] = ()
+    ) -> list[NotificationRecord]:
+        return await _thread(self.sync.claim_due, now, limit, owner, lease_until, wall_now, skip)
+
+    async def start_sending(self, notification_ids: int | Sequence[int], owner: str, lease_until: datetime) -> set[int]:
+        return await _thread(self.sync.start_sending, notification_ids, owner, lease_until)
+
+    async def finish(self, results: Sequence[SendResult]) -> None:
+        return await _thread(self.sync.finish, results)
+
+    async def settle(self, notification_id: int, owner: str, state: State, reason: str) -> None:
+        return await _thread(self.sync.settle, notification_id, owner, state, reason)
+
+    async def prepare_failed(self, notification_id: int, owner: str, reason: str, due_at: datetime | None) -> None:
+        return await _thread(self.sync.prepare_failed, notification_id, owner, reason, due_at)
+
+    async def release(self, owner: str | None, notification_ids: Sequence[int] | None = None) -> int:
+        return await _thread(self.sync.release, owner, notification_ids)
+
+    async def mark_interrupted(self, wall_now: datetime, everything: bool) -> int:
+        return await _thread(self.sync.mark_interrupted, wall_now, everything)
+
+
+class AsyncAfterSend:
+    def __init__(self, role: SqlAfterSend) -> None:
+        self.sync = role
+
+    async def confirm(self, key: str, tracking_id: str | None, reason: str) -> bool:
+        return await _thread(self.sync.confirm, key, tracking_id, reason)
+
+    async def record_delivery(
+        self, key: str | None, tracking_id: str | None, status: str, rank: int, when: datetime
+    ) -> bool:
+        return await _thread(self.sync.record_delivery, key, tracking_id, status, rank, when)
+
+    async def awaiting_receipt(self, sent_before: datetime, limit: int) -> list[NotificationRecord]:
+        return await _thread(self.sync.awaiting_receipt, sent_before, limit)
+
+    async def overdue_in_doubt(self, updated_before: datetime, limit: int) -> list[NotificationRecord]:
+        return await _thread(self.sync.overdue_in_doubt, updated_before, limit)
+
+    async def mark_alerted(self, notification_ids: Sequence[int]) -> None:
+        return await _thread(self.sync.mark_alerted, notification_ids)
+
+    async def resend(
+        self,
+        notification_id: int,
+        due_at: datetime,
+        reason: str,
+        from_states: Sequence[State],
+        first_only: bool = False,
+    ) -> bool:
+        return await _thread(self.sync.resend, notification_id, due_at, reason, from_states, first_only)
+
+
+class AsyncInbox:
+    def __init__(self, role: SqlInbox) -> None:
+        self.sync = role
+
+    async def add(self, rows: Sequence[dict[str, Any]]) -> int:
+        return await _thread(self.sync.add, rows)
+
+    async def pending(self, limit: int) -> list[Any]:
+        return await _thread(self.sync.pending, limit)
+
+    async def window(self, source: str, since: datetime | None, until: datetime | None) -> list[Any]:
+        return await _thread(self.sync.window, source, since, until)
+
+    async def get(self, inbox_id: int) -> Any:
+        return await _thread(self.sync.get, inbox_id)
+
+    async def commit(
+        self,
+        inbox_ids: Sequence[int],
+        notifications: Sequence[PlannedNotification],
+        quarantined: Sequence[tuple[str, SeenVersion]] = (),
+    ) -> list[str]:
+        return await _thread(self.sync.commit, inbox_ids, notifications, quarantined)
+
+    async def purge(self, received_before: datetime) -> int:
+        return await _thread(self.sync.purge, received_before)
+
+
+class AsyncOptOuts:
+    def __init__(self, role: SqlOptOuts) -> None:
+        self.sync = role
+
+    async def add(self, kind: str, digest: str, hint: str, note: str | None) -> bool:
+        return await _thread(self.sync.add, kind, digest, hint, note)
+
+    async def opted_out(self, candidates: Sequence[tuple[str, str]]) -> OptOut | None:
+        return await _thread(self.sync.opted_out, candidates)
+
+    async def opted_out_many(self, candidate_lists: Sequence[Sequence[tuple[str, str]]]) -> list[OptOut | None]:
+        return await _thread(self.sync.opted_out_many, candidate_lists)
+
+
+class AsyncReports:
+    def __init__(self, role: SqlReports) -> None:
+        self.sync = role
+
+    async def existing(self, keys: Sequence[str]) -> dict[str, NotificationRecord]:
+        return await _thread(self.sync.existing, keys)
+
+    async def due(self, now: datetime, limit: int) -> list[NotificationRecord]:
+        return await _thread(self.sync.due, now, limit)
+
+    async def add_rejections(self, counts: Mapping[tuple[str, str], int], when: datetime) -> None:
+        return await _thread(self.sync.add_rejections, counts, when)
+
+
+class AsyncHealth:
+    def __init__(self, role: SqlHealth) -> None:
+        self.sync = role
+
+    async def poll_completed(self, source: str, when: datetime) -> None:
+        return await _thread(self.sync.poll_completed, source, when)
+
+    async def poll_failed(self, source: str, when: datetime, problem: str) -> None:
+        return await _thread(self.sync.poll_failed, source, when, problem)
+
+    async def mailer_changed(self, facts: MailerFacts, when: datetime) -> None:
+        return await _thread(self.sync.mailer_changed, facts, when)
+
+
+@dataclass(frozen=True)
+class AsyncLedger:
+    """Every role of one SqlLedger, async, as its Protocol (mypy checks here that each class implements it)."""
+
+    intake: abc.Intake
+    outbox: abc.Outbox
+    after_send: abc.AfterSend
+    inbox: abc.Inbox
+    optouts: abc.OptOuts
+    reports: abc.Reports
+    health: abc.Health
+
+    @classmethod
+    def over(cls, ledger: SqlLedger) -> AsyncLedger:
+        return cls(
+            AsyncIntake(ledger.intake),
+            AsyncOutbox(ledger.outbox),
+            AsyncAfterSend(ledger.after_send),
+            AsyncInbox(ledger.inbox),
+            AsyncOptOuts(ledger.optouts),
+            AsyncReports(ledger.reports),
+            AsyncHealth(ledger.health),
+        )

@@ -1,0 +1,71 @@
+"""The inbox role: received CRM events, sealed (connector.crm.inbox), stored before the sender is answered,
+planned from there (their notifications and their processed mark in one transaction), and purged after
+their retention."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import and_, select, update
+
+from connector.ledger.engine import INBOX, utcnow
+from connector.ledger.writes import PlanWrites
+
+if TYPE_CHECKING:
+    from connector.ledger import SeenVersion
+    from connector.models import PlannedNotification
+
+
+class SqlInbox(PlanWrites):
+    def add(self, rows: Sequence[dict[str, Any]]) -> int:
+        """Store received events; one already there (same source and event id) is left alone. Committed
+        before the sender is answered. Returns how many were new."""
+        if not rows:
+            return 0
+        with self.engine.begin() as conn:
+            statement = self._insert(INBOX).on_conflict_do_nothing(index_elements=["source", "event_id"])
+            return len(list(conn.execute(statement.returning(INBOX.c.id), list(rows))))
+
+    def pending(self, limit: int) -> list[Any]:
+        with self.engine.connect() as conn:
+            return list(
+                conn.execute(select(INBOX).where(INBOX.c.processed_at.is_(None)).order_by(INBOX.c.id).limit(limit))
+            )
+
+    def window(self, source: str, since: datetime | None, until: datetime | None) -> list[Any]:
+        condition = INBOX.c.source == source
+        if since is not None:
+            condition = and_(condition, INBOX.c.received_at >= since)
+        if until is not None:
+            condition = and_(condition, INBOX.c.received_at <= until)
+        with self.engine.connect() as conn:
+            return list(conn.execute(select(INBOX).where(condition).order_by(INBOX.c.id)))
+
+    def get(self, inbox_id: int) -> Any:
+        with self.engine.connect() as conn:
+            return conn.execute(select(INBOX).where(INBOX.c.id == inbox_id)).first()
+
+    def commit(
+        self,
+        inbox_ids: Sequence[int],
+        notifications: Sequence[PlannedNotification],
+        quarantined: Sequence[tuple[str, SeenVersion]] = (),
+    ) -> list[str]:
+        """Planned notifications and the events they came from, marked processed, in one transaction; events
+        that could not be processed are recorded as quarantined ((source, record) pairs)."""
+        with self.engine.begin() as conn:
+            inserted = self._insert_notifications(conn, notifications)
+            for source, seen in quarantined:
+                self._remember(conn, source, [seen])
+            if inbox_ids:
+                conn.execute(update(INBOX).where(INBOX.c.id.in_(list(inbox_ids))).values(processed_at=utcnow()))
+        return inserted
+
+    def purge(self, received_before: datetime) -> int:
+        """Forget processed events older than the retention (their notifications keep their keys)."""
+        with self.engine.begin() as conn:
+            return conn.execute(
+                INBOX.delete().where(INBOX.c.received_at < received_before, INBOX.c.processed_at.is_not(None))
+            ).rowcount

@@ -1,0 +1,165 @@
+"""Writes that more than one role makes inside its own transaction: planned notifications (the unique key
+decides), seen versions, remembered appointment states, withdrawals and the cursor. Callers hold the
+connection; nothing here commits."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from sqlalchemy import bindparam, update
+from sqlalchemy.engine import Connection
+
+from connector.ledger.engine import A, C, N, S, SqlRole, utcnow
+from connector.models import PlannedNotification, State
+
+if TYPE_CHECKING:
+    from connector.ledger import SeenVersion, Withdrawal
+    from connector.lifecycle import Snapshot
+
+
+class PlanWrites(SqlRole):
+    """The statements of recording what intake planned (used by SqlIntake and SqlInbox)."""
+
+    def _withdraw(self, conn: Connection, source: str, withdrawal: Withdrawal) -> None:
+        conn.execute(
+            update(N)
+            .where(
+                N.c.source == source,
+                N.c.resource_id == withdrawal.appointment_id,
+                N.c.patient_id.in_(list(withdrawal.patients)),
+                N.c.state == State.PENDING.value,
+            )
+            .values(
+                state=State.CANCELLED.value,
+                reason=withdrawal.reason,
+                updated_at=utcnow(),
+                lease_owner=None,
+                lease_until=None,
+            )
+        )
+
+    def _keep_states(self, conn: Connection, source: str, snapshots: Mapping[str, Snapshot | None]) -> None:
+        now = utcnow()
+        kept = [
+            {
+                "source": source,
+                "appointment_id": appointment_id,
+                "status": snap.status,
+                "start": snap.start,
+                "end": snap.end,
+                "version": snap.version,
+                "patients": " ".join(snap.patients),
+                "last_updated": snap.last_updated,
+                "deleted": False,
+                "updated_at": now,
+            }
+            for appointment_id, snap in snapshots.items()
+            if snap is not None
+        ]
+        if kept:
+            statement = self._insert(A)
+            # A poll and a pushed notification may race: an older version never replaces a newer one.
+            newer = (
+                A.c.last_updated.is_(None)
+                | statement.excluded.last_updated.is_(None)
+                | (A.c.last_updated <= statement.excluded.last_updated)
+            )
+            conn.execute(
+                statement.on_conflict_do_update(
+                    index_elements=["source", "appointment_id"],
+                    where=newer,
+                    set_={
+                        name: statement.excluded[name] for name in kept[0] if name not in ("source", "appointment_id")
+                    },
+                ),
+                kept,
+            )
+        deleted = [
+            {"src": source, "aid": appointment_id, "now": now}
+            for appointment_id, snap in snapshots.items()
+            if snap is None
+        ]
+        if deleted:
+            conn.execute(
+                update(A)
+                .where(A.c.source == bindparam("src"), A.c.appointment_id == bindparam("aid"))
+                .values(deleted=True, updated_at=bindparam("now")),
+                deleted,
+            )
+
+    def _insert_notifications(self, conn: Connection, notifications: Sequence[PlannedNotification]) -> list[str]:
+        notifications = list({n.key: n for n in reversed(notifications)}.values())[::-1]  # one row per key
+        if not notifications:
+            return []
+        now = utcnow()
+        rows = [
+            {
+                "key": n.key,
+                "source": n.source,
+                "mapping": n.mapping,
+                "event": n.event,
+                "resource_type": n.resource_type,
+                "resource_id": n.resource_id[:128],
+                "resource_version": n.resource_version,
+                "patient_id": n.patient_id,
+                "state": n.state.value,
+                "reason": (n.reason or "")[:500] or None,
+                "attempts": 0,
+                "due_at": n.due_at,
+                "created_at": now,
+                "updated_at": now,
+                "appointment_start": n.appointment_start,
+            }
+            for n in notifications
+        ]
+        statement = self._insert(N)
+        # A key that exists stays as it is: the unique constraint decides. The one exception is a
+        # notification withdrawn before any attempt to send it (`cancelled`, never started) and planned
+        # again, which is re-armed. One cancelled by an operator after it was in doubt stays cancelled.
+        statement = statement.on_conflict_do_update(
+            index_elements=["key"],
+            set_={
+                "state": statement.excluded.state,
+                "due_at": statement.excluded.due_at,
+                "reason": None,
+                "attempts": 0,
+                "lease_owner": None,
+                "lease_until": None,
+                "updated_at": now,
+                "resource_version": statement.excluded.resource_version,
+                "appointment_start": statement.excluded.appointment_start,
+            },
+            where=(N.c.state == State.CANCELLED.value)
+            & N.c.first_attempt_at.is_(None)
+            & (statement.excluded.state == State.PENDING.value),
+        ).returning(N.c.key)
+        return [row.key for row in conn.execute(statement, rows)]
+
+    def _remember(self, conn: Connection, source: str, seen: Sequence[SeenVersion]) -> None:
+        if not seen:
+            return
+        now = utcnow()
+        rows = [
+            {
+                "source": source,
+                "resource_type": s.resource_type,
+                "resource_id": s.resource_id,
+                "version": s.version,
+                "last_updated": s.last_updated,
+                "problem": s.problem,
+                "seen_at": now,
+            }
+            for s in seen
+        ]
+        conn.execute(self._insert(S).on_conflict_do_nothing(), rows)
+
+    def _advance(self, conn: Connection, source: str, cursor: datetime) -> None:
+        statement = self._insert(C).values(source=source, value=cursor, updated_at=utcnow())
+        statement = statement.on_conflict_do_update(
+            index_elements=["source"],
+            set_={"value": statement.excluded.value, "updated_at": statement.excluded.updated_at},
+            where=C.c.value < statement.excluded.value,
+        )
+        conn.execute(statement)

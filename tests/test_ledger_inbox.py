@@ -1,0 +1,59 @@
+"""The inbox and reports roles of the ledger, run against SQLite and the real PostgreSQL: sealed CRM events
+stored once, planned with their processed mark in one transaction, purged after their retention; and the
+counts and listings `connector status` reads."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from connector.ledger import SeenVersion
+from connector.ledger.sql import SqlLedger
+from connector.models import State
+from tests.factories import NOW, planned
+
+
+def event(event_id: str, received: timedelta = timedelta(0)) -> dict[str, object]:
+    return {
+        "source": "crm",
+        "event_id": event_id,
+        "event_type": "contact.creation",
+        "received_at": NOW + received,
+        "key_id": "k1",
+        "sealed": b"sealed bytes",
+    }
+
+
+def test_an_event_is_stored_once_and_planned_with_its_processed_mark(ledger: SqlLedger) -> None:
+    inbox = ledger.inbox
+    assert inbox.add([event("e1"), event("e2")]) == 2
+    assert inbox.add([event("e1")]) == 0  # the sender retried: acknowledged, stored once
+    first, second = inbox.pending(10)
+    quarantined = SeenVersion("CrmEvent", str(second.id), "e2", None, "not a JSON object")
+    assert inbox.commit([first.id, second.id], [planned("crm-1")], [("crm", quarantined)]) == ["crm-1"]
+    assert inbox.pending(10) == []
+    assert inbox.get(first.id).event_id == "e1"
+    [(source, seen)] = ledger.reports.problems(10)
+    assert (source, seen.resource_type, seen.problem) == ("crm", "CrmEvent", "not a JSON object")
+
+
+def test_a_window_of_events_and_the_purge_of_processed_ones(ledger: SqlLedger) -> None:
+    inbox = ledger.inbox
+    inbox.add([event("old", -timedelta(days=40)), event("new")])
+    assert [r.event_id for r in inbox.window("crm", NOW - timedelta(days=1), None)] == ["new"]
+    assert [r.event_id for r in inbox.window("crm", None, NOW - timedelta(days=1))] == ["old"]
+    assert inbox.purge(NOW - timedelta(days=30)) == 0  # not processed yet: kept whatever its age
+    inbox.commit([r.id for r in inbox.pending(10)], [])
+    assert inbox.purge(NOW - timedelta(days=30)) == 1
+    assert [r.event_id for r in inbox.window("crm", None, None)] == ["new"]
+
+
+def test_reports_count_every_state_and_list_the_newest_first(ledger: SqlLedger) -> None:
+    ledger.intake.record_page("ehr", [planned("a"), planned("b", state=State.SKIPPED)], [], NOW)
+    counts = ledger.reports.counts()
+    assert set(counts) == set(State) and (counts[State.PENDING], counts[State.SKIPPED]) == (1, 1)
+    assert [n.key for n in ledger.reports.notifications([State.SKIPPED], 10)] == ["b"]
+    assert [n.key for n in ledger.reports.due(NOW, 10)] == ["a"]
+    assert ledger.reports.cursors() == {"ehr": NOW}
+    ledger.reports.add_rejections({("paubox", "unknown path token"): 2}, NOW)
+    ledger.reports.add_rejections({("paubox", "unknown path token"): 1}, NOW + timedelta(minutes=1))
+    assert ledger.reports.rejections() == [("paubox", "unknown path token", 3, NOW + timedelta(minutes=1))]
