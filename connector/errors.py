@@ -8,6 +8,9 @@ responses to their test clients and are left out):
     ├── SourceError          a source could not be read this time (network, HTTP status, bad page);
     │   │                    the cursor does not move, the next poll tries again.
     │   ├── SourceLimitError     a server went past one of `sources.<name>.limits` (sources/bounded.py)
+    │   ├── WriteRefused         the server refused a write (a 4xx): the same write would be refused again
+    │   ├── StaleVersion         an update named a version no longer current (412): read, decide again
+    │   │                        (both sources/fhir_write.py)
     │   └── SmartAuthError       SMART Backend Services refused or failed (sources/smart.py)
     │       └── SmartLimitError  ... by going past a limit (also a SourceLimitError)
     ├── LedgerError          the ledger database is unusable (unreachable, schema out of date, folder missing,

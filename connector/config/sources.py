@@ -110,6 +110,13 @@ class SourceLimits(Strict):
     )
 
 
+class WriteBackConfig(Strict):
+    """What the connector may write to this FHIR server (nothing unless a feature below is on). The SMART
+    scopes the writes need are added to the source's token request."""
+
+    scope: str = Field("", description="SMART scopes for writes, e.g. system/Communication.c system/Task.c")
+
+
 class FhirPollSourceConfig(Strict):
     """A FHIR R4 server: polled (strategy below) and, optionally, pushing Subscription notifications."""
 
@@ -144,6 +151,7 @@ class FhirPollSourceConfig(Strict):
     timezone: Zone = "UTC"
     location_timezones: dict[Annotated[str, Field(pattern=r"^Location/[^/\s]+$")], Zone] = Field(default_factory=dict)
     consent: ConsentCheck = ConsentCheck()
+    write_back: WriteBackConfig = WriteBackConfig()
 
     @field_validator("base_url")
     @classmethod

@@ -90,7 +90,7 @@ class FhirPollSource:
                 private_key_pem=config.auth.private_key.get_secret_value().encode(),
                 key_id=config.auth.key_id,
                 algorithm=config.auth.algorithm,
-                scope=config.auth.scope,
+                scope=" ".join(dict.fromkeys([*config.auth.scope.split(), *config.write_back.scope.split()])),
                 token_endpoint=config.auth.token_endpoint,
                 transport=transport,
                 timeout=self._deadline,
@@ -269,7 +269,7 @@ class FhirPollSource:
     async def post(self, url: str, body: dict[str, Any], what: str, method: str = "POST") -> Any:
         """A write (creating a Subscription, say): not retried."""
         try:
-            reply = await self._exchange(
+            reply = await self.exchange(
                 method, url, None, what, json=body, headers={"Content-Type": "application/fhir+json"}
             )
         except httpx.HTTPError as exc:
@@ -281,8 +281,9 @@ class FhirPollSource:
         except ValueError:
             return None
 
-    async def _exchange(self, method: str, url: str, params: Params | None, what: str, **kwargs: Any) -> Reply:
-        """One request within the limits, to the origin of `base_url` only."""
+    async def exchange(self, method: str, url: str, params: Params | None, what: str, **kwargs: Any) -> Reply:
+        """One request within the limits, to the origin of `base_url` only (reads here, writes through
+        connector.sources.fhir_write)."""
         request = self._client.build_request(method, url, params=params, **kwargs)
         if origin(request.url) != self._origin:
             raise self._breach(
@@ -312,7 +313,7 @@ class FhirPollSource:
         for attempt in range(1, settings.attempts + 1):
             delay: float | None = None
             try:
-                reply = await self._exchange("GET", url, params, what)
+                reply = await self.exchange("GET", url, params, what)
             except httpx.HTTPError as exc:
                 if attempt == settings.attempts:
                     raise SourceError(
