@@ -14,6 +14,7 @@ import typer
 from sqlalchemy.exc import OperationalError
 
 from connector import logs, optout, report
+from connector.cli_check import check as check_command
 from connector.commands import files, ledger, scaffold
 from connector.commands import run as running
 from connector.config import LEDGER, Config, Environment, load_config
@@ -380,6 +381,7 @@ def optout_rekey(config: ConfigOption = ENV.config) -> None:
     report.rekeyed(_on_ledger(config, ledger.optout_rekey))
 
 
+app.command("check")(check_command)
 app.add_typer(sandbox_app, name="sandbox")
 
 

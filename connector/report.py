@@ -11,11 +11,13 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from connector import preflight
 from connector.models import PlanNote, State
 
 if TYPE_CHECKING:
     from connector.health import Finding
     from connector.ledger import NotificationRecord, OptOut, Rekeyed, SeenVersion
+    from connector.preflight import Check
     from connector.results import CycleReport, DryRun, Replayed, ReplayItem
 
 
@@ -221,6 +223,23 @@ def optouts(entries: list[OptOut]) -> None:
             entry.key_id or "none: run `connector optout rekey`",
         )
     console.print(table)
+
+
+def styled(label: str, style: str, rest: str = "") -> Text:
+    """`label` in `style` then `rest`, as text (never read as markup): colour on a terminal, plain otherwise."""
+    text = Text(label, style=style)
+    if rest:
+        text.append(" " + rest)
+    return text
+
+
+def checks(found: list[Check]) -> None:
+    """`connector check`: one line per check, its mark green or red on a terminal, then the tally."""
+    for check in found:
+        text = Text(preflight.line(check))
+        text.stylize("green" if check.ok else "red", 0, 1)
+        console.print(text)
+    console.print(styled(preflight.summary(found), "green" if preflight.passed(found) else "red"))
 
 
 def rekeyed(result: Rekeyed) -> None:

@@ -60,6 +60,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "connector.timing",
             "connector.optout",
             "connector.health",
+            "connector.preflight",
             "connector.mapping",
             "connector.crm",
             "connector.delivery.retry",
@@ -94,6 +95,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "connector.commands",
             "connector.report",
             "connector.cli",
+            "connector.cli_check",
             "connector.entry",
             "connector.__main__",
             "connector.testing",  # the harness tests, chaos and bench share: servers, configs, daemons

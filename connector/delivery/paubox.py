@@ -271,5 +271,15 @@ class PauboxRestMailer:
         except ValueError:
             raise ConnectorError("message_receipt answered with a non-JSON body") from None
 
+    async def lookup(self, tracking_id: str) -> tuple[int, bool]:
+        """`GET message_receipt` for `tracking_id`: the HTTP status and whether the body is JSON. `connector
+        check` asks for an id that cannot exist to learn whether the key is accepted. Raises httpx.HTTPError."""
+        response = await self._client.get("message_receipt", params={"sourceTrackingId": tracking_id})
+        try:
+            json.loads(response.content)
+        except ValueError:
+            return response.status_code, False
+        return response.status_code, True
+
     async def aclose(self) -> None:
         await self._client.aclose()

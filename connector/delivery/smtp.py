@@ -232,6 +232,23 @@ class PauboxSmtpMailer:
                     if smtp is not None:
                         self._give_back(smtp, reusable)
 
+    async def probe(self) -> str | None:
+        """Connect, secure, authenticate and QUIT without sending anything (`connector check`): None when
+        every step passed, else what failed."""
+        try:
+            smtp = await self._open()
+        except _Stop as stop:
+            return stop.outcome.reason
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            return classify_exception(exc, content_sent=False).reason
+        try:
+            await smtp.quit(timeout=self._timeout)
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            return f"QUIT failed: {type(exc).__name__}"
+        finally:
+            smtp.close()
+        return None
+
     async def aclose(self) -> None:
         """Quit every idle connection; connections in use are closed when their send ends."""
         self._closed = True

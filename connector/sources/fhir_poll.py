@@ -112,6 +112,12 @@ class FhirPollSource:
         )
         self._in_flight = asyncio.Semaphore(config.max_connections)
 
+    @property
+    def smart(self) -> SmartBackendAuth | None:
+        """The SMART Backend Services auth of this source, when it uses one (`connector check` asks it for a
+        token)."""
+        return self._smart
+
     # -- what to ask --------------------------------------------------------------------------------------
 
     def search_params(self, since: datetime | None, until: datetime | None = None) -> Params:
