@@ -86,11 +86,11 @@ def _fail(exc: ConnectorError) -> typer.Exit:
     if isinstance(exc, LedgerError | InfrastructureError):
         _say(str(exc))
     elif isinstance(exc, ConfigError):
-        report.console.print(f"[red]{len(exc.problems)} problem(s):[/red]")
+        report.console.print(report.styled(f"{len(exc.problems)} problem(s):", "red"))
         for problem in exc.problems:
             report.console.print(f"  {problem}", markup=False)
     else:
-        report.console.print(f"[red]error:[/red] {exc}", markup=False)
+        report.console.print(report.styled("error:", "red", str(exc)))
     return typer.Exit(2)
 
 

@@ -1,4 +1,6 @@
-"""Structured logs (structlog) on stderr: `console` (key=value) or `json`.
+"""Structured logs (structlog) on stderr: `console` (key=value) or `json`. Libraries that log through the
+standard library (uvicorn, APScheduler, SQLAlchemy, httpx) are formatted by the same renderer, so a JSON
+stream holds JSON lines only.
 
 Log lines carry names of sources and mappings, resource types, ids and versions, notification ids,
 HTTP statuses and reasons, never patient data, message bodies, addresses or notification keys.
@@ -21,27 +23,47 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNI
 FORMATS = ("console", "json")
 
 
+HANDLER = "connector"  # the name of the root handler `configure` installs (and replaces when called again)
+
+
 def configure(level: str = "info", fmt: str = "console") -> None:
+    """Our lines (structlog) and every library's (uvicorn, APScheduler, ... through stdlib logging) in one
+    format on stderr. Libraries speak from `warning` up (APScheduler from `error`), whatever `level`."""
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=False, pad_event_to=0)
+        # plain tracebacks: rich's would print the frames' local variables, and with them patient data
+        else structlog.dev.ConsoleRenderer(
+            colors=False, pad_event_to=0, exception_formatter=structlog.dev.plain_traceback
+        )
     )
+    stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    traceback_text: list[structlog.typing.Processor] = [structlog.processors.format_exc_info] if fmt == "json" else []
     structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
-        ],
+        processors=[structlog.processors.add_log_level, stamp, *traceback_text, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
-    logging.basicConfig(
-        level=max(LEVELS[level], logging.WARNING),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    foreign: list[structlog.typing.Processor] = [
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        stamp,
+        *traceback_text,
+    ]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.name = HANDLER
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=foreign,
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
     )
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.name == HANDLER]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(max(LEVELS[level], logging.WARNING))
     # "skipped: maximum number of running instances reached" every second while a long dispatch runs is
     # expected (max_instances=1 on purpose), not news.
     logging.getLogger("apscheduler").setLevel(logging.ERROR)

@@ -34,7 +34,7 @@ console = Console(highlight=False, width=_width())
 def cycle(report: CycleReport) -> None:
     for poll in report.polls:
         if poll.error:
-            console.print(f"[red]source {poll.source}: FAILED[/red] {poll.error}")
+            console.print(styled(f"source {poll.source}: FAILED", "red", poll.error))
         else:
             console.print(
                 f"source {poll.source}: {poll.pages} page(s), {poll.resources} appointment(s), "
@@ -45,7 +45,7 @@ def cycle(report: CycleReport) -> None:
         steps = ", ".join(f"{v} {k}" for k, v in report.dispatch.steps.items() if v) or "nothing due"
         console.print(f"dispatch: {steps}")
         if report.dispatch.paused:
-            console.print(f"[red]sending paused:[/red] {report.dispatch.paused}", markup=False)
+            console.print(styled("sending paused:", "red", report.dispatch.paused))
         if report.dispatch.waiting:
             console.print(f"sending waits: {report.dispatch.waiting}", markup=False)
 
@@ -113,7 +113,7 @@ def replayed(result: Replayed, dry_run: bool) -> None:
 
 def dry_run(result: DryRun) -> None:
     for error in result.errors:
-        console.print(f"[red]{error}[/red]", markup=False)
+        console.print(styled(error, "red"))
     replay_items(
         result.planned,
         result.notes,

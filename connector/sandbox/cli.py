@@ -20,7 +20,7 @@ sandbox_app = typer.Typer(
 def _serve(app: object, host: str, port: int) -> None:
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {host}; the sandboxes are meant for 127.0.0.1", file=sys.stderr)
-    uvicorn.run(app, host=host, port=port, log_level="warning")  # type: ignore[arg-type]
+    uvicorn.run(app, host=host, port=port, log_level="warning", log_config=None)  # type: ignore[arg-type]
 
 
 @sandbox_app.callback(invoke_without_command=True)

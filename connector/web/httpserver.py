@@ -143,6 +143,7 @@ def server_config(app: ASGIApp, settings: ServerConfig) -> uvicorn.Config:
         host=settings.host,
         port=settings.port,
         log_level="warning",
+        log_config=None,  # no handlers of uvicorn's own: its lines go through connector.logs (structlog)
         access_log=False,
         lifespan="off",
         http=timed_protocol(settings.header_timeout.total_seconds(), settings.body_timeout.total_seconds()),
