@@ -2,7 +2,9 @@
 
 Each source's poll runs on its own interval and the dispatcher on `dispatch.interval`; a job never runs
 twice at once (max_instances=1) and missed runs are coalesced. SIGTERM/SIGINT stop the schedule, let
-in-flight sends finish (their outcome is recorded), give back leases and exit.
+in-flight sends finish (their outcome is recorded), give back leases and exit. SIGHUP reads the mappings
+and their templates again: all of them are loaded and checked first, and only a folder without a problem
+replaces the mappings in use (a broken one is logged, by file and line, and the old mappings stay).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from starlette.applications import Starlette
 
 from connector import metrics
+from connector.errors import ConfigError
 from connector.logs import where
 from connector.results import CycleReport, DispatchReport, PollReport
 from connector.sending.aftercare import ReceiptReader
@@ -95,13 +98,45 @@ def web_server(runtime: Runtime) -> EmbeddedServer | None:
     return EmbeddedServer(httpserver.server_config(web_app(runtime), settings))
 
 
+async def reload_mappings(runtime: Runtime) -> bool:
+    """SIGHUP: the mappings folder loaded again and, when every file is well, put in use. False (and the
+    old mappings kept) when any file has a problem; the log names files, lines and what is wrong, which
+    are parts of the mappings, never patient data."""
+    try:
+        fresh = await asyncio.to_thread(runtime.load_mappings)
+    except ConfigError as exc:
+        log.error(
+            "mappings.reload_failed",
+            problems=[str(p) for p in exc.problems[:10]],
+            count=len(exc.problems),
+            kept=runtime.mappings.names(),
+        )
+        return False
+    except Exception as exc:  # noqa: BLE001 - a failed reload must not stop the daemon
+        log.error("mappings.reload_failed", problem=where(exc), kept=runtime.mappings.names())
+        return False
+    runtime.mappings.replace(fresh)
+    log.info("mappings.reloaded", mappings=runtime.mappings.names())
+    return True
+
+
 async def run_forever(runtime: Runtime) -> None:
-    """Run until SIGTERM or SIGINT."""
+    """Run until SIGTERM or SIGINT; SIGHUP reloads the mappings."""
     stop = asyncio.Event()
     running: set[asyncio.Task[object]] = set()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def on_hangup() -> None:
+        if stop.is_set():  # stopping: nothing new starts (and SIGHUP still does not kill the process)
+            return
+        task = asyncio.create_task(reload_mappings(runtime))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
 
     def guarded(name: str, job: Callable[[], Awaitable[object]]) -> Callable[[], Awaitable[None]]:
         async def wrapper() -> None:

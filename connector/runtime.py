@@ -184,6 +184,10 @@ class Runtime:
             monitor,
         )
 
+    def load_mappings(self) -> MappingSet:
+        """The mappings folder read and compiled again (SIGHUP). Raises ConfigError naming every problem."""
+        return load_mappings(self.config.mappings_dir, [*self.config.sources, *self.config.crm])
+
     async def aclose(self) -> None:
         await self.dispatcher.release()
         for source in self.sources.values():

@@ -89,6 +89,11 @@ class MappingSet:
     def names(self) -> list[str]:
         return sorted(self._by_name)
 
+    def replace(self, fresh: MappingSet) -> None:
+        """Use `fresh`'s mappings from now on (a reload). Everything holding this set sees them at once:
+        one assignment, between two steps of the event loop."""
+        self._by_name = dict(fresh._by_name)
+
 
 def load_mappings(folder: Path, source_names: Iterable[str] | None = None) -> MappingSet:
     """Load `folder/*.yaml`. Raises ConfigError with every problem (file, line, what) in the folder."""
