@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, TypeVar
 
 import typer
 from sqlalchemy.exc import OperationalError
 
-from connector import logs, optout, report
+from connector import logs, machine, operate, optout, report
 from connector.cli_check import check as check_command
 from connector.commands import files, ledger, scaffold
 from connector.commands import run as running
@@ -23,6 +24,7 @@ from connector.errors import ConfigError, ConnectorError, InfrastructureError, L
 from connector.files import write_private
 from connector.ledger.health import describe
 from connector.models import Clock, fixed_clock, system_clock
+from connector.progress import Bar
 from connector.sandbox.cli import sandbox_app
 from connector.urls import masked
 
@@ -100,6 +102,9 @@ def _on_ledger(config: Path, work: Callable[[Config], T]) -> T:
         return work(load_config(config, LEDGER))
     except ConnectorError as exc:
         raise _fail(exc) from None
+
+
+operate.register(app, _on_ledger, ENV.config)  # resolve, retry
 
 
 def _print_version(wanted: bool) -> None:
@@ -243,9 +248,14 @@ def replay(
     config: ConfigOption = ENV.config,
     now: NowOption = None,
     dry_run: DryRunOption = False,
+    as_json: JsonOption = False,
+    output: Annotated[
+        Path | None, typer.Option(help="Write every row to this file: JSON lines, or CSV for a name ending .csv.")
+    ] = None,
 ) -> None:
     """Run the mappings again over a window of a source, or a file. The ledger keeps what was already
-    sent from going again; --dry-run lists what would be sent and what the ledger suppresses."""
+    sent from going again; --dry-run says what would be sent and what the ledger suppresses. Prints the
+    counts by result (and every row when there are few); --output writes the full list."""
     clock = _clock(now)
     try:
         cfg = load_config(config)
@@ -255,18 +265,32 @@ def replay(
             raise typer.BadParameter(f"choose one of: {', '.join(names)}", param_hint="--source")
         if file is None and since is None:
             raise typer.BadParameter("give --since (and optionally --until), or --file", param_hint="--since")
-        result = asyncio.run(
-            running.replay(cfg, clock, name, _instant(since, "--since"), _instant(until, "--until"), file, dry_run)
-        )
+        window = _instant(since, "--since"), _instant(until, "--until")
+        with Bar() as bar:
+            result = asyncio.run(running.replay(cfg, clock, name, *window, file, dry_run, bar))
     except ConnectorError as exc:
         raise _fail(exc) from None
-    report.replayed(result, dry_run)
+    if as_json:
+        if output is not None:
+            machine.write_rows(output, machine.replay_rows(result, dry_run))
+        print(json.dumps(machine.replay_json(result, dry_run), indent=2))
+    else:
+        report.replayed(result, dry_run, output)
+
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON (shape in the README) instead of tables.")]
 
 
 @app.command()
-def status(config: ConfigOption = ENV.config) -> None:
+def status(config: ConfigOption = ENV.config, as_json: JsonOption = False) -> None:
     """Counts per state, source cursors, and the notifications that need a person (in_doubt, failed)."""
-    report.status(_on_ledger(config, ledger.status))
+    with Bar() as bar:
+        bar.phase("reading the ledger", len(ledger.STATUS_STEPS))
+        data = _on_ledger(config, lambda cfg: ledger.status(cfg, lambda _: bar.advance()))
+    if as_json:
+        print(json.dumps(machine.status_json(data), indent=2))
+    else:
+        report.status(data)
 
 
 @db_app.command("upgrade")
@@ -290,35 +314,6 @@ def subscribe(
     except ConnectorError as exc:
         raise _fail(exc) from None
     report.console.print(f"{reference}: {status}", markup=False)
-
-
-@app.command()
-def resolve(
-    key: Annotated[str, typer.Argument(help="The notification key (from `connector status`).")],
-    sent: Annotated[
-        bool, typer.Option("--sent", help="It did go out (you checked with the patient or Paubox).")
-    ] = False,
-    resend: Annotated[
-        bool,
-        typer.Option(
-            "--resend", help="Send it again, under the same key (a duplicate is possible if the first one went)."
-        ),
-    ] = False,
-    cancel: Annotated[bool, typer.Option("--cancel", help="Do not send it.")] = False,
-    config: ConfigOption = ENV.config,
-) -> None:
-    """Decide what happened to an in_doubt notification (or resend a failed one)."""
-    if sum((sent, resend, cancel)) != 1:
-        raise typer.BadParameter("give exactly one of --sent, --resend, --cancel")
-    decision: Literal["sent", "resend", "cancel"] = "sent" if sent else "resend" if resend else "cancel"
-    done = _on_ledger(config, lambda cfg: ledger.resolve(cfg, key, decision))
-    if not done:
-        report.console.print(
-            "no in_doubt notification with that key" + (" (or failed, for --resend)" if resend else ""), markup=False
-        )
-        raise typer.Exit(1)
-    action = "sent" if sent else "queued to send again" if resend else "cancelled"
-    report.console.print(f"notification {action}", markup=False)
 
 
 IdentifierOption = Annotated[

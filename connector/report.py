@@ -11,12 +11,14 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from connector import preflight
-from connector.models import PlanNote, State
+from connector import machine, preflight
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from connector.health import Finding
     from connector.ledger import NotificationRecord, OptOut, Rekeyed, SeenVersion
+    from connector.models import PlanNote
     from connector.preflight import Check
     from connector.results import CycleReport, DryRun, Replayed, ReplayItem
 
@@ -50,22 +52,14 @@ def cycle(report: CycleReport) -> None:
             console.print(f"sending waits: {report.dispatch.waiting}", markup=False)
 
 
-def _verdict(item: ReplayItem, final: NotificationRecord | None, verdicts: dict[str, str]) -> str:
-    n = item.notification
-    if item.inserted and final is not None:
-        return final.state.value + (f": {final.reason}" if final.reason else "")
-    if item.existing is not None and not (item.existing.state is State.CANCELLED and n.state is State.PENDING):
-        return f"suppressed: already {item.existing.state.value}"
-    if n.state is State.SKIPPED:
-        return f"skipped: {n.reason}"
-    return verdicts.get(n.key, "would send")
-
-
 def _table(title: str, columns: tuple[str, ...]) -> Table:
     table = Table(title=title, title_justify="left")
     for column in columns:
         table.add_column(column, overflow="fold")
     return table
+
+
+TABLE_ROWS = 50  # more rows than this: a summary, and the full list in a file on request (--output)
 
 
 def replay_items(
@@ -75,32 +69,35 @@ def replay_items(
     verdicts: dict[str, str],
     title: str,
     quarantined: list[tuple[str, SeenVersion]],
+    output: Path | None = None,
 ) -> None:
-    table = _table(title, ("mapping", "resource", "patient", "due", "key", "result"))
-    counts: dict[str, int] = {}
-    for item in items:
-        n = item.notification
-        verdict = _verdict(item, final.get(n.key), verdicts)
-        counts[verdict.split(":")[0].split(" (")[0]] = counts.get(verdict.split(":")[0].split(" (")[0], 0) + 1
-        table.add_row(
-            n.mapping,
-            f"{n.resource_type}/{n.resource_id} v{n.resource_version}",
-            n.patient_id or "-",
-            n.due_at.isoformat(timespec="minutes"),
-            n.key,
-            verdict,
-        )
-    for appointment_id, note in notes:
-        table.add_row(note.mapping, f"Appointment/{appointment_id}", note.patient_id or "-", "", "", note.message)
-        counts["not planned"] = counts.get("not planned", 0) + 1
-    for _source, seen in quarantined:
-        table.add_row("-", escape(_version(seen)), "-", "", "", escape(f"quarantined: {seen.problem}"))
-        counts["quarantined"] = counts.get("quarantined", 0) + 1
-    console.print(table)
-    console.print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no notifications")
+    """A table of every row when there are few; otherwise the counts by result only. With `output`, the
+    full list goes to that file (JSON lines, or CSV for a name ending in .csv)."""
+    found = machine.rows(items, notes, final, verdicts, quarantined)
+    if len(found) <= TABLE_ROWS and output is None:
+        table = _table(title, ("mapping", "resource", "patient", "due", "key", "result"))
+        for row in found:
+            table.add_row(
+                row["mapping"] or "-",
+                escape(row["resource"]),
+                row["patient"] or "-",
+                row["due"],
+                row["key"],
+                escape(row["detail"]),
+            )
+        console.print(table)
+    else:
+        console.print(title, markup=False)
+    counts = machine.summary(found)
+    console.print(", ".join(f"{v} {k}" for k, v in counts.items()) or "no notifications", markup=False)
+    if output is not None:
+        written = machine.write_rows(output, found)
+        console.print(f"{len(found)} row(s) written to {output} ({written})", markup=False)
+    elif len(found) > TABLE_ROWS:
+        console.print(f"{len(found)} rows: give --output FILE (.jsonl or .csv) for the full list", markup=False)
 
 
-def replayed(result: Replayed, dry_run: bool) -> None:
+def replayed(result: Replayed, dry_run: bool, output: Path | None = None) -> None:
     replay_items(
         result.items,
         result.notes,
@@ -108,6 +105,7 @@ def replayed(result: Replayed, dry_run: bool) -> None:
         result.verdicts,
         "Replay (dry run: nothing is recorded or sent)" if dry_run else "Replay",
         result.quarantined,
+        output,
     )
 
 

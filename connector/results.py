@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from connector.ledger import NotificationRecord, SeenVersion
@@ -101,3 +101,22 @@ class Replayed:
     verdicts: dict[str, str]  # dry run: what the recipient rules say
     final: dict[str, NotificationRecord]  # real run: where each notification ended
     quarantined: list[tuple[str, SeenVersion]]  # (source, version or event with its problem)
+
+
+class Tracker(Protocol):
+    """Told how long work goes (a progress bar on a terminal): a phase, with its total when known, then
+    each unit done."""
+
+    def phase(self, description: str, total: int | None = None) -> None: ...
+
+    def advance(self, count: int = 1) -> None: ...
+
+
+class Untracked:
+    """A Tracker that shows nothing."""
+
+    def phase(self, description: str, total: int | None = None) -> None:
+        return None
+
+    def advance(self, count: int = 1) -> None:
+        return None

@@ -272,3 +272,51 @@ def test_a_render_request_chooses_language_and_envelope(
         sender,
         replies,
     )
+
+
+def test_an_unknown_vars_name_is_reported_with_file_and_line(tmp_path: Path) -> None:
+    folder = folder_with(tmp_path, text="Dear {{ patient_name }},\ncall us on {{ vars.clinic_phon }}\n")
+    (folder / "reminder.yaml").write_text((folder / "reminder.yaml").read_text() + "vars: {clinic_phone: '0'}\n")
+    [problem] = load_problems(folder)
+    assert problem.startswith(f"{(folder / 'reminder.txt').resolve()} line 2")
+    assert "vars.clinic_phon is not in the `vars:` of reminder.yaml" in problem
+    assert "defined there: clinic_phone" in problem
+
+
+def test_an_unknown_vars_name_in_a_subject_or_a_layout(tmp_path: Path) -> None:
+    folder = folder_with(
+        tmp_path,
+        subject="At {{ vars['clinic'] }}",
+        html='{% extends "_base.html" %}{% block body %}{{ vars.name }}{% endblock %}',
+    )
+    (folder / "_base.html").write_text("<p>\n{{ vars.adress }}</p>{% block body %}{% endblock %}\n")
+    (folder / "reminder.yaml").write_text((folder / "reminder.yaml").read_text() + "vars: {name: Example}\n")
+    problems = load_problems(folder)
+    assert any("reminder.yaml line 7 (templates.subject): vars.clinic is not in" in p for p in problems)
+    assert any(p.startswith(f"{folder / '_base.html'} line 2") and "vars.adress" in p for p in problems)
+    assert not any("vars.name " in p for p in problems)
+    assert len(problems) == 2
+
+
+@pytest.mark.parametrize(
+    ("condition", "said"),
+    [
+        ("Appointment..status = 'booked'", "column 13: extraneous input '.'"),
+        ("Appointment.where(status = 'booked'", "missing ')'"),
+        ("Appointment.status = 'booked' and (", "the expression ends too soon"),
+        ("Appointment.status booked", "unexpected 'booked' after a complete expression"),
+    ],
+)
+def test_fhirpath_that_does_not_parse_is_reported(tmp_path: Path, condition: str, said: str) -> None:
+    [problem] = load_problems(folder_with(tmp_path, condition=condition))
+    assert "reminder.yaml line 5 (trigger.condition): FHIRPath does not parse, " in problem
+    assert said in problem
+
+
+def test_an_offset_after_the_start_says_how_to_write_it(tmp_path: Path) -> None:
+    folder = folder_with(tmp_path)
+    body = (folder / "reminder.yaml").read_text().replace("  event: booked\n", "  event: booked\nat: start + 2h\n")
+    (folder / "reminder.yaml").write_text(body)
+    [problem] = load_problems(folder)
+    assert "reminder.yaml line 5 (at)" in problem
+    assert "'start + 2h' is after the appointment starts" in problem and "`start - 2h`" in problem

@@ -1,4 +1,4 @@
-"""The ledger commands of the CLI: `status`, `resolve`, `optout add|remove|list|rekey` and `db upgrade`.
+"""The ledger commands of the CLI: `status`, `resolve`, `retry`, `optout add|remove|list|rekey` and `db upgrade`.
 
 Each opens the ledger (and nothing else: no secret but the ledger's is read), calls its roles directly,
 synchronously (connector.ledger.sql), and closes it.
@@ -6,7 +6,9 @@ synchronously (connector.ledger.sql), and closes it.
 
 from __future__ import annotations
 
-from dataclasses import replace
+import getpass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -22,7 +24,24 @@ from connector.models import State
 
 if TYPE_CHECKING:
     from connector.config import Config
+    from connector.ledger import NotificationRecord
     from connector.ledger.health import SqlHealth
+    from connector.ledger.operator import Changed, Selection
+
+Decision = Literal["sent", "resend", "cancel", "retry"]
+# What each decision applies to: the states it changes from.
+APPLIES: dict[Decision, tuple[State, ...]] = {
+    "sent": (State.IN_DOUBT,),
+    "cancel": (State.IN_DOUBT,),
+    "resend": (State.IN_DOUBT, State.FAILED),
+    "retry": (State.FAILED,),
+}
+REASONS: dict[Decision, str] = {
+    "sent": "resolved by an operator: it was sent",
+    "cancel": "resolved by an operator: cancelled",
+    "resend": "resend ordered by an operator",
+    "retry": "retry ordered by an operator",
+}
 
 
 def health_facts(config: Config, store: SqlHealth, now: datetime) -> list[Finding]:
@@ -45,38 +64,77 @@ def health_facts(config: Config, store: SqlHealth, now: datetime) -> list[Findin
     return findings
 
 
-def status(config: Config) -> dict[str, Any]:
+STATUS_STEPS = ("health", "counts", "cursors", "attention", "suppressed", "problems", "quarantined", "rejections")
+
+
+def status(config: Config, step: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """What `connector status` shows; `step` is told the name of each query as it starts (a progress bar)."""
     ledger = open_ledger(config)
     reports = ledger.reports
+    queries: dict[str, Callable[[], Any]] = {
+        "health": lambda: health_facts(config, ledger.health, datetime.now(UTC)),
+        "counts": reports.counts,
+        "cursors": reports.cursors,
+        "attention": lambda: reports.notifications([State.IN_DOUBT, State.FAILED], 50),
+        "suppressed": lambda: reports.notifications([State.SKIPPED, State.CANCELLED], 20),
+        "problems": lambda: reports.problems(20),
+        "quarantined": reports.quarantined,
+        "rejections": reports.rejections,
+    }
+    found: dict[str, Any] = {}
     try:
-        return {
-            "health": health_facts(config, ledger.health, datetime.now(UTC)),
-            "counts": reports.counts(),
-            "cursors": reports.cursors(),
-            "attention": reports.notifications([State.IN_DOUBT, State.FAILED], 50),
-            "suppressed": reports.notifications([State.SKIPPED, State.CANCELLED], 20),
-            "problems": reports.problems(20),
-            "quarantined": reports.quarantined(),
-            "rejections": reports.rejections(),
-        }
+        for name in STATUS_STEPS:
+            step(name)
+            found[name] = queries[name]()
+        return found
     finally:
         ledger.dispose()
 
 
-def resolve(config: Config, key: str, decision: Literal["sent", "resend", "cancel"]) -> bool:
-    """A person's decision on an in_doubt notification (`resend` also requeues a failed one). False when no
-    notification with that key is in a state the decision applies to."""
+@dataclass(frozen=True)
+class Preview:
+    """What a decision would change: counts per state, the first notifications, and how many of the
+    notifications named by id or key are not in a state it applies to."""
+
+    counts: dict[State, int]
+    first: list[NotificationRecord]
+    not_applicable: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def preview(config: Config, selection: Selection, decision: Decision, limit: int = 20) -> Preview:
     ledger = open_ledger(config)
     try:
-        if decision == "resend":
-            records = ledger.reports.existing([key])
-            return bool(records) and ledger.after_send.resend(
-                records[key].id, datetime.now(UTC), "resend ordered by an operator", [State.IN_DOUBT, State.FAILED]
-            )
-        state = State.SENT if decision == "sent" else State.CANCELLED
-        return ledger.after_send.resolve(key, state, "resolved by an operator", [State.IN_DOUBT])
+        states = APPLIES[decision]
+        counts = ledger.operator.count(selection, states)
+        others = sum(ledger.operator.count(selection).values()) - sum(counts.values()) if selection.by_name else 0
+        return Preview(counts, ledger.operator.page(selection, None, limit, states), others)
     finally:
         ledger.dispose()
+
+
+def decide(config: Config, selection: Selection, decision: Decision) -> Changed:
+    """Apply a person's decision to every selected notification it applies to, in one transaction."""
+    ledger = open_ledger(config)
+    try:
+        actor = f"cli:{_user()}"
+        states, reason = APPLIES[decision], REASONS[decision]
+        if decision in ("resend", "retry"):
+            return ledger.operator.requeue(selection, datetime.now(UTC), states, actor, reason)
+        to_state = State.SENT if decision == "sent" else State.CANCELLED
+        return ledger.operator.settle(selection, to_state, states, actor, reason)
+    finally:
+        ledger.dispose()
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return "unknown"
 
 
 def optout_add(config: Config, kind: optout.Kind, value: str, note: str | None) -> bool:

@@ -15,12 +15,17 @@ from connector.errors import ConnectorError
 from connector.intake.checks import triples
 from connector.intake.replay import pages_between, replan
 from connector.models import Clock, Email, State, system_clock
-from connector.results import CycleReport, DryRun, Replay, Replayed, ReplayItem
+from connector.results import CycleReport, DryRun, Replay, Replayed, ReplayItem, Tracker, Untracked
 from connector.runtime import Runtime
 from connector.sending.recipients import NoRecipient, optout_lookup, resolve
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from connector import fhir
     from connector.config import Config
+
+NOBODY = Untracked()
 
 
 class NoMailer:
@@ -45,11 +50,15 @@ async def run(config: Config, clock: Clock, once: bool) -> CycleReport | None:
         await runtime.aclose()
 
 
-async def explain(runtime: Runtime, items: list[ReplayItem], now: datetime) -> dict[str, str]:
+async def explain(
+    runtime: Runtime, items: list[ReplayItem], now: datetime, tracker: Tracker = NOBODY
+) -> dict[str, str]:
     """For each notification that would be sent: 'would send', or why the recipient rules say no."""
     verdicts: dict[str, str] = {}
     opted_out = optout_lookup(runtime.store.optouts)
+    tracker.phase("checking recipients", len(items))
     for item in items:
+        tracker.advance()
         n = item.notification
         if item.existing is not None or n.state is not State.PENDING or not n.patient_id:
             continue
@@ -105,8 +114,10 @@ async def replay(
     until: datetime | None,
     file: Path | None,
     dry: bool,
+    tracker: Tracker = NOBODY,
 ) -> Replayed:
-    """Plan a window of a source (or a file) again and send what the ledger does not already hold."""
+    """Plan a window of a source (or a file) again and send what the ledger does not already hold; the
+    tracker is told of each page read, each recipient checked, and the sending."""
     runtime = Runtime.open(config, clock, exclusive=not dry, mailer=NoMailer() if dry else None)
     try:
         if source in config.crm:
@@ -116,15 +127,23 @@ async def replay(
             runtime.planner.remember(source, page)
             pages: Any = [page]
         else:
-            pages = pages_between(runtime.poller, source, since, until)
+            pages = _counted(pages_between(runtime.poller, source, since, until), tracker)
+            tracker.phase(f"reading {source} (appointments)")
         found = await replan(runtime.planner, runtime.store.reports, source, pages, dry_run=dry)
-        verdicts = await explain(runtime, found.items, clock()) if dry else {}
+        verdicts = await explain(runtime, found.items, clock(), tracker) if dry else {}
         if not dry:
+            tracker.phase("sending what is due")
             await runtime.dispatcher.run()
         final = await runtime.store.reports.existing([i.notification.key for i in found.items])
         return Replayed(found.items, found.notes, verdicts, final, found.quarantined)
     finally:
         await runtime.aclose()
+
+
+async def _counted(pages: AsyncIterator[fhir.SearchPage], tracker: Tracker) -> AsyncIterator[fhir.SearchPage]:
+    async for page in pages:
+        tracker.advance(len(page.matches))
+        yield page
 
 
 async def replay_crm(

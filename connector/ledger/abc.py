@@ -2,9 +2,9 @@
 
 Callers depend on these, never on the SQL classes: the planner on `Intake`, the dispatcher on `Outbox`,
 aftercare on `AfterSend`, the CRM intake on `Inbox`, sending on `OptOuts`, replays and dry runs on
-`Reports`, the health monitor on `Health`. connector.ledger.aio implements them over the SQL roles
-(connector.ledger.sql); the one-shot ledger commands of the CLI (status, resolve, optout, db upgrade) use
-the SQL roles directly, synchronously.
+`Reports`, the health monitor on `Health`, a person's commands and console on `Operator`.
+connector.ledger.aio implements them over the SQL roles (connector.ledger.sql); the one-shot ledger
+commands of the CLI (status, resolve, retry, optout, db upgrade) use the SQL roles directly, synchronously.
 
 The contract every implementation keeps:
 - duplicates are decided by the UNIQUE key at insert time (a conflict means "already there");
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from connector.health import MailerFacts
     from connector.ledger import NotificationRecord, OptOut, SeenVersion, SendResult, Withdrawal
+    from connector.ledger.operator import Changed, OperatorAction, Selection
     from connector.lifecycle import Snapshot
     from connector.models import PlannedNotification, State
 
@@ -204,3 +205,25 @@ class Health(Protocol):
         ...
 
     async def mailer_changed(self, facts: MailerFacts, when: datetime) -> None: ...
+
+
+class Operator(Protocol):
+    """What a person selects and does (connector.ledger.operator): a Selection by id, key or filter, counted
+    or listed a page at a time (keyset on the id), and settled or queued again in one transaction, each
+    change recorded in `operator_action`."""
+
+    async def count(self, selection: Selection, states: Sequence[State] = ()) -> dict[State, int]: ...
+
+    async def page(
+        self, selection: Selection, after: int | None, limit: int, states: Sequence[State] = ()
+    ) -> list[NotificationRecord]: ...
+
+    async def settle(
+        self, selection: Selection, to_state: State, from_states: Sequence[State], actor: str, reason: str
+    ) -> Changed: ...
+
+    async def requeue(
+        self, selection: Selection, due_at: datetime, from_states: Sequence[State], actor: str, reason: str
+    ) -> Changed: ...
+
+    async def history(self, notification_id: int) -> list[OperatorAction]: ...

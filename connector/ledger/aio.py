@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from connector.ledger.health import SqlHealth
     from connector.ledger.inbox import SqlInbox
     from connector.ledger.intake import SqlIntake
+    from connector.ledger.operator import Changed, OperatorAction, Selection, SqlOperator
     from connector.ledger.optouts import SqlOptOuts
     from connector.ledger.outbox import SqlOutbox
     from connector.ledger.reports import SqlReports
@@ -217,6 +218,32 @@ class AsyncHealth:
         return await _thread(self.sync.mailer_changed, facts, when)
 
 
+class AsyncOperator:
+    def __init__(self, role: SqlOperator) -> None:
+        self.sync = role
+
+    async def count(self, selection: Selection, states: Sequence[State] = ()) -> dict[State, int]:
+        return await _thread(self.sync.count, selection, states)
+
+    async def page(
+        self, selection: Selection, after: int | None, limit: int, states: Sequence[State] = ()
+    ) -> list[NotificationRecord]:
+        return await _thread(self.sync.page, selection, after, limit, states)
+
+    async def settle(
+        self, selection: Selection, to_state: State, from_states: Sequence[State], actor: str, reason: str
+    ) -> Changed:
+        return await _thread(self.sync.settle, selection, to_state, from_states, actor, reason)
+
+    async def requeue(
+        self, selection: Selection, due_at: datetime, from_states: Sequence[State], actor: str, reason: str
+    ) -> Changed:
+        return await _thread(self.sync.requeue, selection, due_at, from_states, actor, reason)
+
+    async def history(self, notification_id: int) -> list[OperatorAction]:
+        return await _thread(self.sync.history, notification_id)
+
+
 @dataclass(frozen=True)
 class AsyncLedger:
     """Every role of one SqlLedger, async, as its Protocol (mypy checks here that each class implements it)."""
@@ -228,6 +255,7 @@ class AsyncLedger:
     optouts: abc.OptOuts
     reports: abc.Reports
     health: abc.Health
+    operator: abc.Operator
 
     @classmethod
     def over(cls, ledger: SqlLedger) -> AsyncLedger:
@@ -239,4 +267,5 @@ class AsyncLedger:
             AsyncOptOuts(ledger.optouts),
             AsyncReports(ledger.reports),
             AsyncHealth(ledger.health),
+            AsyncOperator(ledger.operator),
         )

@@ -43,6 +43,7 @@ class NotificationRow(SQLModel, table=True):
         Index("ix_notification_state_due", "state", "due_at"),
         Index("ix_notification_resource", "source", "resource_id"),
         Index("ix_notification_tracking", "tracking_id"),
+        Index("ix_notification_state_updated", "state", "updated_at"),  # selections by state and window
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -195,3 +196,21 @@ class ComponentHealthRow(SQLModel, table=True):
     problem: str | None = Field(default=None, max_length=500)  # the last error (kept after a recovery)
     problem_at: datetime | None = _when(nullable=True)
     updated_at: datetime = _when()
+
+
+class OperatorActionRow(SQLModel, table=True):
+    """What a person did to a notification (`connector resolve`, `connector retry`, the operator console):
+    one row per notification changed. Ids, states and times only; `actor` is the operating-system account
+    or console user that acted, `reason` a fixed phrase of the command (never free text about a patient)."""
+
+    __tablename__ = "operator_action"
+    __table_args__ = (Index("ix_operator_action_notification", "notification_id", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    notification_id: int = Field(sa_column=Column(BigInteger(), nullable=False))
+    action: str = Field(max_length=16)  # settle, requeue
+    from_state: str = Field(max_length=16)
+    to_state: str = Field(max_length=16)
+    actor: str = Field(max_length=64)
+    reason: str = Field(max_length=200)
+    at: datetime = _when()

@@ -8,6 +8,7 @@ by its roles, and how a config opens it.
     ledger.optouts     keyed opt-out digests                                            (SqlOptOuts)
     ledger.reports     counts and listings for status, dry runs and replays             (SqlReports)
     ledger.health      the health rows of the daemon                                    (SqlHealth)
+    ledger.operator    a person's selections and bulk settle / requeue, recorded        (SqlOperator)
 
 The roles are synchronous: the CLI's ledger commands call them directly, and the daemon's async code
 reaches them through connector.ledger.aio (the one place that crosses into threads), typed by the
@@ -31,6 +32,7 @@ from connector.ledger.engine import make_engine
 from connector.ledger.health import SqlHealth, describe
 from connector.ledger.inbox import SqlInbox
 from connector.ledger.intake import SqlIntake
+from connector.ledger.operator import SqlOperator
 from connector.ledger.optouts import SqlOptOuts
 from connector.ledger.outbox import SqlOutbox
 from connector.ledger.reports import SqlReports
@@ -53,6 +55,7 @@ class SqlLedger:
         self.optouts = SqlOptOuts(engine, optout_keys)
         self.reports = SqlReports(engine)
         self.health = SqlHealth(engine)
+        self.operator = SqlOperator(engine)
 
     def dispose(self) -> None:
         self.engine.dispose()

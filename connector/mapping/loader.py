@@ -14,6 +14,7 @@ from jinja2.sandbox import SandboxedEnvironment
 from pydantic import ValidationError
 
 from connector.errors import ConfigError, Problem
+from connector.mapping.fhirpath_syntax import syntax_error
 from connector.mapping.spec import LANGUAGE_PATTERN, MappingSpec, RecipientPath
 from connector.mapping.templates import (
     CRM_KEY_NAMES,
@@ -21,7 +22,9 @@ from connector.mapping.templates import (
     KEY_NAMES,
     MESSAGE_NAMES,
     make_environment,
+    referenced_templates,
     undeclared_names,
+    vars_used,
 )
 from connector.yamlfile import YamlDoc, load_yaml, problems_from
 
@@ -198,8 +201,9 @@ def _variants(
             problems.append(doc.problem(("templates", "subject"), f"no subject for language {language!r}"))
             continue
         where = ("templates", "subject") if isinstance(subjects, str) else ("templates", "subject", language)
-        subject = _inline(env, subject_source, doc, where, names, problems)
-        text = _file(env, text_name, path, root, doc, ("templates", "text"), problems, names)
+        known = frozenset(spec.vars)
+        subject = _inline(env, subject_source, doc, where, names, problems, known)
+        text = _file(env, text_name, path, root, doc, ("templates", "text"), problems, names, known)
         html = None
         if templates.html:
             if language not in html_files:
@@ -210,7 +214,7 @@ def _variants(
                     )
                 )
                 continue
-            html = _file(env, html_files[language], path, root, doc, ("templates", "html"), problems, names)
+            html = _file(env, html_files[language], path, root, doc, ("templates", "html"), problems, names, known)
         if subject is not None and text is not None:
             variants[language] = Variant(subject, text, html)
     return variants
@@ -223,15 +227,20 @@ def _inline(
     loc: tuple[str, ...],
     allowed: frozenset[str],
     problems: list[Problem],
+    known_vars: frozenset[str] | None = None,
 ) -> Template | None:
     try:
         template = env.from_string(source)
         unknown = undeclared_names(env, source) - allowed
+        used = vars_used(env, source)
     except TemplateSyntaxError as exc:
         problems.append(doc.problem(loc, f"template error: {exc.message}"))
         return None
     if unknown:
         problems.append(doc.problem(loc, _unknown_names(unknown, allowed)))
+    if known_vars is not None:
+        for name in sorted({n for n, _ in used} - known_vars):
+            problems.append(doc.problem(loc, _unknown_var(name, known_vars)))
     return template
 
 
@@ -244,6 +253,7 @@ def _file(
     loc: tuple[str, ...],
     problems: list[Problem],
     names: frozenset[str] = MESSAGE_NAMES,
+    known_vars: frozenset[str] | None = None,
 ) -> Template | None:
     assert name is not None
     relative = (mapping_path.parent / name).resolve()
@@ -257,6 +267,10 @@ def _file(
         assert env.loader is not None
         source, _, _ = env.loader.get_source(env, template_name)
         unknown = undeclared_names(env, source) - names
+        used = [(relative, var, line) for var, line in vars_used(env, source)]
+        for parent in referenced_templates(env, source):  # a layout reads the same vars
+            parent_source, parent_file, _ = env.loader.get_source(env, parent)
+            used += [(Path(parent_file or parent), var, line) for var, line in vars_used(env, parent_source)]
     except TemplateNotFound:
         problems.append(doc.problem(loc, f"template file {name!r} not found next to the mapping"))
         return None
@@ -268,7 +282,17 @@ def _file(
         return None
     if unknown:
         problems.append(Problem(relative, None, name, _unknown_names(unknown, names)))
+    if known_vars is not None:
+        for file, var, line in used:
+            if var not in known_vars:
+                problems.append(Problem(file, line, name, _unknown_var(var, known_vars, doc.path)))
     return template
+
+
+def _unknown_var(name: str, known: frozenset[str], mapping: Path | None = None) -> str:
+    where = f"the `vars:` of {mapping.name}" if mapping is not None else "the mapping's `vars:`"
+    listed = ", ".join(sorted(known)) or "none"
+    return f"vars.{name} is not in {where} (it would render empty); defined there: {listed}"
 
 
 def _unknown_names(unknown: set[str], allowed: frozenset[str]) -> str:
@@ -285,6 +309,10 @@ def _condition(
     boolean: bool = True,
 ) -> Condition | None:
     if not expression:
+        return None
+    syntax = syntax_error(expression)
+    if syntax is not None:
+        problems.append(doc.problem(loc, f"FHIRPath does not parse, {syntax}"))
         return None
     try:
         compiled: Condition = fhirpathpy.compile(expression)

@@ -100,7 +100,15 @@ class MappingSpec(_Strict):
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list) or not items:
             raise ValueError("expected an offset like `start - 48h`, or a list of them")
-        return [parse_offset(str(item)) for item in items]
+        offsets = [parse_offset(str(item)) for item in items]
+        for item, offset in zip(items, offsets, strict=True):
+            if offset > timedelta(0):
+                before = str(item).replace("+", "-", 1).strip()
+                raise ValueError(
+                    f"{str(item).strip()!r} is after the appointment starts; a reminder before it is written "
+                    f"`{' '.join(before.split())}` (`at` counts back from `start`)"
+                )
+        return offsets
 
     @model_validator(mode="after")
     def _coherent(self) -> MappingSpec:

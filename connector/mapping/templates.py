@@ -87,6 +87,33 @@ def undeclared_names(env: SandboxedEnvironment, source: str) -> set[str]:
     return {n for n in names if n not in env.globals}
 
 
+def vars_used(env: SandboxedEnvironment, source: str) -> list[tuple[str, int]]:
+    """The `vars.NAME` and `vars['NAME']` a template reads, with their lines (names given by a variable are
+    not known before rendering and are left out)."""
+    found: list[tuple[str, int]] = []
+    ast = env.parse(source)
+    for node in ast.find_all(jinja_nodes.Getattr):
+        if isinstance(node.node, jinja_nodes.Name) and node.node.name == "vars":
+            found.append((node.attr, node.lineno))
+    for item in ast.find_all(jinja_nodes.Getitem):
+        if isinstance(item.node, jinja_nodes.Name) and item.node.name == "vars":
+            key = item.arg
+            if isinstance(key, jinja_nodes.Const) and isinstance(key.value, str):
+                found.append((key.value, item.lineno))
+    return found
+
+
+def referenced_templates(env: SandboxedEnvironment, source: str) -> list[str]:
+    """Templates this one extends or includes by a constant name (a layout, a partial)."""
+    ast = env.parse(source)
+    names = []
+    for node in ast.find_all((jinja_nodes.Extends, jinja_nodes.Include)):
+        template = getattr(node, "template", None)
+        if isinstance(template, jinja_nodes.Const) and isinstance(template.value, str):
+            names.append(template.value)
+    return names
+
+
 def filters_used(env: SandboxedEnvironment, source: str) -> set[str]:
     ast = env.parse(source)
     return {node.name for node in ast.find_all(jinja_nodes.Filter)}
