@@ -16,6 +16,7 @@ from sqlalchemy.exc import OperationalError
 from connector import logs, optout, report
 from connector.commands import files, ledger, scaffold
 from connector.commands import run as running
+from connector.commands.console import console_app
 from connector.config import LEDGER, Config, Environment, load_config
 from connector.entry import package_version
 from connector.errors import ConfigError, ConnectorError, InfrastructureError, LedgerError
@@ -381,6 +382,7 @@ def optout_rekey(config: ConfigOption = ENV.config) -> None:
 
 
 app.add_typer(sandbox_app, name="sandbox")
+app.add_typer(console_app, name="console")
 
 
 def main() -> None:
