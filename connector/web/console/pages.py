@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
-from urllib.parse import urlencode
+from urllib.parse import parse_qs, urlencode
 
 import structlog
 from jinja2 import Environment, PackageLoader, select_autoescape
@@ -26,6 +26,7 @@ from starlette.routing import Route
 
 from connector.ledger.console import ACTIONS, Action, Search
 from connector.models import State
+from connector.web.common import read_body
 from connector.web.console import facts
 from connector.web.console.auth import Gate, User
 
@@ -75,6 +76,13 @@ def search_from(values: Any) -> Search:
         text("appointment_id"), text("patient_id"), text("key"), State(state) if state else None, text("mapping"),
         text("source"), instant("since"), instant("until"),
     )  # fmt: skip
+
+
+async def form_of(request: Request) -> dict[str, str]:
+    """A posted form (application/x-www-form-urlencoded, at most 64 KiB); the first value of each field."""
+    body = await read_body(request, 65536)
+    fields = parse_qs(body.decode("utf-8", "replace"), max_num_fields=40)
+    return {name: values[0] for name, values in fields.items()}
 
 
 class Console:
@@ -177,7 +185,7 @@ class Console:
         return self.login_form()
 
     async def login(self, request: Request) -> Response:
-        form = await request.form(max_files=0, max_fields=10)
+        form = await form_of(request)
         try:
             self.gate.signer.loads(str(form.get("csrf", "")), salt="connector-console-login", max_age=3600)
         except Exception:  # noqa: BLE001 - any bad or old token is the same refusal
@@ -204,7 +212,7 @@ class Console:
     # actions ----------------------------------------------------------------------------------------------
 
     async def posted(self, request: Request) -> tuple[User | None, Any]:
-        return self.gate.user(request), await request.form(max_files=0, max_fields=30)
+        return self.gate.user(request), await form_of(request)
 
     def refuse(self, what: str, reason: str, status: int = 403) -> HTMLResponse:
         log.warning("console.refused", action=what, reason=reason)
