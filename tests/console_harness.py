@@ -97,3 +97,20 @@ def csrf_of(html: str) -> str:
     found = re.search(r'name="csrf" value="([^"]+)"', html)
     assert found, "no CSRF token in the page"
     return found.group(1)
+
+
+def seed_history(engine: Engine, now: datetime, per_day: int = 40) -> None:
+    """A month of finished notifications (sent, some failed, skipped, cancelled, in doubt), for the charts."""
+    rows = []
+    for day in range(30):
+        for i in range(per_day + (day * 7) % 23):
+            at = now - timedelta(days=day, minutes=37 * i % 1440)
+            state = (State.SENT,) * 12 + (State.SKIPPED, State.SKIPPED, State.CANCELLED, State.FAILED, State.IN_DOUBT)
+            chosen = state[(i * 7 + day) % len(state)]
+            reason = {State.SKIPPED: "the patient has no email address", State.CANCELLED: "appointment cancelled"}
+            sent = {"sent_at": at, "tracking_id": f"trk-{day}-{i}"} if chosen is State.SENT else {}
+            rows.append(
+                row(f"hist:{day}:{i}", f"hist-{day}-{i}", chosen, at, updated_at=at, reason=reason.get(chosen), **sent)
+            )
+    with engine.begin() as conn:
+        conn.execute(insert(N), rows)
