@@ -4,6 +4,7 @@ The same flows in a real browser: tests/test_console_browser.py."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,9 +16,12 @@ from argon2 import PasswordHasher
 from typer.testing import CliRunner
 
 from connector.cli import app as cli_app
+from connector.config import load_config
+from connector.daemon import web_server
 from connector.ledger.console import Search
-from connector.models import State
-from connector.testing import sqlite_url
+from connector.models import State, system_clock
+from connector.runtime import Runtime
+from connector.testing import free_port, sqlite_url
 from tests.console_harness import OPERATOR, VIEWER, Seeded, console_app, csrf_of, seed, write_console_config
 
 SSO = "  sso:\n    user_header: X-Remote-User\n    operators: [sso-olivia]\n"
@@ -249,3 +253,32 @@ def test_add_user_writes_an_argon2_hash_and_prints_the_config_lines(tmp_path: Pa
 
 def _ids(html: str) -> list[str]:
     return [part.split("<")[0] for part in html.split('class="open">')[1:]]
+
+
+@pytest.mark.parametrize(("trusted", "believed"), [("127.0.0.1/32", True), ("10.0.0.0/8", False)])
+async def test_connector_run_serves_the_console_and_believes_sso_only_from_its_proxy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, trusted: str, believed: bool
+) -> None:
+    """Over a real socket, as the daemon serves it: the proxy's X-Forwarded-For replaces the client address,
+    yet the header is judged by the immediate peer (127.0.0.1 here)."""
+    monkeypatch.setenv("PAUBOX_API_KEY", "test-sandbox-key")
+    port = free_port()
+    path = write_console_config(tmp_path, sqlite_url(tmp_path / "ledger.db"), port=port, sso=SSO, trusted=[trusted])
+    runtime = Runtime.open(load_config(path), system_clock)
+    server = web_server(runtime)
+    assert server is not None
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            headers = {"X-Remote-User": "sso-olivia", "X-Forwarded-For": "203.0.113.9"}
+            page = await client.get("/console", headers=headers)
+        if believed:
+            assert page.status_code == 200 and "sso-olivia · operator" in page.text
+        else:
+            assert (page.status_code, page.headers["location"]) == (303, "/console/login")
+    finally:
+        server.should_exit = True
+        await task
+        await runtime.aclose()

@@ -73,6 +73,12 @@ class Config(Strict):
             raise ValueError(f"a CRM source and a FHIR source share the name {sorted(clash)[0]!r}")
         return self
 
+    @model_validator(mode="after")
+    def _console_needs_a_server(self) -> Config:
+        if self.console is not None and self.server is None:
+            raise ValueError("`console:` needs `server:` (the address and port it is served on)")
+        return self
+
     locale: str = "en_US"
     quiet_hours: QuietHoursConfig | None = None
     path: Path | None = Field(None, exclude=True, description="the file this config was read from")
