@@ -27,7 +27,7 @@ NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 
 def write_console_config(
     folder: Path, ledger_url: str, *, port: int = 9, secure_cookie: bool = False, sso: str = "",
-    trusted: Sequence[str] = (), attempts: int = 5,
+    trusted: Sequence[str] = (), attempts: int = 5, fhir_url: str = "http://127.0.0.1:9",
 ) -> Path:  # fmt: skip
     """A config whose `console:` has the operator and the viewer (and `sso` lines, if given)."""
     (folder / "session.key").write_text(SESSION_SECRET)
@@ -43,9 +43,7 @@ def write_console_config(
     server: dict[str, Any] = {"port": port}
     if trusted:
         server["trusted_proxies"] = "[" + ", ".join(trusted) + "]"
-    return write_config(
-        folder, "http://127.0.0.1:9", "http://127.0.0.1:9", ledger_url=ledger_url, server=server, extra=extra
-    )
+    return write_config(folder, fhir_url, "http://127.0.0.1:9", ledger_url=ledger_url, server=server, extra=extra)
 
 
 def console_app(config_path: Path) -> tuple[Any, Any]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,12 @@ from typer.testing import CliRunner
 
 from connector.cli import app as cli_app
 from connector.config import load_config
-from connector.daemon import web_server
+from connector.daemon import poll, web_app, web_server
 from connector.ledger.console import Search
 from connector.models import State, system_clock
 from connector.runtime import Runtime
-from connector.testing import free_port, sqlite_url
+from connector.sandbox.fhir import FhirState
+from connector.testing import Server, appointment, free_port, patient, sqlite_url
 from tests.console_harness import OPERATOR, VIEWER, Seeded, console_app, csrf_of, seed, write_console_config
 
 SSO = "  sso:\n    user_header: X-Remote-User\n    operators: [sso-olivia]\n"
@@ -281,4 +283,37 @@ async def test_connector_run_serves_the_console_and_believes_sso_only_from_its_p
     finally:
         server.should_exit = True
         await task
+        await runtime.aclose()
+
+
+async def test_an_operator_previews_the_email_as_it_would_be_sent_now_and_the_preview_is_audited(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fhir_server: Server, fhir_state: FhirState
+) -> None:
+    monkeypatch.setenv("PAUBOX_API_KEY", "test-sandbox-key")
+    start = datetime.now(UTC) + timedelta(days=3)
+    fhir_state.load([patient("p1", "Ada", email="ada@example.org"), appointment("a1", "p1", start)])
+    path = write_console_config(tmp_path, sqlite_url(tmp_path / "ledger.db"), fhir_url=fhir_server.url)
+    runtime = Runtime.open(load_config(path), system_clock)
+    try:
+        await poll(runtime, "ehr")
+        found = runtime.ledger.console.search(Search(appointment_id="a1"), None, 10)
+        assert found, "the poll planned nothing"
+        nid = found[-1].id
+        transport = httpx.ASGITransport(app=web_app(runtime), client=("127.0.0.1", 50000))
+        for who, allowed in ((OPERATOR, True), (VIEWER, False)):
+            async with httpx.AsyncClient(transport=transport, base_url="http://console.test") as client:
+                token = csrf_of((await client.get("/console/login")).text)
+                await client.post("/console/login", data={"user": who[0], "password": who[1], "csrf": token})
+                page = await client.get(f"/console/notifications/{nid}")
+                assert ('id="preview-form"' in page.text) is allowed
+                shown = await client.post(f"/console/notifications/{nid}/preview", data={"csrf": csrf_of(page.text)})
+            if allowed:
+                assert shown.status_code == 200 and "ada@example.org" in shown.text and 'id="subject"' in shown.text
+            else:
+                assert shown.status_code == 403 and "ada@example.org" not in shown.text
+        entries = runtime.ledger.console.audit_log(None, 10)
+        assert [(e.action, e.actor, e.notification_id) for e in entries] == [("preview", OPERATOR[0], nid)]
+        assert "ada" not in repr(entries).lower()  # the audit holds no patient data
+        assert runtime.ledger.console.detail(nid).record.state is State.PENDING  # type: ignore[union-attr]
+    finally:
         await runtime.aclose()

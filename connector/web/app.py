@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from connector.config import Config
     from connector.ledger.sql import SqlLedger
     from connector.sending.aftercare import Aftercare
+    from connector.web.console.preview import Previewer
 
 
 def create_app(config: Config, aftercare: Aftercare, extra_routes: list[Route] | None = None) -> Starlette:
@@ -32,11 +33,12 @@ def create_app(config: Config, aftercare: Aftercare, extra_routes: list[Route] |
     return Starlette(routes=[Route(r.path, guarded(r.endpoint), methods=list(r.methods or ["GET"])) for r in routes])
 
 
-def console_routes(config: Config, ledger: SqlLedger) -> list[Route]:
-    """The operator console's pages, when `console:` is configured (none otherwise)."""
+def console_routes(config: Config, ledger: SqlLedger, preview: Previewer | None = None) -> list[Route]:
+    """The operator console's pages, when `console:` is configured (none otherwise). `preview`: how to render
+    a notification now (the daemon's preparers); without it the console offers no previews."""
     if config.console is None:
         return []
     from connector.ledger.aio import AsyncConsole
     from connector.web.console.pages import Console
 
-    return Console(config, AsyncConsole(ledger)).routes()
+    return Console(config, AsyncConsole(ledger), preview).routes()

@@ -5,6 +5,7 @@
     GET  /console/notifications/<id>       one notification's timeline
     POST /console/notifications/<id>/act   resolve an in_doubt one (sent, resend, cancel) or retry a failed one
     POST /console/notifications/act        the same for every notification a search finds (operators)
+    POST /console/notifications/<id>/preview   the email as it would be sent now (operators; audited)
     GET  /console/appointments/<id>        everything planned for one appointment, and what was seen of it
     GET  /console/audit                    what people did here
     GET, POST /console/login; POST /console/logout
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 
     from connector.config import Config
     from connector.ledger.aio import AsyncConsole
+    from connector.web.console.preview import Previewer
 
 log = structlog.get_logger("connector.console")
 HEADERS = {
@@ -86,9 +88,9 @@ async def form_of(request: Request) -> dict[str, str]:
 
 
 class Console:
-    def __init__(self, config: Config, db: AsyncConsole) -> None:
+    def __init__(self, config: Config, db: AsyncConsole, preview: Previewer | None = None) -> None:
         assert config.console is not None
-        self.config, self.settings, self.db = config, config.console, db
+        self.config, self.settings, self.db, self.preview = config, config.console, db, preview
         self.prefix = self.settings.path
         trusted = list(config.server.trusted_proxies) if config.server else []
         self.gate = Gate(self.settings, trusted)
@@ -107,6 +109,7 @@ class Console:
             Route(p + "/notifications/act", self.act_many, methods=["POST"]),
             Route(p + "/notifications/{nid:int}", self.notification, methods=["GET"]),
             Route(p + "/notifications/{nid:int}/act", self.act_one, methods=["POST"]),
+            Route(p + "/notifications/{nid:int}/preview", self.show_preview, methods=["POST"]),
             Route(p + "/appointments/{aid}", self.appointment, methods=["GET"]),
             Route(p + "/audit", self.audit, methods=["GET"]),
         ]
@@ -154,7 +157,10 @@ class Console:
         if detail is None:
             return self.page("message.html", user, 404, title="Not found", text="No notification has this id.")
         actions = [a for a, (states, _) in ACTIONS.items() if detail.record.state in states]
-        return self.page("detail.html", user, t=facts.timeline(detail), n=detail.record, actions=actions)
+        return self.page(
+            "detail.html", user, t=facts.timeline(detail), n=detail.record, actions=actions,
+            previews=self.preview is not None,
+        )  # fmt: skip
 
     async def appointment(self, request: Request) -> Response:
         user = self.gate.user(request)
@@ -275,3 +281,23 @@ class Console:
         return self.page(
             "message.html", user, title="Done", text=f"{action}: {changed} notification(s) changed; see the audit log."
         )
+
+    async def show_preview(self, request: Request) -> Response:
+        """The email as it would be sent now: operators only, on a POST (it is audited), never stored."""
+        user, form = await self.posted(request)
+        if user is None:
+            return self.refuse("preview", "no session: sign in first", 401)
+        if not Gate.csrf_ok(user, form.get("csrf")):
+            return self.refuse("preview", "the form's CSRF token is missing or wrong")
+        if not user.operator:
+            return self.refuse("preview", "previews show patient data: operators only")
+        if self.preview is None:
+            return self.refuse("preview", "previews need the sources: open the console served by `connector run`", 409)
+        nid = int(request.path_params["nid"])
+        detail = await self.db.run(self.db.sync.console.detail, nid)
+        if detail is None:
+            return self.page("message.html", user, 404, title="Not found", text="No notification has this id.")
+        await self.db.run(self.db.sync.console.audit, user.name, user.role, "preview", "preview shown", nid)
+        log.info("console.previewed", user=user.name, notification=nid)
+        shown = await self.preview(detail.record)
+        return self.page("preview.html", user, n=detail.record, shown=shown)
