@@ -18,6 +18,7 @@ from connector import logs, machine, operate, optout, report
 from connector.cli_check import check as check_command
 from connector.commands import files, ledger, scaffold
 from connector.commands import run as running
+from connector.commands.console import console_app
 from connector.config import LEDGER, Config, Environment, load_config
 from connector.entry import package_version
 from connector.errors import ConfigError, ConnectorError, InfrastructureError, LedgerError
@@ -378,6 +379,7 @@ def optout_rekey(config: ConfigOption = ENV.config) -> None:
 
 app.command("check")(check_command)
 app.add_typer(sandbox_app, name="sandbox")
+app.add_typer(console_app, name="console")
 
 
 def main() -> None:

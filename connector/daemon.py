@@ -26,7 +26,8 @@ from connector.logs import where
 from connector.results import CycleReport, DispatchReport, PollReport
 from connector.sending.aftercare import ReceiptReader
 from connector.web import health, httpserver
-from connector.web.app import create_app
+from connector.web.app import console_routes, create_app
+from connector.web.console.preview import Previewer
 from connector.web.fhir import FhirEndpoints
 from connector.web.httpserver import EmbeddedServer, listen
 
@@ -87,6 +88,11 @@ def web_app(runtime: Runtime) -> Starlette:
             *health.routes(runtime.monitor),
             *FhirEndpoints(runtime.config, runtime.subscriptions).routes(),
             *(runtime.crm_receiver.routes() if runtime.crm_receiver else []),
+            *console_routes(
+                runtime.config,
+                runtime.ledger,
+                Previewer(runtime.mappings, runtime.dispatcher.preparers, runtime.aftercare.clock),
+            ),
         ],
     )
 

@@ -20,6 +20,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from connector.config.base import Strict
+from connector.config.console import ConsoleConfig
 from connector.config.delivery import DeliveryConfig, DispatchConfig, OptOutConfig, QuietHoursConfig
 from connector.config.server import HealthConfig, LedgerConfig, ServerConfig
 from connector.config.sources import CrmSourceConfig, FhirPollSourceConfig, InboxConfig
@@ -40,6 +41,7 @@ class Config(Strict):
     inbox: InboxConfig | None = None
     optout: OptOutConfig | None = None
     health: HealthConfig = HealthConfig()
+    console: ConsoleConfig | None = None
 
     @model_validator(mode="after")
     def _bounces_need_an_optout_key(self) -> Config:
@@ -69,6 +71,12 @@ class Config(Strict):
         clash = set(self.crm) & set(self.sources)
         if clash:
             raise ValueError(f"a CRM source and a FHIR source share the name {sorted(clash)[0]!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _console_needs_a_server(self) -> Config:
+        if self.console is not None and self.server is None:
+            raise ValueError("`console:` needs `server:` (the address and port it is served on)")
         return self
 
     locale: str = "en_US"

@@ -244,6 +244,17 @@ class AsyncOperator:
         return await _thread(self.sync.history, notification_id)
 
 
+class AsyncConsole:
+    """The console's reads and actions (connector.ledger.console, and the reports and health roles it shows),
+    each a blocking call run on a worker thread."""
+
+    def __init__(self, ledger: SqlLedger) -> None:
+        self.sync = ledger
+
+    async def run(self, call: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        return await _thread(call, *args, **kwargs)
+
+
 @dataclass(frozen=True)
 class AsyncLedger:
     """Every role of one SqlLedger, async, as its Protocol (mypy checks here that each class implements it)."""

@@ -44,6 +44,11 @@ class NotificationRow(SQLModel, table=True):
         Index("ix_notification_resource", "source", "resource_id"),
         Index("ix_notification_tracking", "tracking_id"),
         Index("ix_notification_state_updated", "state", "updated_at"),  # selections by state and window
+        # the console's searches, newest first (keyset on id) and its charts (revision 0011)
+        Index("ix_notification_appointment", "resource_id", "id"),
+        Index("ix_notification_patient", "patient_id", "id"),
+        Index("ix_notification_state_id", "state", "id"),
+        Index("ix_notification_updated", "updated_at"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -214,3 +219,19 @@ class OperatorActionRow(SQLModel, table=True):
     actor: str = Field(max_length=64)
     reason: str = Field(max_length=200)
     at: datetime = _when()
+class AuditRow(SQLModel, table=True):
+    """What a person did in the console: who, when, which action, on which notification (by id) or how many
+    (by filter), and the reason they gave. Previews are recorded too. No patient data."""
+
+    __tablename__ = "console_audit"
+    __table_args__ = (Index("ix_console_audit_notification", "notification_id", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = _when(index=True)
+    actor: str = Field(max_length=64)
+    role: str = Field(max_length=16)
+    action: str = Field(max_length=32)  # resolve-sent, resolve-resend, resolve-cancel, retry, preview, replay
+    notification_id: int | None = Field(default=None, sa_column=Column(BigInteger(), nullable=True))
+    scope: str | None = Field(default=None, max_length=500)  # a filter acted on, in words without patient data
+    count: int = 0  # how many notifications the action changed
+    reason: str = Field(max_length=500)

@@ -9,6 +9,7 @@ by its roles, and how a config opens it.
     ledger.reports     counts and listings for status, dry runs and replays             (SqlReports)
     ledger.health      the health rows of the daemon                                    (SqlHealth)
     ledger.operator    a person's selections and bulk settle / requeue, recorded        (SqlOperator)
+    ledger.console     the operator console's searches, charts, actions and audit       (SqlConsole)
 
 The roles are synchronous: the CLI's ledger commands call them directly, and the daemon's async code
 reaches them through connector.ledger.aio (the one place that crosses into threads), typed by the
@@ -28,6 +29,7 @@ from sqlalchemy.exc import OperationalError
 from connector.errors import LedgerError
 from connector.ledger import migrate
 from connector.ledger.after_send import SqlAfterSend
+from connector.ledger.console import SqlConsole
 from connector.ledger.engine import make_engine
 from connector.ledger.health import SqlHealth, describe
 from connector.ledger.inbox import SqlInbox
@@ -56,6 +58,7 @@ class SqlLedger:
         self.reports = SqlReports(engine)
         self.health = SqlHealth(engine)
         self.operator = SqlOperator(engine)
+        self.console = SqlConsole(engine)
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -5,6 +5,7 @@
     PUT  /fhir/<source>/notify/Appointment/<id>    R4 rest-hook with the resource     connector.web.fhir
     POST /webhooks/crm/<source>[/<path_token>]     CRM webhooks                       connector.web.crm
     GET  /livez, /healthz, /metrics                health and metrics                 connector.web.health
+    GET, POST /console/...                         the operator console (`console:`)   connector.web.console
 
 Endpoints verify, parse and hand over; no mapping logic lives here. Bodies are PHI: never logged.
 """
@@ -21,10 +22,23 @@ from connector.web.common import guarded
 
 if TYPE_CHECKING:
     from connector.config import Config
+    from connector.ledger.sql import SqlLedger
     from connector.sending.aftercare import Aftercare
+    from connector.web.console.preview import Previewer
 
 
 def create_app(config: Config, aftercare: Aftercare, extra_routes: list[Route] | None = None) -> Starlette:
     """The Paubox webhook endpoint and `extra_routes` (the daemon adds every other endpoint), guarded."""
     routes = [*paubox.routes(config, aftercare), *(extra_routes or [])]
     return Starlette(routes=[Route(r.path, guarded(r.endpoint), methods=list(r.methods or ["GET"])) for r in routes])
+
+
+def console_routes(config: Config, ledger: SqlLedger, preview: Previewer | None = None) -> list[Route]:
+    """The operator console's pages, when `console:` is configured (none otherwise). `preview`: how to render
+    a notification now (the daemon's preparers); without it the console offers no previews."""
+    if config.console is None:
+        return []
+    from connector.ledger.aio import AsyncConsole
+    from connector.web.console.pages import Console
+
+    return Console(config, AsyncConsole(ledger), preview).routes()

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING
 import h11
 import structlog
 import uvicorn
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
 
 from connector import metrics
@@ -135,9 +136,24 @@ def timed_protocol(header_timeout: float, body_timeout: float) -> type[TimedH11P
     return Configured
 
 
+def remember_peer(app: ASGIApp) -> ASGIApp:
+    """Keep the address of the immediate peer in the scope (`connector.peer`) before proxy headers replace
+    `client`: the console believes a single sign-on header only from a trusted proxy itself."""
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("client"):
+            scope["connector.peer"] = scope["client"][0]
+        await app(scope, receive, send)
+
+    return wrapped
+
+
 def server_config(app: ASGIApp, settings: ServerConfig) -> uvicorn.Config:
-    """How `connector run` serves `app`. Access log off: request lines would carry the webhook path token."""
+    """How `connector run` serves `app`. Access log off: request lines would carry the webhook path token.
+    Proxy headers are applied here (not by uvicorn) so that `remember_peer` sees the peer first."""
     trusted = [str(network) for network in settings.trusted_proxies]
+    if trusted:
+        app = remember_peer(ProxyHeadersMiddleware(app, trusted_hosts=trusted))  # type: ignore[arg-type]
     return uvicorn.Config(
         app,
         host=settings.host,
@@ -148,8 +164,7 @@ def server_config(app: ASGIApp, settings: ServerConfig) -> uvicorn.Config:
         lifespan="off",
         http=timed_protocol(settings.header_timeout.total_seconds(), settings.body_timeout.total_seconds()),
         ws="none",
-        proxy_headers=bool(trusted),
-        forwarded_allow_ips=trusted,
+        proxy_headers=False,
         server_header=False,
     )
 

@@ -1,0 +1,171 @@
+"""Who is using the console, and may they: local users (argon2 hashes) with signed session cookies, or a
+single sign-on proxy's user header believed only from `server.trusted_proxies`; CSRF tokens for every POST;
+failed sign-ins limited per user and address.
+
+The session cookie is signed (itsdangerous), `HttpOnly`, `SameSite=Strict` and `Secure` (unless
+`console.secure_cookie` is off for plain-HTTP tests); it carries the user name, the role, a CSRF token and
+the time it was issued, nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import ipaddress
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from itsdangerous import BadSignature, URLSafeTimedSerializer
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+    from connector.config.console import ConsoleConfig
+
+COOKIE = "connector_console"
+PEER = "connector.peer"  # the scope key holding the address of the immediate peer (before proxy headers)
+_HASHER = PasswordHasher()
+
+
+def hash_password(password: str) -> str:
+    """An argon2id hash of `password` (argon2-cffi's defaults), for `connector console add-user`."""
+    return _HASHER.hash(password)
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    role: str  # viewer or operator
+    csrf: str  # the token every POST of this session must carry
+    sso: bool = False
+
+    @property
+    def operator(self) -> bool:
+        return self.role == "operator"
+
+
+class Limiter:
+    """At most `attempts` failed sign-ins per (user, address) within `window` seconds."""
+
+    def __init__(self, attempts: int, window: float) -> None:
+        self.attempts, self.window = attempts, window
+        self._failures: dict[tuple[str, str], deque[float]] = {}
+
+    def blocked(self, key: tuple[str, str]) -> bool:
+        failures = self._failures.get(key)
+        if not failures:
+            return False
+        while failures and failures[0] < time.monotonic() - self.window:
+            failures.popleft()
+        return len(failures) >= self.attempts
+
+    def failed(self, key: tuple[str, str]) -> None:
+        if len(self._failures) > 10_000:  # a flood of made-up names must not grow this without end
+            self._failures.clear()
+        self._failures.setdefault(key, deque()).append(time.monotonic())
+
+    def forget(self, key: tuple[str, str]) -> None:
+        self._failures.pop(key, None)
+
+
+class Gate:
+    """Sign-in, sessions and CSRF for one console."""
+
+    def __init__(self, config: ConsoleConfig, trusted_proxies: list[Any]) -> None:
+        self.config = config
+        self.trusted = trusted_proxies
+        self.limiter = Limiter(config.login_attempts, config.login_window.total_seconds())
+        self._signer: URLSafeTimedSerializer | None = None
+
+    @property
+    def signer(self) -> URLSafeTimedSerializer:
+        if self._signer is None:  # read the secret when first needed
+            secret = self.config.session_secret.get_secret_value()
+            self._signer = URLSafeTimedSerializer(secret, salt="connector-console-session")
+        return self._signer
+
+    def user(self, request: Request) -> User | None:
+        """The signed-in user of this request (SSO header from a trusted proxy, else the session cookie)."""
+        sso = self.config.sso
+        if sso is not None and self._from_trusted_proxy(request):
+            name = request.headers.get(sso.user_header, "").strip()
+            if name:
+                granted = "operator" if name in sso.operators else "viewer"
+                # a CSRF token bound to the user and the secret: SSO sessions have no cookie of ours
+                token = hmac.new(self.signer.secret_key, f"csrf:{name}".encode(), "sha256").hexdigest()
+                return User(name[:64], granted, token, sso=True)
+        cookie = request.cookies.get(COOKIE)
+        if not cookie or not self.config.users:
+            return None
+        try:
+            data = self.signer.loads(cookie, max_age=int(self.config.session_lifetime.total_seconds()))
+        except BadSignature:
+            return None
+        if not isinstance(data, dict):
+            return None
+        who, role, csrf = data.get("u"), data.get("r"), data.get("c")
+        configured = self.config.users.get(who) if isinstance(who, str) else None
+        if configured is None or configured.role != role or not isinstance(csrf, str):
+            return None  # a user removed or demoted since signing in loses the session
+        return User(str(who), str(role), csrf)
+
+    def sign_in(self, name: str, password: str, address: str) -> User | str:
+        """The user, or why not (one line, the same for an unknown user and a wrong password)."""
+        key = (name[:64], address)
+        if self.limiter.blocked(key):
+            return "too many failed sign-ins: wait a few minutes and try again"
+        configured = self.config.users.get(name)
+        try:
+            ok = configured is not None and _HASHER.verify(configured.password_hash.get_secret_value(), password)
+        except (VerificationError, InvalidHashError):
+            ok = False
+        if not ok or configured is None:
+            if configured is None:  # spend the time a real check takes, so that names cannot be probed
+                _spend()
+            self.limiter.failed(key)
+            return "unknown user or wrong password"
+        self.limiter.forget(key)
+        return User(name, configured.role, secrets.token_urlsafe(24))
+
+    def start_session(self, response: Response, user: User, path: str) -> None:
+        value = self.signer.dumps({"u": user.name, "r": user.role, "c": user.csrf})
+        response.set_cookie(
+            COOKIE,
+            value,
+            max_age=int(self.config.session_lifetime.total_seconds()),
+            path=path,
+            secure=self.config.secure_cookie,
+            httponly=True,
+            samesite="strict",
+        )
+
+    def end_session(self, response: Response, path: str) -> None:
+        response.delete_cookie(COOKIE, path=path, secure=self.config.secure_cookie, httponly=True, samesite="strict")
+
+    @staticmethod
+    def csrf_ok(user: User, token: object) -> bool:
+        return isinstance(token, str) and bool(token) and hmac.compare_digest(user.csrf, token)
+
+    def _from_trusted_proxy(self, request: Request) -> bool:
+        peer = request.scope.get(PEER) or (request.client.host if request.client else "")
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(address in network for network in self.trusted)
+
+
+_DUMMY: list[str] = []
+
+
+def _spend() -> None:
+    if not _DUMMY:
+        _DUMMY.append(_HASHER.hash(secrets.token_urlsafe(16)))
+    with contextlib.suppress(VerificationError):
+        _HASHER.verify(_DUMMY[0], "not the password")
