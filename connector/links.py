@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Literal
 
 from itsdangerous import BadSignature, URLSafeSerializer
@@ -107,6 +107,44 @@ def verify(keys: LinkKeys, token: str, action: str, now: datetime) -> Claim:
 
 def url(public_url: str, action: Action, token: str) -> str:
     return f"{public_url.rstrip('/')}/links/{action}/{token}"
+
+
+@dataclass(frozen=True)
+class EmailLinks:
+    """What one email carries: template values (`confirm_url`, `cancel_url`, `unsubscribe_url`) and the
+    RFC 2369 / RFC 8058 headers."""
+
+    values: dict[str, str]
+    headers: dict[str, str]
+
+
+def for_email(
+    keys: LinkKeys,
+    public_url: str,
+    *,
+    notification: int,
+    actions: list[str],
+    start: datetime | None,
+    now: datetime,
+    ttl: timedelta,
+    language: str,
+    zone: str,
+    mailto: str | None = None,
+) -> EmailLinks:
+    """The links of one email. Confirm and cancel work until the appointment starts; unsubscribe for `ttl`.
+    Every email has the unsubscribe link and its one-click headers (RFC 8058 wants one https URI in
+    List-Unsubscribe; a `mailto:` may follow)."""
+    values: dict[str, str] = {}
+    chosen: tuple[Action, ...] = ("confirm", "cancel")
+    for action in chosen:
+        if action in actions and start is not None:
+            claim = Claim(notification, action, start, language, zone)
+            values[f"{action}_url"] = url(public_url, claim.action, sign(keys, claim))
+    claim = Claim(notification, "unsubscribe", now + ttl, language, zone)
+    values["unsubscribe_url"] = url(public_url, "unsubscribe", sign(keys, claim))
+    targets = [f"<{values['unsubscribe_url']}>"] + ([f"<mailto:{mailto}?subject=unsubscribe>"] if mailto else [])
+    headers = {"List-Unsubscribe": ", ".join(targets), "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
+    return EmailLinks(values, headers)
 
 
 def write_identifier(notification_key: str, action: str) -> str:
