@@ -73,6 +73,4 @@ def invitation(
     chair.params["cn"] = vText(domain)
     event.add("organizer", chair)
     cal.add_component(event)
-    return Attachment(
-        filename="appointment.ics", content_type=f"text/calendar; method={method}", content=cal.to_ical()
-    )
+    return Attachment(filename="appointment.ics", content_type=f"text/calendar; method={method}", content=cal.to_ical())

@@ -26,6 +26,7 @@ from connector.web import health, httpserver
 from connector.web.app import create_app
 from connector.web.fhir import FhirEndpoints
 from connector.web.httpserver import EmbeddedServer, listen
+from connector.web.links import LinkEndpoints
 
 if TYPE_CHECKING:
     from connector.runtime import Runtime
@@ -84,6 +85,11 @@ def web_app(runtime: Runtime) -> Starlette:
             *health.routes(runtime.monitor),
             *FhirEndpoints(runtime.config, runtime.subscriptions).routes(),
             *(runtime.crm_receiver.routes() if runtime.crm_receiver else []),
+            *(
+                LinkEndpoints(runtime.config, runtime.actions, runtime.aftercare.clock).routes()
+                if runtime.actions is not None
+                else []
+            ),
         ],
     )
 

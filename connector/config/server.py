@@ -4,7 +4,6 @@ checks call a part failing."""
 from __future__ import annotations
 
 from datetime import timedelta
-
 from typing import Annotated
 
 from pydantic import Field, IPvAnyNetwork, field_validator, model_validator

@@ -116,7 +116,8 @@ class WriteBackConfig(Strict):
 
     scope: str = Field("", description="SMART scopes for writes, e.g. system/Communication.c system/Task.c")
     responses: bool = Field(
-        False, description="patients' confirm and cancel links create AppointmentResponses (system/AppointmentResponse.c)"
+        False,
+        description="patients' confirm and cancel links create AppointmentResponses (system/AppointmentResponse.c)",
     )
     cancel_appointment: bool = Field(
         False, description="a patient's cancel also sets the Appointment to cancelled (system/Appointment.u)"

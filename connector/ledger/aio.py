@@ -21,8 +21,8 @@ if TYPE_CHECKING:
     from connector.ledger.inbox import SqlInbox
     from connector.ledger.intake import SqlIntake
     from connector.ledger.optouts import SqlOptOuts
-    from connector.ledger.patient_links import SqlPatientLinks
     from connector.ledger.outbox import SqlOutbox
+    from connector.ledger.patient_links import SqlPatientLinks
     from connector.ledger.reports import SqlReports
     from connector.ledger.sql import SqlLedger
     from connector.lifecycle import Snapshot

@@ -5,6 +5,7 @@
     PUT  /fhir/<source>/notify/Appointment/<id>    R4 rest-hook with the resource     connector.web.fhir
     POST /webhooks/crm/<source>[/<path_token>]     CRM webhooks                       connector.web.crm
     GET  /livez, /healthz, /metrics                health and metrics                 connector.web.health
+    GET|POST /links/<action>/<token>               patients' links (GET shows, POST acts) connector.web.links
 
 Endpoints verify, parse and hand over; no mapping logic lives here. Bodies are PHI: never logged.
 """
