@@ -335,3 +335,12 @@ def test_the_email_links_and_headers() -> None:
     )
     token = made.values["unsubscribe_url"].rsplit("/", 1)[1]
     assert links.verify(keys, token, "unsubscribe", NOW).expires == NOW + timedelta(days=60)
+
+
+async def test_a_server_that_cannot_create_conditionally_gets_no_write_back(world: World) -> None:
+    runtime = await sent(world)
+    world.fhir.conditional_create = False  # one write per click could not be promised
+    async with world.client(runtime) as client:
+        answer = await client.post(world.links_of("Your appointment")["confirm"])
+    assert answer.status_code == 403 and "cannot be done online" in answer.text
+    assert world.responses() == []

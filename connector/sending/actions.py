@@ -105,6 +105,8 @@ class PatientActions:
             return Outcome.NOT_OFFERED
         identifier = links.write_identifier(record.key, action)
         try:
+            if not await _writes_once(writer, source.config.write_back.cancel_appointment and action == "cancel"):
+                return Outcome.NOT_OFFERED
             current = await writer.read("Appointment", record.resource_id)
             if current is None:
                 return Outcome.GONE
@@ -182,6 +184,24 @@ class PatientActions:
         )
         log.info("link.unsubscribed", source=record.source, category=category or "*", withdrawn=withdrawn)
         return Outcome.DONE
+
+
+async def _writes_once(writer: FhirWriter, update: bool) -> bool:
+    """Whether the server promises one write per intent: conditional creates of AppointmentResponse (and
+    version-aware updates of Appointment when a cancel changes it). Without, write-back is refused, logged
+    once per click, rather than risking duplicates in the chart."""
+    capabilities = await writer.capabilities()
+    missing = [
+        what
+        for what, ok in (
+            ("conditional create of AppointmentResponse", "AppointmentResponse" in capabilities.conditional_create),
+            ("versioned update of Appointment", not update or "Appointment" in capabilities.versioned_update),
+        )
+        if not ok
+    ]
+    if missing:
+        log.warning("link.write_back_refused", source=writer.name, problem=f"the server does not offer {missing[0]}")
+    return not missing
 
 
 def _refusal(record: NotificationRecord, appointment: dict[str, Any], now: datetime) -> Outcome | None:
