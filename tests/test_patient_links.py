@@ -15,8 +15,9 @@ from typing import Any
 import httpx
 import icalendar
 import pytest
+from typer.testing import CliRunner
 
-from connector import links
+from connector import cli, links
 from connector.config import load_config
 from connector.daemon import run_once, web_app
 from connector.delivery.paubox import PauboxRestMailer
@@ -26,7 +27,7 @@ from connector.sandbox.fhir import FhirState
 from connector.sandbox.fhir import create_app as fhir_app
 from connector.sandbox.paubox import SandboxState
 from connector.sandbox.paubox import create_app as paubox_app
-from connector.testing import migrated_engine
+from connector.testing import Server, migrated_engine
 from tests.conftest import write_config
 from tests.factories import appointment, patient
 
@@ -344,3 +345,20 @@ async def test_a_server_that_cannot_create_conditionally_gets_no_write_back(worl
         answer = await client.post(world.links_of("Your appointment")["confirm"])
     assert answer.status_code == 403 and "cannot be done online" in answer.text
     assert world.responses() == []
+
+
+def test_the_sandbox_inbox_shows_the_headers_links_and_calendar_file(
+    tmp_path: Path, fhir: FhirState, paubox: SandboxState, api_key_env: str
+) -> None:
+    world = World(tmp_path, fhir, paubox, None)
+    runtime = world.open()
+    asyncio.run(run_once(runtime))
+    asyncio.run(runtime.aclose())
+    number = next(i for i, m in enumerate(paubox.messages, 1) if m["subject"].startswith("Your appointment"))
+    with Server(paubox_app(paubox)) as server:
+        shown = CliRunner().invoke(cli.app, ["sandbox", "inbox", "--url", server.url, "--show", str(number)])
+    assert shown.exit_code == 0, shown.output
+    assert re.search(r"^List-Unsubscribe: <https://connector\.example\.org/links/unsubscribe/\S+>$", shown.output, re.M)
+    assert "List-Unsubscribe-Post: List-Unsubscribe=One-Click" in shown.output
+    assert "Attachment: appointment.ics (text/calendar; method=REQUEST)" in shown.output
+    assert "Will you come? Confirm: https://connector.example.org/links/confirm/" in shown.output
