@@ -324,6 +324,7 @@ IdentifierOption = Annotated[
     ),
 ]
 EmailOption = Annotated[str | None, typer.Option("--email", help="Email address.")]
+CategoryOption = Annotated[str | None, typer.Option(help="Only mappings of this `category:` (default: every email).")]
 
 
 def _optout_target(identifier: str | None, email: str | None) -> tuple[optout.Kind, str]:
@@ -344,21 +345,25 @@ def optout_add(
     identifier: IdentifierOption = None,
     email: EmailOption = None,
     note: Annotated[str | None, typer.Option(help="Why (no patient data), e.g. a ticket number.")] = None,
+    category: CategoryOption = None,
     config: ConfigOption = ENV.config,
 ) -> None:
-    """Never write to this patient or address again (every mapping, every source)."""
+    """Never write to this patient or address again (every mapping, or one category's, every source)."""
     kind, value = _optout_target(identifier, email)
-    added = _on_ledger(config, lambda cfg: ledger.optout_add(cfg, kind, value, note))
+    added = _on_ledger(config, lambda cfg: ledger.optout_add(cfg, kind, value, note, category or ""))
     report.console.print(f"{'added' if added else 'already on the list'}: {kind} {optout.hint(kind, value)}")
 
 
 @optout_app.command("remove")
 def optout_remove(
-    identifier: IdentifierOption = None, email: EmailOption = None, config: ConfigOption = ENV.config
+    identifier: IdentifierOption = None,
+    email: EmailOption = None,
+    category: CategoryOption = None,
+    config: ConfigOption = ENV.config,
 ) -> None:
-    """Take a patient or address off the opt-out list."""
+    """Take a patient or address off the opt-out list (re-subscribe): every entry, or one category's."""
     kind, value = _optout_target(identifier, email)
-    removed = _on_ledger(config, lambda cfg: ledger.optout_remove(cfg, kind, value))
+    removed = _on_ledger(config, lambda cfg: ledger.optout_remove(cfg, kind, value, category))
     report.console.print(f"{'removed' if removed else 'not on the list'}: {kind} {optout.hint(kind, value)}")
     if not removed:
         raise typer.Exit(1)

@@ -30,6 +30,7 @@ from connector.web.app import console_routes, create_app
 from connector.web.console.preview import Previewer
 from connector.web.fhir import FhirEndpoints
 from connector.web.httpserver import EmbeddedServer, listen
+from connector.web.links import LinkEndpoints
 
 if TYPE_CHECKING:
     from connector.runtime import Runtime
@@ -92,6 +93,11 @@ def web_app(runtime: Runtime) -> Starlette:
                 runtime.config,
                 runtime.ledger,
                 Previewer(runtime.mappings, runtime.dispatcher.preparers, runtime.aftercare.clock),
+            ),
+            *(
+                LinkEndpoints(runtime.config, runtime.actions, runtime.aftercare.clock).routes()
+                if runtime.actions is not None
+                else []
             ),
         ],
     )

@@ -22,6 +22,7 @@ responses to their test clients and are left out):
     ├── SealError            a stored CRM event does not open (wrong key, altered row) (crm/inbox.py)
     ├── SignatureError       a CRM request is not authentic or not fresh: 401, nothing processed (crm/verify.py)
     ├── BodyError            an authentic CRM request whose body cannot be read: 400 (crm/parse.py)
+    ├── BadLink              a patient's link that must not act (expired, tampered, ...): 4xx (links.py)
     ├── BadJson              a body is not JSON we accept: 400 (jsontext.py; also a ValueError)
     ├── RequestTooLarge      a request body over `server.max_body`: 413 (web/common.py)
     ├── BodyTooLarge         a response body over `limits.max_response_size` (sources/bounded.py)

@@ -30,6 +30,10 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
         ("endpoint", "reason"),
     ),
     "connector_in_doubt_alerts_total": ("In-doubt notifications reported to operators after the wait.", ()),
+    "connector_patient_actions_total": (
+        "Patients' link POSTs (confirm, cancel, unsubscribe), by action and outcome.",
+        ("action", "outcome"),
+    ),
     "connector_poll_failures_total": ("Source polls that failed, by source.", ("source",)),
     "connector_crm_events_total": ("CRM events committed to the inbox, by source.", ("source",)),
     "connector_quarantined_total": ("Resource versions or events set aside as unprocessable, by source.", ("source",)),

@@ -64,6 +64,15 @@ class PlanNote:
 
 
 @dataclass(frozen=True)
+class Attachment:
+    """A file sent with an email (an iCalendar invitation)."""
+
+    filename: str
+    content_type: str  # e.g. "text/calendar; method=REQUEST"
+    content: bytes
+
+
+@dataclass(frozen=True)
 class Email:
     """A rendered message, ready for a mailer. PHI: never logged, never stored."""
 
@@ -75,3 +84,4 @@ class Email:
     html: str | None = None
     reply_to: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    attachments: tuple[Attachment, ...] = ()

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from connector.config.delivery import OptOutConfig
+    from connector.ledger import OptOut
 
 Kind = Literal["identifier", "email"]
 
@@ -83,3 +84,17 @@ class OptOutKeys:
 def variants(keys: OptOutKeys | None, inner: str) -> list[tuple[str | None, str]]:
     """What to look for in the ledger for one inner digest (only the unkeyed form without keys)."""
     return keys.variants(inner) if keys is not None else [(None, inner)]
+
+
+def applies(entry: OptOut, category: str | None, essential: bool) -> bool:
+    """Whether an opt-out stops an email of a mapping with this `category:` (None: none given) and
+    `essential:` flag. An entry for every email (category '') stops them all; a category entry stops that
+    category. An essential message (a cancellation: transactional) is sent despite the patient's own
+    unsubscribe link; opt-outs an operator or a bounce put there stop it too."""
+    if essential and entry.origin == "link":
+        return False
+    return entry.category == "" or entry.category == category
+
+
+def first_applying(entries: list[OptOut], category: str | None, essential: bool) -> OptOut | None:
+    return next((e for e in entries if applies(e, category, essential)), None)

@@ -211,11 +211,14 @@ def _version(seen: SeenVersion) -> str:
 
 
 def optouts(entries: list[OptOut]) -> None:
-    table = _table(f"Opt-outs ({len(entries)})", ("kind", "value (masked)", "added", "note", "key"))
+    columns = ("kind", "value (masked)", "category", "by", "added", "note", "key")
+    table = _table(f"Opt-outs ({len(entries)})", columns)
     for entry in entries:
         table.add_row(
             entry.kind,
             entry.hint,
+            entry.category or "every email",
+            entry.origin,
             entry.created_at.isoformat(timespec="minutes"),
             entry.note or "",
             entry.key_id or "none: run `connector optout rekey`",

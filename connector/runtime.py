@@ -1,7 +1,7 @@
 """Wiring: build the ledger, sources, mailer, intake, sending and the endpoints' parts from a config.
 
 intake    Planner (examine → decide → commit), Poller, SubscriptionHub, CrmIntake
-sending   Dispatcher with one preparer per kind (Appointment, CrmEvent), Aftercare
+sending   Dispatcher with one preparer per kind (Appointment, CrmEvent), Aftercare, PatientActions (links)
 ledger    SqlLedger (sync, for start-up and the CLI) and its async face (`store`) for everything else
 """
 
@@ -35,6 +35,7 @@ from connector.ledger.sql import SqlLedger, check_optouts, open_ledger, sqlite_f
 from connector.mapping.loader import MappingSet, load_mappings
 from connector.metrics import Metrics
 from connector.monitor import Monitor
+from connector.sending.actions import PatientActions
 from connector.sending.aftercare import Aftercare
 from connector.sending.appointment import AppointmentPreparer
 from connector.sending.crm import CrmPreparer
@@ -112,6 +113,7 @@ class Runtime:
     lock: IO[str] | None
     metrics: Metrics
     monitor: Monitor
+    actions: PatientActions | None = None  # patients' links (`links:` in the config)
 
     @classmethod
     def open(
@@ -163,6 +165,11 @@ class Runtime:
         aftercare = Aftercare(config, store.after_send, store.optouts, clock)
         hub = SubscriptionHub(config, planner, poller, sources, store.intake, clock)
         monitor = Monitor(config, store.health, counted, dispatcher.mailer_state)
+        actions = (
+            PatientActions(config, sources, mappings, cache, store.optouts, store.links)
+            if config.links is not None
+            else None
+        )
         return cls(
             config,
             mappings,
@@ -182,6 +189,7 @@ class Runtime:
             lock,
             counted,
             monitor,
+            actions,
         )
 
     def load_mappings(self) -> MappingSet:

@@ -59,6 +59,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "connector.lifecycle",
             "connector.timing",
             "connector.optout",
+            "connector.links",
+            "connector.calendar",
             "connector.health",
             "connector.preflight",
             "connector.mapping",

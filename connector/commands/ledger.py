@@ -137,19 +137,20 @@ def _user() -> str:
         return "unknown"
 
 
-def optout_add(config: Config, kind: optout.Kind, value: str, note: str | None) -> bool:
-    """Put a patient (by identifier) or an address on the list; False when it is there already."""
+def optout_add(config: Config, kind: optout.Kind, value: str, note: str | None, category: str = "") -> bool:
+    """Put a patient (by identifier) or an address on the list (by an operator), for every email or one
+    category; False when it is there already."""
     ledger = open_ledger(config)
     try:
-        return ledger.optouts.add(kind, optout.digest(kind, value), optout.hint(kind, value), note)
+        return ledger.optouts.add(kind, optout.digest(kind, value), optout.hint(kind, value), note, category)
     finally:
         ledger.dispose()
 
 
-def optout_remove(config: Config, kind: optout.Kind, value: str) -> bool:
+def optout_remove(config: Config, kind: optout.Kind, value: str, category: str | None = None) -> bool:
     ledger = open_ledger(config)
     try:
-        return ledger.optouts.remove(kind, optout.digest(kind, value))
+        return ledger.optouts.remove(kind, optout.digest(kind, value), category)
     finally:
         ledger.dispose()
 

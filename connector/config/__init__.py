@@ -22,7 +22,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from connector.config.base import Strict
 from connector.config.console import ConsoleConfig
 from connector.config.delivery import DeliveryConfig, DispatchConfig, OptOutConfig, QuietHoursConfig
-from connector.config.server import HealthConfig, LedgerConfig, ServerConfig
+from connector.config.server import HealthConfig, LedgerConfig, LinksConfig, ServerConfig
 from connector.config.sources import CrmSourceConfig, FhirPollSourceConfig, InboxConfig
 from connector.errors import ConfigError, InfrastructureError, Problem
 from connector.references import Loc, Unresolved, located, walk, with_next_step
@@ -40,8 +40,17 @@ class Config(Strict):
     crm: dict[Annotated[str, Field(pattern=NAME_PATTERN)], CrmSourceConfig] = Field(default_factory=dict)
     inbox: InboxConfig | None = None
     optout: OptOutConfig | None = None
+    links: LinksConfig | None = None
     health: HealthConfig = HealthConfig()
     console: ConsoleConfig | None = None
+
+    @model_validator(mode="after")
+    def _links_need_a_public_url(self) -> Config:
+        if self.links is not None and (self.server is None or self.server.public_url is None):
+            raise ValueError("`links:` needs `server.public_url` (where patients reach `connector run`)")
+        if self.links is not None and self.optout is None:
+            raise ValueError("`links:` needs `optout:` (keys for the opt-out digests its unsubscribe link adds)")
+        return self
 
     @model_validator(mode="after")
     def _bounces_need_an_optout_key(self) -> Config:

@@ -4,11 +4,14 @@ checks call a part failing."""
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Annotated
 
-from pydantic import Field, IPvAnyNetwork, field_validator
+from pydantic import Field, IPvAnyNetwork, field_validator, model_validator
 
-from connector.config.base import EnvStr, Strict
-from connector.units import Duration
+from connector.config.base import EnvStr, Key32, Strict
+from connector.references import Unresolved
+from connector.units import NAME_PATTERN, Duration
+from connector.urls import check_url
 
 
 class ServerConfig(Strict):
@@ -27,6 +30,18 @@ class ServerConfig(Strict):
         timedelta(seconds=30),
         description="its body within this after the headers, or the answer is 408 and the connection is closed",
     )
+    public_url: EnvStr | None = Field(
+        None, description="where patients reach this server (https://…), the base of the links in emails"
+    )
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        # https, or http to this machine only (a laptop's trial): the same rule as for credentials
+        checked = check_url(value, credentials=True)
+        return checked if isinstance(checked, Unresolved) else checked.rstrip("/")
 
     @field_validator("header_timeout", "body_timeout")
     @classmethod
@@ -67,3 +82,26 @@ class HealthConfig(Strict):
         if not timedelta(milliseconds=100) <= value <= timedelta(minutes=1):
             raise ValueError("give a timeout between 100ms and 1m")
         return value
+
+
+class LinksConfig(Strict):
+    """Links patients click in their email (connector.links): signed with `current`, accepted under every
+    key listed (rotation: add a key, make it current, remove the old one once its links have expired)."""
+
+    keys: dict[Annotated[str, Field(pattern=NAME_PATTERN)], Key32] = Field(
+        min_length=1, description="key id: base64 of 32 bytes, by reference"
+    )
+    current: str
+    ttl: Duration = Field(
+        timedelta(days=60), description="how long an unsubscribe link works; confirm and cancel end at the start"
+    )
+    mailto: str | None = Field(None, description="an address for `List-Unsubscribe: <mailto:…>` as well")
+    clinic_name: str = Field("", description="the name the link pages show (a mapping's vars.clinic_name wins)")
+    rate_limit: float = Field(5.0, gt=0, description="requests per second to the link pages, all together")
+    burst: int = Field(20, ge=1)
+
+    @model_validator(mode="after")
+    def _current_exists(self) -> LinksConfig:
+        if self.current not in self.keys:
+            raise ValueError(f"links.current names {self.current!r}, which is not in links.keys")
+        return self

@@ -115,6 +115,19 @@ class WriteBackConfig(Strict):
     scopes the writes need are added to the source's token request."""
 
     scope: str = Field("", description="SMART scopes for writes, e.g. system/Communication.c system/Task.c")
+    responses: bool = Field(
+        False,
+        description="patients' confirm and cancel links create AppointmentResponses (system/AppointmentResponse.c)",
+    )
+    cancel_appointment: bool = Field(
+        False, description="a patient's cancel also sets the Appointment to cancelled (system/Appointment.u)"
+    )
+
+    @model_validator(mode="after")
+    def _cancel_needs_responses(self) -> WriteBackConfig:
+        if self.cancel_appointment and not self.responses:
+            raise ValueError("write_back.cancel_appointment needs write_back.responses: true")
+        return self
 
 
 class FhirPollSourceConfig(Strict):

@@ -37,7 +37,13 @@ def build_payload(email: Email) -> dict[str, Any]:
     content: dict[str, str] = {"text/plain": email.text}
     if email.html:
         content["text/html"] = base64.b64encode(email.html.encode("utf-8")).decode("ascii")
-    return {"data": {"message": {"recipients": [email.to], "headers": headers, "content": content}}}
+    message: dict[str, Any] = {"recipients": [email.to], "headers": headers, "content": content}
+    if email.attachments:
+        message["attachments"] = [
+            {"fileName": a.filename, "contentType": a.content_type, "content": base64.b64encode(a.content).decode()}
+            for a in email.attachments
+        ]
+    return {"data": {"message": message}}
 
 
 def encode(body: dict[str, Any]) -> bytes:

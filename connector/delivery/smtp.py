@@ -86,6 +86,13 @@ def build_message(email: Email, *, now: datetime, message_id: str) -> EmailMessa
     msg.set_content(email.text, charset="utf-8", cte=_transfer_encoding(email.text))
     if email.html:
         msg.add_alternative(email.html, subtype="html", charset="utf-8", cte=_transfer_encoding(email.html))
+    for attachment in email.attachments:
+        maintype, _, rest = attachment.content_type.partition("/")
+        subtype, *options = (part.strip() for part in rest.split(";"))
+        params = dict(option.partition("=")[::2] for option in options if "=" in option)
+        msg.add_attachment(
+            attachment.content, maintype=maintype, subtype=subtype, filename=attachment.filename, params=params
+        )
     msg["From"] = email.from_address
     msg["To"] = email.to
     msg["Subject"] = email.subject

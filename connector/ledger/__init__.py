@@ -49,6 +49,8 @@ class OptOut:
     note: str | None
     created_at: datetime
     key_id: str | None = None  # the optout.keys entry that keyed the digest; None: unkeyed (before 0.2)
+    category: str = ""  # '': every email; else the mappings of that `category:` only
+    origin: str = "operator"  # link (the patient's unsubscribe), bounce, operator
 
 
 @dataclass(frozen=True)

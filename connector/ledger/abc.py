@@ -168,8 +168,15 @@ class Inbox(Protocol):
 class OptOuts(Protocol):
     """The opt-out list, as sending (and a hard bounce) uses it."""
 
-    async def add(self, kind: str, digest: str, hint: str, note: str | None) -> bool:
-        """Add an entry (`digest`: the inner digest). False when it is already on the list, under any key."""
+    async def add(
+        self, kind: str, digest: str, hint: str, note: str | None, category: str = "", origin: str = "operator"
+    ) -> bool:
+        """Add an entry (`digest`: the inner digest) for a category ('': every email). False when it is
+        already on the list for that category, under any key."""
+        ...
+
+    async def matches_many(self, candidate_lists: Sequence[Sequence[tuple[str, str]]]) -> list[list[OptOut]]:
+        """Every entry, of any category, matching each recipient's pairs (`optout.applies` picks)."""
         ...
 
     async def opted_out(self, candidates: Sequence[tuple[str, str]]) -> OptOut | None:
@@ -178,6 +185,16 @@ class OptOuts(Protocol):
 
     async def opted_out_many(self, candidate_lists: Sequence[Sequence[tuple[str, str]]]) -> list[OptOut | None]:
         """`opted_out` for several recipients in one query."""
+        ...
+
+
+class PatientLinks(Protocol):
+    """What the patients' link pages read and change."""
+
+    async def notification(self, notification_id: int) -> NotificationRecord | None: ...
+
+    async def withdraw(self, source: str, patient_id: str, mappings: Sequence[str], reason: str) -> int:
+        """Cancel the pending notifications of these mappings for one patient (reason recorded); how many."""
         ...
 
 

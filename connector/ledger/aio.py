@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from connector.ledger.operator import Changed, OperatorAction, Selection, SqlOperator
     from connector.ledger.optouts import SqlOptOuts
     from connector.ledger.outbox import SqlOutbox
+    from connector.ledger.patient_links import SqlPatientLinks
     from connector.ledger.reports import SqlReports
     from connector.ledger.sql import SqlLedger
     from connector.lifecycle import Snapshot
@@ -180,14 +181,30 @@ class AsyncOptOuts:
     def __init__(self, role: SqlOptOuts) -> None:
         self.sync = role
 
-    async def add(self, kind: str, digest: str, hint: str, note: str | None) -> bool:
-        return await _thread(self.sync.add, kind, digest, hint, note)
+    async def add(
+        self, kind: str, digest: str, hint: str, note: str | None, category: str = "", origin: str = "operator"
+    ) -> bool:
+        return await _thread(self.sync.add, kind, digest, hint, note, category, origin)
+
+    async def matches_many(self, candidate_lists: Sequence[Sequence[tuple[str, str]]]) -> list[list[OptOut]]:
+        return await _thread(self.sync.matches_many, candidate_lists)
 
     async def opted_out(self, candidates: Sequence[tuple[str, str]]) -> OptOut | None:
         return await _thread(self.sync.opted_out, candidates)
 
     async def opted_out_many(self, candidate_lists: Sequence[Sequence[tuple[str, str]]]) -> list[OptOut | None]:
         return await _thread(self.sync.opted_out_many, candidate_lists)
+
+
+class AsyncPatientLinks:
+    def __init__(self, role: SqlPatientLinks) -> None:
+        self.sync = role
+
+    async def notification(self, notification_id: int) -> NotificationRecord | None:
+        return await _thread(self.sync.notification, notification_id)
+
+    async def withdraw(self, source: str, patient_id: str, mappings: Sequence[str], reason: str) -> int:
+        return await _thread(self.sync.withdraw, source, patient_id, mappings, reason)
 
 
 class AsyncReports:
@@ -267,6 +284,7 @@ class AsyncLedger:
     reports: abc.Reports
     health: abc.Health
     operator: abc.Operator
+    links: abc.PatientLinks
 
     @classmethod
     def over(cls, ledger: SqlLedger) -> AsyncLedger:
@@ -279,4 +297,5 @@ class AsyncLedger:
             AsyncReports(ledger.reports),
             AsyncHealth(ledger.health),
             AsyncOperator(ledger.operator),
+            AsyncPatientLinks(ledger.links),
         )

@@ -22,7 +22,7 @@ _MISSING = object()
 
 
 def _entry(row: Any) -> OptOut:
-    return OptOut(row.kind, row.digest, row.hint, row.note, row.created_at, row.key_id)
+    return OptOut(row.kind, row.digest, row.hint, row.note, row.created_at, row.key_id, row.category, row.origin)
 
 
 class SqlOptOuts(SqlRole):
@@ -48,12 +48,19 @@ class SqlOptOuts(SqlRole):
             )
         return self.optout_keys
 
-    def add(self, kind: str, digest: str, hint: str, note: str | None) -> bool:
-        """Add an entry (`digest`: the inner digest). False when it is already on the list, under any key."""
+    def add(
+        self, kind: str, digest: str, hint: str, note: str | None, category: str = "", origin: str = "operator"
+    ) -> bool:
+        """Add an entry (`digest`: the inner digest) for one `category` ('': every email). False when it is
+        already on the list for that category, under any key."""
         keys = self._keys()
         with self.engine.begin() as conn:
             if conn.execute(
-                select(OPT.c.id).where(OPT.c.kind == kind, OPT.c.digest.in_([d for _, d in keys.variants(digest)]))
+                select(OPT.c.id).where(
+                    OPT.c.kind == kind,
+                    OPT.c.digest.in_([d for _, d in keys.variants(digest)]),
+                    OPT.c.category == category,
+                )
             ).first():
                 return False
             statement = self._insert(OPT).values(
@@ -62,14 +69,20 @@ class SqlOptOuts(SqlRole):
                 key_id=keys.current,
                 hint=hint,
                 note=note,
+                category=category,
+                origin=origin,
                 created_at=datetime.now(UTC),
             )
             return bool(conn.execute(statement.on_conflict_do_nothing()).rowcount)
 
-    def remove(self, kind: str, digest: str) -> bool:
+    def remove(self, kind: str, digest: str, category: str | None = None) -> bool:
+        """Take an entry off the list (re-subscribe): one category's, or (None) every one of them."""
         stored = [d for _, d in optout.variants(self.optout_keys, digest)]
+        where = [OPT.c.kind == kind, OPT.c.digest.in_(stored)]
+        if category is not None:
+            where.append(OPT.c.category == category)
         with self.engine.begin() as conn:
-            return bool(conn.execute(OPT.delete().where(OPT.c.kind == kind, OPT.c.digest.in_(stored))).rowcount)
+            return bool(conn.execute(OPT.delete().where(*where)).rowcount)
 
     def entries(self) -> list[OptOut]:
         with self.engine.connect() as conn:
@@ -80,28 +93,33 @@ class SqlOptOuts(SqlRole):
         return self.opted_out_many([candidates])[0]
 
     def opted_out_many(self, candidate_lists: Sequence[Sequence[tuple[str, str]]]) -> list[OptOut | None]:
-        """`opted_out` for several recipients in one query."""
+        """`opted_out` for several recipients in one query: entries for every email (category '') only."""
+        return [next((m for m in found if not m.category), None) for found in self.matches_many(candidate_lists)]
+
+    def matches_many(self, candidate_lists: Sequence[Sequence[tuple[str, str]]]) -> list[list[OptOut]]:
+        """Every entry (all categories) matching each recipient's (kind, inner digest) pairs, in one query;
+        `optout.applies` says which of them stop a given email."""
         expected: dict[tuple[str, str], str | None] = {}  # (kind, stored digest) -> the key id that makes it
         for candidates in candidate_lists:
             for kind, inner in candidates:
                 for key_id, stored in optout.variants(self.optout_keys, inner):
                     expected[(kind, stored)] = key_id
         digests = sorted({stored for _, stored in expected})
-        found: dict[tuple[str, str], OptOut] = {}
+        found: dict[tuple[str, str], list[OptOut]] = {}
         with self.engine.connect() as conn:
             for start in range(0, len(digests), 500):
                 for r in conn.execute(select(OPT).where(OPT.c.digest.in_(digests[start : start + 500]))):
                     if expected.get((r.kind, r.digest), _MISSING) == r.key_id:
-                        found[(r.kind, r.digest)] = _entry(r)
-        results: list[OptOut | None] = []
-        for candidates in candidate_lists:
-            matches = (
-                found.get((kind, stored))
+                        found.setdefault((r.kind, r.digest), []).append(_entry(r))
+        return [
+            [
+                entry
                 for kind, inner in candidates
                 for _, stored in optout.variants(self.optout_keys, inner)
-            )
-            results.append(next((m for m in matches if m is not None), None))
-        return results
+                for entry in found.get((kind, stored), [])
+            ]
+            for candidates in candidate_lists
+        ]
 
     def key_counts(self) -> dict[str | None, int]:
         """Entries per key id (None: unkeyed, written before keys existed)."""

@@ -134,7 +134,7 @@ class OptOutRow(SQLModel, table=True):
     (connector.optout) with a short masked hint for people (never the value itself)."""
 
     __tablename__ = "optout"
-    __table_args__ = (UniqueConstraint("kind", "digest", name="uq_optout_kind_digest"),)
+    __table_args__ = (UniqueConstraint("kind", "digest", "category", name="uq_optout_kind_digest_category"),)
 
     id: int | None = Field(default=None, primary_key=True)
     kind: str = Field(max_length=16)
@@ -142,6 +142,10 @@ class OptOutRow(SQLModel, table=True):
     key_id: str | None = Field(default=None, max_length=64)  # None: an unkeyed SHA-256 (before revision 0008)
     hint: str = Field(max_length=200)
     note: str | None = Field(default=None, max_length=500)
+    category: str = Field(default="", sa_column=Column(String(64), nullable=False, server_default=""))  # '': all
+    origin: str = Field(  # who put it there: link (the patient), bounce, operator
+        default="operator", sa_column=Column(String(16), nullable=False, server_default="operator")
+    )
     created_at: datetime = _when()
 
 

@@ -6,6 +6,7 @@ by its roles, and how a config opens it.
     ledger.after_send  webhooks, delivery statuses, receipts, doubt, resends, resolve   (SqlAfterSend)
     ledger.inbox       sealed CRM events                                                (SqlInbox)
     ledger.optouts     keyed opt-out digests                                            (SqlOptOuts)
+    ledger.links       what patients' link pages read and withdraw                      (SqlPatientLinks)
     ledger.reports     counts and listings for status, dry runs and replays             (SqlReports)
     ledger.health      the health rows of the daemon                                    (SqlHealth)
     ledger.operator    a person's selections and bulk settle / requeue, recorded        (SqlOperator)
@@ -37,6 +38,7 @@ from connector.ledger.intake import SqlIntake
 from connector.ledger.operator import SqlOperator
 from connector.ledger.optouts import SqlOptOuts
 from connector.ledger.outbox import SqlOutbox
+from connector.ledger.patient_links import SqlPatientLinks
 from connector.ledger.reports import SqlReports
 from connector.optout import OptOutKeys
 
@@ -59,6 +61,7 @@ class SqlLedger:
         self.health = SqlHealth(engine)
         self.operator = SqlOperator(engine)
         self.console = SqlConsole(engine)
+        self.links = SqlPatientLinks(engine)
 
     def dispose(self) -> None:
         self.engine.dispose()

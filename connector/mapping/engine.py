@@ -234,10 +234,12 @@ class RenderRequest:
     default_from: str
     default_reply_to: str | None = None
     languages: tuple[str, ...] = ()
+    links: dict[str, str] = field(default_factory=dict)  # confirm_url, cancel_url, unsubscribe_url
 
     def context(self) -> dict[str, Any]:
         """What the templates see (besides the mapping's own names, added by `render_with`)."""
         return {
+            **self.links,
             "appointment": self.appointment,
             "patient": self.patient,
             "patient_name": display_name(self.patient),

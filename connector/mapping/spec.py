@@ -19,6 +19,10 @@ templates:
   html: reminder.html                   # optional; autoescaped
 key: "{{ appointment.id }}|{{ event }}|{{ start }}|{{ patient_id }}"
 vars: {clinic_name: Example Clinic}
+category: reminders                     # optional; what a patient may unsubscribe from (links:)
+essential: false                        # true: sent despite the patient's own unsubscribe (transactional)
+actions: [confirm, cancel]              # optional; links in the email: confirm_url, cancel_url
+attach_ics: true                        # optional; an iCalendar file (add to calendar)
 """
 
 from __future__ import annotations
@@ -91,6 +95,10 @@ class MappingSpec(_Strict):
     from_address: str | None = Field(None, alias="from")
     reply_to: str | None = None
     vars: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    category: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
+    essential: bool = False
+    actions: list[Literal["confirm", "cancel"]] = Field(default_factory=list)
+    attach_ics: bool = False
 
     @field_validator("at", mode="before")
     @classmethod
@@ -123,6 +131,10 @@ class MappingSpec(_Strict):
             raise ValueError("`fetch_object` applies to CrmEvent mappings only")
         if self.at is not None and self.trigger.event != [BOOKED]:
             raise ValueError("a reminder (`at:`) is armed while the appointment is booked: use `event: booked`")
+        if crm and (self.actions or self.attach_ics):
+            raise ValueError("`actions` and `attach_ics` apply to Appointment mappings only")
+        if self.actions and self.trigger.event != [BOOKED] and RESCHEDULED not in self.trigger.event:
+            raise ValueError("`actions` (confirm, cancel) go in emails about a booked or rescheduled appointment")
         if isinstance(self.templates.subject, dict) and self.language not in self.templates.subject:
             raise ValueError(f"templates.subject has no entry for the mapping's language {self.language!r}")
         return self

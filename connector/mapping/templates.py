@@ -40,6 +40,9 @@ MESSAGE_NAMES = frozenset(
         "locale",
         "language",
         "now",
+        "confirm_url",  # patients' links (`links:` in the config; undefined without it)
+        "cancel_url",
+        "unsubscribe_url",
     }
 )
 KEY_NAMES = frozenset({"appointment", "patient_id", "event", "mapping", "source", "start"})

@@ -93,8 +93,12 @@ def inbox(
     if show is not None:
         message = messages[show - 1]
         print(f"To: {', '.join(message['recipients'])}\nFrom: {message['from']}\nSubject: {message['subject']}")
-        for name, value in message["custom_headers"].items():
-            print(f"{name}: {value}")
+        shown = {"subject", "from"}
+        for name, value in message.get("headers", message["custom_headers"]).items():
+            if name.lower() not in shown:
+                print(f"{name}: {value}")
+        for attachment in message.get("attachments") or []:
+            print(f"Attachment: {attachment.get('fileName')} ({attachment.get('contentType')})")
         print(f"\n{message['text'] or ''}\n--- HTML ---\n{message['html'] or '(none)'}")
         return
     table = Table(title=f"Sandbox inbox ({len(messages)} message(s))", title_justify="left")

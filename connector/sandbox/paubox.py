@@ -138,6 +138,11 @@ def _store(message: dict[str, Any], state: SandboxState) -> dict[str, Any]:
         "text": content.get("text/plain"),
         "html": _decode_html(content["text/html"]) if content.get("text/html") else None,
         "html_wire": content.get("text/html"),
+        "attachments": [
+            {"fileName": a.get("fileName"), "contentType": a.get("contentType"), "content": a.get("content")}
+            for a in message.get("attachments") or []
+            if isinstance(a, dict)
+        ],
         "delivery_status": "delivered",
         "message_id": f"<{uuid.uuid4()}@{_domain(str(headers.get('from')))}>",
     }

@@ -106,6 +106,7 @@ class Aftercare:
                     optout.digest("email", address),
                     optout.hint("email", address),
                     "hard bounce reported by Paubox",
+                    origin="bounce",
                 )
         result = "confirmed" if confirmed else ("updated" if updated else "unchanged")
         if confirmed:

@@ -8,10 +8,11 @@ one is rendered from the remembered state (connector.lifecycle.synthesized), as 
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from connector import fhir
+from connector import calendar, fhir, links
 from connector.errors import SourceError
 from connector.lifecycle import CANCELLED, NOSHOW, appointment_zone, still_wanted, synthesized
 from connector.mapping.engine import RenderError, RenderRequest, render
@@ -42,6 +43,7 @@ class AppointmentPreparer:
         self.cache = cache
         self.intake = intake
         self._opted_out = optout_lookup(optouts)
+        self._link_keys = links.LinkKeys.from_config(config.links) if config.links is not None else None
 
     async def read_ahead(self, batch: list[NotificationRecord]) -> None:
         await prefetch(self.cache, self.sources, batch)
@@ -73,12 +75,17 @@ class AppointmentPreparer:
                 opted_out=self._opted_out,
                 consent=source.config.consent,
                 now=now,
+                category=mapping.spec.category,
+                essential=mapping.spec.essential,
             )
         except SourceError as exc:
             return NotYet(str(exc))
         if isinstance(recipient, NoRecipient):
             return NotSendable(recipient.state, recipient.reason)
         settings = source.config
+        zone = appointment_zone(appointment, settings.location_timezones, settings.timezone)
+        languages = tuple(fhir.preferred_languages(recipient.patient))
+        email_links = self._links(n, mapping, appointment, now, zone, languages)
         request = RenderRequest(
             key=n.key,
             to=recipient.address,
@@ -86,14 +93,58 @@ class AppointmentPreparer:
             patient=recipient.patient,
             event=n.event,
             source=n.source,
-            timezone=appointment_zone(appointment, settings.location_timezones, settings.timezone),
+            timezone=zone,
             locale=self.config.locale,
             now=now,
             default_from=self.config.delivery.from_address,
             default_reply_to=self.config.delivery.reply_to,
-            languages=tuple(fhir.preferred_languages(recipient.patient)),
+            languages=languages,
+            links=email_links.values if email_links else {},
         )
         try:
-            return render(mapping, request)
+            email = render(mapping, request)
         except RenderError as exc:
             return NotSendable(State.FAILED, str(exc))
+        if email_links is not None:
+            email = dataclasses.replace(email, headers={**email.headers, **email_links.headers})
+        if mapping.spec.attach_ics:
+            ics = calendar.invitation(
+                appointment,
+                source=n.source,
+                cancelled=n.event == CANCELLED,
+                summary=email.subject,
+                organizer=email.from_address,
+                zone=zone,
+                now=now,
+            )
+            email = dataclasses.replace(email, attachments=(*email.attachments, *([ics] if ics else [])))
+        return email
+
+    def _links(
+        self,
+        n: NotificationRecord,
+        mapping: Mapping,
+        appointment: dict[str, Any],
+        now: datetime,
+        zone: str,
+        languages: tuple[str, ...],
+    ) -> links.EmailLinks | None:
+        """The signed links of this email (None without `links:` in the config)."""
+        settings = self.config.links
+        if self._link_keys is None or settings is None or self.config.server is None:
+            return None
+        public_url = self.config.server.public_url
+        if public_url is None:
+            return None
+        return links.for_email(
+            self._link_keys,
+            public_url,
+            notification=n.id,
+            actions=list(mapping.spec.actions),
+            start=fhir.parse_instant(appointment.get("start")),
+            now=now,
+            ttl=settings.ttl,
+            language=mapping.variant_for(list(languages))[0],
+            zone=zone,
+            mailto=settings.mailto,
+        )

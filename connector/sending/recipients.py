@@ -29,16 +29,17 @@ MAX_LINK_HOPS = 3
 PREFETCH = 50  # ids per `_id` search
 log = structlog.get_logger("connector.recipients")
 
-# The opt-out matching one of a recipient's (kind, digest) candidates, if any (see optout_lookup).
-OptOutLookup = Callable[[list[tuple[str, str]]], Awaitable[OptOut | None]]
+# The opt-out that stops an email of (category, essential) to one of a recipient's (kind, digest) candidates,
+# if any (see optout_lookup and connector.optout.applies).
+OptOutLookup = Callable[[list[tuple[str, str]], str | None, bool], Awaitable[OptOut | None]]
 
 
 def optout_lookup(optouts: OptOuts) -> OptOutLookup:
     """Look-ups from concurrent tasks share one query (see connector.ledger.batching)."""
-    many = Coalesced(optouts.opted_out_many)
+    many = Coalesced(optouts.matches_many)
 
-    async def opted_out(candidates: list[tuple[str, str]]) -> OptOut | None:
-        return (await many([candidates]))[0]
+    async def opted_out(candidates: list[tuple[str, str]], category: str | None, essential: bool) -> OptOut | None:
+        return optout.first_applying((await many([candidates]))[0], category, essential)
 
     return opted_out
 
@@ -111,6 +112,8 @@ async def resolve(
     opted_out: OptOutLookup,
     consent: ConsentCheck,
     now: datetime,
+    category: str | None = None,
+    essential: bool = False,
 ) -> Recipient | NoRecipient:
     """Follow `replaced-by` links to the surviving record, then apply the recipient rules.
     Raises SourceError when the source cannot be read (the notification waits for the next pass)."""
@@ -142,10 +145,12 @@ async def resolve(
     if address is None:
         return NoRecipient(State.SKIPPED, f"{survivor} has no usable email address")
     identifiers = fhir.identifiers(patient)
-    match = await opted_out(optout.candidates(identifiers, address))
+    match = await opted_out(optout.candidates(identifiers, address), category, essential)
     if match is not None:
+        which = f" of {match.category!r} email" if match.category else ""
         return NoRecipient(
-            State.SKIPPED, f"{survivor} opted out (by {match.kind}, {match.created_at.date().isoformat()})"
+            State.SKIPPED,
+            f"{survivor} opted out{which} (by {match.kind}, {match.origin}, {match.created_at.date().isoformat()})",
         )
     if consent.enabled:
         denial = await _denying_consent(source, current_id, consent.purpose, now)

@@ -6,6 +6,7 @@
     POST /webhooks/crm/<source>[/<path_token>]     CRM webhooks                       connector.web.crm
     GET  /livez, /healthz, /metrics                health and metrics                 connector.web.health
     GET, POST /console/...                         the operator console (`console:`)   connector.web.console
+    GET|POST /links/<action>/<token>               patients' links (GET shows, POST acts) connector.web.links
 
 Endpoints verify, parse and hand over; no mapping logic lives here. Bodies are PHI: never logged.
 """

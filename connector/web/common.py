@@ -72,7 +72,7 @@ def guarded(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Req
     return wrapper
 
 
-_ENDPOINTS = frozenset({"webhooks/paubox", "webhooks/crm", "fhir", "healthz", "livez", "metrics"})
+_ENDPOINTS = frozenset({"webhooks/paubox", "webhooks/crm", "fhir", "healthz", "livez", "metrics", "links"})
 
 
 def _endpoint(request: Request) -> str:

@@ -1,0 +1,235 @@
+"""What a patient's click does (connector.web.links hands each verified POST here): confirm or cancel an
+appointment, written back to the EHR, or unsubscribe.
+
+- **confirm** creates an `AppointmentResponse` (`participantStatus: accepted`); the Appointment is not changed.
+- **cancel** creates one with `declined` and, where the source allows it (`write_back.cancel_appointment`),
+  sets the Appointment to `cancelled` with `cancelationReason` `pat-crs` (HL7 appointment-cancellation-reason):
+  an update naming the version it was decided on (`If-Match`); a 412 reads again and decides again, never a
+  blind overwrite. The connector's next poll sees the cancellation and follows the normal lifecycle.
+- **unsubscribe** adds the address the email went to to the opt-out list, for the mapping's category (or
+  every email), with origin `link`, and withdraws the patient's pending notifications of that category.
+
+Every write is a conditional create on an identifier derived from the email and the action
+(`links.write_identifier`): a double click, a retry or a second replica finds the first and writes nothing
+new, and answers like the first. An action on an appointment that has started, was cancelled or was moved
+since the email (superseded) writes nothing and says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from connector import fhir, links, optout
+from connector.config.sources import ConsentCheck
+from connector.errors import SourceError
+from connector.sending.recipients import Recipient, resolve
+from connector.sources.fhir_write import FhirWriter, StaleVersion, WriteRefused
+
+if TYPE_CHECKING:
+    from connector.config import Config
+    from connector.ledger import NotificationRecord, OptOut
+    from connector.ledger.abc import OptOuts, PatientLinks
+    from connector.mapping.loader import MappingSet
+    from connector.sources.cache import ResourceCache
+    from connector.sources.fhir_poll import FhirPollSource
+
+log = structlog.get_logger("connector.actions")
+
+IDENTIFIER_SYSTEM = "urn:connector:patient-action"
+CANCELLATION_REASONS = "http://terminology.hl7.org/CodeSystem/appointment-cancellation-reason"
+PAT_CRS = {
+    "system": CANCELLATION_REASONS,
+    "code": "pat-crs",
+    "display": "Patient: Canceled via automated reminder system",
+}
+UPDATE_TRIES = 3
+
+
+class Outcome(StrEnum):
+    DONE = "done"  # confirmed, cancelled or unsubscribed (now or by an earlier click)
+    STARTED = "started"  # the appointment has started or is over: nothing written
+    CANCELLED = "cancelled"  # it was cancelled (not by this link): nothing written
+    SUPERSEDED = "superseded"  # it was moved since the email: nothing written
+    GONE = "gone"  # the notification or the appointment is no longer there
+    NOT_OFFERED = "not_offered"  # the source does not take write-back
+    UNAVAILABLE = "unavailable"  # the EHR did not answer or refused: nothing known to be written
+
+
+@dataclass(frozen=True)
+class Page:
+    """What a link's page shows (no patient data): the clinic, the appointment's start, the category."""
+
+    clinic: str
+    start: datetime | None
+    category: str | None
+
+
+class PatientActions:
+    def __init__(
+        self,
+        config: Config,
+        sources: dict[str, FhirPollSource],
+        mappings: MappingSet,
+        cache: ResourceCache,
+        optouts: OptOuts,
+        ledger: PatientLinks,
+    ) -> None:
+        self.config = config
+        self.sources = sources
+        self.mappings = mappings
+        self.cache = cache
+        self.optouts = optouts
+        self.ledger = ledger
+        self.writers = {name: FhirWriter(source) for name, source in sources.items()}
+
+    async def notification(self, notification_id: int) -> NotificationRecord | None:
+        return await self.ledger.notification(notification_id)
+
+    def page(self, record: NotificationRecord) -> Page:
+        mapping = self.mappings.get(record.mapping)
+        clinic = str((mapping.spec.vars.get("clinic_name") if mapping else None) or "")
+        if not clinic and self.config.links is not None:
+            clinic = self.config.links.clinic_name
+        return Page(clinic, record.appointment_start, mapping.spec.category if mapping else None)
+
+    async def respond(self, record: NotificationRecord, action: str, now: datetime) -> Outcome:
+        """Confirm (`accepted`) or cancel (`declined`, and the Appointment cancelled where allowed)."""
+        source = self.sources.get(record.source)
+        writer = self.writers.get(record.source)
+        if source is None or writer is None or not source.config.write_back.responses:
+            return Outcome.NOT_OFFERED
+        identifier = links.write_identifier(record.key, action)
+        try:
+            if not await _writes_once(writer, source.config.write_back.cancel_appointment and action == "cancel"):
+                return Outcome.NOT_OFFERED
+            current = await writer.read("Appointment", record.resource_id)
+            if current is None:
+                return Outcome.GONE
+            ours = action == "cancel" and _cancelled_by_patient(current.resource)
+            refusal = None if ours else _refusal(record, current.resource, now)
+            if refusal is not None:
+                return refusal
+            await writer.create(
+                _response(record, identifier, "accepted" if action == "confirm" else "declined"),
+                if_none_exist=f"identifier={IDENTIFIER_SYSTEM}|{identifier}",
+                what=f"{action} (AppointmentResponse)",
+            )
+            if action == "cancel" and source.config.write_back.cancel_appointment:
+                return await self._cancel(writer, record, now)
+        except WriteRefused as exc:
+            log.warning("link.refused", source=record.source, action=action, status=exc.status)
+            return Outcome.UNAVAILABLE
+        except SourceError as exc:
+            log.warning("link.unavailable", source=record.source, action=action, problem=type(exc).__name__)
+            return Outcome.UNAVAILABLE
+        return Outcome.DONE
+
+    async def _cancel(self, writer: FhirWriter, record: NotificationRecord, now: datetime) -> Outcome:
+        for _ in range(UPDATE_TRIES):
+            current = await writer.read("Appointment", record.resource_id)
+            if current is None:
+                return Outcome.GONE
+            if _cancelled_by_patient(current.resource):
+                return Outcome.DONE
+            refusal = _refusal(record, current.resource, now)
+            if refusal is not None:
+                return refusal
+            changed = {**current.resource, "status": "cancelled", "cancelationReason": {"coding": [PAT_CRS]}}
+            try:
+                await writer.update(changed, version=current.version, what="cancel (Appointment)")
+            except StaleVersion:
+                continue  # changed meanwhile: read it again and decide again
+            return Outcome.DONE
+        return Outcome.UNAVAILABLE
+
+    async def unsubscribe(self, record: NotificationRecord, everything: bool, now: datetime) -> Outcome:
+        """Opt the address out of the mapping's category (or of every email) and withdraw what is pending."""
+        mapping = self.mappings.get(record.mapping)
+        category = "" if everything or mapping is None or mapping.spec.category is None else mapping.spec.category
+        source = self.sources.get(record.source)
+        if source is None:
+            return Outcome.UNAVAILABLE
+
+        async def nobody(candidates: list[tuple[str, str]], category: str | None, essential: bool) -> OptOut | None:
+            return None
+
+        try:
+            found = await resolve(
+                record.patient_id, source=source, cache=self.cache, opted_out=nobody, consent=ConsentCheck(), now=now
+            )
+        except SourceError as exc:
+            log.warning("link.unavailable", source=record.source, action="unsubscribe", problem=type(exc).__name__)
+            return Outcome.UNAVAILABLE
+        if isinstance(found, Recipient):
+            await self.optouts.add(
+                "email",
+                optout.digest("email", found.address),
+                optout.hint("email", found.address),
+                "the patient's unsubscribe link",
+                category,
+                "link",
+            )
+        names = [
+            m.name
+            for m in self.mappings
+            if not m.spec.essential and not m.spec.is_crm and (category == "" or m.spec.category == category)
+        ]
+        withdrawn = await self.ledger.withdraw(
+            record.source, record.patient_id, names, f"the patient unsubscribed ({category or 'every email'})"
+        )
+        log.info("link.unsubscribed", source=record.source, category=category or "*", withdrawn=withdrawn)
+        return Outcome.DONE
+
+
+async def _writes_once(writer: FhirWriter, update: bool) -> bool:
+    """Whether the server promises one write per intent: conditional creates of AppointmentResponse (and
+    version-aware updates of Appointment when a cancel changes it). Without, write-back is refused, logged
+    once per click, rather than risking duplicates in the chart."""
+    capabilities = await writer.capabilities()
+    missing = [
+        what
+        for what, ok in (
+            ("conditional create of AppointmentResponse", "AppointmentResponse" in capabilities.conditional_create),
+            ("versioned update of Appointment", not update or "Appointment" in capabilities.versioned_update),
+        )
+        if not ok
+    ]
+    if missing:
+        log.warning("link.write_back_refused", source=writer.name, problem=f"the server does not offer {missing[0]}")
+    return not missing
+
+
+def _refusal(record: NotificationRecord, appointment: dict[str, Any], now: datetime) -> Outcome | None:
+    """Why this email's action must not be written now (None: it may)."""
+    if appointment.get("status") in ("cancelled", "noshow", "entered-in-error"):
+        return Outcome.CANCELLED
+    start = fhir.parse_instant(appointment.get("start"))
+    if start is None or start <= now or appointment.get("status") in ("arrived", "fulfilled", "checked-in"):
+        return Outcome.STARTED
+    if record.appointment_start is not None and start != record.appointment_start:
+        return Outcome.SUPERSEDED
+    return None
+
+
+def _cancelled_by_patient(appointment: dict[str, Any]) -> bool:
+    reason = appointment.get("cancelationReason")
+    codings = reason.get("coding") if isinstance(reason, dict) else None
+    return appointment.get("status") == "cancelled" and any(
+        isinstance(c, dict) and c.get("code") == "pat-crs" and c.get("system") == CANCELLATION_REASONS
+        for c in codings or []
+    )
+
+
+def _response(record: NotificationRecord, identifier: str, status: str) -> dict[str, Any]:
+    return {
+        "resourceType": "AppointmentResponse",
+        "identifier": [{"system": IDENTIFIER_SYSTEM, "value": identifier}],
+        "appointment": {"reference": f"Appointment/{record.resource_id}"},
+        "actor": {"reference": f"Patient/{record.patient_id}"},
+        "participantStatus": status,
+    }

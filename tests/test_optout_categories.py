@@ -1,0 +1,119 @@
+"""Opt-outs by category, with their origin (link, bounce, operator); re-subscribing; withdrawing what is
+pending; the upgrade of a ledger written before categories (revision 0012). SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from alembic import command
+
+from connector import optout
+from connector.ledger import OptOut, migrate
+from connector.ledger.engine import make_engine
+from connector.ledger.sql import SqlLedger
+from connector.models import State
+from tests.conftest import OPTOUT_KEYS
+from tests.factories import NOW, planned
+
+ADDRESS = "robin.lee@example.org"
+PAIRS = optout.candidates([], ADDRESS)
+INNER = optout.digest("email", ADDRESS)
+
+
+def entry(category: str, origin: str) -> OptOut:
+    return OptOut("email", "d", "r…", None, NOW, "t1", category, origin)
+
+
+@pytest.mark.parametrize(
+    ("category", "origin", "mapping_category", "essential", "stops"),
+    [
+        ("", "operator", None, False, True),  # every email
+        ("", "operator", "reminders", False, True),
+        ("reminders", "link", "reminders", False, True),
+        ("reminders", "link", "changes", False, False),  # another category goes on
+        ("reminders", "link", None, False, False),
+        ("", "link", "changes", True, False),  # essential: the patient's own unsubscribe does not stop it
+        ("", "operator", "changes", True, True),  # ... an operator's does
+        ("", "bounce", "changes", True, True),  # ... and so does a bounce
+    ],
+)
+def test_which_optouts_stop_which_email(
+    category: str, origin: str, mapping_category: str | None, essential: bool, stops: bool
+) -> None:
+    assert optout.applies(entry(category, origin), mapping_category, essential) is stops
+
+
+def test_categories_are_separate_entries_with_their_origin_and_time(ledger: SqlLedger) -> None:
+    optouts = ledger.optouts
+    assert optouts.add("email", INNER, "r…@example.org", None, "reminders", "link")
+    assert not optouts.add("email", INNER, "r…@example.org", None, "reminders", "link")  # a second click
+    assert optouts.add("email", INNER, "r…@example.org", None, "changes", "link")
+    [found] = optouts.matches_many([PAIRS])
+    assert sorted((e.category, e.origin) for e in found) == [("changes", "link"), ("reminders", "link")]
+    assert optouts.opted_out(PAIRS) is None  # no entry for every email: callers without a category send
+    assert optout.first_applying(found, "reminders", False) is not None
+    assert optout.first_applying(found, "appointments", False) is None
+    assert optouts.add("email", INNER, "r…@example.org", "ticket 12", "", "operator")
+    everything = optouts.opted_out(PAIRS)
+    assert everything is not None and everything.origin == "operator" and everything.created_at is not None
+
+
+def test_resubscribing_removes_one_category_or_all(ledger: SqlLedger) -> None:
+    optouts = ledger.optouts
+    for category in ("reminders", "changes", ""):
+        optouts.add("email", INNER, "r…@example.org", None, category, "link")
+    assert optouts.remove("email", INNER, "reminders")
+    assert sorted(e.category for e in optouts.entries()) == ["", "changes"]
+    assert optouts.remove("email", INNER)
+    assert optouts.entries() == []
+    assert not optouts.remove("email", INNER)
+
+
+def test_withdraw_cancels_only_the_pending_notifications_of_those_mappings(ledger: SqlLedger) -> None:
+    later = NOW + timedelta(days=1)
+    notes = [planned("r1", later), planned("r2", later), planned("other", later), planned("sent", later)]
+    notes = [
+        n.__class__(**{**n.__dict__, "mapping": m}) for n, m in zip(notes, ["rem", "rem", "booked", "rem"], strict=True)
+    ]
+    ledger.intake.record_page("ehr", notes, [], None)
+    ids = {r.key: r.id for r in ledger.reports.notifications(list(State), 10)}
+    claimed = ledger.outbox.claim_due(later, 10, "worker", later + timedelta(minutes=5), later)
+    assert ids["sent"] in {r.id for r in claimed}
+    ledger.outbox.settle(ids["sent"], "worker", State.SKIPPED, "already done")  # not pending any more
+    ledger.outbox.release("worker")
+    assert ledger.links.withdraw("ehr", "p1", ["rem"], "the patient unsubscribed (reminders)") == 2
+    found = {r.key: (r.state, r.reason) for r in ledger.reports.notifications(list(State), 10)}
+    assert found["r1"] == found["r2"] == (State.CANCELLED, "the patient unsubscribed (reminders)")
+    assert found["other"][0] is State.PENDING
+    assert ledger.links.withdraw("ehr", "p2", ["rem"], "x") == 0  # another patient: nothing
+    assert ledger.links.notification(ids["r1"]) is not None and ledger.links.notification(10**9) is None
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_upgrading_keeps_every_optout_as_one_for_every_email_by_an_operator(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    url = f"sqlite:///{tmp_path / 'old.db'}" if backend == "sqlite" else request.getfixturevalue("pg_schema_url")
+    engine = make_engine(url)
+    migrate.upgrade(engine, "0009")  # before categories
+    stored = OPTOUT_KEYS.keyed(INNER)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO optout (kind, digest, key_id, hint, note, created_at) VALUES "
+            f"('email', '{stored}', 't1', 'r…@example.org', NULL, '2026-01-01 00:00:00')"
+        )
+    migrate.upgrade(engine)
+    ledger = SqlLedger(engine, OPTOUT_KEYS)
+    [kept] = ledger.optouts.entries()
+    assert (kept.category, kept.origin) == ("", "operator")
+    assert ledger.optouts.opted_out(PAIRS) is not None
+    assert ledger.optouts.add("email", INNER, "r…@example.org", None, "reminders", "link")  # a second entry now fits
+    config = migrate._alembic()
+    with engine.begin() as conn:  # category entries cannot go down: they would widen to every email
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0009")
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM optout").scalar() == 1
+    engine.dispose()

@@ -1,0 +1,364 @@
+"""Patients act on their email: signed links served by `connector run` (in-process through the app the daemon
+serves), written back to the FHIR test server, with the Paubox sandbox receiving the email; one-click
+unsubscribe; add-to-calendar files read back with the `icalendar` library."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import icalendar
+import pytest
+from typer.testing import CliRunner
+
+from connector import cli, links
+from connector.config import load_config
+from connector.daemon import run_once, web_app
+from connector.delivery.paubox import PauboxRestMailer
+from connector.models import State
+from connector.runtime import Runtime
+from connector.sandbox.fhir import FhirState
+from connector.sandbox.fhir import create_app as fhir_app
+from connector.sandbox.paubox import SandboxState
+from connector.sandbox.paubox import create_app as paubox_app
+from connector.testing import Server, migrated_engine
+from tests.conftest import write_config
+from tests.factories import appointment, patient
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+PUBLIC = "https://connector.example.org"
+LINK_KEY = base64.b64encode(b"link signing key for these tests").decode()
+OLD_KEY = base64.b64encode(b"an older link key, still listed!").decode()
+MAPPINGS = ("appointment-booked", "appointment-cancelled", "appointment-reminder-48h", "appointment-reminder-2h")
+START = NOW + timedelta(hours=47)  # the 48 h reminder is an hour late (within its grace): sent at once
+LINK = re.compile(r"https://connector\.example\.org/links/(confirm|cancel|unsubscribe)/[A-Za-z0-9_\-.]+")
+
+
+class World:
+    """The FHIR server, the Paubox sandbox, a clock, and one or more daemons over one ledger."""
+
+    def __init__(self, tmp_path: Path, fhir: FhirState, paubox: SandboxState, ledger_url: str | None) -> None:
+        (tmp_path / "link.key").write_text(LINK_KEY)
+        (tmp_path / "old.key").write_text(OLD_KEY)
+        self.path = write_config(
+            tmp_path,
+            "http://fhir.test",
+            "https://paubox.test",
+            mappings=MAPPINGS,
+            ledger_url=ledger_url,
+            server={"port": 9, "public_url": PUBLIC},
+            extra_source="    write_back: {responses: true, cancel_appointment: true}\n",
+            extra="links:\n  keys: {k1: {file: old.key}, k2: {file: link.key}}\n  current: k2\n",
+        )
+        self.fhir, self.paubox, self.now = fhir, paubox, NOW
+        self.runtimes: list[Runtime] = []
+
+    def clock(self) -> datetime:
+        return self.now
+
+    def open(self) -> Runtime:
+        config = load_config(self.path)
+        mailer = PauboxRestMailer(config.delivery.paubox, transport=httpx.ASGITransport(app=paubox_app(self.paubox)))
+        runtime = Runtime.open(
+            config,
+            self.clock,
+            mailer=mailer,
+            source_transport=httpx.ASGITransport(app=fhir_app(self.fhir)),
+            exclusive=False,
+        )
+        self.runtimes.append(runtime)
+        return runtime
+
+    def client(self, runtime: Runtime) -> httpx.AsyncClient:
+        return httpx.AsyncClient(transport=httpx.ASGITransport(app=web_app(runtime)), base_url=PUBLIC)
+
+    def links_of(self, subject_part: str) -> dict[str, str]:
+        [message] = [m for m in self.paubox.messages if subject_part in m["subject"]]
+        return {match.group(1): match.group(0) for match in LINK.finditer(message["text"])}
+
+    def responses(self) -> list[dict[str, Any]]:
+        return [self.fhir.current(*key) for key in self.fhir.resources if key[0] == "AppointmentResponse"]  # type: ignore[misc]
+
+
+def people() -> list[dict[str, Any]]:
+    dutch = [{"language": {"coding": [{"system": "urn:ietf:bcp:47", "code": "nl"}]}, "preferred": True}]
+    return [
+        patient("p1", "Zebulon", email="zebulon.1@example.org"),
+        patient("p2", "Quixotica", email="quixotica.2@example.org", communication=dutch),
+    ]
+
+
+@pytest.fixture
+def fhir() -> FhirState:
+    state = FhirState()
+    state.load(people())
+    state.put(appointment("a1", "p1", START))
+    return state
+
+
+@pytest.fixture
+def paubox() -> SandboxState:
+    return SandboxState(api_key="test-sandbox-key", username="clinic")
+
+
+@pytest.fixture
+async def world(tmp_path: Path, fhir: FhirState, paubox: SandboxState, api_key_env: str) -> AsyncIterator[World]:
+    made = World(tmp_path, fhir, paubox, None)
+    yield made
+    for runtime in made.runtimes:
+        await runtime.aclose()
+
+
+async def sent(world: World) -> Runtime:
+    runtime = world.open()
+    await run_once(runtime)
+    return runtime
+
+
+def states(runtime: Runtime) -> dict[str, tuple[State, str | None]]:
+    rows = runtime.ledger.reports.notifications(list(State), 50)
+    return {r.mapping: (r.state, r.reason) for r in rows}
+
+
+async def test_each_email_carries_its_links_the_one_click_headers_and_a_calendar_file(world: World) -> None:
+    await sent(world)
+    booked = next(m for m in world.paubox.messages if m["subject"].startswith("Your appointment"))
+    assert set(world.links_of("Your appointment")) == {"confirm", "cancel", "unsubscribe"}
+    unsubscribe = world.links_of("Your appointment")["unsubscribe"]
+    assert booked["headers"]["List-Unsubscribe"] == f"<{unsubscribe}>"
+    assert booked["headers"]["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert "Zebulon" not in unsubscribe and "a1" not in unsubscribe.split("/")[-1].split(".")[0]
+    [ics] = booked["attachments"]
+    assert ics["contentType"] == "text/calendar; method=REQUEST"
+    calendar = icalendar.Calendar.from_ical(base64.b64decode(ics["content"]))
+    [event] = calendar.walk("VEVENT")
+    assert calendar["METHOD"] == "REQUEST" and event.decoded("DTSTART") == START
+    assert "Zebulon" not in base64.b64decode(ics["content"]).decode()
+
+
+async def test_a_get_never_confirms_cancels_or_unsubscribes(world: World) -> None:
+    runtime = await sent(world)
+    before = world.fhir.current("Appointment", "a1")
+    async with world.client(runtime) as client:
+        for action, url in world.links_of("Your appointment").items():
+            for _ in range(3):  # a scanner, a previewer, the patient
+                page = await client.get(url)
+                assert page.status_code == 200 and 'method="post"' in page.text
+                assert "Example Clinic" in page.text and "Zebulon" not in page.text, action
+                assert page.headers["referrer-policy"] == "no-referrer"
+    assert world.responses() == [] and world.fhir.current("Appointment", "a1") == before
+    assert runtime.ledger.optouts.entries() == []
+    assert states(runtime)["appointment-reminder-2h"][0] is State.PENDING
+
+
+@pytest.mark.parametrize("form", ["urlencoded", "multipart"])
+async def test_one_click_unsubscribes_and_withdraws_later_reminders_of_that_category(world: World, form: str) -> None:
+    runtime = await sent(world)
+    url = world.links_of("Reminder")["unsubscribe"]
+    async with world.client(runtime) as client:
+        if form == "urlencoded":
+            answer = await client.post(url, data={"List-Unsubscribe": "One-Click"})
+        else:
+            answer = await client.post(url, files={"List-Unsubscribe": (None, "One-Click")})
+    assert answer.status_code == 200 and answer.text == "done"
+    [entry] = runtime.ledger.optouts.entries()
+    assert (entry.kind, entry.category, entry.origin) == ("email", "reminders", "link")
+    state, reason = states(runtime)["appointment-reminder-2h"]
+    assert state is State.CANCELLED and reason == "the patient unsubscribed (reminders)"
+    world.now = START - timedelta(hours=2)
+    sent_before = len(world.paubox.messages)
+    await run_once(runtime)
+    assert len(world.paubox.messages) == sent_before
+    # Essential email still goes: the clinic cancels.
+    world.fhir.put({**world.fhir.current("Appointment", "a1"), "status": "cancelled"})  # type: ignore[dict-item]
+    await run_once(runtime)
+    assert world.paubox.messages[-1]["subject"].endswith("is cancelled")
+
+
+async def test_the_page_offers_a_category_or_everything(world: World) -> None:
+    runtime = await sent(world)
+    url = world.links_of("Your appointment")["unsubscribe"]
+    async with world.client(runtime) as client:
+        page = await client.get(url)
+        assert 'value="category"' in page.text and 'value="all"' in page.text
+        answer = await client.post(url, data={"scope": "all"})
+    assert answer.status_code == 200 and "You are unsubscribed" in answer.text
+    [entry] = runtime.ledger.optouts.entries()
+    assert entry.category == "" and entry.origin == "link"
+    assert states(runtime)["appointment-reminder-2h"][0] is State.CANCELLED
+
+
+@pytest.fixture
+async def replicas(
+    tmp_path: Path, fhir: FhirState, paubox: SandboxState, api_key_env: str, pg_schema_url: str
+) -> AsyncIterator[World]:
+    with migrated_engine(pg_schema_url):
+        pass
+    made = World(tmp_path, fhir, paubox, pg_schema_url)
+    yield made
+    for runtime in made.runtimes:
+        await runtime.aclose()
+
+
+async def test_confirm_writes_one_response_under_double_clicks_and_two_replicas(replicas: World) -> None:
+    first = await sent(replicas)
+    second = replicas.open()
+    url = replicas.links_of("Your appointment")["confirm"]
+    before = replicas.fhir.current("Appointment", "a1")
+    async with replicas.client(first) as one, replicas.client(second) as two:
+        answers = await asyncio.gather(one.post(url), one.post(url), two.post(url), two.post(url))
+    assert [a.status_code for a in answers] == [200] * 4
+    assert all("your clinic knows you will come" in a.text for a in answers)
+    [response] = replicas.responses()
+    assert response["participantStatus"] == "accepted"
+    assert response["appointment"] == {"reference": "Appointment/a1"}
+    assert response["actor"] == {"reference": "Patient/p1"}
+    assert replicas.fhir.current("Appointment", "a1") == before  # confirm never changes the Appointment
+
+
+async def test_cancel_writes_back_and_ends_in_one_cancellation_email_and_no_reminders(world: World) -> None:
+    runtime = await sent(world)
+    url = world.links_of("Your appointment")["cancel"]
+    async with world.client(runtime) as client:
+        first, again = await client.post(url), await client.post(url)
+    assert first.status_code == again.status_code == 200 and "is cancelled" in again.text
+    [response] = world.responses()
+    assert response["participantStatus"] == "declined"
+    cancelled = world.fhir.current("Appointment", "a1")
+    assert cancelled is not None and cancelled["status"] == "cancelled"
+    assert cancelled["cancelationReason"]["coding"][0]["code"] == "pat-crs"
+    booked_ics = next(m for m in world.paubox.messages if m["subject"].startswith("Your appointment"))
+    await run_once(runtime)
+    world.now = START - timedelta(hours=1)
+    await run_once(runtime)
+    cancellations = [m for m in world.paubox.messages if m["subject"].endswith("is cancelled")]
+    assert len(cancellations) == 1
+    reminders = [m for m in world.paubox.messages if m["subject"].startswith("Reminder")]
+    assert len(reminders) == 1  # the 48 h one, sent before the click; the 2 h one never
+    assert states(runtime)["appointment-reminder-2h"][0] is State.CANCELLED
+    # The calendar entry is the same one, at a higher sequence, now cancelled.
+    request = icalendar.Calendar.from_ical(base64.b64decode(booked_ics["attachments"][0]["content"]))
+    cancel = icalendar.Calendar.from_ical(base64.b64decode(cancellations[0]["attachments"][0]["content"]))
+    [old], [new] = request.walk("VEVENT"), cancel.walk("VEVENT")
+    assert cancel["METHOD"] == "CANCEL" and new["STATUS"] == "CANCELLED"
+    assert new["UID"] == old["UID"] and new["SEQUENCE"] > old["SEQUENCE"]
+
+
+async def test_moved_started_or_cancelled_appointments_write_nothing(world: World) -> None:
+    runtime = await sent(world)
+    found = world.links_of("Your appointment")
+    moved = {**world.fhir.current("Appointment", "a1"), "start": (START + timedelta(days=1)).isoformat()}  # type: ignore[dict-item]
+    world.fhir.put(moved)
+    async with world.client(runtime) as client:
+        superseded = await client.post(found["confirm"])
+        world.fhir.put({**moved, "status": "cancelled"})
+        cancelled = await client.post(found["cancel"])
+    assert superseded.status_code == 409 and "moved since this email" in superseded.text
+    assert cancelled.status_code == 409 and "was cancelled" in cancelled.text
+    assert world.responses() == []
+
+
+def forged(sign: Callable[[links.LinkKeys], str]) -> str:
+    return sign(links.LinkKeys({"k9": b"k" * 32}, "k9"))
+
+
+async def test_refused_links_get_a_friendly_page_and_a_4xx_and_change_nothing(world: World) -> None:
+    runtime = await sent(world)
+    found = world.links_of("Your appointment")
+    token = found["confirm"].rsplit("/", 1)[1]
+    claim = links.Claim(1, "confirm", START, "en", "UTC")
+    tampered = token[:-3] + ("AAA" if not token.endswith("AAA") else "BBB")
+    async with world.client(runtime) as client:
+        answers = {
+            "tampered": await client.post(f"{PUBLIC}/links/confirm/{tampered}"),
+            "other action": await client.post(f"{PUBLIC}/links/cancel/{token}"),
+            "retired key": await client.post(f"{PUBLIC}/links/confirm/{forged(lambda k: links.sign(k, claim))}"),
+            "malformed": await client.post(f"{PUBLIC}/links/confirm/nonsense"),
+        }
+        world.now = START + timedelta(minutes=1)
+        answers["expired"] = await client.post(found["confirm"])
+    assert {reason: a.status_code for reason, a in answers.items()} == {
+        "tampered": 403,
+        "other action": 403,
+        "retired key": 403,
+        "malformed": 403,
+        "expired": 410,
+    }
+    assert all("contact your clinic" in a.text for a in answers.values())
+    assert world.responses() == []
+    assert world.fhir.current("Appointment", "a1")["status"] == "booked"  # type: ignore[index]
+
+
+def test_tokens_name_their_action_expiry_and_key() -> None:
+    keys = links.LinkKeys({"old": b"o" * 32, "new": b"n" * 32}, "new")
+    claim = links.Claim(7, "cancel", NOW + timedelta(days=1), "nl", "Europe/Amsterdam")
+    token = links.sign(keys, claim)
+    assert token.startswith("new.") and links.verify(keys, token, "cancel", NOW) == claim
+    older = links.sign(links.LinkKeys(keys.keys, "old"), claim)
+    assert links.verify(keys, older, "cancel", NOW) == claim  # rotation: listed keys still verify
+    retired = links.LinkKeys({"new": b"n" * 32}, "new")
+    cases = [
+        (retired, older, "cancel", NOW, "unknown key"),
+        (keys, token, "confirm", NOW, "other action"),
+        (keys, token, "cancel", claim.expires, "expired"),
+        (keys, token.replace("new.", "old."), "cancel", NOW, "tampered"),
+        (keys, "new.", "cancel", NOW, "malformed"),
+    ]
+    for key_set, value, action, now, reason in cases:
+        with pytest.raises(links.BadLink) as refused:
+            links.verify(key_set, value, action, now)
+        assert refused.value.reason == reason
+
+
+def test_the_email_links_and_headers() -> None:
+    keys = links.LinkKeys({"k": b"k" * 32}, "k")
+    made = links.for_email(
+        keys,
+        PUBLIC,
+        notification=3,
+        actions=["confirm"],
+        start=START,
+        now=NOW,
+        ttl=timedelta(days=60),
+        language="en",
+        zone="UTC",
+        mailto="unsubscribe@clinic.example.org",
+    )
+    assert set(made.values) == {"confirm_url", "unsubscribe_url"}
+    assert made.headers["List-Unsubscribe"] == (
+        f"<{made.values['unsubscribe_url']}>, <mailto:unsubscribe@clinic.example.org?subject=unsubscribe>"
+    )
+    token = made.values["unsubscribe_url"].rsplit("/", 1)[1]
+    assert links.verify(keys, token, "unsubscribe", NOW).expires == NOW + timedelta(days=60)
+
+
+async def test_a_server_that_cannot_create_conditionally_gets_no_write_back(world: World) -> None:
+    runtime = await sent(world)
+    world.fhir.conditional_create = False  # one write per click could not be promised
+    async with world.client(runtime) as client:
+        answer = await client.post(world.links_of("Your appointment")["confirm"])
+    assert answer.status_code == 403 and "cannot be done online" in answer.text
+    assert world.responses() == []
+
+
+def test_the_sandbox_inbox_shows_the_headers_links_and_calendar_file(
+    tmp_path: Path, fhir: FhirState, paubox: SandboxState, api_key_env: str
+) -> None:
+    world = World(tmp_path, fhir, paubox, None)
+    runtime = world.open()
+    asyncio.run(run_once(runtime))
+    asyncio.run(runtime.aclose())
+    number = next(i for i, m in enumerate(paubox.messages, 1) if m["subject"].startswith("Your appointment"))
+    with Server(paubox_app(paubox)) as server:
+        shown = CliRunner().invoke(cli.app, ["sandbox", "inbox", "--url", server.url, "--show", str(number)])
+    assert shown.exit_code == 0, shown.output
+    assert re.search(r"^List-Unsubscribe: <https://connector\.example\.org/links/unsubscribe/\S+>$", shown.output, re.M)
+    assert "List-Unsubscribe-Post: List-Unsubscribe=One-Click" in shown.output
+    assert "Attachment: appointment.ics (text/calendar; method=REQUEST)" in shown.output
+    assert "Will you come? Confirm: https://connector.example.org/links/confirm/" in shown.output
