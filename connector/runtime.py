@@ -1,7 +1,7 @@
 """Wiring: build the ledger, sources, mailer, intake, sending and the endpoints' parts from a config.
 
 intake    Planner (examine → decide → commit), Poller, SubscriptionHub, CrmIntake
-sending   Dispatcher with one preparer per kind (Appointment, CrmEvent), Aftercare
+sending   Dispatcher with one preparer per kind (Appointment, CrmEvent), Aftercare, WriteBack (EHR)
 ledger    SqlLedger (sync, for start-up and the CLI) and its async face (`store`) for everything else
 """
 
@@ -39,6 +39,7 @@ from connector.sending.aftercare import Aftercare
 from connector.sending.appointment import AppointmentPreparer
 from connector.sending.crm import CrmPreparer
 from connector.sending.dispatch import Dispatcher
+from connector.sending.writeback import WriteBack
 from connector.sources.cache import ResourceCache
 from connector.sources.fhir_poll import FhirPollSource
 from connector.web.crm import CrmReceiver
@@ -112,6 +113,7 @@ class Runtime:
     lock: IO[str] | None
     metrics: Metrics
     monitor: Monitor
+    write_back: WriteBack
 
     @classmethod
     def open(
@@ -163,6 +165,7 @@ class Runtime:
         aftercare = Aftercare(config, store.after_send, store.optouts, clock)
         hub = SubscriptionHub(config, planner, poller, sources, store.intake, clock)
         monitor = Monitor(config, store.health, counted, dispatcher.mailer_state)
+        write_back = WriteBack(config, mappings, store.write_backs, sources, clock, owner)
         return cls(
             config,
             mappings,
@@ -182,10 +185,12 @@ class Runtime:
             lock,
             counted,
             monitor,
+            write_back,
         )
 
     async def aclose(self) -> None:
         await self.dispatcher.release()
+        await self.write_back.release()
         for source in self.sources.values():
             await source.aclose()
         if self.crm_preparer is not None:

@@ -70,6 +70,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "connector.intake.decide",
             "connector.intake.notifications",
             "connector.sending.steps",
+            "connector.writeback",
         ),
     ),
     (

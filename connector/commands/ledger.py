@@ -58,6 +58,8 @@ def status(config: Config) -> dict[str, Any]:
             "problems": reports.problems(20),
             "quarantined": reports.quarantined(),
             "rejections": reports.rejections(),
+            "write_back": ledger.write_backs.counts(),
+            "write_back_problems": ledger.write_backs.problems(20),
         }
     finally:
         ledger.dispose()

@@ -2,9 +2,9 @@
 
 Callers depend on these, never on the SQL classes: the planner on `Intake`, the dispatcher on `Outbox`,
 aftercare on `AfterSend`, the CRM intake on `Inbox`, sending on `OptOuts`, replays and dry runs on
-`Reports`, the health monitor on `Health`. connector.ledger.aio implements them over the SQL roles
-(connector.ledger.sql); the one-shot ledger commands of the CLI (status, resolve, optout, db upgrade) use
-the SQL roles directly, synchronously.
+`Reports`, the health monitor on `Health`, EHR write-back on `WriteBacks`. connector.ledger.aio implements
+them over the SQL roles (connector.ledger.sql); the one-shot ledger commands of the CLI (status, resolve,
+optout, db upgrade) use the SQL roles directly, synchronously.
 
 The contract every implementation keeps:
 - duplicates are decided by the UNIQUE key at insert time (a conflict means "already there");
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from connector.health import MailerFacts
     from connector.ledger import NotificationRecord, OptOut, SeenVersion, SendResult, Withdrawal
+    from connector.ledger.writeback import WriteBackJob
     from connector.lifecycle import Snapshot
     from connector.models import PlannedNotification, State
 
@@ -204,3 +205,19 @@ class Health(Protocol):
         ...
 
     async def mailer_changed(self, facts: MailerFacts, when: datetime) -> None: ...
+
+
+class WriteBacks(Protocol):
+    """Writes owed to the EHR for notifications (connector.ledger.writeback), as the write-back worker uses them."""
+
+    async def enqueue(self, kinds: Mapping[str, Sequence[str]], since: datetime, limit: int = 500) -> int: ...
+
+    async def claim(self, now: datetime, limit: int, owner: str, lease_until: datetime) -> list[WriteBackJob]: ...
+
+    async def done(self, job_id: int, owner: str, resource_id: str) -> bool: ...
+
+    async def retry(self, job_id: int, owner: str, reason: str, due_at: datetime) -> bool: ...
+
+    async def refuse(self, job_id: int, owner: str, reason: str) -> bool: ...
+
+    async def release(self, owner: str) -> int: ...

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from connector.ledger.outbox import SqlOutbox
     from connector.ledger.reports import SqlReports
     from connector.ledger.sql import SqlLedger
+    from connector.ledger.writeback import SqlWriteBacks, WriteBackJob
     from connector.lifecycle import Snapshot
     from connector.models import PlannedNotification, State
 
@@ -217,6 +218,29 @@ class AsyncHealth:
         return await _thread(self.sync.mailer_changed, facts, when)
 
 
+class AsyncWriteBacks:
+    def __init__(self, role: SqlWriteBacks) -> None:
+        self.sync = role
+
+    async def enqueue(self, kinds: Mapping[str, Sequence[str]], since: datetime, limit: int = 500) -> int:
+        return await _thread(self.sync.enqueue, kinds, since, limit)
+
+    async def claim(self, now: datetime, limit: int, owner: str, lease_until: datetime) -> list[WriteBackJob]:
+        return await _thread(self.sync.claim, now, limit, owner, lease_until)
+
+    async def done(self, job_id: int, owner: str, resource_id: str) -> bool:
+        return await _thread(self.sync.done, job_id, owner, resource_id)
+
+    async def retry(self, job_id: int, owner: str, reason: str, due_at: datetime) -> bool:
+        return await _thread(self.sync.retry, job_id, owner, reason, due_at)
+
+    async def refuse(self, job_id: int, owner: str, reason: str) -> bool:
+        return await _thread(self.sync.refuse, job_id, owner, reason)
+
+    async def release(self, owner: str) -> int:
+        return await _thread(self.sync.release, owner)
+
+
 @dataclass(frozen=True)
 class AsyncLedger:
     """Every role of one SqlLedger, async, as its Protocol (mypy checks here that each class implements it)."""
@@ -228,6 +252,7 @@ class AsyncLedger:
     optouts: abc.OptOuts
     reports: abc.Reports
     health: abc.Health
+    write_backs: abc.WriteBacks
 
     @classmethod
     def over(cls, ledger: SqlLedger) -> AsyncLedger:
@@ -239,4 +264,5 @@ class AsyncLedger:
             AsyncOptOuts(ledger.optouts),
             AsyncReports(ledger.reports),
             AsyncHealth(ledger.health),
+            AsyncWriteBacks(ledger.write_backs),
         )

@@ -195,3 +195,29 @@ class ComponentHealthRow(SQLModel, table=True):
     problem: str | None = Field(default=None, max_length=500)  # the last error (kept after a recovery)
     problem_at: datetime | None = _when(nullable=True)
     updated_at: datetime = _when()
+
+
+class WriteBackRow(SQLModel, table=True):
+    """A write to the EHR owed for one notification (`kind`: communication, not-done): tried until the
+    server accepts it (`done`, with the id it gave) or refuses it (`refused`, a person must look), with a
+    backoff between tries. Ids, states, reasons and times only."""
+
+    __tablename__ = "write_back"
+    __table_args__ = (
+        UniqueConstraint("notification_id", "kind", name="uq_write_back_notification_kind"),
+        Index("ix_write_back_state_due", "state", "due_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    notification_id: int = Field(sa_column=Column(BigInteger(), nullable=False))
+    kind: str = Field(max_length=16)
+    source: str = Field(max_length=64)
+    state: str = Field(max_length=16)  # pending, done, refused
+    attempts: int = 0
+    due_at: datetime = _when()
+    lease_owner: str | None = Field(default=None, max_length=64)
+    lease_until: datetime | None = _when(nullable=True)
+    reason: str | None = Field(default=None, max_length=500)  # the last problem
+    resource_id: str | None = Field(default=None, max_length=128)  # what the EHR gave it
+    created_at: datetime = _when()
+    updated_at: datetime = _when()

@@ -8,6 +8,7 @@ by its roles, and how a config opens it.
     ledger.optouts     keyed opt-out digests                                            (SqlOptOuts)
     ledger.reports     counts and listings for status, dry runs and replays             (SqlReports)
     ledger.health      the health rows of the daemon                                    (SqlHealth)
+    ledger.write_backs writes owed to the EHR (Communications), their retries          (SqlWriteBacks)
 
 The roles are synchronous: the CLI's ledger commands call them directly, and the daemon's async code
 reaches them through connector.ledger.aio (the one place that crosses into threads), typed by the
@@ -34,6 +35,7 @@ from connector.ledger.intake import SqlIntake
 from connector.ledger.optouts import SqlOptOuts
 from connector.ledger.outbox import SqlOutbox
 from connector.ledger.reports import SqlReports
+from connector.ledger.writeback import SqlWriteBacks
 from connector.optout import OptOutKeys
 
 if TYPE_CHECKING:
@@ -53,6 +55,7 @@ class SqlLedger:
         self.optouts = SqlOptOuts(engine, optout_keys)
         self.reports = SqlReports(engine)
         self.health = SqlHealth(engine)
+        self.write_backs = SqlWriteBacks(engine)
 
     def dispose(self) -> None:
         self.engine.dispose()
