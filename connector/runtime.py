@@ -37,6 +37,7 @@ from connector.metrics import Metrics
 from connector.monitor import Monitor
 from connector.sending.aftercare import Aftercare
 from connector.sending.appointment import AppointmentPreparer
+from connector.sending.cap import DailyCap
 from connector.sending.crm import CrmPreparer
 from connector.sending.dispatch import Dispatcher
 from connector.sending.writeback import WriteBack
@@ -161,7 +162,8 @@ class Runtime:
                 config, store.inbox, store.optouts, keyring, crm_transport
             )
             receiver = CrmReceiver(config, store.inbox, keyring, clock)
-        dispatcher = Dispatcher(config, mappings, store.outbox, preparers, planner, mailer, clock, owner)
+        cap = DailyCap(config, store.caps) if config.limits.per_patient_per_day is not None else None
+        dispatcher = Dispatcher(config, mappings, store.outbox, preparers, planner, mailer, clock, owner, cap)
         aftercare = Aftercare(config, store.after_send, store.optouts, clock)
         hub = SubscriptionHub(config, planner, poller, sources, store.intake, clock)
         monitor = Monitor(config, store.health, counted, dispatcher.mailer_state)

@@ -71,6 +71,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "connector.intake.notifications",
             "connector.sending.steps",
             "connector.writeback",
+            "connector.cap",
         ),
     ),
     (

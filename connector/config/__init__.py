@@ -20,7 +20,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from connector.config.base import Strict
-from connector.config.delivery import DeliveryConfig, DispatchConfig, OptOutConfig, QuietHoursConfig
+from connector.config.delivery import DeliveryConfig, DispatchConfig, LimitsConfig, OptOutConfig, QuietHoursConfig
 from connector.config.server import HealthConfig, LedgerConfig, ServerConfig
 from connector.config.sources import CrmSourceConfig, FhirPollSourceConfig, InboxConfig
 from connector.errors import ConfigError, InfrastructureError, Problem
@@ -40,6 +40,7 @@ class Config(Strict):
     inbox: InboxConfig | None = None
     optout: OptOutConfig | None = None
     health: HealthConfig = HealthConfig()
+    limits: LimitsConfig = LimitsConfig()
 
     @model_validator(mode="after")
     def _bounces_need_an_optout_key(self) -> Config:

@@ -221,3 +221,13 @@ class WriteBacks(Protocol):
     async def refuse(self, job_id: int, owner: str, reason: str) -> bool: ...
 
     async def release(self, owner: str) -> int: ...
+
+
+class Caps(Protocol):
+    """What the per-patient daily cap reads and writes (connector.ledger.caps)."""
+
+    async def sent_between(
+        self, source: str, patient_id: str, since: datetime, until: datetime, leaving_out: Sequence[int] = ()
+    ) -> int: ...
+
+    async def defer(self, notification_id: int, owner: str, due_at: datetime, reason: str) -> bool: ...

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from connector.health import MailerFacts
     from connector.ledger import NotificationRecord, OptOut, SeenVersion, SendResult, Withdrawal, abc
     from connector.ledger.after_send import SqlAfterSend
+    from connector.ledger.caps import SqlCaps
     from connector.ledger.health import SqlHealth
     from connector.ledger.inbox import SqlInbox
     from connector.ledger.intake import SqlIntake
@@ -241,6 +242,19 @@ class AsyncWriteBacks:
         return await _thread(self.sync.release, owner)
 
 
+class AsyncCaps:
+    def __init__(self, role: SqlCaps) -> None:
+        self.sync = role
+
+    async def sent_between(
+        self, source: str, patient_id: str, since: datetime, until: datetime, leaving_out: Sequence[int] = ()
+    ) -> int:
+        return await _thread(self.sync.sent_between, source, patient_id, since, until, leaving_out)
+
+    async def defer(self, notification_id: int, owner: str, due_at: datetime, reason: str) -> bool:
+        return await _thread(self.sync.defer, notification_id, owner, due_at, reason)
+
+
 @dataclass(frozen=True)
 class AsyncLedger:
     """Every role of one SqlLedger, async, as its Protocol (mypy checks here that each class implements it)."""
@@ -253,6 +267,7 @@ class AsyncLedger:
     reports: abc.Reports
     health: abc.Health
     write_backs: abc.WriteBacks
+    caps: abc.Caps
 
     @classmethod
     def over(cls, ledger: SqlLedger) -> AsyncLedger:
@@ -265,4 +280,5 @@ class AsyncLedger:
             AsyncReports(ledger.reports),
             AsyncHealth(ledger.health),
             AsyncWriteBacks(ledger.write_backs),
+            AsyncCaps(ledger.caps),
         )

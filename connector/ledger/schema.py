@@ -43,6 +43,7 @@ class NotificationRow(SQLModel, table=True):
         Index("ix_notification_state_due", "state", "due_at"),
         Index("ix_notification_resource", "source", "resource_id"),
         Index("ix_notification_tracking", "tracking_id"),
+        Index("ix_notification_patient", "source", "patient_id"),
     )
 
     id: int | None = Field(default=None, primary_key=True)

@@ -9,6 +9,7 @@ by its roles, and how a config opens it.
     ledger.reports     counts and listings for status, dry runs and replays             (SqlReports)
     ledger.health      the health rows of the daemon                                    (SqlHealth)
     ledger.write_backs writes owed to the EHR (Communications), their retries          (SqlWriteBacks)
+    ledger.caps        emails per patient in a day, deferrals (the daily cap)           (SqlCaps)
 
 The roles are synchronous: the CLI's ledger commands call them directly, and the daemon's async code
 reaches them through connector.ledger.aio (the one place that crosses into threads), typed by the
@@ -28,6 +29,7 @@ from sqlalchemy.exc import OperationalError
 from connector.errors import LedgerError
 from connector.ledger import migrate
 from connector.ledger.after_send import SqlAfterSend
+from connector.ledger.caps import SqlCaps
 from connector.ledger.engine import make_engine
 from connector.ledger.health import SqlHealth, describe
 from connector.ledger.inbox import SqlInbox
@@ -56,6 +58,7 @@ class SqlLedger:
         self.reports = SqlReports(engine)
         self.health = SqlHealth(engine)
         self.write_backs = SqlWriteBacks(engine)
+        self.caps = SqlCaps(engine)
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -1,4 +1,5 @@
-"""Write-back to the EHR: one row per write owed for a notification (a Communication), with its retries.
+"""Write-back to the EHR: one row per write owed for a notification (a Communication), with its retries;
+an index for counting a patient's emails (the daily cap).
 
 Revision ID: 0013
 Revises: 0009
@@ -37,8 +38,10 @@ def upgrade() -> None:
         sa.UniqueConstraint("notification_id", "kind", name="uq_write_back_notification_kind"),
     )
     op.create_index("ix_write_back_state_due", "write_back", ["state", "due_at"])
+    op.create_index("ix_notification_patient", "notification", ["source", "patient_id"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_notification_patient", table_name="notification")
     op.drop_index("ix_write_back_state_due", table_name="write_back")
     op.drop_table("write_back")
