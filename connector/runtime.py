@@ -126,6 +126,7 @@ class Runtime:
         source_transport: httpx.AsyncBaseTransport | None = None,
         exclusive: bool = True,
         crm_transport: httpx.AsyncBaseTransport | None = None,
+        handoff_transport: httpx.AsyncBaseTransport | None = None,
     ) -> Runtime:
         mappings = load_mappings(config.mappings_dir, [*config.sources, *config.crm])
         counted = metrics.install(Metrics())
@@ -167,7 +168,7 @@ class Runtime:
         aftercare = Aftercare(config, store.after_send, store.optouts, clock)
         hub = SubscriptionHub(config, planner, poller, sources, store.intake, clock)
         monitor = Monitor(config, store.health, counted, dispatcher.mailer_state)
-        write_back = WriteBack(config, mappings, store.write_backs, sources, clock, owner)
+        write_back = WriteBack(config, mappings, store.write_backs, sources, clock, owner, handoff_transport)
         return cls(
             config,
             mappings,

@@ -72,6 +72,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "connector.sending.steps",
             "connector.writeback",
             "connector.cap",
+            "connector.handoff",
         ),
     ),
     (

@@ -142,7 +142,7 @@ async def test_a_failed_write_and_a_lost_answer_are_tried_again_and_leave_one_ea
     assert len(problems) == 2 and all(p.state == "pending" and "HTTP" in (p.reason or "") for p in problems)
     await asyncio.sleep(0.05)  # past the backoff (10 ms, doubled)
     second = await runtime.write_back.run()
-    assert second == {"written": 1, "found": 1, "retry": 0, "refused": 0}
+    assert second == {"written": 1, "found": 1, "none": 0, "retry": 0, "refused": 0}
     assert len(communications(fhir)) == 4 and len(by_identifier(fhir)) == 4
     assert len(paubox.messages) == 4  # the emails were never held up nor repeated
 

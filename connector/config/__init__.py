@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from connector.config.base import Strict
 from connector.config.delivery import DeliveryConfig, DispatchConfig, LimitsConfig, OptOutConfig, QuietHoursConfig
+from connector.config.handoff import HandoffConfig
 from connector.config.server import HealthConfig, LedgerConfig, ServerConfig
 from connector.config.sources import CrmSourceConfig, FhirPollSourceConfig, InboxConfig
 from connector.errors import ConfigError, InfrastructureError, Problem
@@ -41,6 +42,7 @@ class Config(Strict):
     optout: OptOutConfig | None = None
     health: HealthConfig = HealthConfig()
     limits: LimitsConfig = LimitsConfig()
+    handoff: HandoffConfig | None = None
 
     @model_validator(mode="after")
     def _bounces_need_an_optout_key(self) -> Config:

@@ -1,6 +1,6 @@
 """The write-back role: writes to the EHR owed for notifications (a Communication per accepted email, a
-not-done one per skipped notification where a source asks for it), each tried until the EHR accepts or
-refuses it.
+not-done one per skipped notification where a source asks for it, a hand-off for a skipped or failed one
+where `handoff:` is configured), each tried until the EHR (or the hand-off webhook) accepts or refuses it.
 
     settled notification ──enqueue──▶ pending ──claim (lease)──▶ written ──▶ done (the EHR's id)
                                          ▲                          │ no answer, 429, 5xx
@@ -26,8 +26,12 @@ from connector.ledger.engine import WB, N, SqlRole, utcnow
 from connector.models import State
 
 PENDING, DONE, REFUSED = "pending", "done", "refused"
-COMMUNICATION, NOT_DONE = "communication", "not-done"
-KIND_STATES = {COMMUNICATION: State.SENT.value, NOT_DONE: State.SKIPPED.value}
+COMMUNICATION, NOT_DONE, HANDOFF = "communication", "not-done", "handoff"
+KIND_STATES = {
+    COMMUNICATION: (State.SENT.value,),
+    NOT_DONE: (State.SKIPPED.value,),
+    HANDOFF: (State.SKIPPED.value, State.FAILED.value),
+}
 
 
 @dataclass(frozen=True)
@@ -76,9 +80,8 @@ class SqlWriteBacks(SqlRole):
             owed = (
                 select(N.c.id, N.c.source)
                 .where(
-                    N.c.state == KIND_STATES[kind],
+                    N.c.state.in_(KIND_STATES[kind]),
                     N.c.source.in_(list(sources)),
-                    N.c.resource_type == "Appointment",
                     N.c.updated_at >= since,
                     ~exists().where(WB.c.notification_id == N.c.id, WB.c.kind == kind),
                 )
