@@ -66,7 +66,13 @@ async def run_once(runtime: Runtime) -> CycleReport:
         await runtime.crm.process()
     report.dispatch = await dispatch(runtime)
     await aftercare(runtime)
+    await write_back(runtime)
     return report
+
+
+async def write_back(runtime: Runtime) -> None:
+    """The writes owed to the EHR (Communications for what was sent), after the emails."""
+    await runtime.write_back.run()
 
 
 async def aftercare(runtime: Runtime) -> None:
@@ -197,6 +203,16 @@ async def run_forever(runtime: Runtime) -> None:
         coalesce=True,
         next_run_time=now,
     )
+    if runtime.write_back.enabled:
+        scheduler.add_job(
+            guarded("write_back", lambda: write_back(runtime)),
+            "interval",
+            seconds=runtime.config.dispatch.interval.total_seconds(),
+            id="write_back",
+            max_instances=1,
+            coalesce=True,
+            next_run_time=now,
+        )
     scheduler.add_job(
         guarded("aftercare", lambda: aftercare(runtime)),
         "interval",
@@ -227,6 +243,7 @@ async def run_forever(runtime: Runtime) -> None:
 
     log.info("daemon.stopping", in_flight=len(running))
     runtime.dispatcher.stopping = True
+    runtime.write_back.stopping = True
     scheduler.pause()  # no new runs; shutting the scheduler down now would cancel the running jobs
     paubox = runtime.config.delivery.paubox
     grace = STOP_GRACE_SECONDS + (paubox.connect_timeout + paubox.read_timeout).total_seconds()

@@ -36,6 +36,10 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     "connector_poll_failures_total": ("Source polls that failed, by source.", ("source",)),
     "connector_crm_events_total": ("CRM events committed to the inbox, by source.", ("source",)),
+    "connector_write_backs_total": (
+        "Writes to the EHR (Communications) by outcome: written, found (already there), retry, refused.",
+        ("outcome",),
+    ),
     "connector_quarantined_total": ("Resource versions or events set aside as unprocessable, by source.", ("source",)),
 }
 HISTOGRAMS: dict[str, tuple[str, tuple[str, ...], tuple[float, ...]]] = {

@@ -196,6 +196,7 @@ def status(data: dict[str, Any]) -> None:
         for endpoint, reason, total, last in data["rejections"]:
             table.add_row(endpoint, reason, str(total), last.isoformat(timespec="seconds"))
         console.print(table)
+    write_back(data.get("write_back", {}), data.get("write_back_problems", []))
     if data["problems"]:
         table = _table(
             "Quarantined: not processed (a new version is tried again)", ("source", "resource", "problem", "recorded")
@@ -203,6 +204,22 @@ def status(data: dict[str, Any]) -> None:
         for source, seen in data["problems"]:
             when = seen.seen_at.isoformat(timespec="seconds") if seen.seen_at else ""
             table.add_row(source, escape(_version(seen)), escape(seen.problem or ""), when)
+        console.print(table)
+
+
+def write_back(counts: dict[tuple[str, str], int], problems: list[Any]) -> None:
+    """Writes to the EHR (Communications): counts by kind and state, then the refused and the retrying."""
+    if counts:
+        summary = ", ".join(f"{kind} {state} {count}" for (kind, state), count in sorted(counts.items()))
+        console.print(f"write-back to the EHR: {summary}", markup=False)
+    if problems:
+        table = _table(
+            "Write-back problems (refused, or retrying)", ("kind", "source", "state", "tries", "key", "reason")
+        )
+        for p in problems:
+            table.add_row(
+                p.kind, p.source, p.state, str(p.attempts), escape(p.notification_key), escape(p.reason or "")
+            )
         console.print(table)
 
 

@@ -37,6 +37,7 @@ class Step(StrEnum):
     CANCELLED = "cancelled"
     RELEASED = "released"  # put back untouched (source unreachable, lease lost, unexpected error)
     WAITING = "waiting"  # put back for the mailer: rate limited, circuit open, paused
+    DEFERRED = "deferred"  # put off until later: the patient reached the daily cap (limits.per_patient_per_day)
 
 
 @dataclass

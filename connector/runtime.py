@@ -1,7 +1,8 @@
 """Wiring: build the ledger, sources, mailer, intake, sending and the endpoints' parts from a config.
 
 intake    Planner (examine → decide → commit), Poller, SubscriptionHub, CrmIntake
-sending   Dispatcher with one preparer per kind (Appointment, CrmEvent), Aftercare, PatientActions (links)
+sending   Dispatcher with one preparer per kind (Appointment, CrmEvent), Aftercare, WriteBack (EHR),
+          PatientActions (links)
 ledger    SqlLedger (sync, for start-up and the CLI) and its async face (`store`) for everything else
 """
 
@@ -38,8 +39,10 @@ from connector.monitor import Monitor
 from connector.sending.actions import PatientActions
 from connector.sending.aftercare import Aftercare
 from connector.sending.appointment import AppointmentPreparer
+from connector.sending.cap import DailyCap
 from connector.sending.crm import CrmPreparer
 from connector.sending.dispatch import Dispatcher
+from connector.sending.writeback import WriteBack
 from connector.sources.cache import ResourceCache
 from connector.sources.fhir_poll import FhirPollSource
 from connector.web.crm import CrmReceiver
@@ -113,6 +116,7 @@ class Runtime:
     lock: IO[str] | None
     metrics: Metrics
     monitor: Monitor
+    write_back: WriteBack
     actions: PatientActions | None = None  # patients' links (`links:` in the config)
 
     @classmethod
@@ -125,6 +129,7 @@ class Runtime:
         source_transport: httpx.AsyncBaseTransport | None = None,
         exclusive: bool = True,
         crm_transport: httpx.AsyncBaseTransport | None = None,
+        handoff_transport: httpx.AsyncBaseTransport | None = None,
     ) -> Runtime:
         mappings = load_mappings(config.mappings_dir, [*config.sources, *config.crm])
         counted = metrics.install(Metrics())
@@ -161,7 +166,8 @@ class Runtime:
                 config, store.inbox, store.optouts, keyring, crm_transport
             )
             receiver = CrmReceiver(config, store.inbox, keyring, clock)
-        dispatcher = Dispatcher(config, mappings, store.outbox, preparers, planner, mailer, clock, owner)
+        cap = DailyCap(config, store.caps) if config.limits.per_patient_per_day is not None else None
+        dispatcher = Dispatcher(config, mappings, store.outbox, preparers, planner, mailer, clock, owner, cap)
         aftercare = Aftercare(config, store.after_send, store.optouts, clock)
         hub = SubscriptionHub(config, planner, poller, sources, store.intake, clock)
         monitor = Monitor(config, store.health, counted, dispatcher.mailer_state)
@@ -170,6 +176,7 @@ class Runtime:
             if config.links is not None
             else None
         )
+        write_back = WriteBack(config, mappings, store.write_backs, sources, clock, owner, handoff_transport)
         return cls(
             config,
             mappings,
@@ -189,6 +196,7 @@ class Runtime:
             lock,
             counted,
             monitor,
+            write_back,
             actions,
         )
 
@@ -198,6 +206,7 @@ class Runtime:
 
     async def aclose(self) -> None:
         await self.dispatcher.release()
+        await self.write_back.release()
         for source in self.sources.values():
             await source.aclose()
         if self.crm_preparer is not None:

@@ -73,6 +73,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "connector.intake.decide",
             "connector.intake.notifications",
             "connector.sending.steps",
+            "connector.writeback",
+            "connector.cap",
+            "connector.handoff",
         ),
     ),
     (

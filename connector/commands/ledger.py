@@ -64,7 +64,18 @@ def health_facts(config: Config, store: SqlHealth, now: datetime) -> list[Findin
     return findings
 
 
-STATUS_STEPS = ("health", "counts", "cursors", "attention", "suppressed", "problems", "quarantined", "rejections")
+STATUS_STEPS = (
+    "health",
+    "counts",
+    "cursors",
+    "attention",
+    "suppressed",
+    "problems",
+    "quarantined",
+    "rejections",
+    "write_back",
+    "write_back_problems",
+)
 
 
 def status(config: Config, step: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
@@ -80,6 +91,8 @@ def status(config: Config, step: Callable[[str], None] = lambda _: None) -> dict
         "problems": lambda: reports.problems(20),
         "quarantined": reports.quarantined,
         "rejections": reports.rejections,
+        "write_back": ledger.write_backs.counts,
+        "write_back_problems": lambda: ledger.write_backs.problems(20),
     }
     found: dict[str, Any] = {}
     try:

@@ -21,7 +21,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from connector.config.base import Strict
 from connector.config.console import ConsoleConfig
-from connector.config.delivery import DeliveryConfig, DispatchConfig, OptOutConfig, QuietHoursConfig
+from connector.config.delivery import DeliveryConfig, DispatchConfig, LimitsConfig, OptOutConfig, QuietHoursConfig
+from connector.config.handoff import HandoffConfig
 from connector.config.server import HealthConfig, LedgerConfig, LinksConfig, ServerConfig
 from connector.config.sources import CrmSourceConfig, FhirPollSourceConfig, InboxConfig
 from connector.errors import ConfigError, InfrastructureError, Problem
@@ -43,6 +44,8 @@ class Config(Strict):
     links: LinksConfig | None = None
     health: HealthConfig = HealthConfig()
     console: ConsoleConfig | None = None
+    limits: LimitsConfig = LimitsConfig()
+    handoff: HandoffConfig | None = None
 
     @model_validator(mode="after")
     def _links_need_a_public_url(self) -> Config:

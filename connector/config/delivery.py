@@ -120,3 +120,14 @@ class QuietHoursConfig(Strict):
         if isinstance(value, int):  # YAML reads 21:00 as a sexagesimal integer (1260)
             return time(value // 60, value % 60)
         return value
+
+
+class LimitsConfig(Strict):
+    """Safety limits on what one person receives (connector.cap)."""
+
+    per_patient_per_day: int | None = Field(
+        None, ge=1, description="emails per patient per local day (the source's zone); None: no cap"
+    )
+    over_cap: Literal["defer", "skip"] = Field(
+        "defer", description="a notification over the cap: deferred to the next local day, or skipped"
+    )

@@ -123,6 +123,23 @@ class WriteBackConfig(Strict):
         False, description="a patient's cancel also sets the Appointment to cancelled (system/Appointment.u)"
     )
 
+    # Communication write-back (connector.writeback builds it; connector.sending.writeback writes it).
+    communication: bool = Field(False, description="a Communication in the chart for every email Paubox accepted")
+    not_done: bool = Field(False, description="also a Communication (status not-done) for a skipped notification")
+    identifier_system: str = Field(
+        "urn:connector:notification",
+        min_length=1,
+        pattern=r"^\S+$",
+        description="the system of the identifiers the connector gives what it writes (one per notification)",
+    )
+    horizon: Duration = Field(
+        timedelta(days=2),
+        description="notifications settled longer ago than this are not written back (when write-back is "
+        "first turned on, or after a long outage)",
+    )
+    retry_backoff: Duration = timedelta(seconds=30)
+    retry_backoff_max: Duration = timedelta(hours=1)
+
     @model_validator(mode="after")
     def _cancel_needs_responses(self) -> WriteBackConfig:
         if self.cancel_appointment and not self.responses:

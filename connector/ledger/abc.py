@@ -2,9 +2,10 @@
 
 Callers depend on these, never on the SQL classes: the planner on `Intake`, the dispatcher on `Outbox`,
 aftercare on `AfterSend`, the CRM intake on `Inbox`, sending on `OptOuts`, replays and dry runs on
-`Reports`, the health monitor on `Health`, a person's commands and console on `Operator`.
-connector.ledger.aio implements them over the SQL roles (connector.ledger.sql); the one-shot ledger
-commands of the CLI (status, resolve, retry, optout, db upgrade) use the SQL roles directly, synchronously.
+`Reports`, the health monitor on `Health`, a person's commands and console on `Operator`, EHR write-back
+on `WriteBacks`. connector.ledger.aio implements them over the SQL roles (connector.ledger.sql); the one-shot
+ledger commands of the CLI (status, resolve, retry, optout, db upgrade) use the SQL roles directly,
+synchronously.
 
 The contract every implementation keeps:
 - duplicates are decided by the UNIQUE key at insert time (a conflict means "already there");
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from connector.health import MailerFacts
     from connector.ledger import NotificationRecord, OptOut, SeenVersion, SendResult, Withdrawal
     from connector.ledger.operator import Changed, OperatorAction, Selection
+    from connector.ledger.writeback import WriteBackJob
     from connector.lifecycle import Snapshot
     from connector.models import PlannedNotification, State
 
@@ -244,3 +246,29 @@ class Operator(Protocol):
     ) -> Changed: ...
 
     async def history(self, notification_id: int) -> list[OperatorAction]: ...
+
+
+class WriteBacks(Protocol):
+    """Writes owed to the EHR for notifications (connector.ledger.writeback), as the write-back worker uses them."""
+
+    async def enqueue(self, kinds: Mapping[str, Sequence[str]], since: datetime, limit: int = 500) -> int: ...
+
+    async def claim(self, now: datetime, limit: int, owner: str, lease_until: datetime) -> list[WriteBackJob]: ...
+
+    async def done(self, job_id: int, owner: str, resource_id: str) -> bool: ...
+
+    async def retry(self, job_id: int, owner: str, reason: str, due_at: datetime) -> bool: ...
+
+    async def refuse(self, job_id: int, owner: str, reason: str) -> bool: ...
+
+    async def release(self, owner: str) -> int: ...
+
+
+class Caps(Protocol):
+    """What the per-patient daily cap reads and writes (connector.ledger.caps)."""
+
+    async def sent_between(
+        self, source: str, patient_id: str, since: datetime, until: datetime, leaving_out: Sequence[int] = ()
+    ) -> int: ...
+
+    async def defer(self, notification_id: int, owner: str, due_at: datetime, reason: str) -> bool: ...

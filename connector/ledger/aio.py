@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from connector.health import MailerFacts
     from connector.ledger import NotificationRecord, OptOut, SeenVersion, SendResult, Withdrawal, abc
     from connector.ledger.after_send import SqlAfterSend
+    from connector.ledger.caps import SqlCaps
     from connector.ledger.health import SqlHealth
     from connector.ledger.inbox import SqlInbox
     from connector.ledger.intake import SqlIntake
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from connector.ledger.patient_links import SqlPatientLinks
     from connector.ledger.reports import SqlReports
     from connector.ledger.sql import SqlLedger
+    from connector.ledger.writeback import SqlWriteBacks, WriteBackJob
     from connector.lifecycle import Snapshot
     from connector.models import PlannedNotification, State
 
@@ -272,6 +274,42 @@ class AsyncConsole:
         return await _thread(call, *args, **kwargs)
 
 
+class AsyncWriteBacks:
+    def __init__(self, role: SqlWriteBacks) -> None:
+        self.sync = role
+
+    async def enqueue(self, kinds: Mapping[str, Sequence[str]], since: datetime, limit: int = 500) -> int:
+        return await _thread(self.sync.enqueue, kinds, since, limit)
+
+    async def claim(self, now: datetime, limit: int, owner: str, lease_until: datetime) -> list[WriteBackJob]:
+        return await _thread(self.sync.claim, now, limit, owner, lease_until)
+
+    async def done(self, job_id: int, owner: str, resource_id: str) -> bool:
+        return await _thread(self.sync.done, job_id, owner, resource_id)
+
+    async def retry(self, job_id: int, owner: str, reason: str, due_at: datetime) -> bool:
+        return await _thread(self.sync.retry, job_id, owner, reason, due_at)
+
+    async def refuse(self, job_id: int, owner: str, reason: str) -> bool:
+        return await _thread(self.sync.refuse, job_id, owner, reason)
+
+    async def release(self, owner: str) -> int:
+        return await _thread(self.sync.release, owner)
+
+
+class AsyncCaps:
+    def __init__(self, role: SqlCaps) -> None:
+        self.sync = role
+
+    async def sent_between(
+        self, source: str, patient_id: str, since: datetime, until: datetime, leaving_out: Sequence[int] = ()
+    ) -> int:
+        return await _thread(self.sync.sent_between, source, patient_id, since, until, leaving_out)
+
+    async def defer(self, notification_id: int, owner: str, due_at: datetime, reason: str) -> bool:
+        return await _thread(self.sync.defer, notification_id, owner, due_at, reason)
+
+
 @dataclass(frozen=True)
 class AsyncLedger:
     """Every role of one SqlLedger, async, as its Protocol (mypy checks here that each class implements it)."""
@@ -285,6 +323,8 @@ class AsyncLedger:
     health: abc.Health
     operator: abc.Operator
     links: abc.PatientLinks
+    write_backs: abc.WriteBacks
+    caps: abc.Caps
 
     @classmethod
     def over(cls, ledger: SqlLedger) -> AsyncLedger:
@@ -298,4 +338,6 @@ class AsyncLedger:
             AsyncHealth(ledger.health),
             AsyncOperator(ledger.operator),
             AsyncPatientLinks(ledger.links),
+            AsyncWriteBacks(ledger.write_backs),
+            AsyncCaps(ledger.caps),
         )

@@ -30,6 +30,7 @@ from connector.ledger.schema import (
     RejectionRow,
     SeenVersionRow,
     SubscriptionStateRow,
+    WriteBackRow,
 )
 from connector.models import State
 
@@ -41,6 +42,7 @@ SUB = SubscriptionStateRow.__table__  # type: ignore[attr-defined]
 INBOX = InboxEventRow.__table__  # type: ignore[attr-defined]
 REJ = RejectionRow.__table__  # type: ignore[attr-defined]
 OPT = OptOutRow.__table__  # type: ignore[attr-defined]
+WB = WriteBackRow.__table__  # type: ignore[attr-defined]
 NOTIFIED = (State.SENT.value, State.SENDING.value, State.IN_DOUBT.value)
 
 

@@ -49,6 +49,7 @@ class NotificationRow(SQLModel, table=True):
         Index("ix_notification_patient", "patient_id", "id"),
         Index("ix_notification_state_id", "state", "id"),
         Index("ix_notification_updated", "updated_at"),
+        Index("ix_notification_source_patient", "source", "patient_id"),  # the daily cap (revision 0013)
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -223,6 +224,8 @@ class OperatorActionRow(SQLModel, table=True):
     actor: str = Field(max_length=64)
     reason: str = Field(max_length=200)
     at: datetime = _when()
+
+
 class AuditRow(SQLModel, table=True):
     """What a person did in the console: who, when, which action, on which notification (by id) or how many
     (by filter), and the reason they gave. Previews are recorded too. No patient data."""
@@ -239,3 +242,29 @@ class AuditRow(SQLModel, table=True):
     scope: str | None = Field(default=None, max_length=500)  # a filter acted on, in words without patient data
     count: int = 0  # how many notifications the action changed
     reason: str = Field(max_length=500)
+
+
+class WriteBackRow(SQLModel, table=True):
+    """A write to the EHR owed for one notification (`kind`: communication, not-done): tried until the
+    server accepts it (`done`, with the id it gave) or refuses it (`refused`, a person must look), with a
+    backoff between tries. Ids, states, reasons and times only."""
+
+    __tablename__ = "write_back"
+    __table_args__ = (
+        UniqueConstraint("notification_id", "kind", name="uq_write_back_notification_kind"),
+        Index("ix_write_back_state_due", "state", "due_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    notification_id: int = Field(sa_column=Column(BigInteger(), nullable=False))
+    kind: str = Field(max_length=16)
+    source: str = Field(max_length=64)
+    state: str = Field(max_length=16)  # pending, done, refused
+    attempts: int = 0
+    due_at: datetime = _when()
+    lease_owner: str | None = Field(default=None, max_length=64)
+    lease_until: datetime | None = _when(nullable=True)
+    reason: str | None = Field(default=None, max_length=500)  # the last problem
+    resource_id: str | None = Field(default=None, max_length=128)  # what the EHR gave it
+    created_at: datetime = _when()
+    updated_at: datetime = _when()

@@ -11,6 +11,8 @@ by its roles, and how a config opens it.
     ledger.health      the health rows of the daemon                                    (SqlHealth)
     ledger.operator    a person's selections and bulk settle / requeue, recorded        (SqlOperator)
     ledger.console     the operator console's searches, charts, actions and audit       (SqlConsole)
+    ledger.write_backs writes owed to the EHR (Communications), their retries          (SqlWriteBacks)
+    ledger.caps        emails per patient in a day, deferrals (the daily cap)           (SqlCaps)
 
 The roles are synchronous: the CLI's ledger commands call them directly, and the daemon's async code
 reaches them through connector.ledger.aio (the one place that crosses into threads), typed by the
@@ -30,6 +32,7 @@ from sqlalchemy.exc import OperationalError
 from connector.errors import LedgerError
 from connector.ledger import migrate
 from connector.ledger.after_send import SqlAfterSend
+from connector.ledger.caps import SqlCaps
 from connector.ledger.console import SqlConsole
 from connector.ledger.engine import make_engine
 from connector.ledger.health import SqlHealth, describe
@@ -40,6 +43,7 @@ from connector.ledger.optouts import SqlOptOuts
 from connector.ledger.outbox import SqlOutbox
 from connector.ledger.patient_links import SqlPatientLinks
 from connector.ledger.reports import SqlReports
+from connector.ledger.writeback import SqlWriteBacks
 from connector.optout import OptOutKeys
 
 if TYPE_CHECKING:
@@ -62,6 +66,8 @@ class SqlLedger:
         self.operator = SqlOperator(engine)
         self.console = SqlConsole(engine)
         self.links = SqlPatientLinks(engine)
+        self.write_backs = SqlWriteBacks(engine)
+        self.caps = SqlCaps(engine)
 
     def dispose(self) -> None:
         self.engine.dispose()

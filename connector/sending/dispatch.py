@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from connector import metrics
+from connector.cap import Deferred, Skipped
 from connector.delivery import BulkMailer, Mailer, Outcome, Signal
 from connector.delivery.gate import GateState, MailerGate
 from connector.delivery.retry import RetryPolicy
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from connector.ledger import NotificationRecord, SendResult
     from connector.ledger.abc import Outbox
     from connector.mapping.loader import MappingSet
+    from connector.sending.cap import DailyCap
 
 log = structlog.get_logger("connector.dispatch")
 MAX_PUT_BACK = 10_000  # a run that put back this many stops claiming (a source down with a large backlog)
@@ -61,6 +63,7 @@ class Dispatcher:
         mailer: Mailer,
         clock: Clock,
         owner: str,
+        cap: DailyCap | None = None,
     ) -> None:
         self.config = config
         self.mappings = mappings
@@ -70,6 +73,7 @@ class Dispatcher:
         self.mailer = mailer
         self.clock = clock
         self.owner = owner
+        self.cap = cap  # limits.per_patient_per_day
         self.stopping = False
         self._paused: str | None = None
         # For health: a configuration error blocks sending until an answer shows the mailer works again.
@@ -168,7 +172,7 @@ class Dispatcher:
             running.discard(task)
             for notification_id, step in task.result():
                 report.steps[step] += 1
-                if step in (Step.RELEASED, Step.RETRY):
+                if step in (Step.RELEASED, Step.RETRY, Step.DEFERRED):
                     put_back.add(notification_id)
         return put_back
 
@@ -203,6 +207,9 @@ class Dispatcher:
             log.error("dispatch.crashed", notifications=[n.id for n in notifications], problem=where(exc))
             self.gate.give_back()  # it may have held the probe: the gate must not stay closed for ever
             return [(n.id, Step.RELEASED) for n in notifications]
+        finally:
+            if self.cap is not None:
+                self.cap.done(notifications)
 
     async def _guarded(self, batch: list[NotificationRecord], work: list[Awaitable[Any]]) -> list[Any]:
         """Run the preparations concurrently; one that crashes is retried later, a bounded number of times
@@ -309,6 +316,14 @@ class Dispatcher:
             await self.deletions.deleted(prepared.source, prepared.resource_id)
             reason = f"Appointment/{prepared.resource_id} was deleted on source {prepared.source!r}"
             return await self._settle(n, State.CANCELLED, reason)
+        if self.cap is not None:  # the daily cap (limits.per_patient_per_day)
+            verdict = await self.cap.check(n, self.clock())
+            if isinstance(verdict, Skipped):
+                return await self._settle(n, State.SKIPPED, verdict.reason)
+            if isinstance(verdict, Deferred):
+                await self.cap.store.defer(n.id, self.owner, verdict.due, verdict.reason)
+                log.warning("notification.deferred", notification=n.id, mapping=n.mapping, reason=verdict.reason)
+                return Step.DEFERRED
         return Ready(n, prepared)
 
     async def _settle(self, n: NotificationRecord, state: State, reason: str) -> Step:

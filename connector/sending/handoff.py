@@ -1,0 +1,136 @@
+"""The hand-off to staff, as write-back does it (connector.sending.writeback runs it for rows of kind
+`handoff`): a FHIR Task on the appointment's source — created conditionally on an identifier derived from
+(source, appointment, patient), so there is one per appointment and patient; a later reason is added to
+that Task as a note by a version-aware update — or a signed JSON event POSTed to `handoff.url`.
+
+`write` returns how the row ends: `written`, `found` (already there, with this reason), `none` (this
+notification needs no hand-off), or raises SourceError (try again later) / WriteRefused (a person must look).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import httpx
+
+from connector.crm.verify import standard_webhook_headers
+from connector.errors import SourceError
+from connector.handoff import event, note_of, reason_of, task, with_reason
+from connector.sources.fhir_write import StaleVersion, WriteRefused
+
+if TYPE_CHECKING:
+    from connector.config import Config
+    from connector.config.handoff import HandoffConfig
+    from connector.ledger.writeback import WriteBackJob
+    from connector.sources.fhir_write import FhirWriter
+
+UPDATE_TRIES = 3  # a Task changed by someone else between our read and our update: read it again
+
+
+class HandOff:
+    def __init__(self, config: Config, settings: HandoffConfig, transport: httpx.AsyncBaseTransport | None = None):
+        self.config = config
+        self.settings = settings
+        self._http: httpx.AsyncClient | None = None
+        self._transport = transport
+
+    def wanted(self, job: WriteBackJob) -> str | None:
+        """The hand-off reason of this notification, if it is one this config hands off."""
+        reason = reason_of(job.state, job.reason)
+        if reason is None or reason not in self.settings.reasons:
+            return None
+        if self.settings.mappings is not None and job.mapping not in self.settings.mappings:
+            return None
+        return reason
+
+    async def write(self, job: WriteBackJob, writer: FhirWriter | None) -> tuple[str, str]:
+        """(outcome, what was written: `Task/<id>` or the event id)."""
+        reason = self.wanted(job)
+        if reason is None:
+            return "none", ""
+        if self.settings.to == "webhook":
+            return await self._post(job, reason)
+        if writer is None:
+            raise WriteRefused(f"source {job.source!r} is not a FHIR source: a Task cannot be written there", 0)
+        return await self._task(job, reason, writer)
+
+    async def _task(self, job: WriteBackJob, reason: str, writer: FhirWriter) -> tuple[str, str]:
+        system = self.config.sources[job.source].write_back.identifier_system
+        resource = task(
+            system=system,
+            source=job.source,
+            appointment_id=job.resource_id,
+            patient_id=job.patient_id,
+            reason=reason,
+            mapping=job.mapping,
+            detail=job.reason,
+            owner=self.settings.owner,
+            now=datetime.now(UTC),
+        )
+        capabilities = await writer.capabilities()
+        if "Task" not in capabilities.conditional_create or "Task" not in capabilities.versioned_update:
+            raise WriteRefused(
+                f"source {job.source!r}: its CapabilityStatement does not offer conditional create and "
+                "versioned update of Task, which a hand-off needs to stay one Task per appointment and patient",
+                0,
+            )
+        what = f"hand-off Task for notification {job.notification_id}"
+        condition = f"identifier={system}|{resource['identifier'][0]['value']}"
+        written = await writer.create(resource, if_none_exist=condition, what=what)
+        if written.created:
+            return "written", f"Task/{written.id}"
+        note = note_of(reason, job.mapping, job.reason)
+        for _ in range(UPDATE_TRIES):
+            current = await writer.read("Task", written.id)
+            if current is None:
+                raise SourceError(f"source {job.source!r}: {what}: Task/{written.id} disappeared")
+            changed = with_reason(current.resource, note)
+            if changed is None:
+                return "found", f"Task/{written.id}"
+            try:
+                await writer.update(changed, version=current.version, what=what)
+                return "written", f"Task/{written.id}"
+            except StaleVersion:
+                continue
+        raise SourceError(f"source {job.source!r}: {what}: Task/{written.id} kept changing; tried again later")
+
+    async def _post(self, job: WriteBackJob, reason: str) -> tuple[str, str]:
+        assert self.settings.url is not None and self.settings.secret is not None
+        body = json.dumps(
+            event(
+                key=job.key,
+                source=job.source,
+                resource=f"{job.resource_type}/{job.resource_id}",
+                patient_id=job.patient_id,
+                reason=reason,
+                mapping=job.mapping,
+                detail=job.reason,
+                now=datetime.now(UTC),
+            ),
+            ensure_ascii=False,
+        ).encode()
+        # The same id on every try of one hand-off: the receiver drops repeats (Standard Webhooks `webhook-id`).
+        msg_id = f"handoff_{uuid.uuid5(uuid.NAMESPACE_URL, f'connector:{job.key}').hex}"
+        headers = standard_webhook_headers(
+            self.settings.secret.get_secret_value(), msg_id, int(datetime.now(UTC).timestamp()), body
+        )
+        if self._http is None:
+            self._http = httpx.AsyncClient(transport=self._transport, timeout=10.0, follow_redirects=False)
+        try:
+            reply = await self._http.post(
+                self.settings.url, content=body, headers={**headers, "Content-Type": "application/json"}
+            )
+        except httpx.HTTPError as exc:
+            raise SourceError(f"hand-off webhook: {type(exc).__name__}") from exc
+        if reply.status_code in (408, 429) or reply.status_code >= 500:
+            raise SourceError(f"hand-off webhook answered HTTP {reply.status_code}")
+        if reply.status_code >= 300:
+            raise WriteRefused(f"hand-off webhook refused the event (HTTP {reply.status_code})", reply.status_code)
+        return "written", msg_id
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()

@@ -1,0 +1,152 @@
+"""EHR write-back: the Communications owed for notifications (connector.ledger.writeback), written through
+the source's own client (connector.sources.fhir_write) with a conditional create; and the hand-offs to
+staff (connector.sending.handoff: a Task, or a signed webhook) for notifications that could not reach.
+
+Runs after each dispatch and never touches an email: a write that fails is tried again with a backoff
+(`write_back.retry_backoff`, doubling up to `retry_backoff_max`); one the EHR refuses is kept as `refused`
+for a person (`connector status` lists it). A server whose CapabilityStatement does not say it creates
+Communications conditionally is refused up front: without that, a retry could put a second one in the chart.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+import httpx
+import structlog
+
+from connector import metrics
+from connector.config.sources import WriteBackConfig
+from connector.errors import SourceError
+from connector.logs import where
+from connector.sending.handoff import HandOff
+from connector.sources.fhir_write import FhirWriter, WriteRefused
+from connector.writeback import Fact, backoff, communication, if_none_exist
+
+if TYPE_CHECKING:
+    from connector.config import Config
+    from connector.ledger.abc import WriteBacks
+    from connector.ledger.writeback import WriteBackJob
+    from connector.mapping.loader import MappingSet
+    from connector.models import Clock
+    from connector.sources.fhir_poll import FhirPollSource
+
+log = structlog.get_logger("connector.writeback")
+LEASE = timedelta(minutes=2)
+BATCH = 50
+
+
+class WriteBack:
+    def __init__(
+        self,
+        config: Config,
+        mappings: MappingSet,
+        store: WriteBacks,
+        sources: dict[str, FhirPollSource],
+        clock: Clock,
+        owner: str,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.config = config
+        self.mappings = mappings
+        self.store = store
+        self.clock = clock
+        self.owner = owner
+        self.writers = {name: FhirWriter(source) for name, source in sources.items()}
+        self.kinds: dict[str, list[str]] = {
+            "communication": [n for n, s in config.sources.items() if s.write_back.communication],
+            "not-done": [n for n, s in config.sources.items() if s.write_back.communication and s.write_back.not_done],
+            "handoff": [],
+        }
+        handoff = config.handoff
+        self.handoff = HandOff(config, handoff, transport) if handoff is not None else None
+        if handoff is not None:
+            self.kinds["handoff"] = [*config.sources, *(config.crm if handoff.to == "webhook" else {})]
+        self.horizon = max((s.write_back.horizon for s in config.sources.values()), default=timedelta(days=2))
+        self.stopping = False
+
+    @property
+    def enabled(self) -> bool:
+        return any(self.kinds.values())
+
+    async def run(self) -> dict[str, int]:
+        """Enqueue what is owed, then write what is due; returns counts by outcome (written, found, retry,
+        refused)."""
+        counts = {"written": 0, "found": 0, "none": 0, "retry": 0, "refused": 0}
+        if not self.enabled:
+            return counts
+        wall = datetime.now(UTC)
+        await self.store.enqueue(self.kinds, wall - self.horizon)
+        wall = datetime.now(UTC)
+        while not self.stopping:
+            # Due by the start of this run: a write retried in it waits for the next run.
+            jobs = await self.store.claim(wall, BATCH, self.owner, datetime.now(UTC) + LEASE)
+            if not jobs:
+                break
+            for job in jobs:
+                outcome = await self._write(job)
+                counts[outcome] += 1
+                metrics.inc("connector_write_backs_total", outcome=outcome)
+        if any(counts.values()):
+            log.info("writeback.done", **{k: v for k, v in counts.items() if v})
+        return counts
+
+    async def _write(self, job: WriteBackJob) -> str:
+        try:
+            if job.kind == "handoff" and self.handoff is not None:
+                outcome, written_id = await self.handoff.write(job, self.writers.get(job.source))
+            else:
+                outcome, written_id = await self._communication(job)
+        except WriteRefused as exc:
+            await self.store.refuse(job.id, self.owner, str(exc))
+            log.error("writeback.refused", notification=job.notification_id, source=job.source, problem=str(exc))
+            return "refused"
+        except SourceError as exc:
+            await self.store.retry(job.id, self.owner, str(exc), self._later(job))
+            log.warning("writeback.retry", notification=job.notification_id, source=job.source, problem=str(exc))
+            return "retry"
+        except Exception as exc:  # noqa: BLE001 - a bug here must not stop other writes, nor any email
+            problem = f"unexpected {where(exc)}"
+            await self.store.retry(job.id, self.owner, problem, self._later(job))
+            log.error("writeback.crashed", notification=job.notification_id, problem=problem)
+            return "retry"
+        await self.store.done(job.id, self.owner, written_id)
+        return outcome
+
+    async def _communication(self, job: WriteBackJob) -> tuple[str, str]:
+        settings = self.config.sources[job.source].write_back
+        writer = self.writers.get(job.source)
+        if writer is None:
+            raise SourceError(f"source {job.source!r} is not configured")
+        mapping = self.mappings.get(job.mapping)
+        spec = mapping.spec if mapping is not None else None
+        fact = Fact(job.kind, job.key, job.resource_id, job.patient_id, job.sent_at, job.reason)
+        resource = communication(
+            fact,
+            system=settings.identifier_system,
+            reminder=spec is not None and spec.is_reminder,
+            topic=(spec.description if spec is not None and spec.description else job.mapping),
+        )
+        what = f"write-back of a Communication for notification {job.notification_id}"
+        capabilities = await writer.capabilities()
+        if "Communication" not in capabilities.conditional_create:
+            raise WriteRefused(
+                f"source {job.source!r}: its CapabilityStatement does not offer conditional create of "
+                "Communication, so a retry could write a second one; write-back needs it",
+                0,
+            )
+        condition = if_none_exist(settings.identifier_system, job.kind, job.key)
+        written = await writer.create(resource, if_none_exist=condition, what=what)
+        return ("written" if written.created else "found"), f"{written.resource_type}/{written.id}"
+
+    def _later(self, job: WriteBackJob) -> datetime:
+        source = self.config.sources.get(job.source)
+        settings = source.write_back if source is not None else WriteBackConfig()
+        return datetime.now(UTC) + backoff(job.attempts + 1, settings.retry_backoff, settings.retry_backoff_max)
+
+    async def release(self) -> None:
+        if self.enabled:
+            await self.store.release(self.owner)
+        if self.handoff is not None:
+            await self.handoff.aclose()

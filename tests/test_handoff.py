@@ -1,0 +1,173 @@
+"""Hand-off to staff when email cannot reach a patient: one FHIR Task per appointment and patient on the FHIR
+test server (a later reason is added to it as a note, by a version-aware update), only for the configured
+reasons; or a signed Standard Webhooks POST, retried under the same webhook-id until the receiver takes it."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from connector.commands.ledger import status
+from connector.config import load_config
+from connector.crm.verify import verify_standard_webhook
+from connector.daemon import run_once
+from connector.delivery.paubox import PauboxRestMailer
+from connector.handoff import task_identifier
+from connector.models import State
+from connector.runtime import Runtime
+from connector.sandbox.fhir import FhirState
+from connector.sandbox.fhir import create_app as fhir_app
+from connector.sandbox.paubox import SandboxState
+from connector.sandbox.paubox import create_app as paubox_app
+from tests.conftest import write_config
+from tests.factories import appointment, patient
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+SECRET = "whsec_" + base64.b64encode(b"hand-off signing secret, made up").decode()
+MAPPINGS = ("appointment-booked", "appointment-reminder-48h")
+
+
+@pytest.fixture
+def fhir() -> FhirState:
+    state = FhirState()
+    state.load([patient("p1", "Reachable", email="reachable@example.org"), patient("p9", "Unreachable")])
+    state.put(appointment("a1", "p1", NOW + timedelta(days=3)))
+    state.put(appointment("a9", "p9", NOW + timedelta(days=3)))
+    return state
+
+
+@pytest.fixture
+def paubox() -> SandboxState:
+    return SandboxState(api_key="test-sandbox-key", username="clinic")
+
+
+class Clock:
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+class Receiver:
+    """A work queue's webhook endpoint: answers `statuses` in turn (then 204), keeps what it received."""
+
+    def __init__(self, statuses: list[int] | None = None) -> None:
+        self.statuses = list(statuses or [])
+        self.received: list[tuple[dict[str, str], bytes]] = []
+        self.app = Starlette(routes=[Route("/queue", self.take, methods=["POST"])])
+
+    async def take(self, request: Request) -> Response:
+        self.received.append((dict(request.headers), await request.body()))
+        return Response(status_code=self.statuses.pop(0) if self.statuses else 204)
+
+
+Opener = Callable[..., tuple[Runtime, Clock]]
+
+
+@pytest.fixture
+async def opened(tmp_path: Path, fhir: FhirState, paubox: SandboxState, api_key_env: str) -> AsyncIterator[Opener]:
+    runtimes: list[Runtime] = []
+
+    def open_runtime(handoff: str, receiver: Receiver | None = None) -> tuple[Runtime, Clock]:
+        path = write_config(
+            tmp_path,
+            "http://fhir.test",
+            "https://paubox.test",
+            mappings=MAPPINGS,
+            source={"write_back": {"identifier_system": "urn:example:connector", "retry_backoff": "10ms"}},
+            extra=f"handoff:\n{handoff}",
+        )
+        config = load_config(path)
+        mailer = PauboxRestMailer(config.delivery.paubox, transport=httpx.ASGITransport(app=paubox_app(paubox)))
+        clock = Clock(NOW)
+        runtime = Runtime.open(
+            config,
+            clock,
+            mailer=mailer,
+            source_transport=httpx.ASGITransport(app=fhir_app(fhir)),
+            handoff_transport=httpx.ASGITransport(app=receiver.app) if receiver else None,
+        )
+        runtimes.append(runtime)
+        return runtime, clock
+
+    yield open_runtime
+    for runtime in runtimes:
+        await runtime.aclose()
+
+
+def tasks(fhir: FhirState) -> list[dict[str, Any]]:
+    return list(fhir.of_type("Task"))
+
+
+TASK = "  to: task\n  owner: Organization/front-desk\n"
+
+
+async def test_no_usable_address_gives_one_task_and_a_later_reason_is_added_to_it(
+    opened: Opener, fhir: FhirState, paubox: SandboxState
+) -> None:
+    runtime, clock = opened(TASK)
+    await run_once(runtime)
+    await run_once(runtime)
+    assert [m["recipients"] for m in paubox.messages] == [["reachable@example.org"]]
+    [one] = tasks(fhir)
+    assert (one["status"], one["intent"]) == ("requested", "order")
+    assert one["focus"] == {"reference": "Appointment/a9"} and one["for"] == {"reference": "Patient/p9"}
+    assert one["owner"] == {"reference": "Organization/front-desk"}
+    assert one["identifier"] == [{"system": "urn:example:connector", "value": task_identifier("ehr", "a9", "p9")}]
+    assert "no usable email address" in one["description"] and "appointment-booked" in one["description"]
+    assert len(one["note"]) == 1
+    # Two days later the 48-hour reminder is skipped too: the same Task, with a second note.
+    clock.now = NOW + timedelta(days=1, hours=1)
+    await run_once(runtime)
+    await run_once(runtime)
+    [same] = tasks(fhir)
+    assert same["id"] == one["id"] and len(same["note"]) == 2
+    assert "appointment-reminder-48h" in same["note"][1]["text"]
+    assert len(fhir.writes) == 3  # a create, a conditional create that found it, an update
+    assert status(runtime.config)["write_back"] == {
+        ("handoff", "done"): 2,
+    }
+
+
+async def test_only_the_configured_reasons_are_handed_off(opened: Opener, fhir: FhirState) -> None:
+    runtime, _ = opened(TASK + "  reasons: [failed, bounce]\n")
+    await run_once(runtime)
+    assert tasks(fhir) == []
+    skipped = runtime.ledger.reports.notifications([State.SKIPPED], 10)
+    assert len(skipped) == 1  # it was skipped, and nobody is asked to call
+
+
+async def test_a_webhook_hand_off_is_signed_and_retried_under_one_id(
+    opened: Opener, fhir: FhirState, tmp_path: Path
+) -> None:
+    receiver = Receiver([503])
+    (tmp_path / "handoff.secret").write_text(SECRET)
+    runtime, _ = opened(
+        "  to: webhook\n  url: https://queue.example.org/queue\n  secret: {file: handoff.secret}\n", receiver
+    )
+    await run_once(runtime)
+    await asyncio.sleep(0.05)  # past the backoff
+    await run_once(runtime)
+    await run_once(runtime)
+    assert len(receiver.received) == 2 and tasks(fhir) == []
+    (first_headers, _), (headers, body) = receiver.received
+    assert first_headers["webhook-id"] == headers["webhook-id"]
+    verify_standard_webhook(SECRET, headers, body, time.time())
+    event = json.loads(body)
+    assert event["type"] == "handoff.requested" and event["reason"] == "no-address"
+    assert event["resource"] == "Appointment/a9" and event["patient"] == "Patient/p9"
+    assert b"example.org" not in body  # no address in the event
