@@ -59,12 +59,22 @@ class Rules:
     mappings: MappingSet
     quiet: QuietHours | None
     clock: Clock
+    reschedule_on: frozenset[str] = frozenset({"start"})  # config `reschedule_on`
 
     def situation(self, appointment: dict[str, Any], version: str, notified: set[tuple[str, str]]) -> Situation:
         zone = appointment_zone(appointment, self.settings.location_timezones, self.settings.timezone)
         appointment_id = str(appointment.get("id"))
         told = frozenset(p for a, p in notified if a == appointment_id)
-        return Situation(self.source, appointment, version, zone, self.quiet, told, self.clock())
+        return Situation(
+            self.source,
+            appointment,
+            version,
+            zone,
+            self.quiet,
+            told,
+            self.clock(),
+            reschedule_on=self.reschedule_on,
+        )
 
 
 def triple(seen: SeenVersion) -> Triple:
