@@ -38,6 +38,7 @@ from connector.monitor import Monitor
 from connector.sending.aftercare import Aftercare
 from connector.sending.appointment import AppointmentPreparer
 from connector.sending.crm import CrmPreparer
+from connector.sending.crm_appointment import CrmAppointmentPreparer
 from connector.sending.dispatch import Dispatcher
 from connector.sources.cache import ResourceCache
 from connector.sources.fhir_poll import FhirPollSource
@@ -154,9 +155,12 @@ class Runtime:
         crm = crm_preparer = receiver = None
         if config.crm and config.inbox is not None:
             keyring = Keyring(config.inbox)
-            crm = CrmIntake(config, mappings, store.inbox, keyring, clock)
+            crm = CrmIntake(config, mappings, store.inbox, keyring, clock, store.intake, crm_transport)
             crm_preparer = preparers["CrmEvent"] = CrmPreparer(
                 config, store.inbox, store.optouts, keyring, crm_transport
+            )
+            preparers["CrmAppointment"] = CrmAppointmentPreparer(
+                config, store.intake, store.inbox, store.optouts, keyring, crm_preparer.apis
             )
             receiver = CrmReceiver(config, store.inbox, keyring, clock)
         dispatcher = Dispatcher(config, mappings, store.outbox, preparers, planner, mailer, clock, owner)
@@ -190,6 +194,8 @@ class Runtime:
             await source.aclose()
         if self.crm_preparer is not None:
             await self.crm_preparer.aclose()
+        if self.crm is not None:
+            await self.crm.aclose()
         await self.mailer.aclose()
         await self.monitor.aclose()
         self.ledger.dispose()
