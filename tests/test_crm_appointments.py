@@ -350,3 +350,14 @@ def test_a_declaration_with_a_bad_path_is_refused_with_its_line(
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert "crm.salesforce.appointment.start" in str(caught.value) and "FHIRPath" in str(caught.value)
+
+
+async def test_an_appointment_event_the_declaration_cannot_read_is_quarantined_alone(world: World) -> None:
+    start = world.clock.now + timedelta(days=3)
+    await world.salesforce(service_appointment("04l000000000009AAA", start, "Tentative-Marmaduke"))
+    assert world.rows("salesforce") == [] and world.paubox.messages == []
+    [(source, problem)] = world.runtime.ledger.reports.problems(10)
+    assert (source, problem.resource_type) == ("salesforce", "CrmEvent")
+    assert problem.problem == "the status found in the event is not one of status.map"  # the value is not quoted
+    await world.salesforce(service_appointment("04l000000000010AAA", start))
+    assert [r[:2] for r in world.outline("salesforce")][0] == ("crm-appointment-booked", "sent")

@@ -8,8 +8,8 @@ from dataclasses import replace
 from datetime import timedelta
 
 from connector.ledger import SeenVersion, Withdrawal
-from connector.lifecycle import Snapshot
 from connector.ledger.sql import SqlLedger
+from connector.lifecycle import Snapshot
 from connector.models import State
 from tests.factories import NOW, planned
 
