@@ -360,4 +360,4 @@ async def test_an_appointment_event_the_declaration_cannot_read_is_quarantined_a
     assert (source, problem.resource_type) == ("salesforce", "CrmEvent")
     assert problem.problem == "the status found in the event is not one of status.map"  # the value is not quoted
     await world.salesforce(service_appointment("04l000000000010AAA", start))
-    assert [r[:2] for r in world.outline("salesforce")][0] == ("crm-appointment-booked", "sent")
+    assert ("crm-appointment-booked", "sent") in [r[:2] for r in world.outline("salesforce")]
