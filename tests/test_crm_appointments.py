@@ -124,8 +124,10 @@ def service_appointment(
  </notifications></soapenv:Body></soapenv:Envelope>""".encode()
 
 
-def crm_config(tmp_path: Path) -> Path:
-    config = write_config(tmp_path, "http://fhir.test", "https://paubox.test", mappings=(), extra=CRM)
+def crm_config(tmp_path: Path, ledger_url: str | None = None) -> Path:
+    config = write_config(
+        tmp_path, "http://fhir.test", "https://paubox.test", mappings=(), extra=CRM, ledger_url=ledger_url
+    )
     mappings = tmp_path / "mappings"
     for kind in KINDS:
         for file in (ROOT / "mappings").glob(f"appointment-{kind}.*"):
@@ -175,8 +177,15 @@ def _due(row: Any) -> str:
 MEETINGS: dict[str, dict[str, Any]] = {}
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.db'}"
+    return str(request.getfixturevalue("pg_schema_url"))
+
+
 @pytest.fixture
-async def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[World]:
+async def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ledger_url: str) -> AsyncIterator[World]:
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse
@@ -193,7 +202,7 @@ async def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterato
         return JSONResponse({"id": request.path_params["id"], "properties": found})
 
     hubspot_api = Starlette(routes=[Route("/crm/v3/objects/meetings/{id}", meeting)])
-    config = load_config(crm_config(tmp_path))
+    config = load_config(crm_config(tmp_path, ledger_url))
     clock = Clock()
     paubox = SandboxState(api_key=API_KEY, username="clinic")
     mailer = PauboxRestMailer(config.delivery.paubox, transport=httpx.ASGITransport(app=paubox_app(paubox)))

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("connector.crm")
 Outcome = tuple[Any, list[PlannedNotification], SeenVersion | None]  # inbox row, its notifications, quarantine
+INBOX_LOCK = "crm inbox"  # the advisory lock's name: no source is named so (names have no spaces)
 
 
 @dataclass
@@ -104,7 +105,20 @@ class CrmIntake:
         a mapping or the source's appointment declaration expects, a key that cannot be stored, anything
         unexpected) is quarantined: marked processed with the reason, kept in the inbox until its retention,
         and out of the others' way. An appointment event whose CRM object cannot be read now waits for the
-        next pass. Returns how many events were processed."""
+        next pass. Returns how many events were processed. With appointment declarations one replica at a
+        time processes the inbox (each decides from the states the last one remembered)."""
+        if self.appointments is None:
+            return await self._process_pending(limit)
+        lock = await self.appointments.intake.try_lock_source(INBOX_LOCK)
+        if lock is False:
+            log.debug("crm.skipped", problem="another replica is processing the inbox")
+            return 0
+        try:
+            return await self._process_pending(limit)
+        finally:
+            await self.appointments.intake.unlock_source(lock)
+
+    async def _process_pending(self, limit: int) -> int:
         rows = await self.inbox.pending(limit)
         if not rows:
             return 0
