@@ -51,7 +51,7 @@ HUBSPOT = """    api_token: ${HUBSPOT_TOKEN}
     api_base: https://hubspot.test
     properties: [hs_meeting_start_time, hs_meeting_end_time, hs_meeting_outcome, patient_email, patient_language]
     appointment:
-      events: [object.creation, object.propertyChange]
+      events: [object.creation, object.propertyChange, object.deletion]
       condition: "payload.objectTypeId = '0-47'"
       fetch_object: true
       object_type: meetings
@@ -299,6 +299,7 @@ async def test_a_salesforce_booking_moves_is_cancelled_and_a_stale_redelivery_ch
 
 
 async def test_a_hubspot_meeting_is_read_through_the_api_and_an_end_only_change_sends_nothing(world: World) -> None:
+    """Booked, lengthened (nothing sent), cancelled; another one deleted in HubSpot."""
     start = (world.clock.now + timedelta(days=4)).replace(hour=9, minute=30, second=0)
 
     def meeting(begin: datetime, minutes: int = 30, outcome: str = "SCHEDULED") -> dict[str, str]:
@@ -347,6 +348,21 @@ async def test_a_hubspot_meeting_is_read_through_the_api_and_an_end_only_change_
         ("crm-appointment-reminder-2h", "cancelled", f"2h before {at(start)}"),
         ("crm-appointment-reminder-48h", "cancelled", f"48h before {at(start)}"),
     ]
+
+    # another meeting, deleted in HubSpot: its reminders withdrawn, its state forgotten (no email: the
+    # address was on the meeting)
+    MEETINGS["902"] = meeting(start)
+    await world.hubspot([{**event(5), "objectId": 902}])
+    assert len(world.paubox.messages) == 3
+    del MEETINGS["902"]
+    await world.hubspot([{**event(6, "object.deletion"), "objectId": 902}])
+    later = [r for r in world.rows("hubspot") if r.resource_id == "902"]
+    assert sorted((r.mapping, r.state, r.reason) for r in later if r.mapping in REMINDERS) == [
+        (name, "cancelled", "withdrawn: the CRM object was deleted") for name in REMINDERS
+    ]
+    assert len(world.paubox.messages) == 3
+    with world.runtime.ledger.engine.connect() as conn:
+        assert conn.execute(select(A.c.deleted).where(A.c.appointment_id == "902")).scalar() is True
 
 
 def test_a_declaration_with_a_bad_path_is_refused_with_its_line(

@@ -126,11 +126,30 @@ class Described:
     zone: str
 
 
+@dataclass(frozen=True)
+class Deleted:
+    """The event is about an appointment whose CRM object no longer exists (`fetch_object` found none)."""
+
+    appointment_id: str
+
+
+def appointment_id_of(settings: CrmAppointmentConfig, event: dict[str, Any]) -> str:
+    found = _scalar(_first(settings.id, event))
+    if found is None or not _ID.fullmatch(found):
+        raise ResourceError("the id path gave no appointment id (letters, digits, - . _ :, at most 128)")
+    return found
+
+
+def object_gone(settings: CrmAppointmentConfig, event: dict[str, Any]) -> bool:
+    """Did `fetch_object` find the CRM object gone?"""
+    return settings.fetch_object and event.get("object") is None
+
+
 def describe(settings: CrmAppointmentConfig, event: dict[str, Any], version: str, default_zone: str) -> Described:
     """The appointment an event describes; `version` names the inbox row. Raises ResourceError."""
-    appointment_id = _scalar(_first(settings.id, event))
-    if appointment_id is None or not _ID.fullmatch(appointment_id):
-        raise ResourceError("the id path gave no appointment id (letters, digits, - . _ :, at most 128)")
+    if object_gone(settings, event):
+        raise ResourceError("the CRM object no longer exists")
+    appointment_id = appointment_id_of(settings, event)
     contact = _scalar(_first(settings.contact, event)) if settings.contact else CONTACT
     if contact is None or not _ID.fullmatch(contact):
         raise ResourceError("the contact path gave no contact id (letters, digits, - . _ :, at most 128)")

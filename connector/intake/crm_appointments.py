@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import structlog
 
-from connector.crm.appointments import Described, describe, describes_appointment
+from connector.crm.appointments import (
+    Deleted,
+    Described,
+    appointment_id_of,
+    describe,
+    describes_appointment,
+    object_gone,
+)
 from connector.errors import SourceError
 from connector.intake.checks import check_storable
 from connector.intake.decide import crm_appointment
@@ -39,7 +46,7 @@ class Told:
     """What one event's account of an appointment adds to the batch's transaction."""
 
     notifications: list[PlannedNotification] = field(default_factory=list)
-    states: list[tuple[str, str, Snapshot]] = field(default_factory=list)  # (source, appointment id, state)
+    states: list[tuple[str, str, Snapshot | None]] = field(default_factory=list)  # (source, id, state; None: gone)
     withdrawals: list[tuple[str, Withdrawal]] = field(default_factory=list)
     seen: SeenVersion | None = None  # a stale event, recorded as seen
 
@@ -88,13 +95,15 @@ class CrmAppointments:
             return False
         return True
 
-    def read(self, source: str, inbox_id: int, event: dict[str, Any]) -> Described:
-        """The appointment the event describes. Raises ResourceError."""
+    def read(self, source: str, inbox_id: int, event: dict[str, Any]) -> Described | Deleted:
+        """The appointment the event describes, or the one whose CRM object is gone. Raises ResourceError."""
         crm = self.config.crm[source]
         assert crm.appointment is not None
+        if object_gone(crm.appointment, event):
+            return Deleted(appointment_id_of(crm.appointment, event))
         return describe(crm.appointment, event, str(inbox_id), crm.timezone)
 
-    async def recall(self, described: list[tuple[str, Described]]) -> None:
+    async def recall(self, described: list[tuple[str, Described | Deleted]]) -> None:
         """The remembered states of the batch's appointments, and who was told about them."""
         self.states.clear()
         self.told.clear()
@@ -106,10 +115,12 @@ class CrmAppointments:
                 self.states[(source, appointment_id)] = state
             self.told |= {(source, a, p) for a, p in await self.intake.notified(source, ids)}
 
-    def decide(self, source: str, inbox_id: int, event_id: str, described: Described) -> Told:
+    def decide(self, source: str, inbox_id: int, event_id: str, described: Described | Deleted) -> Told:
         """What the event means, against the state the batch has reached so far (which it then moves on).
         Raises whatever is wrong with the event (the caller quarantines it)."""
         key = (source, described.appointment_id)
+        if isinstance(described, Deleted):
+            return self._deleted(source, inbox_id, described)
         told = frozenset(p for s, a, p in self.told if (s, a) == key)
         situation = Situation(
             source,
@@ -136,6 +147,16 @@ class CrmAppointments:
             states=[(source, described.appointment_id, described.snapshot)],
             withdrawals=[(source, w) for w in decision.withdrawals],
         )
+
+    def _deleted(self, source: str, inbox_id: int, deleted: Deleted) -> Told:
+        """The CRM no longer has the appointment's object: its pending notifications are withdrawn and its
+        state forgotten. No email: the address was on the object."""
+        before = self.states.pop((source, deleted.appointment_id), None)
+        if before is None:
+            return Told()
+        log.info("crm.object_deleted", source=source, inbox=inbox_id, appointment=safe_text(deleted.appointment_id, 64))
+        withdrawal = Withdrawal(deleted.appointment_id, before.patients, "withdrawn: the CRM object was deleted")
+        return Told(states=[(source, deleted.appointment_id, None)], withdrawals=[(source, withdrawal)])
 
     async def aclose(self) -> None:
         for api in self.apis.values():

@@ -155,7 +155,7 @@ class Inbox(Protocol):
         inbox_ids: Sequence[int],
         notifications: Sequence[PlannedNotification],
         quarantined: Sequence[tuple[str, SeenVersion]] = (),
-        states: Sequence[tuple[str, str, Snapshot]] = (),
+        states: Sequence[tuple[str, str, Snapshot | None]] = (),
         withdrawals: Sequence[tuple[str, Withdrawal]] = (),
     ) -> list[str]:
         """Planned notifications and the events they came from, marked processed, in one transaction; with

@@ -168,7 +168,7 @@ class AsyncInbox:
         inbox_ids: Sequence[int],
         notifications: Sequence[PlannedNotification],
         quarantined: Sequence[tuple[str, SeenVersion]] = (),
-        states: Sequence[tuple[str, str, Snapshot]] = (),
+        states: Sequence[tuple[str, str, Snapshot | None]] = (),
         withdrawals: Sequence[tuple[str, Withdrawal]] = (),
     ) -> list[str]:
         return await _thread(self.sync.commit, inbox_ids, notifications, quarantined, states, withdrawals)

@@ -53,7 +53,7 @@ class SqlInbox(PlanWrites):
         inbox_ids: Sequence[int],
         notifications: Sequence[PlannedNotification],
         quarantined: Sequence[tuple[str, SeenVersion]] = (),
-        states: Sequence[tuple[str, str, Snapshot]] = (),
+        states: Sequence[tuple[str, str, Snapshot | None]] = (),
         withdrawals: Sequence[tuple[str, Withdrawal]] = (),
     ) -> list[str]:
         """Planned notifications and the events they came from, marked processed, in one transaction; events

@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from connector import optout
-from connector.crm.appointments import AppointmentEmail, contact_of, describe, render_appointment
+from connector.crm.appointments import AppointmentEmail, contact_of, describe, object_gone, render_appointment
 from connector.crm.inbox import Keyring, SealError, open_event
 from connector.errors import ResourceError, SourceError
 from connector.lifecycle import still_wanted
@@ -70,6 +70,8 @@ class CrmAppointmentPreparer:
                 )
             except SourceError as exc:
                 return NotYet(str(exc))
+            if object_gone(settings, event):
+                return NotSendable(State.CANCELLED, "the CRM object no longer exists")
         try:
             described = describe(settings, event, state.version, crm.timezone)
             path = mapping.spec.recipient.path if isinstance(mapping.spec.recipient, RecipientPath) else None
