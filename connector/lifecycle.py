@@ -5,7 +5,9 @@ The ledger keeps one `Snapshot` per appointment (status, start, end, version, pa
 versions lay between two polls:
 
     first seen booked, or proposed/pending/waitlist/... → booked   booked
-    start or end changed while booked                             rescheduled
+    start changed while booked                                    rescheduled (pending withdrawn, reminders re-armed)
+    end alone changed while booked                                rescheduled, `changed` = {end}: nothing withdrawn;
+                                                                  only mappings with `reschedule_on: [start, end]` speak
     → cancelled / noshow, or deleted while not cancelled          cancelled / noshow (pending withdrawn)
     → entered-in-error                                            entered-in-error (pending withdrawn, sends nothing)
     any other status change                                       that status (arrived, fulfilled, ...)
@@ -54,6 +56,12 @@ class Transition:
     patients: tuple[str, ...]
     withdraw: bool = False  # cancel the pending notifications of these patients for this appointment
     deleted: bool = False
+    changed: frozenset[str] = frozenset()  # rescheduled: which of "start", "end" changed (empty: unknown)
+
+    @property
+    def moves_start(self) -> bool:
+        """A reschedule that moved the start (or one that does not say what changed)."""
+        return not self.changed or "start" in self.changed
 
 
 def snapshot(
@@ -93,11 +101,19 @@ def transitions(before: Snapshot | None, after: Snapshot | None) -> list[Transit
     if after.status != BOOKED:
         return []
     changes: list[Transition] = []
-    if (after.start, after.end) != (before.start, before.end):
-        changes.append(Transition(RESCHEDULED, after.patients, withdraw=True))
+    moved = after.start != before.start
+    changed = frozenset(
+        name for name, new, old in (("start", after.start, before.start), ("end", after.end, before.end)) if new != old
+    )
     added = tuple(p for p in after.patients if p not in before.patients)
     removed = tuple(p for p in before.patients if p not in after.patients)
-    if added and not changes:
+    if moved:
+        changes.append(Transition(RESCHEDULED, after.patients, withdraw=True, changed=changed))
+    elif changed:  # the end alone: remembered; the reminders stand (they count from the start)
+        stayed = tuple(p for p in after.patients if p in before.patients)
+        if stayed:
+            changes.append(Transition(RESCHEDULED, stayed, changed=changed))
+    if added and not moved:
         changes.append(Transition(BOOKED, added))
     if removed:
         changes.append(Transition(REMOVED, removed, withdraw=True))

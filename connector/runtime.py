@@ -41,6 +41,7 @@ from connector.sending.aftercare import Aftercare
 from connector.sending.appointment import AppointmentPreparer
 from connector.sending.cap import DailyCap
 from connector.sending.crm import CrmPreparer
+from connector.sending.crm_appointment import CrmAppointmentPreparer
 from connector.sending.dispatch import Dispatcher
 from connector.sending.writeback import WriteBack
 from connector.sources.cache import ResourceCache
@@ -161,9 +162,12 @@ class Runtime:
         crm = crm_preparer = receiver = None
         if config.crm and config.inbox is not None:
             keyring = Keyring(config.inbox)
-            crm = CrmIntake(config, mappings, store.inbox, keyring, clock)
+            crm = CrmIntake(config, mappings, store.inbox, keyring, clock, store.intake, crm_transport)
             crm_preparer = preparers["CrmEvent"] = CrmPreparer(
                 config, store.inbox, store.optouts, keyring, crm_transport
+            )
+            preparers["CrmAppointment"] = CrmAppointmentPreparer(
+                config, store.intake, store.inbox, store.optouts, keyring, crm_preparer.apis
             )
             receiver = CrmReceiver(config, store.inbox, keyring, clock)
         cap = DailyCap(config, store.caps) if config.limits.per_patient_per_day is not None else None
@@ -211,6 +215,8 @@ class Runtime:
             await source.aclose()
         if self.crm_preparer is not None:
             await self.crm_preparer.aclose()
+        if self.crm is not None:
+            await self.crm.aclose()
         await self.mailer.aclose()
         await self.monitor.aclose()
         self.ledger.dispose()

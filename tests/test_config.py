@@ -44,6 +44,24 @@ def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     config = load_config(ROOT / "config.example.yaml")
     assert config.delivery.paubox.endpoint == "https://api.paubox.net/v1/placeholder"
     assert config.mappings_dir == ROOT / "mappings"
+    assert config.reschedule_on == ["start"]
+
+
+def test_the_commented_crm_section_of_the_example_loads_once_uncommented(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CRM sources, their appointment declarations and the inbox, as the example shows them."""
+    for name in ("HUBSPOT_CLIENT_SECRET", "HUBSPOT_PRIVATE_APP_TOKEN", "SALESFORCE_PATH_TOKEN"):
+        monkeypatch.setenv(name, "placeholder")
+    monkeypatch.setenv("INBOX_KEY", "b3B0LW91dCBkaWdlc3Qga2V5IGZvciB0aGUgdGVzdHM=")
+    text = (ROOT / "config.example.yaml").read_text()
+    crm = text[text.index("# crm:") :].splitlines()
+    uncommented = "\n".join(line[2:] for line in crm if line.startswith("# ") or line == "#")
+    (tmp_path / "c.yaml").write_text(MINIMAL + uncommented + "\n")
+    config = load_config(tmp_path / "c.yaml", needs=[("crm",), ("inbox",)])
+    meetings, service = config.crm["hubspot-meetings"].appointment, config.crm["salesforce"].appointment
+    assert meetings is not None and meetings.fetch_object and meetings.status.map["CANCELED"] == "cancelled"
+    assert service is not None and service.status.map["None"] == "proposed" and service.occurred_at is None
 
 
 def test_secret_from_environment_and_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -140,6 +140,51 @@ def test_a_deletion_withdraws_and_announces_it_to_those_told() -> None:
     assert cancellation.resource_version == "deleted-after-2"
 
 
+def longer(minutes: int) -> Seen:
+    """The remembered booking, same start, ending `minutes` after it."""
+    return version(appointment("a1", "p1", START, end=(START + timedelta(minutes=minutes)).isoformat()))
+
+
+def test_an_end_only_change_is_remembered_and_sends_nothing_by_default() -> None:
+    decision = decide(RULES, [longer(60)], {"a1": BOOKED}, TOLD)
+    assert outline(decision) == ([], [], {"a1": "booked"}, 0)
+    assert decision.snapshots["a1"] is not None and decision.snapshots["a1"].end == START + timedelta(minutes=60)
+
+
+def test_reschedule_on_start_and_end_restores_the_reschedule_email_for_an_end_only_change() -> None:
+    """Globally (config `reschedule_on`) or per mapping: the reminders stand either way (nothing withdrawn,
+    nothing re-armed: they count from the start)."""
+    everything = Rules(RULES.source, RULES.settings, RULES.mappings, None, RULES.clock, frozenset({"start", "end"}))
+    assert outline(decide(everything, [longer(60)], {"a1": BOOKED}, TOLD)) == (
+        ["appointment-rescheduled"],
+        [],
+        {"a1": "booked"},
+        0,
+    )
+    # never told about the appointment: the confirmation planned earlier still holds, nothing new
+    assert outline(decide(everything, [longer(60)], {"a1": BOOKED}, set())) == ([], [], {"a1": "booked"}, 0)
+    # the start moved as well: as before, withdrawn and re-armed
+    moved = version(appointment("a1", "p1", START + timedelta(hours=1)))
+    assert outline(decide(RULES, [moved], {"a1": BOOKED}, TOLD))[:2] == (
+        [*REMINDERS, "appointment-rescheduled"],
+        [("p1",)],
+    )
+
+
+def test_a_mapping_may_set_its_own_reschedule_on(tmp_path: Path) -> None:
+    folder = tmp_path / "mappings"
+    folder.mkdir()
+    for file in (ROOT / "mappings").glob("appointment-rescheduled.*"):
+        text = file.read_text()
+        if file.suffix == ".yaml":
+            text = text.replace("  event: rescheduled\n", "  event: rescheduled\nreschedule_on: [start, end]\n")
+        (folder / file.name).write_text(text)
+    for file in (ROOT / "mappings").glob("_layout*"):
+        (folder / file.name).write_text(file.read_text())
+    rules = Rules(RULES.source, RULES.settings, load_mappings(folder), None, RULES.clock)
+    assert outline(decide(rules, [longer(45)], {"a1": BOOKED}, TOLD))[0] == ["appointment-rescheduled"]
+
+
 STATUSES = ["proposed", "pending", "booked", "arrived", "fulfilled", "cancelled", "noshow", "entered-in-error"]
 
 

@@ -4,10 +4,12 @@ counts and listings `connector status` reads."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 
-from connector.ledger import SeenVersion
+from connector.ledger import SeenVersion, Withdrawal
 from connector.ledger.sql import SqlLedger
+from connector.lifecycle import Snapshot
 from connector.models import State
 from tests.factories import NOW, planned
 
@@ -57,3 +59,26 @@ def test_reports_count_every_state_and_list_the_newest_first(ledger: SqlLedger) 
     ledger.reports.add_rejections({("paubox", "unknown path token"): 2}, NOW)
     ledger.reports.add_rejections({("paubox", "unknown path token"): 1}, NOW + timedelta(minutes=1))
     assert ledger.reports.rejections() == [("paubox", "unknown path token", 3, NOW + timedelta(minutes=1))]
+
+
+def test_the_event_an_upcoming_crm_appointment_was_last_told_by_outlives_the_retention(ledger: SqlLedger) -> None:
+    """Its reminders are rendered from it; once the appointment started before the cut-off it goes too."""
+    inbox = ledger.inbox
+    inbox.add([event("booked", -timedelta(days=40)), event("other", -timedelta(days=40))])
+    booked, other = inbox.pending(10)
+    state = Snapshot("booked", NOW + timedelta(days=20), None, str(booked.id), ("contact",), NOW - timedelta(days=40))
+    reminder = replace(planned("crm-r"), source="crm", resource_type="CrmAppointment", patient_id="contact")
+    assert inbox.commit([booked.id, other.id], [reminder], [], [("crm", "crm-r", state)]) == ["crm-r"]
+    assert inbox.purge(NOW - timedelta(days=30)) == 1
+    assert [r.event_id for r in inbox.window("crm", None, None)] == ["booked"]
+    # the appointment is cancelled by a later event: its pending reminder withdrawn in the same transaction
+    inbox.add([event("cancelled")])
+    [cancelled] = inbox.pending(10)
+    moved = replace(state, status="cancelled", version=str(cancelled.id), last_updated=NOW)
+    withdrawal = Withdrawal("crm-r", ("contact",), "withdrawn: the appointment became cancelled")
+    inbox.commit([cancelled.id], [], [], [("crm", "crm-r", moved)], [("crm", withdrawal)])
+    [record] = ledger.reports.notifications([State.CANCELLED], 10)
+    assert record.key == "crm-r"
+    assert inbox.purge(NOW - timedelta(days=30)) == 1  # no longer the state's event
+    assert inbox.purge(NOW + timedelta(days=31)) == 1  # past the appointment too
+    assert ledger.intake.snapshot("crm", "crm-r") == moved

@@ -128,6 +128,39 @@ def test_unknown_event_and_missing_template_file(tmp_path: Path) -> None:
     assert any("line 4 (trigger.event): unknown event 'confirmed'" in p for p in found)
 
 
+@pytest.mark.parametrize(
+    ("change", "added", "expected"),
+    [
+        (
+            ("resource: Appointment", "resource: CrmEvent"),
+            "recipient: {path: payload.email}\nat: start - 2h\n",
+            "describe the appointment under crm.<name>.appointment and use resource: CrmAppointment",
+        ),
+        (("", ""), "reschedule_on: [start, end]\n", "triggered on `rescheduled`"),
+        (("event: booked", "event: rescheduled"), "reschedule_on: [begin]\n", "reschedule_on.0"),
+        (("resource: Appointment", "resource: CrmAppointment\n  sources: [crm]"), "", "no source named 'crm'"),
+    ],
+)
+def test_crm_reminders_and_reschedule_on_are_checked(
+    tmp_path: Path, change: tuple[str, str], added: str, expected: str
+) -> None:
+    folder = folder_with(tmp_path)
+    (folder / "reminder.yaml").write_text((folder / "reminder.yaml").read_text().replace(*change) + added)
+    with pytest.raises(ConfigError) as caught:
+        load_mappings(folder, ["ehr"])
+    assert expected in str(caught.value)
+
+
+def test_a_crm_appointment_mapping_may_have_reminders_and_sees_no_fhir_patient(tmp_path: Path) -> None:
+    folder = folder_with(tmp_path, text="Hi {{ patient_name }} {{ payload.Name }}")
+    text = (folder / "reminder.yaml").read_text().replace("resource: Appointment", "resource: CrmAppointment")
+    (folder / "reminder.yaml").write_text(text + "at: [start - 48h, start - 2h]\n")
+    [mapping] = load_mappings(folder)
+    assert mapping.spec.is_crm_appointment and mapping.spec.is_reminder and not mapping.spec.is_crm
+    (folder / "reminder.txt").write_text("Hi {{ patient.name }}")
+    assert "unknown variable 'patient'" in str(load_problems(folder))
+
+
 def test_condition_filters_events(tmp_path: Path) -> None:
     condition = "Appointment.serviceType.where(text = 'Check-up').exists()"
     mappings = load_mappings(folder_with(tmp_path, condition=condition))

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -29,6 +29,10 @@ from connector.errors import ConfigError, InfrastructureError, Problem
 from connector.references import Loc, Unresolved, located, walk, with_next_step
 from connector.units import NAME_PATTERN
 from connector.yamlfile import YamlDoc, load_yaml, problems_from
+
+
+def _start_only() -> list[Literal["start", "end"]]:
+    return ["start"]
 
 
 class Config(Strict):
@@ -93,6 +97,9 @@ class Config(Strict):
 
     locale: str = "en_US"
     quiet_hours: QuietHoursConfig | None = None
+    # Which changes of a booked appointment's time are a reschedule (a mapping may say otherwise): the start
+    # by default; an end-only change is remembered and sends nothing. [start, end]: the end counts too.
+    reschedule_on: list[Literal["start", "end"]] = Field(default_factory=_start_only, min_length=1)
     path: Path | None = Field(None, exclude=True, description="the file this config was read from")
 
     @field_validator("locale")

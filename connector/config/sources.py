@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import AwareDatetime, ByteSize, Field, ValidationInfo, field_validator, model_validator
 
 from connector.config.base import EnvStr, Key32, Secret, Strict
+from connector.config.crm_appointments import CrmAppointmentConfig
 from connector.references import Unresolved
 from connector.units import NAME_PATTERN, Duration, Zone, human_duration
 from connector.urls import check_url
@@ -226,6 +227,8 @@ class CrmSourceConfig(Strict):
     api_token: Secret | None = None  # a private app token with crm.objects.*.read scopes
     api_base: EnvStr = "https://api.hubapi.com"
     properties: list[str] = Field(default_factory=lambda: ["email", "firstname", "lastname"])
+    # how this source's events describe an appointment (connector.config.crm_appointments); None: they don't
+    appointment: CrmAppointmentConfig | None = None
 
     @field_validator("api_base")
     @classmethod
@@ -238,6 +241,9 @@ class CrmSourceConfig(Strict):
             raise ValueError("salesforce-outbound messages are not signed: give path_token (a secret URL segment)")
         if self.kind != "salesforce-outbound" and self.secret is None:
             raise ValueError(f"{self.kind} needs `secret` to verify signatures")
+        needs_api = self.appointment is not None and self.appointment.fetch_object
+        if needs_api and (self.kind != "hubspot" or self.api_token is None):
+            raise ValueError("appointment.fetch_object needs a hubspot source with api_token")
         return self
 
 

@@ -1,5 +1,6 @@
 """CRM events after they are safely in the inbox (connector.web.crm stored them): planned with the mappings,
-and purged after their retention.
+and purged after their retention. Events that describe an appointment (`crm.<name>.appointment`) also feed
+the appointment lifecycle (connector.intake.crm_appointments), in the order they were received.
 
 Processing reads unprocessed inbox events, opens them, plans their notifications and, in one transaction,
 records the notifications and marks the events processed: a crash in between processes them again, and the
@@ -9,6 +10,7 @@ preparer (connector.sending.crm).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +19,7 @@ import structlog
 from connector import metrics
 from connector.crm.inbox import Keyring, open_event
 from connector.intake.checks import check_storable, reason
+from connector.intake.crm_appointments import CrmAppointments, Told, withdraw_planned
 from connector.ledger import SeenVersion
 from connector.ledger.engine import unavailable
 from connector.logs import safe_text, where
@@ -25,16 +28,38 @@ from connector.models import Clock, PlannedNotification
 from connector.timing import QuietHours
 
 if TYPE_CHECKING:
+    import httpx
+
     from connector.config import Config
-    from connector.ledger.abc import Inbox
+    from connector.ledger.abc import Inbox, Intake
     from connector.mapping.loader import MappingSet
 
 log = structlog.get_logger("connector.crm")
 Outcome = tuple[Any, list[PlannedNotification], SeenVersion | None]  # inbox row, its notifications, quarantine
+INBOX_LOCK = "crm inbox"  # the advisory lock's name: no source is named so (names have no spaces)
+
+
+@dataclass
+class Processed:
+    """One inbox event's share of a batch's transaction."""
+
+    row: Any
+    planned: list[PlannedNotification] = field(default_factory=list)
+    problem: SeenVersion | None = None  # quarantined, or (no problem) a stale appointment event
+    told: Told = field(default_factory=Told)
 
 
 class CrmIntake:
-    def __init__(self, config: Config, mappings: MappingSet, inbox: Inbox, keyring: Keyring, clock: Clock) -> None:
+    def __init__(
+        self,
+        config: Config,
+        mappings: MappingSet,
+        inbox: Inbox,
+        keyring: Keyring,
+        clock: Clock,
+        intake: Intake | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         self.config = config
         self.mappings = mappings
         self.inbox = inbox
@@ -42,6 +67,11 @@ class CrmIntake:
         self.clock = clock
         quiet = config.quiet_hours
         self.quiet = QuietHours(quiet.start, quiet.end) if quiet else None
+        self.appointments = (
+            CrmAppointments(config, mappings, intake, clock, self.quiet, transport)
+            if intake is not None and any(c.appointment for c in config.crm.values())
+            else None
+        )
 
     def _plan_event(self, row: Any) -> list[PlannedNotification]:
         """The notifications one stored event calls for; raises whatever is wrong with this event."""
@@ -72,48 +102,94 @@ class CrmIntake:
 
     async def process(self, limit: int = 500) -> int:
         """Plan every unprocessed inbox event. An event that cannot be processed (unreadable, not the shape
-        a mapping expects, a key that cannot be stored, anything unexpected) is quarantined: marked processed
-        with the reason, kept in the inbox until its retention, and out of the others' way. Returns how many
-        events were processed."""
+        a mapping or the source's appointment declaration expects, a key that cannot be stored, anything
+        unexpected) is quarantined: marked processed with the reason, kept in the inbox until its retention,
+        and out of the others' way. An appointment event whose CRM object cannot be read now waits for the
+        next pass. Returns how many events were processed. With appointment declarations one replica at a
+        time processes the inbox (each decides from the states the last one remembered)."""
+        if self.appointments is None:
+            return await self._process_pending(limit)
+        lock = await self.appointments.intake.try_lock_source(INBOX_LOCK)
+        if lock is False:
+            log.debug("crm.skipped", problem="another replica is processing the inbox")
+            return 0
+        try:
+            return await self._process_pending(limit)
+        finally:
+            await self.appointments.intake.unlock_source(lock)
+
+    async def _process_pending(self, limit: int) -> int:
         rows = await self.inbox.pending(limit)
         if not rows:
             return 0
-        outcomes = [self._outcome(row) for row in rows]
+        done = await self._process(rows)
         try:
-            inserted = await self.inbox.commit(
-                [row.id for row, _, _ in outcomes],
-                [n for _, planned, _ in outcomes for n in planned],
-                [(row.source, q) for row, _, q in outcomes if q],
-            )
+            inserted = await self.inbox.commit(*_transaction(done))
         except Exception as exc:
             if unavailable(exc):
                 raise
             log.error("crm.batch_refused", problem=where(exc), action="recording each event alone")
-            inserted = await self._commit_each(outcomes)
-        for row, _, problem in outcomes:
-            if problem is not None:
-                log.error("crm.quarantined", source=row.source, inbox=row.id, problem=problem.problem)
-                metrics.inc("connector_quarantined_total", source=row.source)
-        log.info(
-            "crm.processed",
-            events=len(outcomes),
-            notifications=len(inserted),
-            quarantined=sum(1 for _, _, q in outcomes if q),
-        )
-        return len(outcomes)
+            inserted = await self._commit_each(done)
+        quarantined = [p for p in done if p.problem is not None and p.problem.problem]
+        for item in quarantined:
+            assert item.problem is not None
+            log.error("crm.quarantined", source=item.row.source, inbox=item.row.id, problem=item.problem.problem)
+            metrics.inc("connector_quarantined_total", source=item.row.source)
+        log.info("crm.processed", events=len(done), notifications=len(inserted), quarantined=len(quarantined))
+        return len(done)
 
-    async def _commit_each(self, outcomes: list[Outcome]) -> list[str]:
-        """One transaction per event; an event the ledger refuses is quarantined (`outcomes` is updated)."""
-        inserted: list[str] = []
-        for index, (row, planned, problem) in enumerate(outcomes):
+    async def _process(self, rows: list[Any]) -> list[Processed]:
+        """Open and plan each event, in the order received; appointment events against the states the batch
+        has reached. Events waiting for their CRM object are left out (they stay pending)."""
+        opened: list[tuple[Any, dict[str, Any] | None, Processed]] = []
+        for row in rows:
+            item = Processed(row)
+            event: dict[str, Any] | None = None
             try:
-                inserted += await self.inbox.commit([row.id], planned, [(row.source, problem)] if problem else [])
+                event = open_event(self.keyring, row)
+                item.planned = self._plan(row, event)
+                check_storable(item.planned)
+                if self.appointments is None or not self.appointments.describes(row.source, event):
+                    event = None
+                elif not await self.appointments.complete(row.source, event):
+                    continue
+            except Exception as exc:  # noqa: BLE001 - one event is quarantined, whatever went wrong
+                item.planned, item.problem, event = [], quarantine(row, exc, "planning"), None
+            opened.append((row, event, item))
+        if self.appointments is None:
+            return [item for _, _, item in opened]
+        described = []
+        for row, event, item in opened:
+            if event is None:
+                continue
+            try:
+                described.append((row, self.appointments.read(row.source, row.id, event), item))
+            except Exception as exc:  # noqa: BLE001 - one event is quarantined, whatever went wrong
+                item.planned, item.problem = [], quarantine(row, exc, "reading the appointment")
+        await self.appointments.recall([(row.source, d) for row, d, _ in described])
+        for index, (row, appointment, item) in enumerate(described):
+            try:
+                item.told = self.appointments.decide(row.source, row.id, row.event_id, appointment)
+            except Exception as exc:  # noqa: BLE001 - one event is quarantined, whatever went wrong
+                item.planned, item.problem = [], quarantine(row, exc, "planning the appointment")
+                continue
+            for _, _, earlier in described[:index]:
+                withdraw_planned(earlier.told.notifications, item.told.withdrawals)
+            item.problem = item.told.seen
+        return [item for _, _, item in opened]
+
+    async def _commit_each(self, done: list[Processed]) -> list[str]:
+        """One transaction per event; an event the ledger refuses is quarantined (`done` is updated)."""
+        inserted: list[str] = []
+        for item in done:
+            try:
+                inserted += await self.inbox.commit(*_transaction([item]))
             except Exception as exc:
                 if unavailable(exc):
                     raise
-                refused = quarantine(row, exc, "recording")
-                outcomes[index] = (row, [], refused)
-                await self.inbox.commit([row.id], [], [(row.source, refused)])
+                item.planned, item.told = [], Told()
+                item.problem = quarantine(item.row, exc, "recording")
+                await self.inbox.commit([item.row.id], [], [(item.row.source, item.problem)])
         return inserted
 
     async def replay(
@@ -125,12 +201,27 @@ class CrmIntake:
         outcomes = [self._outcome(row) for row in rows]
         return ([n for _, planned, _ in outcomes for n in planned], [(row.source, q) for row, _, q in outcomes if q])
 
+    async def aclose(self) -> None:
+        if self.appointments is not None:
+            await self.appointments.aclose()
+
     async def purge(self) -> int:
         assert self.config.inbox is not None
         removed = await self.inbox.purge(self.clock() - self.config.inbox.retention)
         if removed:
             log.info("crm.purged", events=removed)
         return removed
+
+
+def _transaction(done: list[Processed]) -> tuple[Any, ...]:
+    """The arguments of `Inbox.commit` for these events."""
+    return (
+        [p.row.id for p in done],
+        [n for p in done for n in (*p.planned, *p.told.notifications)],
+        [(p.row.source, p.problem) for p in done if p.problem is not None],
+        [state for p in done for state in p.told.states],
+        [w for p in done for w in p.told.withdrawals],
+    )
 
 
 def quarantine(row: Any, exc: BaseException, stage: str) -> SeenVersion:

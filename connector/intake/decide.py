@@ -59,12 +59,22 @@ class Rules:
     mappings: MappingSet
     quiet: QuietHours | None
     clock: Clock
+    reschedule_on: frozenset[str] = frozenset({"start"})  # config `reschedule_on`
 
     def situation(self, appointment: dict[str, Any], version: str, notified: set[tuple[str, str]]) -> Situation:
         zone = appointment_zone(appointment, self.settings.location_timezones, self.settings.timezone)
         appointment_id = str(appointment.get("id"))
         told = frozenset(p for a, p in notified if a == appointment_id)
-        return Situation(self.source, appointment, version, zone, self.quiet, told, self.clock())
+        return Situation(
+            self.source,
+            appointment,
+            version,
+            zone,
+            self.quiet,
+            told,
+            self.clock(),
+            reschedule_on=self.reschedule_on,
+        )
 
 
 def triple(seen: SeenVersion) -> Triple:
@@ -86,14 +96,19 @@ def apply(
     notified: set[tuple[str, str]],
 ) -> None:
     """Plan `changes` of one appointment into `decision`: withdrawals, notifications, notes."""
-    situation = rules.situation(appointment, version, notified)
+    apply_changes(decision, rules.mappings, rules.situation(appointment, version, notified), changes)
+
+
+def apply_changes(decision: Decision, mappings: MappingSet, situation: Situation, changes: list[Transition]) -> None:
+    """Plan the changes of the appointment `situation` describes (FHIR's or a CRM's) into `decision`."""
+    appointment = situation.appointment
     appointment_id = str(appointment.get("id"))
     for change in changes:
         if change.withdraw:
             decision.withdrawals.append(
                 Withdrawal(appointment_id, change.patients, f"withdrawn: the appointment became {change.event}")
             )
-        result = plan(rules.mappings, change, situation)
+        result = plan(mappings, change, situation)
         decision.notifications += result.notifications
         for note in result.notes:
             decision.notes.append((appointment_id, note))
@@ -137,6 +152,19 @@ def deletion(rules: Rules, appointment_id: str, before: Snapshot, notified: set[
     version = deleted_version(before)
     decision = Decision(snapshots={appointment_id: None})
     apply(rules, decision, synthesized(appointment_id, before), version, transitions(before, None), notified)
+    return decision
+
+
+def crm_appointment(
+    mappings: MappingSet, situation: Situation, after: Snapshot, before: Snapshot | None
+) -> Decision | None:
+    """What a CRM event's account of an appointment (`situation`, `after`: connector.crm.appointments) means,
+    decided by the same core as a FHIR version. None: the event is older (its `occurred_at`) than the state
+    remembered, and changes nothing."""
+    if is_stale(before, after):
+        return None
+    decision = Decision(snapshots={str(situation.appointment.get("id")): after})
+    apply_changes(decision, mappings, situation, transitions(before, after))
     return decision
 
 

@@ -73,7 +73,14 @@ class Planner:
         return self._busy[name]
 
     def rules(self, name: str) -> Rules:
-        return Rules(name, self.config.sources[name], self.mappings, self.quiet, self.clock)
+        return Rules(
+            name,
+            self.config.sources[name],
+            self.mappings,
+            self.quiet,
+            self.clock,
+            frozenset(self.config.reschedule_on),
+        )
 
     def remember(self, source: str, page: fhir.SearchPage) -> None:
         """Keep what a page holds for the dispatcher (connector.sources.cache)."""

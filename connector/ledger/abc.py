@@ -158,12 +158,16 @@ class Inbox(Protocol):
         inbox_ids: Sequence[int],
         notifications: Sequence[PlannedNotification],
         quarantined: Sequence[tuple[str, SeenVersion]] = (),
+        states: Sequence[tuple[str, str, Snapshot | None]] = (),
+        withdrawals: Sequence[tuple[str, Withdrawal]] = (),
     ) -> list[str]:
-        """Planned notifications and the events they came from, marked processed, in one transaction."""
+        """Planned notifications and the events they came from, marked processed, in one transaction; with
+        the CRM appointments' withdrawals and new states ((source, appointment id, state) triples)."""
         ...
 
     async def purge(self, received_before: datetime) -> int:
-        """Forget processed events older than the retention (their notifications keep their keys)."""
+        """Forget processed events older than the retention (their notifications keep their keys), except
+        the event a remembered CRM appointment that has not started before that time was last told by."""
         ...
 
 

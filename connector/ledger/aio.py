@@ -172,8 +172,10 @@ class AsyncInbox:
         inbox_ids: Sequence[int],
         notifications: Sequence[PlannedNotification],
         quarantined: Sequence[tuple[str, SeenVersion]] = (),
+        states: Sequence[tuple[str, str, Snapshot | None]] = (),
+        withdrawals: Sequence[tuple[str, Withdrawal]] = (),
     ) -> list[str]:
-        return await _thread(self.sync.commit, inbox_ids, notifications, quarantined)
+        return await _thread(self.sync.commit, inbox_ids, notifications, quarantined, states, withdrawals)
 
     async def purge(self, received_before: datetime) -> int:
         return await _thread(self.sync.purge, received_before)

@@ -8,13 +8,14 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, select, update
+from sqlalchemy import String, and_, cast, exists, select, update
 
-from connector.ledger.engine import INBOX, utcnow
+from connector.ledger.engine import INBOX, A, utcnow
 from connector.ledger.writes import PlanWrites
 
 if TYPE_CHECKING:
-    from connector.ledger import SeenVersion
+    from connector.ledger import SeenVersion, Withdrawal
+    from connector.lifecycle import Snapshot
     from connector.models import PlannedNotification
 
 
@@ -52,20 +53,36 @@ class SqlInbox(PlanWrites):
         inbox_ids: Sequence[int],
         notifications: Sequence[PlannedNotification],
         quarantined: Sequence[tuple[str, SeenVersion]] = (),
+        states: Sequence[tuple[str, str, Snapshot | None]] = (),
+        withdrawals: Sequence[tuple[str, Withdrawal]] = (),
     ) -> list[str]:
         """Planned notifications and the events they came from, marked processed, in one transaction; events
-        that could not be processed are recorded as quarantined ((source, record) pairs)."""
+        that could not be processed are recorded as quarantined ((source, record) pairs). CRM appointments:
+        their withdrawals come first (before the notifications that replace what they withdraw), their new
+        states last."""
         with self.engine.begin() as conn:
+            for source, withdrawal in withdrawals:
+                self._withdraw(conn, source, withdrawal)
             inserted = self._insert_notifications(conn, notifications)
             for source, seen in quarantined:
                 self._remember(conn, source, [seen])
+            for source, appointment_id, state in states:
+                self._keep_states(conn, source, {appointment_id: state})
             if inbox_ids:
                 conn.execute(update(INBOX).where(INBOX.c.id.in_(list(inbox_ids))).values(processed_at=utcnow()))
         return inserted
 
     def purge(self, received_before: datetime) -> int:
-        """Forget processed events older than the retention (their notifications keep their keys)."""
+        """Forget processed events older than the retention (their notifications keep their keys). The event
+        a remembered CRM appointment was last told by stays until the appointment's start is past the
+        retention too: its reminders are rendered from it."""
+        told_by = exists().where(
+            A.c.source == INBOX.c.source,
+            A.c.version == cast(INBOX.c.id, String),
+            A.c.deleted.is_(False),
+            A.c.start.is_(None) | (A.c.start >= received_before),
+        )
         with self.engine.begin() as conn:
             return conn.execute(
-                INBOX.delete().where(INBOX.c.received_at < received_before, INBOX.c.processed_at.is_not(None))
+                INBOX.delete().where(INBOX.c.received_at < received_before, INBOX.c.processed_at.is_not(None), ~told_by)
             ).rowcount

@@ -40,6 +40,8 @@ class Situation:
     quiet: QuietHours | None
     notified: frozenset[str]  # patients who were already sent an email about this appointment
     now: datetime
+    resource_type: str = "Appointment"  # or "CrmAppointment": an appointment described by CRM events
+    reschedule_on: frozenset[str] = frozenset({"start"})  # the global default; a mapping may say otherwise
 
 
 def key_instant(value: Any) -> str:
@@ -56,22 +58,30 @@ def plan(mappings: MappingSet, transition: Transition, situation: Situation) -> 
     for patient_id in transition.patients or ("",):
         event = transition.event
         if event == RESCHEDULED and patient_id not in situation.notified:
+            if not transition.moves_start:
+                continue  # never told, and the start stands: their confirmation still holds
             event = BOOKED  # never told about the old time: this is their confirmation
         for mapping in mappings:
-            if _wanted(mapping, event, situation.source):
+            if _wanted(mapping, event, transition, situation):
                 _plan_mapping(mapping, event, patient_id, situation, result)
     return result
 
 
-def _wanted(mapping: Mapping, event: str, source: str) -> bool:
-    if mapping.spec.is_crm:
+def _wanted(mapping: Mapping, event: str, transition: Transition, situation: Situation) -> bool:
+    if mapping.spec.trigger.resource != situation.resource_type:
         return False
     sources = mapping.spec.trigger.sources
-    if sources is not None and source not in sources:
+    if sources is not None and situation.source not in sources:
         return False
     if mapping.spec.is_reminder:
-        return event in (BOOKED, RESCHEDULED)  # reminders are (re-)armed whenever a booking gets a start
-    return event in mapping.spec.trigger.event
+        # reminders are (re-)armed whenever a booking gets a start; an end-only change leaves them be
+        return event == BOOKED or (event == RESCHEDULED and transition.moves_start)
+    if event not in mapping.spec.trigger.event:
+        return False
+    if event == RESCHEDULED and transition.changed:
+        wanted = mapping.spec.reschedule_on
+        return bool(transition.changed & (frozenset(wanted) if wanted is not None else situation.reschedule_on))
+    return True
 
 
 def _plan_mapping(mapping: Mapping, event: str, patient_id: str, situation: Situation, result: Plan) -> None:
@@ -137,7 +147,7 @@ def _plan_mapping(mapping: Mapping, event: str, patient_id: str, situation: Situ
                 source=situation.source,
                 mapping=mapping.name,
                 event=key_event,
-                resource_type="Appointment",
+                resource_type=situation.resource_type,
                 resource_id=str(appointment.get("id")),
                 resource_version=situation.version,
                 patient_id=patient_id,

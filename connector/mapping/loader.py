@@ -17,6 +17,7 @@ from connector.errors import ConfigError, Problem
 from connector.mapping.fhirpath_syntax import syntax_error
 from connector.mapping.spec import LANGUAGE_PATTERN, MappingSpec, RecipientPath
 from connector.mapping.templates import (
+    CRM_APPOINTMENT_MESSAGE_NAMES,
     CRM_KEY_NAMES,
     CRM_MESSAGE_NAMES,
     KEY_NAMES,
@@ -39,6 +40,13 @@ _TRIAL_EVENT: dict[str, Any] = {
     "object_id": None,
     "payload": {},
     "object": {},
+}
+_TRIAL_CRM_APPOINTMENT: dict[str, Any] = {
+    "resourceType": "CrmAppointment",
+    "id": "trial",
+    "status": "booked",
+    "start": "2026-01-01T09:00:00Z",
+    **_TRIAL_EVENT,
 }
 
 
@@ -140,9 +148,11 @@ def _load_one(path: Path, root: Path, env: SandboxedEnvironment, sources: set[st
 
     problems: list[Problem] = []
     key_names, message_names = (CRM_KEY_NAMES, CRM_MESSAGE_NAMES) if spec.is_crm else (KEY_NAMES, MESSAGE_NAMES)
+    if spec.is_crm_appointment:
+        message_names = CRM_APPOINTMENT_MESSAGE_NAMES
     key = _inline(env, spec.key, doc, ("key",), key_names, problems)
     variants = _variants(spec, env, path, root, doc, problems, message_names)
-    trial = _TRIAL_EVENT if spec.is_crm else _TRIAL_RESOURCE
+    trial = _TRIAL_EVENT if spec.is_crm else _TRIAL_CRM_APPOINTMENT if spec.is_crm_appointment else _TRIAL_RESOURCE
     condition = _condition(spec.trigger.condition, doc, problems, trial)
     recipient = (
         _condition(spec.recipient.path, doc, problems, trial, ("recipient", "path"), boolean=False)

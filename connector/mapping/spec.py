@@ -8,6 +8,7 @@ trigger:
   condition: "Appointment.serviceType.exists()"   # optional FHIRPath, must give true/false
   sources: [ehr]                        # optional; default: every source
 at: start - 48h                         # optional; a reminder (or a list of offsets)
+reschedule_on: [start]                  # rescheduled mappings: which changes count (default: config, [start])
 late_grace: 2h                          # optional; send a reminder up to this late when first seen late
 quiet_hours: true                       # respect the configured quiet hours (default true)
 only_after_sent: true                   # cancellations/reschedules only if an email was sent before
@@ -46,7 +47,9 @@ class _Strict(BaseModel):
 
 
 class Trigger(_Strict):
-    resource: Literal["Appointment", "CrmEvent"] = "Appointment"
+    # Appointment: a FHIR Appointment; CrmEvent: one CRM webhook event as it came; CrmAppointment: an
+    # appointment a CRM source describes (`crm.<name>.appointment`), with the same lifecycle as FHIR's
+    resource: Literal["Appointment", "CrmEvent", "CrmAppointment"] = "Appointment"
     event: list[str] = Field(min_length=1)
     condition: str | None = None
     sources: list[str] | None = None
@@ -60,9 +63,10 @@ class Trigger(_Strict):
     @classmethod
     def _known_events(cls, value: list[str], info: ValidationInfo) -> list[str]:
         unknown = [e for e in value if e not in APPOINTMENT_EVENTS]
-        if info.data.get("resource", "Appointment") == "Appointment" and unknown:
+        resource = info.data.get("resource", "Appointment")
+        if resource in ("Appointment", "CrmAppointment") and unknown:
             known = ", ".join(sorted(APPOINTMENT_EVENTS))
-            raise ValueError(f"unknown event {', '.join(map(repr, unknown))}; Appointment events are: {known}")
+            raise ValueError(f"unknown event {', '.join(map(repr, unknown))}; {resource} events are: {known}")
         return value
 
 
@@ -84,6 +88,7 @@ class MappingSpec(_Strict):
     description: str = ""
     trigger: Trigger
     at: list[timedelta] | None = None
+    reschedule_on: list[Literal["start", "end"]] | None = Field(None, min_length=1)
     late_grace: Duration | None = None
     quiet_hours: bool = True
     only_after_sent: bool | None = None
@@ -123,12 +128,19 @@ class MappingSpec(_Strict):
         crm = self.trigger.resource == "CrmEvent"
         if crm and not isinstance(self.recipient, RecipientPath):
             raise ValueError("a CrmEvent mapping names where the address is: recipient: {path: payload.email}")
-        if not crm and self.recipient != "patient":
+        if self.trigger.resource == "Appointment" and self.recipient != "patient":
             raise ValueError("an Appointment mapping writes to its patients: recipient: patient")
         if crm and self.at is not None:
-            raise ValueError("`at:` (reminders) applies to Appointment mappings only")
+            raise ValueError(
+                "`at:` (reminders) applies to Appointment and CrmAppointment mappings: for reminders of CRM "
+                "bookings describe the appointment under crm.<name>.appointment and use resource: CrmAppointment"
+            )
         if self.fetch_object and not crm:
-            raise ValueError("`fetch_object` applies to CrmEvent mappings only")
+            raise ValueError(
+                "`fetch_object` applies to CrmEvent mappings only (CrmAppointment: crm.<name>.appointment.fetch_object)"
+            )
+        if self.reschedule_on is not None and RESCHEDULED not in self.trigger.event:
+            raise ValueError("`reschedule_on` applies to mappings triggered on `rescheduled`")
         if self.at is not None and self.trigger.event != [BOOKED]:
             raise ValueError("a reminder (`at:`) is armed while the appointment is booked: use `event: booked`")
         if crm and (self.actions or self.attach_ics):
@@ -145,7 +157,12 @@ class MappingSpec(_Strict):
 
     @property
     def is_crm(self) -> bool:
+        """Triggered by one CRM webhook event as it came (not by a CRM appointment's lifecycle)."""
         return self.trigger.resource == "CrmEvent"
+
+    @property
+    def is_crm_appointment(self) -> bool:
+        return self.trigger.resource == "CrmAppointment"
 
     @property
     def needs_prior_email(self) -> bool:

@@ -65,6 +65,17 @@ CRM_MESSAGE_NAMES = frozenset(
     }
 )
 CRM_KEY_NAMES = frozenset({"payload", "event_id", "event_type", "object_id", "mapping", "source"})
+# CRM appointments (`resource: CrmAppointment`): `appointment` is the view the source's declaration reads
+# (id, status, start, end, payload, object, ...); `patient_name` comes from its `name` path, if any. Keys
+# use the Appointment names.
+CRM_APPOINTMENT_MESSAGE_NAMES = (MESSAGE_NAMES - {"patient"}) | {
+    "payload",
+    "object",
+    "event_type",
+    "event_id",
+    "object_id",
+    "occurred_at",
+}
 
 
 def make_environment(root: Path) -> SandboxedEnvironment:

@@ -36,10 +36,11 @@ class HubSpotClient:
             headers={"Authorization": f"Bearer {settings.api_token.get_secret_value()}", "Accept": "application/json"},
         )
 
-    async def read(self, event_type: str, object_id: str) -> dict[str, Any] | None:
+    async def read(self, event_type: str, object_id: str, kind: str | None = None) -> dict[str, Any] | None:
         """The object (`{"id", "properties": {...}}`), None when HubSpot no longer has it. Raises
-        SourceError when HubSpot cannot be read now (the notification waits for the next pass)."""
-        kind = object_type(event_type)
+        SourceError when HubSpot cannot be read now (the notification waits for the next pass). `kind`
+        names the object type (e.g. meetings) when the event type does not."""
+        kind = kind or object_type(event_type)
         if kind is None:
             raise SourceError(f"crm source {self.name!r}: no CRM object type for {event_type!r} events")
         what = f"HubSpot {kind}/{object_id}"

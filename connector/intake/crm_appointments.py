@@ -1,0 +1,179 @@
+"""CRM events that describe appointments (`crm.<name>.appointment`), decided by the lifecycle core FHIR
+Appointments use (connector.intake.decide.crm_appointment): each event is read as the appointment's new state
+(connector.crm.appointments.describe) and compared with the state remembered for it, in the order the events
+were received; an event older (its `occurred_at`) than the remembered state changes nothing and is recorded
+as seen. With `fetch_object` the CRM object is read through the CRM's API first: when the CRM cannot be read,
+the event waits in the inbox for the next pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import structlog
+
+from connector.crm.appointments import (
+    Deleted,
+    Described,
+    appointment_id_of,
+    describe,
+    describes_appointment,
+    object_gone,
+)
+from connector.errors import SourceError
+from connector.intake.checks import check_storable
+from connector.intake.decide import crm_appointment
+from connector.ledger import SeenVersion, Withdrawal
+from connector.logs import safe_text
+from connector.mapping.engine import Situation
+from connector.sources.hubspot import HubSpotClient
+
+if TYPE_CHECKING:
+    from connector.config import Config
+    from connector.ledger.abc import Intake
+    from connector.lifecycle import Snapshot
+    from connector.mapping.loader import MappingSet
+    from connector.models import Clock, PlannedNotification
+    from connector.timing import QuietHours
+
+log = structlog.get_logger("connector.crm")
+
+
+@dataclass
+class Told:
+    """What one event's account of an appointment adds to the batch's transaction."""
+
+    notifications: list[PlannedNotification] = field(default_factory=list)
+    states: list[tuple[str, str, Snapshot | None]] = field(default_factory=list)  # (source, id, state; None: gone)
+    withdrawals: list[tuple[str, Withdrawal]] = field(default_factory=list)
+    seen: SeenVersion | None = None  # a stale event, recorded as seen
+
+
+class CrmAppointments:
+    def __init__(
+        self,
+        config: Config,
+        mappings: MappingSet,
+        intake: Intake,
+        clock: Clock,
+        quiet: QuietHours | None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.config = config
+        self.mappings = mappings
+        self.intake = intake
+        self.clock = clock
+        self.quiet = quiet
+        self.apis = {
+            name: HubSpotClient(name, settings, transport)
+            for name, settings in config.crm.items()
+            if settings.appointment is not None and settings.appointment.fetch_object and settings.api_token
+        }
+        self.states: dict[tuple[str, str], Snapshot] = {}
+        self.told: set[tuple[str, str, str]] = set()
+
+    def describes(self, source: str, event: dict[str, Any]) -> bool:
+        """Does this event describe an appointment of its source? Raises ResourceError (its condition)."""
+        settings = self.config.crm[source].appointment if source in self.config.crm else None
+        return settings is not None and describes_appointment(settings, event)
+
+    async def complete(self, source: str, event: dict[str, Any]) -> bool:
+        """Read the CRM object into the event when the source asks for it; False: the CRM cannot be read now
+        (the event waits). An object the CRM no longer has is left out (`object` is null)."""
+        settings = self.config.crm[source].appointment
+        api = self.apis.get(source)
+        if settings is None or not settings.fetch_object or api is None:
+            return True
+        try:
+            event["object"] = await api.read(
+                str(event.get("event_type")), str(event.get("object_id")), settings.object_type
+            )
+        except SourceError as exc:
+            log.warning("crm.object_unreadable", source=source, problem=str(exc), action="the event waits")
+            return False
+        return True
+
+    def read(self, source: str, inbox_id: int, event: dict[str, Any]) -> Described | Deleted:
+        """The appointment the event describes, or the one whose CRM object is gone. Raises ResourceError."""
+        crm = self.config.crm[source]
+        assert crm.appointment is not None
+        if object_gone(crm.appointment, event):
+            return Deleted(appointment_id_of(crm.appointment, event))
+        return describe(crm.appointment, event, str(inbox_id), crm.timezone)
+
+    async def recall(self, described: list[tuple[str, Described | Deleted]]) -> None:
+        """The remembered states of the batch's appointments, and who was told about them."""
+        self.states.clear()
+        self.told.clear()
+        by_source: dict[str, list[str]] = {}
+        for source, item in described:
+            by_source.setdefault(source, []).append(item.appointment_id)
+        for source, ids in by_source.items():
+            for appointment_id, state in (await self.intake.snapshots(source, ids)).items():
+                self.states[(source, appointment_id)] = state
+            self.told |= {(source, a, p) for a, p in await self.intake.notified(source, ids)}
+
+    def decide(self, source: str, inbox_id: int, event_id: str, described: Described | Deleted) -> Told:
+        """What the event means, against the state the batch has reached so far (which it then moves on).
+        Raises whatever is wrong with the event (the caller quarantines it)."""
+        key = (source, described.appointment_id)
+        if isinstance(described, Deleted):
+            return self._deleted(source, inbox_id, described)
+        told = frozenset(p for s, a, p in self.told if (s, a) == key)
+        situation = Situation(
+            source,
+            described.view,
+            str(inbox_id),
+            described.zone,
+            self.quiet,
+            told,
+            self.clock(),
+            resource_type="CrmAppointment",
+            reschedule_on=frozenset(self.config.reschedule_on),
+        )
+        decision = crm_appointment(self.mappings, situation, described.snapshot, self.states.get(key))
+        if decision is None:
+            log.info("crm.stale", source=source, inbox=inbox_id, appointment=safe_text(described.appointment_id, 64))
+            occurred = described.snapshot.last_updated
+            return Told(seen=SeenVersion("CrmEvent", str(inbox_id), safe_text(event_id, 128), occurred, None))
+        for _, note in decision.failed:
+            log.error("mapping.failed", mapping=note.mapping, source=source, inbox=inbox_id, problem=note.message)
+        check_storable(decision.notifications, described.snapshot.patients)
+        self.states[key] = described.snapshot
+        return Told(
+            notifications=decision.notifications,
+            states=[(source, described.appointment_id, described.snapshot)],
+            withdrawals=[(source, w) for w in decision.withdrawals],
+        )
+
+    def _deleted(self, source: str, inbox_id: int, deleted: Deleted) -> Told:
+        """The CRM no longer has the appointment's object: its pending notifications are withdrawn and its
+        state forgotten. No email: the address was on the object."""
+        before = self.states.pop((source, deleted.appointment_id), None)
+        if before is None:
+            return Told()
+        log.info("crm.object_deleted", source=source, inbox=inbox_id, appointment=safe_text(deleted.appointment_id, 64))
+        withdrawal = Withdrawal(deleted.appointment_id, before.patients, "withdrawn: the CRM object was deleted")
+        return Told(states=[(source, deleted.appointment_id, None)], withdrawals=[(source, withdrawal)])
+
+    async def aclose(self) -> None:
+        for api in self.apis.values():
+            await api.aclose()
+
+
+def withdraw_planned(planned: list[PlannedNotification], withdrawals: list[tuple[str, Withdrawal]]) -> None:
+    """Drop what an earlier event of the same batch planned and a later one withdraws (the ledger applies a
+    batch's withdrawals before its notifications)."""
+    for source, w in withdrawals:
+        planned[:] = [
+            n
+            for n in planned
+            if not (
+                n.source == source
+                and n.resource_type == "CrmAppointment"
+                and n.resource_id == w.appointment_id
+                and n.patient_id in w.patients
+            )
+        ]

@@ -1,0 +1,104 @@
+"""The preparer of CRM appointment notifications (`resource: CrmAppointment`): at send time the appointment's
+remembered state names the inbox event that last described it; that event is opened again (with its CRM
+object read anew when the source asks for it), checked to still want this notification (the same rule as
+for FHIR: connector.lifecycle.still_wanted), and the address, language and name read with the source's
+declaration (a mapping's own `recipient.path` wins), checked against the opt-outs, and the email rendered."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from connector import optout
+from connector.crm.appointments import AppointmentEmail, contact_of, describe, object_gone, render_appointment
+from connector.crm.inbox import Keyring, SealError, open_event
+from connector.errors import ResourceError, SourceError
+from connector.lifecycle import still_wanted
+from connector.mapping.engine import RenderError
+from connector.mapping.spec import RecipientPath
+from connector.models import State
+from connector.sending.preparer import NoSource, NotSendable, NotYet, Prepared
+
+if TYPE_CHECKING:
+    from connector.config import Config
+    from connector.ledger import NotificationRecord
+    from connector.ledger.abc import Inbox, Intake, OptOuts
+    from connector.mapping.loader import Mapping
+    from connector.sources.hubspot import HubSpotClient
+
+
+class CrmAppointmentPreparer:
+    def __init__(
+        self,
+        config: Config,
+        intake: Intake,
+        inbox: Inbox,
+        optouts: OptOuts,
+        keyring: Keyring,
+        apis: dict[str, HubSpotClient],
+    ) -> None:
+        self.config = config
+        self.intake = intake
+        self.inbox = inbox
+        self.optouts = optouts
+        self.keyring = keyring
+        self.apis = apis  # shared with the CRM event preparer, which closes them
+
+    async def read_ahead(self, batch: list[NotificationRecord]) -> None:
+        return None  # each appointment's event is opened when its notification is prepared
+
+    async def prepare(self, n: NotificationRecord, mapping: Mapping, now: datetime) -> Prepared:
+        crm = self.config.crm.get(n.source)
+        if crm is None or crm.appointment is None:
+            return NoSource(n.source)
+        settings = crm.appointment
+        state = await self.intake.snapshot(n.source, n.resource_id)
+        if state is None or not state.version.isdigit():
+            return NotSendable(State.SKIPPED, "the CRM appointment is no longer remembered")
+        row = await self.inbox.get(int(state.version))
+        if row is None:
+            return NotSendable(State.SKIPPED, "the CRM event that described the appointment is no longer in the inbox")
+        try:
+            event = open_event(self.keyring, row)
+        except (ResourceError, SealError) as exc:
+            return NotSendable(State.FAILED, str(exc))
+        api = self.apis.get(n.source)
+        if settings.fetch_object and api is not None:
+            try:
+                event["object"] = await api.read(
+                    str(event.get("event_type")), str(event.get("object_id")), settings.object_type
+                )
+            except SourceError as exc:
+                return NotYet(str(exc))
+            if object_gone(settings, event):
+                return NotSendable(State.CANCELLED, "the CRM object no longer exists")
+        try:
+            described = describe(settings, event, state.version, crm.timezone)
+            path = mapping.spec.recipient.path if isinstance(mapping.spec.recipient, RecipientPath) else None
+            contact = contact_of(settings, described.view if path else event, path)
+        except ResourceError as exc:
+            return NotSendable(State.FAILED, str(exc))
+        stale = still_wanted(n.event, mapping.spec.is_reminder, n.appointment_start, described.view, now)
+        if stale is not None:
+            return NotSendable(State.CANCELLED, stale)
+        if contact.address is None:
+            return NotSendable(State.SKIPPED, "the CRM appointment's event has no usable email address")
+        match = await self.optouts.opted_out(optout.candidates([], contact.address))
+        if match is not None:
+            return NotSendable(State.SKIPPED, f"the address opted out ({match.created_at.date().isoformat()})")
+        request = AppointmentEmail(
+            key=n.key,
+            event=n.event,
+            source=n.source,
+            described=described,
+            contact=contact,
+            to=contact.address,
+            locale=self.config.locale,
+            now=now,
+            default_from=self.config.delivery.from_address,
+            default_reply_to=self.config.delivery.reply_to,
+        )
+        try:
+            return render_appointment(mapping, request)
+        except RenderError as exc:
+            return NotSendable(State.FAILED, str(exc))
