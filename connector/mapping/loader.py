@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import fhirpathpy
 from jinja2 import Template, TemplateError, TemplateNotFound, TemplateSyntaxError
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import ValidationError
@@ -282,6 +281,8 @@ def _condition(
     if not expression:
         return None
     try:
+        import fhirpathpy  # here, not at start-up: only mappings with conditions need it
+
         compiled: Condition = fhirpathpy.compile(expression)
         result = compiled(dict(trial))
     except Exception as exc:  # noqa: BLE001 - fhirpathpy raises bare Exception for every parse/eval error
