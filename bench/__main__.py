@@ -46,7 +46,9 @@ def main() -> int:
     parser.add_argument("--naive", type=int, help="messages for the naive loop (default 200)")
     parser.add_argument("--resync", type=int, help="appointments for the memory run (default 100,000)")
     parser.add_argument("--duration", type=float, help="seconds of events for the latency run (default 30)")
-    parser.add_argument("--repeats", type=int, help="bulk runs with the ledger on and off (default 3, median)")
+    parser.add_argument("--repeats", type=int, help="unused; kept so that old command lines still run")
+    parser.add_argument("--growth", type=int, help="N of the growth rows: N, 4N, 16N (default 1,000)")
+    parser.add_argument("--no-postgres", action="store_true", help="leave out the PostgreSQL rows")
     parser.add_argument("--page-size", type=int, default=50, help="sources.ehr.page_size (default 50, the product's)")
     parser.add_argument("--batch-size", type=int, default=500, help="dispatch.batch_size (default 500)")
     parser.add_argument(
@@ -86,6 +88,7 @@ def main() -> int:
         rate=base.rate,
         duration=args.duration or base.duration,
         repeats=args.repeats or base.repeats,
+        growth=args.growth or base.growth,
     )
     parts = args.only or ["throughput", "memory", "latency"]
 
@@ -101,7 +104,7 @@ def main() -> int:
     started, busy0, own0 = time.monotonic(), busy_cpu_seconds(), own_cpu_seconds()
     load0 = Path("/proc/loadavg").read_text().split()[0]
     try:
-        _, paubox = procs.server("paubox", "--latency-ms", "50")
+        _, paubox = procs.server("paubox", "--latency-ms", "50", "--per-message-ms", "1")
         rig = Rig(procs, root, ram, paubox, args.page_size)
         if "throughput" in parts:
             throughput(rig, sizes, args, report)

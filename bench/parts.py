@@ -9,13 +9,14 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import httpx
 
-from bench.rig import Rig, describe_dispatch, naive_auth, pipeline_run, sandbox
+from bench.endtoend import ONE_BY_ONE, TUNED, Measured, Setting, connector_run, naive_run
+from bench.rig import Rig, describe_dispatch, pipeline_run, sandbox
 from bench.servers import bench_appointment
-from bench.table import Report, log, median, mount_of, percentile
+from bench.table import Report, log, percentile
+from connector.config.delivery import DispatchConfig
 from connector.testing import HarnessError
 
 
@@ -27,115 +28,152 @@ class Sizes:
     resync_dispatch: float  # seconds of sending after the resync poll
     rate: float  # appointments/s for the latency run
     duration: float  # seconds of feeding for the latency run
-    repeats: int  # runs of the bulk pipeline with the ledger on and off (median reported)
+    repeats: int  # unused (kept for --repeats)
+    growth: int  # N of the growth rows (N, 4N, 16N)
 
 
-FULL = Sizes(appointments=3000, naive=200, resync=100_000, resync_dispatch=30, rate=100, duration=30, repeats=3)
-QUICK = Sizes(appointments=1000, naive=60, resync=10_000, resync_dispatch=10, rate=100, duration=10, repeats=1)
+FULL = Sizes(
+    appointments=4000, naive=200, resync=100_000, resync_dispatch=30, rate=100, duration=30, repeats=1, growth=1000
+)
+QUICK = Sizes(
+    appointments=1000, naive=60, resync=10_000, resync_dispatch=10, rate=100, duration=10, repeats=1, growth=250
+)
 
 
 def throughput(rig: Rig, sizes: Sizes, args: argparse.Namespace, report: Report) -> None:
-    bulk = {"bulk": 50, "concurrency": args.bulk_concurrency, "batch_size": args.batch_size}
-    single = {"bulk": 0, "concurrency": args.concurrency, "batch_size": args.batch_size}
+    """End to end, as users run it (bench/endtoend.py): the naive loop, the product's default config, tuned,
+    one by one, PostgreSQL with 1 and 3 daemons; then growth at N, 4N, 16N with the default config."""
     n = sizes.appointments
     fhir_process, fhir = rig.procs.server("fhir", "--appointments", str(n))
-    on: list[dict[str, Any]] = []
-    off: list[dict[str, Any]] = []
-    for repeat in range(sizes.repeats):  # interleaved, so that drift hits both alike
-        on.append(pipeline_run(rig, fhir, bulk, n, False, f"pipeline-bulk-on-{repeat + 1}"))
-        if repeat == 0:
-            messages = sandbox(rig.paubox, "GET", "/_sandbox/messages")["messages"][:50]
-            (rig.root / "samples.json").write_text(json.dumps(messages))
-        if rig.ram:
-            off.append(pipeline_run(rig, fhir, bulk, n, True, f"pipeline-bulk-off-{repeat + 1}"))
-    one = pipeline_run(rig, fhir, single, n, False, "pipeline-one-by-one-on")
-    profile = None
-    if args.profile:
-        prefix = str(rig.root / "profile-")
-        pipeline_run(rig, fhir, bulk, n, False, "pipeline-bulk-profiled", profile=prefix)
-        profile = prefix
+    naive = naive_run(rig, fhir, sizes.naive)
+    rows: list[tuple[Setting, Measured]] = []
+    settings = [
+        Setting("default config", None),
+        Setting("tuned", TUNED),
+        Setting("one by one", ONE_BY_ONE),
+        Setting("tuned, PostgreSQL, 1 daemon", TUNED, 1, True),
+        Setting("tuned, PostgreSQL, 3 daemons", TUNED, 3, True),
+    ]
+    for setting in settings:
+        if setting.postgres and args.no_postgres:
+            continue
+        rows.append((setting, connector_run(rig, fhir, setting, n, slug(setting.label))))
+    profile = ledger_profile(rig, fhir, n) if args.profile or not args.quick else None
     rig.procs.stop(fhir_process)
 
-    naive = rig.procs.worker(
-        "naive",
-        {"paubox": rig.paubox, "samples": str(rig.root / "samples.json"), "count": sizes.naive, **naive_auth()},
-        timeout=60 + sizes.naive,
-        name="naive",
-    )
-    naive_rate = naive["sent"] / naive["elapsed"]
-    log(f"naive: {naive['sent']} in {naive['elapsed']:.1f} s = {naive_rate:.1f}/s")
-
-    bulk_rate = median([r["rate"] for r in on])
+    defaults = DispatchConfig()
     report.section(
-        f"1. Throughput: {n:,} booked appointments, FHIR page size {rig.page_size}, sandbox 50 ms per request"
+        f"1. End to end: {n:,} booked appointments, `connector run --once` from process start to the last "
+        f"accepted message; sandbox {PAUBOX_CHARGE}"
     )
-    spread = (
-        f" (median of {len(on)}: {min(r['rate'] for r in on):,.0f}–{max(r['rate'] for r in on):,.0f})"
-        if len(on) > 1
-        else ""
-    )
-    for short, dispatch, rate, runs in (("bulk", bulk, bulk_rate, on), ("one by one", single, one["rate"], [one])):
-        polled = [r["poll_seconds"] for r in runs if r["poll_seconds"]]
-        detail = f"{rate:,.0f} /s" + (spread if runs is on else "")
-        report.row(
-            f"pipeline, {describe_dispatch(dispatch)}",
-            detail,
-            "≥ 2,000 /s",
-            rate >= 2000,
-            "≥ 2,000 notifications/s",
-            f"{short}:",
-        )
-        report.row(
-            "  poll phase / whole run_once",
-            f"{median(polled):.1f} s / {median([r['elapsed'] for r in runs]):.1f} s" if polled else "?",
-        )
-        report.row(
-            "  vs naive loop",
-            f"{rate / naive_rate:,.1f}×",
-            "≥ 50×",
-            rate / naive_rate >= 50,
-            "≥ 50× the naive loop",
-            f"{short}:",
-        )
-        problems = "".join(r["problem"] for r in runs)
-        if problems:
-            report.notes.append(f"pipeline {short}: {problems.strip()}")
     report.row(
-        f"naive loop: 1 POST at a time, {naive['sent']} msgs",
-        f"{naive_rate:,.1f} /s ({n:,} would take {n / naive_rate:,.0f} s)",
+        f"naive loop (bench/naive.py), {naive.sent} msgs",
+        f"{naive.rate:,.1f} /s, {naive.cpu_ms:.1f} ms CPU/notif., {naive.rss_kb / 1024:.0f} MB",
     )
-    cpu = median([r["cpu"] / r["elapsed"] for r in on])
-    report.row("connector process CPU during the bulk run", f"{cpu:.0%} of one core")
-
-    report.section(
-        '2. Ledger: on = SQLite file, WAL, synchronous=FULL (default); "off" = same SQLite on tmpfs /dev/shm'
-    )
-    report.row(f"ledger on ({mount_of(rig.root)})", f"{bulk_rate:,.0f} /s")
-    if off:
-        off_rate = median([r["rate"] for r in off])
-        overhead = (off_rate - bulk_rate) / off_rate
-        report.row('ledger "off" (RAM: same SQL, no disk I/O or fsync)', f"{off_rate:,.0f} /s")
-        report.row(
-            "ledger overhead: (off − on) / off",
-            f"{overhead:.0%}",
-            "≤ 10 %",
-            overhead <= 0.10,
-            "ledger overhead ≤ 10 %",
-            "on vs off:",
+    by_label = {setting.label: measured for setting, measured in rows}
+    for setting, measured in rows:
+        how = describe_dispatch(
+            {**defaults.model_dump(include={"bulk", "concurrency", "batch_size"}), **(setting.dispatch or {})}
         )
-    else:
-        report.row('ledger "off"', "not measured: no tmpfs at /dev/shm")
-    share = median([r["ledger_cpu"] / r["cpu"] for r in on if r["cpu"]])
-    report.row(
-        "CPU of the ledger's threads / process CPU (on)",
-        f"{share:.0%}",
-        "≤ 10 %",
-        share <= 0.10,
-        "ledger overhead ≤ 10 %",
-        "CPU share:",
-    )
+        times = measured.rate / naive.rate
+        report.row(
+            f"{setting.label}: {how}",
+            f"{measured.rate:,.0f} /s = {times:,.1f}× naive",
+            *target_times(setting, times),
+        )
+        cpu_target = cpu_target_of(setting, measured.cpu_ms)
+        report.row(
+            "  CPU per notification; peak RSS; FHIR requests",
+            f"{measured.cpu_ms:.2f} ms; {measured.rss_kb / 1024:.0f} MB; {measured.fhir_requests:,}",
+            *(cpu_target if cpu_target else ()),
+        )
+        if measured.problem:
+            report.notes.append(f"{setting.label}: {measured.problem.strip()}")
+    one, three = by_label.get("tuned, PostgreSQL, 1 daemon"), by_label.get("tuned, PostgreSQL, 3 daemons")
+    if one and three and one.sent and three.sent:
+        requests = (three.fhir_requests / three.sent) / (one.fhir_requests / one.sent) - 1
+        cpu = three.cpu_ms / one.cpu_ms - 1
+        report.row(
+            "3 daemons vs 1: FHIR requests per notification",
+            f"{requests:+.0%}",
+            "≤ +10 %",
+            requests <= 0.10,
+            "3 daemons: FHIR requests/notification within 10 % of 1",
+        )
+        report.row(
+            "3 daemons vs 1: CPU per notification",
+            f"{cpu:+.0%}",
+            "≤ +20 %",
+            cpu <= 0.20,
+            "3 daemons: CPU/notification within 20 % of 1",
+        )
     if profile:
-        report.notes.append(profile_summary(profile))
+        report.row("ledger's share of the CPU (cProfile of a tuned run, in-process)", f"{profile[0]:.0%}")
+        report.notes.append(profile[1])
+
+    report.section("2. Growth: the default config at N, 4N, 16N appointments (end to end, as above)")
+    for count in (sizes.growth, sizes.growth * 4, sizes.growth * 16):
+        process, url = rig.procs.server("fhir", "--appointments", str(count), timeout=600)
+        measured = connector_run(rig, url, Setting("default config", None), count, f"growth-{count}")
+        rig.procs.stop(process)
+        report.row(
+            f"{count:,} appointments",
+            f"{measured.wall:,.1f} s ({measured.rate:,.0f} /s), {measured.cpu_ms:.2f} ms CPU/notif., "
+            f"peak RSS {measured.rss_kb / 1024:.0f} MB",
+        )
+        if measured.problem:
+            report.notes.append(f"growth {count}: {measured.problem.strip()}")
+
+
+PAUBOX_CHARGE = "50 ms per request + 1 ms per message it carries"
+
+
+def slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in label).strip("-")
+
+
+def target_times(setting: Setting, times: float) -> tuple[str, bool, str] | tuple[()]:
+    if setting.label == "default config":
+        return ("≥ 20× naive", times >= 20, "default config ≥ 20× the naive loop")
+    if setting.label == "tuned":
+        return ("≥ 100× naive", times >= 100, "tuned ≥ 100× the naive loop")
+    return ()
+
+
+def cpu_target_of(setting: Setting, cpu_ms: float) -> tuple[str, bool, str] | None:
+    if setting.label == "tuned":
+        return ("≤ 0.5 ms", cpu_ms <= 0.5, "CPU ≤ 0.5 ms per notification in bulk")
+    if setting.label == "one by one":
+        return ("≤ 1.5 ms", cpu_ms <= 1.5, "CPU ≤ 1.5 ms per notification one by one")
+    return None
+
+
+def ledger_profile(rig: Rig, fhir: str, n: int) -> tuple[float, str]:
+    """The ledger's share of the CPU, by profile: one tuned run in-process (bench/workers.py) under cProfile
+    in thread CPU time; the ledger is every function of connector/ledger, SQLAlchemy and sqlite3 on the event
+    loop's thread plus everything on the threads asyncio.to_thread runs (only ledger calls go there)."""
+    prefix = str(rig.root / "profile-")
+    pipeline_run(rig, fhir, TUNED, n, False, "pipeline-tuned-profiled", profile=prefix)
+    return ledger_share(prefix), profile_summary(prefix)
+
+
+def ledger_share(prefix: str) -> float:
+    import pstats
+
+    total = ledger = 0.0
+    for name in ("main", "ledger"):
+        path = Path(prefix + f"{name}.pstats")
+        if not path.exists():
+            continue
+        stats = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]
+        for (file, _, _), (_, _, own, _, _) in stats.items():
+            total += own
+            if name == "ledger" or any(part in file for part in LEDGER_FILES):
+                ledger += own
+    return ledger / total if total else 0.0
+
+
+LEDGER_FILES = ("/connector/ledger/", "/sqlalchemy/", "/sqlite3/", "/psycopg/")
 
 
 def profile_summary(prefix: str, top: int = 10) -> str:

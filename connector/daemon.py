@@ -17,23 +17,18 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import structlog
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from starlette.applications import Starlette
 
 from connector import metrics
 from connector.errors import ConfigError
 from connector.logs import where
 from connector.results import CycleReport, DispatchReport, PollReport
 from connector.sending.aftercare import ReceiptReader
-from connector.web import health, httpserver
-from connector.web.app import console_routes, create_app
-from connector.web.console.preview import Previewer
-from connector.web.fhir import FhirEndpoints
-from connector.web.httpserver import EmbeddedServer, listen
-from connector.web.links import LinkEndpoints
 
 if TYPE_CHECKING:
+    from starlette.applications import Starlette
+
     from connector.runtime import Runtime
+    from connector.web.httpserver import EmbeddedServer
 
 log = structlog.get_logger("connector.daemon")
 
@@ -88,6 +83,13 @@ async def aftercare(runtime: Runtime) -> None:
 
 def web_app(runtime: Runtime) -> Starlette:
     """Every endpoint `connector run` serves (tests drive this same app in-process)."""
+    # The web side (Starlette, uvicorn) is imported when a server is configured, not by `run --once`.
+    from connector.web import health
+    from connector.web.app import console_routes, create_app
+    from connector.web.console.preview import Previewer
+    from connector.web.fhir import FhirEndpoints
+    from connector.web.links import LinkEndpoints
+
     return create_app(
         runtime.config,
         runtime.aftercare,
@@ -113,7 +115,9 @@ def web_server(runtime: Runtime) -> EmbeddedServer | None:
     settings = runtime.config.server
     if settings is None:
         return None
-    return EmbeddedServer(httpserver.server_config(web_app(runtime), settings))
+    from connector.web import httpserver
+
+    return httpserver.EmbeddedServer(httpserver.server_config(web_app(runtime), settings))
 
 
 async def reload_mappings(runtime: Runtime) -> bool:
@@ -140,6 +144,10 @@ async def reload_mappings(runtime: Runtime) -> bool:
 
 async def run_forever(runtime: Runtime) -> None:
     """Run until SIGTERM or SIGINT; SIGHUP reloads the mappings."""
+    from apscheduler.schedulers.asyncio import AsyncIOScheduler  # not imported by `run --once` (cron)
+
+    from connector.web.httpserver import listen
+
     stop = asyncio.Event()
     running: set[asyncio.Task[object]] = set()
     loop = asyncio.get_running_loop()

@@ -24,7 +24,6 @@ from sqlalchemy.engine import make_url
 from connector import metrics
 from connector.crm.inbox import Keyring
 from connector.delivery.paubox import PauboxRestMailer
-from connector.delivery.smtp import PauboxSmtpMailer
 from connector.errors import LedgerError
 from connector.files import open_private
 from connector.intake.crm import CrmIntake
@@ -81,6 +80,8 @@ def lock_sqlite(config: Config) -> IO[str] | None:
 def make_mailer(config: Config) -> Mailer:
     delivery = config.delivery
     if delivery.transport == "paubox-smtp":
+        from connector.delivery.smtp import PauboxSmtpMailer  # aiosmtplib only for this transport
+
         smtp = delivery.smtp
         ca_file = smtp.ca_file if smtp.ca_file is None or smtp.ca_file.is_absolute() else config.base_dir / smtp.ca_file
         context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import fhirpathpy
 from jinja2 import Template, TemplateError, TemplateNotFound, TemplateSyntaxError
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import ValidationError
@@ -325,6 +324,8 @@ def _condition(
         problems.append(doc.problem(loc, f"FHIRPath does not parse, {syntax}"))
         return None
     try:
+        import fhirpathpy  # here, not at start-up: only mappings with conditions need it
+
         compiled: Condition = fhirpathpy.compile(expression)
         result = compiled(dict(trial))
     except Exception as exc:  # noqa: BLE001 - fhirpathpy raises bare Exception for every parse/eval error

@@ -10,7 +10,6 @@ from typing import Annotated
 
 import httpx
 import typer
-import uvicorn
 
 sandbox_app = typer.Typer(
     help="Local stand-ins for Paubox and a FHIR server: try everything before any real key exists."
@@ -20,6 +19,8 @@ sandbox_app = typer.Typer(
 def _serve(app: object, host: str, port: int) -> None:
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {host}; the sandboxes are meant for 127.0.0.1", file=sys.stderr)
+    import uvicorn  # here: `connector` itself starts without the server
+
     uvicorn.run(app, host=host, port=port, log_level="warning", log_config=None)  # type: ignore[arg-type]
 
 

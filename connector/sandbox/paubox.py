@@ -13,7 +13,9 @@ Control endpoints (not part of Paubox):
                                           {"status": 200}],   (200: an `errors` body)
                                           "webhooks": {"drop": 1, "duplicate": true, "reorder": true,
                                                        "delay": 0.5}}
-    GET    /_sandbox/stats               counters per X-Notification-Key
+    GET    /_sandbox/stats               counters per X-Notification-Key, first and last acceptance
+The delay of a send request is `latency_ms` plus `latency_per_message_ms` (also a key of /_sandbox/faults)
+per message it carries.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ class SandboxState:
     webhook_url: str | None = None
     webhook_faults: WebhookFaults = field(default_factory=WebhookFaults)
     webhook_events: tuple[str, ...] = ("api_mail_log_delivered",)
-    latency: float = 0.0
+    latency: float = 0.0  # seconds per send request
+    latency_per_message: float = 0.0  # and seconds per message it carries (a bulk of 50 costs 50 of them)
     chaos: Chaos | None = None
     messages: list[dict[str, Any]] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
@@ -180,8 +183,8 @@ def create_app(state: SandboxState) -> Starlette:
         raw = await request.body()  # read first: the request has fully arrived, whatever happens next
         if not _authorised(request, state):
             return _unauthorised()
-        if state.latency:
-            await asyncio.sleep(state.latency)
+        if state.latency or state.latency_per_message:
+            await asyncio.sleep(state.latency + state.latency_per_message)
         try:
             body = json.loads(raw)
             message = body["data"]["message"]
@@ -208,12 +211,14 @@ def create_app(state: SandboxState) -> Starlette:
         raw = await request.body()
         if not _authorised(request, state):
             return _unauthorised()
-        if state.latency:
-            await asyncio.sleep(state.latency)
         try:
             messages = json.loads(raw)["data"]["messages"]
             assert isinstance(messages, list) and messages
         except (ValueError, KeyError, TypeError, AssertionError):
+            messages = None
+        if state.latency or state.latency_per_message:
+            await asyncio.sleep(state.latency + state.latency_per_message * len(messages or ()))
+        if messages is None:
             return errors(400, "Bad Request", "Request body must be JSON with data.messages")
         for index, message in enumerate(messages):
             problem = validate_message(message, state)
@@ -281,6 +286,7 @@ def create_app(state: SandboxState) -> Starlette:
     async def faults(request: Request) -> Response:
         body = json.loads(await request.body() or b"{}")
         state.latency = float(body.get("latency_ms", state.latency * 1000)) / 1000
+        state.latency_per_message = float(body.get("latency_per_message_ms", state.latency_per_message * 1000)) / 1000
         state.faults = [Fault(**f) for f in body.get("faults", [])]
         state.webhook_faults = WebhookFaults(**body.get("webhooks", {}))
         return JSONResponse({"latency_ms": state.latency * 1000, "faults": len(state.faults)})
@@ -291,6 +297,8 @@ def create_app(state: SandboxState) -> Starlette:
                 "received": state.received,
                 "accepted": len(state.messages),
                 "bulk_requests": state.bulk_requests,
+                "first_received_at": state.messages[0]["received_at"] if state.messages else None,
+                "last_received_at": state.messages[-1]["received_at"] if state.messages else None,
                 "per_key": dict(state.requests),
                 "tracking": {
                     m["custom_headers"].get("X-Notification-Key", ""): m["sourceTrackingId"] for m in state.messages

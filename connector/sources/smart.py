@@ -26,7 +26,6 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import httpx
-import jwt
 import structlog
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
@@ -219,6 +218,8 @@ class SmartBackendAuth(httpx.Auth):
             "exp": int(self._clock()) + ASSERTION_LIFETIME,
             "jti": str(uuid.uuid4()),
         }
+        import jwt  # here, not at start-up: PyJWT loads much of `cryptography`, needed only with SMART
+
         return jwt.encode(claims, self._key, algorithm=self.algorithm, headers={"kid": self.key_id, "typ": "JWT"})
 
     async def _request_token(self) -> AccessToken:

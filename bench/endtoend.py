@@ -1,0 +1,167 @@
+"""End to end, as users run it: `connector run --once` in fresh processes, timed from the moment the process
+is started to the last message the sandbox accepted (start-up, imports, migrations check, poll, plan,
+ledger, rendering and sending all included), with the CPU time and peak RSS the kernel counted for the
+process (os.wait4), beside the naive loop (bench/naive.py) measured the same way."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from bench.rig import PY, ROOT, Rig, sandbox
+from bench.table import log
+from connector.testing import (
+    API_KEY,
+    PG_URL,
+    USERNAME,
+    HarnessError,
+    cli,
+    connector_argv,
+    create_schema,
+    drop_schema,
+    environment,
+    schema_url,
+    sqlite_url,
+    write_config,
+)
+
+TUNED = {"bulk": 50, "concurrency": 16, "batch_size": 500}
+ONE_BY_ONE = {"bulk": 0, "concurrency": 32, "batch_size": 500}
+
+
+@dataclass(frozen=True)
+class Setting:
+    label: str
+    dispatch: dict[str, int] | None  # None: the product's defaults
+    daemons: int = 1
+    postgres: bool = False
+
+
+@dataclass
+class Measured:
+    """What one end-to-end run gave: messages accepted, seconds from start to the last acceptance, CPU
+    seconds and peak RSS (kB, the largest process) of the measured processes, FHIR requests served."""
+
+    sent: int
+    wall: float
+    cpu: float
+    rss_kb: int
+    fhir_requests: int
+    most_copies: int
+    problem: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.sent / self.wall if self.wall > 0 else 0.0
+
+    @property
+    def cpu_ms(self) -> float:
+        return self.cpu * 1000 / self.sent if self.sent else float("nan")
+
+
+def _wait_all(pids: list[int], timeout: float) -> list[tuple[int, Any]]:
+    """(exit code, rusage) of each child once it ended; SIGKILL for those still running after `timeout`."""
+    deadline, done = time.monotonic() + timeout, dict[int, tuple[int, Any]]()
+    while len(done) < len(pids):
+        for pid in pids:
+            if pid in done:
+                continue
+            got, status, usage = os.wait4(pid, os.WNOHANG)
+            if got:
+                done[pid] = (os.waitstatus_to_exitcode(status), usage)
+        if time.monotonic() > deadline:
+            for pid in pids:
+                if pid not in done:
+                    os.kill(pid, signal.SIGKILL)
+                    _, status, usage = os.wait4(pid, 0)
+                    done[pid] = (-9, usage)
+        time.sleep(0.01)
+    return [done[pid] for pid in pids]
+
+
+def _spawn(argv: list[str], cwd: Path, log_path: Path, env: dict[str, str]) -> int:
+    with log_path.open("ab") as out:
+        process = subprocess.Popen(  # noqa: S603 - our own programs
+            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+        )
+    process.returncode = 0  # reaped by _wait_all (os.wait4), not by Popen
+    return process.pid
+
+
+def _accepted(rig: Rig, fhir: str, started: float) -> tuple[int, float, int, int]:
+    stats = sandbox(rig.paubox, "GET", "/_sandbox/stats")
+    last = stats.get("last_received_at")
+    wall = datetime.fromisoformat(last).timestamp() - started if last else 0.0
+    requests = int(sandbox(fhir, "GET", "/_bench/requests")["requests"])
+    return stats["accepted"], wall, max(stats["per_key"].values(), default=0), requests
+
+
+def _reset(rig: Rig, fhir: str) -> None:
+    sandbox(rig.paubox, "DELETE", "/_sandbox/messages")
+    sandbox(fhir, "DELETE", "/_bench/requests")
+
+
+def connector_run(rig: Rig, fhir: str, setting: Setting, expected: int, name: str) -> Measured:
+    """`setting.daemons` processes of `connector run --once` started at once on one ledger."""
+    folder = rig.root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    schema = create_schema(PG_URL, prefix="bench") if setting.postgres else None
+    ledger = schema_url(PG_URL, schema) if schema else sqlite_url(folder / "ledger.db")
+    settings = setting.dispatch or {}
+    config = write_config(
+        folder,
+        fhir,
+        rig.paubox,
+        ledger_url=ledger,
+        mappings=("appointment-booked",),
+        optout=False,
+        source={"page_size": None, "retries": None},
+        dispatch={"interval": "10s", "retry_backoff": None, **settings},  # 10s: the default
+    )
+    env = environment(PAUBOX_API_KEY=API_KEY)
+    try:
+        cli("db", "upgrade", "--config", config, cwd=folder)  # once, before: a cron user's ledger exists
+        _reset(rig, fhir)
+        argv = connector_argv("run", "--once", "--config", str(config))
+        started = time.time()
+        pids = [_spawn(argv, folder, folder / f"daemon{i}.log", env) for i in range(setting.daemons)]
+        ended = _wait_all(pids, timeout=max(300.0, expected / 5))
+    finally:
+        if schema:
+            drop_schema(schema, PG_URL)
+    sent, wall, copies, requests = _accepted(rig, fhir, started)
+    cpu = sum(usage.ru_utime + usage.ru_stime for _, usage in ended)
+    codes = [code for code, _ in ended]
+    problem = (
+        ""
+        if sent == expected and copies == 1 and not any(codes)
+        else f" (CHECK: accepted {sent} of {expected}, most copies {copies}, exit codes {codes}; see {folder})"
+    )
+    measured = Measured(sent, wall, cpu, max(u.ru_maxrss for _, u in ended), requests, copies, problem)
+    log(
+        f"{name}: {sent} in {wall:.1f} s = {measured.rate:,.0f}/s, CPU {measured.cpu_ms:.2f} ms/notification, "
+        f"RSS {measured.rss_kb / 1024:.0f} MB, {requests} FHIR requests{problem}"
+    )
+    return measured
+
+
+def naive_run(rig: Rig, fhir: str, count: int) -> Measured:
+    """The naive loop (bench/naive.py) over the first `count` appointments, in a fresh process."""
+    _reset(rig, fhir)
+    env = environment(PAUBOX_API_KEY=API_KEY)
+    argv = [PY, "-m", "bench.naive", fhir, rig.paubox, USERNAME, str(count)]
+    started = time.time()
+    pid = _spawn(argv, ROOT, rig.root / "naive.log", env)
+    ((code, usage),) = _wait_all([pid], timeout=120 + count)
+    if code:
+        raise HarnessError(f"the naive loop failed (exit {code}); see {rig.root / 'naive.log'}")
+    sent, wall, copies, requests = _accepted(rig, fhir, started)
+    measured = Measured(sent, wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss, requests, copies)
+    log(f"naive: {sent} in {wall:.1f} s = {measured.rate:.1f}/s, CPU {measured.cpu_ms:.2f} ms/notification")
+    return measured
