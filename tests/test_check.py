@@ -14,15 +14,21 @@ import pytest
 import trustme
 from aiosmtpd.smtp import SMTP as SmtpServer
 from aiosmtpd.smtp import AuthResult, LoginPassword
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from connector import preflight
 from connector.commands.check import run
 from connector.preflight import Check
 from connector.sandbox.fhir import FhirState
+from connector.sandbox.fhir import create_app as fhir_app
+from connector.sandbox.smart_token import SmartTokenState
+from connector.sandbox.smart_token import create_app as token_app
 from connector.testing import API_KEY, Server, cli, environment, free_port, serve_fhir, serve_paubox, write_config
 
 SMTP_PASSWORD = "smtp-test-key-0b1c"
@@ -355,3 +361,64 @@ def test_public_url_verdicts_and_lines() -> None:
     assert preflight.line(bad).endswith(f"— {bad.fix}")
     assert preflight.line(Check("ledger", "writable", True, "fine", "never shown")) == "✓ ledger: writable: fine"
     assert not preflight.passed([])
+
+
+# -- source auth -------------------------------------------------------------------------------------------
+
+
+def smart_world(tokens: SmartTokenState) -> Any:
+    """The FHIR test server with the SMART token server beside it (discovery and /token), on one origin."""
+    fhir = FhirState(authorizer=tokens.check)
+    auth_app, ehr_app = token_app(tokens), fhir_app(fhir)
+
+    async def router(scope: Scope, receive: Receive, send: Send) -> None:
+        target = auth_app if scope.get("path", "").startswith(("/.well-known/", "/token")) else ehr_app
+        await target(scope, receive, send)
+
+    return router
+
+
+def test_smart_token_granted_narrowed_or_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PAUBOX_API_KEY", API_KEY)
+    key = rsa.generate_private_key(65537, 2048)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    (tmp_path / "client-key.pem").write_bytes(pem)
+    tokens = SmartTokenState()
+    tokens.register("connector-test", "rsa-1", key.public_key())
+    smart = (
+        "    auth:\n      type: smart\n      client_id: connector-test\n      key_id: {kid}\n"
+        "      private_key: {{file: client-key.pem}}\n"
+    )
+    with Server(smart_world(tokens)) as ehr, serve_paubox() as paubox:
+        good = write_config(tmp_path, ehr.url, paubox.url, extra_source=smart.format(kid="rsa-1"), name="good.yaml")
+        granted = by_name(asyncio.run(run(good)))
+        tokens.granted_scope = "system/Appointment.rs"
+        narrowed = by_name(asyncio.run(run(good)))
+        tokens.granted_scope = None
+        unknown = write_config(tmp_path, ehr.url, paubox.url, extra_source=smart.format(kid="nope"), name="bad.yaml")
+        refused = asyncio.run(run(unknown))
+    assert granted[("source ehr", "SMART token")].ok
+    assert granted[("source ehr", "one-page probe")].ok
+    narrow = narrowed[("source ehr", "SMART token")]
+    assert not narrow.ok and narrow.detail == "granted, without system/Patient.rs"
+    source = [(c.name, c.ok) for c in refused if c.part == "source ehr"]
+    assert source[0] == ("SMART token", False) and all(not ok for _, ok in source)
+    first = next(c for c in refused if c.part == "source ehr")
+    assert "SMART token request" in first.detail and "answered HTTP" in first.detail, first
+    assert "client_id, key_id, private_key" in (first.fix or "")
+
+
+def test_a_wrong_bearer_token_fails_the_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PAUBOX_API_KEY", API_KEY)
+    monkeypatch.setenv("FHIR_TOKEN", "not-the-token")
+    state = FhirState()
+    state.token = "fhir-test-token"
+    auth = "    auth:\n      type: bearer\n      token: ${FHIR_TOKEN}\n"
+    with serve_fhir(state) as fhir, serve_paubox() as paubox:
+        config = write_config(tmp_path, fhir.url, paubox.url, extra_source=auth)
+        checks = [c for c in asyncio.run(run(config)) if c.part == "source ehr"]
+        monkeypatch.setenv("FHIR_TOKEN", "fhir-test-token")
+        fixed = [c for c in asyncio.run(run(config)) if c.part == "source ehr"]
+    failed = next(c for c in checks if not c.ok)
+    assert "401" in failed.detail and failed.fix == "check sources.ehr.auth"
+    assert all(c.ok for c in fixed), fixed
