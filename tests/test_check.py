@@ -422,3 +422,8 @@ def test_a_wrong_bearer_token_fails_the_source(tmp_path: Path, monkeypatch: pyte
     failed = next(c for c in checks if not c.ok)
     assert "401" in failed.detail and failed.fix == "check sources.ehr.auth"
     assert all(c.ok for c in fixed), fixed
+
+
+def test_check_has_help(tmp_path: Path) -> None:
+    result = cli("check", "--help", cwd=tmp_path)
+    assert "Usage:" in result.stdout and "--json" in result.stdout
