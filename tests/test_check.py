@@ -23,7 +23,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from connector import preflight
-from connector.commands.check import run
+from connector.commands.check import guarded, run
 from connector.preflight import Check
 from connector.sandbox.fhir import FhirState
 from connector.sandbox.fhir import create_app as fhir_app
@@ -46,9 +46,11 @@ def upgraded(config: Path) -> Path:
 def test_everything_passes_against_the_sandboxes_and_exit_is_0(tmp_path: Path) -> None:
     with serve_fhir(FhirState()) as fhir, serve_paubox() as paubox:
         config = upgraded(write_config(tmp_path, fhir.url, paubox.url))
-        result = cli("check", "--config", config, cwd=tmp_path, check=False)
+        env = environment(PAUBOX_API_KEY=API_KEY, COLUMNS="60")  # a narrow "terminal": lines are still not wrapped
+        result = cli("check", "--config", config, cwd=tmp_path, env=env, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
+    assert len(lines) == 1 + 3 + 4 + 2 + 1  # config, ledger, source, paubox, the tally
     assert all(line.startswith("✓ ") for line in lines[:-1]), result.stdout
     for expected in (
         "✓ ledger: writable:",
@@ -427,3 +429,12 @@ def test_a_wrong_bearer_token_fails_the_source(tmp_path: Path, monkeypatch: pyte
 def test_check_has_help(tmp_path: Path) -> None:
     result = cli("check", "--help", cwd=tmp_path)
     assert "Usage:" in result.stdout and "--json" in result.stdout
+
+
+async def test_an_unexpected_error_in_one_part_is_a_failed_check_of_that_part() -> None:
+    async def broken() -> list[Check]:
+        return [Check("x", "y", True, str(1 / 0))]
+
+    checks = await guarded("source ehr", broken())
+    assert len(checks) == 1 and not checks[0].ok
+    assert checks[0].detail.startswith("unexpected ZeroDivisionError at ") and checks[0].part == "source ehr"
