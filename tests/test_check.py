@@ -438,3 +438,19 @@ async def test_an_unexpected_error_in_one_part_is_a_failed_check_of_that_part() 
     checks = await guarded("source ehr", broken())
     assert len(checks) == 1 and not checks[0].ok
     assert checks[0].detail.startswith("unexpected ZeroDivisionError at ") and checks[0].part == "source ehr"
+
+
+def test_history_strategy_against_a_server_with_and_without_history(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PAUBOX_API_KEY", API_KEY)
+    results = {}
+    for mode in ("full", "epic"):
+        with serve_fhir(FhirState(mode=mode)) as fhir, serve_paubox() as paubox:
+            config = write_config(tmp_path, fhir.url, paubox.url, source={"strategy": "history"}, name=f"{mode}.yaml")
+            results[mode] = by_name(asyncio.run(run(config)))
+    declared = ("source ehr", "strategy history declared")
+    assert results["full"][declared].ok and results["full"][("source ehr", "one-page probe")].ok
+    refused = results["epic"][declared]
+    assert not refused.ok and refused.detail == "Appointment does not list the history-type interaction"
+    assert "sources.ehr.strategy" in (refused.fix or "")
