@@ -422,8 +422,9 @@ def test_a_wrong_bearer_token_fails_the_source(tmp_path: Path, monkeypatch: pyte
         monkeypatch.setenv("FHIR_TOKEN", "fhir-test-token")
         fixed = [c for c in asyncio.run(run(config)) if c.part == "source ehr"]
     failed = next(c for c in checks if not c.ok)
-    assert "401" in failed.detail and failed.fix == "check sources.ehr.auth"
+    assert failed.name == "auth" and "401" in failed.detail and failed.fix == "check sources.ehr.auth"
     assert all(c.ok for c in fixed), fixed
+    assert fixed[-1] == Check("source ehr", "auth", True, "bearer accepted (the probe read a page with it)")
 
 
 def test_check_has_help(tmp_path: Path) -> None:

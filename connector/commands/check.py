@@ -207,13 +207,16 @@ async def _source(source: FhirPollSource, part: str) -> list[Check]:
         page = await first_page(source, datetime.now(UTC))
     except ConnectorError as exc:
         said = _said(exc)
-        fix = f"check sources.{name}.auth" if " 401" in said or " 403" in said else f"see sources.{name}.strategy"
-        checks.append(Check(part, "one-page probe", False, said, fix))
+        refused = " 401" in said or " 403" in said
+        fix = f"check sources.{name}.auth" if refused else f"see sources.{name}.strategy"
+        checks.append(Check(part, "auth" if refused else "one-page probe", False, said, fix))
         return checks
     count = len(page.matches) if page else 0
     checks.append(
         preflight.probe(name, config.strategy, page.self_url if page else None, count, config.on_ignored_filter)
     )
+    if config.auth.type != "none":
+        checks.append(Check(part, "auth", True, f"{config.auth.type} accepted (the probe read a page with it)"))
     return checks
 
 
