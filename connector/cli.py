@@ -93,7 +93,7 @@ def _fail(exc: ConnectorError) -> typer.Exit:
         for problem in exc.problems:
             report.console.print(f"  {problem}", markup=False)
     else:
-        report.console.print(report.styled("error:", "red", str(exc)))
+        report.console.print(report.styled("error:", "red", str(exc)), soft_wrap=True)
     return typer.Exit(2)
 
 

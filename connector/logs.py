@@ -26,6 +26,14 @@ FORMATS = ("console", "json")
 HANDLER = "connector"  # the name of the root handler `configure` installs (and replaces when called again)
 
 
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever `sys.stderr` is when a line is written (a test's capture may have replaced it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def configure(level: str = "info", fmt: str = "console") -> None:
     """Our lines (structlog) and every library's (uvicorn, APScheduler, ... through stdlib logging) in one
     format on stderr. Libraries speak from `warning` up (APScheduler from `error`), whatever `level`."""
@@ -51,7 +59,7 @@ def configure(level: str = "info", fmt: str = "console") -> None:
         stamp,
         *traceback_text,
     ]
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Stderr()
     handler.name = HANDLER
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(

@@ -36,7 +36,7 @@ console = Console(highlight=False, width=_width())
 def cycle(report: CycleReport) -> None:
     for poll in report.polls:
         if poll.error:
-            console.print(styled(f"source {poll.source}: FAILED", "red", poll.error))
+            console.print(styled(f"source {poll.source}: FAILED", "red", poll.error), soft_wrap=True)
         else:
             console.print(
                 f"source {poll.source}: {poll.pages} page(s), {poll.resources} appointment(s), "
@@ -47,7 +47,7 @@ def cycle(report: CycleReport) -> None:
         steps = ", ".join(f"{v} {k}" for k, v in report.dispatch.steps.items() if v) or "nothing due"
         console.print(f"dispatch: {steps}")
         if report.dispatch.paused:
-            console.print(styled("sending paused:", "red", report.dispatch.paused))
+            console.print(styled("sending paused:", "red", report.dispatch.paused), soft_wrap=True)
         if report.dispatch.waiting:
             console.print(f"sending waits: {report.dispatch.waiting}", markup=False)
 
@@ -111,7 +111,7 @@ def replayed(result: Replayed, dry_run: bool, output: Path | None = None) -> Non
 
 def dry_run(result: DryRun) -> None:
     for error in result.errors:
-        console.print(styled(error, "red"))
+        console.print(styled(error, "red"), soft_wrap=True)
     replay_items(
         result.planned,
         result.notes,
@@ -256,7 +256,7 @@ def checks(found: list[Check]) -> None:
     for check in found:
         text = Text(preflight.line(check))
         text.stylize("green" if check.ok else "red", 0, 1)
-        console.print(text)
+        console.print(text, soft_wrap=True)  # one line per check, however long, when piped
     console.print(styled(preflight.summary(found), "green" if preflight.passed(found) else "red"))
 
 

@@ -14,15 +14,21 @@ import pytest
 import trustme
 from aiosmtpd.smtp import SMTP as SmtpServer
 from aiosmtpd.smtp import AuthResult, LoginPassword
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from connector import preflight
-from connector.commands.check import run
+from connector.commands.check import guarded, run
 from connector.preflight import Check
 from connector.sandbox.fhir import FhirState
+from connector.sandbox.fhir import create_app as fhir_app
+from connector.sandbox.smart_token import SmartTokenState
+from connector.sandbox.smart_token import create_app as token_app
 from connector.testing import API_KEY, Server, cli, environment, free_port, serve_fhir, serve_paubox, write_config
 
 SMTP_PASSWORD = "smtp-test-key-0b1c"
@@ -40,9 +46,11 @@ def upgraded(config: Path) -> Path:
 def test_everything_passes_against_the_sandboxes_and_exit_is_0(tmp_path: Path) -> None:
     with serve_fhir(FhirState()) as fhir, serve_paubox() as paubox:
         config = upgraded(write_config(tmp_path, fhir.url, paubox.url))
-        result = cli("check", "--config", config, cwd=tmp_path, check=False)
+        env = environment(PAUBOX_API_KEY=API_KEY, COLUMNS="60")  # a narrow "terminal": lines are still not wrapped
+        result = cli("check", "--config", config, cwd=tmp_path, env=env, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
+    assert len(lines) == 1 + 3 + 4 + 2 + 1  # config, ledger, source, paubox, the tally
     assert all(line.startswith("✓ ") for line in lines[:-1]), result.stdout
     for expected in (
         "✓ ledger: writable:",
@@ -355,3 +363,95 @@ def test_public_url_verdicts_and_lines() -> None:
     assert preflight.line(bad).endswith(f"— {bad.fix}")
     assert preflight.line(Check("ledger", "writable", True, "fine", "never shown")) == "✓ ledger: writable: fine"
     assert not preflight.passed([])
+
+
+# -- source auth -------------------------------------------------------------------------------------------
+
+
+def smart_world(tokens: SmartTokenState) -> Any:
+    """The FHIR test server with the SMART token server beside it (discovery and /token), on one origin."""
+    fhir = FhirState(authorizer=tokens.check)
+    auth_app, ehr_app = token_app(tokens), fhir_app(fhir)
+
+    async def router(scope: Scope, receive: Receive, send: Send) -> None:
+        target = auth_app if scope.get("path", "").startswith(("/.well-known/", "/token")) else ehr_app
+        await target(scope, receive, send)
+
+    return router
+
+
+def test_smart_token_granted_narrowed_or_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PAUBOX_API_KEY", API_KEY)
+    key = rsa.generate_private_key(65537, 2048)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    (tmp_path / "client-key.pem").write_bytes(pem)
+    tokens = SmartTokenState()
+    tokens.register("connector-test", "rsa-1", key.public_key())
+    smart = (
+        "    auth:\n      type: smart\n      client_id: connector-test\n      key_id: {kid}\n"
+        "      private_key: {{file: client-key.pem}}\n"
+    )
+    with Server(smart_world(tokens)) as ehr, serve_paubox() as paubox:
+        good = write_config(tmp_path, ehr.url, paubox.url, extra_source=smart.format(kid="rsa-1"), name="good.yaml")
+        granted = by_name(asyncio.run(run(good)))
+        tokens.granted_scope = "system/Appointment.rs"
+        narrowed = by_name(asyncio.run(run(good)))
+        tokens.granted_scope = None
+        unknown = write_config(tmp_path, ehr.url, paubox.url, extra_source=smart.format(kid="nope"), name="bad.yaml")
+        refused = asyncio.run(run(unknown))
+    assert granted[("source ehr", "SMART token")].ok
+    assert granted[("source ehr", "one-page probe")].ok
+    narrow = narrowed[("source ehr", "SMART token")]
+    assert not narrow.ok and narrow.detail == "granted, without system/Patient.rs"
+    source = [(c.name, c.ok) for c in refused if c.part == "source ehr"]
+    assert source[0] == ("SMART token", False) and all(not ok for _, ok in source)
+    first = next(c for c in refused if c.part == "source ehr")
+    assert "SMART token request" in first.detail and "answered HTTP" in first.detail, first
+    assert "client_id, key_id, private_key" in (first.fix or "")
+
+
+def test_a_wrong_bearer_token_fails_the_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PAUBOX_API_KEY", API_KEY)
+    monkeypatch.setenv("FHIR_TOKEN", "not-the-token")
+    state = FhirState()
+    state.token = "fhir-test-token"
+    auth = "    auth:\n      type: bearer\n      token: ${FHIR_TOKEN}\n"
+    with serve_fhir(state) as fhir, serve_paubox() as paubox:
+        config = write_config(tmp_path, fhir.url, paubox.url, extra_source=auth)
+        checks = [c for c in asyncio.run(run(config)) if c.part == "source ehr"]
+        monkeypatch.setenv("FHIR_TOKEN", "fhir-test-token")
+        fixed = [c for c in asyncio.run(run(config)) if c.part == "source ehr"]
+    failed = next(c for c in checks if not c.ok)
+    assert failed.name == "auth" and "401" in failed.detail and failed.fix == "check sources.ehr.auth"
+    assert all(c.ok for c in fixed), fixed
+    assert fixed[-1] == Check("source ehr", "auth", True, "bearer accepted (the probe read a page with it)")
+
+
+def test_check_has_help(tmp_path: Path) -> None:
+    result = cli("check", "--help", cwd=tmp_path)
+    assert "Usage:" in result.stdout and "--json" in result.stdout
+
+
+async def test_an_unexpected_error_in_one_part_is_a_failed_check_of_that_part() -> None:
+    async def broken() -> list[Check]:
+        return [Check("x", "y", True, str(1 / 0))]
+
+    checks = await guarded("source ehr", broken())
+    assert len(checks) == 1 and not checks[0].ok
+    assert checks[0].detail.startswith("unexpected ZeroDivisionError at ") and checks[0].part == "source ehr"
+
+
+def test_history_strategy_against_a_server_with_and_without_history(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PAUBOX_API_KEY", API_KEY)
+    results = {}
+    for mode in ("full", "epic"):
+        with serve_fhir(FhirState(mode=mode)) as fhir, serve_paubox() as paubox:
+            config = write_config(tmp_path, fhir.url, paubox.url, source={"strategy": "history"}, name=f"{mode}.yaml")
+            results[mode] = by_name(asyncio.run(run(config)))
+    declared = ("source ehr", "strategy history declared")
+    assert results["full"][declared].ok and results["full"][("source ehr", "one-page probe")].ok
+    refused = results["epic"][declared]
+    assert not refused.ok and refused.detail == "Appointment does not list the history-type interaction"
+    assert "sources.ehr.strategy" in (refused.fix or "")

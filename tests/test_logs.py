@@ -35,8 +35,18 @@ MARKUP = re.compile(r"\[/?(red|green|bold|yellow)[^\]]*\]")
 
 @pytest.fixture
 def configured() -> Iterator[None]:
-    """Put logging back as it was: no handler of ours bound to this test's captured stderr."""
+    """uvicorn's loggers as in `connector run` (the test servers of other tests gave them handlers of their
+    own), then logging put back as it was."""
+    saved = []
+    for name in ("uvicorn", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.handlers[:], logger.propagate, logger.level))
+        logger.handlers, logger.propagate = [], True
+        logger.setLevel(logging.WARNING)
     yield
+    for logger, handlers, propagate, level in saved:
+        logger.handlers, logger.propagate = handlers, propagate
+        logger.setLevel(level)
     root = logging.getLogger()
     for handler in [h for h in root.handlers if h.name == logs.HANDLER]:
         root.removeHandler(handler)

@@ -98,3 +98,26 @@ async def test_fhir_server_versions_filters_and_pages() -> None:
         unsorted = (await http.get("/Appointment", params={"_sort": "_lastUpdated"})).json()
         assert "_sort" not in unsorted["link"][0]["url"]
         assert (await http.get("/Appointment/nope")).status_code == 404
+
+
+async def test_paubox_sandbox_receipt_of_an_unknown_id_and_with_a_wrong_key() -> None:
+    """What `connector check` relies on, as the API documents it: the key is checked first (401 with the
+    `invalid_access_token` envelope), then an unknown tracking id is a JSON 404 that echoes the id."""
+    state = SandboxState(api_key="k", username="clinic")
+    unknown = "6e1cf9a4-7bde-4834-8200-ed424b50c8a7"
+    async with client(paubox_app(state)) as http:
+        missing = await http.get(
+            "/v1/clinic/message_receipt", params={"sourceTrackingId": unknown}, headers={"Authorization": "Bearer k"}
+        )
+        wrong_key = await http.get(
+            "/v1/clinic/message_receipt", params={"sourceTrackingId": unknown}, headers={"Authorization": "Bearer x"}
+        )
+    assert missing.status_code == 404 and missing.headers["content-type"] == "application/json"
+    assert missing.json() == {
+        "errors": [
+            {"code": 404, "title": "Message was not found", "details": "Message with this tracking id was not found"}
+        ],
+        "sourceTrackingId": unknown,
+    }
+    assert wrong_key.status_code == 401
+    assert wrong_key.json()["errors"][0]["status"] == "invalid_access_token"

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import uuid
+from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,6 +37,7 @@ from connector.errors import ConfigError, ConnectorError
 from connector.ledger import migrate
 from connector.ledger.health import describe, probe_engine
 from connector.ledger.schema import ComponentHealthRow
+from connector.logs import where
 from connector.preflight import Check, skipped
 from connector.sources.fhir_poll import FhirPollSource
 from connector.urls import show_origin
@@ -78,17 +80,26 @@ async def run(config_path: Path) -> list[Check]:
         checks = [
             Check("config", "valid", True, f"{len(config.sources)} source(s), {len(checked.mappings)} mapping(s)")
         ]
-    ledger = asyncio.to_thread(ledger_checks, config)
     parts = await asyncio.gather(
-        ledger,
-        *(source_checks(name, source) for name, source in config.sources.items()),
-        paubox_checks(config),
-        smtp_checks(config),
-        webhook_checks(config),
+        guarded("ledger", asyncio.to_thread(ledger_checks, config)),
+        *(guarded(f"source {name}", source_checks(name, source)) for name, source in config.sources.items()),
+        guarded("paubox", paubox_checks(config)),
+        guarded("smtp", smtp_checks(config)),
+        guarded("webhooks", webhook_checks(config)),
     )
     for part in parts:
         checks += part
     return checks
+
+
+async def guarded(part: str, probes: Awaitable[list[Check]]) -> list[Check]:
+    """The checks of one part; an error nobody expected becomes a failed check of that part (located by
+    type and place, not quoted: its text could carry what a server sent)."""
+    try:
+        return await probes
+    except Exception as exc:  # noqa: BLE001 - one part's surprise must not hide the other parts' answers
+        fix = "a bug in connector: report it with this line"
+        return [Check(part, "checked", False, f"unexpected {where(exc)}", fix)]
 
 
 # -- the ledger ------------------------------------------------------------------------------------------
@@ -196,13 +207,16 @@ async def _source(source: FhirPollSource, part: str) -> list[Check]:
         page = await first_page(source, datetime.now(UTC))
     except ConnectorError as exc:
         said = _said(exc)
-        fix = f"check sources.{name}.auth" if " 401" in said or " 403" in said else f"see sources.{name}.strategy"
-        checks.append(Check(part, "one-page probe", False, said, fix))
+        refused = " 401" in said or " 403" in said
+        fix = f"check sources.{name}.auth" if refused else f"see sources.{name}.strategy"
+        checks.append(Check(part, "auth" if refused else "one-page probe", False, said, fix))
         return checks
     count = len(page.matches) if page else 0
     checks.append(
         preflight.probe(name, config.strategy, page.self_url if page else None, count, config.on_ignored_filter)
     )
+    if config.auth.type != "none":
+        checks.append(Check(part, "auth", True, f"{config.auth.type} accepted (the probe read a page with it)"))
     return checks
 
 
