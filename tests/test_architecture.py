@@ -96,6 +96,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "connector.progress",
             "connector.machine",
             "connector.operate",
+            "connector.preview",
             "connector.cli",
             "connector.entry",
             "connector.__main__",
