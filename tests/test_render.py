@@ -109,3 +109,15 @@ def test_render_without_a_config_uses_the_options(tmp_path: Path, folder: Path) 
     )
     assert result.returncode == 0, result.stderr
     assert "on 1 december 2026" in result.stdout and "2:30 p.m. UTC" in result.stdout  # no config: UTC
+
+
+def test_validate_names_an_unknown_var_with_the_mapping(folder: Path) -> None:
+    text = folder / "mappings" / "appointment-booked.txt"
+    text.write_text(text.read_text() + "Call {{ vars.clinic_phon }}\n")
+    result = connector("validate", "--config", "config.yaml", cwd=folder)
+    assert result.returncode == 2
+    line = len(text.read_text().splitlines())
+    assert f"{text.resolve()} line {line} (appointment-booked.txt): vars.clinic_phon is not in the `vars:` of " in (
+        result.stdout
+    )
+    assert "appointment-booked.yaml" in result.stdout
