@@ -132,6 +132,8 @@ def test_every_command_has_help(tmp_path: Path) -> None:
         ["render"],
         ["replay"],
         ["status"],
+        ["resolve"],
+        ["retry"],
         ["db", "upgrade"],
         ["sandbox"],
         ["sandbox", "inbox"],
