@@ -29,7 +29,7 @@ TargetsArgument = Annotated[
     typer.Argument(
         help="Notification ids (the `id` column of `connector status`) or full keys.",
         show_default=False,
-        metavar="[ID|KEY]...",
+        metavar="ID|KEY",
     ),
 ]
 StateOption = Annotated[
