@@ -160,7 +160,9 @@ def run(
     try:
         cfg = load_config(config)
         if dry_run:
-            report.dry_run(asyncio.run(running.dry_run(cfg, clock)))
+            with Bar() as bar:
+                planned = asyncio.run(running.dry_run(cfg, clock, bar))
+            report.dry_run(planned)
             return
         result = asyncio.run(running.run(cfg, clock, once=once or now is not None))
     except ConnectorError as exc:
