@@ -53,6 +53,7 @@ NowOption = Annotated[
     ),
 ]
 DryRunOption = Annotated[bool, typer.Option("--dry-run", help="Show what would be sent; change nothing.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON (shape in the README) instead of tables.")]
 
 
 def _instant(value: str | None, option: str) -> datetime | None:
@@ -253,9 +254,6 @@ def replay(
         print(json.dumps(machine.replay_json(result, dry_run), indent=2))
     else:
         report.replayed(result, dry_run, output)
-
-
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON (shape in the README) instead of tables.")]
 
 
 @app.command()
