@@ -14,7 +14,7 @@ from typing import Annotated, TypeVar
 import typer
 from sqlalchemy.exc import OperationalError
 
-from connector import logs, machine, operate, optout, report
+from connector import logs, machine, operate, optout, preview, report
 from connector.cli_check import check as check_command
 from connector.commands import files, ledger, scaffold
 from connector.commands import run as running
@@ -22,7 +22,6 @@ from connector.commands.console import console_app
 from connector.config import LEDGER, Config, Environment, load_config
 from connector.entry import package_version
 from connector.errors import ConfigError, ConnectorError, InfrastructureError, LedgerError
-from connector.files import write_private
 from connector.ledger.health import describe
 from connector.models import Clock, fixed_clock, system_clock
 from connector.progress import Bar
@@ -56,6 +55,7 @@ NowOption = Annotated[
     ),
 ]
 DryRunOption = Annotated[bool, typer.Option("--dry-run", help="Show what would be sent; change nothing.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON (shape in the README) instead of tables.")]
 
 
 def _instant(value: str | None, option: str) -> datetime | None:
@@ -106,6 +106,7 @@ def _on_ledger(config: Path, work: Callable[[Config], T]) -> T:
 
 
 operate.register(app, _on_ledger, ENV.config)  # resolve, retry
+preview.register(app, ENV.config, lambda: DEBUG["traceback"], _instant)  # render
 
 
 def _print_version(wanted: bool) -> None:
@@ -162,7 +163,9 @@ def run(
     try:
         cfg = load_config(config)
         if dry_run:
-            report.dry_run(asyncio.run(running.dry_run(cfg, clock)))
+            with Bar() as bar:
+                planned = asyncio.run(running.dry_run(cfg, clock, bar))
+            report.dry_run(planned)
             return
         result = asyncio.run(running.run(cfg, clock, once=once or now is not None))
     except ConnectorError as exc:
@@ -217,30 +220,6 @@ def validate(config: ConfigOption = ENV.config) -> None:
 
 
 @app.command()
-def render(
-    mapping: Annotated[str, typer.Argument(help="Mapping name, e.g. appointment-booked.")],
-    resource: Annotated[Path, typer.Option(help="Appointment JSON, or a Bundle with the Appointment and its Patient.")],
-    patient: Annotated[Path | None, typer.Option(help="Patient JSON, when not in the resource file.")] = None,
-    html_out: Annotated[Path, typer.Option(help="Where to write the HTML part.")] = Path("rendered.html"),
-    mappings: Annotated[Path, typer.Option(help="Mappings folder.")] = Path("mappings"),
-    timezone: Annotated[str, typer.Option(help="IANA zone for dates and times.")] = "UTC",
-    locale: Annotated[str, typer.Option(help="Locale for dates and times.")] = "en_US",
-    now: NowOption = None,
-) -> None:
-    """Render one mapping for a resource file: print subject and text, write the HTML to a file."""
-    try:
-        email = files.render_file(
-            mappings, mapping, resource, patient, timezone, locale, _clock(now)(), "sender@example.org"
-        )
-    except ConnectorError as exc:
-        raise _fail(exc) from None
-    print(f"Subject: {email.subject}\n\n{email.text}")
-    if email.html is not None:
-        write_private(html_out, email.html)  # it holds patient data: 0600
-        print(f"(HTML part written to {html_out})", file=sys.stderr)
-
-
-@app.command()
 def replay(
     source: Annotated[str | None, typer.Option(help="Source name, FHIR or CRM (default: the only one).")] = None,
     since: Annotated[str | None, typer.Option(help="Start of the window (meta.lastUpdated, ISO 8601).")] = None,
@@ -277,9 +256,6 @@ def replay(
         print(json.dumps(machine.replay_json(result, dry_run), indent=2))
     else:
         report.replayed(result, dry_run, output)
-
-
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON (shape in the README) instead of tables.")]
 
 
 @app.command()

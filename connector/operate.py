@@ -26,7 +26,11 @@ OnLedger = Callable[[Path, Callable[["Config"], Any]], Any]
 
 TargetsArgument = Annotated[
     list[str] | None,
-    typer.Argument(help="Notification ids (the `id` column of `connector status`) or full keys.", show_default=False),
+    typer.Argument(
+        help="Notification ids (the `id` column of `connector status`) or full keys.",
+        show_default=False,
+        metavar="ID|KEY",
+    ),
 ]
 StateOption = Annotated[
     list[str] | None, typer.Option("--state", help="Only notifications in this state (repeatable).", show_default=False)

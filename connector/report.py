@@ -70,11 +70,12 @@ def replay_items(
     title: str,
     quarantined: list[tuple[str, SeenVersion]],
     output: Path | None = None,
+    limit: int | None = TABLE_ROWS,
 ) -> None:
-    """A table of every row when there are few; otherwise the counts by result only. With `output`, the
-    full list goes to that file (JSON lines, or CSV for a name ending in .csv)."""
+    """A table of every row when there are at most `limit` (None: always); otherwise the counts by result
+    only. With `output`, the full list goes to that file (JSON lines, or CSV for a name ending in .csv)."""
     found = machine.rows(items, notes, final, verdicts, quarantined)
-    if len(found) <= TABLE_ROWS and output is None:
+    if (limit is None or len(found) <= limit) and output is None:
         table = _table(title, ("mapping", "resource", "patient", "due", "key", "result"))
         for row in found:
             table.add_row(
@@ -93,7 +94,7 @@ def replay_items(
     if output is not None:
         written = machine.write_rows(output, found)
         console.print(f"{len(found)} row(s) written to {output} ({written})", markup=False)
-    elif len(found) > TABLE_ROWS:
+    elif limit is not None and len(found) > limit:
         console.print(f"{len(found)} rows: give --output FILE (.jsonl or .csv) for the full list", markup=False)
 
 
@@ -119,6 +120,7 @@ def dry_run(result: DryRun) -> None:
         result.verdicts,
         "Next poll would plan (nothing committed)",
         result.quarantined,
+        limit=None,
     )
     table = _table("Already due, would be sent now", ("id", "mapping", "resource", "key", "due"))
     for n in result.due:

@@ -102,6 +102,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "connector.progress",
             "connector.machine",
             "connector.operate",
+            "connector.preview",
             "connector.cli",
             "connector.cli_check",
             "connector.entry",

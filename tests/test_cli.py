@@ -72,7 +72,7 @@ def test_render_of_an_invalid_resource_names_the_element(tmp_path: Path) -> None
         cwd=tmp_path,
     )
     assert result.returncode == 2
-    assert "Appointment/example is not valid FHIR R4: check participant.0.status" in result.stdout
+    assert "Appointment/example is not valid FHIR R4: check participant.0.status" in result.stderr
 
 
 def test_dry_run_commits_nothing_and_now_moves_time(
@@ -132,6 +132,8 @@ def test_every_command_has_help(tmp_path: Path) -> None:
         ["render"],
         ["replay"],
         ["status"],
+        ["resolve"],
+        ["retry"],
         ["db", "upgrade"],
         ["sandbox"],
         ["sandbox", "inbox"],

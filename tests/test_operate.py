@@ -287,3 +287,12 @@ def test_replay_progress_on_a_terminal(replay_config: Path) -> None:
     assert code == 0, stderr
     assert "checking recipients" in stderr and "60/60" in stderr
     assert "checking recipients" not in stdout
+
+
+def test_run_dry_run_progress_on_a_terminal(replay_config: Path) -> None:
+    code, stdout, stderr = _on_a_terminal(
+        ["run", "--once", "--dry-run", "--config", str(replay_config)], cwd=replay_config.parent
+    )
+    assert code == 0, stderr
+    assert "reading ehr (appointments)" in stderr and "checking recipients" in stderr and "60/60" in stderr
+    assert "1 skipped, 59 would send" in stdout and "reading ehr" not in stdout

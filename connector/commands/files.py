@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -77,17 +77,58 @@ def _flatten(documents: list[Any]) -> Iterator[dict[str, Any]]:
             yield document
 
 
+@dataclass(frozen=True)
+class RenderSettings:
+    """What `connector render` renders with: from the config when there is one (as the daemon would send),
+    each overridable on the command line."""
+
+    mappings_dir: Path
+    timezone: str = "UTC"
+    location_timezones: dict[str, str] = field(default_factory=dict)
+    locale: str = "en_US"
+    default_from: str = "sender@example.org"
+    default_reply_to: str | None = None
+    language: str | None = None  # a language variant to render, instead of the patient's languages
+
+
+def render_settings(
+    config: Config | None,
+    source: str | None,
+    mappings_dir: Path | None,
+    timezone: str | None,
+    locale: str | None,
+    language: str | None,
+) -> RenderSettings:
+    """The settings for `render`: the config's (the named source's zones, else the only or first source's),
+    then the options given."""
+    found = RenderSettings(mappings_dir or Path("mappings"), language=language)
+    if config is not None:
+        if source is not None and source not in config.sources:
+            where = config.path or Path("config.yaml")
+            known = ", ".join(config.sources)
+            raise ConfigError([Problem(where, None, "sources", f"no FHIR source {source!r}; there are: {known}")])
+        settings = config.sources[source or next(iter(config.sources))]
+        found = replace(
+            found,
+            mappings_dir=mappings_dir or config.mappings_dir,
+            timezone=settings.timezone,
+            location_timezones=dict(settings.location_timezones),
+            locale=config.locale,
+            default_from=config.delivery.from_address,
+            default_reply_to=config.delivery.reply_to,
+        )
+    return replace(found, timezone=timezone or found.timezone, locale=locale or found.locale)
+
+
 def render_file(
-    mappings_dir: Path,
+    settings: RenderSettings,
     mapping_name: str,
     resource_file: Path,
     patient_file: Path | None,
-    timezone: str,
-    locale: str,
     now: datetime,
-    default_from: str,
 ) -> Email:
-    """Render one mapping for an Appointment (and its Patient) read from files."""
+    """Render one mapping for an Appointment (and its Patient) read from files, as the daemon would."""
+    mappings_dir = settings.mappings_dir
     mappings = load_mappings(mappings_dir)
     mapping = mappings.get(mapping_name)
     if mapping is None:
@@ -101,6 +142,11 @@ def render_file(
                 )
             ]
         )
+    if settings.language is not None and settings.language.lower() not in {v.lower() for v in mapping.variants}:
+        have = ", ".join(sorted(mapping.variants))
+        raise ConfigError(
+            [Problem(mapping.path, None, "", f"no {settings.language!r} variant of {mapping_name}; there are: {have}")]
+        )
     page = read_resource_file(resource_file)
     examined = examine(page, None)
     if any(s.problem for s in examined.seen):
@@ -108,7 +154,10 @@ def render_file(
     appointment = page.matches[0]
     patient_ids = fhir.patient_participants(appointment)
     if patient_file:
-        patient = json.loads(patient_file.read_text(encoding="utf-8"))
+        try:
+            patient = json.loads(patient_file.read_text(encoding="utf-8"))
+        except ValueError:
+            raise ConfigError([Problem(patient_file, None, "", "not valid JSON")]) from None
     else:
         patient = next(
             (page.included.get(f"Patient/{p}") for p in patient_ids if f"Patient/{p}" in page.included), None
@@ -125,6 +174,7 @@ def render_file(
             ]
         )
     address = fhir.choose_email(patient, now) or "patient@example.org"
+    languages = (settings.language,) if settings.language else tuple(fhir.preferred_languages(patient))
     request = RenderRequest(
         key=f"render:{mapping_name}:{appointment.get('id')}",
         to=address,
@@ -132,10 +182,11 @@ def render_file(
         patient=patient,
         event=mapping.spec.trigger.event[0],
         source="file",
-        timezone=appointment_zone(appointment, {}, timezone),
-        locale=locale,
+        timezone=appointment_zone(appointment, settings.location_timezones, settings.timezone),
+        locale=settings.locale,
         now=now,
-        default_from=default_from,
-        languages=tuple(fhir.preferred_languages(patient)),
+        default_from=settings.default_from,
+        default_reply_to=settings.default_reply_to,
+        languages=languages,
     )
     return render(mapping, request)

@@ -80,7 +80,7 @@ async def explain(
     return verdicts
 
 
-async def dry_run(config: Config, clock: Clock) -> DryRun:
+async def dry_run(config: Config, clock: Clock, tracker: Tracker = NOBODY) -> DryRun:
     """Read the sources as the next poll would, plan, check recipients, and commit nothing."""
     runtime = Runtime.open(config, clock, exclusive=False, mailer=NoMailer())
     found = Replay()
@@ -90,7 +90,8 @@ async def dry_run(config: Config, clock: Clock) -> DryRun:
             cursor = await runtime.store.intake.cursor(name)
             try:
                 since = runtime.poller.since(name, cursor) if source.config.strategy != "date-window" else None
-                pages = [page async for page in pages_between(runtime.poller, name, since, None)]
+                tracker.phase(f"reading {name} (appointments)")
+                pages = [page async for page in _counted(pages_between(runtime.poller, name, since, None), tracker)]
             except ConnectorError as exc:
                 errors.append(str(exc))
                 continue
@@ -99,7 +100,7 @@ async def dry_run(config: Config, clock: Clock) -> DryRun:
                 page.matches = [m for m, triple in zip(page.matches, triples(page), strict=True) if triple in fresh]
                 runtime.planner.remember(name, page)
             found += await replan(runtime.planner, runtime.store.reports, name, pages, dry_run=True, first_sight=False)
-        verdicts = await explain(runtime, found.items, clock())
+        verdicts = await explain(runtime, found.items, clock(), tracker)
         due = await runtime.store.reports.due(clock(), 1000)
         return DryRun(found.items, found.notes, verdicts, due, errors, found.quarantined)
     finally:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from connector.errors import ConnectorError
 from connector.fhir import display_name, parse_instant
 from connector.lifecycle import BOOKED, REMOVED, RESCHEDULED, Transition
-from connector.mapping.templates import safe_error
+from connector.mapping.templates import error_line, safe_error
 from connector.models import Email, PlannedNotification, PlanNote, State
 from connector.timing import QuietHours, offset_label, schedule
 
@@ -224,7 +225,12 @@ def plan_crm(
 
 
 class RenderError(ConnectorError):
-    """A template failed; the message is PHI-safe (see templates.safe_error)."""
+    """A template failed; the message is PHI-safe (see templates.safe_error). `file` and `line`: where, when
+    known (the template file, or the mapping file for an inline subject)."""
+
+    def __init__(self, message: str, file: Path | None = None, line: int | None = None, what: str = "") -> None:
+        super().__init__(message)
+        self.file, self.line, self.what = file, line, what
 
 
 @dataclass(frozen=True)
@@ -344,7 +350,13 @@ def render_with(
             parts[part] = template.render(context)
         except Exception as exc:  # noqa: BLE001 - reported without data, see safe_error
             where = template.name or part
-            raise RenderError(f"mapping {mapping.name!r}, {where}: {safe_error(exc, template)}") from None
+            inline = not template.filename or template.filename.startswith("<")
+            raise RenderError(
+                f"mapping {mapping.name!r}, {where}: {safe_error(exc, template)}",
+                mapping.path if inline else Path(template.filename or ""),
+                None if inline else error_line(exc, template),
+                f"templates.{part}" if inline else "",
+            ) from None
     subject = " ".join((parts["subject"] or "").split())
     if not subject:
         raise RenderError(f"mapping {mapping.name!r}: the subject rendered empty")

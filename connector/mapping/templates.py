@@ -184,16 +184,24 @@ def _formatted(kind: str, moment_text: str, zone: str, format: str, locale: str)
     return format_datetime(moment, format, tzinfo=moment.tzinfo, locale=locale)
 
 
-def safe_error(exc: BaseException, template: Template | str | None = None) -> str:
-    """Describe a template failure without quoting data: Jinja's own messages name templates and
-    attributes; any other exception is reported by type and template line only."""
-    name = template.name if isinstance(template, Template) else template
+def error_line(exc: BaseException, template: Template | str | None = None) -> int | None:
+    """The template line a failure happened on, when the traceback tells."""
     if isinstance(exc, TemplateSyntaxError):
-        return f"{exc.message} (line {exc.lineno})"
+        return exc.lineno
+    name = template.name if isinstance(template, Template) else template
     line = None
     for frame in traceback.extract_tb(exc.__traceback__):
         if (name and frame.filename.endswith(str(name))) or frame.filename == "<template>":
             line = frame.lineno
+    return line
+
+
+def safe_error(exc: BaseException, template: Template | str | None = None) -> str:
+    """Describe a template failure without quoting data: Jinja's own messages name templates and
+    attributes; any other exception is reported by type and template line only."""
+    if isinstance(exc, TemplateSyntaxError):
+        return f"{exc.message} (line {exc.lineno})"
+    line = error_line(exc, template)
     where = f" (line {line})" if line else ""
     if isinstance(exc, TemplateError):
         return f"{exc.message}{where}"
