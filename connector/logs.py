@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -34,6 +35,22 @@ class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
         super().emit(record)
 
 
+class _StderrLogger:
+    """structlog's PrintLogger over whatever `sys.stderr` is when a line is written, like `_Stderr`."""
+
+    _lock = threading.Lock()
+
+    def msg(self, message: str) -> None:
+        with self._lock:
+            print(message, file=sys.stderr, flush=True)
+
+    log = debug = info = warn = warning = error = err = critical = exception = fatal = failure = msg
+
+
+def _stderr_logger(*args: object) -> _StderrLogger:
+    return _StderrLogger()
+
+
 def configure(level: str = "info", fmt: str = "console") -> None:
     """Our lines (structlog) and every library's (uvicorn, APScheduler, ... through stdlib logging) in one
     format on stderr. Libraries speak from `warning` up (APScheduler from `error`), whatever `level`."""
@@ -50,7 +67,7 @@ def configure(level: str = "info", fmt: str = "console") -> None:
     structlog.configure(
         processors=[structlog.processors.add_log_level, stamp, *traceback_text, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
     foreign: list[structlog.typing.Processor] = [
