@@ -5,6 +5,7 @@ The same flows in a real browser: tests/test_console_browser.py."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -14,16 +15,14 @@ from typing import Any
 import httpx
 import pytest
 from argon2 import PasswordHasher
-from typer.testing import CliRunner
 
-from connector.cli import app as cli_app
 from connector.config import load_config
 from connector.daemon import poll, web_app, web_server
 from connector.ledger.console import Search
 from connector.models import State, system_clock
 from connector.runtime import Runtime
 from connector.sandbox.fhir import FhirState
-from connector.testing import Server, appointment, free_port, patient, sqlite_url
+from connector.testing import Server, appointment, connector_argv, free_port, patient, sqlite_url
 from tests.console_harness import OPERATOR, VIEWER, Seeded, console_app, csrf_of, seed, write_console_config
 
 SSO = "  sso:\n    user_header: X-Remote-User\n    operators: [sso-olivia]\n"
@@ -241,16 +240,19 @@ def test_search_filters_describe_themselves_without_ids() -> None:
 
 def test_add_user_writes_an_argon2_hash_and_prints_the_config_lines(tmp_path: Path) -> None:
     target = tmp_path / "olivia.hash"
-    argv = ["console", "add-user", "olivia", "--role", "operator", "--hash-file", str(target), "--password-stdin"]
-    result = CliRunner().invoke(cli_app, argv, input="a-long-enough-password\n")
-    assert result.exit_code == 0, result.output
+
+    def add_user(*args: str, password: str) -> subprocess.CompletedProcess[str]:
+        argv = connector_argv("console", "add-user", *args, "--password-stdin")
+        return subprocess.run(argv, input=password + "\n", capture_output=True, text=True, timeout=60, check=False)
+
+    result = add_user("olivia", "--role", "operator", "--hash-file", str(target), password="a-long-enough-password")
+    assert result.returncode == 0, result.stderr
     assert PasswordHasher().verify(target.read_text().strip(), "a-long-enough-password")
     assert target.stat().st_mode & 0o777 == 0o600
-    assert "olivia: {role: operator, password_hash: {file:" in result.output
-    short = CliRunner().invoke(
-        cli_app, ["console", "add-user", "x", "--hash-file", str(tmp_path / "x"), "--password-stdin"], input="short\n"
-    )
-    assert short.exit_code == 2 and "at least 12 characters" in short.output
+    assert "olivia: {role: operator, password_hash: {file:" in result.stdout
+    short = add_user("x", "--hash-file", str(tmp_path / "x"), password="short")
+    assert short.returncode == 2 and "at least 12 characters" in short.stderr
+    assert not (tmp_path / "x").exists()
 
 
 def _ids(html: str) -> list[str]:
