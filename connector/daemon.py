@@ -25,6 +25,7 @@ from connector.sending.aftercare import ReceiptReader
 from connector.web import health, httpserver
 from connector.web.app import console_routes, create_app
 from connector.web.console.preview import Previewer
+from connector.web.console.replay import Replayer
 from connector.web.fhir import FhirEndpoints
 from connector.web.httpserver import EmbeddedServer, listen
 
@@ -89,6 +90,7 @@ def web_app(runtime: Runtime) -> Starlette:
                 runtime.config,
                 runtime.ledger,
                 Previewer(runtime.mappings, runtime.dispatcher.preparers, runtime.aftercare.clock),
+                Replayer(runtime.planner, runtime.poller, runtime.store.reports),
             ),
         ],
     )

@@ -319,3 +319,37 @@ async def test_an_operator_previews_the_email_as_it_would_be_sent_now_and_the_pr
         assert runtime.ledger.console.detail(nid).record.state is State.PENDING  # type: ignore[union-attr]
     finally:
         await runtime.aclose()
+
+
+async def test_an_operator_replays_a_window_dry_first_then_for_real_and_the_ledger_suppresses_repeats(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fhir_server: Server, fhir_state: FhirState
+) -> None:
+    monkeypatch.setenv("PAUBOX_API_KEY", "test-sandbox-key")
+    start = datetime.now(UTC) + timedelta(days=3)
+    fhir_state.load([patient("p1", "Ada", email="ada@example.org"), appointment("a1", "p1", start)])
+    path = write_console_config(tmp_path, sqlite_url(tmp_path / "ledger.db"), fhir_url=fhir_server.url)
+    runtime = Runtime.open(load_config(path), system_clock)
+    try:
+        transport = httpx.ASGITransport(app=web_app(runtime), client=("127.0.0.1", 50000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://console.test") as client:
+            token = csrf_of((await client.get("/console/login")).text)
+            await client.post("/console/login", data={"user": OPERATOR[0], "password": OPERATOR[1], "csrf": token})
+            form = {"csrf": csrf_of((await client.get("/console/replay")).text), "source": "ehr", "since": "2000-01-01"}
+            dry = await client.post("/console/replay", data=form)
+            assert dry.status_code == 200 and "would be planned" in dry.text and 'id="confirm-form"' in dry.text
+            assert runtime.ledger.console.search(Search(), None, 10) == []  # a dry run records nothing
+            unexplained = await client.post("/console/replay", data={**form, "confirm": "yes", "reason": ""})
+            assert unexplained.status_code == 400 and runtime.ledger.console.search(Search(), None, 10) == []
+            real = await client.post(
+                "/console/replay", data={**form, "confirm": "yes", "reason": "EHR outage on 1 Dec"}
+            )
+            assert real.status_code == 200 and "new notification(s) recorded" in real.text
+            planned = runtime.ledger.console.search(Search(appointment_id="a1"), None, 10)
+            assert planned
+            again = await client.post("/console/replay", data=form)
+            assert "suppressed: already in the ledger" in again.text and 'id="confirm-form"' not in again.text
+        entries = runtime.ledger.console.audit_log(None, 10)
+        assert [(e.action, e.reason) for e in entries] == [("replay", "EHR outage on 1 Dec")]
+        assert entries[0].scope is not None and entries[0].scope.startswith("source=ehr, since=2000-01-01")
+    finally:
+        await runtime.aclose()

@@ -8,6 +8,7 @@
     POST /console/notifications/<id>/preview   the email as it would be sent now (operators; audited)
     GET  /console/appointments/<id>        everything planned for one appointment, and what was seen of it
     GET  /console/audit                    what people did here
+    GET, POST /console/replay              a window of a source planned again (connector.web.console.replay)
     GET, POST /console/login; POST /console/logout
 
 A GET never changes anything. Every POST carries the session's CSRF token (403 without it); actions need the
