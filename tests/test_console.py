@@ -22,7 +22,7 @@ from connector.ledger.console import Search
 from connector.models import State, system_clock
 from connector.runtime import Runtime
 from connector.sandbox.fhir import FhirState
-from connector.testing import Server, appointment, connector_argv, free_port, patient, sqlite_url
+from connector.testing import Process, Server, appointment, connector_argv, free_port, patient, sqlite_url
 from tests.console_harness import OPERATOR, VIEWER, Seeded, console_app, csrf_of, seed, write_console_config
 
 SSO = "  sso:\n    user_header: X-Remote-User\n    operators: [sso-olivia]\n"
@@ -353,3 +353,30 @@ async def test_an_operator_replays_a_window_dry_first_then_for_real_and_the_ledg
         assert entries[0].scope is not None and entries[0].scope.startswith("source=ehr, since=2000-01-01")
     finally:
         await runtime.aclose()
+
+
+@pytest.mark.slow
+def test_connector_console_serve_runs_the_console_alone(tmp_path: Path) -> None:
+    """`connector console serve` as a real process over the ledger a daemon would share: sign in, find one."""
+    port = free_port()
+    path = write_console_config(tmp_path, sqlite_url(tmp_path / "ledger.db"), port=port)
+    _, ledger = console_app(path)  # creates the schema; seed as a daemon would have written
+    seeded = seed(ledger.engine)
+    ledger.dispose()
+    argv = connector_argv("console", "serve", "--config", str(path))
+    with Process(argv, tmp_path / "console.log", name="connector console serve") as child:
+        child.wait_http(f"http://127.0.0.1:{port}/console/login")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+            assert client.get("/").headers["location"] == "/console"
+            token = csrf_of(client.get("/console/login").text)
+            client.post("/console/login", data={"user": VIEWER[0], "password": VIEWER[1], "csrf": token})
+            page = client.get("/console/notifications", params={"appointment_id": "appt-failed"})
+            assert f"/console/notifications/{seeded.failed}" in page.text
+            replay = client.get("/console/replay")
+            assert "open the console served by <code>connector run</code>" in replay.text
+    assert "Traceback" not in child.log_text()
+    missing = subprocess.run(
+        connector_argv("console", "serve", "--config", str(tmp_path / "nope.yaml")),
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
