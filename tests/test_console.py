@@ -118,17 +118,25 @@ async def test_session_cookie_is_signed_http_only_secure_and_strict(tmp_path: Pa
 
 async def test_search_by_appointment_and_pages_by_keyset_newest_first(site: Site) -> None:
     async with site.signed_in(VIEWER) as client:
-        found = await client.get("/console/notifications", params={"appointment_id": "appt-doubt"})
+        token = csrf_of((await client.get("/console/notifications")).text)
+        found = await client.post("/console/notifications", data={"csrf": token, "appointment_id": "appt-doubt"})
         assert f'/console/notifications/{site.seeded.in_doubt}"' in found.text
         assert found.text.count('class="open"') == 1
-        first = await client.get("/console/notifications")
+        first = await client.post("/console/notifications", data={"csrf": token})
         ids = [int(x) for x in _ids(first.text)]
         assert len(ids) == 10 and ids == sorted(ids, reverse=True)
-        older = first.text.split('id="older" href="')[1].split('"')[0].replace("&amp;", "&")
-        second = [int(x) for x in _ids((await client.get(older)).text)]
+        before = first.text.split('name="before" value="')[1].split('"')[0]
+        second = [
+            int(x)
+            for x in _ids((await client.post("/console/notifications", data={"csrf": token, "before": before})).text)
+        ]
         assert len(second) == 10 and max(second) < min(ids)
-        bad = await client.get("/console/notifications", params={"state": "lost", "since": "tuesday"})
+        by_link = await client.get("/console/notifications", params={"state": "failed"})  # the overview's links
+        assert _ids(by_link.text) == [str(site.seeded.failed)]
+        bad = await client.post("/console/notifications", data={"csrf": token, "state": "lost", "since": "tuesday"})
         assert bad.status_code == 400 and "state: one of" in bad.text
+        forged = await client.post("/console/notifications", data={"patient_id": "pat-appt-doubt"})
+        assert forged.status_code == 403
 
 
 async def test_an_operator_resolves_an_in_doubt_notification_and_the_audit_shows_it(site: Site) -> None:
