@@ -26,6 +26,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from connector.errors import ConnectorError
 from connector.ledger.console import ACTIONS, Action, Search
 from connector.models import State
 from connector.web.common import read_body
@@ -51,7 +52,7 @@ HEADERS = {
 FIELDS = ("appointment_id", "patient_id", "key", "state", "mapping", "source", "since", "until")
 
 
-class BadForm(ValueError):
+class BadForm(ConnectorError, ValueError):
     """A search or form field that cannot be understood; the message names the field."""
 
 
