@@ -18,6 +18,7 @@ from argon2 import PasswordHasher
 
 from connector.config import load_config
 from connector.daemon import poll, web_app, web_server
+from connector.ledger import SeenVersion
 from connector.ledger.console import Search
 from connector.models import State, system_clock
 from connector.runtime import Runtime
@@ -208,10 +209,14 @@ async def test_an_operator_retries_every_failed_one_a_search_finds(site: Site) -
 
 
 async def test_overview_and_appointment_pages(site: Site) -> None:
+    site.ledger.intake.record_page(
+        "ehr", [], [SeenVersion("Appointment", "appt-bad", "7", None, "participant is not a list")], None
+    )
     async with site.signed_in(VIEWER) as client:
         overview = (await client.get("/console")).text
         assert "<svg" in overview and "notifications per day, last 30 days" in overview
         assert f'href="/console/notifications/{site.seeded.in_doubt}"' in overview  # the attention list
+        assert "participant is not a list" in overview and "Appointment/appt-bad" in overview  # quarantined
         story = (await client.get("/console/appointments/appt-sent")).text
         assert "trk-0001" not in story and f"/console/notifications/{site.seeded.sent}" in story
         detail = (await client.get(f"/console/notifications/{site.seeded.sent}")).text
