@@ -101,6 +101,7 @@ def web_app(runtime: Runtime) -> Starlette:
                 runtime.config,
                 runtime.ledger,
                 Previewer(runtime.mappings, runtime.dispatcher.preparers, runtime.aftercare.clock),
+                Replayer(runtime.planner, runtime.poller, runtime.store.reports),
             ),
             *(
                 LinkEndpoints(runtime.config, runtime.actions, runtime.aftercare.clock).routes()

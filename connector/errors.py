@@ -25,6 +25,8 @@ responses to their test clients and are left out):
     ├── BadLink              a patient's link that must not act (expired, tampered, ...): 4xx (links.py)
     ├── BadJson              a body is not JSON we accept: 400 (jsontext.py; also a ValueError)
     ├── RequestTooLarge      a request body over `server.max_body`: 413 (web/common.py)
+    ├── BadForm              a console form or search field that cannot be understood: 400 (web/console/pages.py;
+    │                        also a ValueError)
     ├── BodyTooLarge         a response body over `limits.max_response_size` (sources/bounded.py)
     ├── HarnessError         the test harness could not set up a test's world (connector/testing)
     └── _Unbuildable, _Stop  inside the SMTP mailer only; both end as an Outcome (delivery/smtp.py)

@@ -5,6 +5,7 @@ The same flows in a real browser: tests/test_console_browser.py."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -14,16 +15,15 @@ from typing import Any
 import httpx
 import pytest
 from argon2 import PasswordHasher
-from typer.testing import CliRunner
 
-from connector.cli import app as cli_app
 from connector.config import load_config
 from connector.daemon import poll, web_app, web_server
+from connector.ledger import SeenVersion
 from connector.ledger.console import Search
 from connector.models import State, system_clock
 from connector.runtime import Runtime
 from connector.sandbox.fhir import FhirState
-from connector.testing import Server, appointment, free_port, patient, sqlite_url
+from connector.testing import Process, Server, appointment, connector_argv, free_port, patient, sqlite_url
 from tests.console_harness import OPERATOR, VIEWER, Seeded, console_app, csrf_of, seed, write_console_config
 
 SSO = "  sso:\n    user_header: X-Remote-User\n    operators: [sso-olivia]\n"
@@ -119,17 +119,25 @@ async def test_session_cookie_is_signed_http_only_secure_and_strict(tmp_path: Pa
 
 async def test_search_by_appointment_and_pages_by_keyset_newest_first(site: Site) -> None:
     async with site.signed_in(VIEWER) as client:
-        found = await client.get("/console/notifications", params={"appointment_id": "appt-doubt"})
+        token = csrf_of((await client.get("/console/notifications")).text)
+        found = await client.post("/console/notifications", data={"csrf": token, "appointment_id": "appt-doubt"})
         assert f'/console/notifications/{site.seeded.in_doubt}"' in found.text
         assert found.text.count('class="open"') == 1
-        first = await client.get("/console/notifications")
+        first = await client.post("/console/notifications", data={"csrf": token})
         ids = [int(x) for x in _ids(first.text)]
         assert len(ids) == 10 and ids == sorted(ids, reverse=True)
-        older = first.text.split('id="older" href="')[1].split('"')[0].replace("&amp;", "&")
-        second = [int(x) for x in _ids((await client.get(older)).text)]
+        before = first.text.split('name="before" value="')[1].split('"')[0]
+        second = [
+            int(x)
+            for x in _ids((await client.post("/console/notifications", data={"csrf": token, "before": before})).text)
+        ]
         assert len(second) == 10 and max(second) < min(ids)
-        bad = await client.get("/console/notifications", params={"state": "lost", "since": "tuesday"})
+        by_link = await client.get("/console/notifications", params={"state": "failed"})  # the overview's links
+        assert _ids(by_link.text) == [str(site.seeded.failed)]
+        bad = await client.post("/console/notifications", data={"csrf": token, "state": "lost", "since": "tuesday"})
         assert bad.status_code == 400 and "state: one of" in bad.text
+        forged = await client.post("/console/notifications", data={"patient_id": "pat-appt-doubt"})
+        assert forged.status_code == 403
 
 
 async def test_an_operator_resolves_an_in_doubt_notification_and_the_audit_shows_it(site: Site) -> None:
@@ -201,10 +209,14 @@ async def test_an_operator_retries_every_failed_one_a_search_finds(site: Site) -
 
 
 async def test_overview_and_appointment_pages(site: Site) -> None:
+    site.ledger.intake.record_page(
+        "ehr", [], [SeenVersion("Appointment", "appt-bad", "7", None, "participant is not a list")], None
+    )
     async with site.signed_in(VIEWER) as client:
         overview = (await client.get("/console")).text
         assert "<svg" in overview and "notifications per day, last 30 days" in overview
         assert f'href="/console/notifications/{site.seeded.in_doubt}"' in overview  # the attention list
+        assert "participant is not a list" in overview and "Appointment/appt-bad" in overview  # quarantined
         story = (await client.get("/console/appointments/appt-sent")).text
         assert "trk-0001" not in story and f"/console/notifications/{site.seeded.sent}" in story
         detail = (await client.get(f"/console/notifications/{site.seeded.sent}")).text
@@ -241,16 +253,19 @@ def test_search_filters_describe_themselves_without_ids() -> None:
 
 def test_add_user_writes_an_argon2_hash_and_prints_the_config_lines(tmp_path: Path) -> None:
     target = tmp_path / "olivia.hash"
-    argv = ["console", "add-user", "olivia", "--role", "operator", "--hash-file", str(target), "--password-stdin"]
-    result = CliRunner().invoke(cli_app, argv, input="a-long-enough-password\n")
-    assert result.exit_code == 0, result.output
+
+    def add_user(*args: str, password: str) -> subprocess.CompletedProcess[str]:
+        argv = connector_argv("console", "add-user", *args, "--password-stdin")
+        return subprocess.run(argv, input=password + "\n", capture_output=True, text=True, timeout=60, check=False)
+
+    result = add_user("olivia", "--role", "operator", "--hash-file", str(target), password="a-long-enough-password")
+    assert result.returncode == 0, result.stderr
     assert PasswordHasher().verify(target.read_text().strip(), "a-long-enough-password")
     assert target.stat().st_mode & 0o777 == 0o600
-    assert "olivia: {role: operator, password_hash: {file:" in result.output
-    short = CliRunner().invoke(
-        cli_app, ["console", "add-user", "x", "--hash-file", str(tmp_path / "x"), "--password-stdin"], input="short\n"
-    )
-    assert short.exit_code == 2 and "at least 12 characters" in short.output
+    assert "olivia: {role: operator, password_hash: {file:" in result.stdout
+    short = add_user("x", "--hash-file", str(tmp_path / "x"), password="short")
+    assert short.returncode == 2 and "at least 12 characters" in short.stderr
+    assert not (tmp_path / "x").exists()
 
 
 def _ids(html: str) -> list[str]:
@@ -317,3 +332,64 @@ async def test_an_operator_previews_the_email_as_it_would_be_sent_now_and_the_pr
         assert runtime.ledger.console.detail(nid).record.state is State.PENDING  # type: ignore[union-attr]
     finally:
         await runtime.aclose()
+
+
+async def test_an_operator_replays_a_window_dry_first_then_for_real_and_the_ledger_suppresses_repeats(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fhir_server: Server, fhir_state: FhirState
+) -> None:
+    monkeypatch.setenv("PAUBOX_API_KEY", "test-sandbox-key")
+    start = datetime.now(UTC) + timedelta(days=3)
+    fhir_state.load([patient("p1", "Ada", email="ada@example.org"), appointment("a1", "p1", start)])
+    path = write_console_config(tmp_path, sqlite_url(tmp_path / "ledger.db"), fhir_url=fhir_server.url)
+    runtime = Runtime.open(load_config(path), system_clock)
+    try:
+        transport = httpx.ASGITransport(app=web_app(runtime), client=("127.0.0.1", 50000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://console.test") as client:
+            token = csrf_of((await client.get("/console/login")).text)
+            await client.post("/console/login", data={"user": OPERATOR[0], "password": OPERATOR[1], "csrf": token})
+            form = {"csrf": csrf_of((await client.get("/console/replay")).text), "source": "ehr", "since": "2000-01-01"}
+            dry = await client.post("/console/replay", data=form)
+            assert dry.status_code == 200 and "would be planned" in dry.text and 'id="confirm-form"' in dry.text
+            assert runtime.ledger.console.search(Search(), None, 10) == []  # a dry run records nothing
+            unexplained = await client.post("/console/replay", data={**form, "confirm": "yes", "reason": ""})
+            assert unexplained.status_code == 400 and runtime.ledger.console.search(Search(), None, 10) == []
+            real = await client.post(
+                "/console/replay", data={**form, "confirm": "yes", "reason": "EHR outage on 1 Dec"}
+            )
+            assert real.status_code == 200 and "new notification(s) recorded" in real.text
+            planned = runtime.ledger.console.search(Search(appointment_id="a1"), None, 10)
+            assert planned
+            again = await client.post("/console/replay", data=form)
+            assert "suppressed: already in the ledger" in again.text and 'id="confirm-form"' not in again.text
+        entries = runtime.ledger.console.audit_log(None, 10)
+        assert [(e.action, e.reason) for e in entries] == [("replay", "EHR outage on 1 Dec")]
+        assert entries[0].scope is not None and entries[0].scope.startswith("source=ehr, since=2000-01-01")
+    finally:
+        await runtime.aclose()
+
+
+@pytest.mark.slow
+def test_connector_console_serve_runs_the_console_alone(tmp_path: Path) -> None:
+    """`connector console serve` as a real process over the ledger a daemon would share: sign in, find one."""
+    port = free_port()
+    path = write_console_config(tmp_path, sqlite_url(tmp_path / "ledger.db"), port=port)
+    _, ledger = console_app(path)  # creates the schema; seed as a daemon would have written
+    seeded = seed(ledger.engine)
+    ledger.dispose()
+    argv = connector_argv("console", "serve", "--config", str(path))
+    with Process(argv, tmp_path / "console.log", name="connector console serve") as child:
+        child.wait_http(f"http://127.0.0.1:{port}/console/login")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+            assert client.get("/").headers["location"] == "/console"
+            token = csrf_of(client.get("/console/login").text)
+            client.post("/console/login", data={"user": VIEWER[0], "password": VIEWER[1], "csrf": token})
+            page = client.get("/console/notifications", params={"appointment_id": "appt-failed"})
+            assert f"/console/notifications/{seeded.failed}" in page.text
+            replay = client.get("/console/replay")
+            assert "open the console served by <code>connector run</code>" in replay.text
+    assert "Traceback" not in child.log_text()
+    missing = subprocess.run(
+        connector_argv("console", "serve", "--config", str(tmp_path / "nope.yaml")),
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert missing.returncode == 2 and "does not exist" in missing.stderr

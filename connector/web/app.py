@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from connector.ledger.sql import SqlLedger
     from connector.sending.aftercare import Aftercare
     from connector.web.console.preview import Previewer
+    from connector.web.console.replay import Replayer
 
 
 def create_app(config: Config, aftercare: Aftercare, extra_routes: list[Route] | None = None) -> Starlette:
@@ -34,12 +35,16 @@ def create_app(config: Config, aftercare: Aftercare, extra_routes: list[Route] |
     return Starlette(routes=[Route(r.path, guarded(r.endpoint), methods=list(r.methods or ["GET"])) for r in routes])
 
 
-def console_routes(config: Config, ledger: SqlLedger, preview: Previewer | None = None) -> list[Route]:
-    """The operator console's pages, when `console:` is configured (none otherwise). `preview`: how to render
-    a notification now (the daemon's preparers); without it the console offers no previews."""
+def console_routes(
+    config: Config, ledger: SqlLedger, preview: Previewer | None = None, replayer: Replayer | None = None
+) -> list[Route]:
+    """The operator console's pages, when `console:` is configured (none otherwise). `preview` and `replayer`
+    (the daemon's preparers, planner and poller): without them the console offers no previews or replays."""
     if config.console is None:
         return []
     from connector.ledger.aio import AsyncConsole
     from connector.web.console.pages import Console
+    from connector.web.console.replay import ReplayPages
 
-    return Console(config, AsyncConsole(ledger), preview).routes()
+    console = Console(config, AsyncConsole(ledger), preview)
+    return [*console.routes(), *ReplayPages(console, replayer).routes()]

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
     from connector.config import Config
     from connector.health import Finding
-    from connector.ledger import NotificationRecord
+    from connector.ledger import NotificationRecord, SeenVersion
     from connector.ledger.console import Detail
     from connector.ledger.sql import SqlLedger
 
@@ -34,6 +34,7 @@ class Overview:
     month_chart: Markup
     skipped: list[tuple[str, int]]
     now: datetime
+    problems: list[tuple[str, SeenVersion]] = field(default_factory=list)  # the latest quarantined versions
 
 
 def overview(config: Config, ledger: SqlLedger, now: datetime) -> Overview:
@@ -55,6 +56,7 @@ def overview(config: Config, ledger: SqlLedger, now: datetime) -> Overview:
         ),
         skipped=console.skipped_reasons(month_since),
         now=now,
+        problems=reports.problems(10),
     )
 
 

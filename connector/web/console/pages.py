@@ -1,13 +1,14 @@
 """The console's endpoints (under `console.path`, `/console` by default): server-rendered pages, no script.
 
     GET  /console                          overview: sources, mailer, counts, attention list, charts
-    GET  /console/notifications            search (appointment, patient, key, state, mapping, source, due window)
+    GET, POST /console/notifications       search (appointment, patient, key, state, mapping, source, due window)
     GET  /console/notifications/<id>       one notification's timeline
     POST /console/notifications/<id>/act   resolve an in_doubt one (sent, resend, cancel) or retry a failed one
     POST /console/notifications/act        the same for every notification a search finds (operators)
     POST /console/notifications/<id>/preview   the email as it would be sent now (operators; audited)
     GET  /console/appointments/<id>        everything planned for one appointment, and what was seen of it
     GET  /console/audit                    what people did here
+    GET, POST /console/replay              a window of a source planned again (connector.web.console.replay)
     GET, POST /console/login; POST /console/logout
 
 A GET never changes anything. Every POST carries the session's CSRF token (403 without it); actions need the
@@ -18,13 +19,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
-from urllib.parse import parse_qs, urlencode
+from urllib.parse import parse_qs
 
 import structlog
 from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from connector.errors import ConnectorError
 from connector.ledger.console import ACTIONS, Action, Search
 from connector.models import State
 from connector.web.common import read_body
@@ -50,7 +52,7 @@ HEADERS = {
 FIELDS = ("appointment_id", "patient_id", "key", "state", "mapping", "source", "since", "until")
 
 
-class BadForm(ValueError):
+class BadForm(ConnectorError, ValueError):
     """A search or form field that cannot be understood; the message names the field."""
 
 
@@ -105,7 +107,7 @@ class Console:
             Route(p + "/login", self.login_page, methods=["GET"]),
             Route(p + "/login", self.login, methods=["POST"]),
             Route(p + "/logout", self.logout, methods=["POST"]),
-            Route(p + "/notifications", self.notifications, methods=["GET"]),
+            Route(p + "/notifications", self.notifications, methods=["GET", "POST"]),
             Route(p + "/notifications/act", self.act_many, methods=["POST"]),
             Route(p + "/notifications/{nid:int}", self.notification, methods=["GET"]),
             Route(p + "/notifications/{nid:int}/act", self.act_one, methods=["POST"]),
@@ -131,22 +133,31 @@ class Console:
         return self.page("overview.html", user, o=found)
 
     async def notifications(self, request: Request) -> Response:
-        user = self.gate.user(request)
-        if user is None:
-            return self.to_login()
-        params = request.query_params
+        """The search. The page's form posts it (so that patient ids and keys stay out of URLs, browser history
+        and proxy logs); a GET with the same fields works too (the overview's links by state)."""
+        if request.method == "POST":
+            user, params = await self.posted(request)
+            if user is None:
+                return self.to_login()
+            if not Gate.csrf_ok(user, params.get("csrf")):
+                return self.refuse("search", "the form's CSRF token is missing or wrong")
+        else:
+            user, params = self.gate.user(request), dict(request.query_params)
+            if user is None:
+                return self.to_login()
         try:
             search = search_from(params)
             before = int(params["before"]) if params.get("before", "").isdigit() else None
         except BadForm as exc:
-            return self.page("notifications.html", user, 400, rows=[], problem=str(exc), q=params, more=None)
+            return self.page(
+                "notifications.html", user, 400, rows=[], problem=str(exc), q=params, more=None, fields=FIELDS
+            )
         size = self.settings.page_size
         rows = await self.db.run(self.db.sync.console.search, search, before, size + 1)
         more = rows[size - 1].id if len(rows) > size else None
-        query = urlencode({k: params[k] for k in FIELDS if params.get(k)})
         return self.page(
-            "notifications.html", user, rows=rows[:size], q=params, more=more, query=query, problem=None,
-            searched=any(params.get(k) for k in FIELDS),
+            "notifications.html", user, rows=rows[:size], q=params, more=more, problem=None,
+            searched=any(params.get(k) for k in FIELDS), fields=FIELDS,
         )  # fmt: skip
 
     async def notification(self, request: Request) -> Response:

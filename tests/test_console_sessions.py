@@ -1,0 +1,56 @@
+"""Console sessions end: signing out drops the cookie, and a session of a user removed from the config (or
+given another role) is no session any more."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+
+from connector.testing import sqlite_url
+from tests.console_harness import OPERATOR, console_app, csrf_of, write_console_config
+
+
+async def _signed_in(app: object) -> tuple[httpx.AsyncClient, str]:
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://console.test")  # type: ignore[arg-type]
+    token = csrf_of((await client.get("/console/login")).text)
+    answer = await client.post("/console/login", data={"user": OPERATOR[0], "password": OPERATOR[1], "csrf": token})
+    assert answer.status_code == 303
+    return client, answer.cookies["connector_console"]
+
+
+async def test_signing_out_ends_the_session(tmp_path: Path) -> None:
+    app, ledger = console_app(write_console_config(tmp_path, sqlite_url(tmp_path / "ledger.db")))
+    try:
+        client, _ = await _signed_in(app)
+        page = await client.get("/console")
+        assert page.status_code == 200
+        out = await client.post("/console/logout", data={"csrf": csrf_of(page.text)})
+        assert (out.status_code, out.headers["location"]) == (303, "/console/login")
+        assert (await client.get("/console")).status_code == 303
+        await client.aclose()
+    finally:
+        ledger.dispose()
+
+
+async def test_a_user_removed_or_demoted_in_the_config_loses_the_session(tmp_path: Path) -> None:
+    path = write_console_config(tmp_path, sqlite_url(tmp_path / "ledger.db"))
+    app, ledger = console_app(path)
+    client, cookie = await _signed_in(app)
+    await client.aclose()
+    ledger.dispose()
+    text = path.read_text()
+    for changed in (
+        text.replace("olivia: {role: operator", "olivia: {role: viewer"),
+        text.replace("    olivia:", "    # olivia:"),
+    ):
+        path.write_text(changed)
+        again, ledger = console_app(path)
+        try:
+            async with httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=again), base_url="http://console.test"
+            ) as other:
+                other.cookies.set("connector_console", cookie)
+                assert (await other.get("/console")).status_code == 303
+        finally:
+            ledger.dispose()
