@@ -87,6 +87,7 @@ def web_app(runtime: Runtime) -> Starlette:
     from connector.web import health
     from connector.web.app import console_routes, create_app
     from connector.web.console.preview import Previewer
+    from connector.web.console.replay import Replayer
     from connector.web.fhir import FhirEndpoints
     from connector.web.links import LinkEndpoints
 
