@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import icalendar
 import pytest
+import structlog
 from typer.testing import CliRunner
 
 from connector import cli, links
@@ -43,7 +44,9 @@ LINK = re.compile(r"https://connector\.example\.org/links/(confirm|cancel|unsubs
 class World:
     """The FHIR server, the Paubox sandbox, a clock, and one or more daemons over one ledger."""
 
-    def __init__(self, tmp_path: Path, fhir: FhirState, paubox: SandboxState, ledger_url: str | None) -> None:
+    def __init__(
+        self, tmp_path: Path, fhir: FhirState, paubox: SandboxState, ledger_url: str | None, links_extra: str = ""
+    ) -> None:
         (tmp_path / "link.key").write_text(LINK_KEY)
         (tmp_path / "old.key").write_text(OLD_KEY)
         self.path = write_config(
@@ -54,7 +57,7 @@ class World:
             ledger_url=ledger_url,
             server={"port": 9, "public_url": PUBLIC},
             extra_source="    write_back: {responses: true, cancel_appointment: true}\n",
-            extra="links:\n  keys: {k1: {file: old.key}, k2: {file: link.key}}\n  current: k2\n",
+            extra="links:\n  keys: {k1: {file: old.key}, k2: {file: link.key}}\n  current: k2\n" + links_extra,
         )
         self.fhir, self.paubox, self.now = fhir, paubox, NOW
         self.runtimes: list[Runtime] = []
@@ -362,3 +365,39 @@ def test_the_sandbox_inbox_shows_the_headers_links_and_calendar_file(
     assert "List-Unsubscribe-Post: List-Unsubscribe=One-Click" in shown.output
     assert "Attachment: appointment.ics (text/calendar; method=REQUEST)" in shown.output
     assert "Will you come? Confirm: https://connector.example.org/links/confirm/" in shown.output
+
+
+async def test_links_are_logged_and_counted_without_patient_data_or_tokens(world: World) -> None:
+    runtime = await sent(world)
+    found = world.links_of("Your appointment")
+    with structlog.testing.capture_logs() as logs:
+        async with world.client(runtime) as client:
+            await client.get(found["confirm"])
+            await client.post(found["confirm"])
+            await client.post(found["unsubscribe"], data={"List-Unsubscribe": "One-Click"})
+            await client.post(found["confirm"] + "x")
+            metrics = (await client.get("/metrics")).text
+    events = {entry["event"] for entry in logs}
+    assert {"link.used", "link.unsubscribed", "link.rejected"} <= events
+    text = repr(logs)
+    tokens = [url.rsplit("/", 1)[1] for url in found.values()]
+    for secret in ["Zebulon", "zebulon.1@example.org", *tokens, *(t.split(".")[1] for t in tokens)]:
+        assert secret not in text
+    assert 'connector_patient_actions_total{action="confirm",outcome="done"} 1.0' in metrics
+
+
+async def test_the_pages_are_rate_limited(
+    tmp_path: Path, fhir: FhirState, paubox: SandboxState, api_key_env: str
+) -> None:
+    world = World(tmp_path, fhir, paubox, None, links_extra="  rate_limit: 0.001\n  burst: 2\n")
+    try:
+        runtime = await sent(world)
+        url = world.links_of("Your appointment")["confirm"]
+        async with world.client(runtime) as client:
+            answers = [(await client.get(url)).status_code for _ in range(3)]
+            refused = await client.post(url)
+        assert answers == [200, 200, 429] and refused.status_code == 429
+        assert world.responses() == []
+    finally:
+        for made in world.runtimes:
+            await made.aclose()
