@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,9 +19,8 @@ import httpx
 import icalendar
 import pytest
 import structlog
-from typer.testing import CliRunner
 
-from connector import cli, links
+from connector import links
 from connector.config import load_config
 from connector.daemon import run_once, web_app
 from connector.delivery.paubox import PauboxRestMailer
@@ -359,12 +361,18 @@ def test_the_sandbox_inbox_shows_the_headers_links_and_calendar_file(
     asyncio.run(runtime.aclose())
     number = next(i for i, m in enumerate(paubox.messages, 1) if m["subject"].startswith("Your appointment"))
     with Server(paubox_app(paubox)) as server:
-        shown = CliRunner().invoke(cli.app, ["sandbox", "inbox", "--url", server.url, "--show", str(number)])
-    assert shown.exit_code == 0, shown.output
-    assert re.search(r"^List-Unsubscribe: <https://connector\.example\.org/links/unsubscribe/\S+>$", shown.output, re.M)
-    assert "List-Unsubscribe-Post: List-Unsubscribe=One-Click" in shown.output
-    assert "Attachment: appointment.ics (text/calendar; method=REQUEST)" in shown.output
-    assert "Will you come? Confirm: https://connector.example.org/links/confirm/" in shown.output
+        shown = subprocess.run(
+            [sys.executable, "-m", "connector", "sandbox", "inbox", "--url", server.url, "--show", str(number)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "COLUMNS": "400"},
+        )
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(r"^List-Unsubscribe: <https://connector\.example\.org/links/unsubscribe/\S+>$", shown.stdout, re.M)
+    assert "List-Unsubscribe-Post: List-Unsubscribe=One-Click" in shown.stdout
+    assert "Attachment: appointment.ics (text/calendar; method=REQUEST)" in shown.stdout
+    assert "Will you come? Confirm: https://connector.example.org/links/confirm/" in shown.stdout
 
 
 async def test_links_are_logged_and_counted_without_patient_data_or_tokens(world: World) -> None:
