@@ -19,6 +19,8 @@ import httpx
 import icalendar
 import pytest
 import structlog
+from hypothesis import given
+from hypothesis import strategies as st
 
 from connector import links
 from connector.config import load_config
@@ -409,3 +411,15 @@ async def test_the_pages_are_rate_limited(
     finally:
         for made in world.runtimes:
             await made.aclose()
+
+
+@given(position=st.integers(min_value=0), replacement=st.sampled_from("ABCDbcZ9_-"))
+def test_changing_any_character_of_a_token_refuses_it(position: int, replacement: str) -> None:
+    keys = links.LinkKeys({"k": b"k" * 32}, "k")
+    token = links.sign(keys, links.Claim(5, "unsubscribe", NOW + timedelta(days=1)))
+    index = 2 + position % (len(token) - 2)  # past "k.": the payload or the signature
+    changed = token[:index] + replacement + token[index + 1 :]
+    if changed == token:
+        return
+    with pytest.raises(links.BadLink):
+        links.verify(keys, changed, "unsubscribe", NOW)
