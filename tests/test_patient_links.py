@@ -22,7 +22,7 @@ import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
-from connector import links
+from connector import calendar, links
 from connector.config import load_config
 from connector.daemon import run_once, web_app
 from connector.delivery.paubox import PauboxRestMailer
@@ -146,6 +146,9 @@ async def test_each_email_carries_its_links_the_one_click_headers_and_a_calendar
     calendar = icalendar.Calendar.from_ical(base64.b64decode(ics["content"]))
     [event] = calendar.walk("VEVENT")
     assert calendar["METHOD"] == "REQUEST" and event.decoded("DTSTART") == START
+    assert str(event["ORGANIZER"]) == "mailto:appointments@clinic.example.org"
+    assert event["ORGANIZER"].params["CN"] == "Example Clinic"
+    assert str(event["UID"]).endswith("@clinic.example.org")
     assert "Zebulon" not in base64.b64decode(ics["content"]).decode()
 
 
@@ -423,3 +426,31 @@ def test_changing_any_character_of_a_token_refuses_it(position: int, replacement
         return
     with pytest.raises(links.BadLink):
         links.verify(keys, changed, "unsubscribe", NOW)
+
+
+def test_calendar_sequences_grow_with_versions_and_a_deleted_appointment_cancels_above_them() -> None:
+    booked = {**appointment("a9", "p1", START), "meta": {"versionId": "1"}}
+    moved = {**booked, "start": (START + timedelta(hours=1)).isoformat(), "meta": {"versionId": "2"}}
+    remembered = {"resourceType": "Appointment", "id": "a9", "status": "cancelled", "start": booked["start"]}
+    files = [
+        calendar.invitation(
+            resource,
+            source="ehr",
+            cancelled=cancelled,
+            summary="Your appointment",
+            organizer="Clinic <appointments@clinic.example.org>",
+            zone="Europe/Amsterdam",
+            now=NOW,
+        )
+        for resource, cancelled in ((booked, False), (moved, False), (remembered, True))
+    ]
+    events = [icalendar.Calendar.from_ical(f.content).walk("VEVENT")[0] for f in files if f is not None]
+    assert len({str(e["UID"]) for e in events}) == 1
+    assert [e["SEQUENCE"] for e in events] == sorted(e["SEQUENCE"] for e in events)
+    assert events[0]["SEQUENCE"] < events[1]["SEQUENCE"] < events[2]["SEQUENCE"]
+    assert events[1].decoded("DTSTART") == START + timedelta(hours=1)
+    assert [f.content_type for f in files if f] == [
+        "text/calendar; method=REQUEST",
+        "text/calendar; method=REQUEST",
+        "text/calendar; method=CANCEL",
+    ]
