@@ -69,14 +69,14 @@ class World:
     def clock(self) -> datetime:
         return self.now
 
-    def open(self) -> Runtime:
+    def open(self, fhir_transport: httpx.AsyncBaseTransport | None = None) -> Runtime:
         config = load_config(self.path)
         mailer = PauboxRestMailer(config.delivery.paubox, transport=httpx.ASGITransport(app=paubox_app(self.paubox)))
         runtime = Runtime.open(
             config,
             self.clock,
             mailer=mailer,
-            source_transport=httpx.ASGITransport(app=fhir_app(self.fhir)),
+            source_transport=fhir_transport or httpx.ASGITransport(app=fhir_app(self.fhir)),
             exclusive=False,
         )
         self.runtimes.append(runtime)
@@ -454,3 +454,49 @@ def test_calendar_sequences_grow_with_versions_and_a_deleted_appointment_cancels
         "text/calendar; method=REQUEST",
         "text/calendar; method=CANCEL",
     ]
+
+
+async def test_cancel_clicked_on_two_replicas_at_once_cancels_once_and_answers_alike(replicas: World) -> None:
+    first = await sent(replicas)
+    second = replicas.open()
+    url = replicas.links_of("Your appointment")["cancel"]
+    before = replicas.fhir.current("Appointment", "a1")
+    assert before is not None
+    async with replicas.client(first) as one, replicas.client(second) as two:
+        answers = await asyncio.gather(one.post(url), two.post(url), one.post(url), two.post(url))
+    assert [a.status_code for a in answers] == [200] * 4
+    [response] = replicas.responses()
+    assert response["participantStatus"] == "declined"
+    after = replicas.fhir.current("Appointment", "a1")
+    assert after is not None and after["status"] == "cancelled"
+    # One update won; the other clicks found it cancelled by the patient (after a 412 if they raced it).
+    assert int(after["meta"]["versionId"]) == int(before["meta"]["versionId"]) + 1
+    updates = [w.status for w in replicas.fhir.writes if w.interaction == "update"]
+    assert updates.count(200) == 1 and all(w.if_match for w in replicas.fhir.writes if w.interaction == "update")
+    assert set(updates) <= {200, 412}
+
+
+class ChangedMeanwhile(httpx.AsyncBaseTransport):
+    """The FHIR test server, where a clerk edits the appointment just before the connector's first update
+    of it arrives: that update names a version that is no longer current."""
+
+    def __init__(self, fhir: FhirState) -> None:
+        self.fhir, self.inner, self.edited = fhir, httpx.ASGITransport(app=fhir_app(fhir)), False
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "PUT" and request.url.path.endswith("/Appointment/a1") and not self.edited:
+            self.edited = True
+            current = self.fhir.current("Appointment", "a1")
+            self.fhir.put({**current, "comment": "room 4"})  # type: ignore[dict-item]
+        return await self.inner.handle_async_request(request)
+
+
+async def test_a_cancel_that_meets_a_newer_version_reads_again_and_keeps_the_clinics_change(world: World) -> None:
+    await sent(world)
+    runtime = world.open(ChangedMeanwhile(world.fhir))
+    async with world.client(runtime) as client:
+        answer = await client.post(world.links_of("Your appointment")["cancel"])
+    assert answer.status_code == 200
+    assert [w.status for w in world.fhir.writes if w.interaction == "update"] == [412, 200]
+    after = world.fhir.current("Appointment", "a1")
+    assert after is not None and after["status"] == "cancelled" and after["comment"] == "room 4"
