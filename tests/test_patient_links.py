@@ -26,6 +26,7 @@ from connector import calendar, links
 from connector.config import load_config
 from connector.daemon import run_once, web_app
 from connector.delivery.paubox import PauboxRestMailer
+from connector.errors import ConfigError
 from connector.models import State
 from connector.runtime import Runtime
 from connector.sandbox.fhir import FhirState
@@ -500,3 +501,32 @@ async def test_a_cancel_that_meets_a_newer_version_reads_again_and_keeps_the_cli
     assert [w.status for w in world.fhir.writes if w.interaction == "update"] == [412, 200]
     after = world.fhir.current("Appointment", "a1")
     assert after is not None and after["status"] == "cancelled" and after["comment"] == "room 4"
+
+
+@pytest.mark.parametrize(
+    ("server", "source", "extra", "expected"),
+    [
+        ({"port": 9}, "", "links-ok", "`links:` needs `server.public_url`"),
+        ({"port": 9, "public_url": "http://clinic.example.org"}, "", "", "credentials would cross the network"),
+        (
+            {"port": 9, "public_url": PUBLIC},
+            "    write_back: {cancel_appointment: true}\n",
+            "",
+            "needs write_back.responses",
+        ),
+        ({"port": 9, "public_url": PUBLIC}, "", "links-bad-current", "links.current names 'k9'"),
+    ],
+)
+def test_link_settings_that_cannot_work_are_refused_with_their_line(
+    tmp_path: Path, api_key_env: str, server: dict[str, Any], source: str, extra: str, expected: str
+) -> None:
+    (tmp_path / "link.key").write_text(LINK_KEY)
+    current = "k9" if extra == "links-bad-current" else "k1"
+    links_yaml = f"links:\n  keys: {{k1: {{file: link.key}}}}\n  current: {current}\n" if extra else ""
+    path = write_config(
+        tmp_path, "http://fhir.test", "https://paubox.test", server=server, extra_source=source, extra=links_yaml
+    )
+    with pytest.raises(ConfigError) as refused:
+        load_config(path)
+    problems = [str(p) for p in refused.value.problems]
+    assert any(expected in p and "config.yaml" in p for p in problems), problems
