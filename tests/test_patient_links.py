@@ -507,7 +507,7 @@ async def test_a_cancel_that_meets_a_newer_version_reads_again_and_keeps_the_cli
     ("server", "source", "extra", "expected"),
     [
         ({"port": 9}, "", "links-ok", "`links:` needs `server.public_url`"),
-        ({"port": 9, "public_url": "http://clinic.example.org"}, "", "", "credentials would cross the network"),
+        ({"port": 9, "public_url": "http://clinic.example.org"}, "", "", "patients' links need https://"),
         (
             {"port": 9, "public_url": PUBLIC},
             "    write_back: {cancel_appointment: true}\n",
