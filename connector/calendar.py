@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from datetime import UTC, datetime, timedelta
+from email.utils import parseaddr
 from typing import Any
 
 from icalendar import Calendar, Event, vCalAddress, vText
@@ -21,16 +22,17 @@ from connector.models import Attachment
 PRODID = "-//connector//patient notifications//EN"
 
 
-def sequence(appointment: dict[str, Any]) -> int:
+def sequence(appointment: dict[str, Any], now: datetime) -> int:
     """The SEQUENCE of this version: `meta.versionId` when it is a number, else `meta.lastUpdated` in
-    seconds (both grow with every change the EHR records)."""
+    seconds (both grow with every change the EHR records); for an appointment known only from what the
+    ledger remembered (deleted on the source), the current time in seconds, above either."""
     found = appointment.get("meta")
     meta: dict[str, Any] = found if isinstance(found, dict) else {}
     version = str(meta.get("versionId", ""))
     if version.isdigit():
         return int(version)
     updated = parse_instant(meta.get("lastUpdated"))
-    return int(updated.timestamp()) if updated is not None else 0
+    return int((updated or now).timestamp())
 
 
 def uid(source: str, appointment_id: str, domain: str) -> str:
@@ -55,7 +57,8 @@ def invitation(
         return None
     end = parse_instant(appointment.get("end")) or start + timedelta(minutes=30)
     method = "CANCEL" if cancelled else "REQUEST"
-    domain = organizer.rpartition("@")[2] or "localhost"
+    name, address = parseaddr(organizer)
+    domain = address.rpartition("@")[2] or "localhost"
     cal = Calendar()
     cal.add("prodid", PRODID)
     cal.add("version", "2.0")
@@ -63,14 +66,14 @@ def invitation(
     cal.add("x-wr-timezone", zone)
     event = Event()
     event.add("uid", uid(source, str(appointment.get("id", "")), domain))
-    event.add("sequence", sequence(appointment))
+    event.add("sequence", sequence(appointment, now))
     event.add("dtstamp", now.astimezone(UTC))
     event.add("dtstart", start.astimezone(UTC))
     event.add("dtend", end.astimezone(UTC))
     event.add("summary", summary)
     event.add("status", "CANCELLED" if cancelled else "CONFIRMED")
-    chair = vCalAddress(f"mailto:{organizer}")
-    chair.params["cn"] = vText(domain)
+    chair = vCalAddress(f"mailto:{address}")
+    chair.params["cn"] = vText(name or domain)
     event.add("organizer", chair)
     cal.add_component(event)
     return Attachment(filename="appointment.ics", content_type=f"text/calendar; method={method}", content=cal.to_ical())

@@ -89,10 +89,13 @@ def verify(keys: LinkKeys, token: str, action: str, now: datetime) -> Claim:
     key = keys.keys.get(key_id)
     if key is None:
         raise BadLink("unknown key")
+    serializer = _serializer(key)
     try:
-        payload = _serializer(key).loads(signed)
+        payload = serializer.loads(signed)
     except BadSignature:
         raise BadLink("tampered") from None
+    if serializer.dumps(payload) != signed:  # one spelling per token: no variant of a signature's last bits
+        raise BadLink("tampered")
     if not isinstance(payload, dict) or not isinstance(payload.get("n"), int) or payload.get("a") not in ACTIONS:
         raise BadLink("malformed")
     if payload["a"] != action:

@@ -3,6 +3,9 @@ pending; the upgrade of a ledger written before categories (revision 0012). SQLi
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,7 +17,7 @@ from connector.ledger import OptOut, migrate
 from connector.ledger.engine import make_engine
 from connector.ledger.sql import SqlLedger
 from connector.models import State
-from tests.conftest import OPTOUT_KEYS
+from tests.conftest import BASIC, OPTOUT_KEYS, write_config
 from tests.factories import NOW, planned
 
 ADDRESS = "robin.lee@example.org"
@@ -117,3 +120,28 @@ def test_upgrading_keeps_every_optout_as_one_for_every_email_by_an_operator(
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM optout").scalar() == 1
     engine.dispose()
+
+
+def test_the_cli_adds_lists_and_resubscribes_by_category(tmp_path: Path) -> None:
+    config = str(write_config(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9", mappings=BASIC))
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "connector", "optout", *args, "--config", config],
+            cwd=tmp_path,
+            text=True,
+            capture_output=True,
+            env={**os.environ, "COLUMNS": "400"},
+            timeout=120,
+        )
+
+    assert cli("add", "--email", ADDRESS, "--category", "reminders").returncode == 0
+    assert cli("add", "--email", ADDRESS).returncode == 0  # every email: a second entry
+    listed = cli("list").stdout
+    assert "reminders" in listed and "every email" in listed and "operator" in listed
+    assert ADDRESS not in listed
+    assert cli("remove", "--email", ADDRESS, "--category", "reminders").returncode == 0
+    listed = cli("list").stdout
+    assert "reminders" not in listed and "every email" in listed
+    assert cli("remove", "--email", ADDRESS).returncode == 0
+    assert "Opt-outs (0)" in cli("list").stdout

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,12 +18,15 @@ from typing import Any
 import httpx
 import icalendar
 import pytest
-from typer.testing import CliRunner
+import structlog
+from hypothesis import given
+from hypothesis import strategies as st
 
-from connector import cli, links
+from connector import calendar, links
 from connector.config import load_config
 from connector.daemon import run_once, web_app
 from connector.delivery.paubox import PauboxRestMailer
+from connector.errors import ConfigError
 from connector.models import State
 from connector.runtime import Runtime
 from connector.sandbox.fhir import FhirState
@@ -43,7 +49,9 @@ LINK = re.compile(r"https://connector\.example\.org/links/(confirm|cancel|unsubs
 class World:
     """The FHIR server, the Paubox sandbox, a clock, and one or more daemons over one ledger."""
 
-    def __init__(self, tmp_path: Path, fhir: FhirState, paubox: SandboxState, ledger_url: str | None) -> None:
+    def __init__(
+        self, tmp_path: Path, fhir: FhirState, paubox: SandboxState, ledger_url: str | None, links_extra: str = ""
+    ) -> None:
         (tmp_path / "link.key").write_text(LINK_KEY)
         (tmp_path / "old.key").write_text(OLD_KEY)
         self.path = write_config(
@@ -54,7 +62,7 @@ class World:
             ledger_url=ledger_url,
             server={"port": 9, "public_url": PUBLIC},
             extra_source="    write_back: {responses: true, cancel_appointment: true}\n",
-            extra="links:\n  keys: {k1: {file: old.key}, k2: {file: link.key}}\n  current: k2\n",
+            extra="links:\n  keys: {k1: {file: old.key}, k2: {file: link.key}}\n  current: k2\n" + links_extra,
         )
         self.fhir, self.paubox, self.now = fhir, paubox, NOW
         self.runtimes: list[Runtime] = []
@@ -62,14 +70,14 @@ class World:
     def clock(self) -> datetime:
         return self.now
 
-    def open(self) -> Runtime:
+    def open(self, fhir_transport: httpx.AsyncBaseTransport | None = None) -> Runtime:
         config = load_config(self.path)
         mailer = PauboxRestMailer(config.delivery.paubox, transport=httpx.ASGITransport(app=paubox_app(self.paubox)))
         runtime = Runtime.open(
             config,
             self.clock,
             mailer=mailer,
-            source_transport=httpx.ASGITransport(app=fhir_app(self.fhir)),
+            source_transport=fhir_transport or httpx.ASGITransport(app=fhir_app(self.fhir)),
             exclusive=False,
         )
         self.runtimes.append(runtime)
@@ -139,6 +147,9 @@ async def test_each_email_carries_its_links_the_one_click_headers_and_a_calendar
     calendar = icalendar.Calendar.from_ical(base64.b64decode(ics["content"]))
     [event] = calendar.walk("VEVENT")
     assert calendar["METHOD"] == "REQUEST" and event.decoded("DTSTART") == START
+    assert str(event["ORGANIZER"]) == "mailto:appointments@clinic.example.org"
+    assert event["ORGANIZER"].params["CN"] == "Example Clinic"
+    assert str(event["UID"]).endswith("@clinic.example.org")
     assert "Zebulon" not in base64.b64decode(ics["content"]).decode()
 
 
@@ -356,9 +367,166 @@ def test_the_sandbox_inbox_shows_the_headers_links_and_calendar_file(
     asyncio.run(runtime.aclose())
     number = next(i for i, m in enumerate(paubox.messages, 1) if m["subject"].startswith("Your appointment"))
     with Server(paubox_app(paubox)) as server:
-        shown = CliRunner().invoke(cli.app, ["sandbox", "inbox", "--url", server.url, "--show", str(number)])
-    assert shown.exit_code == 0, shown.output
-    assert re.search(r"^List-Unsubscribe: <https://connector\.example\.org/links/unsubscribe/\S+>$", shown.output, re.M)
-    assert "List-Unsubscribe-Post: List-Unsubscribe=One-Click" in shown.output
-    assert "Attachment: appointment.ics (text/calendar; method=REQUEST)" in shown.output
-    assert "Will you come? Confirm: https://connector.example.org/links/confirm/" in shown.output
+        shown = subprocess.run(
+            [sys.executable, "-m", "connector", "sandbox", "inbox", "--url", server.url, "--show", str(number)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "COLUMNS": "400"},
+        )
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(r"^List-Unsubscribe: <https://connector\.example\.org/links/unsubscribe/\S+>$", shown.stdout, re.M)
+    assert "List-Unsubscribe-Post: List-Unsubscribe=One-Click" in shown.stdout
+    assert "Attachment: appointment.ics (text/calendar; method=REQUEST)" in shown.stdout
+    assert "Will you come? Confirm: https://connector.example.org/links/confirm/" in shown.stdout
+
+
+async def test_links_are_logged_and_counted_without_patient_data_or_tokens(world: World) -> None:
+    runtime = await sent(world)
+    found = world.links_of("Your appointment")
+    with structlog.testing.capture_logs() as logs:
+        async with world.client(runtime) as client:
+            await client.get(found["confirm"])
+            await client.post(found["confirm"])
+            await client.post(found["unsubscribe"], data={"List-Unsubscribe": "One-Click"})
+            await client.post(found["confirm"] + "x")
+            metrics = (await client.get("/metrics")).text
+    events = {entry["event"] for entry in logs}
+    assert {"link.used", "link.unsubscribed", "link.rejected"} <= events
+    text = repr(logs)
+    tokens = [url.rsplit("/", 1)[1] for url in found.values()]
+    for secret in ["Zebulon", "zebulon.1@example.org", *tokens, *(t.split(".")[1] for t in tokens)]:
+        assert secret not in text
+    assert 'connector_patient_actions_total{action="confirm",outcome="done"} 1.0' in metrics
+
+
+async def test_the_pages_are_rate_limited(
+    tmp_path: Path, fhir: FhirState, paubox: SandboxState, api_key_env: str
+) -> None:
+    world = World(tmp_path, fhir, paubox, None, links_extra="  rate_limit: 0.001\n  burst: 2\n")
+    try:
+        runtime = await sent(world)
+        url = world.links_of("Your appointment")["confirm"]
+        async with world.client(runtime) as client:
+            answers = [(await client.get(url)).status_code for _ in range(3)]
+            refused = await client.post(url)
+        assert answers == [200, 200, 429] and refused.status_code == 429
+        assert world.responses() == []
+    finally:
+        for made in world.runtimes:
+            await made.aclose()
+
+
+@given(position=st.integers(min_value=0), replacement=st.sampled_from("ABCDbcZ9_-"))
+def test_changing_any_character_of_a_token_refuses_it(position: int, replacement: str) -> None:
+    keys = links.LinkKeys({"k": b"k" * 32}, "k")
+    token = links.sign(keys, links.Claim(5, "unsubscribe", NOW + timedelta(days=1)))
+    index = 2 + position % (len(token) - 2)  # past "k.": the payload or the signature
+    changed = token[:index] + replacement + token[index + 1 :]
+    if changed == token:
+        return
+    with pytest.raises(links.BadLink):
+        links.verify(keys, changed, "unsubscribe", NOW)
+
+
+def test_calendar_sequences_grow_with_versions_and_a_deleted_appointment_cancels_above_them() -> None:
+    booked = {**appointment("a9", "p1", START), "meta": {"versionId": "1"}}
+    moved = {**booked, "start": (START + timedelta(hours=1)).isoformat(), "meta": {"versionId": "2"}}
+    remembered = {"resourceType": "Appointment", "id": "a9", "status": "cancelled", "start": booked["start"]}
+    files = [
+        calendar.invitation(
+            resource,
+            source="ehr",
+            cancelled=cancelled,
+            summary="Your appointment",
+            organizer="Clinic <appointments@clinic.example.org>",
+            zone="Europe/Amsterdam",
+            now=NOW,
+        )
+        for resource, cancelled in ((booked, False), (moved, False), (remembered, True))
+    ]
+    events = [icalendar.Calendar.from_ical(f.content).walk("VEVENT")[0] for f in files if f is not None]
+    assert len({str(e["UID"]) for e in events}) == 1
+    assert [e["SEQUENCE"] for e in events] == sorted(e["SEQUENCE"] for e in events)
+    assert events[0]["SEQUENCE"] < events[1]["SEQUENCE"] < events[2]["SEQUENCE"]
+    assert events[1].decoded("DTSTART") == START + timedelta(hours=1)
+    assert [f.content_type for f in files if f] == [
+        "text/calendar; method=REQUEST",
+        "text/calendar; method=REQUEST",
+        "text/calendar; method=CANCEL",
+    ]
+
+
+async def test_cancel_clicked_on_two_replicas_at_once_cancels_once_and_answers_alike(replicas: World) -> None:
+    first = await sent(replicas)
+    second = replicas.open()
+    url = replicas.links_of("Your appointment")["cancel"]
+    before = replicas.fhir.current("Appointment", "a1")
+    assert before is not None
+    async with replicas.client(first) as one, replicas.client(second) as two:
+        answers = await asyncio.gather(one.post(url), two.post(url), one.post(url), two.post(url))
+    assert [a.status_code for a in answers] == [200] * 4
+    [response] = replicas.responses()
+    assert response["participantStatus"] == "declined"
+    after = replicas.fhir.current("Appointment", "a1")
+    assert after is not None and after["status"] == "cancelled"
+    # One update won; the other clicks found it cancelled by the patient (after a 412 if they raced it).
+    assert int(after["meta"]["versionId"]) == int(before["meta"]["versionId"]) + 1
+    updates = [w.status for w in replicas.fhir.writes if w.interaction == "update"]
+    assert updates.count(200) == 1 and all(w.if_match for w in replicas.fhir.writes if w.interaction == "update")
+    assert set(updates) <= {200, 412}
+
+
+class ChangedMeanwhile(httpx.AsyncBaseTransport):
+    """The FHIR test server, where a clerk edits the appointment just before the connector's first update
+    of it arrives: that update names a version that is no longer current."""
+
+    def __init__(self, fhir: FhirState) -> None:
+        self.fhir, self.inner, self.edited = fhir, httpx.ASGITransport(app=fhir_app(fhir)), False
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "PUT" and request.url.path.endswith("/Appointment/a1") and not self.edited:
+            self.edited = True
+            current = self.fhir.current("Appointment", "a1")
+            self.fhir.put({**current, "comment": "room 4"})  # type: ignore[dict-item]
+        return await self.inner.handle_async_request(request)
+
+
+async def test_a_cancel_that_meets_a_newer_version_reads_again_and_keeps_the_clinics_change(world: World) -> None:
+    await sent(world)
+    runtime = world.open(ChangedMeanwhile(world.fhir))
+    async with world.client(runtime) as client:
+        answer = await client.post(world.links_of("Your appointment")["cancel"])
+    assert answer.status_code == 200
+    assert [w.status for w in world.fhir.writes if w.interaction == "update"] == [412, 200]
+    after = world.fhir.current("Appointment", "a1")
+    assert after is not None and after["status"] == "cancelled" and after["comment"] == "room 4"
+
+
+@pytest.mark.parametrize(
+    ("server", "source", "extra", "expected"),
+    [
+        ({"port": 9}, "", "links-ok", "`links:` needs `server.public_url`"),
+        ({"port": 9, "public_url": "http://clinic.example.org"}, "", "", "patients' links need https://"),
+        (
+            {"port": 9, "public_url": PUBLIC},
+            "    write_back: {cancel_appointment: true}\n",
+            "",
+            "needs write_back.responses",
+        ),
+        ({"port": 9, "public_url": PUBLIC}, "", "links-bad-current", "links.current names 'k9'"),
+    ],
+)
+def test_link_settings_that_cannot_work_are_refused_with_their_line(
+    tmp_path: Path, api_key_env: str, server: dict[str, Any], source: str, extra: str, expected: str
+) -> None:
+    (tmp_path / "link.key").write_text(LINK_KEY)
+    current = "k9" if extra == "links-bad-current" else "k1"
+    links_yaml = f"links:\n  keys: {{k1: {{file: link.key}}}}\n  current: {current}\n" if extra else ""
+    path = write_config(
+        tmp_path, "http://fhir.test", "https://paubox.test", server=server, extra_source=source, extra=links_yaml
+    )
+    with pytest.raises(ConfigError) as refused:
+        load_config(path)
+    problems = [str(p) for p in refused.value.problems]
+    assert any(expected in p and "config.yaml" in p for p in problems), problems

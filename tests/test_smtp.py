@@ -9,7 +9,7 @@ import asyncio
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email import message_from_bytes
 from email.message import EmailMessage
 from email.policy import default as default_policy
@@ -23,7 +23,7 @@ from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 
 from connector.delivery import Signal, Verdict
 from connector.delivery.smtp import PauboxSmtpMailer, reply_reason
-from connector.models import Email
+from connector.models import Attachment, Email
 from connector.testing import free_port
 
 PASSWORD = "test-api-key-5f3a9c"
@@ -397,3 +397,29 @@ async def test_the_pipeline_sends_through_the_relay_when_configured(
     assert message["X-Notification-Key"] == record.key
     assert record.tracking_id == "smtp:Q1234AB"
     assert relay.logins and all(under_tls for _, _, under_tls in relay.logins)
+
+
+async def test_one_click_headers_and_a_calendar_file_go_through_the_relay(
+    start_relay: StartRelay, make_mailer: MakeMailer
+) -> None:
+    """The SMTP relay gets RFC 8058's two headers as they are, and the iCalendar attachment beside the text
+    and HTML parts, with its method in the content type."""
+    unsubscribe = "<https://connector.example.org/links/unsubscribe/k1.eyJuIjoxfQ.sig>"
+    ics = b"BEGIN:VCALENDAR\r\nMETHOD:REQUEST\r\nEND:VCALENDAR\r\n"
+    email = replace(
+        EMAIL,
+        headers={"List-Unsubscribe": unsubscribe, "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"},
+        attachments=(Attachment("appointment.ics", "text/calendar; method=REQUEST", ics),),
+    )
+    relay = Relay()
+    outcome = await make_mailer(await start_relay(relay, "starttls")).send(email)
+    assert outcome.verdict is Verdict.SENT
+    message = parsed(relay.messages[0])
+    assert message["List-Unsubscribe"].strip() == unsubscribe  # a long value is folded onto its own line
+    assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert message.get_content_type() == "multipart/mixed"
+    [calendar] = list(message.iter_attachments())
+    assert isinstance(calendar, EmailMessage)
+    assert calendar.get_content_type() == "text/calendar" and calendar.get_param("method") == "REQUEST"
+    assert calendar.get_filename() == "appointment.ics" and calendar.get_content().encode() == ics
+    assert message.get_body(("plain",)) is not None and message.get_body(("html",)) is not None

@@ -11,7 +11,7 @@ from pydantic import Field, IPvAnyNetwork, field_validator, model_validator
 from connector.config.base import EnvStr, Key32, Strict
 from connector.references import Unresolved
 from connector.units import NAME_PATTERN, Duration
-from connector.urls import check_url
+from connector.urls import is_loopback, parse_http_url
 
 
 class ServerConfig(Strict):
@@ -40,8 +40,12 @@ class ServerConfig(Strict):
         if value is None:
             return None
         # https, or http to this machine only (a laptop's trial): the same rule as for credentials
-        checked = check_url(value, credentials=True)
-        return checked if isinstance(checked, Unresolved) else checked.rstrip("/")
+        if isinstance(value, Unresolved):
+            return value
+        url = parse_http_url(value)
+        if url.scheme != "https" and not is_loopback(url.host):
+            raise ValueError("patients' links need https:// (http:// only to 127.0.0.1 or localhost, for a trial)")
+        return value.rstrip("/")
 
     @field_validator("header_timeout", "body_timeout")
     @classmethod

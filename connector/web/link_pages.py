@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from babel.dates import format_datetime
+from babel.dates import format_date, format_time, get_timezone_name
 from jinja2 import Environment, select_autoescape
 from starlette.responses import HTMLResponse
 
@@ -128,7 +128,11 @@ def local_time(start: datetime | None, zone: str, lang: str) -> str | None:
         tz = ZoneInfo(zone)
     except (ZoneInfoNotFoundError, ValueError):
         tz = ZoneInfo("UTC")
-    return format_datetime(start.astimezone(tz), "full", tzinfo=tz, locale=lang).replace("\u202f", " ")
+    local = start.astimezone(tz)
+    day = format_date(local.date(), "full", locale=lang)
+    hour = format_time(local, "short", tzinfo=tz, locale=lang)
+    zone_name = get_timezone_name(local, "long", locale=lang)
+    return f"{day}, {hour} ({zone_name})".replace("\u202f", " ")
 
 
 def page(
