@@ -73,6 +73,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "connector.writeback",
             "connector.cap",
             "connector.handoff",
+            "connector.bounces",
         ),
     ),
     (

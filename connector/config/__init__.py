@@ -20,7 +20,14 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from connector.config.base import Strict
-from connector.config.delivery import DeliveryConfig, DispatchConfig, LimitsConfig, OptOutConfig, QuietHoursConfig
+from connector.config.delivery import (
+    BouncesConfig,
+    DeliveryConfig,
+    DispatchConfig,
+    LimitsConfig,
+    OptOutConfig,
+    QuietHoursConfig,
+)
 from connector.config.handoff import HandoffConfig
 from connector.config.server import HealthConfig, LedgerConfig, ServerConfig
 from connector.config.sources import CrmSourceConfig, FhirPollSourceConfig, InboxConfig
@@ -43,6 +50,7 @@ class Config(Strict):
     health: HealthConfig = HealthConfig()
     limits: LimitsConfig = LimitsConfig()
     handoff: HandoffConfig | None = None
+    bounces: BouncesConfig = BouncesConfig()
 
     @model_validator(mode="after")
     def _bounces_need_an_optout_key(self) -> Config:
