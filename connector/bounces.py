@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
+from connector.units import human_duration
+
 
 @dataclass(frozen=True)
 class Tally:
@@ -35,7 +37,7 @@ def after_bounce(before: Tally | None, *, hard: bool, now: datetime, soft_limit:
         tally = replace(tally, soft_count=0, soft_since=now)
     count = tally.soft_count + 1
     if count >= soft_limit:
-        return Tally(count, tally.soft_since, now, f"{count} soft bounces within {soft_window}", None)
+        return Tally(count, tally.soft_since, now, f"{count} soft bounces within {human_duration(soft_window)}", None)
     return replace(tally, soft_count=count)
 
 

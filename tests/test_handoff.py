@@ -25,7 +25,8 @@ from connector.config import load_config
 from connector.crm.verify import verify_standard_webhook
 from connector.daemon import run_once
 from connector.delivery.paubox import PauboxRestMailer
-from connector.handoff import task_identifier
+from connector.bounces import Tally, skip_reason
+from connector.handoff import reason_of, task_identifier
 from connector.models import State
 from connector.runtime import Runtime
 from connector.sandbox.fhir import FhirState
@@ -171,3 +172,21 @@ async def test_a_webhook_hand_off_is_signed_and_retried_under_one_id(
     assert event["type"] == "handoff.requested" and event["reason"] == "no-address"
     assert event["resource"] == "Appointment/a9" and event["patient"] == "Patient/p9"
     assert b"example.org" not in body  # no address in the event
+
+
+@pytest.mark.parametrize(
+    ("state", "reason", "expected"),
+    [
+        (State.SKIPPED, "Patient/p9 has no usable email address", "no-address"),
+        (State.SKIPPED, "Patient/p9 not found on source 'ehr'", "no-address"),
+        (State.SKIPPED, "Patient/p9 opted out (by email, 2026-11-30)", "opted-out"),
+        (State.SKIPPED, skip_reason("p9", Tally(0, None, NOW, "hard bounce", None)), "bounce"),
+        (State.FAILED, "gave up after 5 attempts", "failed"),
+        (State.SKIPPED, "Patient/p9 is recorded as deceased", None),  # nobody should call
+        (State.SKIPPED, "Patient/p9: Consent/c1 denies this purpose", None),
+        (State.CANCELLED, "the appointment was cancelled", None),
+        (State.SENT, None, None),
+    ],
+)
+def test_which_endings_are_handed_off(state: State, reason: str | None, expected: str | None) -> None:
+    assert reason_of(state, reason) == expected
