@@ -20,12 +20,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from connector.bounces import Tally, skip_reason
 from connector.commands.ledger import status
 from connector.config import load_config
 from connector.crm.verify import verify_standard_webhook
 from connector.daemon import run_once
 from connector.delivery.paubox import PauboxRestMailer
-from connector.bounces import Tally, skip_reason
 from connector.handoff import reason_of, task_identifier
 from connector.models import State
 from connector.runtime import Runtime
