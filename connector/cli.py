@@ -14,6 +14,7 @@ import typer
 from sqlalchemy.exc import OperationalError
 
 from connector import logs, optout, report
+from connector.cli_bounces import bounces_app
 from connector.commands import files, ledger, scaffold
 from connector.commands import run as running
 from connector.config import LEDGER, Config, Environment, load_config
@@ -381,6 +382,7 @@ def optout_rekey(config: ConfigOption = ENV.config) -> None:
 
 
 app.add_typer(sandbox_app, name="sandbox")
+app.add_typer(bounces_app, name="bounces")
 
 
 def main() -> None:

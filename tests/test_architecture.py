@@ -98,6 +98,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "connector.commands",
             "connector.report",
             "connector.cli",
+            "connector.cli_bounces",
             "connector.entry",
             "connector.__main__",
             "connector.testing",  # the harness tests, chaos and bench share: servers, configs, daemons

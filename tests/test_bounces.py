@@ -5,6 +5,9 @@ the daemon's parts against the FHIR test server and the Paubox sandbox, on SQLit
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,7 +27,7 @@ from connector.sandbox.fhir import FhirState
 from connector.sandbox.fhir import create_app as fhir_app
 from connector.sandbox.paubox import SandboxState
 from connector.sandbox.paubox import create_app as paubox_app
-from tests.conftest import OPTOUT_KEYS, write_config
+from tests.conftest import API_KEY, OPTOUT_KEYS, write_config
 from tests.factories import appointment, patient
 
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
@@ -195,3 +198,34 @@ async def test_with_suppression_off_a_bounce_changes_nothing(
     clock.now = NOW + timedelta(days=1, hours=1)
     await run_once(runtime)
     assert recipients(paubox) == [OLD, OLD] and runtime.ledger.bounces.entries(10) == []
+
+
+async def test_an_operator_lists_and_clears_a_suppression_from_the_command_line(
+    opened: Callable[..., tuple[Runtime, Clock]], paubox: SandboxState, tmp_path: Path, ledger_url: str | None
+) -> None:
+    if ledger_url is not None:
+        pytest.skip("the command line is the same on both ledgers")
+    runtime, clock = opened()
+    await booked_and_bounced(runtime, paubox, "api_mail_log_permanent_failure")
+    config = str(runtime.config.path)
+    listed = connector("bounces", "list", "-c", config, cwd=tmp_path)
+    assert listed.returncode == 0 and "p1" in listed.stdout and optout.hint("email", OLD) in listed.stdout
+    assert OLD not in listed.stdout
+    status = connector("status", "-c", config, cwd=tmp_path)
+    assert "Suppressed after bounces (1)" in status.stdout
+    cleared = connector("bounces", "clear", "--email", OLD.upper(), "--patient", "p1", "-c", config, cwd=tmp_path)
+    assert cleared.returncode == 0 and "cleared 1 suppression(s)" in cleared.stdout
+    clock.now = NOW + timedelta(days=1, hours=1)
+    await run_once(runtime)
+    assert recipients(paubox) == [OLD, OLD]  # tried again
+
+
+def connector(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "connector", *args],
+        cwd=cwd,
+        text=True,
+        capture_output=True,
+        env={**os.environ, "PAUBOX_API_KEY": API_KEY, "COLUMNS": "400"},
+        timeout=120,
+    )

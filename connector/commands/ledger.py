@@ -60,6 +60,7 @@ def status(config: Config) -> dict[str, Any]:
             "rejections": reports.rejections(),
             "write_back": ledger.write_backs.counts(),
             "write_back_problems": ledger.write_backs.problems(20),
+            "bounces": ledger.bounces.entries(20),
         }
     finally:
         ledger.dispose()
