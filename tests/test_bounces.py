@@ -18,9 +18,11 @@ import pytest
 
 from connector import optout
 from connector.bounces import Tally, after_bounce
+from connector.commands.run import explain
 from connector.config import load_config
 from connector.daemon import run_once
 from connector.delivery.paubox import PauboxRestMailer
+from connector.intake.replay import replan
 from connector.models import State
 from connector.runtime import Runtime
 from connector.sandbox.fhir import FhirState
@@ -229,3 +231,32 @@ def connector(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         env={**os.environ, "PAUBOX_API_KEY": API_KEY, "COLUMNS": "400"},
         timeout=120,
     )
+
+
+async def test_a_reminder_withheld_by_a_bounce_is_handed_off_to_the_front_desk(
+    opened: Callable[..., tuple[Runtime, Clock]], fhir: FhirState, paubox: SandboxState
+) -> None:
+    runtime, clock = opened("handoff:\n  to: task\n  owner: Organization/front-desk\n")
+    await booked_and_bounced(runtime, paubox, "api_mail_log_permanent_failure")
+    clock.now = NOW + timedelta(days=1, hours=1)
+    await run_once(runtime)
+    [task] = fhir.of_type("Task")
+    assert task["focus"] == {"reference": "Appointment/a1"} and task["for"] == {"reference": "Patient/p1"}
+    assert "bounced" in task["description"] and "appointment-reminder-48h" in task["description"]
+    assert OLD not in str(task)
+
+
+async def test_a_dry_run_says_a_new_notification_would_be_skipped_for_the_bounce(
+    opened: Callable[..., tuple[Runtime, Clock]], fhir: FhirState, paubox: SandboxState
+) -> None:
+    runtime, _ = opened()
+    await booked_and_bounced(runtime, paubox, "api_mail_log_permanent_failure")
+    fhir.put(appointment("a2", "p1", NOW + timedelta(days=5)))
+    source = runtime.sources["ehr"]
+    replay = await replan(
+        runtime.planner, runtime.store.reports, "ehr", source.pages(NOW - timedelta(days=1)), dry_run=True
+    )
+    verdicts = await explain(runtime, replay.items, NOW)
+    new = [item.notification.key for item in replay.items if item.notification.resource_id == "a2"]
+    assert len(new) == 2  # the booking confirmation and the 48-hour reminder
+    assert all("the chosen address bounced (hard bounce" in verdicts[key] for key in new)
