@@ -31,7 +31,7 @@ from connector.models import State
 from connector.runtime import Runtime
 from connector.sandbox.fhir import FhirState
 from connector.sandbox.fhir import create_app as fhir_app
-from connector.sandbox.paubox import SandboxState
+from connector.sandbox.paubox import Fault, SandboxState
 from connector.sandbox.paubox import create_app as paubox_app
 from tests.conftest import write_config
 from tests.factories import appointment, patient
@@ -190,3 +190,16 @@ async def test_a_webhook_hand_off_is_signed_and_retried_under_one_id(
 )
 def test_which_endings_are_handed_off(state: State, reason: str | None, expected: str | None) -> None:
     assert reason_of(state, reason) == expected
+
+
+async def test_an_email_paubox_refuses_is_handed_off_as_failed(
+    opened: Opener, fhir: FhirState, paubox: SandboxState
+) -> None:
+    paubox.faults = [Fault(status=400)]
+    runtime, _ = opened(TASK + "  reasons: [failed]\n")
+    await run_once(runtime)
+    await run_once(runtime)
+    [failed] = runtime.ledger.reports.notifications([State.FAILED], 10)
+    [one] = tasks(fhir)
+    assert one["focus"] == {"reference": f"Appointment/{failed.resource_id}"}
+    assert "the email could not be sent" in one["description"]
