@@ -218,6 +218,9 @@ async def test_a_server_without_conditional_create_is_refused_and_the_email_stil
     data = status(runtime.config)
     assert data["write_back"] == {("communication", "refused"): 4}
     assert all("conditional create" in (p.reason or "") for p in data["write_back_problems"])
+    exposition = (await runtime.monitor.exposition()).decode()
+    assert 'connector_write_backs{kind="communication",state="refused"} 4.0' in exposition
+    assert 'connector_write_backs_total{outcome="refused"} 4.0' in exposition
     assert {n.state for n in data["attention"]} <= {State.FAILED, State.IN_DOUBT} and not data["attention"]
 
 
