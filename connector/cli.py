@@ -15,6 +15,7 @@ import typer
 from sqlalchemy.exc import OperationalError
 
 from connector import logs, machine, operate, optout, preview, report
+from connector.cli_bounces import bounces_app
 from connector.cli_check import check as check_command
 from connector.commands import files, ledger, scaffold
 from connector.commands import run as running
@@ -361,6 +362,7 @@ def optout_rekey(config: ConfigOption = ENV.config) -> None:
 app.command("check")(check_command)
 app.add_typer(sandbox_app, name="sandbox")
 app.add_typer(console_app, name="console")
+app.add_typer(bounces_app, name="bounces")
 
 
 def main() -> None:

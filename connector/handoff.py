@@ -100,19 +100,20 @@ def event(
     key: str,
     source: str,
     resource: str,
-    patient_id: str,
+    patient: str | None,
     reason: str,
     mapping: str,
     detail: str | None,
     now: datetime,
 ) -> dict[str, Any]:
-    """The JSON a hand-off webhook receives: ids and reasons, no address and no message."""
+    """The JSON a hand-off webhook receives: ids and reasons, no address and no message. `patient`:
+    `Patient/<id>` for an appointment, the CRM's own id for a CRM event (or None)."""
     return {
         "type": "handoff.requested",
         "notification": key,
         "source": source,
         "resource": resource,
-        "patient": f"Patient/{patient_id}",
+        "patient": patient,
         "reason": reason,
         "why": WHY[reason],
         "mapping": mapping,

@@ -227,3 +227,11 @@ class Gauges:
         for source in sorted({*self.monitor.config.sources, *ledger.quarantined}):
             quarantined.add_metric([source], ledger.quarantined.get(source, 0))
         yield quarantined
+        owed = GaugeMetricFamily(
+            "connector_write_backs",
+            "Writes to the EHR and hand-offs not done: pending (being tried) or refused (a person must look).",
+            labels=["kind", "state"],
+        )
+        for (kind, state), count in sorted(ledger.write_backs.items()):
+            owed.add_metric([kind, state], count)
+        yield owed

@@ -199,6 +199,8 @@ def status(data: dict[str, Any]) -> None:
             table.add_row(endpoint, reason, str(total), last.isoformat(timespec="seconds"))
         console.print(table)
     write_back(data.get("write_back", {}), data.get("write_back_problems", []))
+    if data.get("bounces"):
+        bounces(data["bounces"])
     if data["problems"]:
         table = _table(
             "Quarantined: not processed (a new version is tried again)", ("source", "resource", "problem", "recorded")
@@ -207,6 +209,14 @@ def status(data: dict[str, Any]) -> None:
             when = seen.seen_at.isoformat(timespec="seconds") if seen.seen_at else ""
             table.add_row(source, escape(_version(seen)), escape(seen.problem or ""), when)
         console.print(table)
+
+
+def bounces(entries: list[Any]) -> None:
+    """Addresses suppressed after bounces (masked), per source and patient."""
+    table = _table(f"Suppressed after bounces ({len(entries)})", ("source", "patient", "address", "why", "since"))
+    for source, patient, hint, reason, since in entries:
+        table.add_row(source, patient, hint, reason or "", since.isoformat(timespec="minutes") if since else "")
+    console.print(table)
 
 
 def write_back(counts: dict[tuple[str, str], int], problems: list[Any]) -> None:

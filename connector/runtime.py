@@ -158,7 +158,9 @@ class Runtime:
         planner = Planner(config, mappings, store.intake, cache, clock)
         poller = Poller(planner, store.intake, sources, clock)
         preparers: dict[str, Preparer] = {
-            "Appointment": AppointmentPreparer(config, sources, cache, store.intake, store.optouts)
+            "Appointment": AppointmentPreparer(
+                config, sources, cache, store.intake, store.optouts, store.bounces, ledger.optouts.optout_keys
+            )
         }
         crm = crm_preparer = receiver = None
         if config.crm and config.inbox is not None:
@@ -173,7 +175,7 @@ class Runtime:
             receiver = CrmReceiver(config, store.inbox, keyring, clock)
         cap = DailyCap(config, store.caps) if config.limits.per_patient_per_day is not None else None
         dispatcher = Dispatcher(config, mappings, store.outbox, preparers, planner, mailer, clock, owner, cap)
-        aftercare = Aftercare(config, store.after_send, store.optouts, clock)
+        aftercare = Aftercare(config, store.after_send, store.optouts, clock, store.bounces, ledger.optouts.optout_keys)
         hub = SubscriptionHub(config, planner, poller, sources, store.intake, clock)
         monitor = Monitor(config, store.health, counted, dispatcher.mailer_state)
         actions = (

@@ -76,6 +76,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "connector.writeback",
             "connector.cap",
             "connector.handoff",
+            "connector.bounces",
         ),
     ),
     (
@@ -105,6 +106,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "connector.preview",
             "connector.cli",
             "connector.cli_check",
+            "connector.cli_bounces",
             "connector.entry",
             "connector.__main__",
             "connector.testing",  # the harness tests, chaos and bench share: servers, configs, daemons

@@ -20,17 +20,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from connector.bounces import Tally, skip_reason
 from connector.commands.ledger import status
 from connector.config import load_config
 from connector.crm.verify import verify_standard_webhook
 from connector.daemon import run_once
 from connector.delivery.paubox import PauboxRestMailer
-from connector.handoff import task_identifier
+from connector.handoff import reason_of, task_identifier
 from connector.models import State
 from connector.runtime import Runtime
 from connector.sandbox.fhir import FhirState
 from connector.sandbox.fhir import create_app as fhir_app
-from connector.sandbox.paubox import SandboxState
+from connector.sandbox.paubox import Fault, SandboxState
 from connector.sandbox.paubox import create_app as paubox_app
 from tests.conftest import write_config
 from tests.factories import appointment, patient
@@ -171,3 +172,34 @@ async def test_a_webhook_hand_off_is_signed_and_retried_under_one_id(
     assert event["type"] == "handoff.requested" and event["reason"] == "no-address"
     assert event["resource"] == "Appointment/a9" and event["patient"] == "Patient/p9"
     assert b"example.org" not in body  # no address in the event
+
+
+@pytest.mark.parametrize(
+    ("state", "reason", "expected"),
+    [
+        (State.SKIPPED, "Patient/p9 has no usable email address", "no-address"),
+        (State.SKIPPED, "Patient/p9 not found on source 'ehr'", "no-address"),
+        (State.SKIPPED, "Patient/p9 opted out (by email, 2026-11-30)", "opted-out"),
+        (State.SKIPPED, skip_reason("p9", Tally(0, None, NOW, "hard bounce", None)), "bounce"),
+        (State.FAILED, "gave up after 5 attempts", "failed"),
+        (State.SKIPPED, "Patient/p9 is recorded as deceased", None),  # nobody should call
+        (State.SKIPPED, "Patient/p9: Consent/c1 denies this purpose", None),
+        (State.CANCELLED, "the appointment was cancelled", None),
+        (State.SENT, None, None),
+    ],
+)
+def test_which_endings_are_handed_off(state: State, reason: str | None, expected: str | None) -> None:
+    assert reason_of(state, reason) == expected
+
+
+async def test_an_email_paubox_refuses_is_handed_off_as_failed(
+    opened: Opener, fhir: FhirState, paubox: SandboxState
+) -> None:
+    paubox.faults = [Fault(status=400)]
+    runtime, _ = opened(TASK + "  reasons: [failed]\n")
+    await run_once(runtime)
+    await run_once(runtime)
+    [failed] = runtime.ledger.reports.notifications([State.FAILED], 10)
+    [one] = tasks(fhir)
+    assert one["focus"] == {"reference": f"Appointment/{failed.resource_id}"}
+    assert "the email could not be sent" in one["description"]

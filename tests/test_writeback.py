@@ -23,9 +23,9 @@ from connector.models import State, fixed_clock
 from connector.runtime import Runtime
 from connector.sandbox.fhir import FhirState, WriteFault
 from connector.sandbox.fhir import create_app as fhir_app
-from connector.sandbox.paubox import SandboxState
+from connector.sandbox.paubox import Fault, SandboxState
 from connector.sandbox.paubox import create_app as paubox_app
-from connector.writeback import identifier_value
+from connector.writeback import Fact, backoff, communication, identifier_value
 from tests.conftest import BASIC, write_config
 from tests.factories import appointment, marker_patients, patient
 
@@ -218,4 +218,53 @@ async def test_a_server_without_conditional_create_is_refused_and_the_email_stil
     data = status(runtime.config)
     assert data["write_back"] == {("communication", "refused"): 4}
     assert all("conditional create" in (p.reason or "") for p in data["write_back_problems"])
+    exposition = (await runtime.monitor.exposition()).decode()
+    assert 'connector_write_backs{kind="communication",state="refused"} 4.0' in exposition
+    assert 'connector_write_backs_total{outcome="refused"} 4.0' in exposition
     assert {n.state for n in data["attention"]} <= {State.FAILED, State.IN_DOUBT} and not data["attention"]
+
+
+async def test_an_email_in_doubt_is_written_back_once_a_webhook_confirms_it(
+    opened: Opener, fhir: FhirState, paubox: SandboxState
+) -> None:
+    paubox.faults = [Fault(status=500, accept=True)]  # Paubox keeps the first message, the answer is lost
+    runtime = opened()
+    await run_once(runtime)
+    [doubtful] = runtime.ledger.reports.notifications([State.IN_DOUBT], 10)
+    assert len(communications(fhir)) == 3  # nothing for the one in doubt
+    event = {
+        "event_name": "api_mail_log_delivered",
+        "payload": {"custom_headers": {"X-Notification-Key": doubtful.key}, "source_tracking_id": "t-1"},
+    }
+    await runtime.aftercare.webhook(event)
+    await run_once(runtime)
+    written = by_identifier(fhir)
+    assert len(written) == 4 and identifier_value("communication", doubtful.key) in written
+
+
+def test_the_communication_of_a_reminder_and_of_a_skipped_notification() -> None:
+    key = "a1|booked|start-48h|2026-12-10T09:00:00+00:00|p1"
+    sent = communication(
+        Fact("communication", key, "a1", "p1", datetime(2026, 12, 8, 9, 0, 5, tzinfo=UTC)),
+        system=SYSTEM,
+        reminder=True,
+        topic="Reminder two days before",
+    )
+    assert sent["category"][0]["coding"][0]["code"] == "reminder" and sent["sent"] == "2026-12-08T09:00:05Z"
+    assert sent["topic"] == {"text": "Reminder two days before"}
+    value = sent["identifier"][0]["value"]
+    assert "|" not in value and value == identifier_value("communication", key)
+    skipped = communication(
+        Fact("not-done", key, "a1", "p1", None, "Patient/p1 has no usable email address"),
+        system=SYSTEM,
+        reminder=True,
+        topic="Reminder two days before",
+    )
+    assert skipped["status"] == "not-done" and "sent" not in skipped
+    assert skipped["statusReason"] == {"text": "Patient/p1 has no usable email address"}
+    assert skipped["identifier"][0]["value"] != value  # a separate resource from a completed one
+
+
+@pytest.mark.parametrize(("attempts", "expected_s"), [(1, 30), (2, 60), (3, 120), (8, 3600), (100, 3600)])
+def test_failed_writes_back_off_doubling_to_the_cap(attempts: int, expected_s: int) -> None:
+    assert backoff(attempts, timedelta(seconds=30), timedelta(hours=1)) == timedelta(seconds=expected_s)

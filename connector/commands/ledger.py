@@ -75,6 +75,7 @@ STATUS_STEPS = (
     "rejections",
     "write_back",
     "write_back_problems",
+    "bounces",
 )
 
 
@@ -93,6 +94,7 @@ def status(config: Config, step: Callable[[str], None] = lambda _: None) -> dict
         "rejections": reports.rejections,
         "write_back": ledger.write_backs.counts,
         "write_back_problems": lambda: ledger.write_backs.problems(20),
+        "bounces": lambda: ledger.bounces.entries(20),
     }
     found: dict[str, Any] = {}
     try:

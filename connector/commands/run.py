@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from connector import config as configuration
+from connector import optout
+from connector.bounces import skip_reason
 from connector.commands.files import read_resource_file
 from connector.daemon import run_forever, run_once
 from connector.delivery import Outcome, Verdict
@@ -76,8 +78,21 @@ async def explain(
             verdicts[n.key] = f"unknown: {exc}"
             continue
         when = "now" if n.due_at <= now else n.due_at.isoformat(timespec="minutes")
-        verdicts[n.key] = f"skipped: {found.reason}" if isinstance(found, NoRecipient) else f"would send ({when})"
+        if isinstance(found, NoRecipient):
+            verdicts[n.key] = f"skipped: {found.reason}"
+            continue
+        bounced = await bounced_address(runtime, n.source, n.patient_id, found.address)
+        verdicts[n.key] = f"skipped: {bounced}" if bounced else f"would send ({when})"
     return verdicts
+
+
+async def bounced_address(runtime: Runtime, source: str, patient_id: str, address: str) -> str | None:
+    """Why the address would be skipped as bounced (connector.bounces), or None."""
+    if not runtime.config.bounces.suppress:
+        return None
+    digests = [d for _, d in optout.variants(runtime.ledger.optouts.optout_keys, optout.digest("email", address))]
+    tally = await runtime.store.bounces.suppressed(source, patient_id, digests)
+    return skip_reason(patient_id, tally) if tally is not None else None
 
 
 async def dry_run(config: Config, clock: Clock, tracker: Tracker = NOBODY) -> DryRun:

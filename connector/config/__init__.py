@@ -21,7 +21,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from connector.config.base import Strict
 from connector.config.console import ConsoleConfig
-from connector.config.delivery import DeliveryConfig, DispatchConfig, LimitsConfig, OptOutConfig, QuietHoursConfig
+from connector.config.delivery import (
+    BouncesConfig,
+    DeliveryConfig,
+    DispatchConfig,
+    LimitsConfig,
+    OptOutConfig,
+    QuietHoursConfig,
+)
 from connector.config.handoff import HandoffConfig
 from connector.config.server import HealthConfig, LedgerConfig, LinksConfig, ServerConfig
 from connector.config.sources import CrmSourceConfig, FhirPollSourceConfig, InboxConfig
@@ -50,6 +57,7 @@ class Config(Strict):
     console: ConsoleConfig | None = None
     limits: LimitsConfig = LimitsConfig()
     handoff: HandoffConfig | None = None
+    bounces: BouncesConfig = BouncesConfig()
 
     @model_validator(mode="after")
     def _links_need_a_public_url(self) -> Config:

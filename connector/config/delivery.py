@@ -122,6 +122,16 @@ class QuietHoursConfig(Strict):
         return value
 
 
+class BouncesConfig(Strict):
+    """What bounces do to a patient's address (connector.bounces): a hard bounce suppresses it for that
+    patient, and `soft_limit` soft bounces within `soft_window` count as a hard one. A new address in the EHR
+    is tried; the bounced one is not, until an operator clears it. Needs `optout.keys` (digests are keyed)."""
+
+    suppress: bool = True
+    soft_limit: int = Field(3, ge=1)
+    soft_window: Duration = timedelta(days=7)
+
+
 class LimitsConfig(Strict):
     """Safety limits on what one person receives (connector.cap)."""
 

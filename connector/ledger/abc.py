@@ -16,10 +16,11 @@ The contract every implementation keeps:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from connector.bounces import Tally
     from connector.health import MailerFacts
     from connector.ledger import NotificationRecord, OptOut, SeenVersion, SendResult, Withdrawal
     from connector.ledger.operator import Changed, OperatorAction, Selection
@@ -276,3 +277,22 @@ class Caps(Protocol):
     ) -> int: ...
 
     async def defer(self, notification_id: int, owner: str, due_at: datetime, reason: str) -> bool: ...
+
+
+class Bounces(Protocol):
+    """Addresses suppressed per patient after bounces (connector.ledger.bounces)."""
+
+    async def bounced(
+        self,
+        key: str,
+        digest: str,
+        key_id: str | None,
+        hint: str,
+        *,
+        hard: bool,
+        now: datetime,
+        soft_limit: int,
+        soft_window: timedelta,
+    ) -> Tally | None: ...
+
+    async def suppressed(self, source: str, patient_id: str, digests: Sequence[str]) -> Tally | None: ...

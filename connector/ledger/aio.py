@@ -10,13 +10,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 if TYPE_CHECKING:
+    from connector.bounces import Tally
     from connector.health import MailerFacts
     from connector.ledger import NotificationRecord, OptOut, SeenVersion, SendResult, Withdrawal, abc
     from connector.ledger.after_send import SqlAfterSend
+    from connector.ledger.bounces import SqlBounces
     from connector.ledger.caps import SqlCaps
     from connector.ledger.health import SqlHealth
     from connector.ledger.inbox import SqlInbox
@@ -312,6 +314,38 @@ class AsyncCaps:
         return await _thread(self.sync.defer, notification_id, owner, due_at, reason)
 
 
+class AsyncBounces:
+    def __init__(self, role: SqlBounces) -> None:
+        self.sync = role
+
+    async def bounced(
+        self,
+        key: str,
+        digest: str,
+        key_id: str | None,
+        hint: str,
+        *,
+        hard: bool,
+        now: datetime,
+        soft_limit: int,
+        soft_window: timedelta,
+    ) -> Tally | None:
+        return await _thread(
+            self.sync.bounced,
+            key,
+            digest,
+            key_id,
+            hint,
+            hard=hard,
+            now=now,
+            soft_limit=soft_limit,
+            soft_window=soft_window,
+        )
+
+    async def suppressed(self, source: str, patient_id: str, digests: Sequence[str]) -> Tally | None:
+        return await _thread(self.sync.suppressed, source, patient_id, digests)
+
+
 @dataclass(frozen=True)
 class AsyncLedger:
     """Every role of one SqlLedger, async, as its Protocol (mypy checks here that each class implements it)."""
@@ -327,6 +361,7 @@ class AsyncLedger:
     links: abc.PatientLinks
     write_backs: abc.WriteBacks
     caps: abc.Caps
+    bounces: abc.Bounces
 
     @classmethod
     def over(cls, ledger: SqlLedger) -> AsyncLedger:
@@ -342,4 +377,5 @@ class AsyncLedger:
             AsyncPatientLinks(ledger.links),
             AsyncWriteBacks(ledger.write_backs),
             AsyncCaps(ledger.caps),
+            AsyncBounces(ledger.bounces),
         )

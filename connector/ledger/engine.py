@@ -22,6 +22,7 @@ from connector.errors import LedgerError
 from connector.files import create_private
 from connector.ledger import NotificationRecord
 from connector.ledger.schema import (
+    AddressSuppressionRow,
     AppointmentStateRow,
     CursorRow,
     InboxEventRow,
@@ -43,6 +44,7 @@ INBOX = InboxEventRow.__table__  # type: ignore[attr-defined]
 REJ = RejectionRow.__table__  # type: ignore[attr-defined]
 OPT = OptOutRow.__table__  # type: ignore[attr-defined]
 WB = WriteBackRow.__table__  # type: ignore[attr-defined]
+SUP = AddressSuppressionRow.__table__  # type: ignore[attr-defined]
 NOTIFIED = (State.SENT.value, State.SENDING.value, State.IN_DOUBT.value)
 
 

@@ -8,7 +8,7 @@ one answers "no" within `health.ledger_timeout` instead of waiting for a pooled 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,7 +17,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from connector.health import MailerFacts, SourceFacts
-from connector.ledger.engine import N, S, SqlRole
+from connector.ledger.engine import WB, N, S, SqlRole
 from connector.ledger.schema import ComponentHealthRow
 from connector.models import State
 
@@ -32,6 +32,7 @@ class LedgerGauges:
     states: dict[str, int]  # notifications per state (every state, zero included)
     oldest_due_pending: float  # seconds since the oldest due `pending` notification was due (0: none)
     quarantined: dict[str, int]  # resource versions set aside with a problem, per source
+    write_backs: dict[tuple[str, str], int] = field(default_factory=dict)  # (kind, state) not done: pending, refused
 
 
 def describe(exc: BaseException) -> str:
@@ -132,14 +133,21 @@ class SqlHealth(SqlRole):
         per_state = select(N.c.state, func.count()).group_by(N.c.state)
         oldest_due = select(func.min(N.c.due_at)).where(N.c.state == State.PENDING.value, N.c.due_at <= now)
         set_aside = select(S.c.source, func.count()).where(S.c.problem.is_not(None)).group_by(S.c.source)
+        owed = (
+            select(WB.c.kind, WB.c.state, func.count())
+            .where(WB.c.state.in_(("pending", "refused")))
+            .group_by(WB.c.kind, WB.c.state)
+        )
         with self.engine.connect() as conn:
             found = {str(row[0]): int(row[1]) for row in conn.execute(per_state)}
             oldest = conn.execute(oldest_due).scalar()
             quarantined = {str(row[0]): int(row[1]) for row in conn.execute(set_aside)}
+            write_backs = {(str(row[0]), str(row[1])): int(row[2]) for row in conn.execute(owed)}
         if oldest is not None and oldest.tzinfo is None:
             oldest = oldest.replace(tzinfo=UTC)
         return LedgerGauges(
             {state.value: found.get(state.value, 0) for state in State},
             max(0.0, (now - oldest).total_seconds()) if oldest is not None else 0.0,
             quarantined,
+            write_backs,
         )

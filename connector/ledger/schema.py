@@ -268,3 +268,26 @@ class WriteBackRow(SQLModel, table=True):
     resource_id: str | None = Field(default=None, max_length=128)  # what the EHR gave it
     created_at: datetime = _when()
     updated_at: datetime = _when()
+
+
+class AddressSuppressionRow(SQLModel, table=True):
+    """An address of one patient that bounced (source `bounce`): soft bounces counted in a window, and when
+    it was suppressed (a hard bounce, or too many soft ones) until an operator or a new address clears it.
+    The address is a keyed digest (connector.optout) with a masked hint, never the value."""
+
+    __tablename__ = "address_suppression"
+    __table_args__ = (UniqueConstraint("source", "patient_id", "digest", name="uq_address_suppression"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    source: str = Field(max_length=64)
+    patient_id: str = Field(max_length=128)
+    digest: str = Field(max_length=64)
+    key_id: str | None = Field(default=None, max_length=64)
+    hint: str = Field(max_length=200)
+    origin: str = Field(default="bounce", max_length=16)
+    soft_count: int = 0
+    soft_since: datetime | None = _when(nullable=True)  # the first soft bounce counted in the window
+    suppressed_at: datetime | None = _when(nullable=True)
+    reason: str | None = Field(default=None, max_length=200)
+    cleared_at: datetime | None = _when(nullable=True)
+    updated_at: datetime = _when()

@@ -13,6 +13,7 @@ by its roles, and how a config opens it.
     ledger.console     the operator console's searches, charts, actions and audit       (SqlConsole)
     ledger.write_backs writes owed to the EHR (Communications), their retries          (SqlWriteBacks)
     ledger.caps        emails per patient in a day, deferrals (the daily cap)           (SqlCaps)
+    ledger.bounces     addresses suppressed per patient after bounces                   (SqlBounces)
 
 The roles are synchronous: the CLI's ledger commands call them directly, and the daemon's async code
 reaches them through connector.ledger.aio (the one place that crosses into threads), typed by the
@@ -32,6 +33,7 @@ from sqlalchemy.exc import OperationalError
 from connector.errors import LedgerError
 from connector.ledger import migrate
 from connector.ledger.after_send import SqlAfterSend
+from connector.ledger.bounces import SqlBounces
 from connector.ledger.caps import SqlCaps
 from connector.ledger.console import SqlConsole
 from connector.ledger.engine import make_engine
@@ -68,6 +70,7 @@ class SqlLedger:
         self.links = SqlPatientLinks(engine)
         self.write_backs = SqlWriteBacks(engine)
         self.caps = SqlCaps(engine)
+        self.bounces = SqlBounces(engine)
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -26,7 +26,8 @@ from connector.models import Clock, State
 
 if TYPE_CHECKING:
     from connector.config import Config
-    from connector.ledger.abc import AfterSend, OptOuts
+    from connector.ledger.abc import AfterSend, Bounces, OptOuts
+    from connector.optout import OptOutKeys
 
 log = structlog.get_logger("connector.aftercare")
 
@@ -67,11 +68,22 @@ def _when(value: Any, fallback: datetime) -> datetime:
 
 
 class Aftercare:
-    def __init__(self, config: Config, after_send: AfterSend, optouts: OptOuts, clock: Clock) -> None:
+    def __init__(
+        self,
+        config: Config,
+        after_send: AfterSend,
+        optouts: OptOuts,
+        clock: Clock,
+        bounces: Bounces | None = None,
+        keys: OptOutKeys | None = None,
+    ) -> None:
         self.config = config
         self.after_send = after_send
         self.optouts = optouts
         self.clock = clock
+        # Bounces suppress an address per patient (connector.bounces) when configured and keyed.
+        self.bounces = bounces if config.bounces.suppress and keys is not None else None
+        self.keys = keys
 
     async def webhook(self, event: Any) -> WebhookResult:
         """Apply one Paubox webhook event. Unknown events and other systems' messages are ignored."""
@@ -108,11 +120,33 @@ class Aftercare:
                     "hard bounce reported by Paubox",
                     origin="bounce",
                 )
+        if status in ("hard_bounced", "soft_bounced") and key is not None:
+            await self._suppress(key, payload.get("to"), hard=status == "hard_bounced", when=when)
         result = "confirmed" if confirmed else ("updated" if updated else "unchanged")
         if confirmed:
             log.info("notification.confirmed", event_name=name, problem="in_doubt resolved: Paubox had the message")
         metrics.inc("connector_webhook_events_total", event=name, result=result)
         return WebhookResult(result)
+
+    async def _suppress(self, key: str, address: Any, *, hard: bool, when: datetime) -> None:
+        """Count a bounce against the patient's address (never logged: only that it was suppressed)."""
+        if self.bounces is None or self.keys is None:
+            return
+        if not (isinstance(address, str) and "@" in address and jsontext.storable(address) and len(address) <= 320):
+            return
+        settings = self.config.bounces
+        tally = await self.bounces.bounced(
+            key,
+            self.keys.keyed(optout.digest("email", address)),
+            self.keys.current,
+            optout.hint("email", address),
+            hard=hard,
+            now=when,
+            soft_limit=settings.soft_limit,
+            soft_window=settings.soft_window,
+        )
+        if tally is not None and tally.suppressed and tally.suppressed_at == when:
+            log.warning("address.suppressed", reason=tally.reason, problem="a patient's address bounced")
 
     async def settle_doubts(self) -> int:
         """Apply the in-doubt policy to notifications nobody confirmed in time. Returns how many."""

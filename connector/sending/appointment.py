@@ -12,7 +12,8 @@ import dataclasses
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from connector import calendar, fhir, links
+from connector import calendar, fhir, links, optout
+from connector.bounces import skip_reason
 from connector.errors import SourceError
 from connector.lifecycle import CANCELLED, NOSHOW, appointment_zone, still_wanted, synthesized
 from connector.mapping.engine import RenderError, RenderRequest, render
@@ -23,8 +24,9 @@ from connector.sending.recipients import NoRecipient, optout_lookup, prefetch, r
 if TYPE_CHECKING:
     from connector.config import Config
     from connector.ledger import NotificationRecord
-    from connector.ledger.abc import Intake, OptOuts
+    from connector.ledger.abc import Bounces, Intake, OptOuts
     from connector.mapping.loader import Mapping
+    from connector.optout import OptOutKeys
     from connector.sources.cache import ResourceCache
     from connector.sources.fhir_poll import FhirPollSource
 
@@ -37,8 +39,12 @@ class AppointmentPreparer:
         cache: ResourceCache,
         intake: Intake,
         optouts: OptOuts,
+        bounces: Bounces | None = None,
+        keys: OptOutKeys | None = None,
     ) -> None:
         self.config = config
+        self.bounces = bounces if config.bounces.suppress else None
+        self.keys = keys
         self.sources = sources
         self.cache = cache
         self.intake = intake
@@ -82,6 +88,12 @@ class AppointmentPreparer:
             return NotYet(str(exc))
         if isinstance(recipient, NoRecipient):
             return NotSendable(recipient.state, recipient.reason)
+        if self.bounces is not None:  # an address that bounced for this patient is not tried again
+            inner = optout.digest("email", recipient.address)
+            digests = [digest for _, digest in optout.variants(self.keys, inner)]
+            bounced = await self.bounces.suppressed(n.source, n.patient_id, digests)
+            if bounced is not None:
+                return NotSendable(State.SKIPPED, skip_reason(n.patient_id, bounced))
         settings = source.config
         zone = appointment_zone(appointment, settings.location_timezones, settings.timezone)
         languages = tuple(fhir.preferred_languages(recipient.patient))

@@ -104,7 +104,7 @@ class HandOff:
                 key=job.key,
                 source=job.source,
                 resource=f"{job.resource_type}/{job.resource_id}",
-                patient_id=job.patient_id,
+                patient=(f"Patient/{job.patient_id}" if job.resource_type == "Appointment" else job.patient_id) or None,
                 reason=reason,
                 mapping=job.mapping,
                 detail=job.reason,

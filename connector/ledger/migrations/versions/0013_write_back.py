@@ -1,5 +1,5 @@
 """Write-back to the EHR: one row per write owed for a notification (a Communication), with its retries;
-an index for counting a patient's emails (the daily cap).
+an index for counting a patient's emails (the daily cap); addresses suppressed after bounces.
 
 Revision ID: 0013
 Revises: 0012
@@ -39,9 +39,27 @@ def upgrade() -> None:
     )
     op.create_index("ix_write_back_state_due", "write_back", ["state", "due_at"])
     op.create_index("ix_notification_source_patient", "notification", ["source", "patient_id"])
+    op.create_table(
+        "address_suppression",
+        sa.Column("id", sa.Integer(), primary_key=True),
+        sa.Column("source", sa.String(64), nullable=False),
+        sa.Column("patient_id", sa.String(128), nullable=False),
+        sa.Column("digest", sa.String(64), nullable=False),
+        sa.Column("key_id", sa.String(64), nullable=True),
+        sa.Column("hint", sa.String(200), nullable=False),
+        sa.Column("origin", sa.String(16), nullable=False, server_default="bounce"),
+        sa.Column("soft_count", sa.Integer(), nullable=False, server_default="0"),
+        sa.Column("soft_since", UTCDateTime(), nullable=True),
+        sa.Column("suppressed_at", UTCDateTime(), nullable=True),
+        sa.Column("reason", sa.String(200), nullable=True),
+        sa.Column("cleared_at", UTCDateTime(), nullable=True),
+        sa.Column("updated_at", UTCDateTime(), nullable=False),
+        sa.UniqueConstraint("source", "patient_id", "digest", name="uq_address_suppression"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("address_suppression")
     op.drop_index("ix_notification_source_patient", table_name="notification")
     op.drop_index("ix_write_back_state_due", table_name="write_back")
     op.drop_table("write_back")
