@@ -113,7 +113,7 @@ def connector_run(rig: Rig, fhir: str, setting: Setting, expected: int, name: st
     folder.mkdir(parents=True, exist_ok=True)
     schema = create_schema(PG_URL, prefix="bench") if setting.postgres else None
     ledger = schema_url(PG_URL, schema) if schema else sqlite_url(folder / "ledger.db")
-    settings = setting.dispatch or {}
+    settings: dict[str, int | None] = {"bulk": None, **(setting.dispatch or {})}  # None: the product's
     config = write_config(
         folder,
         fhir,

@@ -55,6 +55,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "core",  # pure: values in, values out, no I/O
         (
             "connector.fhir",
+            "connector.fhir_lean",
             "connector.addresses",
             "connector.lifecycle",
             "connector.timing",

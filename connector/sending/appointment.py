@@ -73,6 +73,7 @@ class AppointmentPreparer:
                 opted_out=self._opted_out,
                 consent=source.config.consent,
                 now=now,
+                lean=source.config.validation == "lean",
             )
         except SourceError as exc:
             return NotYet(str(exc))

@@ -111,6 +111,7 @@ async def resolve(
     opted_out: OptOutLookup,
     consent: ConsentCheck,
     now: datetime,
+    lean: bool = False,
 ) -> Recipient | NoRecipient:
     """Follow `replaced-by` links to the surviving record, then apply the recipient rules.
     Raises SourceError when the source cannot be read (the notification waits for the next pass)."""
@@ -121,7 +122,7 @@ async def resolve(
         if patient is None:
             return NoRecipient(State.SKIPPED, f"Patient/{current_id} not found on source {source.name!r}")
         try:
-            fhir.validate(patient)
+            fhir.validate(patient, lean)
             check_modifiers(patient)
             successor = fhir.replaced_by(patient)
         except ResourceError as exc:
