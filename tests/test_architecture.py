@@ -79,6 +79,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "connector.ledger",
             "connector.sources",
             "connector.delivery.paubox",
+            "connector.delivery.pool",
             "connector.delivery.smtp",
             "connector.sandbox",
         ),
