@@ -113,7 +113,7 @@ def connector_run(rig: Rig, fhir: str, setting: Setting, expected: int, name: st
     folder.mkdir(parents=True, exist_ok=True)
     schema = create_schema(PG_URL, prefix="bench") if setting.postgres else None
     ledger = schema_url(PG_URL, schema) if schema else sqlite_url(folder / "ledger.db")
-    settings = setting.dispatch or {}
+    settings: dict[str, int | None] = {"bulk": None, **(setting.dispatch or {})}  # None: the product's
     config = write_config(
         folder,
         fhir,
@@ -165,3 +165,46 @@ def naive_run(rig: Rig, fhir: str, count: int) -> Measured:
     measured = Measured(sent, wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss, requests, copies)
     log(f"naive: {sent} in {wall:.1f} s = {measured.rate:.1f}/s, CPU {measured.cpu_ms:.2f} ms/notification")
     return measured
+
+
+@dataclass
+class Startup:
+    version_wall: list[float]  # seconds, `connector --version`, each run
+    idle_cpu: list[float]  # CPU seconds of `connector run --once` with nothing due, each run
+    idle_wall: list[float]
+    idle_rss_kb: int
+
+
+def startup(rig: Rig, fhir: str, runs: int = 5) -> Startup:
+    """`connector --version`, then `connector run --once` against an empty FHIR server (nothing due, the
+    ledger upgraded beforehand): wall time, and CPU time as the kernel counted it."""
+    folder = rig.root / "startup"
+    folder.mkdir(parents=True, exist_ok=True)
+    config = write_config(
+        folder,
+        fhir,
+        rig.paubox,
+        ledger_url=sqlite_url(folder / "ledger.db"),
+        mappings=("appointment-booked",),
+        optout=False,
+        source={"page_size": None, "retries": None},
+        dispatch={"interval": "10s", "retry_backoff": None, "bulk": None},
+    )
+    cli("db", "upgrade", "--config", config, cwd=folder)
+    env = environment(PAUBOX_API_KEY=API_KEY)
+    version, idle, walls, rss = [], [], [], 0
+    for index in range(runs):
+        started = time.monotonic()
+        pid = _spawn(connector_argv("--version"), folder, folder / "version.log", env)
+        _wait_all([pid], timeout=60)
+        version.append(time.monotonic() - started)
+        started = time.monotonic()
+        pid = _spawn(connector_argv("run", "--once", "--config", str(config)), folder, folder / f"idle{index}.log", env)
+        ((code, usage),) = _wait_all([pid], timeout=120)
+        if code:
+            raise HarnessError(f"connector run --once exited {code}; see {folder / f'idle{index}.log'}")
+        walls.append(time.monotonic() - started)
+        idle.append(usage.ru_utime + usage.ru_stime)
+        rss = max(rss, usage.ru_maxrss)
+    log(f"start-up: --version {min(version):.2f} s; run --once idle CPU {min(idle):.2f} s")
+    return Startup(version, idle, walls, rss)

@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from connector import fhir_lean
 from connector.addresses import usable
 from connector.errors import ResourceError
 from connector.logs import safe_text
@@ -49,12 +50,20 @@ def describe(resource: Resource) -> str:
     return f"{rtype}/{rid}" + (f" v{safe_text(version, 32)}" if version else "")
 
 
-def validate(resource: Any) -> Resource:
-    """Check a resource against the R4 model for its type; raise ResourceError naming the bad elements."""
+def validate(resource: Any, lean: bool = False) -> Resource:
+    """Check a resource against the R4 model for its type; raise ResourceError naming the bad elements.
+    `lean`: check only the elements the connector reads (connector.fhir_lean), for Appointment and Patient."""
     if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
         raise ResourceError("entry is not a FHIR resource (no resourceType)")
     if not isinstance(resource.get("id"), str) or not resource["id"]:
         raise ResourceError(f"{describe(resource)} has no id")
+    if lean:
+        where = fhir_lean.problems(resource)
+        if where:
+            shown = ", ".join(where[:5]) + (f" and {len(where) - 5} more" if len(where) > 5 else "")
+            raise ResourceError(f"{describe(resource)} is not valid FHIR R4: check {shown}")
+        if where is not None:
+            return resource
     model = _model(resource["resourceType"])
     if model is None:
         return resource

@@ -55,6 +55,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "core",  # pure: values in, values out, no I/O
         (
             "connector.fhir",
+            "connector.fhir_lean",
             "connector.addresses",
             "connector.lifecycle",
             "connector.timing",
@@ -85,6 +86,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "connector.ledger",
             "connector.sources",
             "connector.delivery.paubox",
+            "connector.delivery.pool",
             "connector.delivery.smtp",
             "connector.sandbox",
         ),

@@ -162,6 +162,11 @@ class FhirPollSourceConfig(Strict):
     subscription: SubscriptionConfig = SubscriptionConfig()
     interval: Duration = timedelta(seconds=60)
     page_size: int = Field(50, ge=1, le=1000)
+    validation: Literal["lean", "full"] = Field(
+        "lean",
+        description="lean: check the elements the connector reads (their R4 types and codes); "
+        "full: validate whole resources with the fhir.resources R4 models (about 0.3 ms more each)",
+    )
     overlap: Duration = Field(
         timedelta(minutes=5),
         description="how far back a sweep reads again: changes "

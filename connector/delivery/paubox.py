@@ -10,12 +10,14 @@ from __future__ import annotations
 import base64
 import json
 import re
+import ssl
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 
 from connector.delivery import Outcome, Signal, Verdict
+from connector.delivery.pool import ClientPool
 from connector.errors import ConnectorError
 
 if TYPE_CHECKING:
@@ -175,21 +177,27 @@ class PauboxRestMailer:
             write=config.read_timeout.total_seconds(),
             pool=60.0,
         )
-        self._client = httpx.AsyncClient(
-            base_url=config.endpoint + "/",
-            timeout=timeout,
-            transport=transport,
-            follow_redirects=False,
-            headers={"Authorization": authorization, "Accept": "application/json"},
-            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
-        )
+        headers = {"Authorization": authorization, "Accept": "application/json"}
 
-    def _request(self, path: str, content: bytes) -> httpx.Request | Outcome:
+        def make(tls: ssl.SSLContext | None) -> httpx.AsyncClient:
+            return httpx.AsyncClient(
+                base_url=config.endpoint + "/",
+                timeout=timeout,
+                transport=transport,
+                verify=tls if tls is not None else True,
+                follow_redirects=False,
+                headers=headers,
+                limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+            )
+
+        # One connection per client, up to `concurrency` clients (connector.delivery.pool says why); a
+        # transport given by a test is shared by a single client, as it was.
+        self._pool = ClientPool(make, concurrency if transport is None else 1)
+
+    def _request(self, client: httpx.AsyncClient, path: str, content: bytes) -> httpx.Request | Outcome:
         """The request, or why it could not be built (nothing has left: never in doubt)."""
         try:
-            return self._client.build_request(
-                "POST", path, content=content, headers={"Content-Type": "application/json"}
-            )
+            return client.build_request("POST", path, content=content, headers={"Content-Type": "application/json"})
         except Exception as exc:  # noqa: BLE001 - nothing was sent, whatever broke
             return Outcome(
                 Verdict.RETRY,
@@ -200,11 +208,22 @@ class PauboxRestMailer:
     async def _post(self, path: str, content: bytes) -> httpx.Response | Outcome:
         """Send a request. Failures before it is built are retried or failed; only what happens once it may
         have left can be in doubt."""
-        request = self._request(path, content)
+        try:
+            async with self._pool.client() as client:
+                return await self._exchange(client, path, content)
+        except Exception as exc:  # noqa: BLE001 - only making a client gets here (_exchange answers the rest): nothing sent
+            return Outcome(
+                Verdict.RETRY,
+                f"not sent: the HTTP client could not be made ({type(exc).__name__}); check delivery.paubox",
+                blocking=True,
+            )
+
+    async def _exchange(self, client: httpx.AsyncClient, path: str, content: bytes) -> httpx.Response | Outcome:
+        request = self._request(client, path, content)
         if isinstance(request, Outcome):
             return request
         try:
-            return await self._client.send(request)
+            return await client.send(request)
         except httpx.HTTPError as exc:
             return classify_exception(exc)
         except Exception as exc:  # noqa: BLE001 - whatever broke, the request may have left: never resend blindly
@@ -265,7 +284,8 @@ class PauboxRestMailer:
         """`GET {base}/message_receipt?sourceTrackingId=`: the JSON answer, None when Paubox has no such
         message (yet). Raises ConnectorError when Paubox cannot be asked now."""
         try:
-            response = await self._client.get("message_receipt", params={"sourceTrackingId": tracking_id})
+            async with self._pool.client() as client:
+                response = await client.get("message_receipt", params={"sourceTrackingId": tracking_id})
         except httpx.HTTPError as exc:
             raise ConnectorError(f"message_receipt failed: {type(exc).__name__}") from None
         if response.status_code == 404:
@@ -288,4 +308,4 @@ class PauboxRestMailer:
         return response.status_code, True
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._pool.aclose()

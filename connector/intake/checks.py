@@ -152,8 +152,11 @@ def triples(page: fhir.SearchPage) -> list[tuple[str, str, str]]:
     return [seen_key(raw) for raw in page.matches]
 
 
-def examine(page: fhir.SearchPage, fresh: set[tuple[str, str, str]] | None, base: str | None = None) -> Examined:
+def examine(
+    page: fhir.SearchPage, fresh: set[tuple[str, str, str]] | None, base: str | None = None, lean: bool = False
+) -> Examined:
     """Validate and check a page's matches. `fresh` limits the result to versions not seen before (None: all).
+    `lean`: validate only the elements the connector reads (connector.fhir_lean).
     The newest lastUpdated counts every Appointment, quarantined or not, so the cursor moves past them."""
     result = Examined()
     for raw in page.matches:
@@ -169,7 +172,7 @@ def examine(page: fhir.SearchPage, fresh: set[tuple[str, str, str]] | None, base
                 raise ResourceError("a page entry has no resource id")
             if triple[0] != "Appointment":
                 raise ResourceError(f"{fhir.describe(raw)} is not an Appointment")
-            fhir.validate(raw)
+            fhir.validate(raw, lean)
             check_appointment(raw, base)
         except Exception as exc:  # noqa: BLE001 - one bad version is quarantined, whatever went wrong
             problem = reason(exc, "validation")

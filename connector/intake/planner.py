@@ -93,7 +93,8 @@ class Planner:
     async def examine(self, name: str, page: fhir.SearchPage) -> Examined:
         """The page's versions not seen before, validated."""
         fresh = await self.intake.new_versions(name, triples(page))
-        return examine(page, fresh, self.config.sources[name].base_url)
+        source = self.config.sources[name]
+        return examine(page, fresh, source.base_url, lean=source.validation == "lean")
 
     async def decide(self, name: str, examined: Examined, first_sight: bool) -> Decision:
         """`decide` with the remembered states and who was told, read from the ledger (none at first sight)."""

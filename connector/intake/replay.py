@@ -58,7 +58,8 @@ async def replan(
     result = Replay()
     keys: set[str] = set()
     async for page in _aiter(pages):
-        examined = examine(page, None, planner.config.sources[name].base_url)
+        source = planner.config.sources[name]
+        examined = examine(page, None, source.base_url, lean=source.validation == "lean")
         decision = await planner.decide(name, examined, first_sight)
         quarantined = [s for s in recorded(examined, decision) if s.problem]
         planned = []

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from babel import Locale
 from babel.dates import format_date, format_datetime, format_time
 from jinja2 import ChainableUndefined, FileSystemLoader, Template, TemplateError, TemplateSyntaxError, meta
 from jinja2 import nodes as jinja_nodes
@@ -149,34 +150,50 @@ def _locale(context: Context) -> str:
 @pass_context
 def _format_datetime(context: Context, value: Any, format: str = "medium") -> str:
     moment = _when(value, context)
-    return (
-        ""
-        if moment is None
-        else _formatted("datetime", moment.isoformat(), str(moment.tzinfo), format, _locale(context))
-    )
+    return "" if moment is None else _formatted("datetime", moment, format, _locale(context))
 
 
 @pass_context
 def _format_date(context: Context, value: Any, format: str = "long") -> str:
     moment = _when(value, context)
-    return (
-        "" if moment is None else _formatted("date", moment.isoformat(), str(moment.tzinfo), format, _locale(context))
-    )
+    return "" if moment is None else _formatted("date", moment, format, _locale(context))
 
 
 @pass_context
 def _format_time(context: Context, value: Any, format: str = "short") -> str:
     moment = _when(value, context)
-    return (
-        "" if moment is None else _formatted("time", moment.isoformat(), str(moment.tzinfo), format, _locale(context))
-    )
+    return "" if moment is None else _formatted("time", moment, format, _locale(context))
 
 
-@functools.lru_cache(maxsize=4096)
-def _formatted(kind: str, moment_text: str, zone: str, format: str, locale: str) -> str:
-    """Babel's formatting, remembered: many appointments share a day or a time slot. Keyed by the local
-    time with its offset and the zone's name (aware datetimes in different zones compare equal)."""
-    moment = datetime.fromisoformat(moment_text).astimezone(ZoneInfo(zone))
+_FORMATTED: dict[tuple[str, ...], str] = {}
+_FORMATTED_MAX = 8192
+
+
+def _formatted(kind: str, moment: datetime, format: str, locale: str) -> str:
+    """Babel's formatting, remembered: many appointments share a day or a time slot. A date is keyed by the
+    local date alone, a time by the local time of day with its UTC offset and zone name (so that 9:00 on
+    every day of a month formats once), a date and time by the local moment with both."""
+    zone, offset = str(moment.tzinfo), str(moment.utcoffset())
+    if kind == "date":
+        key: tuple[str, ...] = (kind, moment.date().isoformat(), format, locale)
+    elif kind == "time":
+        key = (kind, moment.time().isoformat(), offset, zone, format, locale)
+    else:
+        key = (kind, moment.replace(tzinfo=None).isoformat(), offset, zone, format, locale)
+    text = _FORMATTED.get(key)
+    if text is None:
+        if len(_FORMATTED) >= _FORMATTED_MAX:
+            _FORMATTED.clear()
+        text = _FORMATTED[key] = _babel(kind, moment, format, _babel_locale(locale))
+    return text
+
+
+@functools.lru_cache(maxsize=64)
+def _babel_locale(name: str) -> Locale:
+    return Locale.parse(name)
+
+
+def _babel(kind: str, moment: datetime, format: str, locale: Locale) -> str:
     if kind == "date":
         return format_date(moment.date(), format, locale=locale)
     if kind == "time":

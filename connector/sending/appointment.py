@@ -83,6 +83,7 @@ class AppointmentPreparer:
                 now=now,
                 category=mapping.spec.category,
                 essential=mapping.spec.essential,
+                lean=source.config.validation == "lean",
             )
         except SourceError as exc:
             return NotYet(str(exc))

@@ -114,6 +114,7 @@ async def resolve(
     now: datetime,
     category: str | None = None,
     essential: bool = False,
+    lean: bool = False,
 ) -> Recipient | NoRecipient:
     """Follow `replaced-by` links to the surviving record, then apply the recipient rules.
     Raises SourceError when the source cannot be read (the notification waits for the next pass)."""
@@ -124,7 +125,7 @@ async def resolve(
         if patient is None:
             return NoRecipient(State.SKIPPED, f"Patient/{current_id} not found on source {source.name!r}")
         try:
-            fhir.validate(patient)
+            fhir.validate(patient, lean)
             check_modifiers(patient)
             successor = fhir.replaced_by(patient)
         except ResourceError as exc:

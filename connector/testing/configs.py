@@ -70,7 +70,8 @@ def write_config(
     `ledger_url`: default SQLite `connector.db` beside the config. `mappings`: only these of the shipped
     mappings, copied to `folder/mappings` (default: the shipped folder itself). `optout`: with a key for
     opt-out digests, in `folder/optout.key`. `source`, `dispatch`, `paubox`, `server`: keys of those sections
-    over the defaults (`server` only when given)."""
+    over the defaults (`server` only when given); `dispatch.bulk` is 0 (one by one) unless given, and
+    `{"bulk": None}` leaves the product's default."""
     mappings_dir = SHIPPED_MAPPINGS if mappings is None else copy_mappings(folder / "mappings", mappings)
     source_keys = {
         "base_url": fhir_url,
@@ -81,7 +82,9 @@ def write_config(
         **(source or {}),
     }
     paubox_keys = {"base_url": f"{paubox_url}/v1/{USERNAME}", "api_key": "${PAUBOX_API_KEY}", **(paubox or {})}
-    dispatch_keys = {"interval": "1s", "retry_backoff": "1s", **(dispatch or {})}
+    # One by one unless the test asks for bulk (the product's default is bulk): faults are per request.
+    pinned = {} if "bulk:" in extra else {"bulk": 0}
+    dispatch_keys = {"interval": "1s", "retry_backoff": "1s", **pinned, **(dispatch or {})}
     text = (
         f"sources:\n  ehr:\n{yaml_lines(source_keys, 4)}{extra_source}\n"
         f"mappings: {mappings_dir}\n"
