@@ -10,6 +10,8 @@ preparer (connector.sending.crm).
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -18,6 +20,7 @@ import structlog
 
 from connector import metrics
 from connector.crm.inbox import Keyring, open_event
+from connector.errors import LedgerError, SourceError
 from connector.intake.checks import check_storable, reason
 from connector.intake.crm_appointments import CrmAppointments, Told, withdraw_planned
 from connector.ledger import SeenVersion
@@ -31,6 +34,7 @@ if TYPE_CHECKING:
     import httpx
 
     from connector.config import Config
+    from connector.crm.appointments import Deleted, Described
     from connector.ledger.abc import Inbox, Intake
     from connector.mapping.loader import MappingSet
 
@@ -116,6 +120,23 @@ class CrmIntake:
         try:
             return await self._process_pending(limit)
         finally:
+            await self.unlock_inbox(lock)
+
+    async def lock_inbox(self, patience: float = 30.0) -> object:
+        """The lock `process` takes, for a replay that records (PostgreSQL: it waits up to `patience` seconds
+        while a replica processes the inbox; SQLite serves one process). Release with `unlock_inbox`. Raises
+        LedgerError when the lock stays taken."""
+        if self.appointments is None:
+            return True
+        deadline = time.monotonic() + patience
+        while (lock := await self.appointments.intake.try_lock_source(INBOX_LOCK)) is False:
+            if time.monotonic() >= deadline:
+                raise LedgerError(f"another replica kept the CRM inbox for {patience:g} s; replay again later")
+            await asyncio.sleep(0.2)
+        return lock
+
+    async def unlock_inbox(self, lock: object) -> None:
+        if self.appointments is not None:
             await self.appointments.intake.unlock_source(lock)
 
     async def _process_pending(self, limit: int) -> int:
@@ -195,11 +216,66 @@ class CrmIntake:
     async def replay(
         self, source: str, since: datetime | None, until: datetime | None
     ) -> tuple[list[PlannedNotification], list[tuple[str, SeenVersion]]]:
-        """Plan the stored events of a window again (nothing is recorded: the caller decides). Returns the
-        notifications and the events that cannot be processed."""
+        """Plan the stored events of a window again (nothing is recorded: the caller decides), appointment
+        events through the lifecycle (`_replay_appointments`). Returns the notifications and the events that
+        cannot be processed."""
         rows = await self.inbox.window(source, since, until)
         outcomes = [self._outcome(row) for row in rows]
-        return ([n for _, planned, _ in outcomes for n in planned], [(row.source, q) for row, _, q in outcomes if q])
+        planned = [n for _, notifications, _ in outcomes for n in notifications]
+        problems = {row.id: q for row, _, q in outcomes if q}
+        if self.appointments is not None and self.appointments.declared(source):
+            ok = [row for row in rows if row.id not in problems]
+            planned += await self._replay_appointments(source, ok, problems)
+        return planned, [(source, q) for q in problems.values()]
+
+    async def _replay_appointments(
+        self, source: str, window: list[Any], problems: dict[int, SeenVersion]
+    ) -> list[PlannedNotification]:
+        """The lifecycle again for the appointments the window's events describe: each one's stored events
+        (before, in and after the window) in the order received, from first sight (as a FHIR replay), so a
+        reminder a later event withdrew or re-armed is not planned again. Only what the window's events plan
+        is returned; nothing is withdrawn and no state moves. Raises SourceError when the CRM cannot be read."""
+        assert self.appointments is not None
+        inside = {row.id for row in window}
+        objects: dict[tuple[str, str], Any] = {}
+        wanted: set[str] = set()
+        described: list[tuple[Any, Described | Deleted]] = []
+        every = await self.inbox.window(source, None, None)
+        for row in sorted(every, key=lambda r: r.id not in inside):  # the window's first: they name the wanted
+            try:
+                event = open_event(self.keyring, row)
+                if not self.appointments.describes(source, event):
+                    continue
+                named = self.appointments.appointment_id(source, event)
+                if row.id not in inside and (named is None or named not in wanted):
+                    continue
+                if not await self.appointments.complete(source, event, objects):
+                    raise SourceError(f"crm source {source!r}: the CRM cannot be read now; replay again later")
+                appointment = self.appointments.read(source, row.id, event)
+            except SourceError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one event is quarantined, whatever went wrong
+                if row.id in inside:
+                    problems[row.id] = quarantine(row, exc, "reading the appointment")
+                continue
+            if row.id in inside:
+                wanted.add(appointment.appointment_id)
+            if appointment.appointment_id in wanted:
+                described.append((row, appointment))
+        described.sort(key=lambda pair: pair[0].id)
+        await self.appointments.recall([(source, d) for _, d in described], first_sight=True)
+        told: list[tuple[int, Told]] = []
+        for row, appointment in described:
+            try:
+                item = self.appointments.decide(source, row.id, row.event_id, appointment)
+            except Exception as exc:  # noqa: BLE001 - one event is quarantined, whatever went wrong
+                if row.id in inside:
+                    problems[row.id] = quarantine(row, exc, "planning the appointment")
+                continue
+            for _, earlier in told:
+                withdraw_planned(earlier.notifications, item.withdrawals)
+            told.append((row.id, item))
+        return [n for inbox_id, item in told if inbox_id in inside for n in item.notifications]
 
     async def aclose(self) -> None:
         if self.appointments is not None:

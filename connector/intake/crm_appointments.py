@@ -22,7 +22,7 @@ from connector.crm.appointments import (
     describes_appointment,
     object_gone,
 )
-from connector.errors import SourceError
+from connector.errors import ResourceError, SourceError
 from connector.intake.checks import check_storable
 from connector.intake.decide import crm_appointment
 from connector.ledger import SeenVersion, Withdrawal
@@ -79,12 +79,23 @@ class CrmAppointments:
         settings = self.config.crm[source].appointment if source in self.config.crm else None
         return settings is not None and describes_appointment(settings, event)
 
-    async def complete(self, source: str, event: dict[str, Any]) -> bool:
+    def declared(self, source: str) -> bool:
+        """Does this source declare how its events describe appointments?"""
+        return source in self.config.crm and self.config.crm[source].appointment is not None
+
+    async def complete(
+        self, source: str, event: dict[str, Any], objects: dict[tuple[str, str], Any] | None = None
+    ) -> bool:
         """Read the CRM object into the event when the source asks for it; False: the CRM cannot be read now
-        (the event waits). An object the CRM no longer has is left out (`object` is null)."""
+        (the event waits). An object the CRM no longer has is left out (`object` is null). `objects` keeps
+        what was read for the next events of the same object (a replay reads each object once)."""
         settings = self.config.crm[source].appointment
         api = self.apis.get(source)
         if settings is None or not settings.fetch_object or api is None:
+            return True
+        handle = (settings.object_type or str(event.get("event_type")), str(event.get("object_id")))
+        if objects is not None and handle in objects:
+            event["object"] = objects[handle]
             return True
         try:
             event["object"] = await api.read(
@@ -93,7 +104,18 @@ class CrmAppointments:
         except SourceError as exc:
             log.warning("crm.object_unreadable", source=source, problem=str(exc), action="the event waits")
             return False
+        if objects is not None:
+            objects[handle] = event["object"]
         return True
+
+    def appointment_id(self, source: str, event: dict[str, Any]) -> str | None:
+        """The appointment id the event names, when it can be read before its CRM object is fetched."""
+        settings = self.config.crm[source].appointment
+        assert settings is not None
+        try:
+            return appointment_id_of(settings, event)
+        except ResourceError:
+            return None
 
     def read(self, source: str, inbox_id: int, event: dict[str, Any]) -> Described | Deleted:
         """The appointment the event describes, or the one whose CRM object is gone. Raises ResourceError."""
@@ -103,15 +125,17 @@ class CrmAppointments:
             return Deleted(appointment_id_of(crm.appointment, event))
         return describe(crm.appointment, event, str(inbox_id), crm.timezone)
 
-    async def recall(self, described: list[tuple[str, Described | Deleted]]) -> None:
-        """The remembered states of the batch's appointments, and who was told about them."""
+    async def recall(self, described: list[tuple[str, Described | Deleted]], first_sight: bool = False) -> None:
+        """The remembered states of the batch's appointments (none at first sight: a replay), and who was
+        told about them."""
         self.states.clear()
         self.told.clear()
         by_source: dict[str, list[str]] = {}
         for source, item in described:
             by_source.setdefault(source, []).append(item.appointment_id)
         for source, ids in by_source.items():
-            for appointment_id, state in (await self.intake.snapshots(source, ids)).items():
+            remembered = {} if first_sight else await self.intake.snapshots(source, ids)
+            for appointment_id, state in remembered.items():
                 self.states[(source, appointment_id)] = state
             self.told |= {(source, a, p) for a, p in await self.intake.notified(source, ids)}
 
