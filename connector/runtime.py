@@ -125,7 +125,7 @@ class Runtime:
         exclusive: bool = True,
         crm_transport: httpx.AsyncBaseTransport | None = None,
     ) -> Runtime:
-        mappings = load_mappings(config.mappings_dir, [*config.sources, *config.crm])
+        mappings = load_mappings(config.mappings_dir, [*config.sources, *config.crm], config.appointment_sources)
         counted = metrics.install(Metrics())
         lock = lock_sqlite(config) if exclusive else None
         ledger = open_ledger(config)
