@@ -1,20 +1,29 @@
 """Checks around CRM appointments: a CrmAppointment mapping that can never fire (its CRM source declares no
-`appointment:`) is refused by `connector validate` and at start, naming the file and line."""
+`appointment:`) is refused by `connector validate` and at start, naming the file and line; the time events
+are ordered by cannot be pushed into the future, and an event without a time does not erase it."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from connector.config import load_config
 from connector.errors import ConfigError
+from connector.ledger.engine import A
 from connector.runtime import Runtime
+from tests import test_crm_appointments as base
 from tests.test_crm import crm_env
-from tests.test_crm_appointments import HUBSPOT, SALESFORCE, Clock, crm_config
+from tests.test_crm_appointments import HUBSPOT, SALESFORCE, Clock, World, crm_config, service_appointment
+
+ledger_url = base.ledger_url
+world = base.world
 
 
 def without(config: Path, *declarations: str) -> None:
@@ -65,3 +74,38 @@ def test_a_crm_appointment_mapping_with_no_declaring_source_stops_the_start(
         "line 7 (trigger.resource): no crm source in the config has an `appointment:` declaration" in p
         for p in problems
     ), problems
+
+
+async def test_an_event_from_the_future_is_quarantined_and_does_not_freeze_the_appointment(world: World) -> None:
+    start = (world.clock.now + timedelta(days=5)).replace(hour=15, minute=0, second=0)
+    ahead = world.clock.now + timedelta(days=2)
+    await world.salesforce(service_appointment("04l000000000021AAA", start, modified=ahead))
+    assert world.rows("salesforce") == [] and world.paubox.messages == []
+    [(source, problem)] = world.runtime.ledger.reports.problems(10)
+    assert source == "salesforce" and problem.problem is not None
+    assert problem.problem.startswith("the event's time (occurred_at) is more than an hour ahead of this server's")
+    # the next event, on time, books the appointment
+    await world.salesforce(service_appointment("04l000000000022AAA", start, modified=world.clock.now))
+    assert ("crm-appointment-booked", "sent") in [r[:2] for r in world.outline("salesforce")]
+
+
+async def test_an_event_without_a_time_keeps_the_time_remembered(world: World) -> None:
+    """Booked (timed), moved by an event without a time, then the booking redelivered: still recognised as
+    older than what is remembered, so the appointment does not move back."""
+    start = (world.clock.now + timedelta(days=5)).replace(hour=15, minute=0, second=0)
+    t0 = world.clock.now - timedelta(minutes=30)
+    await world.salesforce(service_appointment("04l000000000031AAA", start, modified=t0 + timedelta(minutes=5)))
+    later = start + timedelta(days=1)
+    untimed = re.sub(
+        rb"<sf:LastModifiedDate>[^<]*</sf:LastModifiedDate>", b"", service_appointment("04l000000000032AAA", later)
+    )
+    await world.salesforce(untimed)
+    await world.salesforce(service_appointment("04l000000000033AAA", start, modified=t0))
+    with world.runtime.ledger.engine.connect() as conn:
+        [state] = list(conn.execute(select(A).where(A.c.source == "salesforce")))
+    assert (state.start, state.last_updated) == (later, t0 + timedelta(minutes=5))
+    assert [r[0] for r in world.outline("salesforce") if r[1] == "sent"] == [
+        "crm-appointment-booked",
+        "crm-appointment-rescheduled",
+    ]
+    assert len(world.paubox.messages) == 2

@@ -8,7 +8,8 @@ the event waits in the inbox for the next pass.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from connector.timing import QuietHours
 
 log = structlog.get_logger("connector.crm")
+FUTURE_SKEW = timedelta(hours=1)  # how far ahead of our clock an event's time may be (clocks differ)
 
 
 @dataclass
@@ -157,20 +159,36 @@ class CrmAppointments:
             resource_type="CrmAppointment",
             reschedule_on=frozenset(self.config.reschedule_on),
         )
-        decision = crm_appointment(self.mappings, situation, described.snapshot, self.states.get(key))
+        before = self.states.get(key)
+        after = self._timed(described.snapshot, before)
+        decision = crm_appointment(self.mappings, situation, after, before)
         if decision is None:
             log.info("crm.stale", source=source, inbox=inbox_id, appointment=safe_text(described.appointment_id, 64))
-            occurred = described.snapshot.last_updated
-            return Told(seen=SeenVersion("CrmEvent", str(inbox_id), safe_text(event_id, 128), occurred, None))
+            return Told(seen=SeenVersion("CrmEvent", str(inbox_id), safe_text(event_id, 128), after.last_updated, None))
         for _, note in decision.failed:
             log.error("mapping.failed", mapping=note.mapping, source=source, inbox=inbox_id, problem=note.message)
-        check_storable(decision.notifications, described.snapshot.patients)
-        self.states[key] = described.snapshot
+        check_storable(decision.notifications, after.patients)
+        self.states[key] = after
         return Told(
             notifications=decision.notifications,
-            states=[(source, described.appointment_id, described.snapshot)],
+            states=[(source, described.appointment_id, after)],
             withdrawals=[(source, w) for w in decision.withdrawals],
         )
+
+    def _timed(self, after: Snapshot, before: Snapshot | None) -> Snapshot:
+        """The event's state with the time it is ordered by. An event from the future would make every later
+        event look stale (a CRM's wrong clock, an `occurred_at` path that finds the appointment's start):
+        refused. An event without a time (a generic source without `occurred_at`) keeps the time remembered,
+        so that an older redelivery after it is still recognised as older."""
+        occurred = after.last_updated
+        if occurred is not None and occurred > self.clock() + FUTURE_SKEW:
+            raise ResourceError(
+                "the event's time (occurred_at) is more than an hour ahead of this server's clock: check the "
+                "CRM's clock, or the `occurred_at` path of the source's appointment declaration"
+            )
+        if occurred is None and before is not None and before.last_updated is not None:
+            return replace(after, last_updated=before.last_updated)
+        return after
 
     def _deleted(self, source: str, inbox_id: int, deleted: Deleted) -> Told:
         """The CRM no longer has the appointment's object: its pending notifications are withdrawn and its
