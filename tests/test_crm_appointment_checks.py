@@ -15,11 +15,12 @@ import pytest
 from sqlalchemy import select
 
 from connector.config import load_config
-from connector.errors import ConfigError
+from connector.errors import ConfigError, LedgerError
+from connector.intake.crm import INBOX_LOCK
 from connector.ledger.engine import A
 from connector.runtime import Runtime
 from tests import test_crm_appointments as base
-from tests.test_crm import crm_env
+from tests.test_crm import SF_TOKEN, crm_env
 from tests.test_crm_appointments import HUBSPOT, SALESFORCE, Clock, World, crm_config, service_appointment
 
 ledger_url = base.ledger_url
@@ -109,3 +110,25 @@ async def test_an_event_without_a_time_keeps_the_time_remembered(world: World) -
         "crm-appointment-rescheduled",
     ]
     assert len(world.paubox.messages) == 2
+
+
+async def test_one_replica_at_a_time_processes_the_crm_inbox(world: World) -> None:
+    """PostgreSQL: while another replica holds the inbox (an advisory lock), this one leaves the events for
+    it, and a replay that would record waits, then gives up with a clear error. SQLite: one process serves
+    the ledger (its file lock), so there is nothing to wait for."""
+    intake = world.runtime.ledger.intake
+    held = intake.try_lock_source(INBOX_LOCK)  # another replica is processing the inbox
+    start = (world.clock.now + timedelta(days=5)).replace(hour=15, minute=0, second=0)
+    body = service_appointment("04l000000000041AAA", start, modified=world.clock.now)
+    assert (await world.client.post(f"/webhooks/crm/salesforce/{SF_TOKEN}", content=body)).status_code == 200
+    assert world.runtime.crm is not None
+    if intake.dialect == "postgresql":
+        assert held is not True
+        assert await world.runtime.crm.process() == 0 and len(world.runtime.ledger.inbox.pending(10)) == 1
+        with pytest.raises(LedgerError, match=r"another replica kept the CRM inbox for 0\.3 s; replay again later"):
+            await world.runtime.crm.lock_inbox(patience=0.3)
+        intake.unlock_source(held)
+    else:
+        assert held is True
+    assert await world.runtime.crm.process() == 1 and world.runtime.ledger.inbox.pending(10) == []
+    assert [r[0] for r in world.outline("salesforce")][:1] == ["crm-appointment-booked"]
