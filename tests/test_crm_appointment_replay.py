@@ -4,6 +4,9 @@ later event withdrew, and the ledger suppresses everything it already holds; on 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -170,3 +173,20 @@ async def test_a_hubspot_replay_reads_the_meetings_again_and_changes_nothing(wor
     real = await replay_crm(world.runtime, "hubspot", None, None, dry=False)
     assert not any(i.inserted for i in real.items) and real.quarantined == []
     assert world.outline("hubspot") == before and len(world.paubox.messages) == 3
+
+
+async def test_the_replay_command_lists_crm_appointment_notifications(world: World, tmp_path: Any) -> None:
+    """`connector replay --source <crm> --dry-run` beside the running daemon (a dry run needs no lock)."""
+    await booked_then_moved(world)
+    command = ["replay", "--source", "salesforce", "--since", "2000-01-01T00:00:00Z", "--dry-run"]
+    result = subprocess.run(
+        [sys.executable, "-m", "connector", *command, "--config", str(tmp_path / "config.yaml")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "400"},
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    said = " ".join(result.stdout.split())
+    assert all(name in said for name in [*REMINDERS, "crm-appointment-rescheduled"])
+    assert said.endswith("3 suppressed") and "CrmAppointment/08p5g00000SeRvAAAA" in said
