@@ -137,8 +137,10 @@ async def reopen(world: World, tmp_path: Any) -> Runtime:
 
 
 async def test_a_hubspot_replay_reads_the_meetings_again_and_changes_nothing(world: World) -> None:
-    """A cancelled meeting and a deleted one: the replay plans the cancellation the ledger holds, nothing for
-    the meeting HubSpot no longer has, and re-arms no withdrawn reminder."""
+    """A cancelled meeting, a deleted one and a moved one. The events of a meeting all read it as it is now,
+    so a replay meets the moved one booked at its new start: its patient, already told, is not confirmed
+    again (under the new start's key). The replay plans what the ledger holds, nothing for the meeting
+    HubSpot no longer has, and re-arms no withdrawn reminder."""
     start = (world.clock.now + timedelta(days=4)).replace(hour=9, minute=30, second=0)
     meeting = {
         "hs_meeting_start_time": start.isoformat(),
@@ -158,21 +160,30 @@ async def test_a_hubspot_replay_reads_the_meetings_again_and_changes_nothing(wor
             "occurredAt": occurred,
         }
 
-    MEETINGS["901"], MEETINGS["902"] = dict(meeting), dict(meeting)
-    await world.hubspot([event(1, 901), event(2, 902)])
+    MEETINGS["901"], MEETINGS["902"], MEETINGS["903"] = dict(meeting), dict(meeting), dict(meeting)
+    await world.hubspot([event(1, 901), event(2, 902), event(3, 903)])
     MEETINGS["901"]["hs_meeting_outcome"] = "CANCELED"
     del MEETINGS["902"]
-    await world.hubspot([event(3, 901, "object.propertyChange"), event(4, 902, "object.deletion")])
+    later = start + timedelta(days=1)
+    MEETINGS["903"]["hs_meeting_start_time"] = later.isoformat()
+    changes = [event(4, 901, "object.propertyChange"), event(5, 902, "object.deletion")]
+    await world.hubspot([*changes, event(6, 903, "object.propertyChange")])
     before = world.outline("hubspot")
-    assert [r for r in before if r[1] == "pending"] == [] and len(world.paubox.messages) == 3
+    assert len(world.paubox.messages) == 5  # three confirmations, a cancellation, a move
+    assert [r for r in before if r[1] == "pending"] == [
+        ("crm-appointment-reminder-2h", "pending", f"2h before {at(later)}"),
+        ("crm-appointment-reminder-48h", "pending", f"48h before {at(later)}"),
+    ]
 
     dry = await replay_crm(world.runtime, "hubspot", None, None, dry=True)
-    assert [(i.notification.mapping, i.notification.resource_id) for i in dry.items] == [
-        ("crm-appointment-cancelled", "901")
+    assert sorted((i.notification.mapping, i.notification.resource_id) for i in dry.items) == [
+        ("crm-appointment-cancelled", "901"),
+        ("crm-appointment-reminder-2h", "903"),
+        ("crm-appointment-reminder-48h", "903"),
     ]
     real = await replay_crm(world.runtime, "hubspot", None, None, dry=False)
     assert not any(i.inserted for i in real.items) and real.quarantined == []
-    assert world.outline("hubspot") == before and len(world.paubox.messages) == 3
+    assert world.outline("hubspot") == before and len(world.paubox.messages) == 5
 
 
 async def test_the_replay_command_lists_crm_appointment_notifications(world: World, tmp_path: Any) -> None:

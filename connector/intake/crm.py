@@ -265,6 +265,7 @@ class CrmIntake:
         described.sort(key=lambda pair: pair[0].id)
         await self.appointments.recall([(source, d) for _, d in described], first_sight=True)
         told: list[tuple[int, Told]] = []
+        met: set[str] = set()
         for row, appointment in described:
             try:
                 item = self.appointments.decide(source, row.id, row.event_id, appointment)
@@ -272,6 +273,9 @@ class CrmIntake:
                 if row.id in inside:
                     problems[row.id] = quarantine(row, exc, "planning the appointment")
                 continue
+            if item.states and appointment.appointment_id not in met:
+                met.add(appointment.appointment_id)
+                self.appointments.first_sight(source, item)
             for _, earlier in told:
                 withdraw_planned(earlier.notifications, item.withdrawals)
             told.append((row.id, item))

@@ -27,6 +27,7 @@ from connector.errors import ResourceError, SourceError
 from connector.intake.checks import check_storable
 from connector.intake.decide import crm_appointment
 from connector.ledger import SeenVersion, Withdrawal
+from connector.lifecycle import BOOKED
 from connector.logs import safe_text
 from connector.mapping.engine import Situation
 from connector.sources.hubspot import HubSpotClient
@@ -189,6 +190,22 @@ class CrmAppointments:
         if occurred is None and before is not None and before.last_updated is not None:
             return replace(after, last_updated=before.last_updated)
         return after
+
+    def first_sight(self, source: str, told: Told) -> None:
+        """A replay meets each appointment first as its oldest stored event shows it (earlier ones may be
+        purged; a fetched object shows the appointment as it is now): a patient who was already told about
+        the appointment is not sent a confirmation again, which would name the start as it is now, under
+        another key than the one they had."""
+        told.notifications[:] = [n for n in told.notifications if not self._confirms_again(source, n)]
+
+    def _confirms_again(self, source: str, n: PlannedNotification) -> bool:
+        mapping = self.mappings.get(n.mapping)
+        return (
+            n.event == BOOKED
+            and mapping is not None
+            and not mapping.spec.is_reminder
+            and (source, n.resource_id, n.patient_id) in self.told
+        )
 
     def _deleted(self, source: str, inbox_id: int, deleted: Deleted) -> Told:
         """The CRM no longer has the appointment's object: its pending notifications are withdrawn and its
