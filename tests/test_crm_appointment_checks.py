@@ -15,13 +15,24 @@ import pytest
 from sqlalchemy import select
 
 from connector.config import load_config
+from connector.daemon import run_once
 from connector.errors import ConfigError, LedgerError
 from connector.intake.crm import INBOX_LOCK
 from connector.ledger.engine import A
 from connector.runtime import Runtime
 from tests import test_crm_appointments as base
 from tests.test_crm import SF_TOKEN, crm_env
-from tests.test_crm_appointments import HUBSPOT, SALESFORCE, Clock, World, crm_config, service_appointment
+from tests.test_crm_appointments import (
+    DOWN,
+    HUBSPOT,
+    MEETINGS,
+    READS,
+    SALESFORCE,
+    Clock,
+    World,
+    crm_config,
+    service_appointment,
+)
 
 ledger_url = base.ledger_url
 world = base.world
@@ -132,3 +143,32 @@ async def test_one_replica_at_a_time_processes_the_crm_inbox(world: World) -> No
         assert held is True
     assert await world.runtime.crm.process() == 1 and world.runtime.ledger.inbox.pending(10) == []
     assert [r[0] for r in world.outline("salesforce")][:1] == ["crm-appointment-booked"]
+
+
+async def test_a_crm_that_cannot_be_read_is_asked_once_per_pass_and_its_events_wait(world: World) -> None:
+    start = (world.clock.now + timedelta(days=4)).replace(hour=9, minute=30, second=0)
+    for meeting_id in ("911", "912"):
+        MEETINGS[meeting_id] = {
+            "hs_meeting_start_time": start.isoformat(),
+            "hs_meeting_outcome": "SCHEDULED",
+            "patient_email": f"guest{meeting_id}@example.org",
+        }
+    DOWN.append(True)
+    occurred = int(world.clock.now.timestamp() * 1000)
+    events = [
+        {
+            "eventId": n,
+            "subscriptionType": "object.creation",
+            "objectId": n,
+            "objectTypeId": "0-47",
+            "occurredAt": occurred,
+        }
+        for n in (911, 912)
+    ]
+    await world.hubspot(events)
+    assert READS == ["911"]  # the second meeting was not asked for: the CRM is down for this pass
+    assert len(world.runtime.ledger.inbox.pending(10)) == 2 and world.rows("hubspot") == []
+    DOWN.clear()
+    await run_once(world.runtime)
+    assert READS[:3] == ["911", "911", "912"] and world.runtime.ledger.inbox.pending(10) == []  # then sent
+    assert sorted(m["recipients"][0] for m in world.paubox.messages) == ["guest911@example.org", "guest912@example.org"]

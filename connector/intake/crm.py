@@ -163,6 +163,8 @@ class CrmIntake:
         """Open and plan each event, in the order received; appointment events against the states the batch
         has reached. Events waiting for their CRM object are left out (they stay pending)."""
         opened: list[tuple[Any, dict[str, Any] | None, Processed]] = []
+        if self.appointments is not None:
+            self.appointments.unreadable.clear()
         for row in rows:
             item = Processed(row)
             event: dict[str, Any] | None = None
@@ -237,6 +239,7 @@ class CrmIntake:
         is returned; nothing is withdrawn and no state moves. Raises SourceError when the CRM cannot be read."""
         assert self.appointments is not None
         inside = {row.id for row in window}
+        self.appointments.unreadable.clear()
         objects: dict[tuple[str, str], Any] = {}
         wanted: set[str] = set()
         described: list[tuple[Any, Described | Deleted]] = []

@@ -74,6 +74,7 @@ class CrmAppointments:
             for name, settings in config.crm.items()
             if settings.appointment is not None and settings.appointment.fetch_object and settings.api_token
         }
+        self.unreadable: set[str] = set()  # sources whose CRM could not be read in this pass
         self.states: dict[tuple[str, str], Snapshot] = {}
         self.told: set[tuple[str, str, str]] = set()
 
@@ -91,11 +92,15 @@ class CrmAppointments:
     ) -> bool:
         """Read the CRM object into the event when the source asks for it; False: the CRM cannot be read now
         (the event waits). An object the CRM no longer has is left out (`object` is null). `objects` keeps
-        what was read for the next events of the same object (a replay reads each object once)."""
+        what was read for the next events of the same object (a replay reads each object once). Once the
+        CRM could not be read, the source's later events of the pass wait without asking it again (a CRM
+        that times out would otherwise hold the inbox for as many timeouts as there are events)."""
         settings = self.config.crm[source].appointment
         api = self.apis.get(source)
         if settings is None or not settings.fetch_object or api is None:
             return True
+        if source in self.unreadable:
+            return False
         handle = (settings.object_type or str(event.get("event_type")), str(event.get("object_id")))
         if objects is not None and handle in objects:
             event["object"] = objects[handle]
@@ -105,7 +110,8 @@ class CrmAppointments:
                 str(event.get("event_type")), str(event.get("object_id")), settings.object_type
             )
         except SourceError as exc:
-            log.warning("crm.object_unreadable", source=source, problem=str(exc), action="the event waits")
+            log.warning("crm.object_unreadable", source=source, problem=str(exc), action="its events wait")
+            self.unreadable.add(source)
             return False
         if objects is not None:
             objects[handle] = event["object"]
