@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("connector.crm")
 Outcome = tuple[Any, list[PlannedNotification], SeenVersion | None]  # inbox row, its notifications, quarantine
+WAITING_BATCHES = 4  # batches read in one pass while events of a full batch wait for their CRM
 INBOX_LOCK = "crm inbox"  # the advisory lock's name: no source is named so (names have no spaces)
 
 
@@ -140,10 +141,25 @@ class CrmIntake:
             await self.appointments.intake.unlock_source(lock)
 
     async def _process_pending(self, limit: int) -> int:
-        rows = await self.inbox.pending(limit)
-        if not rows:
-            return 0
-        done = await self._process(rows)
+        """Batches of pending events. Events waiting for their CRM object stay pending at the head of the
+        inbox: while a full batch left some waiting, the events after it are read too (a few batches per
+        pass), so that one CRM being down does not hold up the others' events."""
+        if self.appointments is not None:
+            self.appointments.unreadable.clear()
+        processed, after = 0, 0
+        for _ in range(WAITING_BATCHES):
+            rows = await self.inbox.pending(limit, after)
+            if not rows:
+                break
+            done = await self._process(rows)
+            await self._commit(done)
+            processed += len(done)
+            if len(rows) < limit or len(done) == len(rows):
+                break
+            after = rows[-1].id
+        return processed
+
+    async def _commit(self, done: list[Processed]) -> None:
         try:
             inserted = await self.inbox.commit(*_transaction(done))
         except Exception as exc:
@@ -157,14 +173,11 @@ class CrmIntake:
             log.error("crm.quarantined", source=item.row.source, inbox=item.row.id, problem=item.problem.problem)
             metrics.inc("connector_quarantined_total", source=item.row.source)
         log.info("crm.processed", events=len(done), notifications=len(inserted), quarantined=len(quarantined))
-        return len(done)
 
     async def _process(self, rows: list[Any]) -> list[Processed]:
         """Open and plan each event, in the order received; appointment events against the states the batch
         has reached. Events waiting for their CRM object are left out (they stay pending)."""
         opened: list[tuple[Any, dict[str, Any] | None, Processed]] = []
-        if self.appointments is not None:
-            self.appointments.unreadable.clear()
         for row in rows:
             item = Processed(row)
             event: dict[str, Any] | None = None

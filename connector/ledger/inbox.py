@@ -30,11 +30,11 @@ class SqlInbox(PlanWrites):
             statement = self._insert(INBOX).on_conflict_do_nothing(index_elements=["source", "event_id"])
             return len(list(conn.execute(statement.returning(INBOX.c.id), list(rows))))
 
-    def pending(self, limit: int) -> list[Any]:
+    def pending(self, limit: int, after: int = 0) -> list[Any]:
+        """Unprocessed events in the order received (those after inbox id `after`)."""
+        waiting = and_(INBOX.c.processed_at.is_(None), INBOX.c.id > after)
         with self.engine.connect() as conn:
-            return list(
-                conn.execute(select(INBOX).where(INBOX.c.processed_at.is_(None)).order_by(INBOX.c.id).limit(limit))
-            )
+            return list(conn.execute(select(INBOX).where(waiting).order_by(INBOX.c.id).limit(limit)))
 
     def window(self, source: str, since: datetime | None, until: datetime | None) -> list[Any]:
         condition = INBOX.c.source == source
