@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select
+from structlog.testing import capture_logs
 
+from connector.commands.run import replay_crm
 from connector.config import load_config
 from connector.daemon import run_once
 from connector.errors import ConfigError, LedgerError
@@ -180,3 +182,29 @@ async def test_a_crm_that_cannot_be_read_is_asked_once_per_pass_and_its_events_w
     assert READS[2:4] == ["911", "912"] and world.runtime.ledger.inbox.pending(10) == []  # (then read to send)
     hubspot = sorted(m["recipients"][0] for m in world.paubox.messages if m["recipients"][0].startswith("guest"))
     assert hubspot == ["guest911@example.org", "guest912@example.org"]
+
+
+async def test_no_patient_data_in_the_logs_reasons_or_problems_of_crm_appointments(world: World) -> None:
+    """Booked, moved, a stale redelivery, an unreadable status, an event from the future, a cancellation, a
+    replay: the address and the name appear in no log line, no notification's reason, no quarantine record."""
+    start = (world.clock.now + timedelta(days=5)).replace(hour=15, minute=0, second=0)
+    t0 = world.clock.now - timedelta(minutes=30)
+    with capture_logs() as logs:
+        await world.salesforce(service_appointment("04l000000000061AAA", start, modified=t0))
+        later = start + timedelta(days=1)
+        await world.salesforce(service_appointment("04l000000000062AAA", later, modified=t0 + timedelta(minutes=1)))
+        await world.salesforce(service_appointment("04l000000000063AAA", start, modified=t0))
+        await world.salesforce(service_appointment("04l000000000064AAA", later, "Marmaduke-Pending"))
+        ahead = world.clock.now + timedelta(days=3)
+        await world.salesforce(service_appointment("04l000000000065AAA", later, modified=ahead))
+        cancel = service_appointment("04l000000000066AAA", later, "Canceled", modified=t0 + timedelta(minutes=2))
+        await world.salesforce(cancel)
+        await replay_crm(world.runtime, "salesforce", None, None, dry=False)
+    events = {e["event"] for e in logs}
+    assert {"crm.stale", "crm.quarantined", "crm.processed"} <= events
+    said = repr(logs)
+    reasons = [r.reason for r in world.rows("salesforce") if r.reason]
+    problems = [p.problem for _, p in world.runtime.ledger.reports.problems(10)]
+    assert len(problems) == 2 and any("withdrawn" in r for r in reasons)
+    for text in [said, *reasons, *problems]:
+        assert "marmaduke" not in str(text).lower() and "example.org" not in str(text)
