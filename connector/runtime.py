@@ -133,7 +133,7 @@ class Runtime:
         crm_transport: httpx.AsyncBaseTransport | None = None,
         handoff_transport: httpx.AsyncBaseTransport | None = None,
     ) -> Runtime:
-        mappings = load_mappings(config.mappings_dir, [*config.sources, *config.crm])
+        mappings = load_mappings(config.mappings_dir, [*config.sources, *config.crm], config.appointment_sources)
         counted = metrics.install(Metrics())
         lock = lock_sqlite(config) if exclusive else None
         ledger = open_ledger(config)

@@ -175,6 +175,8 @@ def _due(row: Any) -> str:
 
 
 MEETINGS: dict[str, dict[str, Any]] = {}
+READS: list[str] = []  # the meetings read through the fake HubSpot API, in order
+DOWN: list[bool] = []  # not empty: the fake HubSpot API answers 503
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -194,8 +196,13 @@ async def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ledger_url: str
     crm_env(monkeypatch)
     monkeypatch.setenv("HUBSPOT_TOKEN", "pat-test-token")
     MEETINGS.clear()
+    READS.clear()
+    DOWN.clear()
 
     async def meeting(request: Request) -> JSONResponse:
+        READS.append(request.path_params["id"])
+        if DOWN:
+            return JSONResponse({"message": "unavailable"}, status_code=503)
         found = MEETINGS.get(request.path_params["id"])
         if found is None:
             return JSONResponse({"message": "not found"}, status_code=404)

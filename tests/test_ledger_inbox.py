@@ -7,7 +7,10 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import timedelta
 
+from sqlalchemy import update
+
 from connector.ledger import SeenVersion, Withdrawal
+from connector.ledger.engine import N
 from connector.ledger.sql import SqlLedger
 from connector.lifecycle import Snapshot
 from connector.models import State
@@ -82,3 +85,33 @@ def test_the_event_an_upcoming_crm_appointment_was_last_told_by_outlives_the_ret
     assert inbox.purge(NOW - timedelta(days=30)) == 1  # no longer the state's event
     assert inbox.purge(NOW + timedelta(days=31)) == 1  # past the appointment too
     assert ledger.intake.snapshot("crm", "crm-r") == moved
+
+
+def test_the_event_of_a_crm_appointment_with_no_mail_left_goes_with_the_retention(ledger: SqlLedger) -> None:
+    """An appointment without a start, or one whose reminders all went: nothing is rendered from its event any
+    more, so the patient data in it is not kept past the retention; mail in doubt (perhaps resent) keeps it."""
+    inbox = ledger.inbox
+    inbox.add([event("no-start", -timedelta(days=40)), event("all-sent", -timedelta(days=40))])
+    first, second = inbox.pending(10)
+    states = [
+        ("crm", "a1", Snapshot("booked", None, None, str(first.id), ("contact",), NOW - timedelta(days=40))),
+        ("crm", "a2", Snapshot("booked", NOW + timedelta(days=9), None, str(second.id), ("contact",), None)),
+    ]
+    mail = [
+        replace(planned(f"crm-{a}"), source="crm", resource_type="CrmAppointment", resource_id=a, patient_id="contact")
+        for a in ("a1", "a2")
+    ]
+    inbox.commit([first.id, second.id], mail, [], states)
+    assert inbox.purge(NOW - timedelta(days=30)) == 0  # both still have mail to go
+
+    def now_in(key: str, state: State) -> None:
+        with ledger.engine.begin() as conn:
+            conn.execute(update(N).where(N.c.key == key).values(state=state.value))
+
+    now_in("crm-a1", State.IN_DOUBT)
+    assert inbox.purge(NOW - timedelta(days=30)) == 0  # in doubt: it may be resent
+    now_in("crm-a1", State.SENT)
+    now_in("crm-a2", State.SENDING)
+    assert inbox.purge(NOW - timedelta(days=30)) == 1  # a1's mail went; a2's is being sent
+    now_in("crm-a2", State.SENT)
+    assert inbox.purge(NOW - timedelta(days=30)) == 1 and inbox.window("crm", None, None) == []

@@ -38,7 +38,7 @@ def validate(config_path: Path) -> Validation:
     config = load_config(config_path, needs=())
     errors, warnings = configuration.report(config)
     try:
-        names = load_mappings(config.mappings_dir, [*config.sources, *config.crm]).names()
+        names = load_mappings(config.mappings_dir, [*config.sources, *config.crm], config.appointment_sources).names()
     except ConfigError as exc:
         names, errors = [], [*exc.problems, *errors]
     return Validation(config, names, errors, warnings)

@@ -167,12 +167,19 @@ async def replay_crm(
 ) -> Replayed:
     """The stored inbox events of a window, planned again; the ledger's keys suppress what exists."""
     assert runtime.crm is not None
-    found, quarantined = await runtime.crm.replay(source, since, until)
-    planned = list({p.key: p for p in found}.values())
-    existing = await runtime.store.reports.existing([p.key for p in planned])
-    inserted: set[str] = set()
+    # A replay that records decides while no replica processes the inbox (appointment withdrawals).
+    lock = await runtime.crm.lock_inbox() if not dry else None
+    try:
+        found, quarantined = await runtime.crm.replay(source, since, until)
+        planned = list({p.key: p for p in found}.values())
+        existing = await runtime.store.reports.existing([p.key for p in planned])
+        inserted: set[str] = set()
+        if not dry:
+            inserted = set(await runtime.store.inbox.commit([], planned, quarantined))
+    finally:
+        if lock is not None:
+            await runtime.crm.unlock_inbox(lock)
     if not dry:
-        inserted = set(await runtime.store.inbox.commit([], planned, quarantined))
         await runtime.dispatcher.run()
     items = [ReplayItem(p, existing.get(p.key), p.key in inserted) for p in planned]
     final = await runtime.store.reports.existing([p.key for p in planned])

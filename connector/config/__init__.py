@@ -103,6 +103,12 @@ class Config(Strict):
             raise ValueError("`console:` needs `server:` (the address and port it is served on)")
         return self
 
+    @property
+    def appointment_sources(self) -> list[str]:
+        """The CRM sources whose events describe appointments (`crm.<name>.appointment`): the only ones a
+        CrmAppointment mapping hears from."""
+        return [name for name, crm in self.crm.items() if crm.appointment is not None]
+
     locale: str = "en_US"
     quiet_hours: QuietHoursConfig | None = None
     # Which changes of a booked appointment's time are a reschedule (a mapping may say otherwise): the start

@@ -10,6 +10,8 @@ preparer (connector.sending.crm).
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -18,6 +20,7 @@ import structlog
 
 from connector import metrics
 from connector.crm.inbox import Keyring, open_event
+from connector.errors import LedgerError, SourceError
 from connector.intake.checks import check_storable, reason
 from connector.intake.crm_appointments import CrmAppointments, Told, withdraw_planned
 from connector.ledger import SeenVersion
@@ -31,11 +34,13 @@ if TYPE_CHECKING:
     import httpx
 
     from connector.config import Config
+    from connector.crm.appointments import Deleted, Described
     from connector.ledger.abc import Inbox, Intake
     from connector.mapping.loader import MappingSet
 
 log = structlog.get_logger("connector.crm")
 Outcome = tuple[Any, list[PlannedNotification], SeenVersion | None]  # inbox row, its notifications, quarantine
+WAITING_BATCHES = 4  # batches read in one pass while events of a full batch wait for their CRM
 INBOX_LOCK = "crm inbox"  # the advisory lock's name: no source is named so (names have no spaces)
 
 
@@ -116,13 +121,45 @@ class CrmIntake:
         try:
             return await self._process_pending(limit)
         finally:
+            await self.unlock_inbox(lock)
+
+    async def lock_inbox(self, patience: float = 30.0) -> object:
+        """The lock `process` takes, for a replay that records (PostgreSQL: it waits up to `patience` seconds
+        while a replica processes the inbox; SQLite serves one process). Release with `unlock_inbox`. Raises
+        LedgerError when the lock stays taken."""
+        if self.appointments is None:
+            return True
+        deadline = time.monotonic() + patience
+        while (lock := await self.appointments.intake.try_lock_source(INBOX_LOCK)) is False:
+            if time.monotonic() >= deadline:
+                raise LedgerError(f"another replica kept the CRM inbox for {patience:g} s; replay again later")
+            await asyncio.sleep(0.2)
+        return lock
+
+    async def unlock_inbox(self, lock: object) -> None:
+        if self.appointments is not None:
             await self.appointments.intake.unlock_source(lock)
 
     async def _process_pending(self, limit: int) -> int:
-        rows = await self.inbox.pending(limit)
-        if not rows:
-            return 0
-        done = await self._process(rows)
+        """Batches of pending events. Events waiting for their CRM object stay pending at the head of the
+        inbox: while a full batch left some waiting, the events after it are read too (a few batches per
+        pass), so that one CRM being down does not hold up the others' events."""
+        if self.appointments is not None:
+            self.appointments.unreadable.clear()
+        processed, after = 0, 0
+        for _ in range(WAITING_BATCHES):
+            rows = await self.inbox.pending(limit, after)
+            if not rows:
+                break
+            done = await self._process(rows)
+            await self._commit(done)
+            processed += len(done)
+            if len(rows) < limit or len(done) == len(rows):
+                break
+            after = rows[-1].id
+        return processed
+
+    async def _commit(self, done: list[Processed]) -> None:
         try:
             inserted = await self.inbox.commit(*_transaction(done))
         except Exception as exc:
@@ -136,7 +173,6 @@ class CrmIntake:
             log.error("crm.quarantined", source=item.row.source, inbox=item.row.id, problem=item.problem.problem)
             metrics.inc("connector_quarantined_total", source=item.row.source)
         log.info("crm.processed", events=len(done), notifications=len(inserted), quarantined=len(quarantined))
-        return len(done)
 
     async def _process(self, rows: list[Any]) -> list[Processed]:
         """Open and plan each event, in the order received; appointment events against the states the batch
@@ -195,11 +231,71 @@ class CrmIntake:
     async def replay(
         self, source: str, since: datetime | None, until: datetime | None
     ) -> tuple[list[PlannedNotification], list[tuple[str, SeenVersion]]]:
-        """Plan the stored events of a window again (nothing is recorded: the caller decides). Returns the
-        notifications and the events that cannot be processed."""
+        """Plan the stored events of a window again (nothing is recorded: the caller decides), appointment
+        events through the lifecycle (`_replay_appointments`). Returns the notifications and the events that
+        cannot be processed."""
         rows = await self.inbox.window(source, since, until)
         outcomes = [self._outcome(row) for row in rows]
-        return ([n for _, planned, _ in outcomes for n in planned], [(row.source, q) for row, _, q in outcomes if q])
+        planned = [n for _, notifications, _ in outcomes for n in notifications]
+        problems = {row.id: q for row, _, q in outcomes if q}
+        if self.appointments is not None and self.appointments.declared(source):
+            ok = [row for row in rows if row.id not in problems]
+            planned += await self._replay_appointments(source, ok, problems)
+        return planned, [(source, q) for q in problems.values()]
+
+    async def _replay_appointments(
+        self, source: str, window: list[Any], problems: dict[int, SeenVersion]
+    ) -> list[PlannedNotification]:
+        """The lifecycle again for the appointments the window's events describe: each one's stored events
+        (before, in and after the window) in the order received, from first sight (as a FHIR replay), so a
+        reminder a later event withdrew or re-armed is not planned again. Only what the window's events plan
+        is returned; nothing is withdrawn and no state moves. Raises SourceError when the CRM cannot be read."""
+        assert self.appointments is not None
+        inside = {row.id for row in window}
+        self.appointments.unreadable.clear()
+        objects: dict[tuple[str, str], Any] = {}
+        wanted: set[str] = set()
+        described: list[tuple[Any, Described | Deleted]] = []
+        every = await self.inbox.window(source, None, None)
+        for row in sorted(every, key=lambda r: r.id not in inside):  # the window's first: they name the wanted
+            try:
+                event = open_event(self.keyring, row)
+                if not self.appointments.describes(source, event):
+                    continue
+                named = self.appointments.appointment_id(source, event)
+                if row.id not in inside and (named is None or named not in wanted):
+                    continue
+                if not await self.appointments.complete(source, event, objects):
+                    raise SourceError(f"crm source {source!r}: the CRM cannot be read now; replay again later")
+                appointment = self.appointments.read(source, row.id, event)
+            except SourceError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one event is quarantined, whatever went wrong
+                if row.id in inside:
+                    problems[row.id] = quarantine(row, exc, "reading the appointment")
+                continue
+            if row.id in inside:
+                wanted.add(appointment.appointment_id)
+            if appointment.appointment_id in wanted:
+                described.append((row, appointment))
+        described.sort(key=lambda pair: pair[0].id)
+        await self.appointments.recall([(source, d) for _, d in described], first_sight=True)
+        told: list[tuple[int, Told]] = []
+        met: set[str] = set()
+        for row, appointment in described:
+            try:
+                item = self.appointments.decide(source, row.id, row.event_id, appointment)
+            except Exception as exc:  # noqa: BLE001 - one event is quarantined, whatever went wrong
+                if row.id in inside:
+                    problems[row.id] = quarantine(row, exc, "planning the appointment")
+                continue
+            if item.states and appointment.appointment_id not in met:
+                met.add(appointment.appointment_id)
+                self.appointments.first_sight(source, item)
+            for _, earlier in told:
+                withdraw_planned(earlier.notifications, item.withdrawals)
+            told.append((row.id, item))
+        return [n for inbox_id, item in told if inbox_id in inside for n in item.notifications]
 
     async def aclose(self) -> None:
         if self.appointments is not None:

@@ -160,8 +160,8 @@ class AsyncInbox:
     async def add(self, rows: Sequence[dict[str, Any]]) -> int:
         return await _thread(self.sync.add, rows)
 
-    async def pending(self, limit: int) -> list[Any]:
-        return await _thread(self.sync.pending, limit)
+    async def pending(self, limit: int, after: int = 0) -> list[Any]:
+        return await _thread(self.sync.pending, limit, after)
 
     async def window(self, source: str, since: datetime | None, until: datetime | None) -> list[Any]:
         return await _thread(self.sync.window, source, since, until)

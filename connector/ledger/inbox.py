@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import String, and_, cast, exists, select, update
 
-from connector.ledger.engine import INBOX, A, utcnow
+from connector.ledger.engine import INBOX, A, N, utcnow
 from connector.ledger.writes import PlanWrites
+from connector.models import State
 
 if TYPE_CHECKING:
     from connector.ledger import SeenVersion, Withdrawal
@@ -29,11 +30,11 @@ class SqlInbox(PlanWrites):
             statement = self._insert(INBOX).on_conflict_do_nothing(index_elements=["source", "event_id"])
             return len(list(conn.execute(statement.returning(INBOX.c.id), list(rows))))
 
-    def pending(self, limit: int) -> list[Any]:
+    def pending(self, limit: int, after: int = 0) -> list[Any]:
+        """Unprocessed events in the order received (those after inbox id `after`)."""
+        waiting = and_(INBOX.c.processed_at.is_(None), INBOX.c.id > after)
         with self.engine.connect() as conn:
-            return list(
-                conn.execute(select(INBOX).where(INBOX.c.processed_at.is_(None)).order_by(INBOX.c.id).limit(limit))
-            )
+            return list(conn.execute(select(INBOX).where(waiting).order_by(INBOX.c.id).limit(limit)))
 
     def window(self, source: str, since: datetime | None, until: datetime | None) -> list[Any]:
         condition = INBOX.c.source == source
@@ -74,13 +75,21 @@ class SqlInbox(PlanWrites):
 
     def purge(self, received_before: datetime) -> int:
         """Forget processed events older than the retention (their notifications keep their keys). The event
-        a remembered CRM appointment was last told by stays until the appointment's start is past the
-        retention too: its reminders are rendered from it."""
+        a remembered CRM appointment was last told by stays while that appointment still has mail to go
+        (pending, being sent, or in doubt and perhaps resent), since it is rendered from that event, but not
+        past the retention of the appointment's start; then it goes too (it holds patient data)."""
+        to_go = exists().where(
+            N.c.source == A.c.source,
+            N.c.resource_type == "CrmAppointment",
+            N.c.resource_id == A.c.appointment_id,
+            N.c.state.in_([State.PENDING.value, State.SENDING.value, State.IN_DOUBT.value]),
+        )
         told_by = exists().where(
             A.c.source == INBOX.c.source,
             A.c.version == cast(INBOX.c.id, String),
             A.c.deleted.is_(False),
             A.c.start.is_(None) | (A.c.start >= received_before),
+            to_go,
         )
         with self.engine.begin() as conn:
             return conn.execute(

@@ -105,8 +105,13 @@ class MappingSet:
         self._by_name = dict(fresh._by_name)
 
 
-def load_mappings(folder: Path, source_names: Iterable[str] | None = None) -> MappingSet:
-    """Load `folder/*.yaml`. Raises ConfigError with every problem (file, line, what) in the folder."""
+def load_mappings(
+    folder: Path, source_names: Iterable[str] | None = None, appointment_sources: Iterable[str] | None = None
+) -> MappingSet:
+    """Load `folder/*.yaml`. Raises ConfigError with every problem (file, line, what) in the folder.
+    `source_names`: the config's sources (FHIR and CRM), which `trigger.sources` may name;
+    `appointment_sources`: the CRM sources with an `appointment:` declaration, the only ones a
+    CrmAppointment mapping hears from (not checked when not given)."""
     if not folder.is_dir():
         raise ConfigError([Problem(folder, None, "", "mappings folder does not exist")])
     env = make_environment(folder)
@@ -117,9 +122,10 @@ def load_mappings(folder: Path, source_names: Iterable[str] | None = None) -> Ma
     problems: list[Problem] = []
     seen: dict[str, Path] = {}
     sources = set(source_names) if source_names is not None else None
+    declared = set(appointment_sources) if appointment_sources is not None else None
     for path in files:
         try:
-            mapping = _load_one(path, folder, env, sources)
+            mapping = _load_one(path, folder, env, sources, declared)
         except ConfigError as exc:
             problems.extend(exc.problems)
             continue
@@ -135,7 +141,37 @@ def load_mappings(folder: Path, source_names: Iterable[str] | None = None) -> Ma
     return MappingSet(mappings)
 
 
-def _load_one(path: Path, root: Path, env: SandboxedEnvironment, sources: set[str] | None) -> Mapping:
+def _undeclared(spec: MappingSpec, doc: YamlDoc, sources: set[str] | None, declared: set[str]) -> list[Problem]:
+    """A CrmAppointment mapping hears only from CRM sources that declare how their events describe an
+    appointment (`crm.<name>.appointment`): one naming another source, or left with none, never fires."""
+    if spec.trigger.sources is None:
+        if declared:
+            return []
+        return [
+            doc.problem(
+                ("trigger", "resource"),
+                "no crm source in the config has an `appointment:` declaration, so this CrmAppointment mapping "
+                'never fires: declare one under crm.<name>.appointment (README, "CRM appointments")',
+            )
+        ]
+    problems = []
+    for index, name in enumerate(spec.trigger.sources):
+        if name in declared or (sources is not None and name not in sources):
+            continue  # declared, or already reported as no source at all
+        problems.append(
+            doc.problem(
+                ("trigger", "sources", index),
+                f"source {name!r} has no `appointment:` declaration, so this CrmAppointment mapping never hears "
+                f'from it: declare one under crm.{name}.appointment (README, "CRM appointments") or leave '
+                f"{name!r} out of trigger.sources",
+            )
+        )
+    return problems
+
+
+def _load_one(
+    path: Path, root: Path, env: SandboxedEnvironment, sources: set[str] | None, declared: set[str] | None = None
+) -> Mapping:
     doc = load_yaml(path)
     if not isinstance(doc.data, dict):
         raise ConfigError([doc.problem((), "a mapping file must be a YAML mapping (key: value)")])
@@ -161,6 +197,8 @@ def _load_one(path: Path, root: Path, env: SandboxedEnvironment, sources: set[st
     for index, name in enumerate(spec.trigger.sources or []):
         if sources is not None and name not in sources:
             problems.append(doc.problem(("trigger", "sources", index), f"no source named {name!r} in the config"))
+    if spec.is_crm_appointment and declared is not None:
+        problems += _undeclared(spec, doc, sources, declared)
     if problems:
         raise ConfigError(problems)
     assert key is not None
