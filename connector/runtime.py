@@ -171,6 +171,7 @@ class Runtime:
         hub = SubscriptionHub(config, planner, poller, sources, store.intake, clock)
         monitor = Monitor(config, store.health, counted, dispatcher.mailer_state)
         write_back = WriteBack(config, mappings, store.write_backs, sources, clock, owner, handoff_transport)
+        dispatcher.accepted = write_back.remember
         return cls(
             config,
             mappings,
