@@ -184,6 +184,7 @@ class Runtime:
             else None
         )
         write_back = WriteBack(config, mappings, store.write_backs, sources, clock, owner, handoff_transport)
+        dispatcher.accepted = write_back.remember
         return cls(
             config,
             mappings,

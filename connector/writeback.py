@@ -5,9 +5,10 @@ asks for it — and when a failed write is tried again.
     communication(fact, system=..., reminder=True, topic="Reminder two days before")
 
 The resource is `about` the Appointment (`basedOn` is for orders and plans), its `subject` and `recipient`
-the Patient, `medium` email, `sent` the time Paubox accepted it, `topic` the mapping's description (the
-ledger keeps no rendered subject: it holds no patient data), and a `category` from the mapping (reminder for
-a mapping with `at:`, else notification). It carries no message text. Its `identifier` is derived from the
+the Patient, `medium` email, `sent` the time Paubox accepted it, `topic` the email's subject (or, when the
+process that sent it has restarted since, the mapping's description: the ledger keeps no rendered text), and
+a `category` from the mapping (reminder for a mapping with `at:`, else notification). It carries the message
+text only where a source asks for it (`write_back.content: full`). Its `identifier` is derived from the
 notification's key (a SHA-256: keys contain `|`, which a FHIR token search reads as the system separator),
 so a conditional create (`If-None-Exist`) finds the first one after a retry, a restart, a replay or on a
 second replica.
@@ -49,9 +50,11 @@ def instant(when: datetime) -> str:
     return when.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def communication(fact: Fact, *, system: str, reminder: bool, topic: str) -> dict[str, Any]:
+def communication(
+    fact: Fact, *, system: str, reminder: bool, topic: str, text: str | None = None, note: str | None = None
+) -> dict[str, Any]:
     """The Communication for `fact`: `completed` for a sent email, `not-done` (with `statusReason`) for a
-    skipped notification."""
+    skipped notification. `text`: the message as its payload (`write_back.content: full`); `note`: a note."""
     patient = {"reference": f"Patient/{fact.patient_id}"}
     resource: dict[str, Any] = {
         "resourceType": "Communication",
@@ -69,6 +72,10 @@ def communication(fact: Fact, *, system: str, reminder: bool, topic: str) -> dic
             resource["sent"] = instant(fact.sent_at)
     else:
         resource["statusReason"] = {"text": (fact.reason or "not sent")[:500]}
+    if text:
+        resource["payload"] = [{"contentString": text}]
+    if note:
+        resource["note"] = [{"text": note}]
     return resource
 
 

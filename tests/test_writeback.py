@@ -268,3 +268,39 @@ def test_the_communication_of_a_reminder_and_of_a_skipped_notification() -> None
 @pytest.mark.parametrize(("attempts", "expected_s"), [(1, 30), (2, 60), (3, 120), (8, 3600), (100, 3600)])
 def test_failed_writes_back_off_doubling_to_the_cap(attempts: int, expected_s: int) -> None:
     assert backoff(attempts, timedelta(seconds=30), timedelta(hours=1)) == timedelta(seconds=expected_s)
+
+
+async def test_the_topic_is_the_subject_sent_and_the_text_only_where_the_source_asks_for_it(
+    opened: Opener, fhir: FhirState, paubox: SandboxState
+) -> None:
+    runtime = opened(write_back={**WRITE_BACK, "content": "full"})
+    await run_once(runtime)
+    sent = {m["custom_headers"]["X-Notification-Key"]: m for m in paubox.messages}
+    written = by_identifier(fhir)
+    for key, message in sent.items():
+        one = written[identifier_value("communication", key)]
+        assert one["topic"] == {"text": message["subject"]}
+        assert one["payload"] == [{"contentString": message["text"]}]
+    assert runtime.write_back.sent == {}  # nothing kept once written
+
+
+async def test_without_content_full_no_text_and_after_a_restart_the_mapping_names_the_topic(
+    opened: Opener, fhir: FhirState, paubox: SandboxState
+) -> None:
+    first = opened(write_back={**WRITE_BACK, "content": "full"})
+    await send_only(first)
+    await first.aclose()
+    again = opened(write_back={**WRITE_BACK, "content": "full"})
+    await run_once(again)
+    for one in communications(fhir):
+        assert one["topic"] == {"text": "Confirmation email when an appointment is booked."}
+        assert "payload" not in one and "restarted" in one["note"][0]["text"]
+    await again.aclose()
+    plain = opened()
+    fhir.put(patient("p7", "Seventh", email="seventh@example.org"))
+    fhir.put(appointment("a7", "p7", NOW + timedelta(days=2)))
+    await run_once(plain)
+    [seventh] = [c for c in communications(fhir) if c["about"] == [{"reference": "Appointment/a7"}]]
+    assert (
+        "payload" not in seventh and "note" not in seventh and seventh["topic"]["text"].startswith("Your appointment")
+    )

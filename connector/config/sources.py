@@ -127,6 +127,9 @@ class WriteBackConfig(Strict):
     # Communication write-back (connector.writeback builds it; connector.sending.writeback writes it).
     communication: bool = Field(False, description="a Communication in the chart for every email Paubox accepted")
     not_done: bool = Field(False, description="also a Communication (status not-done) for a skipped notification")
+    content: Literal["none", "full"] = Field(
+        "none", description="full: the email's text as the Communication's payload (kept in memory only until written)"
+    )
     identifier_system: str = Field(
         "urn:connector:notification",
         min_length=1,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -21,7 +21,7 @@ import structlog
 
 from connector import metrics
 from connector.cap import Deferred, Skipped
-from connector.delivery import BulkMailer, Mailer, Outcome, Signal
+from connector.delivery import BulkMailer, Mailer, Outcome, Signal, Verdict
 from connector.delivery.gate import GateState, MailerGate
 from connector.delivery.retry import RetryPolicy
 from connector.health import MailerFacts, mailer_facts
@@ -74,6 +74,8 @@ class Dispatcher:
         self.clock = clock
         self.owner = owner
         self.cap = cap  # limits.per_patient_per_day
+        # Told of each email Paubox accepted or may have (write-back keeps its subject and text in memory).
+        self.accepted: Callable[[NotificationRecord, Email], None] | None = None
         self.stopping = False
         self._paused: str | None = None
         # For health: a configuration error blocks sending until an answer shows the mailer works again.
@@ -270,6 +272,7 @@ class Dispatcher:
         started = time.monotonic()
         outcome = await self.mailer.send(prepared.email)
         metrics.observe("connector_send_duration_seconds", time.monotonic() - started)
+        self._tell(prepared, outcome)
         return await self._record(n, outcome)
 
     async def _send_bulk(self, chunk: list[Ready]) -> list[Step]:
@@ -285,6 +288,8 @@ class Dispatcher:
         began = time.monotonic()
         outcomes = await self.mailer.send_many([p.email for p in started])
         metrics.observe("connector_send_duration_seconds", time.monotonic() - began)
+        for p, outcome in zip(started, outcomes, strict=True):
+            self._tell(p, outcome)
         recorded = iter(
             await asyncio.gather(
                 *(
@@ -294,6 +299,10 @@ class Dispatcher:
             )
         )
         return [next(recorded) if ok else Step.RELEASED for ok in flags]
+
+    def _tell(self, prepared: Ready, outcome: Outcome) -> None:
+        if self.accepted is not None and outcome.verdict in (Verdict.SENT, Verdict.IN_DOUBT):
+            self.accepted(prepared.notification, prepared.email)
 
     async def prepare(self, n: NotificationRecord) -> Ready | Step:
         """Prepare with the preparer of its kind; settle the notification when it cannot be sent, put it back

@@ -10,6 +10,7 @@ Communications conditionally is refused up front: without that, a retry could pu
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -26,15 +27,17 @@ from connector.writeback import Fact, backoff, communication, if_none_exist
 
 if TYPE_CHECKING:
     from connector.config import Config
+    from connector.ledger import NotificationRecord
     from connector.ledger.abc import WriteBacks
     from connector.ledger.writeback import WriteBackJob
     from connector.mapping.loader import MappingSet
-    from connector.models import Clock
+    from connector.models import Clock, Email
     from connector.sources.fhir_poll import FhirPollSource
 
 log = structlog.get_logger("connector.writeback")
 LEASE = timedelta(minutes=2)
 BATCH = 50
+KEPT = 10_000  # emails whose subject (and text) are kept in memory until written back, at most
 
 
 class WriteBack:
@@ -65,6 +68,18 @@ class WriteBack:
             self.kinds["handoff"] = [*config.sources, *(config.crm if handoff.to == "webhook" else {})]
         self.horizon = max((s.write_back.horizon for s in config.sources.values()), default=timedelta(days=2))
         self.stopping = False
+        # Subject and text of emails sent by this process, by key, until written back: memory only, never the
+        # ledger (PHI). After a restart the Communication names the mapping instead, without the text.
+        self.sent: OrderedDict[str, tuple[str, str | None]] = OrderedDict()
+
+    def remember(self, n: NotificationRecord, email: Email) -> None:
+        """The dispatcher's `accepted` hook: keep what the Communication of this email will say."""
+        source = self.config.sources.get(n.source)
+        if source is None or not source.write_back.communication:
+            return
+        self.sent[n.key] = (email.subject, email.text if source.write_back.content == "full" else None)
+        while len(self.sent) > KEPT:
+            self.sent.popitem(last=False)
 
     @property
     def enabled(self) -> bool:
@@ -122,11 +137,15 @@ class WriteBack:
         mapping = self.mappings.get(job.mapping)
         spec = mapping.spec if mapping is not None else None
         fact = Fact(job.kind, job.key, job.resource_id, job.patient_id, job.sent_at, job.reason)
+        subject, text = self.sent.get(job.key, (None, None)) if job.kind == "communication" else (None, None)
+        lost = settings.content == "full" and job.kind == "communication" and text is None
         resource = communication(
             fact,
             system=settings.identifier_system,
             reminder=spec is not None and spec.is_reminder,
-            topic=(spec.description if spec is not None and spec.description else job.mapping),
+            topic=subject or (spec.description if spec is not None and spec.description else job.mapping),
+            text=text,
+            note="the message text was not kept: the connector restarted before writing this" if lost else None,
         )
         what = f"write-back of a Communication for notification {job.notification_id}"
         capabilities = await writer.capabilities()
@@ -138,6 +157,7 @@ class WriteBack:
             )
         condition = if_none_exist(settings.identifier_system, job.kind, job.key)
         written = await writer.create(resource, if_none_exist=condition, what=what)
+        self.sent.pop(job.key, None)
         return ("written" if written.created else "found"), f"{written.resource_type}/{written.id}"
 
     def _later(self, job: WriteBackJob) -> datetime:
