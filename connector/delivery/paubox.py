@@ -300,7 +300,8 @@ class PauboxRestMailer:
     async def lookup(self, tracking_id: str) -> tuple[int, bool]:
         """`GET message_receipt` for `tracking_id`: the HTTP status and whether the body is JSON. `connector
         check` asks for an id that cannot exist to learn whether the key is accepted. Raises httpx.HTTPError."""
-        response = await self._client.get("message_receipt", params={"sourceTrackingId": tracking_id})
+        async with self._pool.client() as client:
+            response = await client.get("message_receipt", params={"sourceTrackingId": tracking_id})
         try:
             json.loads(response.content)
         except ValueError:
