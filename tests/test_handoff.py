@@ -23,17 +23,23 @@ from starlette.routing import Route
 from connector.bounces import Tally, skip_reason
 from connector.commands.ledger import status
 from connector.config import load_config
+from connector.config.sources import FhirPollSourceConfig
 from connector.crm.verify import verify_standard_webhook
 from connector.daemon import run_once
 from connector.delivery.paubox import PauboxRestMailer
+from connector.errors import SourceError
 from connector.handoff import reason_of, task_identifier
+from connector.ledger.writeback import WriteBackJob
 from connector.models import State
 from connector.runtime import Runtime
 from connector.sandbox.fhir import FhirState
 from connector.sandbox.fhir import create_app as fhir_app
 from connector.sandbox.paubox import Fault, SandboxState
 from connector.sandbox.paubox import create_app as paubox_app
-from tests.conftest import write_config
+from connector.sending.handoff import HandOff
+from connector.sources.fhir_poll import FhirPollSource
+from connector.sources.fhir_write import FhirWriter
+from tests.conftest import Server, write_config
 from tests.factories import appointment, patient
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -203,3 +209,40 @@ async def test_an_email_paubox_refuses_is_handed_off_as_failed(
     [one] = tasks(fhir)
     assert one["focus"] == {"reference": f"Appointment/{failed.resource_id}"}
     assert "the email could not be sent" in one["description"]
+
+
+async def test_hand_offs_racing_for_one_appointment_leave_one_task_with_every_reason(
+    tmp_path: Path, fhir_state: FhirState, fhir_server: Server
+) -> None:
+    """Five skipped notifications of one appointment handed off at once (as replicas would): one Task, five
+    notes; the updates that lost the race (412) read the Task again and add their note."""
+    path = write_config(tmp_path, fhir_server.url, "https://paubox.test", mappings=MAPPINGS, extra=f"handoff:\n{TASK}")
+    config = load_config(path)
+    assert config.handoff is not None
+    source = FhirPollSource("ehr", FhirPollSourceConfig(base_url=fhir_server.url, timeout=timedelta(seconds=5)))
+    writers = [FhirWriter(source) for _ in range(5)]
+    handoffs = [HandOff(config, config.handoff) for _ in range(5)]
+
+    def job(index: int) -> WriteBackJob:
+        return WriteBackJob(
+            index, "handoff", "ehr", 0, index, f"key-{index}", f"mapping-{index}", "booked", "Appointment",
+            "a9", "p9", State.SKIPPED, "Patient/p9 has no usable email address", None,
+        )  # fmt: skip
+
+    try:
+        first = await asyncio.gather(
+            *(h.write(job(i), w) for i, (h, w) in enumerate(zip(handoffs, writers, strict=True))),
+            return_exceptions=True,
+        )
+        # Those that lost the race too often end as SourceError: the daemon tries them again later.
+        outcomes = [
+            result if not isinstance(result, BaseException) else await handoffs[i].write(job(i), writers[i])
+            for i, result in enumerate(first)
+        ]
+    finally:
+        await source.aclose()
+    assert all(not isinstance(r, BaseException) or isinstance(r, SourceError) for r in first)
+    assert sorted(o for o, _ in outcomes) == ["written"] * 5 and len({t for _, t in outcomes}) == 1
+    [one] = fhir_state.of_type("Task")
+    assert sorted(n["text"].split("(")[1].split(")")[0] for n in one["note"]) == [f"mapping-{i}" for i in range(5)]
+    assert any(w.status == 412 for w in fhir_state.writes)  # the race did happen

@@ -294,7 +294,7 @@ async def test_without_content_full_no_text_and_after_a_restart_the_mapping_name
     await run_once(again)
     for one in communications(fhir):
         assert one["topic"] == {"text": "Confirmation email when an appointment is booked."}
-        assert "payload" not in one and "restarted" in one["note"][0]["text"]
+        assert "payload" not in one and "after a restart" in one["note"][0]["text"]
     await again.aclose()
     plain = opened()
     fhir.put(patient("p7", "Seventh", email="seventh@example.org"))

@@ -69,7 +69,7 @@ class WriteBack:
         self.horizon = max((s.write_back.horizon for s in config.sources.values()), default=timedelta(days=2))
         self.stopping = False
         # Subject and text of emails sent by this process, by key, until written back: memory only, never the
-        # ledger (PHI). After a restart the Communication names the mapping instead, without the text.
+        # ledger (PHI). After a restart (or on another replica) the Communication names the mapping instead.
         self.sent: OrderedDict[str, tuple[str, str | None]] = OrderedDict()
 
     def remember(self, n: NotificationRecord, email: Email) -> None:
@@ -145,7 +145,7 @@ class WriteBack:
             reminder=spec is not None and spec.is_reminder,
             topic=subject or (spec.description if spec is not None and spec.description else job.mapping),
             text=text,
-            note="the message text was not kept: the connector restarted before writing this" if lost else None,
+            note="message text not available: written after a restart, or by another replica" if lost else None,
         )
         what = f"write-back of a Communication for notification {job.notification_id}"
         capabilities = await writer.capabilities()
