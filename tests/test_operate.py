@@ -175,8 +175,8 @@ def test_retry_by_filter_dry_run_then_yes(config: Path) -> None:
         [action] = ledger.operator.history(record.id)
     finally:
         ledger.dispose()
-    assert (action.action, action.from_state, action.to_state) == ("requeue", State.FAILED, State.PENDING)
-    assert action.actor.startswith("cli:")
+    assert (action.action, action.from_state, action.to_state) == ("retry", State.FAILED, State.PENDING)
+    assert action.actor.startswith("cli:") and action.role == "cli"
 
 
 def test_a_filter_by_window_and_source(config: Path) -> None:
