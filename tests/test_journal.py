@@ -160,3 +160,21 @@ def test_upgrading_moves_both_old_audit_tables_into_one(
         assert conn.exec_driver_sql("SELECT count(*) FROM operator_action").scalar() == 2
         assert conn.exec_driver_sql("SELECT count(*) FROM console_audit").scalar() == 1
     engine.dispose()
+
+
+def test_an_unsubscribe_and_the_daily_cap_are_journalled_with_their_reasons(ledger: SqlLedger) -> None:
+    ledger.intake.add([planned("u1", due=NOW + timedelta(days=1)), planned("c1", due=NOW)])
+    ids = {k: r.id for k, r in ledger.reports.existing(["u1", "c1"]).items()}
+    [claimed] = ledger.outbox.claim_due(NOW, 10, "worker-1", NOW + timedelta(minutes=5), NOW)  # c1, due now
+    assert ledger.links.withdraw("ehr", "p1", ["m"], "the patient unsubscribed from reminders") == 1  # u1 only
+    assert ledger.caps.defer(claimed.id, "worker-1", NOW + timedelta(days=1), "daily cap of 2 emails reached")
+    withdrawn = ledger.journal.of_notification(ids["u1"])[-1]
+    assert (withdrawn.event, withdrawn.state, withdrawn.detail) == (
+        "withdrawn",
+        "cancelled",
+        "the patient unsubscribed from reminders",
+    )
+    assert [(e.event, e.detail) for e in ledger.journal.of_notification(ids["c1"])][1:] == [
+        ("claimed", "leased to worker-1"),
+        ("deferred", "daily cap of 2 emails reached"),
+    ]

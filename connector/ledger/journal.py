@@ -6,9 +6,10 @@ never patient data, never keys. The console reads it back; `purge` forgets what 
 
     event       written by                       state                       detail
     planned     intake (page, CRM event)         pending | skipped | ...     event, resource version, reason
-    withdrawn   intake                           cancelled                   the reason
+    withdrawn   intake, patient links (unsubscribe)  cancelled               the reason
     appointment intake (remembered states)       the appointment's status    version, transition
     claimed     outbox.claim_due                 pending                     the dispatcher
+    deferred    caps.defer (the daily cap)       pending                     the reason
     sending     outbox.start_sending             sending                     attempt number
     outcome     outbox.finish, settle, ...       sent | failed | in_doubt... reason, tracking id
     delivery    after_send.record_delivery       Paubox's delivery status    webhook or receipt
