@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from alembic import command
 
+from connector.daemon import aftercare
 from connector.ledger import SeenVersion, Withdrawal, migrate
 from connector.ledger.engine import make_engine
 from connector.ledger.operator import Selection
@@ -57,6 +58,12 @@ async def test_a_notifications_whole_life_appears_in_order_and_the_appointments_
     assert "booked → cancelled" in (seen[2].detail or "") and seen[2].source == "ehr"
     story = facts.appointment(ledger, "a0")
     assert [e.id for e in story.transitions] == [e.id for e in seen]
+    hooked.clock.now = datetime.now(UTC) + timedelta(days=89)  # the daemon keeps `ledger.journal_retention` (90d)
+    await aftercare(hooked.runtime)
+    assert len(ledger.journal.of_notification(record.id)) == len(LIFE)  # type: ignore[attr-defined]
+    hooked.clock.now += timedelta(days=2)
+    await aftercare(hooked.runtime)
+    assert ledger.journal.of_notification(record.id) == [] and ledger.journal.of_appointment("a0") == []  # type: ignore[attr-defined]
 
 
 def _snap(status: str, version: str, start: datetime, at: datetime) -> Snapshot:
