@@ -71,12 +71,13 @@ async def write_back(runtime: Runtime) -> None:
 
 
 async def aftercare(runtime: Runtime) -> None:
-    """Refusal counts to the ledger, the in-doubt policy, then receipts for sent notifications no webhook
-    reported on."""
+    """Refusal counts to the ledger, the in-doubt policy, the retention of CRM events and of the journal,
+    then receipts for sent notifications no webhook reported on."""
     await runtime.store.reports.add_rejections(metrics.take_refused(), runtime.aftercare.clock())
     await runtime.aftercare.settle_doubts()
     if runtime.crm is not None:
         await runtime.crm.purge()
+    await runtime.store.journal.purge(runtime.aftercare.clock() - runtime.config.ledger.journal_retention)
     if isinstance(runtime.mailer, ReceiptReader):
         await runtime.aftercare.check_receipts(runtime.mailer)
 

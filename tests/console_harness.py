@@ -15,6 +15,7 @@ from sqlalchemy import Engine, insert
 
 from connector.commands.console import build_app, console_config
 from connector.ledger.engine import N
+from connector.ledger.journal import J, entry
 from connector.models import State
 from connector.web.console.auth import hash_password
 from tests.conftest import write_config
@@ -89,6 +90,27 @@ def seed(engine: Engine, filler: int = 25) -> Seeded:
         conn.execute(insert(N), rows)
         ids = {r.key: r.id for r in conn.execute(N.select())}
     return Seeded(ids["ehr:booked:appt-doubt"], ids["ehr:booked:appt-failed"], ids["ehr:booked:appt-sent"])
+
+
+def seed_journal(engine: Engine, seeded: Seeded) -> None:
+    """The journal the roles would have written for the seeded in-doubt notification (connector.ledger.journal):
+    planned, claimed, sending, in doubt, reported; for the pictures of its timeline."""
+    at = NOW - timedelta(hours=2)
+    steps = [
+        ("planned", "pending", "booked from Appointment version 1", at - timedelta(days=2)),
+        ("claimed", "pending", "leased to host-a:4121", at),
+        ("sending", "sending", "attempt 1", at + timedelta(seconds=1)),
+        ("outcome", "in_doubt", "the connection broke after the request was sent", at + timedelta(seconds=31)),
+        ("alerted", "in_doubt", "reported to the operators", at + timedelta(minutes=31)),
+    ]
+    with engine.begin() as conn:
+        conn.execute(
+            insert(J),
+            [
+                entry(event, seeded.in_doubt, state, detail, at=when, source="ehr")
+                for event, state, detail, when in steps
+            ],
+        )
 
 
 def csrf_of(html: str) -> str:

@@ -18,7 +18,16 @@ import pytest
 
 from connector.models import State
 from connector.testing import Server, sqlite_url
-from tests.console_harness import OPERATOR, VIEWER, Seeded, console_app, seed, seed_history, write_console_config
+from tests.console_harness import (
+    OPERATOR,
+    VIEWER,
+    Seeded,
+    console_app,
+    seed,
+    seed_history,
+    seed_journal,
+    write_console_config,
+)
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.chrome.service import Service  # noqa: E402
@@ -41,6 +50,7 @@ SHOTS = os.environ.get("CONNECTOR_CONSOLE_SCREENSHOTS")
 def served(tmp_path: Path) -> Iterator[tuple[str, Seeded, object]]:
     app, ledger = console_app(write_console_config(tmp_path, sqlite_url(tmp_path / "ledger.db"), secure_cookie=True))
     seeded = seed(ledger.engine)
+    seed_journal(ledger.engine, seeded)
     seed_history(ledger.engine, datetime.now(UTC))
     with Server(app) as server:
         yield server.url, seeded, ledger
@@ -98,6 +108,7 @@ def test_an_operator_finds_a_notification_resolves_it_and_sees_the_audit_entry(s
     assert driver.find_element(By.ID, "state").text == "sent"
     timeline = driver.find_element(By.ID, "timeline").text
     assert "resolve-sent" in timeline and "Paubox support found the message" in timeline and OPERATOR[0] in timeline
+    assert timeline.index("sending: sending") < timeline.index("outcome: in_doubt") < timeline.index("resolve-sent")
     assert ledger.console.detail(seeded.in_doubt).record.state is State.SENT  # type: ignore[attr-defined]
     if SHOTS:
         driver.save_screenshot(str(Path(SHOTS) / "console-detail.png"))

@@ -78,11 +78,12 @@ def test_settle_changes_only_what_the_action_applies_to_and_records_each(ledger:
         "s1": State.SENT,
     }
     [action] = ledger.operator.history(ids["d1"])
-    assert (action.action, action.from_state, action.to_state, action.actor) == (
-        "settle",
+    assert (action.action, action.from_state, action.to_state, action.actor, action.role) == (
+        "resolve-cancel",
         State.IN_DOUBT,
         State.CANCELLED,
         "alice",
+        "cli",
     )
     assert ledger.operator.history(ids["d3"]) == []
     again = ledger.operator.settle(Selection(mappings=("m",)), State.CANCELLED, [State.IN_DOUBT], "alice", "again")
@@ -108,7 +109,7 @@ def test_requeue_sends_failed_ones_again_under_the_same_key(ledger: SqlLedger) -
     assert (record.state, record.attempts, record.resends, record.due_at) == (State.PENDING, 0, 1, NOW)
     assert ledger.reports.existing(["f2"])["f2"].state is State.FAILED
     [action] = ledger.operator.history(ids["f1"])
-    assert (action.action, action.from_state, action.to_state) == ("requeue", State.FAILED, State.PENDING)
+    assert (action.action, action.from_state, action.to_state) == ("retry", State.FAILED, State.PENDING)
 
 
 def test_many_at_once_in_one_transaction(ledger: SqlLedger) -> None:

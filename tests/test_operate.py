@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from connector.commands.ledger import STATUS_STEPS
 from connector.config import load_config
 from connector.ledger.sql import open_ledger
 from connector.models import PlannedNotification, State
@@ -175,8 +176,8 @@ def test_retry_by_filter_dry_run_then_yes(config: Path) -> None:
         [action] = ledger.operator.history(record.id)
     finally:
         ledger.dispose()
-    assert (action.action, action.from_state, action.to_state) == ("requeue", State.FAILED, State.PENDING)
-    assert action.actor.startswith("cli:")
+    assert (action.action, action.from_state, action.to_state) == ("retry", State.FAILED, State.PENDING)
+    assert action.actor.startswith("cli:") and action.role == "cli"
 
 
 def test_a_filter_by_window_and_source(config: Path) -> None:
@@ -223,7 +224,8 @@ def _on_a_terminal(args: list[str], cwd: Path) -> tuple[int, str, str]:
 def test_progress_shows_on_a_terminal_only(config: Path) -> None:
     code, stdout, stderr = _on_a_terminal(["status", "--json", "--config", str(config)], config.parent)
     assert code == 0
-    assert "reading the ledger" in stderr and "8/8" in stderr
+    steps = len(STATUS_STEPS)  # one per query of `connector status`
+    assert "reading the ledger" in stderr and f"{steps}/{steps}" in stderr
     assert "reading the ledger" not in stdout and json.loads(stdout)["counts"]["failed"] == 3
     piped = connector("status", "--json", "--config", str(config), cwd=config.parent)
     assert "reading the ledger" not in piped.stderr

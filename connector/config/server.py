@@ -57,6 +57,9 @@ class ServerConfig(Strict):
 
 class LedgerConfig(Strict):
     url: EnvStr = "sqlite:///connector.db"
+    journal_retention: Duration = Field(
+        timedelta(days=90), description="the journal (what happened to each notification) is kept this long"
+    )
 
     @field_validator("url")
     @classmethod

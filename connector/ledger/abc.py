@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from connector.bounces import Tally
     from connector.health import MailerFacts
     from connector.ledger import NotificationRecord, OptOut, SeenVersion, SendResult, Withdrawal
-    from connector.ledger.operator import Changed, OperatorAction, Selection
+    from connector.ledger.operator import Audit, AuditEntry, Changed, Selection
     from connector.ledger.writeback import WriteBackJob
     from connector.lifecycle import Snapshot
     from connector.models import PlannedNotification, State
@@ -114,7 +114,7 @@ class AfterSend(Protocol):
         ...
 
     async def record_delivery(
-        self, key: str | None, tracking_id: str | None, status: str, rank: int, when: datetime
+        self, key: str | None, tracking_id: str | None, status: str, rank: int, when: datetime, via: str = "webhook"
     ) -> bool:
         """Store a delivery status unless a stronger one is already there; by key, else by tracking id."""
         ...
@@ -234,7 +234,7 @@ class Health(Protocol):
 class Operator(Protocol):
     """What a person selects and does (connector.ledger.operator): a Selection by id, key or filter, counted
     or listed a page at a time (keyset on the id), and settled or queued again in one transaction, each
-    change recorded in `operator_action`."""
+    change recorded in the audit trail (table `audit`, shared with the console)."""
 
     async def count(self, selection: Selection, states: Sequence[State] = ()) -> dict[State, int]: ...
 
@@ -243,14 +243,21 @@ class Operator(Protocol):
     ) -> list[NotificationRecord]: ...
 
     async def settle(
-        self, selection: Selection, to_state: State, from_states: Sequence[State], actor: str, reason: str
+        self, selection: Selection, to_state: State, from_states: Sequence[State], actor: str | Audit, reason: str = ""
     ) -> Changed: ...
 
     async def requeue(
-        self, selection: Selection, due_at: datetime, from_states: Sequence[State], actor: str, reason: str
+        self, selection: Selection, due_at: datetime, from_states: Sequence[State], actor: str | Audit, reason: str = ""
     ) -> Changed: ...
 
-    async def history(self, notification_id: int) -> list[OperatorAction]: ...
+    async def history(self, notification_id: int) -> list[AuditEntry]: ...
+
+
+class Journal(Protocol):
+    """What happened to each notification and appointment (connector.ledger.journal): written by the other
+    roles in their own transactions; here only its retention."""
+
+    async def purge(self, before: datetime) -> int: ...
 
 
 class WriteBacks(Protocol):

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import and_, func, select, update
 
 from connector.ledger.engine import N, SqlRole, record, utcnow
+from connector.ledger.journal import entry, note
 from connector.models import State
 
 if TYPE_CHECKING:
@@ -30,15 +31,21 @@ class SqlAfterSend(SqlRole):
             values["tracking_id"] = tracking_id[:128]
         doubtful = (N.c.state == State.IN_DOUBT.value) | ((N.c.state == State.PENDING.value) & (N.c.resends > 0))
         with self.engine.begin() as conn:
-            return bool(
-                conn.execute(
-                    update(N).where(N.c.key == key, doubtful).values(**values, lease_owner=None, lease_until=None)
-                ).rowcount
-            )
+            ids = conn.execute(
+                update(N)
+                .where(N.c.key == key, doubtful)
+                .values(**values, lease_owner=None, lease_until=None)
+                .returning(N.c.id)
+            ).scalars()
+            entries = [entry("confirmed", i, State.SENT.value, reason) for i in ids]
+            note(conn, entries)
+        return bool(entries)
 
-    def record_delivery(self, key: str | None, tracking_id: str | None, status: str, rank: int, when: datetime) -> bool:
+    def record_delivery(
+        self, key: str | None, tracking_id: str | None, status: str, rank: int, when: datetime, via: str = "webhook"
+    ) -> bool:
         """Store a delivery status unless a stronger one is already there (repeats and late events are
-        harmless). Matched by key, else by Paubox tracking id."""
+        harmless). Matched by key, else by Paubox tracking id. `via`: webhook or receipt (for the journal)."""
         if key:
             where = N.c.key == key
         elif tracking_id:
@@ -49,7 +56,12 @@ class SqlAfterSend(SqlRole):
         if key and tracking_id:
             values["tracking_id"] = func.coalesce(N.c.tracking_id, tracking_id[:128])
         with self.engine.begin() as conn:
-            return bool(conn.execute(update(N).where(where, N.c.delivery_rank < rank).values(**values)).rowcount)
+            ids = conn.execute(
+                update(N).where(where, N.c.delivery_rank < rank).values(**values).returning(N.c.id)
+            ).scalars()
+            entries = [entry("delivery", i, status[:32], f"by {via}", at=utcnow()) for i in ids]
+            note(conn, entries)
+        return bool(entries)
 
     def awaiting_receipt(self, sent_before: datetime, limit: int) -> list[NotificationRecord]:
         """Sent notifications with a tracking id and no delivery status yet."""
@@ -81,6 +93,9 @@ class SqlAfterSend(SqlRole):
     def mark_alerted(self, notification_ids: Sequence[int]) -> None:
         with self.engine.begin() as conn:
             conn.execute(update(N).where(N.c.id.in_(list(notification_ids))).values(alerted_at=utcnow()))
+            note(
+                conn, [entry("alerted", i, State.IN_DOUBT.value, "reported to the operators") for i in notification_ids]
+            )
 
     def resend(
         self,
@@ -98,24 +113,25 @@ class SqlAfterSend(SqlRole):
         if first_only:
             condition = and_(condition, N.c.resends == 0)
         with self.engine.begin() as conn:
-            return bool(
-                conn.execute(
-                    update(N)
-                    .where(condition)
-                    .values(
-                        state=State.PENDING.value,
-                        due_at=due_at,
-                        reason=reason[:500],
-                        resends=N.c.resends + 1,
-                        attempts=0,
-                        first_attempt_at=None,
-                        alerted_at=None,
-                        lease_owner=None,
-                        lease_until=None,
-                        updated_at=utcnow(),
-                    )
-                ).rowcount
-            )
+            changed = conn.execute(
+                update(N)
+                .where(condition)
+                .values(
+                    state=State.PENDING.value,
+                    due_at=due_at,
+                    reason=reason[:500],
+                    resends=N.c.resends + 1,
+                    attempts=0,
+                    first_attempt_at=None,
+                    alerted_at=None,
+                    lease_owner=None,
+                    lease_until=None,
+                    updated_at=utcnow(),
+                )
+            ).rowcount
+            if changed:
+                note(conn, [entry("resent", notification_id, State.PENDING.value, reason)])
+        return bool(changed)
 
     def resolve(self, key: str, state: State, reason: str, from_states: Sequence[State]) -> bool:
         """An operator's decision on a notification (in_doubt → sent or cancelled, ...)."""
@@ -123,8 +139,12 @@ class SqlAfterSend(SqlRole):
         if state is State.SENT:
             values["sent_at"] = utcnow()
         with self.engine.begin() as conn:
-            return bool(
-                conn.execute(
-                    update(N).where(N.c.key == key, N.c.state.in_([s.value for s in from_states])).values(**values)
-                ).rowcount
-            )
+            ids = conn.execute(
+                update(N)
+                .where(N.c.key == key, N.c.state.in_([s.value for s in from_states]))
+                .values(**values)
+                .returning(N.c.id)
+            ).scalars()
+            entries = [entry("outcome", i, state.value, reason) for i in ids]
+            note(conn, entries)
+        return bool(entries)

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from connector.ledger.health import SqlHealth
     from connector.ledger.inbox import SqlInbox
     from connector.ledger.intake import SqlIntake
-    from connector.ledger.operator import Changed, OperatorAction, Selection, SqlOperator
+    from connector.ledger.journal import SqlJournal
+    from connector.ledger.operator import Audit, AuditEntry, Changed, Selection, SqlOperator
     from connector.ledger.optouts import SqlOptOuts
     from connector.ledger.outbox import SqlOutbox
     from connector.ledger.patient_links import SqlPatientLinks
@@ -129,9 +130,9 @@ class AsyncAfterSend:
         return await _thread(self.sync.confirm, key, tracking_id, reason)
 
     async def record_delivery(
-        self, key: str | None, tracking_id: str | None, status: str, rank: int, when: datetime
+        self, key: str | None, tracking_id: str | None, status: str, rank: int, when: datetime, via: str = "webhook"
     ) -> bool:
-        return await _thread(self.sync.record_delivery, key, tracking_id, status, rank, when)
+        return await _thread(self.sync.record_delivery, key, tracking_id, status, rank, when, via)
 
     async def awaiting_receipt(self, sent_before: datetime, limit: int) -> list[NotificationRecord]:
         return await _thread(self.sync.awaiting_receipt, sent_before, limit)
@@ -254,17 +255,25 @@ class AsyncOperator:
         return await _thread(self.sync.page, selection, after, limit, states)
 
     async def settle(
-        self, selection: Selection, to_state: State, from_states: Sequence[State], actor: str, reason: str
+        self, selection: Selection, to_state: State, from_states: Sequence[State], actor: str | Audit, reason: str = ""
     ) -> Changed:
         return await _thread(self.sync.settle, selection, to_state, from_states, actor, reason)
 
     async def requeue(
-        self, selection: Selection, due_at: datetime, from_states: Sequence[State], actor: str, reason: str
+        self, selection: Selection, due_at: datetime, from_states: Sequence[State], actor: str | Audit, reason: str = ""
     ) -> Changed:
         return await _thread(self.sync.requeue, selection, due_at, from_states, actor, reason)
 
-    async def history(self, notification_id: int) -> list[OperatorAction]:
+    async def history(self, notification_id: int) -> list[AuditEntry]:
         return await _thread(self.sync.history, notification_id)
+
+
+class AsyncJournal:
+    def __init__(self, role: SqlJournal) -> None:
+        self.sync = role
+
+    async def purge(self, before: datetime) -> int:
+        return await _thread(self.sync.purge, before)
 
 
 class AsyncConsole:
@@ -362,6 +371,7 @@ class AsyncLedger:
     write_backs: abc.WriteBacks
     caps: abc.Caps
     bounces: abc.Bounces
+    journal: abc.Journal
 
     @classmethod
     def over(cls, ledger: SqlLedger) -> AsyncLedger:
@@ -378,4 +388,5 @@ class AsyncLedger:
             AsyncWriteBacks(ledger.write_backs),
             AsyncCaps(ledger.caps),
             AsyncBounces(ledger.bounces),
+            AsyncJournal(ledger.journal),
         )

@@ -9,6 +9,7 @@ from datetime import datetime
 from sqlalchemy import func, select, update
 
 from connector.ledger.engine import N, SqlRole, utcnow
+from connector.ledger.journal import entry, note
 from connector.models import State
 
 COUNTED = (State.SENT.value, State.SENDING.value, State.IN_DOUBT.value)
@@ -36,10 +37,11 @@ class SqlCaps(SqlRole):
     def defer(self, notification_id: int, owner: str, due_at: datetime, reason: str) -> bool:
         """A leased pending notification put off until `due_at` (no attempt spent), its lease given back."""
         with self.engine.begin() as conn:
-            return bool(
-                conn.execute(
-                    update(N)
-                    .where(N.c.id == notification_id, N.c.state == State.PENDING.value, N.c.lease_owner == owner)
-                    .values(due_at=due_at, reason=reason[:500], lease_owner=None, lease_until=None, updated_at=utcnow())
-                ).rowcount
-            )
+            deferred = conn.execute(
+                update(N)
+                .where(N.c.id == notification_id, N.c.state == State.PENDING.value, N.c.lease_owner == owner)
+                .values(due_at=due_at, reason=reason[:500], lease_owner=None, lease_until=None, updated_at=utcnow())
+            ).rowcount
+            if deferred:
+                note(conn, [entry("deferred", notification_id, State.PENDING.value, reason)])
+        return bool(deferred)

@@ -1,6 +1,7 @@
-"""The console role: what the operator console reads (searches newest first by keyset, one notification,
-one appointment, chart buckets) and the actions a person takes on notifications, each in the same
-transaction as its audit entry (connector.ledger.schema.AuditRow).
+"""The console role: what the operator console reads (searches newest first by keyset, one notification
+with its journal and audit entries, one appointment with what intake saw of it, chart buckets) and the
+actions a person takes on notifications: these go through the operator role (connector.ledger.operator),
+the same settle and requeue as `connector resolve` and `connector retry`, audited in the same table.
 
 Every search is ordered by id, newest first, and pages by `before` (the last id shown): with the indexes
 of revision 0011 a page reads only its own rows, however large the ledger.
@@ -13,18 +14,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from sqlalchemy import and_, func, insert, literal_column, select, update
-from sqlalchemy.engine import Connection
+from sqlalchemy import func, literal_column, select
+from sqlalchemy.engine import Engine
 from sqlalchemy.sql.elements import ColumnElement
 
 from connector.ledger.engine import A, N, S, SqlRole, record, utcnow
-from connector.ledger.schema import AuditRow
+from connector.ledger.journal import Event, SqlJournal
+from connector.ledger.operator import Audit, AuditEntry, Selection, SqlOperator
 from connector.models import State
 
 if TYPE_CHECKING:
     from connector.ledger import NotificationRecord
 
-AUDIT = AuditRow.__table__  # type: ignore[attr-defined]
 Action = Literal["resolve-sent", "resolve-resend", "resolve-cancel", "retry"]
 ACTIONS: dict[str, tuple[tuple[State, ...], State]] = {  # action: (states it applies to, the state it leaves)
     "resolve-sent": ((State.IN_DOUBT,), State.SENT),
@@ -33,6 +34,12 @@ ACTIONS: dict[str, tuple[tuple[State, ...], State]] = {  # action: (states it ap
     "retry": ((State.FAILED,), State.PENDING),
 }
 MAX_BULK = 1000  # notifications one action by filter may change
+NOTES = {  # what the notifications' own reason becomes (the person's reason is in the audit trail)
+    "resolve-sent": "resolved by an operator: it was sent",
+    "resolve-resend": "resend ordered by an operator",
+    "resolve-cancel": "resolved by an operator: cancelled",
+    "retry": "retry ordered by an operator",
+}
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,19 @@ class Search:
             found.append(N.c.due_at < self.until)
         return found
 
+    def selection(self, states: Sequence[State]) -> Selection:
+        """The same filter as an operator Selection, limited to `states` when it names no state."""
+        return Selection(
+            keys=(self.key,) if self.key else (),
+            states=(self.state,) if self.state is not None else tuple(states),
+            mappings=(self.mapping,) if self.mapping else (),
+            sources=(self.source,) if self.source else (),
+            appointments=(self.appointment_id,) if self.appointment_id else (),
+            patients=(self.patient_id,) if self.patient_id else (),
+            due_since=self.since,
+            due_until=self.until,
+        )
+
     def describe(self) -> str:
         """The filter in words for the audit table: names of fields and states, times; no ids of patients."""
         parts = [f"{name} given" for name in ("appointment_id", "patient_id", "key") if getattr(self, name)]
@@ -81,21 +101,9 @@ class Search:
 
 
 @dataclass(frozen=True)
-class AuditEntry:
-    id: int
-    at: datetime
-    actor: str
-    role: str
-    action: str
-    notification_id: int | None
-    scope: str | None
-    count: int
-    reason: str
-
-
-@dataclass(frozen=True)
 class Detail:
-    """One notification with the times its row keeps (for the timeline) and its audit entries."""
+    """One notification with the times its row keeps, its journal (what happened, oldest first) and its
+    audit entries (what people did, from the CLI or the console)."""
 
     record: NotificationRecord
     created_at: datetime
@@ -103,6 +111,7 @@ class Detail:
     delivery_updated_at: datetime | None
     alerted_at: datetime | None
     audit: list[AuditEntry]
+    journal: list[Event]
 
 
 @dataclass(frozen=True)
@@ -113,6 +122,11 @@ class Bucket:
 
 
 class SqlConsole(SqlRole):
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine)
+        self.operator = SqlOperator(engine)
+        self.journal = SqlJournal(engine)
+
     def search(self, search: Search, before: int | None, limit: int) -> list[NotificationRecord]:
         """A page of notifications matching `search`, newest first, with ids below `before`."""
         conditions = search.conditions()
@@ -127,16 +141,14 @@ class SqlConsole(SqlRole):
             row = conn.execute(select(N).where(N.c.id == notification_id)).first()
             if row is None:
                 return None
-            audit = conn.execute(
-                select(AUDIT).where(AUDIT.c.notification_id == notification_id).order_by(AUDIT.c.id)
-            ).all()
         return Detail(
             record(row),
             _opt(row.created_at) or utcnow(),
             _opt(row.sent_at),
             _opt(row.delivery_updated_at),
             _opt(row.alerted_at),
-            [_entry(a) for a in audit],
+            self.operator.history(notification_id),
+            self.journal.of_notification(notification_id),
         )
 
     def appointment(self, appointment_id: str, limit: int = 500) -> tuple[list[NotificationRecord], list[Any]]:
@@ -196,49 +208,20 @@ class SqlConsole(SqlRole):
         search: Search | None = None,
     ) -> int:
         """Apply `action` to one notification or to those `search` finds (at most MAX_BULK) that are in a state
-        it applies to, and record it in the audit table in the same transaction. Returns how many changed
-        (the audit entry is written even when none did: someone asked)."""
+        it applies to, through the operator role (one transaction with its audit rows). Returns how many
+        changed; the request is audited even when none did (someone asked)."""
         from_states, to_state = ACTIONS[action]
-        now = utcnow()
-        condition = N.c.state.in_([s.value for s in from_states])
         if notification_id is not None:
-            condition = and_(condition, N.c.id == notification_id)
+            selection, scope = Selection(ids=(notification_id,)), f"notification {notification_id}"
         else:
             assert search is not None
-            condition = and_(condition, *search.conditions())
-        with self.engine.begin() as conn:
-            ids = [r.id for r in conn.execute(select(N.c.id).where(condition).order_by(N.c.id).limit(MAX_BULK))]
-            audit_id = self._audit(
-                conn,
-                actor,
-                role,
-                action,
-                reason,
-                notification_id,
-                None if search is None else search.describe(),
-                0,
-                now,
-            )
-            changed = self._apply(conn, ids, from_states, to_state, audit_id, now) if ids else 0
-            conn.execute(update(AUDIT).where(AUDIT.c.id == audit_id).values(count=changed))
-            if notification_id is None and changed:  # one entry per notification, for its timeline
-                conn.execute(
-                    insert(AUDIT),
-                    [
-                        {
-                            "at": now,
-                            "actor": actor,
-                            "role": role,
-                            "action": action,
-                            "notification_id": i,
-                            "scope": f"by filter (audit #{audit_id})",
-                            "count": 1,
-                            "reason": reason[:500],
-                        }
-                        for i in ids
-                    ],
-                )
-        return changed
+            selection, scope = search.selection(from_states), search.describe()
+        audit = Audit(actor, reason, role, action, scope, f"{NOTES[action]} (console, {actor[:64]})", MAX_BULK)
+        if to_state is State.PENDING:
+            changed = self.operator.requeue(selection, utcnow(), from_states, audit)
+        else:
+            changed = self.operator.settle(selection, to_state, from_states, audit)
+        return len(changed.ids)
 
     def audit(
         self,
@@ -250,67 +233,11 @@ class SqlConsole(SqlRole):
         scope: str | None = None,
     ) -> int:
         """Record something a person did that changes no notification (a preview, a replay)."""
-        with self.engine.begin() as conn:
-            return self._audit(conn, actor, role, action, reason, notification_id, scope, 0, utcnow())
+        return self.operator.record(actor, role, action, reason, notification_id, scope)
 
     def audit_log(self, before: int | None, limit: int) -> list[AuditEntry]:
-        condition = [] if before is None else [AUDIT.c.id < before]
-        with self.engine.connect() as conn:
-            rows = conn.execute(select(AUDIT).where(*condition).order_by(AUDIT.c.id.desc()).limit(limit))
-            return [_entry(r) for r in rows]
-
-    def _apply(
-        self,
-        conn: Connection,
-        ids: Sequence[int],
-        from_states: Sequence[State],
-        to: State,
-        audit_id: int,
-        now: datetime,
-    ) -> int:
-        note = f"by an operator (console audit #{audit_id})"
-        values: dict[str, Any] = {"state": to.value, "updated_at": now, "lease_owner": None, "lease_until": None}
-        condition = and_(N.c.id.in_(list(ids)), N.c.state.in_([s.value for s in from_states]))
-        if to is State.SENT:
-            values.update(sent_at=now, reason=f"resolved as sent {note}")
-        elif to is State.CANCELLED:
-            values.update(reason=f"cancelled {note}")
-        else:  # back to pending: a deliberate resend (in doubt) or another try (failed), due now
-            values.update(
-                due_at=now,
-                reason=f"requeued {note}",
-                attempts=0,
-                first_attempt_at=None,
-                alerted_at=None,
-                resends=N.c.resends + (1 if State.IN_DOUBT in from_states else 0),
-            )
-            if State.IN_DOUBT in from_states:  # a message Paubox reported on was sent: never again
-                condition = and_(condition, N.c.delivery_rank == 0)
-        return int(conn.execute(update(N).where(condition).values(**values)).rowcount)
-
-    def _audit(
-        self,
-        conn: Connection,
-        actor: str,
-        role: str,
-        action: str,
-        reason: str,
-        notification_id: int | None,
-        scope: str | None,
-        count: int,
-        now: datetime,
-    ) -> int:
-        row = {
-            "at": now,
-            "actor": actor[:64],
-            "role": role,
-            "action": action,
-            "notification_id": notification_id,
-            "scope": None if scope is None else scope[:500],
-            "count": count,
-            "reason": reason[:500],
-        }
-        return int(conn.execute(insert(AUDIT).values(**row).returning(AUDIT.c.id)).scalar_one())
+        """The one audit trail (CLI and console), newest first."""
+        return self.operator.log(before, limit)
 
     def _truncate(self, column: Any, unit: str) -> Any:
         if self.dialect == "postgresql":
@@ -320,17 +247,3 @@ class SqlConsole(SqlRole):
 
 def _opt(value: datetime | None) -> datetime | None:
     return None if value is None else value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-def _entry(row: Any) -> AuditEntry:
-    return AuditEntry(
-        row.id,
-        _opt(row.at) or utcnow(),
-        row.actor,
-        row.role,
-        row.action,
-        row.notification_id,
-        row.scope,
-        row.count,
-        row.reason,
-    )

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import String, and_, bindparam, case, func, or_, select, update
 
 from connector.ledger.engine import N, SqlRole, record, utcnow
+from connector.ledger.journal import entry, note
 from connector.models import State
 
 if TYPE_CHECKING:
@@ -86,6 +87,7 @@ class SqlOutbox(SqlRole):
         )
         with self.engine.begin() as conn:
             rows = list(conn.execute(statement))
+            note(conn, [entry("claimed", r.id, State.PENDING.value, f"leased to {owner}") for r in rows])
         return sorted((record(r) for r in rows), key=lambda r: (r.due_at, r.id))
 
     def start_sending(self, notification_ids: int | Sequence[int], owner: str, lease_until: datetime) -> set[int]:
@@ -105,16 +107,19 @@ class SqlOutbox(SqlRole):
                 lease_until=lease_until,
                 first_attempt_at=func.coalesce(N.c.first_attempt_at, now),
             )
-            .returning(N.c.id)
+            .returning(N.c.id, N.c.attempts)
         )
         with self.engine.begin() as conn:
-            return set(conn.execute(statement).scalars())
+            started = list(conn.execute(statement))
+            note(conn, [entry("sending", r.id, State.SENDING.value, f"attempt {r.attempts}", at=now) for r in started])
+        return {r.id for r in started}
 
     def finish(self, results: Sequence[SendResult]) -> None:
         """Record how sends ended, all in one transaction (one statement per kind of ending).
         A notification marked in_doubt meanwhile (its lease ran out) still takes what we learnt."""
         groups: dict[str, list[dict[str, Any]]] = {}
         now = utcnow()
+        told = [entry("outcome", r.notification_id, r.state.value, _told(r), at=now) for r in results]
         for r in results:
             params = {"nid": r.notification_id, "now": now, "why": r.reason and r.reason[:500]}
             if r.state is State.SENT:
@@ -127,14 +132,16 @@ class SqlOutbox(SqlRole):
         with self.engine.begin() as conn:
             for state, rows in groups.items():
                 conn.execute(_FINISH[state], rows)
+            note(conn, told)
 
     def settle(self, notification_id: int, owner: str, state: State, reason: str) -> None:
         with self.engine.begin() as conn:
-            conn.execute(
+            if conn.execute(
                 update(N)
                 .where(N.c.id == notification_id, N.c.state == State.PENDING.value, N.c.lease_owner == owner)
                 .values(state=state.value, reason=reason[:500], updated_at=utcnow(), lease_owner=None, lease_until=None)
-            )
+            ).rowcount:
+                note(conn, [entry("outcome", notification_id, state.value, reason)])
 
     def prepare_failed(self, notification_id: int, owner: str, reason: str, due_at: datetime | None) -> None:
         """Preparing a leased notification crashed: one attempt spent, then pending again at `due_at`, or
@@ -153,11 +160,13 @@ class SqlOutbox(SqlRole):
         else:
             values["due_at"] = due_at
         with self.engine.begin() as conn:
-            conn.execute(
+            if conn.execute(
                 update(N)
                 .where(N.c.id == notification_id, N.c.state == State.PENDING.value, N.c.lease_owner == owner)
                 .values(**values)
-            )
+            ).rowcount:
+                state = State.FAILED.value if due_at is None else State.PENDING.value
+                note(conn, [entry("outcome", notification_id, state, f"could not be prepared: {reason}", at=now)])
 
     def release(self, owner: str | None, notification_ids: Sequence[int] | None = None) -> int:
         condition = N.c.state == State.PENDING.value
@@ -183,5 +192,19 @@ class SqlOutbox(SqlRole):
                     lease_owner=None,
                     lease_until=None,
                 )
+                .returning(N.c.id, N.c.state)
             )
-        return result.rowcount
+            interrupted = list(result)
+            confirmed = "confirmed by a Paubox webhook"
+            note(
+                conn, [entry("outcome", r.id, r.state, confirmed if r.state == "sent" else reason) for r in interrupted]
+            )
+        return len(interrupted)
+
+
+def _told(result: SendResult) -> str:
+    """The journal's detail of a send's outcome: its reason and Paubox's tracking id."""
+    parts = [result.reason or ""]
+    if result.state is State.SENT and result.tracking_id:
+        parts.append(f"Paubox tracking id {result.tracking_id}")
+    return "; ".join(p for p in parts if p)

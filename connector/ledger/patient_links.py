@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select, update
 
 from connector.ledger.engine import N, SqlRole, record, utcnow
+from connector.ledger.journal import entry, note
 from connector.models import State
 
 if TYPE_CHECKING:
@@ -36,5 +37,8 @@ class SqlPatientLinks(SqlRole):
                     N.c.lease_owner.is_(None),
                 )
                 .values(state=State.CANCELLED.value, reason=reason[:500], updated_at=utcnow())
+                .returning(N.c.id)
             )
-            return int(result.rowcount)
+            withdrawn = [entry("withdrawn", i, State.CANCELLED.value, reason, source=source) for i in result.scalars()]
+            note(conn, withdrawn)
+        return len(withdrawn)

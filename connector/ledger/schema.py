@@ -208,40 +208,50 @@ class ComponentHealthRow(SQLModel, table=True):
     updated_at: datetime = _when()
 
 
-class OperatorActionRow(SQLModel, table=True):
-    """What a person did to a notification (`connector resolve`, `connector retry`, the operator console):
-    one row per notification changed. Ids, states and times only; `actor` is the operating-system account
-    or console user that acted, `reason` a fixed phrase of the command (never free text about a patient)."""
-
-    __tablename__ = "operator_action"
-    __table_args__ = (Index("ix_operator_action_notification", "notification_id", "id"),)
-
-    id: int | None = Field(default=None, primary_key=True)
-    notification_id: int = Field(sa_column=Column(BigInteger(), nullable=False))
-    action: str = Field(max_length=16)  # settle, requeue
-    from_state: str = Field(max_length=16)
-    to_state: str = Field(max_length=16)
-    actor: str = Field(max_length=64)
-    reason: str = Field(max_length=200)
-    at: datetime = _when()
-
-
 class AuditRow(SQLModel, table=True):
-    """What a person did in the console: who, when, which action, on which notification (by id) or how many
-    (by filter), and the reason they gave. Previews are recorded too. No patient data."""
+    """What a person did, from the CLI (`connector resolve`, `connector retry`) or the operator console (its
+    actions, previews, replays): who (`actor`: `cli:<os account>` or a console user), as which `role` (cli,
+    viewer, operator), when, which action, on which notification (one row per notification changed, with
+    the states it went from and to) or on how many (a row for a filter, its `scope` in words), and the
+    reason given. Ids, states and times only: no patient data (revision 0014; it replaces `operator_action`
+    and `console_audit`)."""
 
-    __tablename__ = "console_audit"
-    __table_args__ = (Index("ix_console_audit_notification", "notification_id", "id"),)
+    __tablename__ = "audit"
+    __table_args__ = (Index("ix_audit_notification", "notification_id", "id"),)
 
     id: int | None = Field(default=None, primary_key=True)
     at: datetime = _when(index=True)
     actor: str = Field(max_length=64)
-    role: str = Field(max_length=16)
+    role: str = Field(max_length=16)  # cli, viewer, operator
     action: str = Field(max_length=32)  # resolve-sent, resolve-resend, resolve-cancel, retry, preview, replay
     notification_id: int | None = Field(default=None, sa_column=Column(BigInteger(), nullable=True))
+    from_state: str | None = Field(default=None, max_length=16)
+    to_state: str | None = Field(default=None, max_length=16)
     scope: str | None = Field(default=None, max_length=500)  # a filter acted on, in words without patient data
     count: int = 0  # how many notifications the action changed
     reason: str = Field(max_length=500)
+
+
+class JournalRow(SQLModel, table=True):
+    """What happened, append-only, written in the transaction that made it happen: a notification planned,
+    withdrawn, claimed, sending, its outcome, webhooks and receipts (delivery statuses), doubt settled; an
+    appointment's transitions as intake saw them (status, version). Ids, states, reasons and times only:
+    never patient data, never keys. Purged after `ledger.journal_retention` (revision 0014)."""
+
+    __tablename__ = "journal"
+    __table_args__ = (
+        Index("ix_journal_notification", "notification_id", "id"),
+        Index("ix_journal_appointment", "appointment_id", "id"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = _when(index=True)
+    notification_id: int | None = Field(default=None, sa_column=Column(BigInteger(), nullable=True))
+    source: str | None = Field(default=None, max_length=64)
+    appointment_id: str | None = Field(default=None, max_length=128)  # appointment events only
+    event: str = Field(max_length=32)  # planned, withdrawn, claimed, sending, outcome, delivery, ...
+    state: str | None = Field(default=None, max_length=32)  # the state (or delivery / appointment status) after
+    detail: str | None = Field(default=None, max_length=500)  # a reason, a version, a tracking id
 
 
 class WriteBackRow(SQLModel, table=True):

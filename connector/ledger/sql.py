@@ -11,6 +11,7 @@ by its roles, and how a config opens it.
     ledger.health      the health rows of the daemon                                    (SqlHealth)
     ledger.operator    a person's selections and bulk settle / requeue, recorded        (SqlOperator)
     ledger.console     the operator console's searches, charts, actions and audit       (SqlConsole)
+    ledger.journal     what happened to each notification and appointment, purged       (SqlJournal)
     ledger.write_backs writes owed to the EHR (Communications), their retries          (SqlWriteBacks)
     ledger.caps        emails per patient in a day, deferrals (the daily cap)           (SqlCaps)
     ledger.bounces     addresses suppressed per patient after bounces                   (SqlBounces)
@@ -40,6 +41,7 @@ from connector.ledger.engine import make_engine
 from connector.ledger.health import SqlHealth, describe
 from connector.ledger.inbox import SqlInbox
 from connector.ledger.intake import SqlIntake
+from connector.ledger.journal import SqlJournal
 from connector.ledger.operator import SqlOperator
 from connector.ledger.optouts import SqlOptOuts
 from connector.ledger.outbox import SqlOutbox
@@ -67,6 +69,7 @@ class SqlLedger:
         self.health = SqlHealth(engine)
         self.operator = SqlOperator(engine)
         self.console = SqlConsole(engine)
+        self.journal = SqlJournal(engine)
         self.links = SqlPatientLinks(engine)
         self.write_backs = SqlWriteBacks(engine)
         self.caps = SqlCaps(engine)

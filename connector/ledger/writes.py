@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import bindparam, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.engine import Connection
 
 from connector.ledger.engine import A, C, N, S, SqlRole, utcnow
+from connector.ledger.journal import entry, note
 from connector.models import PlannedNotification, State
 
 if TYPE_CHECKING:
@@ -23,7 +24,7 @@ class PlanWrites(SqlRole):
     """The statements of recording what intake planned (used by SqlIntake and SqlInbox)."""
 
     def _withdraw(self, conn: Connection, source: str, withdrawal: Withdrawal) -> None:
-        conn.execute(
+        withdrawn = conn.execute(
             update(N)
             .where(
                 N.c.source == source,
@@ -38,7 +39,9 @@ class PlanWrites(SqlRole):
                 lease_owner=None,
                 lease_until=None,
             )
-        )
+            .returning(N.c.id)
+        ).scalars()
+        note(conn, [entry("withdrawn", i, State.CANCELLED.value, withdrawal.reason, source=source) for i in withdrawn])
 
     def _keep_states(self, conn: Connection, source: str, snapshots: Mapping[str, Snapshot | None]) -> None:
         now = utcnow()
@@ -58,6 +61,7 @@ class PlanWrites(SqlRole):
             for appointment_id, snap in snapshots.items()
             if snap is not None
         ]
+        self._journal_states(conn, source, snapshots, now)
         if kept:
             statement = self._insert(A)
             # A poll and a pushed notification may race: an older version never replaces a newer one.
@@ -88,6 +92,42 @@ class PlanWrites(SqlRole):
                 .values(deleted=True, updated_at=bindparam("now")),
                 deleted,
             )
+
+    def _journal_states(
+        self, conn: Connection, source: str, snapshots: Mapping[str, Snapshot | None], now: datetime
+    ) -> None:
+        """An appointment entry for each one whose status or version changed (from what was remembered)."""
+        ids = list(snapshots)
+        before: dict[str, Any] = {}
+        for start in range(0, len(ids), 500):
+            rows = conn.execute(
+                select(A.c.appointment_id, A.c.status, A.c.version, A.c.start, A.c.last_updated, A.c.deleted).where(
+                    A.c.source == source, A.c.appointment_id.in_(ids[start : start + 500])
+                )
+            )
+            before.update({r.appointment_id: r for r in rows})
+        entries = []
+        for appointment_id, snap in snapshots.items():
+            old = before.get(appointment_id)
+            if snap is None:
+                if old is not None and not old.deleted:
+                    entries.append(entry("appointment", None, "deleted", f"deleted (was {old.status})", at=now))
+                else:
+                    continue
+            elif old is None or old.deleted:
+                entries.append(entry("appointment", None, snap.status, f"version {snap.version}: first seen", at=now))
+            elif (old.status, old.version) != (snap.status, snap.version) and not (
+                old.last_updated and snap.last_updated and old.last_updated > snap.last_updated
+            ):
+                move = "same status" if old.status == snap.status else f"{old.status} → {snap.status}"
+                moved = "; start moved" if old.start != snap.start else ""
+                entries.append(
+                    entry("appointment", None, snap.status, f"version {snap.version}: {move}{moved}", at=now)
+                )
+            else:
+                continue
+            entries[-1].update(source=source, appointment_id=appointment_id[:128])
+        note(conn, entries)
 
     def _insert_notifications(self, conn: Connection, notifications: Sequence[PlannedNotification]) -> list[str]:
         notifications = list({n.key: n for n in reversed(notifications)}.values())[::-1]  # one row per key
@@ -134,8 +174,26 @@ class PlanWrites(SqlRole):
             where=(N.c.state == State.CANCELLED.value)
             & N.c.first_attempt_at.is_(None)
             & (statement.excluded.state == State.PENDING.value),
-        ).returning(N.c.key)
-        return [row.key for row in conn.execute(statement, rows)]
+        ).returning(N.c.key, N.c.id)
+        inserted = list(conn.execute(statement, rows))
+        planned = {n.key: n for n in notifications}
+        note(
+            conn,
+            [
+                entry(
+                    "planned",
+                    row.id,
+                    planned[row.key].state.value,
+                    f"{planned[row.key].event} from {planned[row.key].resource_type} version "
+                    f"{planned[row.key].resource_version}"
+                    + (f"; {planned[row.key].reason}" if planned[row.key].reason else ""),
+                    at=now,
+                    source=planned[row.key].source,
+                )
+                for row in inserted
+            ],
+        )
+        return [row.key for row in inserted]
 
     def _remember(self, conn: Connection, source: str, seen: Sequence[SeenVersion]) -> None:
         if not seen:

@@ -197,5 +197,5 @@ class Aftercare:
                 break
             if found is not None:
                 status, rank = found
-                updated += await self.after_send.record_delivery(n.key, None, status, rank, now)
+                updated += await self.after_send.record_delivery(n.key, None, status, rank, now, "receipt")
         return updated

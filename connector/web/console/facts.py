@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from connector.health import Finding
     from connector.ledger import NotificationRecord, SeenVersion
     from connector.ledger.console import Detail
+    from connector.ledger.journal import Event
     from connector.ledger.sql import SqlLedger
 
 
@@ -77,10 +78,28 @@ class Timeline:
 
 
 def timeline(detail: Detail) -> Timeline:
-    """The story the ledger row and the audit table tell, in time order."""
+    """The story in time order: the journal (planned, claimed, sending, outcomes, webhooks and receipts,
+    withdrawals, doubt), what people did (the audit trail: CLI and console), and, for what happened before
+    the journal existed or after its retention, what the row itself remembers."""
+    n = detail.record
+    steps = [Step(e.at, e.event if not e.state else f"{e.event}: {e.state}", e.detail or "") for e in detail.journal]
+    if not detail.journal:  # older than the journal: the row's own times
+        steps += _from_row(detail)
+    steps.append(Step(n.due_at, "due", "the time it is (or was) to be sent"))
+    for entry in detail.audit:
+        what = entry.action if entry.count or entry.action == "preview" else f"{entry.action} (changed nothing)"
+        if entry.from_state and entry.to_state:
+            what = f"{what}: {entry.from_state.value} → {entry.to_state.value}"
+        via = "CLI" if entry.role == "cli" else "console"
+        steps.append(Step(entry.at, what, f"{via}; reason: {entry.reason}", entry.actor))
+    far = datetime.max.replace(tzinfo=n.due_at.tzinfo)
+    steps.sort(key=lambda s: (s.at is None, s.at or far))  # stable: the journal's order holds within a time
+    return Timeline(detail, steps)
+
+
+def _from_row(detail: Detail) -> list[Step]:
     n = detail.record
     steps = [Step(detail.created_at, "planned", f"{n.event} from {n.resource_type} version {n.resource_version}")]
-    steps.append(Step(n.due_at, "due", "the time it is (or was) to be sent"))
     if n.first_attempt_at is not None:
         steps.append(Step(n.first_attempt_at, "claimed", f"first attempt to send; {n.attempts} attempt(s) counted"))
     if n.resends:
@@ -94,11 +113,7 @@ def timeline(detail: Detail) -> Timeline:
         steps.append(Step(detail.delivery_updated_at, "delivery", f"delivery status {n.delivery_status}"))
     if n.state not in (State.PENDING, State.SENT) or n.reason:
         steps.append(Step(n.updated_at, f"now {n.state.value}", n.reason or ""))
-    for entry in detail.audit:
-        what = entry.action if entry.count or entry.action == "preview" else f"{entry.action} (changed nothing)"
-        steps.append(Step(entry.at, what, f"reason: {entry.reason}", entry.actor))
-    steps.sort(key=lambda s: (s.at is None, s.at or datetime.max.replace(tzinfo=n.due_at.tzinfo)))
-    return Timeline(detail, steps)
+    return steps
 
 
 @dataclass
@@ -107,10 +122,13 @@ class AppointmentStory:
     notifications: list[NotificationRecord]
     states: list[Any]  # remembered states (connector.ledger.schema.AppointmentStateRow rows)
     versions: list[Any]  # versions seen (SeenVersionRow rows)
+    transitions: list[Event]  # what intake saw change, oldest first (the journal)
 
 
 def appointment(ledger: SqlLedger, appointment_id: str) -> AppointmentStory:
     notifications, seen = ledger.console.appointment(appointment_id)
     states = [row for row in seen if hasattr(row, "status")]
     versions = [row for row in seen if hasattr(row, "seen_at")]
-    return AppointmentStory(appointment_id, notifications, states, versions)
+    return AppointmentStory(
+        appointment_id, notifications, states, versions, ledger.journal.of_appointment(appointment_id)
+    )
