@@ -6,21 +6,17 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-import uvicorn
-from starlette.applications import Starlette
-from starlette.responses import RedirectResponse
-from starlette.routing import Route
 
 from connector.config import Config, Environment, load_config, require
 from connector.errors import ConfigError, ConnectorError, Problem
 from connector.files import write_private
 from connector.ledger.sql import open_ledger
-from connector.web import httpserver
-from connector.web.app import console_routes
-from connector.web.common import guarded
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
 
 console_app = typer.Typer(help="The operator console in the browser.", no_args_is_help=True)
 ENV = Environment()
@@ -39,6 +35,14 @@ def console_config(path: Path) -> Config:
 
 def build_app(config: Config) -> tuple[Starlette, object]:
     """The console alone (and `/` redirecting to it), over the ledger; (app, ledger to dispose)."""
+    # The web side is imported here: the other commands start without it.
+    from starlette.applications import Starlette
+    from starlette.responses import RedirectResponse
+    from starlette.routing import Route
+
+    from connector.web.app import console_routes
+    from connector.web.common import guarded
+
     assert config.console is not None
     ledger = open_ledger(config)
     routes = console_routes(config, ledger)
@@ -56,6 +60,8 @@ def serve(
     config: Annotated[Path, typer.Option("--config", "-c", help="Config file (env CONNECTOR_CONFIG).")] = ENV.config,
 ) -> None:
     """Serve the console alone on `server.host`:`server.port` (no webhooks, no polling, no sending)."""
+    from connector.web import httpserver
+
     try:
         settings = console_config(config)
         app, ledger = build_app(settings)
@@ -66,6 +72,8 @@ def serve(
         raise typer.Exit(2) from None
     print(f"console on http://{settings.server.host}:{settings.server.port}{settings.console.path}", file=sys.stderr)  # type: ignore[union-attr]
     try:
+        import uvicorn  # here: the other commands start without the web server
+
         asyncio.run(uvicorn.Server(httpserver.server_config(app, settings.server)).serve(sockets=[sock]))
     finally:
         ledger.dispose()  # type: ignore[attr-defined]

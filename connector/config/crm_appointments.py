@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import fhirpathpy
 from pydantic import Field, field_validator
 
 from connector.config.base import Strict
@@ -35,6 +34,8 @@ _TRIAL: dict[str, Any] = {"event_id": "trial", "event_type": "trial", "object_id
 def compiled_path(expression: str) -> str:
     """The expression, once fhirpathpy compiled and ran it on an empty event (it reports unknown functions
     only when an expression runs)."""
+    import fhirpathpy  # here: only configs that declare CRM appointments need it (start-up stays lean)
+
     try:
         compiled: Any = fhirpathpy.compile(expression)
         compiled(dict(_TRIAL))

@@ -17,8 +17,6 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import fhirpathpy
-
 from connector.addresses import usable
 from connector.config.crm_appointments import Status
 from connector.errors import ResourceError
@@ -37,6 +35,8 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 @functools.lru_cache(maxsize=256)
 def _compiled(expression: str) -> Callable[..., list[Any]]:
+    import fhirpathpy  # here: only CRM appointment declarations need it (start-up stays lean)
+
     compiled: Callable[..., list[Any]] = fhirpathpy.compile(expression)
     return compiled
 

@@ -13,7 +13,6 @@ from jinja2.sandbox import SandboxedEnvironment
 from pydantic import ValidationError
 
 from connector.errors import ConfigError, Problem
-from connector.mapping.fhirpath_syntax import syntax_error
 from connector.mapping.spec import LANGUAGE_PATTERN, MappingSpec, RecipientPath
 from connector.mapping.templates import (
     CRM_APPOINTMENT_MESSAGE_NAMES,
@@ -357,6 +356,8 @@ def _condition(
 ) -> Condition | None:
     if not expression:
         return None
+    from connector.mapping.fhirpath_syntax import syntax_error  # here: its parser is heavy, start-up is not
+
     syntax = syntax_error(expression)
     if syntax is not None:
         problems.append(doc.problem(loc, f"FHIRPath does not parse, {syntax}"))
