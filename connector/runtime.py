@@ -151,7 +151,9 @@ class Runtime:
         planner = Planner(config, mappings, store.intake, cache, clock)
         poller = Poller(planner, store.intake, sources, clock)
         preparers: dict[str, Preparer] = {
-            "Appointment": AppointmentPreparer(config, sources, cache, store.intake, store.optouts)
+            "Appointment": AppointmentPreparer(
+                config, sources, cache, store.intake, store.optouts, store.links if config.links else None
+            )
         }
         crm = crm_preparer = receiver = None
         if config.crm and config.inbox is not None:

@@ -22,7 +22,7 @@ import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
-from connector import calendar, links
+from connector import calendar, links, optout
 from connector.config import load_config
 from connector.daemon import run_once, web_app
 from connector.delivery.paubox import PauboxRestMailer
@@ -190,6 +190,48 @@ async def test_one_click_unsubscribes_and_withdraws_later_reminders_of_that_cate
     world.fhir.put({**world.fhir.current("Appointment", "a1"), "status": "cancelled"})  # type: ignore[dict-item]
     await run_once(runtime)
     assert world.paubox.messages[-1]["subject"].endswith("is cancelled")
+
+
+class Unreachable(httpx.AsyncBaseTransport):
+    """An EHR that does not answer."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.calls += 1
+        raise httpx.ConnectError("connection refused", request=request)
+
+
+async def test_one_click_works_with_the_ehr_down_and_opts_out_the_address_the_email_went_to(world: World) -> None:
+    await sent(world)
+    url = world.links_of("Reminder")["unsubscribe"]
+    # Since the email, the patient's address changed in the EHR; then the EHR goes down.
+    world.fhir.put(patient("p1", "Zebulon", email="zebulon.new@example.org"))
+    down = Unreachable()
+    runtime = world.open(down)
+    async with world.client(runtime) as client:
+        answer = await client.post(url, data={"List-Unsubscribe": "One-Click"})
+        again = await client.post(url, files={"List-Unsubscribe": (None, "One-Click")})
+    assert (answer.status_code, answer.text) == (200, "done") and (again.status_code, again.text) == (200, "done")
+    assert down.calls == 0  # the EHR was not asked
+    [entry] = runtime.ledger.optouts.entries()
+    assert (entry.kind, entry.category, entry.origin, entry.key_id) == ("email", "reminders", "link", "t1")
+    assert "zebulon" not in entry.hint + (entry.note or "")
+    old, new = runtime.ledger.optouts.matches_many(
+        [optout.candidates([], "zebulon.1@example.org"), optout.candidates([], "zebulon.new@example.org")]
+    )
+    assert old == [entry] and new == []
+    state, reason = states(runtime)["appointment-reminder-2h"]
+    assert state is State.CANCELLED and reason == "the patient unsubscribed (reminders)"
+    # What the ledger keeps for the link is a keyed digest, not the address nor its plain SHA-256.
+    [(kind, digest, key_id)] = runtime.ledger.links.recipients(entry_id(runtime, "appointment-reminder-48h"))
+    assert (kind, key_id) == ("email", "t1") and digest == entry.digest
+    assert digest != optout.digest("email", "zebulon.1@example.org")
+
+
+def entry_id(runtime: Runtime, mapping: str) -> int:
+    return next(r.id for r in runtime.ledger.reports.notifications(list(State), 50) if r.mapping == mapping)
 
 
 async def test_the_page_offers_a_category_or_everything(world: World) -> None:

@@ -25,6 +25,7 @@ from connector.ledger.schema import (
     AppointmentStateRow,
     CursorRow,
     InboxEventRow,
+    LinkRecipientRow,
     NotificationRow,
     OptOutRow,
     RejectionRow,
@@ -41,6 +42,7 @@ SUB = SubscriptionStateRow.__table__  # type: ignore[attr-defined]
 INBOX = InboxEventRow.__table__  # type: ignore[attr-defined]
 REJ = RejectionRow.__table__  # type: ignore[attr-defined]
 OPT = OptOutRow.__table__  # type: ignore[attr-defined]
+LR = LinkRecipientRow.__table__  # type: ignore[attr-defined]
 NOTIFIED = (State.SENT.value, State.SENDING.value, State.IN_DOUBT.value)
 
 

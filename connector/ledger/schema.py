@@ -199,3 +199,17 @@ class ComponentHealthRow(SQLModel, table=True):
     problem: str | None = Field(default=None, max_length=500)  # the last error (kept after a recovery)
     problem_at: datetime | None = _when(nullable=True)
     updated_at: datetime = _when()
+
+
+class LinkRecipientRow(SQLModel, table=True):
+    """Where a notification's email went, as its unsubscribe link needs it: the keyed opt-out digest of the
+    address (connector.optout, under `key_id`), recorded when the email is prepared. An unsubscribe adds
+    exactly this entry to the opt-out list, without reading the EHR; no address is stored."""
+
+    __tablename__ = "link_recipient"
+
+    notification_id: int = Field(primary_key=True)
+    kind: str = Field(primary_key=True, max_length=16)
+    digest: str = Field(primary_key=True, max_length=64)
+    key_id: str = Field(max_length=64)
+    recorded_at: datetime = _when()

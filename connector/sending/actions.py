@@ -24,15 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from connector import fhir, links, optout
-from connector.config.sources import ConsentCheck
+from connector import fhir, links
 from connector.errors import SourceError
-from connector.sending.recipients import Recipient, resolve
 from connector.sources.fhir_write import FhirWriter, StaleVersion, WriteRefused
 
 if TYPE_CHECKING:
     from connector.config import Config
-    from connector.ledger import NotificationRecord, OptOut
+    from connector.ledger import NotificationRecord
     from connector.ledger.abc import OptOuts, PatientLinks
     from connector.mapping.loader import MappingSet
     from connector.sources.cache import ResourceCache
@@ -148,41 +146,28 @@ class PatientActions:
         return Outcome.UNAVAILABLE
 
     async def unsubscribe(self, record: NotificationRecord, everything: bool, now: datetime) -> Outcome:
-        """Opt the address out of the mapping's category (or of every email) and withdraw what is pending."""
+        """Opt the address the email went to out of the mapping's category (or of every email) and withdraw
+        what is pending. Only the ledger is used: the keyed digest of the address was recorded when the email
+        was prepared, so an EHR that does not answer loses no unsubscribe."""
         mapping = self.mappings.get(record.mapping)
         category = "" if everything or mapping is None or mapping.spec.category is None else mapping.spec.category
-        source = self.sources.get(record.source)
-        if source is None:
-            return Outcome.UNAVAILABLE
-
-        async def nobody(candidates: list[tuple[str, str]], category: str | None, essential: bool) -> OptOut | None:
-            return None
-
-        try:
-            found = await resolve(
-                record.patient_id, source=source, cache=self.cache, opted_out=nobody, consent=ConsentCheck(), now=now
-            )
-        except SourceError as exc:
-            log.warning("link.unavailable", source=record.source, action="unsubscribe", problem=type(exc).__name__)
-            return Outcome.UNAVAILABLE
-        if isinstance(found, Recipient):
-            await self.optouts.add(
-                "email",
-                optout.digest("email", found.address),
-                optout.hint("email", found.address),
-                "the patient's unsubscribe link",
-                category,
-                "link",
-            )
         names = [
             m.name
             for m in self.mappings
-            if not m.spec.essential and not m.spec.is_crm and (category == "" or m.spec.category == category)
+            if not m.spec.essential
+            and m.spec.is_crm == (mapping is not None and mapping.spec.is_crm)
+            and (category == "" or m.spec.category == category)
         ]
-        withdrawn = await self.ledger.withdraw(
-            record.source, record.patient_id, names, f"the patient unsubscribed ({category or 'every email'})"
+        keys = self.config.optout.keys if self.config.optout is not None else {}
+        added, withdrawn = await self.ledger.unsubscribe(
+            record.id,
+            category,
+            names,
+            f"the patient unsubscribed ({category or 'every email'})",
+            now,
+            set(keys),
         )
-        log.info("link.unsubscribed", source=record.source, category=category or "*", withdrawn=withdrawn)
+        log.info("link.unsubscribed", source=record.source, category=category or "*", added=added, withdrawn=withdrawn)
         return Outcome.DONE
 
 
