@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from connector import calendar, links, optout
 from connector.config import load_config
-from connector.daemon import run_once, web_app
+from connector.daemon import run_once, web_app, web_server
 from connector.delivery.paubox import PauboxRestMailer
 from connector.errors import ConfigError
 from connector.models import State
@@ -34,7 +34,7 @@ from connector.sandbox.fhir import create_app as fhir_app
 from connector.sandbox.paubox import SandboxState
 from connector.sandbox.paubox import create_app as paubox_app
 from connector.testing import Server, migrated_engine
-from tests.conftest import write_config
+from tests.conftest import free_port, write_config
 from tests.factories import appointment, patient
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -50,7 +50,13 @@ class World:
     """The FHIR server, the Paubox sandbox, a clock, and one or more daemons over one ledger."""
 
     def __init__(
-        self, tmp_path: Path, fhir: FhirState, paubox: SandboxState, ledger_url: str | None, links_extra: str = ""
+        self,
+        tmp_path: Path,
+        fhir: FhirState,
+        paubox: SandboxState,
+        ledger_url: str | None,
+        links_extra: str = "",
+        server: dict[str, Any] | None = None,
     ) -> None:
         (tmp_path / "link.key").write_text(LINK_KEY)
         (tmp_path / "old.key").write_text(OLD_KEY)
@@ -60,7 +66,7 @@ class World:
             "https://paubox.test",
             mappings=MAPPINGS,
             ledger_url=ledger_url,
-            server={"port": 9, "public_url": PUBLIC},
+            server={"port": 9, "public_url": PUBLIC, **(server or {})},
             extra_source="    write_back: {responses: true, cancel_appointment: true}\n",
             extra="links:\n  keys: {k1: {file: old.key}, k2: {file: link.key}}\n  current: k2\n" + links_extra,
         )
@@ -455,6 +461,41 @@ async def test_the_pages_are_rate_limited(
         assert answers == [200, 200, 429] and refused.status_code == 429
         assert world.responses() == []
     finally:
+        for made in world.runtimes:
+            await made.aclose()
+
+
+@pytest.mark.parametrize("proxied", [True, False])
+async def test_the_rate_limit_is_per_client_as_the_trusted_proxies_tell_them_apart(
+    tmp_path: Path, fhir: FhirState, paubox: SandboxState, api_key_env: str, proxied: bool
+) -> None:
+    """Over a real socket, as `connector run` serves: behind a trusted proxy each forwarded client has its own
+    bucket; without one, a forged X-Forwarded-For does not buy a fresh bucket."""
+    port = free_port()
+    server = {"port": port, **({"trusted_proxies": ["127.0.0.1/32"]} if proxied else {})}
+    world = World(tmp_path, fhir, paubox, None, links_extra="  rate_limit: 0.001\n  burst: 2\n", server=server)
+    runtime = await sent(world)
+    http = web_server(runtime)
+    assert http is not None
+    task = asyncio.create_task(http.serve())
+    try:
+        while not http.started:
+            await asyncio.sleep(0.01)
+        path = httpx.URL(world.links_of("Your appointment")["confirm"]).path
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+
+            async def get(client_address: str) -> int:
+                return (await client.get(path, headers={"X-Forwarded-For": client_address})).status_code
+
+            first = [await get("203.0.113.7") for _ in range(3)]
+            others = [await get(a) for a in ("198.51.100.1", "2001:db8::1", "2001:db8::2", "2001:db8::3")]
+        assert first == [200, 200, 429]
+        # One IPv6 client holds its whole /64.
+        assert others == ([200, 200, 200, 429] if proxied else [429, 429, 429, 429])
+        assert world.responses() == []
+    finally:
+        http.should_exit = True
+        await task
         for made in world.runtimes:
             await made.aclose()
 

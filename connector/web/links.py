@@ -4,14 +4,17 @@ A GET shows a page and never acts: mail scanners and link previewers fetch what 
 acts (connector.sending.actions), and a second POST answers like the first. An RFC 8058 one-click POST to an
 unsubscribe link (body `List-Unsubscribe=One-Click`, form-encoded or multipart, no cookies) unsubscribes at
 once and answers without a page. A refused link (expired, tampered, another action's, a retired key) gets a
-friendly page and a 4xx. Everything is rate-limited, counted and logged by action and outcome, never the
-token or anything about the patient.
+friendly page and a 4xx. Everything is rate-limited per client (its address as `server.trusted_proxies`
+lets it be judged: the nearest untrusted hop; an IPv6 client by its /64), counted and logged by action and
+outcome, never the token or anything about the patient.
 """
 
 from __future__ import annotations
 
 import email.parser
 import email.policy
+import ipaddress
+from collections import OrderedDict
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
@@ -46,6 +49,36 @@ _STATUS = {
 }
 
 
+MAX_CLIENTS = 10_000  # buckets kept; the least recently seen client's goes first (it then starts full again)
+
+
+class ClientBuckets:
+    """One token bucket per client address, at most MAX_CLIENTS of them."""
+
+    def __init__(self, rate: float, burst: int, size: int = MAX_CLIENTS) -> None:
+        self.rate, self.burst, self.size = rate, burst, size
+        self.buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def take(self, host: str) -> float | None:
+        """None if this client may go now, else the seconds to wait."""
+        client = _client_key(host)
+        bucket = self.buckets.pop(client, None) or TokenBucket(self.rate, self.burst)
+        self.buckets[client] = bucket
+        if len(self.buckets) > self.size:
+            self.buckets.popitem(last=False)
+        return bucket.take()
+
+
+def _client_key(host: str) -> str:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host  # not an address (a test client's name, a Unix socket): as it is
+    if address.version == 6:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
 def one_click(content_type: str, body: bytes) -> bool:
     """Whether a POST body is RFC 8058's `List-Unsubscribe=One-Click` (form-encoded or multipart/form-data)."""
     kind = content_type.split(";")[0].strip().lower()
@@ -66,7 +99,7 @@ class LinkEndpoints:
         self.keys = links.LinkKeys.from_config(config.links)
         self.actions = actions
         self.clock = clock
-        self.bucket = TokenBucket(config.links.rate_limit, config.links.burst)
+        self.buckets = ClientBuckets(config.links.rate_limit, config.links.burst)
 
     def routes(self) -> list[Route]:
         return [Route("/links/{action}/{token}", self.handle, methods=["GET", "POST"])]
@@ -78,7 +111,7 @@ class LinkEndpoints:
 
     async def handle(self, request: Request) -> Response:
         action = str(request.path_params["action"])
-        if self.bucket.take() is not None:
+        if self.buckets.take(request.client.host if request.client else "") is not None:
             return self._refused(429, "rate limited", "busy")
         if action not in links.ACTIONS:
             return self._refused(404, "unknown action", "invalid")
