@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -17,8 +17,10 @@ from connector.ledger import OptOut, migrate
 from connector.ledger.engine import make_engine
 from connector.ledger.sql import SqlLedger
 from connector.models import State
-from tests.conftest import BASIC, OPTOUT_KEYS, write_config
-from tests.factories import NOW, planned
+from connector.sandbox.fhir import FhirState
+from connector.sandbox.paubox import SandboxState
+from tests.conftest import API_KEY, BASIC, OPTOUT_KEYS, Server, write_config
+from tests.factories import NOW, appointment, patient, planned
 
 ADDRESS = "robin.lee@example.org"
 PAIRS = optout.candidates([], ADDRESS)
@@ -145,3 +147,37 @@ def test_the_cli_adds_lists_and_resubscribes_by_category(tmp_path: Path) -> None
     assert "reminders" not in listed and "every email" in listed
     assert cli("remove", "--email", ADDRESS).returncode == 0
     assert "Opt-outs (0)" in cli("list").stdout
+
+
+def test_a_replay_dry_run_says_which_emails_a_category_optout_stops(
+    tmp_path: Path, fhir_state: FhirState, fhir_server: Server, paubox_state: SandboxState, paubox_server: Server
+) -> None:
+    now = datetime.now(UTC).replace(microsecond=0)
+    start = now + timedelta(days=3)
+    fhir_state.load([patient("p1", "Robin", email=ADDRESS), appointment("a1", "p1", start)])
+    mappings = ("appointment-booked", "appointment-reminder-48h", "appointment-cancelled")
+    config = str(write_config(tmp_path, fhir_server.url, paubox_server.url, mappings=mappings))
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "connector", *args, "--config", config],
+            cwd=tmp_path,
+            text=True,
+            capture_output=True,
+            env={**os.environ, "COLUMNS": "400", "PAUBOX_API_KEY": API_KEY},
+            timeout=120,
+        )
+
+    def dry_run() -> str:
+        done = cli("replay", "--since", (now - timedelta(days=1)).isoformat(), "--dry-run")
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert "opted out" not in dry_run()
+    assert cli("optout", "add", "--email", ADDRESS, "--category", "reminders").returncode == 0
+    shown = dry_run()
+    reminder = next(line for line in shown.splitlines() if "reminder-48h" in line)
+    booked = next(line for line in shown.splitlines() if "appointment-booked" in line)
+    assert "skipped: Patient/p1 opted out of 'reminders' email (by email, operator," in reminder
+    assert "would send" in booked
+    assert paubox_state.messages == []
