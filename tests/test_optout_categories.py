@@ -96,6 +96,29 @@ def test_withdraw_cancels_only_the_pending_notifications_of_those_mappings(ledge
     assert ledger.links.notification(ids["r1"]) is not None and ledger.links.notification(10**9) is None
 
 
+def test_an_unsubscribe_opts_out_the_recorded_address_once_and_withdraws_in_one_go(ledger: SqlLedger) -> None:
+    later = NOW + timedelta(days=1)
+    notes = [planned(k, later) for k in ("sent", "r1")]
+    notes = [n.__class__(**{**n.__dict__, "mapping": m}) for n, m in zip(notes, ["booked", "rem"], strict=True)]
+    ledger.intake.record_page("ehr", notes, [], None)
+    ids = {r.key: r.id for r in ledger.reports.notifications(list(State), 10)}
+    keys = OPTOUT_KEYS
+    assert keys is not None
+    stored = keys.keyed(INNER)
+    ledger.links.remember(ids["sent"], "email", stored, keys.current, NOW)
+    ledger.links.remember(ids["sent"], "email", stored, keys.current, NOW)  # a second preparation: one row
+    assert ledger.links.recipients(ids["sent"]) == [("email", stored, keys.current)]
+    reason = "the patient unsubscribed (reminders)"
+    assert ledger.links.unsubscribe(ids["sent"], "reminders", ["rem"], reason, NOW, set(keys.keys)) == (1, 1)
+    assert ledger.links.unsubscribe(ids["sent"], "reminders", ["rem"], reason, NOW, set(keys.keys)) == (0, 0)
+    [found] = ledger.optouts.matches_many([PAIRS])
+    assert [(e.category, e.origin, e.key_id) for e in found] == [("reminders", "link", keys.current)]
+    assert ADDRESS not in repr(ledger.optouts.entries())
+    # A digest keyed with a key no longer configured would match nobody (and stop the daemon): not added.
+    assert ledger.links.unsubscribe(ids["sent"], "", ["rem"], reason, NOW, {"another"}) == (0, 0)
+    assert ledger.links.unsubscribe(10**9, "", ["rem"], reason, NOW, set(keys.keys)) == (0, 0)
+
+
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def test_upgrading_keeps_every_optout_as_one_for_every_email_by_an_operator(
     backend: str, tmp_path: Path, request: pytest.FixtureRequest

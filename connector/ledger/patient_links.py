@@ -74,7 +74,7 @@ class SqlPatientLinks(SqlRole):
             origin="link",
             created_at=when,
         )
-        return int(conn.execute(statement.on_conflict_do_nothing()).rowcount)
+        return len(conn.execute(statement.on_conflict_do_nothing().returning(OPT.c.id)).all())
 
     def withdraw(self, source: str, patient_id: str, mappings: Sequence[str], reason: str) -> int:
         """Cancel the pending notifications of these mappings for one patient of one source; how many."""
