@@ -160,7 +160,7 @@ class Runtime:
             keyring = Keyring(config.inbox)
             crm = CrmIntake(config, mappings, store.inbox, keyring, clock)
             crm_preparer = preparers["CrmEvent"] = CrmPreparer(
-                config, store.inbox, store.optouts, keyring, crm_transport
+                config, store.inbox, store.optouts, keyring, crm_transport, store.links if config.links else None
             )
             receiver = CrmReceiver(config, store.inbox, keyring, clock)
         dispatcher = Dispatcher(config, mappings, store.outbox, preparers, planner, mailer, clock, owner)

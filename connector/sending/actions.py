@@ -151,11 +151,14 @@ class PatientActions:
         was prepared, so an EHR that does not answer loses no unsubscribe."""
         mapping = self.mappings.get(record.mapping)
         category = "" if everything or mapping is None or mapping.spec.category is None else mapping.spec.category
+        # A CRM email names no patient: nothing to withdraw by patient (the opt-out stops its later emails
+        # when they are prepared).
         names = [
             m.name
             for m in self.mappings
-            if not m.spec.essential
-            and m.spec.is_crm == (mapping is not None and mapping.spec.is_crm)
+            if record.patient_id
+            and not m.spec.essential
+            and not m.spec.is_crm
             and (category == "" or m.spec.category == category)
         ]
         keys = self.config.optout.keys if self.config.optout is not None else {}
