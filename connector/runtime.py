@@ -167,11 +167,7 @@ class Runtime:
         aftercare = Aftercare(config, store.after_send, store.optouts, clock)
         hub = SubscriptionHub(config, planner, poller, sources, store.intake, clock)
         monitor = Monitor(config, store.health, counted, dispatcher.mailer_state)
-        actions = (
-            PatientActions(config, sources, mappings, cache, store.optouts, store.links)
-            if config.links is not None
-            else None
-        )
+        actions = PatientActions(config, sources, mappings, store.links) if config.links is not None else None
         return cls(
             config,
             mappings,

@@ -7,7 +7,8 @@ appointment, written back to the EHR, or unsubscribe.
   an update naming the version it was decided on (`If-Match`); a 412 reads again and decides again, never a
   blind overwrite. The connector's next poll sees the cancellation and follows the normal lifecycle.
 - **unsubscribe** adds the address the email went to to the opt-out list, for the mapping's category (or
-  every email), with origin `link`, and withdraws the patient's pending notifications of that category.
+  every email), with origin `link`, and withdraws the patient's pending notifications of that category: from
+  the ledger alone (the address's keyed digest was recorded when the email was prepared), never the EHR.
 
 Every write is a conditional create on an identifier derived from the email and the action
 (`links.write_identifier`): a double click, a retry or a second replica finds the first and writes nothing
@@ -31,9 +32,8 @@ from connector.sources.fhir_write import FhirWriter, StaleVersion, WriteRefused
 if TYPE_CHECKING:
     from connector.config import Config
     from connector.ledger import NotificationRecord
-    from connector.ledger.abc import OptOuts, PatientLinks
+    from connector.ledger.abc import PatientLinks
     from connector.mapping.loader import MappingSet
-    from connector.sources.cache import ResourceCache
     from connector.sources.fhir_poll import FhirPollSource
 
 log = structlog.get_logger("connector.actions")
@@ -73,15 +73,11 @@ class PatientActions:
         config: Config,
         sources: dict[str, FhirPollSource],
         mappings: MappingSet,
-        cache: ResourceCache,
-        optouts: OptOuts,
         ledger: PatientLinks,
     ) -> None:
         self.config = config
         self.sources = sources
         self.mappings = mappings
-        self.cache = cache
-        self.optouts = optouts
         self.ledger = ledger
         self.writers = {name: FhirWriter(source) for name, source in sources.items()}
 
