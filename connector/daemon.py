@@ -66,12 +66,14 @@ async def run_once(runtime: Runtime) -> CycleReport:
 
 
 async def aftercare(runtime: Runtime) -> None:
-    """Refusal counts to the ledger, the in-doubt policy, then receipts for sent notifications no webhook
-    reported on."""
+    """Refusal counts to the ledger, the in-doubt policy, retention (CRM events, where emails with expired
+    links went), then receipts for sent notifications no webhook reported on."""
     await runtime.store.reports.add_rejections(metrics.take_refused(), runtime.aftercare.clock())
     await runtime.aftercare.settle_doubts()
     if runtime.crm is not None:
         await runtime.crm.purge()
+    if runtime.actions is not None:
+        await runtime.actions.forget(runtime.aftercare.clock())
     if isinstance(runtime.mailer, ReceiptReader):
         await runtime.aftercare.check_receipts(runtime.mailer)
 

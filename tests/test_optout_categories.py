@@ -119,6 +119,20 @@ def test_an_unsubscribe_opts_out_the_recorded_address_once_and_withdraws_in_one_
     assert ledger.links.unsubscribe(10**9, "", ["rem"], reason, NOW, set(keys.keys)) == (0, 0)
 
 
+def test_where_an_email_went_is_forgotten_once_its_newest_link_has_expired(ledger: SqlLedger) -> None:
+    ledger.intake.record_page("ehr", [planned("sent", NOW)], [], None)
+    [n] = ledger.reports.notifications(list(State), 10)
+    keys = OPTOUT_KEYS
+    assert keys is not None
+    ledger.links.remember(n.id, "email", keys.keyed(INNER), keys.current, NOW)
+    ledger.links.remember(n.id, "email", keys.keyed(INNER), keys.current, NOW + timedelta(days=1))  # resent
+    ledger.links.remember(n.id, "email", keys.keyed(INNER), keys.current, NOW)  # an older preparation: no change
+    assert ledger.links.forget(NOW + timedelta(hours=12)) == 0
+    assert ledger.links.recipients(n.id) != []
+    assert ledger.links.forget(NOW + timedelta(days=1, seconds=1)) == 1
+    assert ledger.links.recipients(n.id) == []
+
+
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def test_upgrading_keeps_every_optout_as_one_for_every_email_by_an_operator(
     backend: str, tmp_path: Path, request: pytest.FixtureRequest

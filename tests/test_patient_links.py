@@ -236,6 +236,18 @@ async def test_one_click_works_with_the_ehr_down_and_opts_out_the_address_the_em
     assert digest != optout.digest("email", "zebulon.1@example.org")
 
 
+async def test_the_daemon_forgets_where_emails_went_once_their_links_have_expired(world: World) -> None:
+    runtime = await sent(world)
+    booked = entry_id(runtime, "appointment-booked")
+    assert runtime.ledger.links.recipients(booked) != []
+    world.now = NOW + timedelta(days=59)  # links.ttl is 60 days: still needed
+    await run_once(runtime)
+    assert runtime.ledger.links.recipients(booked) != []
+    world.now = NOW + timedelta(days=61, hours=2)
+    await run_once(runtime)
+    assert runtime.ledger.links.recipients(booked) == []
+
+
 def entry_id(runtime: Runtime, mapping: str) -> int:
     return next(r.id for r in runtime.ledger.reports.notifications(list(State), 50) if r.mapping == mapping)
 

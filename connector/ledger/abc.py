@@ -200,6 +200,10 @@ class PatientLinks(Protocol):
         """(kind, keyed digest, key id) of every address this notification's email went to."""
         ...
 
+    async def forget(self, recorded_before: datetime) -> int:
+        """Drop the records of emails whose unsubscribe links have all expired; how many."""
+        ...
+
     async def unsubscribe(
         self,
         notification_id: int,

@@ -208,6 +208,9 @@ class AsyncPatientLinks:
     async def recipients(self, notification_id: int) -> list[tuple[str, str, str]]:
         return await _thread(self.sync.recipients, notification_id)
 
+    async def forget(self, recorded_before: datetime) -> int:
+        return await _thread(self.sync.forget, recorded_before)
+
     async def unsubscribe(
         self,
         notification_id: int,

@@ -29,8 +29,20 @@ class SqlPatientLinks(SqlRole):
     def remember(self, notification_id: int, kind: str, digest: str, key_id: str, when: datetime) -> None:
         """Record where a notification's email goes (`digest`: the keyed opt-out digest, under `key_id`)."""
         values = {"notification_id": notification_id, "kind": kind, "digest": digest, "key_id": key_id}
+        statement = self._insert(LR).values(**values, recorded_at=when)
+        # Prepared again (a retry, a resend): the newest link's expiry counts for `forget`.
+        statement = statement.on_conflict_do_update(
+            index_elements=[LR.c.notification_id, LR.c.kind, LR.c.digest],
+            set_={"recorded_at": statement.excluded.recorded_at},
+            where=LR.c.recorded_at < statement.excluded.recorded_at,
+        )
         with self.engine.begin() as conn:
-            conn.execute(self._insert(LR).values(**values, recorded_at=when).on_conflict_do_nothing())
+            conn.execute(statement)
+
+    def forget(self, recorded_before: datetime) -> int:
+        """Drop the records of emails whose unsubscribe links have all expired; how many."""
+        with self.engine.begin() as conn:
+            return int(conn.execute(LR.delete().where(LR.c.recorded_at < recorded_before)).rowcount)
 
     def recipients(self, notification_id: int) -> list[tuple[str, str, str]]:
         """(kind, keyed digest, key id) of every address this notification's email went to."""

@@ -204,9 +204,11 @@ class ComponentHealthRow(SQLModel, table=True):
 class LinkRecipientRow(SQLModel, table=True):
     """Where a notification's email went, as its unsubscribe link needs it: the keyed opt-out digest of the
     address (connector.optout, under `key_id`), recorded when the email is prepared. An unsubscribe adds
-    exactly this entry to the opt-out list, without reading the EHR; no address is stored."""
+    exactly this entry to the opt-out list, without reading the EHR; no address is stored. Forgotten once
+    the email's unsubscribe link has expired (`links.ttl` after the last preparation)."""
 
     __tablename__ = "link_recipient"
+    __table_args__ = (Index("ix_link_recipient_recorded_at", "recorded_at"),)
 
     notification_id: int = Field(primary_key=True)
     kind: str = Field(primary_key=True, max_length=16)

@@ -19,7 +19,7 @@ since the email (superseded) writes nothing and says so.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +46,7 @@ PAT_CRS = {
     "display": "Patient: Canceled via automated reminder system",
 }
 UPDATE_TRIES = 3
+FORGET_EVERY = timedelta(hours=1)
 
 
 class Outcome(StrEnum):
@@ -79,7 +80,18 @@ class PatientActions:
         self.sources = sources
         self.mappings = mappings
         self.ledger = ledger
+        self._forgot_at: datetime | None = None
         self.writers = {name: FhirWriter(source) for name, source in sources.items()}
+
+    async def forget(self, now: datetime) -> int:
+        """At most hourly: drop where emails went once their unsubscribe links have expired (`links.ttl`)."""
+        if self.config.links is None or (self._forgot_at is not None and now - self._forgot_at < FORGET_EVERY):
+            return 0
+        self._forgot_at = now
+        forgotten = await self.ledger.forget(now - self.config.links.ttl - FORGET_EVERY)
+        if forgotten:
+            log.info("link.recipients_forgotten", count=forgotten)
+        return forgotten
 
     async def notification(self, notification_id: int) -> NotificationRecord | None:
         return await self.ledger.notification(notification_id)

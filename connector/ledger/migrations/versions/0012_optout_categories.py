@@ -39,9 +39,11 @@ def upgrade() -> None:
         sa.Column("recorded_at", UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("notification_id", "kind", "digest"),
     )
+    op.create_index("ix_link_recipient_recorded_at", "link_recipient", ["recorded_at"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_link_recipient_recorded_at", table_name="link_recipient")
     op.drop_table("link_recipient")
     # Before this revision an entry meant every email: category entries would widen on the way down. Drop them.
     op.execute(sa.text("DELETE FROM optout WHERE category <> ''"))
