@@ -248,6 +248,24 @@ async def test_the_daemon_forgets_where_emails_went_once_their_links_have_expire
     assert runtime.ledger.links.recipients(booked) == []
 
 
+async def test_a_ledger_that_fails_answers_503_records_nothing_and_a_retry_works(world: World) -> None:
+    runtime = await sent(world)
+    url = world.links_of("Reminder")["unsubscribe"]
+    with runtime.ledger.engine.begin() as conn:  # the ledger fails (here: the table is not there)
+        conn.exec_driver_sql("ALTER TABLE link_recipient RENAME TO link_recipient_away")
+    async with world.client(runtime) as client:
+        failed = await client.post(url, data={"List-Unsubscribe": "One-Click"})
+        with runtime.ledger.engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE link_recipient_away RENAME TO link_recipient")
+        assert failed.status_code == 503 and "try again later" in failed.text
+        assert runtime.ledger.optouts.entries() == []
+        assert states(runtime)["appointment-reminder-2h"][0] is State.PENDING
+        retried = await client.post(url, data={"List-Unsubscribe": "One-Click"})  # the mailbox provider retries
+    assert (retried.status_code, retried.text) == (200, "done")
+    assert [e.category for e in runtime.ledger.optouts.entries()] == ["reminders"]
+    assert states(runtime)["appointment-reminder-2h"][0] is State.CANCELLED
+
+
 def entry_id(runtime: Runtime, mapping: str) -> int:
     return next(r.id for r in runtime.ledger.reports.notifications(list(State), 50) if r.mapping == mapping)
 

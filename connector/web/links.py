@@ -19,16 +19,21 @@ from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
 import structlog
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeout
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from connector import links, metrics
+from connector.logs import where
 from connector.sending.actions import Outcome
 from connector.web.common import RequestTooLarge, read_body
 from connector.web.crm import TokenBucket
 from connector.web.link_pages import local_time, page
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from starlette.requests import Request
 
     from connector.config import Config
@@ -121,6 +126,17 @@ class LinkEndpoints:
         except links.BadLink as exc:
             expired = exc.reason == "expired"
             return self._refused(410 if expired else 403, exc.reason, "expired" if expired else "invalid")
+        try:
+            return await self._verified(request, action, claim, now)
+        except (OperationalError, InterfaceError, SQLAlchemyTimeout) as exc:
+            # The ledger is down: nothing was recorded (one transaction); the patient or the mailbox
+            # provider may try again.
+            log.error("link.ledger_unavailable", action=action, problem=where(exc))
+            if request.method == "POST":
+                metrics.inc("connector_patient_actions_total", action=action, outcome=Outcome.UNAVAILABLE.value)
+            return page(503, claim.language, message_key=Outcome.UNAVAILABLE.value)
+
+    async def _verified(self, request: Request, action: str, claim: links.Claim, now: datetime) -> Response:
         record = await self.actions.notification(claim.notification)
         if record is None:
             return self._refused(404, "unknown notification", "gone", claim.language)
