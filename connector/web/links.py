@@ -14,6 +14,7 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import ipaddress
+import math
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
@@ -116,8 +117,11 @@ class LinkEndpoints:
 
     async def handle(self, request: Request) -> Response:
         action = str(request.path_params["action"])
-        if self.buckets.take(request.client.host if request.client else "") is not None:
-            return self._refused(429, "rate limited", "busy")
+        wait = self.buckets.take(request.client.host if request.client else "")
+        if wait is not None:
+            busy = self._refused(429, "rate limited", "busy")
+            busy.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+            return busy
         if action not in links.ACTIONS:
             return self._refused(404, "unknown action", "invalid")
         now = self.clock()
