@@ -5,7 +5,9 @@ acts (connector.sending.actions), and a second POST answers like the first. An R
 unsubscribe link (body `List-Unsubscribe=One-Click`, form-encoded or multipart, no cookies) unsubscribes at
 once and answers without a page. A refused link (expired, tampered, another action's, a retired key) gets a
 friendly page and a 4xx. Everything is rate-limited per client (its address as `server.trusted_proxies`
-lets it be judged: the nearest untrusted hop; an IPv6 client by its /64), counted and logged by action and
+lets it be judged: the nearest untrusted hop; an IPv6 client by its /64), except that a valid unsubscribe
+POST past its client's limit is still taken, a few times per email (mailbox providers send many patients'
+one-click POSTs from few addresses, and an unsubscribe must not be lost). Counted and logged by action and
 outcome, never the token or anything about the patient.
 """
 
@@ -55,6 +57,7 @@ _STATUS = {
 }
 
 
+LINK_BURST, LINK_RATE = 3, 1 / 60  # one-click unsubscribes past their client's limit: per email
 MAX_CLIENTS = 10_000  # buckets kept; the least recently seen client's goes first (it then starts full again)
 
 
@@ -106,9 +109,15 @@ class LinkEndpoints:
         self.actions = actions
         self.clock = clock
         self.buckets = ClientBuckets(config.links.rate_limit, config.links.burst)
+        self.per_link = ClientBuckets(LINK_RATE, LINK_BURST)  # by notification id
 
     def routes(self) -> list[Route]:
         return [Route("/links/{action}/{token}", self.handle, methods=["GET", "POST"])]
+
+    def _busy(self, wait: float) -> Response:
+        busy = self._refused(429, "rate limited", "busy")
+        busy.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+        return busy
 
     def _refused(self, status: int, reason: str, message_key: str, lang: str = "en") -> Response:
         metrics.refused(ENDPOINT, reason)
@@ -118,10 +127,11 @@ class LinkEndpoints:
     async def handle(self, request: Request) -> Response:
         action = str(request.path_params["action"])
         wait = self.buckets.take(request.client.host if request.client else "")
-        if wait is not None:
-            busy = self._refused(429, "rate limited", "busy")
-            busy.headers["Retry-After"] = str(max(1, math.ceil(wait)))
-            return busy
+        # Mailbox providers send many patients' one-click POSTs from few addresses: an unsubscribe over its
+        # client's limit still goes through if its link is valid, a few times per email (LINK_BURST).
+        unsubscribing = request.method == "POST" and action == "unsubscribe"
+        if wait is not None and not unsubscribing:
+            return self._busy(wait)
         if action not in links.ACTIONS:
             return self._refused(404, "unknown action", "invalid")
         now = self.clock()
@@ -130,6 +140,10 @@ class LinkEndpoints:
         except links.BadLink as exc:
             expired = exc.reason == "expired"
             return self._refused(410 if expired else 403, exc.reason, "expired" if expired else "invalid")
+        if wait is not None:
+            again = self.per_link.take(str(claim.notification))
+            if again is not None:
+                return self._busy(again)
         try:
             return await self._verified(request, action, claim, now)
         except (OperationalError, InterfaceError, SQLAlchemyTimeout) as exc:
