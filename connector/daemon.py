@@ -71,13 +71,15 @@ async def write_back(runtime: Runtime) -> None:
 
 
 async def aftercare(runtime: Runtime) -> None:
-    """Refusal counts to the ledger, the in-doubt policy, the retention of CRM events and of the journal,
-    then receipts for sent notifications no webhook reported on."""
+    """Refusal counts to the ledger, the in-doubt policy, retention (CRM events, the journal, where emails with
+    expired links went), then receipts for sent notifications no webhook reported on."""
     await runtime.store.reports.add_rejections(metrics.take_refused(), runtime.aftercare.clock())
     await runtime.aftercare.settle_doubts()
     if runtime.crm is not None:
         await runtime.crm.purge()
     await runtime.store.journal.purge(runtime.aftercare.clock() - runtime.config.ledger.journal_retention)
+    if runtime.actions is not None:
+        await runtime.actions.forget(runtime.aftercare.clock())
     if isinstance(runtime.mailer, ReceiptReader):
         await runtime.aftercare.check_receipts(runtime.mailer)
 

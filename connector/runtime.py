@@ -159,7 +159,14 @@ class Runtime:
         poller = Poller(planner, store.intake, sources, clock)
         preparers: dict[str, Preparer] = {
             "Appointment": AppointmentPreparer(
-                config, sources, cache, store.intake, store.optouts, store.bounces, ledger.optouts.optout_keys
+                config,
+                sources,
+                cache,
+                store.intake,
+                store.optouts,
+                store.bounces,
+                ledger.optouts.optout_keys,
+                store.links if config.links else None,
             )
         }
         crm = crm_preparer = receiver = None
@@ -167,7 +174,7 @@ class Runtime:
             keyring = Keyring(config.inbox)
             crm = CrmIntake(config, mappings, store.inbox, keyring, clock, store.intake, crm_transport)
             crm_preparer = preparers["CrmEvent"] = CrmPreparer(
-                config, store.inbox, store.optouts, keyring, crm_transport
+                config, store.inbox, store.optouts, keyring, crm_transport, store.links if config.links else None
             )
             preparers["CrmAppointment"] = CrmAppointmentPreparer(
                 config, store.intake, store.inbox, store.optouts, keyring, crm_preparer.apis
@@ -178,11 +185,7 @@ class Runtime:
         aftercare = Aftercare(config, store.after_send, store.optouts, clock, store.bounces, ledger.optouts.optout_keys)
         hub = SubscriptionHub(config, planner, poller, sources, store.intake, clock)
         monitor = Monitor(config, store.health, counted, dispatcher.mailer_state)
-        actions = (
-            PatientActions(config, sources, mappings, cache, store.optouts, store.links)
-            if config.links is not None
-            else None
-        )
+        actions = PatientActions(config, sources, mappings, store.links) if config.links is not None else None
         write_back = WriteBack(config, mappings, store.write_backs, sources, clock, owner, handoff_transport)
         dispatcher.accepted = write_back.remember
         return cls(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -17,8 +17,10 @@ from connector.ledger import OptOut, migrate
 from connector.ledger.engine import make_engine
 from connector.ledger.sql import SqlLedger
 from connector.models import State
-from tests.conftest import BASIC, OPTOUT_KEYS, write_config
-from tests.factories import NOW, planned
+from connector.sandbox.fhir import FhirState
+from connector.sandbox.paubox import SandboxState
+from tests.conftest import API_KEY, BASIC, OPTOUT_KEYS, Server, write_config
+from tests.factories import NOW, appointment, patient, planned
 
 ADDRESS = "robin.lee@example.org"
 PAIRS = optout.candidates([], ADDRESS)
@@ -94,6 +96,43 @@ def test_withdraw_cancels_only_the_pending_notifications_of_those_mappings(ledge
     assert ledger.links.notification(ids["r1"]) is not None and ledger.links.notification(10**9) is None
 
 
+def test_an_unsubscribe_opts_out_the_recorded_address_once_and_withdraws_in_one_go(ledger: SqlLedger) -> None:
+    later = NOW + timedelta(days=1)
+    notes = [planned(k, later) for k in ("sent", "r1")]
+    notes = [n.__class__(**{**n.__dict__, "mapping": m}) for n, m in zip(notes, ["booked", "rem"], strict=True)]
+    ledger.intake.record_page("ehr", notes, [], None)
+    ids = {r.key: r.id for r in ledger.reports.notifications(list(State), 10)}
+    keys = OPTOUT_KEYS
+    assert keys is not None
+    stored = keys.keyed(INNER)
+    ledger.links.remember(ids["sent"], "email", stored, keys.current, NOW)
+    ledger.links.remember(ids["sent"], "email", stored, keys.current, NOW)  # a second preparation: one row
+    assert ledger.links.recipients(ids["sent"]) == [("email", stored, keys.current)]
+    reason = "the patient unsubscribed (reminders)"
+    assert ledger.links.unsubscribe(ids["sent"], "reminders", ["rem"], reason, NOW, set(keys.keys)) == (1, 1)
+    assert ledger.links.unsubscribe(ids["sent"], "reminders", ["rem"], reason, NOW, set(keys.keys)) == (0, 0)
+    [found] = ledger.optouts.matches_many([PAIRS])
+    assert [(e.category, e.origin, e.key_id) for e in found] == [("reminders", "link", keys.current)]
+    assert ADDRESS not in repr(ledger.optouts.entries())
+    # A digest keyed with a key no longer configured would match nobody (and stop the daemon): not added.
+    assert ledger.links.unsubscribe(ids["sent"], "", ["rem"], reason, NOW, {"another"}) == (0, 0)
+    assert ledger.links.unsubscribe(10**9, "", ["rem"], reason, NOW, set(keys.keys)) == (0, 0)
+
+
+def test_where_an_email_went_is_forgotten_once_its_newest_link_has_expired(ledger: SqlLedger) -> None:
+    ledger.intake.record_page("ehr", [planned("sent", NOW)], [], None)
+    [n] = ledger.reports.notifications(list(State), 10)
+    keys = OPTOUT_KEYS
+    assert keys is not None
+    ledger.links.remember(n.id, "email", keys.keyed(INNER), keys.current, NOW)
+    ledger.links.remember(n.id, "email", keys.keyed(INNER), keys.current, NOW + timedelta(days=1))  # resent
+    ledger.links.remember(n.id, "email", keys.keyed(INNER), keys.current, NOW)  # an older preparation: no change
+    assert ledger.links.forget(NOW + timedelta(hours=12)) == 0
+    assert ledger.links.recipients(n.id) != []
+    assert ledger.links.forget(NOW + timedelta(days=1, seconds=1)) == 1
+    assert ledger.links.recipients(n.id) == []
+
+
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def test_upgrading_keeps_every_optout_as_one_for_every_email_by_an_operator(
     backend: str, tmp_path: Path, request: pytest.FixtureRequest
@@ -145,3 +184,37 @@ def test_the_cli_adds_lists_and_resubscribes_by_category(tmp_path: Path) -> None
     assert "reminders" not in listed and "every email" in listed
     assert cli("remove", "--email", ADDRESS).returncode == 0
     assert "Opt-outs (0)" in cli("list").stdout
+
+
+def test_a_replay_dry_run_says_which_emails_a_category_optout_stops(
+    tmp_path: Path, fhir_state: FhirState, fhir_server: Server, paubox_state: SandboxState, paubox_server: Server
+) -> None:
+    now = datetime.now(UTC).replace(microsecond=0)
+    start = now + timedelta(days=3)
+    fhir_state.load([patient("p1", "Robin", email=ADDRESS), appointment("a1", "p1", start)])
+    mappings = ("appointment-booked", "appointment-reminder-48h", "appointment-cancelled")
+    config = str(write_config(tmp_path, fhir_server.url, paubox_server.url, mappings=mappings))
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "connector", *args, "--config", config],
+            cwd=tmp_path,
+            text=True,
+            capture_output=True,
+            env={**os.environ, "COLUMNS": "400", "PAUBOX_API_KEY": API_KEY},
+            timeout=120,
+        )
+
+    def dry_run() -> str:
+        done = cli("replay", "--since", (now - timedelta(days=1)).isoformat(), "--dry-run")
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert "opted out" not in dry_run()
+    assert cli("optout", "add", "--email", ADDRESS, "--category", "reminders").returncode == 0
+    shown = dry_run()
+    reminder = next(line for line in shown.splitlines() if "reminder-48h" in line)
+    booked = next(line for line in shown.splitlines() if "appointment-booked" in line)
+    assert "skipped: Patient/p1 opted out of 'reminders' email (by email, operator," in reminder
+    assert "would send" in booked
+    assert paubox_state.messages == []

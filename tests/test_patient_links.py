@@ -22,9 +22,9 @@ import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
-from connector import calendar, links
+from connector import calendar, links, optout
 from connector.config import load_config
-from connector.daemon import run_once, web_app
+from connector.daemon import run_once, web_app, web_server
 from connector.delivery.paubox import PauboxRestMailer
 from connector.errors import ConfigError
 from connector.models import State
@@ -34,7 +34,7 @@ from connector.sandbox.fhir import create_app as fhir_app
 from connector.sandbox.paubox import SandboxState
 from connector.sandbox.paubox import create_app as paubox_app
 from connector.testing import Server, migrated_engine
-from tests.conftest import write_config
+from tests.conftest import free_port, write_config
 from tests.factories import appointment, patient
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -50,7 +50,13 @@ class World:
     """The FHIR server, the Paubox sandbox, a clock, and one or more daemons over one ledger."""
 
     def __init__(
-        self, tmp_path: Path, fhir: FhirState, paubox: SandboxState, ledger_url: str | None, links_extra: str = ""
+        self,
+        tmp_path: Path,
+        fhir: FhirState,
+        paubox: SandboxState,
+        ledger_url: str | None,
+        links_extra: str = "",
+        server: dict[str, Any] | None = None,
     ) -> None:
         (tmp_path / "link.key").write_text(LINK_KEY)
         (tmp_path / "old.key").write_text(OLD_KEY)
@@ -60,7 +66,7 @@ class World:
             "https://paubox.test",
             mappings=MAPPINGS,
             ledger_url=ledger_url,
-            server={"port": 9, "public_url": PUBLIC},
+            server={"port": 9, "public_url": PUBLIC, **(server or {})},
             extra_source="    write_back: {responses: true, cancel_appointment: true}\n",
             extra="links:\n  keys: {k1: {file: old.key}, k2: {file: link.key}}\n  current: k2\n" + links_extra,
         )
@@ -190,6 +196,78 @@ async def test_one_click_unsubscribes_and_withdraws_later_reminders_of_that_cate
     world.fhir.put({**world.fhir.current("Appointment", "a1"), "status": "cancelled"})  # type: ignore[dict-item]
     await run_once(runtime)
     assert world.paubox.messages[-1]["subject"].endswith("is cancelled")
+
+
+class Unreachable(httpx.AsyncBaseTransport):
+    """An EHR that does not answer."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.calls += 1
+        raise httpx.ConnectError("connection refused", request=request)
+
+
+async def test_one_click_works_with_the_ehr_down_and_opts_out_the_address_the_email_went_to(world: World) -> None:
+    await sent(world)
+    url = world.links_of("Reminder")["unsubscribe"]
+    # Since the email, the patient's address changed in the EHR; then the EHR goes down.
+    world.fhir.put(patient("p1", "Zebulon", email="zebulon.new@example.org"))
+    down = Unreachable()
+    runtime = world.open(down)
+    async with world.client(runtime) as client:
+        answer = await client.post(url, data={"List-Unsubscribe": "One-Click"})
+        again = await client.post(url, files={"List-Unsubscribe": (None, "One-Click")})
+    assert (answer.status_code, answer.text) == (200, "done") and (again.status_code, again.text) == (200, "done")
+    assert down.calls == 0  # the EHR was not asked
+    [entry] = runtime.ledger.optouts.entries()
+    assert (entry.kind, entry.category, entry.origin, entry.key_id) == ("email", "reminders", "link", "t1")
+    assert "zebulon" not in entry.hint + (entry.note or "")
+    old, new = runtime.ledger.optouts.matches_many(
+        [optout.candidates([], "zebulon.1@example.org"), optout.candidates([], "zebulon.new@example.org")]
+    )
+    assert old == [entry] and new == []
+    state, reason = states(runtime)["appointment-reminder-2h"]
+    assert state is State.CANCELLED and reason == "the patient unsubscribed (reminders)"
+    # What the ledger keeps for the link is a keyed digest, not the address nor its plain SHA-256.
+    [(kind, digest, key_id)] = runtime.ledger.links.recipients(entry_id(runtime, "appointment-reminder-48h"))
+    assert (kind, key_id) == ("email", "t1") and digest == entry.digest
+    assert digest != optout.digest("email", "zebulon.1@example.org")
+
+
+async def test_the_daemon_forgets_where_emails_went_once_their_links_have_expired(world: World) -> None:
+    runtime = await sent(world)
+    booked = entry_id(runtime, "appointment-booked")
+    assert runtime.ledger.links.recipients(booked) != []
+    world.now = NOW + timedelta(days=59)  # links.ttl is 60 days: still needed
+    await run_once(runtime)
+    assert runtime.ledger.links.recipients(booked) != []
+    world.now = NOW + timedelta(days=61, hours=2)
+    await run_once(runtime)
+    assert runtime.ledger.links.recipients(booked) == []
+
+
+async def test_a_ledger_that_fails_answers_503_records_nothing_and_a_retry_works(world: World) -> None:
+    runtime = await sent(world)
+    url = world.links_of("Reminder")["unsubscribe"]
+    with runtime.ledger.engine.begin() as conn:  # the ledger fails (here: the table is not there)
+        conn.exec_driver_sql("ALTER TABLE link_recipient RENAME TO link_recipient_away")
+    async with world.client(runtime) as client:
+        failed = await client.post(url, data={"List-Unsubscribe": "One-Click"})
+        with runtime.ledger.engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE link_recipient_away RENAME TO link_recipient")
+        assert failed.status_code == 503 and "try again later" in failed.text
+        assert runtime.ledger.optouts.entries() == []
+        assert states(runtime)["appointment-reminder-2h"][0] is State.PENDING
+        retried = await client.post(url, data={"List-Unsubscribe": "One-Click"})  # the mailbox provider retries
+    assert (retried.status_code, retried.text) == (200, "done")
+    assert [e.category for e in runtime.ledger.optouts.entries()] == ["reminders"]
+    assert states(runtime)["appointment-reminder-2h"][0] is State.CANCELLED
+
+
+def entry_id(runtime: Runtime, mapping: str) -> int:
+    return next(r.id for r in runtime.ledger.reports.notifications(list(State), 50) if r.mapping == mapping)
 
 
 async def test_the_page_offers_a_category_or_everything(world: World) -> None:
@@ -410,9 +488,53 @@ async def test_the_pages_are_rate_limited(
         async with world.client(runtime) as client:
             answers = [(await client.get(url)).status_code for _ in range(3)]
             refused = await client.post(url)
+            # A valid one-click unsubscribe past the client's limit is still taken (a few times per email).
+            unsubscribe = world.links_of("Your appointment")["unsubscribe"]
+            clicks = [await client.post(unsubscribe, data={"List-Unsubscribe": "One-Click"}) for _ in range(4)]
+            forged = await client.post(unsubscribe + "x", data={"List-Unsubscribe": "One-Click"})
         assert answers == [200, 200, 429] and refused.status_code == 429
         assert world.responses() == []
+        assert [c.status_code for c in clicks] == [200, 200, 200, 429] and forged.status_code == 403
+        assert [e.origin for e in runtime.ledger.optouts.entries()] == ["link"]
     finally:
+        for made in world.runtimes:
+            await made.aclose()
+
+
+@pytest.mark.parametrize("proxied", [True, False])
+async def test_the_rate_limit_is_per_client_as_the_trusted_proxies_tell_them_apart(
+    tmp_path: Path, fhir: FhirState, paubox: SandboxState, api_key_env: str, proxied: bool
+) -> None:
+    """Over a real socket, as `connector run` serves: behind a trusted proxy each forwarded client has its own
+    bucket; without one, a forged X-Forwarded-For does not buy a fresh bucket."""
+    port = free_port()
+    server = {"port": port, **({"trusted_proxies": ["127.0.0.1/32"]} if proxied else {})}
+    world = World(tmp_path, fhir, paubox, None, links_extra="  rate_limit: 0.001\n  burst: 2\n", server=server)
+    runtime = await sent(world)
+    http = web_server(runtime)
+    assert http is not None
+    task = asyncio.create_task(http.serve())
+    try:
+        while not http.started:
+            await asyncio.sleep(0.01)
+        path = httpx.URL(world.links_of("Your appointment")["confirm"]).path
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+
+            async def get(client_address: str) -> int:
+                return (await client.get(path, headers={"X-Forwarded-For": client_address})).status_code
+
+            first = [await get("203.0.113.7") for _ in range(2)]
+            refused = await client.get(path, headers={"X-Forwarded-For": "203.0.113.7"})
+            first.append(refused.status_code)
+            others = [await get(a) for a in ("198.51.100.1", "2001:db8::1", "2001:db8::2", "2001:db8::3")]
+        assert first == [200, 200, 429]
+        assert int(refused.headers["Retry-After"]) >= 1
+        # One IPv6 client holds its whole /64.
+        assert others == ([200, 200, 200, 429] if proxied else [429, 429, 429, 429])
+        assert world.responses() == []
+    finally:
+        http.should_exit = True
+        await task
         for made in world.runtimes:
             await made.aclose()
 

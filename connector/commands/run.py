@@ -55,7 +55,8 @@ async def run(config: Config, clock: Clock, once: bool) -> CycleReport | None:
 async def explain(
     runtime: Runtime, items: list[ReplayItem], now: datetime, tracker: Tracker = NOBODY
 ) -> dict[str, str]:
-    """For each notification that would be sent: 'would send', or why the recipient rules say no."""
+    """For each notification that would be sent: 'would send', or why the recipient rules say no (the opt-outs
+    of its mapping's `category:` included, and an essential mapping's exemption from unsubscribe links)."""
     verdicts: dict[str, str] = {}
     opted_out = optout_lookup(runtime.store.optouts)
     tracker.phase("checking recipients", len(items))
@@ -65,6 +66,7 @@ async def explain(
         if item.existing is not None or n.state is not State.PENDING or not n.patient_id:
             continue
         source = runtime.sources[n.source]
+        mapping = runtime.mappings.get(n.mapping)
         try:
             found = await resolve(
                 n.patient_id,
@@ -73,6 +75,8 @@ async def explain(
                 opted_out=opted_out,
                 consent=source.config.consent,
                 now=now,
+                category=mapping.spec.category if mapping else None,
+                essential=mapping.spec.essential if mapping else False,
             )
         except ConnectorError as exc:
             verdicts[n.key] = f"unknown: {exc}"

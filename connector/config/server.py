@@ -104,7 +104,7 @@ class LinksConfig(Strict):
     )
     mailto: str | None = Field(None, description="an address for `List-Unsubscribe: <mailto:…>` as well")
     clinic_name: str = Field("", description="the name the link pages show (a mapping's vars.clinic_name wins)")
-    rate_limit: float = Field(5.0, gt=0, description="requests per second to the link pages, all together")
+    rate_limit: float = Field(5.0, gt=0, description="requests per second to the link pages, per client address")
     burst: int = Field(20, ge=1)
 
     @model_validator(mode="after")

@@ -15,7 +15,7 @@ The contract every implementation keeps:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -199,6 +199,31 @@ class PatientLinks(Protocol):
     """What the patients' link pages read and change."""
 
     async def notification(self, notification_id: int) -> NotificationRecord | None: ...
+
+    async def remember(self, notification_id: int, kind: str, digest: str, key_id: str, when: datetime) -> None:
+        """Record where a notification's email goes: the keyed opt-out digest of the address (never the address)."""
+        ...
+
+    async def recipients(self, notification_id: int) -> list[tuple[str, str, str]]:
+        """(kind, keyed digest, key id) of every address this notification's email went to."""
+        ...
+
+    async def forget(self, recorded_before: datetime) -> int:
+        """Drop the records of emails whose unsubscribe links have all expired; how many."""
+        ...
+
+    async def unsubscribe(
+        self,
+        notification_id: int,
+        category: str,
+        mappings: Sequence[str],
+        reason: str,
+        when: datetime,
+        key_ids: Collection[str],
+    ) -> tuple[int, int]:
+        """Opt out the addresses this notification's email went to (origin `link`, for `category`) and
+        withdraw the patient's pending notifications of these mappings, in one transaction; (added, withdrawn)."""
+        ...
 
     async def withdraw(self, source: str, patient_id: str, mappings: Sequence[str], reason: str) -> int:
         """Cancel the pending notifications of these mappings for one patient (reason recorded); how many."""

@@ -8,7 +8,7 @@ connector.ledger.abc. Nothing else in the package calls `asyncio.to_thread`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
@@ -209,6 +209,26 @@ class AsyncPatientLinks:
 
     async def notification(self, notification_id: int) -> NotificationRecord | None:
         return await _thread(self.sync.notification, notification_id)
+
+    async def remember(self, notification_id: int, kind: str, digest: str, key_id: str, when: datetime) -> None:
+        return await _thread(self.sync.remember, notification_id, kind, digest, key_id, when)
+
+    async def recipients(self, notification_id: int) -> list[tuple[str, str, str]]:
+        return await _thread(self.sync.recipients, notification_id)
+
+    async def forget(self, recorded_before: datetime) -> int:
+        return await _thread(self.sync.forget, recorded_before)
+
+    async def unsubscribe(
+        self,
+        notification_id: int,
+        category: str,
+        mappings: Sequence[str],
+        reason: str,
+        when: datetime,
+        key_ids: Collection[str],
+    ) -> tuple[int, int]:
+        return await _thread(self.sync.unsubscribe, notification_id, category, mappings, reason, when, key_ids)
 
     async def withdraw(self, source: str, patient_id: str, mappings: Sequence[str], reason: str) -> int:
         return await _thread(self.sync.withdraw, source, patient_id, mappings, reason)

@@ -26,6 +26,7 @@ from connector.ledger.schema import (
     AppointmentStateRow,
     CursorRow,
     InboxEventRow,
+    LinkRecipientRow,
     NotificationRow,
     OptOutRow,
     RejectionRow,
@@ -45,6 +46,7 @@ REJ = RejectionRow.__table__  # type: ignore[attr-defined]
 OPT = OptOutRow.__table__  # type: ignore[attr-defined]
 WB = WriteBackRow.__table__  # type: ignore[attr-defined]
 SUP = AddressSuppressionRow.__table__  # type: ignore[attr-defined]
+LR = LinkRecipientRow.__table__  # type: ignore[attr-defined]
 NOTIFIED = (State.SENT.value, State.SENDING.value, State.IN_DOUBT.value)
 
 

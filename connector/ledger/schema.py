@@ -301,3 +301,19 @@ class AddressSuppressionRow(SQLModel, table=True):
     reason: str | None = Field(default=None, max_length=200)
     cleared_at: datetime | None = _when(nullable=True)
     updated_at: datetime = _when()
+
+
+class LinkRecipientRow(SQLModel, table=True):
+    """Where a notification's email went, as its unsubscribe link needs it: the keyed opt-out digest of the
+    address (connector.optout, under `key_id`), recorded when the email is prepared. An unsubscribe adds
+    exactly this entry to the opt-out list, without reading the EHR; no address is stored. Forgotten once
+    the email's unsubscribe link has expired (`links.ttl` after the last preparation)."""
+
+    __tablename__ = "link_recipient"
+    __table_args__ = (Index("ix_link_recipient_recorded_at", "recorded_at"),)
+
+    notification_id: int = Field(primary_key=True)
+    kind: str = Field(primary_key=True, max_length=16)
+    digest: str = Field(primary_key=True, max_length=64)
+    key_id: str = Field(max_length=64)
+    recorded_at: datetime = _when()

@@ -6,7 +6,7 @@ by its roles, and how a config opens it.
     ledger.after_send  webhooks, delivery statuses, receipts, doubt, resends, resolve   (SqlAfterSend)
     ledger.inbox       sealed CRM events                                                (SqlInbox)
     ledger.optouts     keyed opt-out digests                                            (SqlOptOuts)
-    ledger.links       what patients' link pages read and withdraw                      (SqlPatientLinks)
+    ledger.links       patients' links: where emails went (keyed), unsubscribe, withdraw (SqlPatientLinks)
     ledger.reports     counts and listings for status, dry runs and replays             (SqlReports)
     ledger.health      the health rows of the daemon                                    (SqlHealth)
     ledger.operator    a person's selections and bulk settle / requeue, recorded        (SqlOperator)

@@ -281,10 +281,12 @@ class CrmRenderRequest:
     now: datetime
     default_from: str
     default_reply_to: str | None = None
+    links: dict[str, str] = field(default_factory=dict)  # unsubscribe_url (with `links:` in the config)
 
     def context(self) -> dict[str, Any]:
         """What the templates see: the event (`payload`, `event_type`, ...), the source, zone and time."""
         return {
+            **self.links,
             "payload": self.event.get("payload"),
             "event_id": self.event.get("event_id"),
             "event_type": self.event.get("event_type"),

@@ -63,6 +63,7 @@ CRM_MESSAGE_NAMES = frozenset(
         "locale",
         "language",
         "now",
+        "unsubscribe_url",  # with `links:` in the config; undefined without it
     }
 )
 CRM_KEY_NAMES = frozenset({"payload", "event_id", "event_type", "object_id", "mapping", "source"})

@@ -7,7 +7,8 @@ appointment, written back to the EHR, or unsubscribe.
   an update naming the version it was decided on (`If-Match`); a 412 reads again and decides again, never a
   blind overwrite. The connector's next poll sees the cancellation and follows the normal lifecycle.
 - **unsubscribe** adds the address the email went to to the opt-out list, for the mapping's category (or
-  every email), with origin `link`, and withdraws the patient's pending notifications of that category.
+  every email), with origin `link`, and withdraws the patient's pending notifications of that category: from
+  the ledger alone (the address's keyed digest was recorded when the email was prepared), never the EHR.
 
 Every write is a conditional create on an identifier derived from the email and the action
 (`links.write_identifier`): a double click, a retry or a second replica finds the first and writes nothing
@@ -18,24 +19,21 @@ since the email (superseded) writes nothing and says so.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from connector import fhir, links, optout
-from connector.config.sources import ConsentCheck
+from connector import fhir, links
 from connector.errors import SourceError
-from connector.sending.recipients import Recipient, resolve
 from connector.sources.fhir_write import FhirWriter, StaleVersion, WriteRefused
 
 if TYPE_CHECKING:
     from connector.config import Config
-    from connector.ledger import NotificationRecord, OptOut
-    from connector.ledger.abc import OptOuts, PatientLinks
+    from connector.ledger import NotificationRecord
+    from connector.ledger.abc import PatientLinks
     from connector.mapping.loader import MappingSet
-    from connector.sources.cache import ResourceCache
     from connector.sources.fhir_poll import FhirPollSource
 
 log = structlog.get_logger("connector.actions")
@@ -48,6 +46,7 @@ PAT_CRS = {
     "display": "Patient: Canceled via automated reminder system",
 }
 UPDATE_TRIES = 3
+FORGET_EVERY = timedelta(hours=1)
 
 
 class Outcome(StrEnum):
@@ -75,17 +74,24 @@ class PatientActions:
         config: Config,
         sources: dict[str, FhirPollSource],
         mappings: MappingSet,
-        cache: ResourceCache,
-        optouts: OptOuts,
         ledger: PatientLinks,
     ) -> None:
         self.config = config
         self.sources = sources
         self.mappings = mappings
-        self.cache = cache
-        self.optouts = optouts
         self.ledger = ledger
+        self._forgot_at: datetime | None = None
         self.writers = {name: FhirWriter(source) for name, source in sources.items()}
+
+    async def forget(self, now: datetime) -> int:
+        """At most hourly: drop where emails went once their unsubscribe links have expired (`links.ttl`)."""
+        if self.config.links is None or (self._forgot_at is not None and now - self._forgot_at < FORGET_EVERY):
+            return 0
+        self._forgot_at = now
+        forgotten = await self.ledger.forget(now - self.config.links.ttl - FORGET_EVERY)
+        if forgotten:
+            log.info("link.recipients_forgotten", count=forgotten)
+        return forgotten
 
     async def notification(self, notification_id: int) -> NotificationRecord | None:
         return await self.ledger.notification(notification_id)
@@ -148,41 +154,31 @@ class PatientActions:
         return Outcome.UNAVAILABLE
 
     async def unsubscribe(self, record: NotificationRecord, everything: bool, now: datetime) -> Outcome:
-        """Opt the address out of the mapping's category (or of every email) and withdraw what is pending."""
+        """Opt the address the email went to out of the mapping's category (or of every email) and withdraw
+        what is pending. Only the ledger is used: the keyed digest of the address was recorded when the email
+        was prepared, so an EHR that does not answer loses no unsubscribe."""
         mapping = self.mappings.get(record.mapping)
         category = "" if everything or mapping is None or mapping.spec.category is None else mapping.spec.category
-        source = self.sources.get(record.source)
-        if source is None:
-            return Outcome.UNAVAILABLE
-
-        async def nobody(candidates: list[tuple[str, str]], category: str | None, essential: bool) -> OptOut | None:
-            return None
-
-        try:
-            found = await resolve(
-                record.patient_id, source=source, cache=self.cache, opted_out=nobody, consent=ConsentCheck(), now=now
-            )
-        except SourceError as exc:
-            log.warning("link.unavailable", source=record.source, action="unsubscribe", problem=type(exc).__name__)
-            return Outcome.UNAVAILABLE
-        if isinstance(found, Recipient):
-            await self.optouts.add(
-                "email",
-                optout.digest("email", found.address),
-                optout.hint("email", found.address),
-                "the patient's unsubscribe link",
-                category,
-                "link",
-            )
+        # A CRM email names no patient: nothing to withdraw by patient (the opt-out stops its later emails
+        # when they are prepared).
         names = [
             m.name
             for m in self.mappings
-            if not m.spec.essential and not m.spec.is_crm and (category == "" or m.spec.category == category)
+            if record.patient_id
+            and not m.spec.essential
+            and not m.spec.is_crm
+            and (category == "" or m.spec.category == category)
         ]
-        withdrawn = await self.ledger.withdraw(
-            record.source, record.patient_id, names, f"the patient unsubscribed ({category or 'every email'})"
+        keys = self.config.optout.keys if self.config.optout is not None else {}
+        added, withdrawn = await self.ledger.unsubscribe(
+            record.id,
+            category,
+            names,
+            f"the patient unsubscribed ({category or 'every email'})",
+            now,
+            set(keys),
         )
-        log.info("link.unsubscribed", source=record.source, category=category or "*", withdrawn=withdrawn)
+        log.info("link.unsubscribed", source=record.source, category=category or "*", added=added, withdrawn=withdrawn)
         return Outcome.DONE
 
 

@@ -24,7 +24,7 @@ from connector.sending.recipients import NoRecipient, optout_lookup, prefetch, r
 if TYPE_CHECKING:
     from connector.config import Config
     from connector.ledger import NotificationRecord
-    from connector.ledger.abc import Bounces, Intake, OptOuts
+    from connector.ledger.abc import Bounces, Intake, OptOuts, PatientLinks
     from connector.mapping.loader import Mapping
     from connector.optout import OptOutKeys
     from connector.sources.cache import ResourceCache
@@ -41,6 +41,7 @@ class AppointmentPreparer:
         optouts: OptOuts,
         bounces: Bounces | None = None,
         keys: OptOutKeys | None = None,
+        patient_links: PatientLinks | None = None,
     ) -> None:
         self.config = config
         self.bounces = bounces if config.bounces.suppress else None
@@ -48,8 +49,10 @@ class AppointmentPreparer:
         self.sources = sources
         self.cache = cache
         self.intake = intake
+        self.patient_links = patient_links
         self._opted_out = optout_lookup(optouts)
         self._link_keys = links.LinkKeys.from_config(config.links) if config.links is not None else None
+        self._optout_keys = optout.OptOutKeys.from_config(config.optout)
 
     async def read_ahead(self, batch: list[NotificationRecord]) -> None:
         await prefetch(self.cache, self.sources, batch)
@@ -119,6 +122,7 @@ class AppointmentPreparer:
         except RenderError as exc:
             return NotSendable(State.FAILED, str(exc))
         if email_links is not None:
+            await self._remember(n, email.to, now)
             email = dataclasses.replace(email, headers={**email.headers, **email_links.headers})
         if mapping.spec.attach_ics:
             ics = calendar.invitation(
@@ -132,6 +136,15 @@ class AppointmentPreparer:
             )
             email = dataclasses.replace(email, attachments=(*email.attachments, *([ics] if ics else [])))
         return email
+
+    async def _remember(self, n: NotificationRecord, address: str, now: datetime) -> None:
+        """Before the email goes: the keyed opt-out digest of its address, for its unsubscribe link (which then
+        needs neither the EHR nor the patient's current address). A failure here fails the preparation."""
+        if self.patient_links is None or self._optout_keys is None:
+            return
+        keys = self._optout_keys
+        stored = keys.keyed(optout.digest("email", address))
+        await self.patient_links.remember(n.id, "email", stored, keys.current, now)
 
     def _links(
         self,

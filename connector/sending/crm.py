@@ -1,27 +1,32 @@
 """The preparer of CRM notifications: at send time the event is opened again (nothing but the sealed inbox
 row holds its content), the object read from the CRM's API when the mapping asks for it (`fetch_object`),
-the address read with the mapping's `recipient.path`, checked against the opt-outs, and the email rendered."""
+the address read with the mapping's `recipient.path`, checked against the opt-outs (of the mapping's
+category too), and the email rendered. With `links:` in the config the email carries an unsubscribe link
+(`unsubscribe_url`) and the one-click headers, and the keyed opt-out digest of its address is recorded for
+that link first (connector.ledger.patient_links)."""
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime
 from typing import TYPE_CHECKING
 
 import httpx
 
-from connector import optout
+from connector import links, optout
 from connector.addresses import usable
 from connector.crm.inbox import Keyring, SealError, open_event
 from connector.errors import ResourceError, SourceError
 from connector.mapping.engine import CrmRenderRequest, RenderError, render_crm
 from connector.models import State
 from connector.sending.preparer import NotSendable, NotYet, Prepared
+from connector.sending.recipients import optout_lookup
 from connector.sources.hubspot import HubSpotClient
 
 if TYPE_CHECKING:
     from connector.config import Config
     from connector.ledger import NotificationRecord
-    from connector.ledger.abc import Inbox, OptOuts
+    from connector.ledger.abc import Inbox, OptOuts, PatientLinks
     from connector.mapping.loader import Mapping
 
 
@@ -33,11 +38,16 @@ class CrmPreparer:
         optouts: OptOuts,
         keyring: Keyring,
         transport: httpx.AsyncBaseTransport | None = None,
+        patient_links: PatientLinks | None = None,
     ) -> None:
         self.config = config
         self.inbox = inbox
         self.optouts = optouts
         self.keyring = keyring
+        self.patient_links = patient_links
+        self._opted_out = optout_lookup(optouts)
+        self._link_keys = links.LinkKeys.from_config(config.links) if config.links is not None else None
+        self._optout_keys = optout.OptOutKeys.from_config(config.optout)
         self.apis = {
             name: HubSpotClient(name, settings, transport)
             for name, settings in config.crm.items()
@@ -78,10 +88,14 @@ class CrmPreparer:
             return NotSendable(
                 State.SKIPPED, f"the {row.event_type} event has no usable email address at the recipient path"
             )
-        match = await self.optouts.opted_out(optout.candidates([], address))
+        match = await self._opted_out(optout.candidates([], address), mapping.spec.category, mapping.spec.essential)
         if match is not None:
-            return NotSendable(State.SKIPPED, f"the address opted out ({match.created_at.date().isoformat()})")
+            which = f" of {match.category!r} email" if match.category else ""
+            return NotSendable(
+                State.SKIPPED, f"the address opted out{which} ({match.origin}, {match.created_at.date().isoformat()})"
+            )
         zone = self.config.crm[row.source].timezone if row.source in self.config.crm else "UTC"
+        email_links = self._links(n, mapping, now, zone)
         request = CrmRenderRequest(
             key=n.key,
             to=address,
@@ -92,11 +106,41 @@ class CrmPreparer:
             now=now,
             default_from=self.config.delivery.from_address,
             default_reply_to=self.config.delivery.reply_to,
+            links=email_links.values if email_links else {},
         )
         try:
-            return render_crm(mapping, request)
+            email = render_crm(mapping, request)
         except RenderError as exc:
             return NotSendable(State.FAILED, str(exc))
+        if email_links is None:
+            return email
+        await self._remember(n, email.to, now)
+        return dataclasses.replace(email, headers={**email.headers, **email_links.headers})
+
+    def _links(self, n: NotificationRecord, mapping: Mapping, now: datetime, zone: str) -> links.EmailLinks | None:
+        """The unsubscribe link and one-click headers of this email (None without `links:`)."""
+        settings, server = self.config.links, self.config.server
+        if self._link_keys is None or settings is None or server is None or server.public_url is None:
+            return None
+        return links.for_email(
+            self._link_keys,
+            server.public_url,
+            notification=n.id,
+            actions=[],
+            start=None,
+            now=now,
+            ttl=settings.ttl,
+            language=mapping.variant_for([])[0],
+            zone=zone,
+            mailto=settings.mailto,
+        )
+
+    async def _remember(self, n: NotificationRecord, address: str, now: datetime) -> None:
+        if self.patient_links is not None and self._optout_keys is not None:
+            keys = self._optout_keys
+            await self.patient_links.remember(
+                n.id, "email", keys.keyed(optout.digest("email", address)), keys.current, now
+            )
 
     async def aclose(self) -> None:
         for api in self.apis.values():

@@ -3,6 +3,9 @@
 `category` '' means every email (the only kind before this revision); a patient may be on the list once per
 category, so the unique constraint takes the category in.
 
+`link_recipient` records, when an email with an unsubscribe link is prepared, the keyed opt-out digest of the
+address it goes to: the unsubscribe then opts out exactly that address without reading the EHR.
+
 Revision ID: 0012
 Revises: 0011
 Create Date: 2026-12-01
@@ -12,6 +15,8 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
+
+from connector.ledger.schema import UTCDateTime
 
 revision = "0012"
 down_revision = "0011"
@@ -25,9 +30,21 @@ def upgrade() -> None:
         batch.add_column(sa.Column("origin", sa.String(16), nullable=False, server_default="operator"))
         batch.drop_constraint("uq_optout_kind_digest", type_="unique")
         batch.create_unique_constraint("uq_optout_kind_digest_category", ["kind", "digest", "category"])
+    op.create_table(
+        "link_recipient",
+        sa.Column("notification_id", sa.Integer(), nullable=False),
+        sa.Column("kind", sa.String(16), nullable=False),
+        sa.Column("digest", sa.String(64), nullable=False),
+        sa.Column("key_id", sa.String(64), nullable=False),
+        sa.Column("recorded_at", UTCDateTime(), nullable=False),
+        sa.PrimaryKeyConstraint("notification_id", "kind", "digest"),
+    )
+    op.create_index("ix_link_recipient_recorded_at", "link_recipient", ["recorded_at"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_link_recipient_recorded_at", table_name="link_recipient")
+    op.drop_table("link_recipient")
     # Before this revision an entry meant every email: category entries would widen on the way down. Drop them.
     op.execute(sa.text("DELETE FROM optout WHERE category <> ''"))
     with op.batch_alter_table("optout") as batch:
