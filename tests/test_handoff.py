@@ -30,6 +30,7 @@ from connector.delivery.paubox import PauboxRestMailer
 from connector.errors import SourceError
 from connector.handoff import reason_of, task_identifier
 from connector.ledger.writeback import WriteBackJob
+from connector.mapping.loader import MappingSet
 from connector.models import State
 from connector.runtime import Runtime
 from connector.sandbox.fhir import FhirState
@@ -221,7 +222,7 @@ async def test_hand_offs_racing_for_one_appointment_leave_one_task_with_every_re
     assert config.handoff is not None
     source = FhirPollSource("ehr", FhirPollSourceConfig(base_url=fhir_server.url, timeout=timedelta(seconds=5)))
     writers = [FhirWriter(source) for _ in range(5)]
-    handoffs = [HandOff(config, config.handoff) for _ in range(5)]
+    handoffs = [HandOff(config, config.handoff, MappingSet([])) for _ in range(5)]
 
     def job(index: int) -> WriteBackJob:
         return WriteBackJob(
