@@ -97,6 +97,18 @@ class HandoffSpec(_Strict):
     owner: Annotated[str, Field(pattern=OWNER_PATTERN)] | None = None
     category_optouts: bool | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _not_the_configs(cls, value: object) -> object:
+        if isinstance(value, dict):
+            global_only = [k for k in ("to", "url", "secret", "mappings") if k in value]
+            if global_only:
+                raise ValueError(
+                    f"{', '.join(global_only)}: set in the config's `handoff:` section; a mapping's `handoff:` "
+                    "takes enabled, reasons, owner, category_optouts"
+                )
+        return value
+
 
 class MappingSpec(_Strict):
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
