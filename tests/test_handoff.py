@@ -400,3 +400,22 @@ def test_how_a_mappings_hand_off_and_the_configs_combine() -> None:
     assert rules_for("a", None, HandoffSpec(category_optouts=True)) == Rules(
         ("no-address", "opted-out", "bounce", "failed"), None, True
     )
+
+
+@pytest.mark.parametrize(("handoff_to", "refused"), [("task", True), ("webhook", False), (None, False)])
+def test_a_crm_mappings_own_hand_off_needs_a_webhook(tmp_path: Path, handoff_to: str | None, refused: bool) -> None:
+    folder = tmp_path / "mappings"
+    folder.mkdir()
+    (folder / "request.txt").write_text("We have your request.")
+    (folder / "request.yaml").write_text(
+        "name: request\ntrigger:\n  resource: CrmEvent\n  event: contact.creation\n"
+        'recipient:\n  path: payload.email\ntemplates:\n  subject: "Thanks"\n  text: request.txt\n'
+        'key: "{{ event_id }}"\nhandoff: true\n'
+    )
+    if not refused:
+        assert load_mappings(folder, handoff_to=handoff_to).names() == ["request"]
+        return
+    with pytest.raises(ConfigError) as caught:
+        load_mappings(folder, handoff_to=handoff_to)
+    [found] = [str(p) for p in caught.value.problems]
+    assert f"{folder / 'request.yaml'} line 11 (handoff): a CRM mapping is handed off only to a webhook" in found

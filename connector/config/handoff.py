@@ -43,3 +43,8 @@ class HandoffConfig(Strict):
         if self.to == "webhook" and (self.url is None or self.secret is None):
             raise ValueError("handoff to a webhook needs `url` and `secret` (a Standard Webhooks whsec_ secret)")
         return self
+
+
+def handoff_to(settings: HandoffConfig | None) -> str:
+    """Where hand-offs go: the config's `handoff.to`, or a Task when only mappings turn them on."""
+    return settings.to if settings is not None else "task"
