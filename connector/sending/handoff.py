@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
+from connector.config.handoff import handoff_to
 from connector.crm.verify import standard_webhook_headers
 from connector.errors import SourceError
 from connector.handoff import Rules, event, note_of, rules_for, task, wanted, with_reason
@@ -50,7 +51,7 @@ class HandOff:
 
     @property
     def to(self) -> str:
-        return self.settings.to if self.settings is not None else "task"
+        return handoff_to(self.settings)
 
     @property
     def active(self) -> bool:
