@@ -173,7 +173,14 @@ class Runtime:
                 config, store.inbox, store.optouts, keyring, crm_transport
             )
             preparers["CrmAppointment"] = CrmAppointmentPreparer(
-                config, store.intake, store.inbox, store.optouts, keyring, crm_preparer.apis
+                config,
+                store.intake,
+                store.inbox,
+                store.optouts,
+                keyring,
+                crm_preparer.apis,
+                store.bounces,
+                ledger.optouts.optout_keys,
             )
             receiver = CrmReceiver(config, store.inbox, keyring, clock)
         cap = DailyCap(config, store.caps) if config.limits.per_patient_per_day is not None else None
