@@ -216,16 +216,16 @@ async def run_forever(runtime: Runtime) -> None:
         coalesce=True,
         next_run_time=now,
     )
-    if runtime.write_back.enabled:
-        scheduler.add_job(
-            guarded("write_back", lambda: write_back(runtime)),
-            "interval",
-            seconds=runtime.config.dispatch.interval.total_seconds(),
-            id="write_back",
-            max_instances=1,
-            coalesce=True,
-            next_run_time=now,
-        )
+    # Always scheduled (it returns at once when nothing is owed): a mapping reload may turn a hand-off on.
+    scheduler.add_job(
+        guarded("write_back", lambda: write_back(runtime)),
+        "interval",
+        seconds=runtime.config.dispatch.interval.total_seconds(),
+        id="write_back",
+        max_instances=1,
+        coalesce=True,
+        next_run_time=now,
+    )
     scheduler.add_job(
         guarded("aftercare", lambda: aftercare(runtime)),
         "interval",

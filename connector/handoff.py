@@ -11,10 +11,16 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import re
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from connector.models import State
+
+if TYPE_CHECKING:
+    from connector.config.handoff import HandoffConfig
+    from connector.mapping.spec import HandoffSpec
 
 CODE_SYSTEM = "urn:connector:handoff"
 WHY = {
@@ -25,6 +31,12 @@ WHY = {
 }
 
 
+# The preparer's opt-out reasons (connector.sending.recipients): "Patient/p1 opted out of 'reminders' email
+# (by email, link, 2026-11-30)" for one category, "Patient/p1 opted out (by email, bounce, …)" for every email.
+_CATEGORY_OPTOUT = re.compile(r"opted out of '[^']*' email")
+_BOUNCE_OPTOUT = re.compile(r"opted out(?: of '[^']*' email)? \(by \w+, bounce,")
+
+
 def reason_of(state: State, reason: str | None) -> str | None:
     """Which hand-off reason a settled notification has (None: none; it was sent, withdrawn, ...)."""
     if state is State.FAILED:
@@ -32,13 +44,58 @@ def reason_of(state: State, reason: str | None) -> str | None:
     if state is not State.SKIPPED or not reason:
         return None
     text = reason.lower()
-    if "bounced" in text:
+    if "bounced" in text or _BOUNCE_OPTOUT.search(text):  # suppressed, or on the opt-out list by a bounce
         return "bounce"
     if "no usable email address" in text or "not found on source" in text:
         return "no-address"
     if "opted out" in text:
         return "opted-out"
     return None
+
+
+def category_optout(reason: str | None) -> bool:
+    """Whether a skip's reason is an opt-out of one category of email, not of every email."""
+    return bool(reason) and _CATEGORY_OPTOUT.search(reason or "") is not None
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The hand-off as it applies to one mapping: the config's `handoff:` with the mapping's own over it."""
+
+    reasons: tuple[str, ...]
+    owner: str | None
+    category_optouts: bool
+
+
+def rules_for(mapping: str, settings: HandoffConfig | None, own: HandoffSpec | None) -> Rules | None:
+    """How notifications of `mapping` are handed off (None: they are not). A mapping's `handoff: false`
+    wins; its `handoff:` (true or keys) turns it on even outside `handoff.mappings` or without a `handoff:`
+    section, each key it gives overriding the config's."""
+    if own is not None and not own.enabled:
+        return None
+    if own is None and (settings is None or (settings.mappings is not None and mapping not in settings.mappings)):
+        return None
+    reasons = (own.reasons if own is not None else None) or (settings.reasons if settings is not None else None)
+    owner = (own.owner if own is not None else None) or (settings.owner if settings is not None else None)
+    categories = own.category_optouts if own is not None else None
+    if categories is None:
+        categories = settings.category_optouts if settings is not None else False
+    return Rules(tuple(reasons or WHY), owner, categories)
+
+
+def wanted(state: State, reason: str | None, rules: Rules | None, *, essential: bool) -> str | None:
+    """The hand-off reason of a settled notification under `rules`, or None when it is not handed off. A
+    skip because the patient opted out of a category (their choice) is not, unless `category_optouts` is
+    on or the mapping is essential (then an operator's or a bounce's opt-out stopped a message the patient
+    needs); an opt-out of every email is."""
+    if rules is None:
+        return None
+    why = reason_of(state, reason)
+    if why is None or why not in rules.reasons:
+        return None
+    if why == "opted-out" and category_optout(reason) and not (rules.category_optouts or essential):
+        return None
+    return why
 
 
 def task_identifier(source: str, appointment_id: str, patient_id: str) -> str:

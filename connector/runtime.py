@@ -22,6 +22,7 @@ import structlog
 from sqlalchemy.engine import make_url
 
 from connector import metrics
+from connector.config.handoff import handoff_to
 from connector.crm.inbox import Keyring
 from connector.delivery.paubox import PauboxRestMailer
 from connector.errors import LedgerError
@@ -133,7 +134,9 @@ class Runtime:
         crm_transport: httpx.AsyncBaseTransport | None = None,
         handoff_transport: httpx.AsyncBaseTransport | None = None,
     ) -> Runtime:
-        mappings = load_mappings(config.mappings_dir, [*config.sources, *config.crm], config.appointment_sources)
+        mappings = load_mappings(
+            config.mappings_dir, [*config.sources, *config.crm], config.appointment_sources, handoff_to(config.handoff)
+        )
         counted = metrics.install(Metrics())
         lock = lock_sqlite(config) if exclusive else None
         ledger = open_ledger(config)
@@ -177,7 +180,14 @@ class Runtime:
                 config, store.inbox, store.optouts, keyring, crm_transport, store.links if config.links else None
             )
             preparers["CrmAppointment"] = CrmAppointmentPreparer(
-                config, store.intake, store.inbox, store.optouts, keyring, crm_preparer.apis
+                config,
+                store.intake,
+                store.inbox,
+                store.optouts,
+                keyring,
+                crm_preparer.apis,
+                store.bounces,
+                ledger.optouts.optout_keys,
             )
             receiver = CrmReceiver(config, store.inbox, keyring, clock)
         cap = DailyCap(config, store.caps) if config.limits.per_patient_per_day is not None else None
@@ -213,7 +223,8 @@ class Runtime:
 
     def load_mappings(self) -> MappingSet:
         """The mappings folder read and compiled again (SIGHUP). Raises ConfigError naming every problem."""
-        return load_mappings(self.config.mappings_dir, [*self.config.sources, *self.config.crm])
+        config = self.config
+        return load_mappings(config.mappings_dir, [*config.sources, *config.crm], None, handoff_to(config.handoff))
 
     async def aclose(self) -> None:
         await self.dispatcher.release()

@@ -107,9 +107,15 @@ async def opened(
 ) -> AsyncIterator[Callable[..., tuple[Runtime, Clock]]]:
     runtimes: list[Runtime] = []
 
-    def open_runtime(extra: str = "") -> tuple[Runtime, Clock]:
+    def open_runtime(extra: str = "", paubox_extra: str = "") -> tuple[Runtime, Clock]:
         path = write_config(
-            tmp_path, "http://fhir.test", "https://paubox.test", mappings=MAPPINGS, ledger_url=ledger_url, extra=extra
+            tmp_path,
+            "http://fhir.test",
+            "https://paubox.test",
+            mappings=MAPPINGS,
+            ledger_url=ledger_url,
+            extra=extra,
+            paubox_extra=paubox_extra,
         )
         config = load_config(path)
         mailer = PauboxRestMailer(config.delivery.paubox, transport=httpx.ASGITransport(app=paubox_app(paubox)))
@@ -260,3 +266,59 @@ async def test_a_dry_run_says_a_new_notification_would_be_skipped_for_the_bounce
     new = [item.notification.key for item in replay.items if item.notification.resource_id == "a2"]
     assert len(new) == 2  # the booking confirmation and the 48-hour reminder
     assert all("the chosen address bounced (hard bounce" in verdicts[key] for key in new)
+
+
+ON_HARD_BOUNCE = "    optout_on_hard_bounce: true\n"
+HANDOFF = "handoff:\n  to: task\n  owner: Organization/front-desk\n"
+
+
+async def test_a_bounce_kept_per_patient_does_not_also_go_on_the_opt_out_list(
+    opened: Callable[..., tuple[Runtime, Clock]], fhir: FhirState, paubox: SandboxState
+) -> None:
+    """With `bounces:` on, `optout_on_hard_bounce` does not add the address to the opt-out list for every
+    patient as well: one record, which heals when the EHR gives another address."""
+    runtime, clock = opened(HANDOFF, paubox_extra=ON_HARD_BOUNCE)
+    await booked_and_bounced(runtime, paubox, "api_mail_log_permanent_failure")
+    assert len(runtime.ledger.bounces.entries(10)) == 1 and runtime.ledger.optouts.entries() == []
+    clock.now = NOW + timedelta(days=1, hours=1)
+    await run_once(runtime)
+    await run_once(runtime)
+    [skipped] = runtime.ledger.reports.notifications([State.SKIPPED], 10)
+    assert "bounced (hard bounce" in (skipped.reason or "")  # one reason, the bounce's
+    [task] = fhir.of_type("Task")
+    assert "email to the address bounced" in task["description"]
+    fhir.put(patient("p1", "Bouncing", email=NEW))
+    fhir.put(appointment("a2", "p1", NOW + timedelta(days=4)))
+    await run_once(runtime)
+    assert recipients(paubox) == [OLD, NEW]  # the new address is written to
+
+
+async def test_without_suppression_a_hard_bounce_goes_on_the_opt_out_list_and_is_handed_off_as_a_bounce(
+    opened: Callable[..., tuple[Runtime, Clock]], fhir: FhirState, paubox: SandboxState
+) -> None:
+    runtime, clock = opened(HANDOFF + "bounces:\n  suppress: false\n", paubox_extra=ON_HARD_BOUNCE)
+    await booked_and_bounced(runtime, paubox, "api_mail_log_permanent_failure")
+    assert runtime.ledger.bounces.entries(10) == []
+    [entry] = runtime.ledger.optouts.entries()
+    assert (entry.kind, entry.category, entry.origin) == ("email", "", "bounce")
+    clock.now = NOW + timedelta(days=1, hours=1)
+    await run_once(runtime)
+    await run_once(runtime)
+    [skipped] = runtime.ledger.reports.notifications([State.SKIPPED], 10)
+    assert "opted out (by email, bounce," in (skipped.reason or "")
+    [task] = fhir.of_type("Task")
+    assert "email to the address bounced" in task["description"]  # handed off as the bounce it was
+    assert recipients(paubox) == [OLD]
+
+
+async def test_a_bounce_that_names_no_notification_of_ours_still_goes_on_the_opt_out_list(
+    opened: Callable[..., tuple[Runtime, Clock]], paubox: SandboxState
+) -> None:
+    """Per-patient suppression needs the notification (its patient); without it, `optout_on_hard_bounce`
+    is the only record of the bounce."""
+    runtime, _ = opened(paubox_extra=ON_HARD_BOUNCE)
+    await booked_and_bounced(runtime, paubox, "api_mail_log_permanent_failure")  # ours: suppressed only
+    await runtime.aftercare.webhook(webhook("ehr:not-ours|booked", "someone@example.org"))
+    assert len(runtime.ledger.bounces.entries(10)) == 1
+    [entry] = runtime.ledger.optouts.entries()
+    assert entry.origin == "bounce" and entry.hint == optout.hint("email", "someone@example.org")

@@ -393,3 +393,33 @@ async def test_an_appointment_event_the_declaration_cannot_read_is_quarantined_a
     assert problem.problem == "the status found in the event is not one of status.map"  # the value is not quoted
     await world.salesforce(service_appointment("04l000000000010AAA", start))
     assert ("crm-appointment-booked", "sent") in [r[:2] for r in world.outline("salesforce")]
+
+
+async def test_a_bounced_crm_address_is_not_written_to_again_until_the_event_gives_another(world: World) -> None:
+    """A hard bounce of a CRM appointment's email suppresses the address for that contact, as for a FHIR
+    patient: the reminder due to it is skipped with the reason; an event with another address is used."""
+    start = (world.clock.now + timedelta(days=5)).replace(hour=15, minute=0, second=0)
+    t0 = world.clock.now - timedelta(minutes=30)
+    await world.salesforce(service_appointment("04l000000000001AAA", start, modified=t0))
+    [confirmation] = world.paubox.messages
+    key = confirmation["custom_headers"]["X-Notification-Key"]
+    old = "marmaduke.sa@example.org"
+    event = {
+        "event_name": "api_mail_log_permanent_failure",
+        "payload": {"to": old, "time": world.clock.now.isoformat(), "custom_headers": {"X-Notification-Key": key}},
+    }
+    await world.runtime.aftercare.webhook(event)
+    [entry] = world.runtime.ledger.bounces.entries(10)
+    assert entry[:2] == ("salesforce", "0035g00000CoNtAAAA") and world.runtime.ledger.optouts.entries() == []
+    world.clock.now = start - timedelta(hours=48)
+    await run_once(world.runtime)
+    assert len(world.paubox.messages) == 1  # not tried again
+    [skipped] = [r for r in world.rows("salesforce") if r.mapping == "crm-appointment-reminder-48h"]
+    assert skipped.state == "skipped" and "address bounced (hard bounce" in skipped.reason
+    assert old not in skipped.reason
+    # The CRM gets another address (a later event, same start): the 2-hour reminder goes to it.
+    new = service_appointment("04l000000000002AAA", start, modified=t0 + timedelta(minutes=10))
+    await world.salesforce(new.replace(old.encode(), b"marmaduke.new@example.org"))
+    world.clock.now = start - timedelta(hours=2)
+    await run_once(world.runtime)
+    assert [m["recipients"] for m in world.paubox.messages] == [[old], ["marmaduke.new@example.org"]]

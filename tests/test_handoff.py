@@ -20,16 +20,20 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from connector import optout
 from connector.bounces import Tally, skip_reason
 from connector.commands.ledger import status
 from connector.config import load_config
+from connector.config.handoff import HandoffConfig
 from connector.config.sources import FhirPollSourceConfig
 from connector.crm.verify import verify_standard_webhook
 from connector.daemon import run_once
 from connector.delivery.paubox import PauboxRestMailer
-from connector.errors import SourceError
-from connector.handoff import reason_of, task_identifier
+from connector.errors import ConfigError, SourceError
+from connector.handoff import Rules, category_optout, reason_of, rules_for, task_identifier, wanted
 from connector.ledger.writeback import WriteBackJob
+from connector.mapping.loader import MappingSet, load_mappings
+from connector.mapping.spec import HandoffSpec
 from connector.models import State
 from connector.runtime import Runtime
 from connector.sandbox.fhir import FhirState
@@ -89,15 +93,22 @@ Opener = Callable[..., tuple[Runtime, Clock]]
 async def opened(tmp_path: Path, fhir: FhirState, paubox: SandboxState, api_key_env: str) -> AsyncIterator[Opener]:
     runtimes: list[Runtime] = []
 
-    def open_runtime(handoff: str, receiver: Receiver | None = None) -> tuple[Runtime, Clock]:
+    def open_runtime(
+        handoff: str | None, receiver: Receiver | None = None, mapping_extra: dict[str, str] | None = None
+    ) -> tuple[Runtime, Clock]:
+        """`handoff`: the section's keys (None: no `handoff:` section); `mapping_extra`: lines added to
+        these mapping files."""
         path = write_config(
             tmp_path,
             "http://fhir.test",
             "https://paubox.test",
             mappings=MAPPINGS,
             source={"write_back": {"identifier_system": "urn:example:connector", "retry_backoff": "10ms"}},
-            extra=f"handoff:\n{handoff}",
+            extra="" if handoff is None else f"handoff:\n{handoff}",
         )
+        for name, lines in (mapping_extra or {}).items():
+            with (tmp_path / "mappings" / f"{name}.yaml").open("a") as file:
+                file.write(lines)
         config = load_config(path)
         mailer = PauboxRestMailer(config.delivery.paubox, transport=httpx.ASGITransport(app=paubox_app(paubox)))
         clock = Clock(NOW)
@@ -221,7 +232,7 @@ async def test_hand_offs_racing_for_one_appointment_leave_one_task_with_every_re
     assert config.handoff is not None
     source = FhirPollSource("ehr", FhirPollSourceConfig(base_url=fhir_server.url, timeout=timedelta(seconds=5)))
     writers = [FhirWriter(source) for _ in range(5)]
-    handoffs = [HandOff(config, config.handoff) for _ in range(5)]
+    handoffs = [HandOff(config, config.handoff, MappingSet([])) for _ in range(5)]
 
     def job(index: int) -> WriteBackJob:
         return WriteBackJob(
@@ -246,3 +257,165 @@ async def test_hand_offs_racing_for_one_appointment_leave_one_task_with_every_re
     [one] = fhir_state.of_type("Task")
     assert sorted(n["text"].split("(")[1].split(")")[0] for n in one["note"]) == [f"mapping-{i}" for i in range(5)]
     assert any(w.status == 412 for w in fhir_state.writes)  # the race did happen
+
+
+# --- A mapping's own `handoff:` ------------------------------------------------------------------------------
+
+
+async def test_a_mapping_can_turn_its_hand_off_off(opened: Opener, fhir: FhirState) -> None:
+    runtime, clock = opened(TASK, mapping_extra={"appointment-booked": "handoff: false\n"})
+    await run_once(runtime)
+    await run_once(runtime)
+    assert tasks(fhir) == []  # the booking confirmation to p9 was skipped, and not handed off
+    clock.now = NOW + timedelta(days=1, hours=1)
+    await run_once(runtime)
+    await run_once(runtime)
+    [one] = tasks(fhir)  # the 48-hour reminder is handed off as the config says
+    assert [n["text"].split("(")[1].split(")")[0] for n in one["note"]] == ["appointment-reminder-48h"]
+
+
+async def test_a_mapping_can_turn_a_hand_off_on_without_a_handoff_section(opened: Opener, fhir: FhirState) -> None:
+    own = "handoff:\n  owner: Organization/nurses\n"
+    runtime, clock = opened(None, mapping_extra={"appointment-reminder-48h": own})
+    await run_once(runtime)
+    await run_once(runtime)
+    assert tasks(fhir) == []  # appointment-booked has no hand-off
+    clock.now = NOW + timedelta(days=1, hours=1)
+    await run_once(runtime)
+    await run_once(runtime)
+    [one] = tasks(fhir)
+    assert one["owner"] == {"reference": "Organization/nurses"} and one["for"] == {"reference": "Patient/p9"}
+    assert "appointment-reminder-48h" in one["description"]
+
+
+@pytest.mark.parametrize(
+    ("handoff", "mapping", "handed_off"),
+    [
+        (TASK + "  mappings: [appointment-reminder-48h]\n", "handoff: true\n", True),  # on over the list
+        (TASK, "handoff:\n  reasons: [failed]\n", False),  # the mapping's reasons over the config's
+        (TASK + "  reasons: [failed]\n", "handoff:\n  reasons: [no-address]\n", True),
+        (TASK, "handoff:\n  owner: Organization/nurses\n", True),
+    ],
+)
+async def test_a_mappings_hand_off_keys_override_the_configs(
+    opened: Opener, fhir: FhirState, handoff: str, mapping: str, handed_off: bool
+) -> None:
+    runtime, _ = opened(handoff, mapping_extra={"appointment-booked": mapping})
+    await run_once(runtime)
+    await run_once(runtime)
+    found = tasks(fhir)
+    assert len(found) == (1 if handed_off else 0)
+    if "nurses" in mapping:
+        assert found[0]["owner"] == {"reference": "Organization/nurses"}  # the mapping's owner over the config's
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("handoff: sometimes", "line 9 (handoff): expected true, false, or hand-off keys"),
+        ("handoff:\n  reasons: [maybe]", "line 10 (handoff.reasons.0): Input should be 'no-address'"),
+        ("handoff:\n  owner: Patient/p1", "line 10 (handoff.owner): String should match pattern"),
+        ("handoff:\n  to: webhook", "line 9 (handoff): to: set in the config's `handoff:` section"),
+    ],
+)
+def test_a_mappings_hand_off_is_checked_with_file_and_line(tmp_path: Path, value: str, problem: str) -> None:
+    folder = tmp_path / "mappings"
+    folder.mkdir()
+    (folder / "reminder.txt").write_text("Hi")
+    (folder / "reminder.yaml").write_text(
+        "name: reminder\ntrigger:\n  resource: Appointment\n  event: booked\n"
+        f'templates:\n  subject: "Hello"\n  text: reminder.txt\ncategory: reminders\n{value}\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_mappings(folder)
+    [found] = [str(p) for p in caught.value.problems]
+    assert found.startswith(str(folder / "reminder.yaml")) and problem in found, found
+
+
+# --- Opt-outs of a category ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("handoff", "mapping", "category", "handed_off"),
+    [
+        (TASK, "", "reminders", False),  # the patient chose not to get reminders: nobody calls
+        (TASK + "  category_optouts: true\n", "", "reminders", True),
+        (TASK, "handoff:\n  category_optouts: true\n", "reminders", True),  # the mapping's over the config's
+        (TASK + "  category_optouts: true\n", "handoff:\n  category_optouts: false\n", "reminders", False),
+        (TASK, "", "", True),  # an opt-out of every email is handed off
+    ],
+)
+async def test_an_opt_out_of_a_category_is_handed_off_only_when_configured(
+    opened: Opener, fhir: FhirState, paubox: SandboxState, handoff: str, mapping: str, category: str, handed_off: bool
+) -> None:
+    runtime, clock = opened(handoff, mapping_extra={"appointment-reminder-48h": mapping})
+    address = "reachable@example.org"
+    runtime.ledger.optouts.add(
+        "email", optout.digest("email", address), optout.hint("email", address), None, category=category, origin="link"
+    )
+    await run_once(runtime)
+    clock.now = NOW + timedelta(days=1, hours=1)
+    await run_once(runtime)
+    await run_once(runtime)
+    skipped = [n for n in runtime.ledger.reports.notifications([State.SKIPPED], 10) if n.resource_id == "a1"]
+    assert {n.mapping for n in skipped} == (
+        {"appointment-reminder-48h"} if category else {"appointment-booked", "appointment-reminder-48h"}
+    )
+    about_a1 = [t for t in tasks(fhir) if t["focus"] == {"reference": "Appointment/a1"}]
+    assert len(about_a1) == (1 if handed_off else 0)
+    if handed_off:
+        assert "opted out of email" in about_a1[0]["description"]
+    assert address not in str(tasks(fhir))
+    assert len([t for t in tasks(fhir) if t["focus"] == {"reference": "Appointment/a9"}]) == 1  # no address: always
+
+
+CATEGORY_OPTOUT = "Patient/p1 opted out of 'reminders' email (by email, operator, 2026-11-30)"
+EVERY_OPTOUT = "Patient/p1 opted out (by email, link, 2026-11-30)"
+
+
+@pytest.mark.parametrize(
+    ("reason", "categories", "essential", "expected"),
+    [
+        (CATEGORY_OPTOUT, False, False, None),
+        (CATEGORY_OPTOUT, True, False, "opted-out"),
+        (CATEGORY_OPTOUT, False, True, "opted-out"),  # an essential message stopped: someone must call
+        (EVERY_OPTOUT, False, False, "opted-out"),
+        ("Patient/p1 opted out (by email, bounce, 2026-11-30)", False, False, "bounce"),
+        ("Patient/p1 has no usable email address", False, False, "no-address"),
+    ],
+)
+def test_which_opt_outs_are_handed_off(reason: str, categories: bool, essential: bool, expected: str | None) -> None:
+    rules = Rules(("no-address", "opted-out", "bounce", "failed"), None, categories)
+    assert wanted(State.SKIPPED, reason, rules, essential=essential) == expected
+    assert category_optout(reason) == (reason == CATEGORY_OPTOUT)
+
+
+def test_how_a_mappings_hand_off_and_the_configs_combine() -> None:
+    config = HandoffConfig(mappings=["a"], reasons=["bounce"], owner="Organization/desk")
+    assert rules_for("a", config, None) == Rules(("bounce",), "Organization/desk", False)
+    assert rules_for("b", config, None) is None  # not in handoff.mappings
+    assert rules_for("b", config, HandoffSpec()) == Rules(("bounce",), "Organization/desk", False)
+    assert rules_for("a", config, HandoffSpec(enabled=False)) is None
+    assert rules_for("a", None, None) is None
+    assert rules_for("a", None, HandoffSpec(category_optouts=True)) == Rules(
+        ("no-address", "opted-out", "bounce", "failed"), None, True
+    )
+
+
+@pytest.mark.parametrize(("handoff_to", "refused"), [("task", True), ("webhook", False), (None, False)])
+def test_a_crm_mappings_own_hand_off_needs_a_webhook(tmp_path: Path, handoff_to: str | None, refused: bool) -> None:
+    folder = tmp_path / "mappings"
+    folder.mkdir()
+    (folder / "request.txt").write_text("We have your request.")
+    (folder / "request.yaml").write_text(
+        "name: request\ntrigger:\n  resource: CrmEvent\n  event: contact.creation\n"
+        'recipient:\n  path: payload.email\ntemplates:\n  subject: "Thanks"\n  text: request.txt\n'
+        'key: "{{ event_id }}"\nhandoff: true\n'
+    )
+    if not refused:
+        assert load_mappings(folder, handoff_to=handoff_to).names() == ["request"]
+        return
+    with pytest.raises(ConfigError) as caught:
+        load_mappings(folder, handoff_to=handoff_to)
+    [found] = [str(p) for p in caught.value.problems]
+    assert f"{folder / 'request.yaml'} line 11 (handoff): a CRM mapping is handed off only to a webhook" in found

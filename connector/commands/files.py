@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from connector import config as configuration
 from connector import fhir
 from connector.config import Config, load_config
+from connector.config.handoff import handoff_to
 from connector.errors import ConfigError, Problem
 from connector.intake.checks import examine
 from connector.lifecycle import appointment_zone
@@ -38,7 +39,9 @@ def validate(config_path: Path) -> Validation:
     config = load_config(config_path, needs=())
     errors, warnings = configuration.report(config)
     try:
-        names = load_mappings(config.mappings_dir, [*config.sources, *config.crm], config.appointment_sources).names()
+        names = load_mappings(
+            config.mappings_dir, [*config.sources, *config.crm], config.appointment_sources, handoff_to(config.handoff)
+        ).names()
     except ConfigError as exc:
         names, errors = [], [*exc.problems, *errors]
     return Validation(config, names, errors, warnings)

@@ -13,6 +13,7 @@ from connector.urls import check_url
 
 Reason = Literal["no-address", "opted-out", "bounce", "failed"]
 ALL_REASONS: list[Reason] = ["no-address", "opted-out", "bounce", "failed"]
+OWNER_PATTERN = r"^(Organization|PractitionerRole|Practitioner|CareTeam|HealthcareService|Group)/[A-Za-z0-9\-.]{1,64}$"
 
 
 class HandoffConfig(Strict):
@@ -21,8 +22,13 @@ class HandoffConfig(Strict):
     mappings: list[str] | None = Field(None, description="only notifications of these mappings; None: every one")
     owner: str | None = Field(
         None,
-        pattern=r"^(Organization|PractitionerRole|Practitioner|CareTeam|HealthcareService|Group)/[A-Za-z0-9\-.]{1,64}$",
+        pattern=OWNER_PATTERN,
         description="task: who the Task is for, e.g. Organization/front-desk",
+    )
+    category_optouts: bool = Field(
+        False,
+        description="hand off a notification skipped because the patient opted out of its (non-essential) "
+        "category too; by default only opt-outs of every email, and skips of essential mappings, are",
     )
     secret: Secret | None = None  # webhook: the Standard Webhooks signing secret (whsec_...), before `url`
     url: EnvStr | None = None  # webhook: where the events are POSTed
@@ -37,3 +43,8 @@ class HandoffConfig(Strict):
         if self.to == "webhook" and (self.url is None or self.secret is None):
             raise ValueError("handoff to a webhook needs `url` and `secret` (a Standard Webhooks whsec_ secret)")
         return self
+
+
+def handoff_to(settings: HandoffConfig | None) -> str:
+    """Where hand-offs go: the config's `handoff.to`, or a Task when only mappings turn them on."""
+    return settings.to if settings is not None else "task"

@@ -105,12 +105,16 @@ class MappingSet:
 
 
 def load_mappings(
-    folder: Path, source_names: Iterable[str] | None = None, appointment_sources: Iterable[str] | None = None
+    folder: Path,
+    source_names: Iterable[str] | None = None,
+    appointment_sources: Iterable[str] | None = None,
+    handoff_to: str | None = None,
 ) -> MappingSet:
     """Load `folder/*.yaml`. Raises ConfigError with every problem (file, line, what) in the folder.
     `source_names`: the config's sources (FHIR and CRM), which `trigger.sources` may name;
     `appointment_sources`: the CRM sources with an `appointment:` declaration, the only ones a
-    CrmAppointment mapping hears from (not checked when not given)."""
+    CrmAppointment mapping hears from (not checked when not given); `handoff_to`: the config's
+    `handoff.to` (`task` without a section), which a CRM mapping's own `handoff:` needs to be `webhook`."""
     if not folder.is_dir():
         raise ConfigError([Problem(folder, None, "", "mappings folder does not exist")])
     env = make_environment(folder)
@@ -124,7 +128,7 @@ def load_mappings(
     declared = set(appointment_sources) if appointment_sources is not None else None
     for path in files:
         try:
-            mapping = _load_one(path, folder, env, sources, declared)
+            mapping = _load_one(path, folder, env, sources, declared, handoff_to)
         except ConfigError as exc:
             problems.extend(exc.problems)
             continue
@@ -169,7 +173,12 @@ def _undeclared(spec: MappingSpec, doc: YamlDoc, sources: set[str] | None, decla
 
 
 def _load_one(
-    path: Path, root: Path, env: SandboxedEnvironment, sources: set[str] | None, declared: set[str] | None = None
+    path: Path,
+    root: Path,
+    env: SandboxedEnvironment,
+    sources: set[str] | None,
+    declared: set[str] | None = None,
+    handoff_to: str | None = None,
 ) -> Mapping:
     doc = load_yaml(path)
     if not isinstance(doc.data, dict):
@@ -198,6 +207,15 @@ def _load_one(
             problems.append(doc.problem(("trigger", "sources", index), f"no source named {name!r} in the config"))
     if spec.is_crm_appointment and declared is not None:
         problems += _undeclared(spec, doc, sources, declared)
+    own = spec.handoff
+    if handoff_to == "task" and (spec.is_crm or spec.is_crm_appointment) and own is not None and own.enabled:
+        problems.append(
+            doc.problem(
+                ("handoff",),
+                "a CRM mapping is handed off only to a webhook (a Task needs a FHIR source): set the config's "
+                "handoff.to: webhook with url and secret, or `handoff: false` here",
+            )
+        )
     if problems:
         raise ConfigError(problems)
     assert key is not None

@@ -24,6 +24,9 @@ category: reminders                     # optional; what a patient may unsubscri
 essential: false                        # true: sent despite the patient's own unsubscribe (transactional)
 actions: [confirm, cancel]              # optional; links in the email: confirm_url, cancel_url
 attach_ics: true                        # optional; an iCalendar file (add to calendar)
+handoff: true                           # optional; false: never hand this mapping off; true or
+                                        # {reasons: [...], owner: ..., category_optouts: ...}: hand it off
+                                        # (over the config's handoff.mappings), overriding those keys
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from connector.config.handoff import OWNER_PATTERN, Reason
 from connector.lifecycle import APPOINTMENT_EVENTS, BOOKED, CANCELLED, NOSHOW, RESCHEDULED
 from connector.timing import parse_offset
 from connector.units import NAME_PATTERN, Duration
@@ -83,6 +87,29 @@ class Templates(_Strict):
     html: str | None = Field(None, description="template file, relative to the mapping file")
 
 
+class HandoffSpec(_Strict):
+    """A mapping's own `handoff:`: `false` turns the hand-off off for it, `true` on (even when the config's
+    `handoff.mappings` leaves it out, or there is no `handoff:` section: then a Task with every reason);
+    the keys given override the config's `handoff:` for this mapping."""
+
+    enabled: bool = True
+    reasons: list[Reason] | None = Field(None, min_length=1)
+    owner: Annotated[str, Field(pattern=OWNER_PATTERN)] | None = None
+    category_optouts: bool | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_the_configs(cls, value: object) -> object:
+        if isinstance(value, dict):
+            global_only = [k for k in ("to", "url", "secret", "mappings") if k in value]
+            if global_only:
+                raise ValueError(
+                    f"{', '.join(global_only)}: set in the config's `handoff:` section; a mapping's `handoff:` "
+                    "takes enabled, reasons, owner, category_optouts"
+                )
+        return value
+
+
 class MappingSpec(_Strict):
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
     description: str = ""
@@ -104,6 +131,16 @@ class MappingSpec(_Strict):
     essential: bool = False
     actions: list[Literal["confirm", "cancel"]] = Field(default_factory=list)
     attach_ics: bool = False
+    handoff: HandoffSpec | None = None
+
+    @field_validator("handoff", mode="before")
+    @classmethod
+    def _handoff_switch(cls, value: object) -> object:
+        if isinstance(value, bool):
+            return {"enabled": value}
+        if value is not None and not isinstance(value, dict):
+            raise ValueError("expected true, false, or hand-off keys (reasons, owner, category_optouts)")
+        return value
 
     @field_validator("at", mode="before")
     @classmethod

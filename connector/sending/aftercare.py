@@ -110,7 +110,12 @@ class Aftercare:
             key, tracking, f"confirmed by a Paubox webhook ({name})"
         )
         updated = await self.after_send.record_delivery(key, tracking, status, rank, when)
-        if status == "hard_bounced" and self.config.delivery.paubox.optout_on_hard_bounce:
+        suppressed = False
+        if status in ("hard_bounced", "soft_bounced") and key is not None:
+            suppressed = await self._suppress(key, payload.get("to"), hard=status == "hard_bounced", when=when)
+        # One bounce, one record: where it was kept per patient (`bounces:`), which heals when the EHR has
+        # another address, it does not also go on the opt-out list for every patient, for good.
+        if status == "hard_bounced" and self.config.delivery.paubox.optout_on_hard_bounce and not suppressed:
             address = payload.get("to")
             if isinstance(address, str) and "@" in address and jsontext.storable(address) and len(address) <= 320:
                 await self.optouts.add(
@@ -120,20 +125,19 @@ class Aftercare:
                     "hard bounce reported by Paubox",
                     origin="bounce",
                 )
-        if status in ("hard_bounced", "soft_bounced") and key is not None:
-            await self._suppress(key, payload.get("to"), hard=status == "hard_bounced", when=when)
         result = "confirmed" if confirmed else ("updated" if updated else "unchanged")
         if confirmed:
             log.info("notification.confirmed", event_name=name, problem="in_doubt resolved: Paubox had the message")
         metrics.inc("connector_webhook_events_total", event=name, result=result)
         return WebhookResult(result)
 
-    async def _suppress(self, key: str, address: Any, *, hard: bool, when: datetime) -> None:
-        """Count a bounce against the patient's address (never logged: only that it was suppressed)."""
+    async def _suppress(self, key: str, address: Any, *, hard: bool, when: datetime) -> bool:
+        """Count a bounce against the patient's address (never logged: only that it was suppressed). True when
+        it was counted for a patient of ours (the bounces role keeps it), False when it could not be."""
         if self.bounces is None or self.keys is None:
-            return
+            return False
         if not (isinstance(address, str) and "@" in address and jsontext.storable(address) and len(address) <= 320):
-            return
+            return False
         settings = self.config.bounces
         tally = await self.bounces.bounced(
             key,
@@ -147,6 +151,7 @@ class Aftercare:
         )
         if tally is not None and tally.suppressed and tally.suppressed_at == when:
             log.warning("address.suppressed", reason=tally.reason, problem="a patient's address bounced")
+        return tally is not None
 
     async def settle_doubts(self) -> int:
         """Apply the in-doubt policy to notifications nobody confirmed in time. Returns how many."""

@@ -2,7 +2,8 @@
 remembered state names the inbox event that last described it; that event is opened again (with its CRM
 object read anew when the source asks for it), checked to still want this notification (the same rule as
 for FHIR: connector.lifecycle.still_wanted), and the address, language and name read with the source's
-declaration (a mapping's own `recipient.path` wins), checked against the opt-outs, and the email rendered."""
+declaration (a mapping's own `recipient.path` wins), checked against the opt-outs and the addresses suppressed
+after bounces (connector.bounces: the same per-contact rule as for FHIR patients), and the email rendered."""
 
 from __future__ import annotations
 
@@ -20,10 +21,12 @@ from connector.models import State
 from connector.sending.preparer import NoSource, NotSendable, NotYet, Prepared
 
 if TYPE_CHECKING:
+    from connector.bounces import Tally
     from connector.config import Config
     from connector.ledger import NotificationRecord
-    from connector.ledger.abc import Inbox, Intake, OptOuts
+    from connector.ledger.abc import Bounces, Inbox, Intake, OptOuts
     from connector.mapping.loader import Mapping
+    from connector.optout import OptOutKeys
     from connector.sources.hubspot import HubSpotClient
 
 
@@ -36,8 +39,12 @@ class CrmAppointmentPreparer:
         optouts: OptOuts,
         keyring: Keyring,
         apis: dict[str, HubSpotClient],
+        bounces: Bounces | None = None,
+        keys: OptOutKeys | None = None,
     ) -> None:
         self.config = config
+        self.bounces = bounces if config.bounces.suppress else None
+        self.keys = keys
         self.intake = intake
         self.inbox = inbox
         self.optouts = optouts
@@ -86,6 +93,12 @@ class CrmAppointmentPreparer:
         match = await self.optouts.opted_out(optout.candidates([], contact.address))
         if match is not None:
             return NotSendable(State.SKIPPED, f"the address opted out ({match.created_at.date().isoformat()})")
+        if self.bounces is not None and n.patient_id:  # an address that bounced for this contact: not again
+            inner = optout.digest("email", contact.address)
+            digests = [digest for _, digest in optout.variants(self.keys, inner)]
+            bounced = await self.bounces.suppressed(n.source, n.patient_id, digests)
+            if bounced is not None:
+                return NotSendable(State.SKIPPED, _bounced(bounced))
         request = AppointmentEmail(
             key=n.key,
             event=n.event,
@@ -102,3 +115,12 @@ class CrmAppointmentPreparer:
             return render_appointment(mapping, request)
         except RenderError as exc:
             return NotSendable(State.FAILED, str(exc))
+
+
+def _bounced(tally: Tally) -> str:
+    """The skip reason (the hand-off reads `bounced`); no id of the contact, which may be an address."""
+    when = tally.suppressed_at.date().isoformat() if tally.suppressed_at else "?"
+    return (
+        f"the CRM appointment's address bounced ({tally.reason}, {when}); it stays suppressed until the event "
+        "gives another address or an operator clears it"
+    )

@@ -16,48 +16,74 @@ from typing import TYPE_CHECKING
 
 import httpx
 
+from connector.config.handoff import handoff_to
 from connector.crm.verify import standard_webhook_headers
 from connector.errors import SourceError
-from connector.handoff import event, note_of, reason_of, task, with_reason
+from connector.handoff import Rules, event, note_of, rules_for, task, wanted, with_reason
 from connector.sources.fhir_write import StaleVersion, WriteRefused
 
 if TYPE_CHECKING:
     from connector.config import Config
     from connector.config.handoff import HandoffConfig
     from connector.ledger.writeback import WriteBackJob
+    from connector.mapping.loader import MappingSet
     from connector.sources.fhir_write import FhirWriter
 
 UPDATE_TRIES = 3  # a Task changed by someone else between our read and our update: read it again
 
 
 class HandOff:
-    def __init__(self, config: Config, settings: HandoffConfig, transport: httpx.AsyncBaseTransport | None = None):
+    """`settings`: the config's `handoff:` (None: only mappings with their own `handoff:` are handed off,
+    as Tasks); each mapping's `handoff:` is read at the time of the write, so a reload counts."""
+
+    def __init__(
+        self,
+        config: Config,
+        settings: HandoffConfig | None,
+        mappings: MappingSet,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
         self.config = config
         self.settings = settings
+        self.mappings = mappings
         self._http: httpx.AsyncClient | None = None
         self._transport = transport
 
-    def wanted(self, job: WriteBackJob) -> str | None:
-        """The hand-off reason of this notification, if it is one this config hands off."""
-        reason = reason_of(job.state, job.reason)
-        if reason is None or reason not in self.settings.reasons:
-            return None
-        if self.settings.mappings is not None and job.mapping not in self.settings.mappings:
-            return None
-        return reason
+    @property
+    def to(self) -> str:
+        return handoff_to(self.settings)
+
+    @property
+    def active(self) -> bool:
+        """Whether anything may be handed off: a `handoff:` section, or a mapping that turns it on."""
+        return self.settings is not None or any(
+            m.spec.handoff is not None and m.spec.handoff.enabled for m in self.mappings
+        )
+
+    def rules(self, mapping: str) -> Rules | None:
+        found = self.mappings.get(mapping)
+        return rules_for(mapping, self.settings, found.spec.handoff if found is not None else None)
+
+    def wanted(self, job: WriteBackJob) -> tuple[str, Rules] | None:
+        """The hand-off reason of this notification and the rules of its mapping, if it is handed off."""
+        rules = self.rules(job.mapping)
+        found = self.mappings.get(job.mapping)
+        reason = wanted(job.state, job.reason, rules, essential=found is not None and found.spec.essential)
+        return None if reason is None or rules is None else (reason, rules)
 
     async def write(self, job: WriteBackJob, writer: FhirWriter | None) -> tuple[str, str]:
         """(outcome, what was written: `Task/<id>` or the event id)."""
-        reason = self.wanted(job)
-        if reason is None:
+        found = self.wanted(job)
+        if found is None:
             return "none", ""
-        if self.settings.to == "webhook":
+        reason, rules = found
+        if self.to == "webhook":
             return await self._post(job, reason)
         if writer is None:
             raise WriteRefused(f"source {job.source!r} is not a FHIR source: a Task cannot be written there", 0)
-        return await self._task(job, reason, writer)
+        return await self._task(job, reason, rules, writer)
 
-    async def _task(self, job: WriteBackJob, reason: str, writer: FhirWriter) -> tuple[str, str]:
+    async def _task(self, job: WriteBackJob, reason: str, rules: Rules, writer: FhirWriter) -> tuple[str, str]:
         system = self.config.sources[job.source].write_back.identifier_system
         resource = task(
             system=system,
@@ -67,7 +93,7 @@ class HandOff:
             reason=reason,
             mapping=job.mapping,
             detail=job.reason,
-            owner=self.settings.owner,
+            owner=rules.owner,
             now=datetime.now(UTC),
         )
         capabilities = await writer.capabilities()
@@ -98,7 +124,7 @@ class HandOff:
         raise SourceError(f"source {job.source!r}: {what}: Task/{written.id} kept changing; tried again later")
 
     async def _post(self, job: WriteBackJob, reason: str) -> tuple[str, str]:
-        assert self.settings.url is not None and self.settings.secret is not None
+        assert self.settings is not None and self.settings.url is not None and self.settings.secret is not None
         body = json.dumps(
             event(
                 key=job.key,

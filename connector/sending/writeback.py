@@ -60,12 +60,10 @@ class WriteBack:
         self.kinds: dict[str, list[str]] = {
             "communication": [n for n, s in config.sources.items() if s.write_back.communication],
             "not-done": [n for n, s in config.sources.items() if s.write_back.communication and s.write_back.not_done],
-            "handoff": [],
         }
-        handoff = config.handoff
-        self.handoff = HandOff(config, handoff, transport) if handoff is not None else None
-        if handoff is not None:
-            self.kinds["handoff"] = [*config.sources, *(config.crm if handoff.to == "webhook" else {})]
+        # Hand-offs: the config's `handoff:` and the mappings' own (which a reload may turn on or off).
+        self.handoff = HandOff(config, config.handoff, mappings, transport)
+        self._handoff_sources = [*config.sources, *(config.crm if self.handoff.to == "webhook" else {})]
         self.horizon = max((s.write_back.horizon for s in config.sources.values()), default=timedelta(days=2))
         self.stopping = False
         # Subject and text of emails sent by this process, by key, until written back: memory only, never the
@@ -82,8 +80,13 @@ class WriteBack:
             self.sent.popitem(last=False)
 
     @property
+    def owed(self) -> dict[str, list[str]]:
+        """Per kind of write, the sources that want it now."""
+        return {**self.kinds, "handoff": self._handoff_sources if self.handoff.active else []}
+
+    @property
     def enabled(self) -> bool:
-        return any(self.kinds.values())
+        return any(self.owed.values())
 
     async def run(self) -> dict[str, int]:
         """Enqueue what is owed, then write what is due; returns counts by outcome (written, found, retry,
@@ -92,7 +95,7 @@ class WriteBack:
         if not self.enabled:
             return counts
         wall = datetime.now(UTC)
-        await self.store.enqueue(self.kinds, wall - self.horizon)
+        await self.store.enqueue(self.owed, wall - self.horizon)
         wall = datetime.now(UTC)
         while not self.stopping:
             # Due by the start of this run: a write retried in it waits for the next run.
@@ -109,7 +112,7 @@ class WriteBack:
 
     async def _write(self, job: WriteBackJob) -> str:
         try:
-            if job.kind == "handoff" and self.handoff is not None:
+            if job.kind == "handoff":
                 outcome, written_id = await self.handoff.write(job, self.writers.get(job.source))
             else:
                 outcome, written_id = await self._communication(job)
@@ -168,5 +171,4 @@ class WriteBack:
     async def release(self) -> None:
         if self.enabled:
             await self.store.release(self.owner)
-        if self.handoff is not None:
-            await self.handoff.aclose()
+        await self.handoff.aclose()
