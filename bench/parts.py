@@ -65,8 +65,8 @@ def throughput(rig: Rig, sizes: Sizes, args: argparse.Namespace, report: Report)
         Setting("default config", None),
         Setting("tuned", TUNED),
         Setting("one by one", ONE_BY_ONE),
-        Setting("tuned, PostgreSQL, 1 daemon", TUNED, 1, True),
-        Setting("tuned, PostgreSQL, 3 daemons", TUNED, 3, True),
+        Setting("tuned, PostgreSQL, 1 daemon", TUNED, 1, True, forever=True),
+        Setting("tuned, PostgreSQL, 3 daemons", TUNED, 3, True, forever=True),
     ]
     for setting in settings:
         if setting.postgres and args.no_postgres:
@@ -89,6 +89,8 @@ def throughput(rig: Rig, sizes: Sizes, args: argparse.Namespace, report: Report)
         how = describe_dispatch(
             {**defaults.model_dump(include={"bulk", "concurrency", "batch_size"}), **(setting.dispatch or {})}
         )
+        if setting.forever:
+            how += "; `connector run` (not --once), dispatch every 1 s, stopped once all were accepted"
         times = measured.rate / naive.rate
         report.row(
             f"{setting.label}: {how}",
