@@ -149,8 +149,29 @@ async def run_forever(runtime: Runtime) -> None:
             coalesce=True,
             next_run_time=now,
         )
+    # Notifications committed by a poll or a Subscription notification wake the dispatcher, so that what is
+    # due now does not wait for `dispatch.interval`; one planned while it runs makes it run once more.
+    dispatching = {"running": False, "again": False}
+
+    def wake_dispatch() -> None:
+        if dispatching["running"]:
+            dispatching["again"] = True
+        elif not stop.is_set():
+            scheduler.modify_job("dispatch", next_run_time=datetime.now(UTC))
+
+    async def dispatch_job() -> DispatchReport:
+        dispatching["running"] = True
+        try:
+            return await dispatch(runtime)
+        finally:
+            dispatching["running"] = False
+            if dispatching["again"]:
+                dispatching["again"] = False
+                wake_dispatch()
+
+    runtime.planner.on_planned = wake_dispatch
     scheduler.add_job(
-        guarded("dispatch", lambda: dispatch(runtime)),
+        guarded("dispatch", dispatch_job),
         "interval",
         seconds=runtime.config.dispatch.interval.total_seconds(),
         id="dispatch",
