@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.parts import FULL, QUICK, Sizes, latency, memory, throughput
+from bench.parts import FULL, QUICK, Sizes, latency, memory, subscriptions, throughput
 from bench.rig import Processes, Rig
 from bench.table import Report, busy_cpu_seconds, machine, mount_of, own_cpu_seconds, render
 
@@ -70,7 +70,10 @@ def main() -> int:
         "with a short --overlap give a shorter --sweep)",
     )
     parser.add_argument(
-        "--only", choices=["throughput", "memory", "latency"], action="append", help="run only these parts (repeatable)"
+        "--only",
+        choices=["throughput", "memory", "latency", "subscriptions"],
+        action="append",
+        help="run only these parts (repeatable)",
     )
     parser.add_argument(
         "--profile",
@@ -90,7 +93,7 @@ def main() -> int:
         repeats=args.repeats or base.repeats,
         growth=args.growth or base.growth,
     )
-    parts = args.only or ["throughput", "memory", "latency"]
+    parts = args.only or ["throughput", "memory", "latency", "subscriptions"]
 
     root = Path(tempfile.mkdtemp(prefix="connector-bench-"))
     shm = Path("/dev/shm")  # noqa: S108 - a private folder is made in it with mkdtemp
@@ -112,6 +115,8 @@ def main() -> int:
             memory(rig, sizes, report)
         if "latency" in parts:
             latency(rig, sizes, args, report)
+        if "subscriptions" in parts:
+            subscriptions(rig, sizes, report)
     finally:
         procs.stop_all()
         if ram:

@@ -15,6 +15,7 @@ import httpx
 from bench.endtoend import ONE_BY_ONE, TUNED, Measured, Setting, connector_run, naive_run, startup
 from bench.rig import Rig, describe_dispatch, pipeline_run, sandbox
 from bench.servers import bench_appointment
+from bench.subscribed import report_subscriptions, subscription_latency
 from bench.table import Report, log, median, percentile
 from connector.config.delivery import DispatchConfig
 from connector.testing import HarnessError
@@ -321,6 +322,12 @@ def latency(rig: Rig, sizes: Sizes, args: argparse.Namespace, report: Report) ->
         "  cycles: count, mean, longest",
         f"{result['cycles']}, {result['mean_cycle'] * 1000:,.0f} ms, {result['longest_cycle'] * 1000:,.0f} ms",
     )
+
+
+def subscriptions(rig: Rig, sizes: Sizes, report: Report) -> None:
+    count = int(sizes.rate * sizes.duration)
+    delays, count, achieved = subscription_latency(rig, count, sizes.rate, feed)
+    report_subscriptions(report, delays, count, achieved, sizes.duration)
 
 
 def feed(fhir: str, count: int, rate: float) -> tuple[dict[str, datetime], float]:
