@@ -150,28 +150,36 @@ async def run_forever(runtime: Runtime) -> None:
             next_run_time=now,
         )
     # Notifications committed by a poll or a Subscription notification wake the dispatcher, so that what is
-    # due now does not wait for `dispatch.interval`; one planned while it runs makes it run once more.
-    dispatching = {"running": False, "again": False}
+    # due now does not wait for `dispatch.interval`. One dispatch at a time (the lock), whether the schedule
+    # or a wake started it; what is planned while one runs makes it run once more.
+    dispatching = asyncio.Lock()
+    wanted = {"again": False}
+
+    async def dispatch_job() -> None:
+        if dispatching.locked():
+            wanted["again"] = True
+            return
+        async with dispatching:
+            while True:
+                wanted["again"] = False
+                await dispatch(runtime)
+                if not wanted["again"] or stop.is_set():
+                    return
+
+    woken = guarded("dispatch", dispatch_job)
 
     def wake_dispatch() -> None:
-        if dispatching["running"]:
-            dispatching["again"] = True
+        if dispatching.locked():
+            wanted["again"] = True
         elif not stop.is_set():
-            scheduler.modify_job("dispatch", next_run_time=datetime.now(UTC))
+            task: asyncio.Future[None] = asyncio.ensure_future(woken())
+            wakes.add(task)
+            task.add_done_callback(wakes.discard)
 
-    async def dispatch_job() -> DispatchReport:
-        dispatching["running"] = True
-        try:
-            return await dispatch(runtime)
-        finally:
-            dispatching["running"] = False
-            if dispatching["again"]:
-                dispatching["again"] = False
-                wake_dispatch()
-
+    wakes: set[asyncio.Future[None]] = set()  # held until done (the guarded job registers itself for the stop)
     runtime.planner.on_planned = wake_dispatch
     scheduler.add_job(
-        guarded("dispatch", dispatch_job),
+        woken,
         "interval",
         seconds=runtime.config.dispatch.interval.total_seconds(),
         id="dispatch",
