@@ -1,5 +1,6 @@
-"""The four measurements of the benchmark, each adding its rows to the report: throughput (with the naive
-loop), the ledger on and "off", peak memory of a large first poll, and event → accepted latency."""
+"""The measurements of the benchmark, each adding its rows to the report: start-up, end to end (with the
+naive loop, growth and the ledger's share by profile), peak memory of a large first poll, event → accepted
+latency while polling, and with a Subscription."""
 
 from __future__ import annotations
 
