@@ -178,6 +178,9 @@ async def run_forever(runtime: Runtime) -> None:
 
     wakes: set[asyncio.Future[None]] = set()  # held until done (the guarded job registers itself for the stop)
     runtime.planner.on_planned = wake_dispatch
+    intake, affinity = runtime.ledger.intake, runtime.config.dispatch.affinity
+    if intake.dialect == "postgresql" and affinity:  # replicas: who polled has the resources in its cache
+        intake.affinity = (runtime.dispatcher.owner, affinity)
     scheduler.add_job(
         woken,
         "interval",
