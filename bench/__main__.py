@@ -1,4 +1,4 @@
-"""connector benchmark: throughput, ledger overhead, peak memory and latency, printed as one table.
+"""connector benchmark: start-up, end-to-end throughput, peak memory and latency, printed as one table.
 
 Every figure comes from real processes on 127.0.0.1: the FHIR test server and the Paubox sandbox (the
 package's own apps, served by uvicorn) each run in their own process, and each measurement of the connector
@@ -6,16 +6,18 @@ runs in a fresh process of its own (bench/workers.py), so that the two cores are
 memory figure is that process's alone. No pass/fail in code: figures, the targets beside them, and which
 targets were met.
 
-  1. notifications/s from FHIR pages to accepted sends (sandbox: 50 ms per request) for the connector's
-     pipeline (run_once: poll + plan + ledger + dispatch), in bulk and one by one, against a naive loop
-     that posts one message at a time and waits for each answer, as the official SDKs do;
-  2. the same pipeline with the ledger on (SQLite file, WAL, synchronous=FULL: the product default) and
-     "off" (the same SQLite ledger on RAM-backed tmpfs, /dev/shm: identical SQL, no disk writes or fsync);
+  0. start-up: `connector --version`, and `connector run --once` with nothing due;
+  1. notifications/s, CPU per notification and peak RSS of `connector run --once` processes from their start
+     to the last accepted message (sandbox: 50 ms per request + 1 ms per message), for the default config,
+     tuned, one by one, PostgreSQL with 1 and 3 daemons, against a naive loop (bench/naive.py) that posts
+     one message at a time and waits for each answer; the ledger's share of the CPU by profile;
+  2. growth: the default config at N, 4N and 16N appointments;
   3. peak RSS (VmHWM) of a first poll of a large FHIR server (poll + plan + commit), then a bounded slice
      of sending through a mailer that accepts at once (no network);
   4. event → accepted latency: appointments written to the FHIR server at a steady rate while a
      daemon-like loop runs run_once every poll interval; latency = the sandbox's received_at minus the
-     appointment's meta.lastUpdated.
+     appointment's meta.lastUpdated;
+  5. the same latency with `connector run` and a rest-hook Subscription on the FHIR test server.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.parts import FULL, QUICK, Sizes, latency, memory, throughput
+from bench.parts import FULL, QUICK, Sizes, latency, memory, subscriptions, throughput
 from bench.rig import Processes, Rig
 from bench.table import Report, busy_cpu_seconds, machine, mount_of, own_cpu_seconds, render
 
@@ -70,7 +72,10 @@ def main() -> int:
         "with a short --overlap give a shorter --sweep)",
     )
     parser.add_argument(
-        "--only", choices=["throughput", "memory", "latency"], action="append", help="run only these parts (repeatable)"
+        "--only",
+        choices=["throughput", "memory", "latency", "subscriptions"],
+        action="append",
+        help="run only these parts (repeatable)",
     )
     parser.add_argument(
         "--profile",
@@ -90,7 +95,7 @@ def main() -> int:
         repeats=args.repeats or base.repeats,
         growth=args.growth or base.growth,
     )
-    parts = args.only or ["throughput", "memory", "latency"]
+    parts = args.only or ["throughput", "memory", "latency", "subscriptions"]
 
     root = Path(tempfile.mkdtemp(prefix="connector-bench-"))
     shm = Path("/dev/shm")  # noqa: S108 - a private folder is made in it with mkdtemp
@@ -112,6 +117,8 @@ def main() -> int:
             memory(rig, sizes, report)
         if "latency" in parts:
             latency(rig, sizes, args, report)
+        if "subscriptions" in parts:
+            subscriptions(rig, sizes, report)
     finally:
         procs.stop_all()
         if ram:

@@ -41,6 +41,18 @@ class Setting:
     dispatch: dict[str, int] | None  # None: the product's defaults
     daemons: int = 1
     postgres: bool = False
+    forever: bool = False  # `connector run` (dispatch every second), stopped once all was accepted
+
+
+def _stop_when_done(rig: Rig, pids: list[int], expected: int, timeout: float) -> list[tuple[int, Any]]:
+    """Wait until the sandbox accepted `expected` messages (or `timeout`), then SIGTERM the daemons and reap
+    them (their CPU includes the graceful stop)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and sandbox(rig.paubox, "GET", "/_sandbox/stats")["accepted"] < expected:
+        time.sleep(0.2)
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    return _wait_all(pids, timeout=60)
 
 
 @dataclass
@@ -122,16 +134,19 @@ def connector_run(rig: Rig, fhir: str, setting: Setting, expected: int, name: st
         mappings=("appointment-booked",),
         optout=False,
         source={"page_size": None, "retries": None},
-        dispatch={"interval": "10s", "retry_backoff": None, **settings},  # 10s: the default
+        dispatch={"interval": "1s" if setting.forever else "10s", "retry_backoff": None, **settings},
     )
     env = environment(PAUBOX_API_KEY=API_KEY)
     try:
         cli("db", "upgrade", "--config", config, cwd=folder)  # once, before: a cron user's ledger exists
         _reset(rig, fhir)
-        argv = connector_argv("run", "--once", "--config", str(config))
+        argv = connector_argv("run", *([] if setting.forever else ["--once"]), "--config", str(config))
         started = time.time()
         pids = [_spawn(argv, folder, folder / f"daemon{i}.log", env) for i in range(setting.daemons)]
-        ended = _wait_all(pids, timeout=max(300.0, expected / 5))
+        if setting.forever:
+            ended = _stop_when_done(rig, pids, expected, timeout=max(300.0, expected / 5))
+        else:
+            ended = _wait_all(pids, timeout=max(300.0, expected / 5))
     finally:
         if schema:
             drop_schema(schema, PG_URL)

@@ -1,5 +1,6 @@
-"""The four measurements of the benchmark, each adding its rows to the report: throughput (with the naive
-loop), the ledger on and "off", peak memory of a large first poll, and event → accepted latency."""
+"""The measurements of the benchmark, each adding its rows to the report: start-up, end to end (with the
+naive loop, growth and the ledger's share by profile), peak memory of a large first poll, event → accepted
+latency while polling, and with a Subscription."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import httpx
 from bench.endtoend import ONE_BY_ONE, TUNED, Measured, Setting, connector_run, naive_run, startup
 from bench.rig import Rig, describe_dispatch, pipeline_run, sandbox
 from bench.servers import bench_appointment
+from bench.subscribed import report_subscriptions, subscription_latency
 from bench.table import Report, log, median, percentile
 from connector.config.delivery import DispatchConfig
 from connector.testing import HarnessError
@@ -65,8 +67,8 @@ def throughput(rig: Rig, sizes: Sizes, args: argparse.Namespace, report: Report)
         Setting("default config", None),
         Setting("tuned", TUNED),
         Setting("one by one", ONE_BY_ONE),
-        Setting("tuned, PostgreSQL, 1 daemon", TUNED, 1, True),
-        Setting("tuned, PostgreSQL, 3 daemons", TUNED, 3, True),
+        Setting("tuned, PostgreSQL, 1 daemon", TUNED, 1, True, forever=True),
+        Setting("tuned, PostgreSQL, 3 daemons", TUNED, 3, True, forever=True),
     ]
     for setting in settings:
         if setting.postgres and args.no_postgres:
@@ -89,6 +91,8 @@ def throughput(rig: Rig, sizes: Sizes, args: argparse.Namespace, report: Report)
         how = describe_dispatch(
             {**defaults.model_dump(include={"bulk", "concurrency", "batch_size"}), **(setting.dispatch or {})}
         )
+        if setting.forever:
+            how += "; `connector run` (not --once), dispatch every 1 s, stopped once all were accepted"
         times = measured.rate / naive.rate
         report.row(
             f"{setting.label}: {how}",
@@ -319,6 +323,12 @@ def latency(rig: Rig, sizes: Sizes, args: argparse.Namespace, report: Report) ->
         "  cycles: count, mean, longest",
         f"{result['cycles']}, {result['mean_cycle'] * 1000:,.0f} ms, {result['longest_cycle'] * 1000:,.0f} ms",
     )
+
+
+def subscriptions(rig: Rig, sizes: Sizes, report: Report) -> None:
+    count = int(sizes.rate * sizes.duration)
+    delays, count, achieved = subscription_latency(rig, count, sizes.rate, feed)
+    report_subscriptions(report, delays, count, achieved, sizes.duration)
 
 
 def feed(fhir: str, count: int, rate: float) -> tuple[dict[str, datetime], float]:

@@ -117,6 +117,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="dispatch.concurrency of the daemons: send requests in flight per daemon (default 8)",
     )
     run.add_argument(
+        "--bulk",
+        type=int,
+        choices=range(51),
+        default=0,
+        metavar="N",
+        help="dispatch.bulk of the daemons: messages per bulk request, 0 one by one (default 0; the product's is 5)",
+    )
+    run.add_argument(
         "--page-size", type=positive, default=100, help="sources.ehr.page_size of the daemons (default 100)"
     )
     run.add_argument(

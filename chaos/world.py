@@ -65,6 +65,7 @@ def write_daemon_config(
             "interval": "1s",
             "concurrency": args.concurrency,
             "batch_size": args.batch_size,
+            "bulk": args.bulk,
             "retry_backoff": "1s",
             "retry_backoff_max": "5s",
             "circuit_cooldown": "5s",

@@ -207,8 +207,40 @@ async def run_forever(runtime: Runtime) -> None:
             coalesce=True,
             next_run_time=now,
         )
+    # Notifications committed by a poll or a Subscription notification wake the dispatcher, so that what is
+    # due now does not wait for `dispatch.interval`. One dispatch at a time (the lock), whether the schedule
+    # or a wake started it; what is planned while one runs makes it run once more.
+    dispatching = asyncio.Lock()
+    wanted = {"again": False}
+
+    async def dispatch_job() -> None:
+        if dispatching.locked():
+            wanted["again"] = True
+            return
+        async with dispatching:
+            while True:
+                wanted["again"] = False
+                await dispatch(runtime)
+                if not wanted["again"] or stop.is_set():
+                    return
+
+    woken = guarded("dispatch", dispatch_job)
+
+    def wake_dispatch() -> None:
+        if dispatching.locked():
+            wanted["again"] = True
+        elif not stop.is_set():
+            task: asyncio.Future[None] = asyncio.ensure_future(woken())
+            wakes.add(task)
+            task.add_done_callback(wakes.discard)
+
+    wakes: set[asyncio.Future[None]] = set()  # held until done (the guarded job registers itself for the stop)
+    runtime.planner.on_planned = wake_dispatch
+    intake, affinity = runtime.ledger.intake, runtime.config.dispatch.affinity
+    if intake.dialect == "postgresql" and affinity:  # replicas: who polled has the resources in its cache
+        intake.affinity = (runtime.dispatcher.owner, affinity)
     scheduler.add_job(
-        guarded("dispatch", lambda: dispatch(runtime)),
+        woken,
         "interval",
         seconds=runtime.config.dispatch.interval.total_seconds(),
         id="dispatch",

@@ -70,6 +70,34 @@ def test_release_gives_back_leases(ledger: SqlLedger) -> None:
     assert len(ledger.outbox.claim_due(NOW, 10, "w2", wall + timedelta(minutes=5), wall)) == 1
 
 
+def test_what_a_replica_planned_is_its_own_to_claim_for_the_grace_period(ledger: SqlLedger) -> None:
+    ledger.intake.affinity = ("poller", timedelta(seconds=30))
+    ledger.intake.add([planned("a"), planned("b")])
+    ledger.intake.affinity = None
+    ledger.intake.add([planned("c")])  # planned by a process without affinity: anyone's at once
+    wall = datetime.now(UTC)
+    lease = wall + timedelta(minutes=5)
+    assert [r.key for r in ledger.outbox.claim_due(NOW, 10, "other", lease, wall)] == ["c"]
+    assert ledger.outbox.start_sending([1, 2], "other", lease) == set()  # a planned lease is not a claim
+    [a] = ledger.outbox.claim_due(NOW, 1, "poller", lease, wall)
+    assert a.key == "a"
+    assert ledger.outbox.claim_due(NOW, 10, "poller", lease, wall)[0].key == "b"
+    assert ledger.outbox.claim_due(NOW, 10, "poller", lease, wall) == []  # its claims are not claimed twice
+    ledger.intake.affinity = ("poller", timedelta(seconds=30))
+    ledger.intake.add([planned("d")])
+    assert ledger.outbox.claim_due(NOW, 10, "other", lease, wall + timedelta(seconds=20)) == []
+    [late] = ledger.outbox.claim_due(NOW, 10, "other", lease, wall + timedelta(seconds=40))  # grace over
+    assert late.key == "d"
+
+
+def test_release_gives_back_what_was_planned_with_affinity(ledger: SqlLedger) -> None:
+    ledger.intake.affinity = ("poller", timedelta(minutes=1))
+    ledger.intake.add([planned("a")])
+    wall = datetime.now(UTC)
+    assert ledger.outbox.release("poller") == 1  # a stopping daemon gives them to the others
+    assert len(ledger.outbox.claim_due(NOW, 10, "other", wall + timedelta(minutes=5), wall)) == 1
+
+
 def test_one_finish_records_every_kind_of_ending(ledger: SqlLedger) -> None:
     keys = ["sent", "failed", "doubt", "confirmed", "again", "paused", "late"]
     ledger.intake.add([planned(k) for k in keys])

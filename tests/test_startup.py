@@ -1,5 +1,5 @@
 """Start-up: what `connector run --once` (a cron user's every cycle) imports, and the schema check every start
-makes without Alembic."""
+makes without Alembic; and the daemon's dispatcher, woken by what a poll plans."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,11 @@ from sqlalchemy import create_engine, text
 
 from connector.errors import LedgerError
 from connector.ledger import migrate
+from connector.sandbox.fhir import FhirState
+from connector.sandbox.paubox import SandboxState
+from connector.testing import daemon
 from tests.conftest import API_KEY, Server, write_config
+from tests.factories import appointment, patient
 
 # Modules a `run --once` without SMTP, SMART, conditions or an HTTP server has no use for.
 NOT_AT_START = ("alembic", "apscheduler", "aiosmtplib", "jwt", "fhirpathpy", "uvicorn")
@@ -77,3 +83,25 @@ def test_the_schema_check_reads_the_version_table_without_alembic(
             migrate.ensure_current(engine)
     finally:
         engine.dispose()
+
+
+@pytest.mark.slow
+def test_what_a_poll_plans_is_sent_without_waiting_for_the_dispatch_interval(
+    tmp_path: Path, fhir_state: FhirState, fhir_server: Server, paubox_state: SandboxState, paubox_server: Server
+) -> None:
+    config = write_config(
+        tmp_path,
+        fhir_server.url,
+        paubox_server.url,
+        mappings=("appointment-booked",),
+        source={"interval": "1s", "overlap": "1s", "sweep": "0s"},
+        dispatch={"interval": "10m"},
+    )
+    with daemon(config) as child:
+        child.wait_until(lambda: any("_lastUpdated" in r for r in fhir_state.requests), seconds=60)
+        time.sleep(1.5)  # the first poll (nothing there) and the first dispatch run are over
+        fhir_state.load([patient("p1", "Robin", email="robin@example.org")])
+        fhir_state.put(appointment("a1", "p1", datetime.now(UTC) + timedelta(days=3)))
+        started = time.monotonic()
+        child.wait_until(lambda: len(paubox_state.messages) == 1, seconds=60, interval=0.05)
+        assert time.monotonic() - started < 30  # the next dispatch run by its interval is 10 minutes away

@@ -155,6 +155,33 @@ async def test_a_gap_triggers_a_resync_poll(hub: Hub) -> None:
     assert len(hub.paubox.messages) == 1
 
 
+async def test_pings_during_a_poll_are_served_by_one_more_incremental_poll(hub: Hub) -> None:
+    """A change written while a poll runs (after it read the source) is read by the poll its ping asks for,
+    not left for the next scheduled poll; pings ask for incremental polls, never a sweep of the overlap."""
+    subscriptions = hub.runtime.subscriptions
+    poll = subscriptions.poller.poll
+    asked: list[bool] = []
+
+    async def watched(name: str, sweep: bool = False) -> Any:
+        asked.append(sweep)
+        report = await poll(name, sweep=sweep)
+        if len(asked) == 1:  # the first poll read the source; now a change and its pings arrive
+            hub.fhir.put(appointment("late", "p1", SOON + timedelta(days=2)))
+            for _ in range(3):
+                ping = await hub.client.post("/fhir/ehr/notify", content=b"", headers={"Authorization": SECRET})
+                assert ping.status_code == 200
+        return report
+
+    subscriptions.poller.poll = watched  # type: ignore[method-assign]
+    hub.fhir.put(appointment("early", "p1", SOON))
+    response = await hub.client.post("/fhir/ehr/notify", content=b"", headers={"Authorization": SECRET})
+    assert response.status_code == 200
+    await subscriptions._resyncs["ehr"]
+    assert asked == [False, False]  # three pings during the first poll: one more poll
+    await hub.runtime.dispatcher.run()
+    assert len(hub.paubox.messages) == 2
+
+
 async def test_rest_hook_ping_polls_and_put_is_processed(hub: Hub) -> None:
     hub.fhir.put(appointment("a3", "p1", SOON))
     response = await hub.client.post("/fhir/ehr/notify", content=b"", headers={"Authorization": SECRET})

@@ -94,6 +94,11 @@ class DispatchConfig(Strict):
         timedelta(minutes=5),
         description="how long a claim stays with a daemon that may have died (several daemons on PostgreSQL)",
     )
+    affinity: Duration = Field(
+        timedelta(seconds=10),
+        description="several daemons on PostgreSQL: what a daemon planned is its own to send for this long "
+        "(its poll cache holds the resources), then any daemon's; 0s: any daemon's at once",
+    )
 
 
 class OptOutConfig(Strict):

@@ -29,6 +29,8 @@ from connector.logs import safe_text, where
 from connector.timing import QuietHours
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from connector.config import Config
     from connector.ledger.abc import Intake
     from connector.mapping.loader import MappingSet
@@ -67,6 +69,12 @@ class Planner:
         # One change at a time per source in this process: a poll, a pushed notification and a deletion
         # found at send time must not decide from the same remembered state at once.
         self._busy: dict[str, asyncio.Lock] = {name: asyncio.Lock() for name in config.sources}
+        # Called after notifications were committed (the daemon wakes its dispatcher: see daemon.py).
+        self.on_planned: Callable[[], None] | None = None
+
+    def _planned(self, inserted: list[str]) -> None:
+        if inserted and self.on_planned is not None:
+            self.on_planned()
 
     def busy(self, name: str) -> asyncio.Lock:
         """The source's lock: held by a poll for its whole run, and by `ingest` and `deleted`."""
@@ -120,6 +128,7 @@ class Planner:
             return await self._commit_each(name, examined, seen, cursor)
         quarantined = [s for s in seen if s.problem]
         self._report(name, quarantined)
+        self._planned(inserted)
         return Committed(inserted, quarantined)
 
     async def _commit_each(
@@ -220,4 +229,5 @@ class Planner:
             resource=f"Appointment/{appointment_id}",
             notifications=len(decision.notifications),
         )
+        self._planned(inserted)
         return Committed(inserted)

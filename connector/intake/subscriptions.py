@@ -3,9 +3,11 @@
 A notification (received by connector.web.fhir, parsed by connector.intake.notifications) is noted with
 its event count. A gap in `events-since-subscription-start`, a missed heartbeat or a `$status` of `error`
 triggers a resync: an incremental poll from the source's cursor (the last safe watermark), then the
-Subscription is set back to `requested`. An event notification names appointments: those it does not
-carry are read (gone means deleted); the resources go through the planner. A notification and a poll
-seeing the same version are one event: seen versions and notification keys make the second a no-op.
+Subscription is set back to `requested`. An R4 rest-hook ping (no payload) sets off an incremental poll;
+pings that arrive during a poll are served together by one more poll after it. An event notification names
+appointments: those it does not carry are read (gone means deleted); the resources go through the planner.
+A notification and a poll seeing the same version are one event: seen versions and notification keys make
+the second a no-op.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import structlog
 
 from connector.errors import ResourceError, SourceError
 from connector.intake.notifications import Notification, gap, parse_bundle
+from connector.logs import where
 
 if TYPE_CHECKING:
     from connector.config import Config
@@ -49,6 +52,7 @@ class SubscriptionHub:
         self.intake = intake
         self.clock = clock
         self._resyncs: dict[str, asyncio.Task[Any]] = {}
+        self._wanted: dict[str, bool] = {}  # a poll is wanted after the running one: True for a sweep
 
     async def notified(self, name: str, notification: Notification) -> list[dict[str, Any]] | None:
         """Note a notification; resync on a gap. For an event notification, the resources to process: those
@@ -82,12 +86,34 @@ class SubscriptionHub:
         return resources
 
     def resync(self, name: str, reason: str) -> None:
-        """An incremental poll of the source now (one at a time per source)."""
-        running = self._resyncs.get(name)
-        if running is not None and not running.done():
-            return
+        """A sweep of the source now: the whole overlap read again (a gap, a silent subscription, a read
+        that failed)."""
         log.info("subscription.resync", source=name, reason=reason)
-        self._resyncs[name] = asyncio.get_running_loop().create_task(self.poller.poll(name, sweep=True))
+        self._want(name, sweep=True)
+
+    def pinged(self, name: str) -> None:
+        """An R4 rest-hook ping (no payload): an incremental poll from where the last one ended (a sweep
+        when one is due anyway, see connector.intake.cursor). Pings that arrive while a poll runs are
+        answered by one more poll after it: each change is read once, and many at a time."""
+        log.debug("subscription.ping", source=name)
+        self._want(name, sweep=False)
+
+    def _want(self, name: str, sweep: bool) -> None:
+        """One poll task per source. A request while it runs is noted (a sweep wins over a poll) and served
+        by the same task as soon as the running poll ends, so that a change made after that poll read the
+        source is never left for the next scheduled poll."""
+        self._wanted[name] = sweep or self._wanted.get(name, False)
+        running = self._resyncs.get(name)
+        if running is None or running.done():
+            self._resyncs[name] = asyncio.get_running_loop().create_task(self._polls(name))
+
+    async def _polls(self, name: str) -> None:
+        while name in self._wanted:
+            sweep = self._wanted.pop(name)
+            try:
+                await self.poller.poll(name, sweep=sweep)
+            except Exception as exc:  # noqa: BLE001 - a ledger outage: the scheduled poll reads it later
+                log.error("subscription.poll_failed", source=name, problem=where(exc))
 
     # -- keeping subscriptions alive ------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from sqlalchemy import String, and_, bindparam, case, func, or_, select, update
 
 from connector.ledger.engine import N, SqlRole, record, utcnow
 from connector.ledger.journal import entry, note
+from connector.ledger.writes import planned_by
 from connector.models import State
 
 if TYPE_CHECKING:
@@ -65,13 +66,15 @@ class SqlOutbox(SqlRole):
     def claim_due(
         self, now: datetime, limit: int, owner: str, lease_until: datetime, wall_now: datetime, skip: Sequence[int] = ()
     ) -> list[NotificationRecord]:
-        """Lease up to `limit` due notifications to `owner`, oldest first; `skip`: ids not wanted now."""
+        """Lease up to `limit` due notifications to `owner`, oldest first; `skip`: ids not wanted now. Those
+        `owner` planned itself are its own to claim during their grace period (see `PlanWrites.affinity`);
+        other replicas wait for it to run out."""
         candidates = (
             select(N.c.id)
             .where(
                 N.c.state == State.PENDING.value,
                 N.c.due_at <= now,
-                or_(N.c.lease_until.is_(None), N.c.lease_until < wall_now),
+                or_(N.c.lease_until.is_(None), N.c.lease_until < wall_now, N.c.lease_owner == planned_by(owner)),
             )
             .order_by(N.c.due_at, N.c.id)
             .limit(limit)
@@ -170,7 +173,8 @@ class SqlOutbox(SqlRole):
 
     def release(self, owner: str | None, notification_ids: Sequence[int] | None = None) -> int:
         condition = N.c.state == State.PENDING.value
-        condition = and_(condition, N.c.lease_owner.is_not(None) if owner is None else N.c.lease_owner == owner)
+        mine = N.c.lease_owner.in_([owner, planned_by(owner)]) if owner is not None else None
+        condition = and_(condition, N.c.lease_owner.is_not(None) if mine is None else mine)
         if notification_ids is not None:
             condition = and_(condition, N.c.id.in_(list(notification_ids)))
         with self.engine.begin() as conn:

@@ -9,10 +9,11 @@ from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 
 from connector.ledger.engine import LR, OPT, N, SqlRole, record, utcnow
 from connector.ledger.journal import entry, note
+from connector.ledger.writes import planned_by
 from connector.models import State
 
 if TYPE_CHECKING:
@@ -105,7 +106,8 @@ class SqlPatientLinks(SqlRole):
                 N.c.patient_id == patient_id,
                 N.c.mapping.in_(list(mappings)),
                 N.c.state == State.PENDING.value,
-                N.c.lease_owner.is_(None),
+                # not being sent now: no lease, or only the planning replica's affinity marker (outbox)
+                or_(N.c.lease_owner.is_(None), N.c.lease_owner.like(planned_by("%"))),
             )
             .values(state=State.CANCELLED.value, reason=reason[:500], updated_at=utcnow())
             .returning(N.c.id)

@@ -5,7 +5,7 @@ connection; nothing here commits."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, select, update
@@ -20,8 +20,18 @@ if TYPE_CHECKING:
     from connector.lifecycle import Snapshot
 
 
+def planned_by(owner: str) -> str:
+    """The lease a daemon's new notifications carry for a grace period: its own poll cache holds their
+    resources, so it claims them first (see `SqlOutbox.claim_due`); not a claim, so nothing may send them."""
+    return f"planned:{owner}"
+
+
 class PlanWrites(SqlRole):
     """The statements of recording what intake planned (used by SqlIntake and SqlInbox)."""
+
+    # (owner, grace): new pending notifications are leased to `planned_by(owner)` for `grace` (a daemon
+    # sharing a PostgreSQL ledger sets it; see connector.daemon). None: any replica may claim them at once.
+    affinity: tuple[str, timedelta] | None = None
 
     def _withdraw(self, conn: Connection, source: str, withdrawal: Withdrawal) -> None:
         withdrawn = conn.execute(
@@ -134,6 +144,7 @@ class PlanWrites(SqlRole):
         if not notifications:
             return []
         now = utcnow()
+        owner, until = (planned_by(self.affinity[0]), now + self.affinity[1]) if self.affinity else (None, None)
         rows = [
             {
                 "key": n.key,
@@ -151,6 +162,8 @@ class PlanWrites(SqlRole):
                 "created_at": now,
                 "updated_at": now,
                 "appointment_start": n.appointment_start,
+                "lease_owner": owner if n.state is State.PENDING else None,
+                "lease_until": until if n.state is State.PENDING else None,
             }
             for n in notifications
         ]

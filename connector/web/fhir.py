@@ -1,6 +1,7 @@
 """FHIR Subscription notifications, received:
 
-    POST /fhir/<source>/notify                     R4 rest-hook ping (empty body) → an incremental poll now;
+    POST /fhir/<source>/notify                     R4 rest-hook ping (empty body) → an incremental poll now
+                                                   (pings during a poll: one more poll after it);
                                                    a Backport notification Bundle → handshake, heartbeat, or
                                                    events (id-only: read each focus; full-resource: use it)
     PUT  /fhir/<source>/notify/Appointment/<id>    R4 rest-hook with payload → processed directly
@@ -83,7 +84,7 @@ class FhirEndpoints:
             return admitted
         name, body = admitted
         if not body.strip():
-            self.hub.resync(name, "rest-hook notification")
+            self.hub.pinged(name)
             return Response(status_code=200)
         try:
             document = loads(body)

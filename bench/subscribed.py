@@ -1,0 +1,94 @@
+"""Latency with Subscriptions: a `connector run` daemon (the product's defaults, a rest-hook Subscription on
+the FHIR test server) while appointments are written at a steady rate; latency = the sandbox's received_at
+minus the appointment's meta.lastUpdated, both from this machine's clock."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from bench.rig import Rig, sandbox
+from bench.table import Report, log, percentile
+from connector.testing import API_KEY, HarnessError, cli, daemon, environment, free_port, sqlite_url, write_config
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+SECRET = "bench-subscription-secret"  # noqa: S105 - made up; the FHIR test server sends it back to us
+
+
+def subscription_latency(
+    rig: Rig, count: int, rate: float, feed: Callable[[str, int, float], tuple[dict[str, datetime], float]]
+) -> tuple[list[float], int, float]:
+    """Latencies (ms) of `count` appointments written at `rate`/s with a rest-hook Subscription (id-only)."""
+    process, fhir = rig.procs.server("fhir", "--patients", str(count))
+    folder = rig.root / "subscription"
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}/fhir/ehr/notify"
+    subscription = (
+        "    subscription:\n      enabled: true\n      kind: rest-hook\n      secret: ${SUB_SECRET}\n"
+        f"      endpoint: {endpoint}\n      criteria: Appointment?status=booked\n      payload: id-only\n"
+    )
+    config = write_config(
+        folder,
+        fhir,
+        rig.paubox,
+        ledger_url=sqlite_url(folder / "ledger.db"),
+        mappings=("appointment-booked",),
+        optout=False,
+        source={"page_size": None, "retries": None},
+        extra_source=subscription,
+        dispatch={"interval": "10s", "retry_backoff": None, "bulk": None},  # 10s: the default
+        server={"host": "127.0.0.1", "port": port},
+    )
+    env = environment(PAUBOX_API_KEY=API_KEY, SUB_SECRET=SECRET)
+    try:
+        cli("db", "upgrade", "--config", config, cwd=folder, env=env)
+        cli("subscribe", "ehr", "--config", config, cwd=folder, env=env)
+        sandbox(rig.paubox, "DELETE", "/_sandbox/messages")
+        with daemon(config, cwd=folder, env=env, log_name="subscribed-daemon.log") as child:
+            child.wait_http(f"http://127.0.0.1:{port}/livez")
+            time.sleep(2)  # the first poll (nothing there) is over
+            log(f"subscriptions: writing {count:,} appointments at {rate:.0f}/s")
+            written, achieved = feed(fhir, count, rate)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and sandbox(rig.paubox, "GET", "/_sandbox/stats")["accepted"] < count:
+                time.sleep(0.2)
+    except HarnessError as exc:
+        log(f"subscriptions: failed ({exc})")
+        raise
+    finally:
+        rig.procs.stop(process)
+    delays = []
+    for message in sandbox(rig.paubox, "GET", "/_sandbox/messages")["messages"]:
+        key = message["custom_headers"].get("X-Notification-Key", "")
+        appointment_id = key.split("|")[0].rsplit(":", 1)[-1]
+        if appointment_id in written:
+            accepted = datetime.fromisoformat(message["received_at"])
+            delays.append((accepted - written[appointment_id]).total_seconds() * 1000)
+    return delays, count, achieved
+
+
+def report_subscriptions(report: Report, delays: list[float], count: int, achieved: float, duration: float) -> None:
+    report.section(
+        f"5. Latency with Subscriptions: {count:,} appointments written at {achieved:.0f}/s for {duration:.0f} s; "
+        "`connector run` with the product's defaults (poll every 60 s, sweep 1m, dispatch every 10 s, woken "
+        "by what is planned), a rest-hook Subscription (id-only)"
+    )
+    if not delays:
+        report.row(
+            "notification → accepted", "no message accepted", "p99 ≤ 300 ms", False, "Subscriptions p99 ≤ 300 ms"
+        )
+        return
+    p50, p99 = percentile(delays, 0.50), percentile(delays, 0.99)
+    log(f"subscriptions: p50 {p50:.0f} ms, p99 {p99:.0f} ms over {len(delays)} messages")
+    report.row(
+        "write → accepted p50 / p99",
+        f"{p50:,.0f} ms / {p99:,.0f} ms",
+        "p99 ≤ 300 ms",
+        p99 <= 300,
+        "Subscriptions: write → accepted p99 ≤ 300 ms",
+    )
+    report.row("  max; accepted / written", f"{max(delays):,.0f} ms; {len(delays):,} / {count:,}")
