@@ -6,7 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import pytest
 
+from connector.config import load_config
+from connector.errors import ConnectorError
 from connector.testing import sqlite_url
 from tests.console_harness import OPERATOR, console_app, csrf_of, write_console_config
 
@@ -54,3 +57,16 @@ async def test_a_user_removed_or_demoted_in_the_config_loses_the_session(tmp_pat
                 assert (await other.get("/console")).status_code == 303
         finally:
             ledger.dispose()
+
+
+def test_a_session_secret_short_enough_to_guess_is_refused_at_load(tmp_path: Path) -> None:
+    """With a guessable secret anyone could sign an operator's cookie offline: the config is refused, and the
+    message does not echo the secret."""
+    path = write_console_config(tmp_path, sqlite_url(tmp_path / "ledger.db"))
+    (tmp_path / "session.key").write_text("changeme\n")
+    with pytest.raises(ConnectorError) as refused:
+        load_config(path)
+    assert "session_secret" in str(refused.value) and "32 or more" in str(refused.value)
+    assert "changeme" not in str(refused.value)
+    (tmp_path / "session.key").write_text("x" * 32 + "\n")
+    assert load_config(path).console is not None
