@@ -25,13 +25,20 @@ async def _signed_in(app: object) -> tuple[httpx.AsyncClient, str]:
 async def test_signing_out_ends_the_session(tmp_path: Path) -> None:
     app, ledger = console_app(write_console_config(tmp_path, sqlite_url(tmp_path / "ledger.db")))
     try:
-        client, _ = await _signed_in(app)
+        client, cookie = await _signed_in(app)
         page = await client.get("/console")
         assert page.status_code == 200
         out = await client.post("/console/logout", data={"csrf": csrf_of(page.text)})
         assert (out.status_code, out.headers["location"]) == (303, "/console/login")
         assert (await client.get("/console")).status_code == 303
         await client.aclose()
+        # a copy of the signed-out cookie (kept by someone else) is no session either
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://console.test") as copy:  # type: ignore[arg-type]
+            copy.cookies.set("connector_console", cookie)
+            assert (await copy.get("/console")).status_code == 303
+        again, _ = await _signed_in(app)  # signing in again gives a new session
+        assert (await again.get("/console")).status_code == 200
+        await again.aclose()
     finally:
         ledger.dispose()
 

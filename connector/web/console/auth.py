@@ -82,6 +82,9 @@ class Gate:
         self.trusted = trusted_proxies
         self.limiter = Limiter(config.login_attempts, config.login_window.total_seconds())
         self._signer: URLSafeTimedSerializer | None = None
+        # sessions signed out here (by their CSRF token, unique to each sign-in) until their cookie would
+        # have expired anyway: a copy of a signed-out cookie is no session (in this process)
+        self._ended: dict[str, float] = {}
 
     @property
     def signer(self) -> URLSafeTimedSerializer:
@@ -113,6 +116,8 @@ class Gate:
         configured = self.config.users.get(who) if isinstance(who, str) else None
         if configured is None or configured.role != role or not isinstance(csrf, str):
             return None  # a user removed or demoted since signing in loses the session
+        if csrf in self._ended:
+            return None  # signed out
         return User(str(who), str(role), csrf)
 
     def sign_in(self, name: str, password: str, address: str) -> User | str:
@@ -145,7 +150,11 @@ class Gate:
             samesite="strict",
         )
 
-    def end_session(self, response: Response, path: str) -> None:
+    def end_session(self, response: Response, path: str, user: User | None = None) -> None:
+        if user is not None and not user.sso:
+            now = time.monotonic()
+            self._ended = {token: until for token, until in self._ended.items() if until > now}
+            self._ended[user.csrf] = now + self.config.session_lifetime.total_seconds()
         response.delete_cookie(COOKIE, path=path, secure=self.config.secure_cookie, httponly=True, samesite="strict")
 
     @staticmethod

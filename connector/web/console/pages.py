@@ -230,7 +230,7 @@ class Console:
         if user is None or not Gate.csrf_ok(user, form.get("csrf")):
             return self.refuse("logout", "no session or CSRF token")
         response = self.to_login()
-        self.gate.end_session(response, self.prefix)
+        self.gate.end_session(response, self.prefix, user)
         return response
 
     # actions ----------------------------------------------------------------------------------------------
