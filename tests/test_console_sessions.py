@@ -11,6 +11,7 @@ import pytest
 from connector.config import load_config
 from connector.errors import ConnectorError
 from connector.testing import sqlite_url
+from connector.web.console.auth import Limiter
 from tests.console_harness import OPERATOR, console_app, csrf_of, write_console_config
 
 
@@ -77,3 +78,16 @@ def test_a_session_secret_short_enough_to_guess_is_refused_at_load(tmp_path: Pat
     assert "changeme" not in str(refused.value)
     (tmp_path / "session.key").write_text("x" * 32 + "\n")
     assert load_config(path).console is not None
+
+
+def test_a_flood_of_made_up_names_does_not_lift_a_block() -> None:
+    """The limiter forgets keys when it holds too many, but never one that is blocked now."""
+    limiter = Limiter(5, 900)
+    target = ("olivia", "203.0.113.9")
+    for _ in range(5):
+        limiter.failed(target)
+    assert limiter.blocked(target)
+    for i in range(10_002):
+        limiter.failed((f"made-up-{i}", "203.0.113.9"))
+    assert limiter.blocked(target)
+    assert not limiter.blocked(("made-up-1", "203.0.113.9"))

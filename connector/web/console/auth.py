@@ -66,8 +66,11 @@ class Limiter:
         return len(failures) >= self.attempts
 
     def failed(self, key: tuple[str, str]) -> None:
-        if len(self._failures) > 10_000:  # a flood of made-up names must not grow this without end
-            self._failures.clear()
+        if len(self._failures) > 10_000:  # a flood of made-up names must not grow this without end, ...
+            recent = time.monotonic() - self.window
+            self._failures = {  # ... nor lift a block: keys blocked now are kept, the rest forgotten
+                k: f for k, f in self._failures.items() if len(f) >= self.attempts and f[-1] >= recent
+            }
         self._failures.setdefault(key, deque()).append(time.monotonic())
 
     def forget(self, key: tuple[str, str]) -> None:
