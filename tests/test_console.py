@@ -140,6 +140,17 @@ async def test_search_by_appointment_and_pages_by_keyset_newest_first(site: Site
         assert forged.status_code == 403
 
 
+async def test_a_get_search_refuses_patient_ids_and_keys_in_the_address(site: Site) -> None:
+    """Patient ids and keys are posted, never taken from a query string (URLs land in history and logs)."""
+    async with site.signed_in(VIEWER) as client:
+        for field, value in (("patient_id", "pat-appt-doubt"), ("key", "anything")):
+            answer = await client.get("/console/notifications", params={field: value})
+            assert answer.status_code == 400 and "search with the form" in answer.text, field
+            assert value not in answer.text and 'class="open"' not in answer.text
+        by_state = await client.get("/console/notifications", params={"state": "failed"})
+        assert by_state.status_code == 200 and _ids(by_state.text) == [str(site.seeded.failed)]
+
+
 async def test_an_operator_resolves_an_in_doubt_notification_and_the_audit_shows_it(site: Site) -> None:
     nid = site.seeded.in_doubt
     async with site.signed_in(OPERATOR) as client:

@@ -6,8 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import pytest
 
+from connector.config import load_config
+from connector.errors import ConnectorError
 from connector.testing import sqlite_url
+from connector.web.console.auth import Limiter
 from tests.console_harness import OPERATOR, console_app, csrf_of, write_console_config
 
 
@@ -22,13 +26,20 @@ async def _signed_in(app: object) -> tuple[httpx.AsyncClient, str]:
 async def test_signing_out_ends_the_session(tmp_path: Path) -> None:
     app, ledger = console_app(write_console_config(tmp_path, sqlite_url(tmp_path / "ledger.db")))
     try:
-        client, _ = await _signed_in(app)
+        client, cookie = await _signed_in(app)
         page = await client.get("/console")
         assert page.status_code == 200
         out = await client.post("/console/logout", data={"csrf": csrf_of(page.text)})
         assert (out.status_code, out.headers["location"]) == (303, "/console/login")
         assert (await client.get("/console")).status_code == 303
         await client.aclose()
+        # a copy of the signed-out cookie (kept by someone else) is no session either
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://console.test") as copy:  # type: ignore[arg-type]
+            copy.cookies.set("connector_console", cookie)
+            assert (await copy.get("/console")).status_code == 303
+        again, _ = await _signed_in(app)  # signing in again gives a new session
+        assert (await again.get("/console")).status_code == 200
+        await again.aclose()
     finally:
         ledger.dispose()
 
@@ -54,3 +65,29 @@ async def test_a_user_removed_or_demoted_in_the_config_loses_the_session(tmp_pat
                 assert (await other.get("/console")).status_code == 303
         finally:
             ledger.dispose()
+
+
+def test_a_session_secret_short_enough_to_guess_is_refused_at_load(tmp_path: Path) -> None:
+    """With a guessable secret anyone could sign an operator's cookie offline: the config is refused, and the
+    message does not echo the secret."""
+    path = write_console_config(tmp_path, sqlite_url(tmp_path / "ledger.db"))
+    (tmp_path / "session.key").write_text("changeme\n")
+    with pytest.raises(ConnectorError) as refused:
+        load_config(path)
+    assert "session_secret" in str(refused.value) and "32 or more" in str(refused.value)
+    assert "changeme" not in str(refused.value)
+    (tmp_path / "session.key").write_text("x" * 32 + "\n")
+    assert load_config(path).console is not None
+
+
+def test_a_flood_of_made_up_names_does_not_lift_a_block() -> None:
+    """The limiter forgets keys when it holds too many, but never one that is blocked now."""
+    limiter = Limiter(5, 900)
+    target = ("olivia", "203.0.113.9")
+    for _ in range(5):
+        limiter.failed(target)
+    assert limiter.blocked(target)
+    for i in range(10_002):
+        limiter.failed((f"made-up-{i}", "203.0.113.9"))
+    assert limiter.blocked(target)
+    assert not limiter.blocked(("made-up-1", "203.0.113.9"))

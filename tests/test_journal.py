@@ -11,7 +11,7 @@ import pytest
 from alembic import command
 
 from connector.daemon import aftercare
-from connector.ledger import SeenVersion, Withdrawal, migrate
+from connector.ledger import SeenVersion, SendResult, Withdrawal, migrate
 from connector.ledger.engine import make_engine
 from connector.ledger.operator import Selection
 from connector.ledger.sql import SqlLedger
@@ -129,6 +129,30 @@ def test_outbox_and_after_send_journal_doubt_resends_receipts_and_operators(ledg
     whats = [s.what for s in facts.timeline(detail).steps]
     assert whats.index("outcome: in_doubt") < whats.index("resolve-resend: in_doubt → pending")
     assert whats.index("resolve-resend: in_doubt → pending") < whats.index("confirmed: sent")
+
+
+def test_an_outcome_is_journalled_as_the_state_the_row_took_and_only_if_it_took_it(ledger: SqlLedger) -> None:
+    """A webhook confirmed the send before the mailer's doubtful answer (the row becomes sent); an operator
+    cancelled one whose late answer then came (the row stays cancelled): the journal tells what happened."""
+    ledger.intake.add([planned("k2", due=NOW)])
+    claimed = ledger.outbox.claim_due(NOW, 10, "worker-1", NOW + timedelta(minutes=5), NOW)
+    ids = {c.key: c.id for c in claimed}
+    ledger.outbox.start_sending(list(ids.values()), "worker-1", NOW + timedelta(minutes=5))
+    ledger.outbox.mark_interrupted(NOW + timedelta(hours=1), everything=True)  # its lease ran out: in doubt
+    ledger.operator.settle(Selection(ids=(ids["k2"],)), State.CANCELLED, [State.IN_DOUBT], "cli:alice", "dup")
+    ledger.outbox.finish([SendResult(ids["k2"], State.SENT, tracking_id="t-2", when=NOW)])
+    assert ledger.console.detail(ids["k2"]).record.state is State.CANCELLED  # type: ignore[union-attr]
+    outcomes = [e.state for e in ledger.journal.of_notification(ids["k2"]) if e.event == "outcome"]
+    assert outcomes == ["in_doubt"]  # the late "sent" changed nothing, so it is not told
+
+    ledger.intake.add([planned("k3", due=NOW)])
+    [third] = ledger.outbox.claim_due(NOW, 10, "worker-1", NOW + timedelta(minutes=5), NOW)
+    ledger.outbox.start_sending([third.id], "worker-1", NOW + timedelta(minutes=5))
+    assert ledger.after_send.record_delivery("k3", None, "delivered", 3, NOW)
+    ledger.outbox.finish([SendResult(third.id, State.IN_DOUBT, reason="timed out")])
+    assert ledger.console.detail(third.id).record.state is State.SENT  # type: ignore[union-attr]
+    [outcome] = [e for e in ledger.journal.of_notification(third.id) if e.event == "outcome"]
+    assert (outcome.state, outcome.detail) == ("sent", "confirmed by a Paubox webhook")
 
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])

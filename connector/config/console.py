@@ -10,12 +10,22 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from connector.config.base import Secret, Strict
 from connector.units import Duration
 
 Role = Literal["viewer", "operator"]
+
+
+def _long_enough(value: Secret) -> Secret:
+    """A session secret short enough to guess would let anyone sign their own operator cookie: refused at
+    load when it can be read then (the message never echoes it)."""
+    if value.problem() is None and len(value.get_secret_value().strip()) < 32:
+        raise ValueError("give 32 or more random characters (e.g. `openssl rand -base64 32`)")
+    return value
+
+
 USER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"
 
 
@@ -35,7 +45,9 @@ class SsoConfig(Strict):
 
 class ConsoleConfig(Strict):
     path: str = Field("/console", pattern=r"^/[a-z0-9-]{1,32}$", description="the console's path prefix")
-    session_secret: Secret = Field(description="signs session cookies (32+ random characters), by reference")
+    session_secret: Annotated[Secret, AfterValidator(_long_enough)] = Field(
+        description="signs session cookies (32+ random characters), by reference"
+    )
     session_lifetime: Duration = Field(timedelta(hours=8), description="a session ends this long after sign-in")
     secure_cookie: bool = Field(True, description="send the session cookie over HTTPS only (keep on behind TLS)")
     users: dict[Annotated[str, Field(pattern=USER_PATTERN)], ConsoleUser] = Field(default_factory=dict)

@@ -122,7 +122,6 @@ class SqlOutbox(SqlRole):
         A notification marked in_doubt meanwhile (its lease ran out) still takes what we learnt."""
         groups: dict[str, list[dict[str, Any]]] = {}
         now = utcnow()
-        told = [entry("outcome", r.notification_id, r.state.value, _told(r), at=now) for r in results]
         for r in results:
             params = {"nid": r.notification_id, "now": now, "why": r.reason and r.reason[:500]}
             if r.state is State.SENT:
@@ -135,7 +134,12 @@ class SqlOutbox(SqlRole):
         with self.engine.begin() as conn:
             for state, rows in groups.items():
                 conn.execute(_FINISH[state], rows)
-            note(conn, told)
+            # journal what each row became, and only the rows that took it (not one settled meanwhile)
+            ids = [r.notification_id for r in results]
+            became: dict[int, str] = dict(
+                conn.execute(select(N.c.id, N.c.state).where(N.c.id.in_(ids), N.c.updated_at == now)).all()
+            )
+            note(conn, [_told(r, became[r.notification_id], now) for r in results if r.notification_id in became])
 
     def settle(self, notification_id: int, owner: str, state: State, reason: str) -> None:
         with self.engine.begin() as conn:
@@ -206,9 +210,12 @@ class SqlOutbox(SqlRole):
         return len(interrupted)
 
 
-def _told(result: SendResult) -> str:
-    """The journal's detail of a send's outcome: its reason and Paubox's tracking id."""
+def _told(result: SendResult, became: str, now: datetime) -> dict[str, Any]:
+    """The journal's entry of a send's outcome: the state the row took, its reason and Paubox's tracking id
+    (an in_doubt answer on a row a webhook had already confirmed made it sent)."""
+    if became != result.state.value:
+        return entry("outcome", result.notification_id, became, "confirmed by a Paubox webhook", at=now)
     parts = [result.reason or ""]
     if result.state is State.SENT and result.tracking_id:
         parts.append(f"Paubox tracking id {result.tracking_id}")
-    return "; ".join(p for p in parts if p)
+    return entry("outcome", result.notification_id, became, "; ".join(p for p in parts if p), at=now)

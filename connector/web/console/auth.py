@@ -66,8 +66,11 @@ class Limiter:
         return len(failures) >= self.attempts
 
     def failed(self, key: tuple[str, str]) -> None:
-        if len(self._failures) > 10_000:  # a flood of made-up names must not grow this without end
-            self._failures.clear()
+        if len(self._failures) > 10_000:  # a flood of made-up names must not grow this without end, ...
+            recent = time.monotonic() - self.window
+            self._failures = {  # ... nor lift a block: keys blocked now are kept, the rest forgotten
+                k: f for k, f in self._failures.items() if len(f) >= self.attempts and f[-1] >= recent
+            }
         self._failures.setdefault(key, deque()).append(time.monotonic())
 
     def forget(self, key: tuple[str, str]) -> None:
@@ -82,6 +85,9 @@ class Gate:
         self.trusted = trusted_proxies
         self.limiter = Limiter(config.login_attempts, config.login_window.total_seconds())
         self._signer: URLSafeTimedSerializer | None = None
+        # sessions signed out here (by their CSRF token, unique to each sign-in) until their cookie would
+        # have expired anyway: a copy of a signed-out cookie is no session (in this process)
+        self._ended: dict[str, float] = {}
 
     @property
     def signer(self) -> URLSafeTimedSerializer:
@@ -113,6 +119,8 @@ class Gate:
         configured = self.config.users.get(who) if isinstance(who, str) else None
         if configured is None or configured.role != role or not isinstance(csrf, str):
             return None  # a user removed or demoted since signing in loses the session
+        if csrf in self._ended:
+            return None  # signed out
         return User(str(who), str(role), csrf)
 
     def sign_in(self, name: str, password: str, address: str) -> User | str:
@@ -145,7 +153,11 @@ class Gate:
             samesite="strict",
         )
 
-    def end_session(self, response: Response, path: str) -> None:
+    def end_session(self, response: Response, path: str, user: User | None = None) -> None:
+        if user is not None and not user.sso:
+            now = time.monotonic()
+            self._ended = {token: until for token, until in self._ended.items() if until > now}
+            self._ended[user.csrf] = now + self.config.session_lifetime.total_seconds()
         response.delete_cookie(COOKIE, path=path, secure=self.config.secure_cookie, httponly=True, samesite="strict")
 
     @staticmethod

@@ -49,6 +49,7 @@ HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
+PRIVATE = ("patient_id", "key")  # search fields refused in a GET's query string: they would sit in URLs and logs
 FIELDS = ("appointment_id", "patient_id", "key", "state", "mapping", "source", "since", "until")
 
 
@@ -145,6 +146,12 @@ class Console:
             user, params = self.gate.user(request), dict(request.query_params)
             if user is None:
                 return self.to_login()
+            named = [name for name in PRIVATE if name in params]
+            if named:  # patient ids and keys are posted with the form, never put in an address
+                problem = f"{', '.join(named)}: search with the form; these are never taken from the address"
+                return self.page(
+                    "notifications.html", user, 400, rows=[], problem=problem, q={}, more=None, fields=FIELDS
+                )
         try:
             search = search_from(params)
             before = int(params["before"]) if params.get("before", "").isdigit() else None
@@ -223,7 +230,7 @@ class Console:
         if user is None or not Gate.csrf_ok(user, form.get("csrf")):
             return self.refuse("logout", "no session or CSRF token")
         response = self.to_login()
-        self.gate.end_session(response, self.prefix)
+        self.gate.end_session(response, self.prefix, user)
         return response
 
     # actions ----------------------------------------------------------------------------------------------
