@@ -304,3 +304,20 @@ async def test_without_content_full_no_text_and_after_a_restart_the_mapping_name
     assert (
         "payload" not in seventh and "note" not in seventh and seventh["topic"]["text"].startswith("Your appointment")
     )
+
+
+async def test_an_identifier_system_with_query_characters_still_finds_the_first_communication(
+    opened: Opener, fhir: FhirState, paubox: SandboxState
+) -> None:
+    # If-None-Exist is a query string: a system with `+`, `&` or `%` must be percent-encoded in it, or the
+    # server searches for another system, finds nothing, and a retry puts a second Communication in the chart.
+    system = "https://example.org/ids?kind=notification&v=1+2%"
+    runtime = opened(write_back={**WRITE_BACK, "identifier_system": system})
+    await send_only(runtime)
+    fhir.write_faults = [WriteFault(500, after_commit=True)]
+    await runtime.write_back.run()
+    await asyncio.sleep(0.05)
+    second = await runtime.write_back.run()
+    assert second["found"] == 1 and second["written"] == 0
+    assert len(communications(fhir)) == 4 and len(by_identifier(fhir)) == 4
+    assert all(c["identifier"][0]["system"] == system for c in communications(fhir))
