@@ -20,6 +20,7 @@ import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 
 CATEGORY_SYSTEM = "http://terminology.hl7.org/CodeSystem/communication-category"
 MEDIUM_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ParticipationMode"
@@ -42,8 +43,14 @@ def identifier_value(kind: str, key: str) -> str:
     return f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:40]}"
 
 
+def identifier_condition(system: str, value: str) -> str:
+    """`identifier=system|value` as an `If-None-Exist` header: a query string, so the system is
+    percent-encoded (an `&`, `+`, `%` or `#` in it would otherwise search for something else)."""
+    return f"identifier={quote(system, safe=':/')}|{quote(value, safe='')}"
+
+
 def if_none_exist(system: str, kind: str, key: str) -> str:
-    return f"identifier={system}|{identifier_value(kind, key)}"
+    return identifier_condition(system, identifier_value(kind, key))
 
 
 def instant(when: datetime) -> str:

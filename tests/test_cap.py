@@ -15,8 +15,10 @@ import pytest
 from connector.cap import Deferred, Skipped, local_day, over_cap
 from connector.commands.ledger import status
 from connector.config import load_config
+from connector.crm.appointments import CONTACT
 from connector.daemon import run_once
 from connector.delivery.paubox import PauboxRestMailer
+from connector.ledger import NotificationRecord
 from connector.models import State
 from connector.runtime import Runtime
 from connector.sandbox.fhir import FhirState
@@ -186,3 +188,38 @@ async def test_over_the_cap_is_skipped_with_the_reason_when_so_configured(
     assert recipients(paubox) == ["capped@example.org"] * 2 + ["other@example.org"]
     skipped = status(runtime.config)["suppressed"]
     assert len(skipped) == 2 and all(n.state is State.SKIPPED and "daily cap" in (n.reason or "") for n in skipped)
+
+
+def crm_record(notification_id: int, patient_id: str, kind: str = "CrmAppointment") -> NotificationRecord:
+    return NotificationRecord(
+        id=notification_id,
+        key=f"crm|CrmEvent|{notification_id}|welcome",
+        source="crm",
+        mapping="welcome",
+        event="contact.created",
+        resource_type=kind,
+        resource_id=str(notification_id),
+        resource_version="1",
+        patient_id=patient_id,
+        state=State.PENDING,
+        reason=None,
+        attempts=0,
+        due_at=NOW,
+        tracking_id=None,
+        updated_at=NOW,
+    )
+
+
+@pytest.mark.parametrize(("kind", "placeholder"), [("CrmEvent", ""), ("CrmAppointment", CONTACT)])
+async def test_notifications_that_name_no_patient_are_not_capped_together(
+    capped: Callable[..., tuple[Runtime, Clock]], kind: str, placeholder: str
+) -> None:
+    # A CRM event names no patient (""), nor does a CRM appointment without a `contact:` path ("contact"):
+    # counted together, the cap would hold back every email of the source after the first two of the day.
+    runtime, _ = capped("skip")
+    cap = runtime.dispatcher.cap
+    assert cap is not None
+    verdicts = [await cap.check(crm_record(i, placeholder, kind), NOW) for i in range(1, 5)]
+    assert verdicts == [None] * 4
+    assert [await cap.check(crm_record(i, "contact-7"), NOW) for i in range(5, 8)][:2] == [None, None]
+    assert isinstance(await cap.check(crm_record(8, "contact-7"), NOW), Skipped)

@@ -13,12 +13,14 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import select
 
 from connector.commands.ledger import status
 from connector.config import Config, load_config
 from connector.daemon import dispatch, run_once
 from connector.delivery.paubox import PauboxRestMailer
 from connector.intake.replay import replan
+from connector.ledger.engine import WB
 from connector.models import State, fixed_clock
 from connector.runtime import Runtime
 from connector.sandbox.fhir import FhirState, WriteFault
@@ -304,3 +306,45 @@ async def test_without_content_full_no_text_and_after_a_restart_the_mapping_name
     assert (
         "payload" not in seventh and "note" not in seventh and seventh["topic"]["text"].startswith("Your appointment")
     )
+
+
+async def test_an_identifier_system_with_query_characters_still_finds_the_first_communication(
+    opened: Opener, fhir: FhirState, paubox: SandboxState
+) -> None:
+    # If-None-Exist is a query string: a system with `+`, `&` or `%` must be percent-encoded in it, or the
+    # server searches for another system, finds nothing, and a retry puts a second Communication in the chart.
+    system = "https://example.org/ids?kind=notification&v=1+2%"
+    runtime = opened(write_back={**WRITE_BACK, "identifier_system": system})
+    await send_only(runtime)
+    fhir.write_faults = [WriteFault(500, after_commit=True)]
+    await runtime.write_back.run()
+    await asyncio.sleep(0.05)
+    second = await runtime.write_back.run()
+    assert second["found"] == 1 and second["written"] == 0
+    assert len(communications(fhir)) == 4 and len(by_identifier(fhir)) == 4
+    assert all(c["identifier"][0]["system"] == system for c in communications(fhir))
+
+
+async def test_a_slow_ehr_never_gets_a_write_whose_lease_has_run_out(
+    opened: Opener, fhir: FhirState, paubox: SandboxState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A write taking longer than the lease would let another replica claim the rest of the batch while
+    # this one goes on writing it: two conditional creates of one Communication at once.
+    monkeypatch.setattr("connector.sending.writeback.LEASE", timedelta(seconds=0.3))
+    runtime = opened()
+    await send_only(runtime)
+    fhir.write_faults = [WriteFault(0, hang=0.4)]  # the first write is slow, the others are not
+    leased: list[bool] = []
+    write = runtime.write_back._write
+
+    async def checked(job: Any) -> str:
+        with runtime.ledger.engine.connect() as conn:
+            row = conn.execute(select(WB.c.lease_owner, WB.c.lease_until).where(WB.c.id == job.id)).one()
+        until = row.lease_until if row.lease_until.tzinfo else row.lease_until.replace(tzinfo=UTC)
+        leased.append(row.lease_owner == runtime.write_back.owner and until > datetime.now(UTC))
+        return await write(job)
+
+    monkeypatch.setattr(runtime.write_back, "_write", checked)
+    counts = await runtime.write_back.run()
+    assert counts["written"] == 4 and len(communications(fhir)) == 4
+    assert leased == [True] * 4

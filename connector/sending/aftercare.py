@@ -111,7 +111,9 @@ class Aftercare:
         )
         updated = await self.after_send.record_delivery(key, tracking, status, rank, when)
         suppressed = False
-        if status in ("hard_bounced", "soft_bounced") and key is not None:
+        # A soft bounce counts once per message: a repeat of its webhook (Paubox retries one it thinks was
+        # lost) leaves the delivery status as it was, and must not count towards the limit again.
+        if key is not None and (status == "hard_bounced" or (status == "soft_bounced" and updated)):
             suppressed = await self._suppress(key, payload.get("to"), hard=status == "hard_bounced", when=when)
         # One bounce, one record: where it was kept per patient (`bounces:`), which heals when the EHR has
         # another address, it does not also go on the opt-out list for every patient, for good.

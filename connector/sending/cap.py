@@ -13,6 +13,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING
 
 from connector.cap import Deferred, Skipped, local_day, over_cap
+from connector.crm.appointments import CONTACT
 from connector.timing import QuietHours
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ class DailyCap:
 
     async def check(self, n: NotificationRecord, now: datetime) -> Deferred | Skipped | None:
         """None: it may go (its place is reserved until `done`); else deferred or skipped, with the reason."""
-        if self.limit is None:
+        if self.limit is None or not names_a_patient(n):
             return None
         who, zone = (n.source, n.patient_id), self.zone(n.source)
         since, until = local_day(now, zone)
@@ -71,3 +72,10 @@ class DailyCap:
                 mine.discard(n.id)
                 if not mine:
                     del self.reserved[(n.source, n.patient_id)]
+
+
+def names_a_patient(n: NotificationRecord) -> bool:
+    """Whether the notification's patient id is one person's: a CRM event names none (""), a CRM appointment
+    without a `contact:` path gives every appointment the same placeholder. Those are not capped: counted
+    together, one patient's cap would hold back every email of the source."""
+    return bool(n.patient_id) and not (n.resource_type == "CrmAppointment" and n.patient_id == CONTACT)

@@ -21,6 +21,7 @@ from connector.crm.verify import standard_webhook_headers
 from connector.errors import SourceError
 from connector.handoff import Rules, event, note_of, rules_for, task, wanted, with_reason
 from connector.sources.fhir_write import StaleVersion, WriteRefused
+from connector.writeback import identifier_condition
 
 if TYPE_CHECKING:
     from connector.config import Config
@@ -104,7 +105,7 @@ class HandOff:
                 0,
             )
         what = f"hand-off Task for notification {job.notification_id}"
-        condition = f"identifier={system}|{resource['identifier'][0]['value']}"
+        condition = identifier_condition(system, resource["identifier"][0]["value"])
         written = await writer.create(resource, if_none_exist=condition, what=what)
         if written.created:
             return "written", f"Task/{written.id}"

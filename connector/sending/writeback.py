@@ -99,10 +99,16 @@ class WriteBack:
         wall = datetime.now(UTC)
         while not self.stopping:
             # Due by the start of this run: a write retried in it waits for the next run.
-            jobs = await self.store.claim(wall, BATCH, self.owner, datetime.now(UTC) + LEASE)
+            claimed = datetime.now(UTC)
+            jobs = await self.store.claim(wall, BATCH, self.owner, claimed + LEASE)
             if not jobs:
                 break
-            for job in jobs:
+            for index, job in enumerate(jobs):
+                if index and datetime.now(UTC) - claimed > LEASE / 2:
+                    # A slow EHR: the rest of the batch is given back before its lease runs out, so that no
+                    # other replica takes it while this one is still writing it; it is claimed again anew.
+                    await self.store.release(self.owner)
+                    break
                 outcome = await self._write(job)
                 counts[outcome] += 1
                 metrics.inc("connector_write_backs_total", outcome=outcome)
