@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import re
 import subprocess
@@ -652,3 +653,32 @@ def test_link_settings_that_cannot_work_are_refused_with_their_line(
         load_config(path)
     problems = [str(p) for p in refused.value.problems]
     assert any(expected in p and "config.yaml" in p for p in problems), problems
+
+
+class Unversioned(httpx.AsyncBaseTransport):
+    """The FHIR test server, but its reads of the Appointment carry no version (no ETag, no meta.versionId):
+    an update could then only be a blind overwrite."""
+
+    def __init__(self, fhir: FhirState) -> None:
+        self.inner = httpx.ASGITransport(app=fhir_app(fhir))
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if request.method != "GET" or "/Appointment/" not in request.url.path or response.status_code != 200:
+            return response
+        body = json.loads(await response.aread())
+        body.pop("meta", None)
+        headers = [(k, v) for k, v in response.headers.items() if k.lower() not in ("etag", "content-length")]
+        return httpx.Response(200, headers=headers, content=json.dumps(body).encode())
+
+
+async def test_a_cancel_never_updates_an_appointment_read_without_a_version(world: World) -> None:
+    await sent(world)
+    runtime = world.open(Unversioned(world.fhir))
+    async with world.client(runtime) as client:
+        answer = await client.post(world.links_of("Your appointment")["cancel"])
+    assert answer.status_code == 503
+    assert [w for w in world.fhir.writes if w.interaction == "update"] == []
+    after = world.fhir.current("Appointment", "a1")
+    assert after is not None and after["status"] == "booked"
+    assert world.responses() == []  # nothing written that the cancel could not finish

@@ -120,6 +120,9 @@ class PatientActions:
             refusal = None if ours else _refusal(record, current.resource, now)
             if refusal is not None:
                 return refusal
+            changes = action == "cancel" and source.config.write_back.cancel_appointment
+            if changes and not ours and current.version is None:
+                return _unversioned(writer)
             await writer.create(
                 _response(record, identifier, "accepted" if action == "confirm" else "declined"),
                 if_none_exist=f"identifier={IDENTIFIER_SYSTEM}|{identifier}",
@@ -145,6 +148,8 @@ class PatientActions:
             refusal = _refusal(record, current.resource, now)
             if refusal is not None:
                 return refusal
+            if current.version is None:  # an update without If-Match would overwrite blindly
+                return _unversioned(writer)
             changed = {**current.resource, "status": "cancelled", "cancelationReason": {"coding": [PAT_CRS]}}
             try:
                 await writer.update(changed, version=current.version, what="cancel (Appointment)")
@@ -198,6 +203,11 @@ async def _writes_once(writer: FhirWriter, update: bool) -> bool:
     if missing:
         log.warning("link.write_back_refused", source=writer.name, problem=f"the server does not offer {missing[0]}")
     return not missing
+
+
+def _unversioned(writer: FhirWriter) -> Outcome:
+    log.warning("link.write_back_refused", source=writer.name, problem="the Appointment was read without a version")
+    return Outcome.UNAVAILABLE
 
 
 def _refusal(record: NotificationRecord, appointment: dict[str, Any], now: datetime) -> Outcome | None:
