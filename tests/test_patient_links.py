@@ -34,6 +34,7 @@ from connector.sandbox.fhir import FhirState
 from connector.sandbox.fhir import create_app as fhir_app
 from connector.sandbox.paubox import SandboxState
 from connector.sandbox.paubox import create_app as paubox_app
+from connector.sending import actions
 from connector.testing import Server, migrated_engine
 from tests.conftest import free_port, write_config
 from tests.factories import appointment, patient
@@ -682,3 +683,19 @@ async def test_a_cancel_never_updates_an_appointment_read_without_a_version(worl
     after = world.fhir.current("Appointment", "a1")
     assert after is not None and after["status"] == "booked"
     assert world.responses() == []  # nothing written that the cancel could not finish
+
+
+async def test_a_cancel_from_a_superseded_email_writes_nothing_once_the_patient_cancelled_the_new_time(
+    world: World,
+) -> None:
+    runtime = await sent(world)
+    old = world.links_of("Your appointment")["cancel"]
+    # Moved to the next day, and then cancelled by the patient through the newer email's link.
+    current = world.fhir.current("Appointment", "a1")
+    assert current is not None
+    moved = {**current, "start": (START + timedelta(days=1)).isoformat(), "status": "cancelled"}
+    world.fhir.put({**moved, "cancelationReason": {"coding": [actions.PAT_CRS]}})
+    async with world.client(runtime) as client:
+        answer = await client.post(old)
+    assert answer.status_code == 409 and "moved since this email" in answer.text
+    assert world.responses() == []

@@ -117,7 +117,7 @@ class PatientActions:
             if current is None:
                 return Outcome.GONE
             ours = action == "cancel" and _cancelled_by_patient(current.resource)
-            refusal = None if ours else _refusal(record, current.resource, now)
+            refusal = _refusal(record, current.resource, now, cancelled_by_patient=ours)
             if refusal is not None:
                 return refusal
             changes = action == "cancel" and source.config.write_back.cancel_appointment
@@ -210,8 +210,16 @@ def _unversioned(writer: FhirWriter) -> Outcome:
     return Outcome.UNAVAILABLE
 
 
-def _refusal(record: NotificationRecord, appointment: dict[str, Any], now: datetime) -> Outcome | None:
-    """Why this email's action must not be written now (None: it may)."""
+def _refusal(
+    record: NotificationRecord, appointment: dict[str, Any], now: datetime, cancelled_by_patient: bool = False
+) -> Outcome | None:
+    """Why this email's action must not be written now (None: it may). An appointment a patient's link
+    cancelled (`cancelled_by_patient`) lets this email's cancel answer like the first, unless it was moved
+    since this email."""
+    if cancelled_by_patient:
+        start = fhir.parse_instant(appointment.get("start"))
+        moved = record.appointment_start is not None and start != record.appointment_start
+        return Outcome.SUPERSEDED if moved else None
     if appointment.get("status") in ("cancelled", "noshow", "entered-in-error"):
         return Outcome.CANCELLED
     start = fhir.parse_instant(appointment.get("start"))
