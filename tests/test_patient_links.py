@@ -699,3 +699,13 @@ async def test_a_cancel_from_a_superseded_email_writes_nothing_once_the_patient_
         answer = await client.post(old)
     assert answer.status_code == 409 and "moved since this email" in answer.text
     assert world.responses() == []
+
+
+async def test_the_calendar_file_names_the_address_it_went_to_as_its_attendee(world: World) -> None:
+    await sent(world)
+    [message] = [m for m in world.paubox.messages if m["subject"].startswith("Your appointment")]
+    ics = icalendar.Calendar.from_ical(base64.b64decode(message["attachments"][0]["content"]))
+    [event] = ics.walk("VEVENT")
+    assert ics["METHOD"] == "REQUEST"
+    assert str(event["ATTENDEE"]) == "mailto:zebulon.1@example.org"  # RFC 5546: a REQUEST names its attendee
+    assert "Zebulon" not in ics.to_ical().decode().replace("zebulon.1@", "")
