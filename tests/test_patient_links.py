@@ -36,6 +36,7 @@ from connector.sandbox.paubox import SandboxState
 from connector.sandbox.paubox import create_app as paubox_app
 from connector.sending import actions
 from connector.testing import Server, migrated_engine
+from connector.web.links import one_click
 from tests.conftest import free_port, write_config
 from tests.factories import appointment, patient
 
@@ -709,3 +710,19 @@ async def test_the_calendar_file_names_the_address_it_went_to_as_its_attendee(wo
     assert ics["METHOD"] == "REQUEST"
     assert str(event["ATTENDEE"]) == "mailto:zebulon.1@example.org"  # RFC 5546: a REQUEST names its attendee
     assert "Zebulon" not in ics.to_ical().decode().replace("zebulon.1@", "")
+
+
+@pytest.mark.parametrize(
+    ("part_type", "expected"),
+    [
+        ("", True),
+        ("Content-Type: application/octet-stream\r\n", True),
+        ("Content-Type: text/plain; charset=x-no\r\n", True),
+    ],
+)
+def test_a_multipart_one_click_body_is_read_whatever_its_part_says_of_its_type(part_type: str, expected: bool) -> None:
+    body = (
+        f'--b\r\nContent-Disposition: form-data; name="List-Unsubscribe"\r\n{part_type}\r\nOne-Click\r\n--b--\r\n'
+    ).encode()
+    assert one_click("multipart/form-data; boundary=b", body) is expected
+    assert one_click("multipart/form-data; boundary=b", body.replace(b"One-Click", b"Other")) is False
