@@ -50,8 +50,11 @@ def invitation(
     organizer: str,
     zone: str,
     now: datetime,
+    attendee: str | None = None,
 ) -> Attachment | None:
-    """The .ics file for this appointment, or None when it has no start."""
+    """The .ics file for this appointment, or None when it has no start. `attendee` is the address the
+    email goes to: RFC 5546 wants the attendee in a REQUEST and in the CANCEL of a whole event (its address
+    only, which the email already shows; no name)."""
     start = parse_instant(appointment.get("start"))
     if start is None:
         return None
@@ -75,5 +78,10 @@ def invitation(
     chair = vCalAddress(f"mailto:{address}")
     chair.params["cn"] = vText(name or domain)
     event.add("organizer", chair)
+    if attendee:
+        guest = vCalAddress(f"mailto:{parseaddr(attendee)[1] or attendee}")
+        guest.params["role"] = vText("REQ-PARTICIPANT")
+        guest.params["rsvp"] = vText("FALSE")
+        event.add("attendee", guest)
     cal.add_component(event)
     return Attachment(filename="appointment.ics", content_type=f"text/calendar; method={method}", content=cal.to_ical())

@@ -188,6 +188,7 @@ class Runtime:
                 crm_preparer.apis,
                 store.bounces,
                 ledger.optouts.optout_keys,
+                store.links if config.links else None,
             )
             receiver = CrmReceiver(config, store.inbox, keyring, clock)
         cap = DailyCap(config, store.caps) if config.limits.per_patient_per_day is not None else None

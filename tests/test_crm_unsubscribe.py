@@ -114,3 +114,64 @@ async def test_a_crm_email_carries_one_click_unsubscribe_that_stops_the_next_one
     assert [m["recipients"] for m in paubox.messages] == [["quixotica.crm@example.org"], ["zebulon.crm@example.org"]]
     skipped = [r for r in runtime.ledger.reports.notifications(list(State), 10) if r.state is State.SKIPPED]
     assert [r.reason for r in skipped] == [f"the address opted out (link, {entry.created_at.date().isoformat()})"]
+
+
+async def test_a_crm_appointment_email_carries_one_click_unsubscribe_that_withdraws_its_reminders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datetime import timedelta
+
+    from starlette.applications import Starlette
+
+    from connector.web.app import create_app as crm_app
+    from tests.test_crm import crm_env
+    from tests.test_crm_appointments import Clock, World, crm_config, service_appointment
+
+    crm_env(monkeypatch)
+    monkeypatch.setenv("HUBSPOT_TOKEN", "pat-test-token")
+    monkeypatch.setenv("LINK_KEY", base64.b64encode(os.urandom(32)).decode())
+    path = crm_config(tmp_path)
+    server = "server:\n  host: 127.0.0.1\n  port: 9\n"
+    text = path.read_text()
+    assert server in text
+    links = f"{server}  public_url: {PUBLIC}\nlinks:\n  keys:\n    l1: ${{LINK_KEY}}\n  current: l1\n"
+    path.write_text(text.replace(server, links))
+    for mapping in (tmp_path / "mappings").glob("crm-appointment-*.yaml"):
+        mapping.write_text(mapping.read_text() + "category: appointments\n")
+    config = load_config(path)
+    clock, paubox = Clock(), SandboxState(api_key=API_KEY, username="clinic")
+    mailer = PauboxRestMailer(config.delivery.paubox, transport=httpx.ASGITransport(app=paubox_app(paubox)))
+    runtime = Runtime.open(
+        config,
+        clock,
+        mailer=mailer,
+        source_transport=httpx.ASGITransport(app=fhir_app(FhirState())),
+        crm_transport=httpx.ASGITransport(app=Starlette()),
+    )
+    try:
+        assert runtime.crm_receiver is not None
+        receiver = crm_app(config, runtime.aftercare, extra_routes=runtime.crm_receiver.routes())
+        async with (
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=receiver), base_url=PUBLIC) as crm_client,
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=web_app(runtime)), base_url=PUBLIC) as patient,
+        ):
+            world = World(runtime, crm_client, paubox, clock)
+            start = (clock.now + timedelta(days=5)).replace(hour=15, minute=0, second=0)
+            await world.salesforce(service_appointment("04l000000000001AAA", start, modified=clock.now))
+            [confirmation] = paubox.messages
+            headers = confirmation["headers"]
+            assert headers["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+            url = headers["List-Unsubscribe"].strip("<>")
+            assert url.startswith(f"{PUBLIC}/links/unsubscribe/")
+            answer = await patient.post(url, data={"List-Unsubscribe": "One-Click"})
+            assert answer.status_code == 200
+            reminders = [r.state for r in world.rows("salesforce") if "reminder" in r.mapping]
+            assert reminders == [State.CANCELLED.value] * 2
+            # Moved: the email about it is of the category the patient left, so it is not sent.
+            later = service_appointment("04l000000000002AAA", start + timedelta(days=1), modified=clock.now)
+            await world.salesforce(later)
+        assert len(paubox.messages) == 1
+        [moved] = [r for r in world.rows("salesforce") if r.mapping == "crm-appointment-rescheduled"]
+        assert moved.state == State.SKIPPED.value and "opted out of 'appointments' email" in moved.reason
+    finally:
+        await runtime.aclose()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import re
 import subprocess
@@ -33,7 +34,9 @@ from connector.sandbox.fhir import FhirState
 from connector.sandbox.fhir import create_app as fhir_app
 from connector.sandbox.paubox import SandboxState
 from connector.sandbox.paubox import create_app as paubox_app
+from connector.sending import actions
 from connector.testing import Server, migrated_engine
+from connector.web.links import one_click
 from tests.conftest import free_port, write_config
 from tests.factories import appointment, patient
 
@@ -652,3 +655,74 @@ def test_link_settings_that_cannot_work_are_refused_with_their_line(
         load_config(path)
     problems = [str(p) for p in refused.value.problems]
     assert any(expected in p and "config.yaml" in p for p in problems), problems
+
+
+class Unversioned(httpx.AsyncBaseTransport):
+    """The FHIR test server, but its reads of the Appointment carry no version (no ETag, no meta.versionId):
+    an update could then only be a blind overwrite."""
+
+    def __init__(self, fhir: FhirState) -> None:
+        self.inner = httpx.ASGITransport(app=fhir_app(fhir))
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if request.method != "GET" or "/Appointment/" not in request.url.path or response.status_code != 200:
+            return response
+        body = json.loads(await response.aread())
+        body.pop("meta", None)
+        headers = [(k, v) for k, v in response.headers.items() if k.lower() not in ("etag", "content-length")]
+        return httpx.Response(200, headers=headers, content=json.dumps(body).encode())
+
+
+async def test_a_cancel_never_updates_an_appointment_read_without_a_version(world: World) -> None:
+    await sent(world)
+    runtime = world.open(Unversioned(world.fhir))
+    async with world.client(runtime) as client:
+        answer = await client.post(world.links_of("Your appointment")["cancel"])
+    assert answer.status_code == 503
+    assert [w for w in world.fhir.writes if w.interaction == "update"] == []
+    after = world.fhir.current("Appointment", "a1")
+    assert after is not None and after["status"] == "booked"
+    assert world.responses() == []  # nothing written that the cancel could not finish
+
+
+async def test_a_cancel_from_a_superseded_email_writes_nothing_once_the_patient_cancelled_the_new_time(
+    world: World,
+) -> None:
+    runtime = await sent(world)
+    old = world.links_of("Your appointment")["cancel"]
+    # Moved to the next day, and then cancelled by the patient through the newer email's link.
+    current = world.fhir.current("Appointment", "a1")
+    assert current is not None
+    moved = {**current, "start": (START + timedelta(days=1)).isoformat(), "status": "cancelled"}
+    world.fhir.put({**moved, "cancelationReason": {"coding": [actions.PAT_CRS]}})
+    async with world.client(runtime) as client:
+        answer = await client.post(old)
+    assert answer.status_code == 409 and "moved since this email" in answer.text
+    assert world.responses() == []
+
+
+async def test_the_calendar_file_names_the_address_it_went_to_as_its_attendee(world: World) -> None:
+    await sent(world)
+    [message] = [m for m in world.paubox.messages if m["subject"].startswith("Your appointment")]
+    ics = icalendar.Calendar.from_ical(base64.b64decode(message["attachments"][0]["content"]))
+    [event] = ics.walk("VEVENT")
+    assert ics["METHOD"] == "REQUEST"
+    assert str(event["ATTENDEE"]) == "mailto:zebulon.1@example.org"  # RFC 5546: a REQUEST names its attendee
+    assert "Zebulon" not in ics.to_ical().decode().replace("zebulon.1@", "")
+
+
+@pytest.mark.parametrize(
+    ("part_type", "expected"),
+    [
+        ("", True),
+        ("Content-Type: application/octet-stream\r\n", True),
+        ("Content-Type: text/plain; charset=x-no\r\n", True),
+    ],
+)
+def test_a_multipart_one_click_body_is_read_whatever_its_part_says_of_its_type(part_type: str, expected: bool) -> None:
+    body = (
+        f'--b\r\nContent-Disposition: form-data; name="List-Unsubscribe"\r\n{part_type}\r\nOne-Click\r\n--b--\r\n'
+    ).encode()
+    assert one_click("multipart/form-data; boundary=b", body) is expected
+    assert one_click("multipart/form-data; boundary=b", body.replace(b"One-Click", b"Other")) is False

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -205,6 +205,7 @@ class AppointmentEmail:
     now: datetime
     default_from: str
     default_reply_to: str | None = None
+    links: dict[str, str] = field(default_factory=dict)  # unsubscribe_url (with `links:` in the config)
 
 
 def render_appointment(mapping: Mapping, request: AppointmentEmail) -> Email:
@@ -221,6 +222,7 @@ def render_appointment(mapping: Mapping, request: AppointmentEmail) -> Email:
         "now": request.now,
         **{name: view.get(name) for name in ("payload", "object", "event_type", "event_id", "object_id")},
         "occurred_at": view.get("occurred_at"),
+        **request.links,
     }
     return render_with(
         mapping,

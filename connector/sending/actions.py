@@ -117,9 +117,12 @@ class PatientActions:
             if current is None:
                 return Outcome.GONE
             ours = action == "cancel" and _cancelled_by_patient(current.resource)
-            refusal = None if ours else _refusal(record, current.resource, now)
+            refusal = _refusal(record, current.resource, now, cancelled_by_patient=ours)
             if refusal is not None:
                 return refusal
+            changes = action == "cancel" and source.config.write_back.cancel_appointment
+            if changes and not ours and current.version is None:
+                return _unversioned(writer)
             await writer.create(
                 _response(record, identifier, "accepted" if action == "confirm" else "declined"),
                 if_none_exist=f"identifier={IDENTIFIER_SYSTEM}|{identifier}",
@@ -145,6 +148,8 @@ class PatientActions:
             refusal = _refusal(record, current.resource, now)
             if refusal is not None:
                 return refusal
+            if current.version is None:  # an update without If-Match would overwrite blindly
+                return _unversioned(writer)
             changed = {**current.resource, "status": "cancelled", "cancelationReason": {"coding": [PAT_CRS]}}
             try:
                 await writer.update(changed, version=current.version, what="cancel (Appointment)")
@@ -200,8 +205,21 @@ async def _writes_once(writer: FhirWriter, update: bool) -> bool:
     return not missing
 
 
-def _refusal(record: NotificationRecord, appointment: dict[str, Any], now: datetime) -> Outcome | None:
-    """Why this email's action must not be written now (None: it may)."""
+def _unversioned(writer: FhirWriter) -> Outcome:
+    log.warning("link.write_back_refused", source=writer.name, problem="the Appointment was read without a version")
+    return Outcome.UNAVAILABLE
+
+
+def _refusal(
+    record: NotificationRecord, appointment: dict[str, Any], now: datetime, cancelled_by_patient: bool = False
+) -> Outcome | None:
+    """Why this email's action must not be written now (None: it may). An appointment a patient's link
+    cancelled (`cancelled_by_patient`) lets this email's cancel answer like the first, unless it was moved
+    since this email."""
+    if cancelled_by_patient:
+        start = fhir.parse_instant(appointment.get("start"))
+        moved = record.appointment_start is not None and start != record.appointment_start
+        return Outcome.SUPERSEDED if moved else None
     if appointment.get("status") in ("cancelled", "noshow", "entered-in-error"):
         return Outcome.CANCELLED
     start = fhir.parse_instant(appointment.get("start"))

@@ -133,6 +133,7 @@ class AppointmentPreparer:
                 organizer=email.from_address,
                 zone=zone,
                 now=now,
+                attendee=email.to,
             )
             email = dataclasses.replace(email, attachments=(*email.attachments, *([ics] if ics else [])))
         return email

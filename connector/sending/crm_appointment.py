@@ -7,10 +7,11 @@ after bounces (connector.bounces: the same per-contact rule as for FHIR patients
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from connector import optout
+from connector import links, optout
 from connector.crm.appointments import AppointmentEmail, contact_of, describe, object_gone, render_appointment
 from connector.crm.inbox import Keyring, SealError, open_event
 from connector.errors import ResourceError, SourceError
@@ -19,12 +20,13 @@ from connector.mapping.engine import RenderError
 from connector.mapping.spec import RecipientPath
 from connector.models import State
 from connector.sending.preparer import NoSource, NotSendable, NotYet, Prepared
+from connector.sending.recipients import optout_lookup
 
 if TYPE_CHECKING:
     from connector.bounces import Tally
     from connector.config import Config
     from connector.ledger import NotificationRecord
-    from connector.ledger.abc import Bounces, Inbox, Intake, OptOuts
+    from connector.ledger.abc import Bounces, Inbox, Intake, OptOuts, PatientLinks
     from connector.mapping.loader import Mapping
     from connector.optout import OptOutKeys
     from connector.sources.hubspot import HubSpotClient
@@ -41,8 +43,13 @@ class CrmAppointmentPreparer:
         apis: dict[str, HubSpotClient],
         bounces: Bounces | None = None,
         keys: OptOutKeys | None = None,
+        patient_links: PatientLinks | None = None,
     ) -> None:
         self.config = config
+        self.patient_links = patient_links
+        self._opted_out = optout_lookup(optouts)
+        self._link_keys = links.LinkKeys.from_config(config.links) if config.links is not None else None
+        self._optout_keys = optout.OptOutKeys.from_config(config.optout)
         self.bounces = bounces if config.bounces.suppress else None
         self.keys = keys
         self.intake = intake
@@ -90,15 +97,19 @@ class CrmAppointmentPreparer:
             return NotSendable(State.CANCELLED, stale)
         if contact.address is None:
             return NotSendable(State.SKIPPED, "the CRM appointment's event has no usable email address")
-        match = await self.optouts.opted_out(optout.candidates([], contact.address))
+        match = await self._opted_out(
+            optout.candidates([], contact.address), mapping.spec.category, mapping.spec.essential
+        )
         if match is not None:
-            return NotSendable(State.SKIPPED, f"the address opted out ({match.created_at.date().isoformat()})")
+            which = f" of {match.category!r} email" if match.category else ""
+            return NotSendable(State.SKIPPED, f"the address opted out{which} ({match.created_at.date().isoformat()})")
         if self.bounces is not None and n.patient_id:  # an address that bounced for this contact: not again
             inner = optout.digest("email", contact.address)
             digests = [digest for _, digest in optout.variants(self.keys, inner)]
             bounced = await self.bounces.suppressed(n.source, n.patient_id, digests)
             if bounced is not None:
                 return NotSendable(State.SKIPPED, _bounced(bounced))
+        email_links = self._links(n, mapping, now, described.zone, list(contact.languages))
         request = AppointmentEmail(
             key=n.key,
             event=n.event,
@@ -110,11 +121,40 @@ class CrmAppointmentPreparer:
             now=now,
             default_from=self.config.delivery.from_address,
             default_reply_to=self.config.delivery.reply_to,
+            links=email_links.values if email_links else {},
         )
         try:
-            return render_appointment(mapping, request)
+            email = render_appointment(mapping, request)
         except RenderError as exc:
             return NotSendable(State.FAILED, str(exc))
+        if email_links is None or self.patient_links is None or self._optout_keys is None:
+            return email
+        # As for CRM event emails (connector.sending.crm): the keyed digest of the address first, for the link.
+        keys = self._optout_keys
+        await self.patient_links.remember(
+            n.id, "email", keys.keyed(optout.digest("email", email.to)), keys.current, now
+        )
+        return dataclasses.replace(email, headers={**email.headers, **email_links.headers})
+
+    def _links(
+        self, n: NotificationRecord, mapping: Mapping, now: datetime, zone: str, languages: list[str]
+    ) -> links.EmailLinks | None:
+        """The unsubscribe link and one-click headers of this email (None without `links:`)."""
+        settings, server = self.config.links, self.config.server
+        if self._link_keys is None or settings is None or server is None or server.public_url is None:
+            return None
+        return links.for_email(
+            self._link_keys,
+            server.public_url,
+            notification=n.id,
+            actions=[],
+            start=None,
+            now=now,
+            ttl=settings.ttl,
+            language=mapping.variant_for(languages)[0],
+            zone=zone,
+            mailto=settings.mailto,
+        )
 
 
 def _bounced(tally: Tally) -> str:

@@ -96,7 +96,9 @@ def one_click(content_type: str, body: bytes) -> bool:
         message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
         for part in message.iter_parts() if message.is_multipart() else []:
             if part.get_param("name", header="content-disposition") == "List-Unsubscribe":
-                return str(part.get_content()).strip() == "One-Click"
+                # The bytes as sent: a part's declared type or charset (unknown, binary) must not matter.
+                payload = part.get_payload(decode=True)
+                return isinstance(payload, bytes) and payload.strip() == b"One-Click"
         return False
     fields = parse_qs(body.decode("utf-8", "replace"))
     return fields.get("List-Unsubscribe") == ["One-Click"]
