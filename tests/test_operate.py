@@ -298,3 +298,34 @@ def test_run_dry_run_progress_on_a_terminal(replay_config: Path) -> None:
     assert code == 0, stderr
     assert "reading ehr (appointments)" in stderr and "checking recipients" in stderr and "60/60" in stderr
     assert "1 skipped, 59 would send" in stdout and "reading ehr" not in stdout
+
+
+def test_a_filter_changes_only_what_was_shown_not_what_arrived_after(config: Path) -> None:
+    """A notification that becomes in_doubt after the preview was shown (and confirmed) is not part of the
+    decision: the operator never saw it, so it is not marked sent (or cancelled) behind their back."""
+    from typing import Any
+
+    from connector.config import LEDGER
+    from connector.operate import act, selection
+
+    calls: list[str] = []
+
+    def on_ledger(path: Path, work: Any) -> Any:
+        if calls:  # the decision, after the preview: a send times out meanwhile
+            ledger = open_ledger(load_config(path))
+            try:
+                ledger.intake.add([_notification("doubt-late", State.IN_DOUBT)])
+            finally:
+                ledger.dispose()
+        calls.append("called")
+        return work(load_config(path, LEDGER))
+
+    chosen = selection(None, ["in_doubt"], ["m"], None, None, None)
+    act(on_ledger, config, chosen, "sent", dry_run=False, yes=True)
+    ledger = open_ledger(load_config(config))
+    try:
+        found = ledger.reports.existing(["doubt-1", "doubt-2", "doubt-late"])
+    finally:
+        ledger.dispose()
+    assert (found["doubt-1"].state, found["doubt-2"].state) == (State.SENT, State.SENT)
+    assert found["doubt-late"].state is State.IN_DOUBT
