@@ -121,3 +121,20 @@ def test_validate_names_an_unknown_var_with_the_mapping(folder: Path) -> None:
         result.stdout
     )
     assert "appointment-booked.yaml" in result.stdout
+
+
+def test_a_resource_or_patient_file_that_cannot_be_read_is_one_line(folder: Path) -> None:
+    missing = connector("render", "appointment-booked", "--resource", "nosuch.json", cwd=folder)
+    assert missing.returncode == 2
+    [line] = missing.stderr.splitlines()
+    assert line.startswith("error: nosuch.json: cannot read the file") and "Traceback" not in missing.stderr
+    (folder / "a-folder").mkdir()
+    patient_missing = connector(
+        "render", "appointment-booked", "--resource", "bundle.json", "--patient", "a-folder", cwd=folder
+    )
+    assert patient_missing.returncode == 2
+    [line] = patient_missing.stderr.splitlines()
+    assert line.startswith("error: a-folder: cannot read the file")
+    replayed = connector("replay", "--file", "nosuch.json", "--dry-run", cwd=folder)
+    assert replayed.returncode == 2 and "nosuch.json: cannot read the file" in replayed.stdout + replayed.stderr
+    assert "Traceback" not in replayed.stderr
