@@ -233,3 +233,26 @@ async def test_a_sighup_reload_checks_crm_appointment_declarations_as_the_start_
         assert any("source 'salesforce' has no `appointment:` declaration" in p for p in failed["problems"])
     finally:
         await runtime.aclose()
+
+
+def test_validate_refuses_a_crm_appointment_fhirpath_that_does_not_parse(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fhirpathpy reads `payload.objectTypeId ! '0-47'` as `payload.objectTypeId`, true for every event: the
+    declaration's FHIRPath is parsed strictly, as a mapping's condition is."""
+    crm_env(monkeypatch)
+    monkeypatch.setenv("HUBSPOT_TOKEN", "pat-test-token")
+    config = crm_config(tmp_path)
+    text = config.read_text()
+    assert "condition: \"payload.objectTypeId = '0-47'\"" in text
+    config.write_text(text.replace("payload.objectTypeId = '0-47'", "payload.objectTypeId ! '0-47'"))
+    result = subprocess.run(
+        [sys.executable, "-m", "connector", "validate", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        check=False,
+    )
+    assert result.returncode == 2, result.stdout
+    said = " ".join(result.stdout.split())
+    assert "(crm.hubspot.appointment.condition): FHIRPath does not parse, column 22" in said, said
