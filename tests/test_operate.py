@@ -329,3 +329,23 @@ def test_a_filter_changes_only_what_was_shown_not_what_arrived_after(config: Pat
         ledger.dispose()
     assert (found["doubt-1"].state, found["doubt-2"].state) == (State.SENT, State.SENT)
     assert found["doubt-late"].state is State.IN_DOUBT
+
+
+def test_status_prints_reasons_as_text_never_as_markup(tmp_path: Path) -> None:
+    """A reason carries what a server said (Paubox's error title): brackets in it are printed as they are,
+    and a `[/…]` in it does not stop `connector status`."""
+    from dataclasses import replace
+
+    path = write_config(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9", mappings=BASIC)
+    ledger = open_ledger(load_config(path))
+    said = "Paubox 400: Invalid [/to] field [bold]x[/bold]"
+    ledger.intake.add(
+        [
+            replace(_notification("fail-odd", State.FAILED), reason=said),
+            replace(_notification("skip-odd", State.SKIPPED), reason=said),
+        ]
+    )
+    ledger.dispose()
+    result = connector("status", "--config", str(path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(said) == 2, result.stdout
