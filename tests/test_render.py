@@ -138,3 +138,15 @@ def test_a_resource_or_patient_file_that_cannot_be_read_is_one_line(folder: Path
     replayed = connector("replay", "--file", "nosuch.json", "--dry-run", cwd=folder)
     assert replayed.returncode == 2 and "nosuch.json: cannot read the file" in replayed.stdout + replayed.stderr
     assert "Traceback" not in replayed.stderr
+
+
+def test_vars_get_with_a_default_is_not_an_unknown_var(folder: Path) -> None:
+    """`vars.get('name', default)` is the way to make a var optional: it renders (the default when the var
+    is not defined) and validate takes it, as the daemon did before vars were checked."""
+    text = folder / "mappings" / "appointment-booked.txt"
+    text.write_text(text.read_text() + "Parking: {{ vars.get('parking', 'ask at the desk') }}\n")
+    checked = connector("validate", "--config", "config.yaml", cwd=folder)
+    assert checked.returncode == 0, checked.stdout
+    rendered = connector("render", "appointment-booked", "--resource", "bundle.json", cwd=folder)
+    assert rendered.returncode == 0, rendered.stderr
+    assert "Parking: ask at the desk" in rendered.stdout
