@@ -238,6 +238,8 @@ def replay(
     sent from going again; --dry-run says what would be sent and what the ledger suppresses. Prints the
     counts by result (and every row when there are few); --output writes the full list."""
     clock = _clock(now)
+    if output is not None and not output.parent.is_dir():  # found out before the replay sends, not after
+        raise typer.BadParameter(f"the folder {output.parent} does not exist", param_hint="--output")
     try:
         cfg = load_config(config)
         names = [*cfg.sources, *cfg.crm]

@@ -349,3 +349,15 @@ def test_status_prints_reasons_as_text_never_as_markup(tmp_path: Path) -> None:
     result = connector("status", "--config", str(path), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count(said) == 2, result.stdout
+
+
+def test_replay_refuses_an_output_file_it_could_not_write_before_sending(
+    replay_config: Path, paubox_state: SandboxState
+) -> None:
+    """`--output` in a folder that does not exist is refused first: not a traceback after the replay sent."""
+    since = (START - timedelta(days=1)).isoformat()
+    args = ["replay", "--since", since, "--output", "absent/rows.jsonl", "--config", str(replay_config)]
+    result = connector(*args, cwd=replay_config.parent)
+    assert result.returncode == 2, result.stdout
+    assert "Traceback" not in result.stderr and "absent" in result.stderr
+    assert paubox_state.messages == []
