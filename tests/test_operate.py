@@ -361,3 +361,22 @@ def test_replay_refuses_an_output_file_it_could_not_write_before_sending(
     assert result.returncode == 2, result.stdout
     assert "Traceback" not in result.stderr and "absent" in result.stderr
     assert paubox_state.messages == []
+
+
+def test_dry_runs_need_no_variable_of_the_delivery(replay_config: Path, paubox_state: SandboxState) -> None:
+    """A dry run reads the sources and the ledger and sends nothing: a `${VAR}` of `delivery:` (the Paubox
+    account, a reply-to) that is not set does not stop it."""
+    text = replay_config.read_text()
+    assert "delivery:\n" in text
+    replay_config.write_text(text.replace("delivery:\n", "delivery:\n  reply_to: ${CLINIC_REPLY_TO}\n", 1))
+    since = (START - timedelta(days=1)).isoformat()
+    replayed = connector(
+        "replay", "--since", since, "--dry-run", "--config", str(replay_config), cwd=replay_config.parent
+    )
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    assert "59 would send" in replayed.stdout
+    planned = connector("run", "--dry-run", "--config", str(replay_config), cwd=replay_config.parent)
+    assert planned.returncode == 0, planned.stdout + planned.stderr
+    real = connector("run", "--once", "--config", str(replay_config), cwd=replay_config.parent)
+    assert real.returncode == 2 and "CLINIC_REPLY_TO" in real.stdout + real.stderr  # sending needs it
+    assert paubox_state.messages == []
