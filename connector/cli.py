@@ -71,6 +71,11 @@ def _instant(value: str | None, option: str) -> datetime | None:
     return instant.astimezone(UTC)
 
 
+def _needs(dry_run: bool) -> tuple[tuple[str], ...] | None:
+    """What a command reads of the config: a dry run sends nothing, so no `${VAR}` of `delivery:`."""
+    return tuple((name,) for name in Config.model_fields if name != "delivery") if dry_run else None
+
+
 def _clock(now: str | None) -> Clock:
     instant = _instant(now, "--now")
     return system_clock if instant is None else fixed_clock(instant)
@@ -162,7 +167,7 @@ def run(
     """Run the daemon: poll every source on its interval and send due notifications until SIGTERM."""
     clock = _clock(now)
     try:
-        cfg = load_config(config)
+        cfg = load_config(config, _needs(dry_run))
         if dry_run:
             with Bar() as bar:
                 planned = asyncio.run(running.dry_run(cfg, clock, bar))
@@ -238,8 +243,10 @@ def replay(
     sent from going again; --dry-run says what would be sent and what the ledger suppresses. Prints the
     counts by result (and every row when there are few); --output writes the full list."""
     clock = _clock(now)
+    if output is not None and not output.parent.is_dir():  # found out before the replay sends, not after
+        raise typer.BadParameter(f"the folder {output.parent} does not exist", param_hint="--output")
     try:
-        cfg = load_config(config)
+        cfg = load_config(config, _needs(dry_run))
         names = [*cfg.sources, *cfg.crm]
         name = source or (names[0] if len(names) == 1 else None)
         if name is None or name not in names:

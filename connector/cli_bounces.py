@@ -3,6 +3,7 @@ the work is in connector.commands.bounces)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +12,7 @@ import typer
 from connector import optout, report
 from connector.commands import bounces
 from connector.config import LEDGER, Environment, load_config
-from connector.errors import ConnectorError
+from connector.errors import ConfigError, ConnectorError
 
 bounces_app = typer.Typer(
     help="Addresses suppressed after bounces (per patient), until the EHR has another or you clear them.",
@@ -23,14 +24,24 @@ ConfigOption = Annotated[
 DEFAULT_CONFIG = Environment().config
 
 
+def _stop(exc: ConnectorError) -> typer.Exit:
+    """As the other commands say it: a config's problems one a line, anything else one line on stderr."""
+    if isinstance(exc, ConfigError):
+        report.console.print(report.styled(f"{len(exc.problems)} problem(s):", "red"))
+        for problem in exc.problems:
+            report.console.print(f"  {problem}", markup=False)
+    else:
+        print(f"error: {exc}", file=sys.stderr)
+    return typer.Exit(2)
+
+
 @bounces_app.command("list")
 def bounces_list(config: ConfigOption = DEFAULT_CONFIG) -> None:
     """Addresses suppressed now: source, patient, the masked address, why and since when."""
     try:
         entries = bounces.bounces_list(load_config(config, LEDGER))
     except ConnectorError as exc:
-        report.console.print(f"[red]error:[/red] {exc}", markup=False)
-        raise typer.Exit(2) from None
+        raise _stop(exc) from None
     report.bounces(entries)
 
 
@@ -45,6 +56,5 @@ def bounces_clear(
     try:
         cleared = bounces.bounces_clear(load_config(config, LEDGER), email, source, patient)
     except ConnectorError as exc:
-        report.console.print(f"[red]error:[/red] {exc}", markup=False)
-        raise typer.Exit(2) from None
+        raise _stop(exc) from None
     report.console.print(f"cleared {cleared} suppression(s) of {optout.hint('email', email)}", markup=False)

@@ -7,6 +7,7 @@ ledger's operator role); this module parses and prints. Registered on the app by
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -101,7 +102,10 @@ def selection(
 def act(
     on_ledger: OnLedger, config: Path, chosen: Selection, decision: ledger.Decision, dry_run: bool, yes: bool
 ) -> None:
-    """Preview, confirm, apply; print what changed. Exit 1 when nothing applies."""
+    """Preview, confirm, apply; print what changed. Exit 1 when nothing applies. The change is limited to
+    what had last changed before the preview was read: a notification that reaches the state afterwards
+    (a send timing out meanwhile) was not shown, so it is not decided on."""
+    shown_at = datetime.now(UTC)
     preview: ledger.Preview = on_ledger(config, lambda cfg: ledger.preview(cfg, chosen, decision))
     applies = " or ".join(s.value for s in ledger.APPLIES[decision])
     if preview.not_applicable:
@@ -125,7 +129,8 @@ def act(
         return
     if not yes and (not chosen.by_name or preview.total > 1):
         typer.confirm(f"{verb.capitalize()}: {preview.total} notification(s)?", abort=True)
-    changed = on_ledger(config, lambda cfg: ledger.decide(cfg, chosen, decision))
+    seen = replace(chosen, until=shown_at if chosen.until is None else min(chosen.until, shown_at))
+    changed = on_ledger(config, lambda cfg: ledger.decide(cfg, seen, decision))
     console.print(f"{len(changed.ids)} notification(s) {verb}", markup=False)
     if len(changed.ids) < preview.total:
         console.print(

@@ -178,9 +178,9 @@ def status(data: dict[str, Any]) -> None:
                 str(n.id),
                 n.state.value,
                 n.mapping,
-                f"{n.resource_type}/{n.resource_id}",
-                n.key,
-                n.reason or "",
+                escape(f"{n.resource_type}/{n.resource_id}"),
+                escape(n.key),
+                escape(n.reason or ""),  # what a server said, maybe with brackets: text, never markup
                 n.updated_at.isoformat(timespec="seconds"),
             )
         console.print(table)
@@ -190,7 +190,12 @@ def status(data: dict[str, Any]) -> None:
         )
         for n in data["suppressed"]:
             table.add_row(
-                str(n.id), n.state.value, n.mapping, f"{n.resource_type}/{n.resource_id}", n.patient_id, n.reason or ""
+                str(n.id),
+                n.state.value,
+                n.mapping,
+                escape(f"{n.resource_type}/{n.resource_id}"),
+                escape(n.patient_id or ""),
+                escape(n.reason or ""),
             )
         console.print(table)
     if data["rejections"]:
@@ -215,7 +220,8 @@ def bounces(entries: list[Any]) -> None:
     """Addresses suppressed after bounces (masked), per source and patient."""
     table = _table(f"Suppressed after bounces ({len(entries)})", ("source", "patient", "address", "why", "since"))
     for source, patient, hint, reason, since in entries:
-        table.add_row(source, patient, hint, reason or "", since.isoformat(timespec="minutes") if since else "")
+        when = since.isoformat(timespec="minutes") if since else ""
+        table.add_row(source, escape(patient), escape(hint), escape(reason or ""), when)
     console.print(table)
 
 
@@ -249,7 +255,7 @@ def optouts(entries: list[OptOut]) -> None:
             entry.category or "every email",
             entry.origin,
             entry.created_at.isoformat(timespec="minutes"),
-            entry.note or "",
+            escape(entry.note or ""),
             entry.key_id or "none: run `connector optout rekey`",
         )
     console.print(table)

@@ -225,7 +225,9 @@ class Runtime:
     def load_mappings(self) -> MappingSet:
         """The mappings folder read and compiled again (SIGHUP). Raises ConfigError naming every problem."""
         config = self.config
-        return load_mappings(config.mappings_dir, [*config.sources, *config.crm], None, handoff_to(config.handoff))
+        return load_mappings(
+            config.mappings_dir, [*config.sources, *config.crm], config.appointment_sources, handoff_to(config.handoff)
+        )
 
     async def aclose(self) -> None:
         await self.dispatcher.release()

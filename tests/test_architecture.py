@@ -47,6 +47,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "connector.references",
             "connector.urls",
             "connector.config",
+            "connector.mapping.fhirpath_syntax",  # pure text check the config's CRM FHIRPaths use too
             "connector.ledger:",  # the package's __init__ only: the ledger's value types
             "connector.delivery:",  # the package's __init__ only: Outcome, Verdict, Signal, Mailer
         ),

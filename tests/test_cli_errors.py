@@ -88,6 +88,23 @@ CASES: dict[str, Case] = {
         {},
         f"error: the config file {tmp / 'absent.yaml'} does not exist: give --config PATH or set CONNECTOR_CONFIG",
     ),
+    "bounces list: config file missing": lambda tmp, _: (
+        ["bounces", "list", "--config", str(tmp / "absent.yaml")],
+        {},
+        f"error: the config file {tmp / 'absent.yaml'} does not exist: give --config PATH or set CONNECTOR_CONFIG",
+    ),
+    "bounces clear: ledger unreachable": lambda tmp, _: (
+        [
+            "bounces",
+            "clear",
+            "--email",
+            "someone@example.org",
+            "--config",
+            str(config_with(tmp, f"postgresql+psycopg://postgres:s3cret@127.0.0.1:{free_port()}/test")),
+        ],
+        {},
+        "error: cannot reach the ledger at postgresql+psycopg://postgres:***@127.0.0.1:",
+    ),
 }
 
 

@@ -208,3 +208,51 @@ async def test_no_patient_data_in_the_logs_reasons_or_problems_of_crm_appointmen
     assert len(problems) == 2 and any("withdrawn" in r for r in reasons)
     for text in [said, *reasons, *problems]:
         assert "marmaduke" not in str(text).lower() and "example.org" not in str(text)
+
+
+async def test_a_sighup_reload_checks_crm_appointment_declarations_as_the_start_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mapping the start refuses (it names a CRM source without `appointment:`) is refused by a SIGHUP
+    reload too: the old mappings stay in use and the log names the file and line."""
+    from connector.daemon import reload_mappings
+
+    crm_env(monkeypatch)
+    monkeypatch.setenv("HUBSPOT_TOKEN", "pat-test-token")
+    config = crm_config(tmp_path)
+    without(config, SALESFORCE)
+    runtime = Runtime.open(load_config(config), Clock())
+    try:
+        before = runtime.mappings.names()
+        booked = tmp_path / "mappings" / "crm-appointment-booked.yaml"
+        booked.write_text(booked.read_text().replace("  event: booked\n", "  event: booked\n  sources: [salesforce]\n"))
+        with capture_logs() as logs:
+            assert await reload_mappings(runtime) is False
+        assert runtime.mappings.names() == before
+        [failed] = [entry for entry in logs if entry["event"] == "mappings.reload_failed"]
+        assert any("source 'salesforce' has no `appointment:` declaration" in p for p in failed["problems"])
+    finally:
+        await runtime.aclose()
+
+
+def test_validate_refuses_a_crm_appointment_fhirpath_that_does_not_parse(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fhirpathpy reads `payload.objectTypeId ! '0-47'` as `payload.objectTypeId`, true for every event: the
+    declaration's FHIRPath is parsed strictly, as a mapping's condition is."""
+    crm_env(monkeypatch)
+    monkeypatch.setenv("HUBSPOT_TOKEN", "pat-test-token")
+    config = crm_config(tmp_path)
+    text = config.read_text()
+    assert "condition: \"payload.objectTypeId = '0-47'\"" in text
+    config.write_text(text.replace("payload.objectTypeId = '0-47'", "payload.objectTypeId ! '0-47'"))
+    result = subprocess.run(
+        [sys.executable, "-m", "connector", "validate", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        check=False,
+    )
+    assert result.returncode == 2, result.stdout
+    said = " ".join(result.stdout.split())
+    assert "(crm.hubspot.appointment.condition): FHIRPath does not parse, column 22" in said, said

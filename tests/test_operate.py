@@ -298,3 +298,85 @@ def test_run_dry_run_progress_on_a_terminal(replay_config: Path) -> None:
     assert code == 0, stderr
     assert "reading ehr (appointments)" in stderr and "checking recipients" in stderr and "60/60" in stderr
     assert "1 skipped, 59 would send" in stdout and "reading ehr" not in stdout
+
+
+def test_a_filter_changes_only_what_was_shown_not_what_arrived_after(config: Path) -> None:
+    """A notification that becomes in_doubt after the preview was shown (and confirmed) is not part of the
+    decision: the operator never saw it, so it is not marked sent (or cancelled) behind their back."""
+    from typing import Any
+
+    from connector.config import LEDGER
+    from connector.operate import act, selection
+
+    calls: list[str] = []
+
+    def on_ledger(path: Path, work: Any) -> Any:
+        if calls:  # the decision, after the preview: a send times out meanwhile
+            ledger = open_ledger(load_config(path))
+            try:
+                ledger.intake.add([_notification("doubt-late", State.IN_DOUBT)])
+            finally:
+                ledger.dispose()
+        calls.append("called")
+        return work(load_config(path, LEDGER))
+
+    chosen = selection(None, ["in_doubt"], ["m"], None, None, None)
+    act(on_ledger, config, chosen, "sent", dry_run=False, yes=True)
+    ledger = open_ledger(load_config(config))
+    try:
+        found = ledger.reports.existing(["doubt-1", "doubt-2", "doubt-late"])
+    finally:
+        ledger.dispose()
+    assert (found["doubt-1"].state, found["doubt-2"].state) == (State.SENT, State.SENT)
+    assert found["doubt-late"].state is State.IN_DOUBT
+
+
+def test_status_prints_reasons_as_text_never_as_markup(tmp_path: Path) -> None:
+    """A reason carries what a server said (Paubox's error title): brackets in it are printed as they are,
+    and a `[/…]` in it does not stop `connector status`."""
+    from dataclasses import replace
+
+    path = write_config(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9", mappings=BASIC)
+    ledger = open_ledger(load_config(path))
+    said = "Paubox 400: Invalid [/to] field [bold]x[/bold]"
+    ledger.intake.add(
+        [
+            replace(_notification("fail-odd", State.FAILED), reason=said),
+            replace(_notification("skip-odd", State.SKIPPED), reason=said),
+        ]
+    )
+    ledger.dispose()
+    result = connector("status", "--config", str(path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(said) == 2, result.stdout
+
+
+def test_replay_refuses_an_output_file_it_could_not_write_before_sending(
+    replay_config: Path, paubox_state: SandboxState
+) -> None:
+    """`--output` in a folder that does not exist is refused first: not a traceback after the replay sent."""
+    since = (START - timedelta(days=1)).isoformat()
+    args = ["replay", "--since", since, "--output", "absent/rows.jsonl", "--config", str(replay_config)]
+    result = connector(*args, cwd=replay_config.parent)
+    assert result.returncode == 2, result.stdout
+    assert "Traceback" not in result.stderr and "absent" in result.stderr
+    assert paubox_state.messages == []
+
+
+def test_dry_runs_need_no_variable_of_the_delivery(replay_config: Path, paubox_state: SandboxState) -> None:
+    """A dry run reads the sources and the ledger and sends nothing: a `${VAR}` of `delivery:` (the Paubox
+    account, a reply-to) that is not set does not stop it."""
+    text = replay_config.read_text()
+    assert "delivery:\n" in text
+    replay_config.write_text(text.replace("delivery:\n", "delivery:\n  reply_to: ${CLINIC_REPLY_TO}\n", 1))
+    since = (START - timedelta(days=1)).isoformat()
+    replayed = connector(
+        "replay", "--since", since, "--dry-run", "--config", str(replay_config), cwd=replay_config.parent
+    )
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    assert "59 would send" in replayed.stdout
+    planned = connector("run", "--dry-run", "--config", str(replay_config), cwd=replay_config.parent)
+    assert planned.returncode == 0, planned.stdout + planned.stderr
+    real = connector("run", "--once", "--config", str(replay_config), cwd=replay_config.parent)
+    assert real.returncode == 2 and "CLINIC_REPLY_TO" in real.stdout + real.stderr  # sending needs it
+    assert paubox_state.messages == []

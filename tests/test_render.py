@@ -121,3 +121,32 @@ def test_validate_names_an_unknown_var_with_the_mapping(folder: Path) -> None:
         result.stdout
     )
     assert "appointment-booked.yaml" in result.stdout
+
+
+def test_a_resource_or_patient_file_that_cannot_be_read_is_one_line(folder: Path) -> None:
+    missing = connector("render", "appointment-booked", "--resource", "nosuch.json", cwd=folder)
+    assert missing.returncode == 2
+    [line] = missing.stderr.splitlines()
+    assert line.startswith("error: nosuch.json: cannot read the file") and "Traceback" not in missing.stderr
+    (folder / "a-folder").mkdir()
+    patient_missing = connector(
+        "render", "appointment-booked", "--resource", "bundle.json", "--patient", "a-folder", cwd=folder
+    )
+    assert patient_missing.returncode == 2
+    [line] = patient_missing.stderr.splitlines()
+    assert line.startswith("error: a-folder: cannot read the file")
+    replayed = connector("replay", "--file", "nosuch.json", "--dry-run", cwd=folder)
+    assert replayed.returncode == 2 and "nosuch.json: cannot read the file" in replayed.stdout + replayed.stderr
+    assert "Traceback" not in replayed.stderr
+
+
+def test_vars_get_with_a_default_is_not_an_unknown_var(folder: Path) -> None:
+    """`vars.get('name', default)` is the way to make a var optional: it renders (the default when the var
+    is not defined) and validate takes it, as the daemon did before vars were checked."""
+    text = folder / "mappings" / "appointment-booked.txt"
+    text.write_text(text.read_text() + "Parking: {{ vars.get('parking', 'ask at the desk') }}\n")
+    checked = connector("validate", "--config", "config.yaml", cwd=folder)
+    assert checked.returncode == 0, checked.stdout
+    rendered = connector("render", "appointment-booked", "--resource", "bundle.json", cwd=folder)
+    assert rendered.returncode == 0, rendered.stderr
+    assert "Parking: ask at the desk" in rendered.stdout

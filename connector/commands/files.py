@@ -49,7 +49,7 @@ def validate(config_path: Path) -> Validation:
 
 def read_resource_file(path: Path) -> fhir.SearchPage:
     """A Bundle, a single resource, or NDJSON (one resource per line) → one page of resources."""
-    text = path.read_text(encoding="utf-8")
+    text = _read(path)
     try:
         documents = [json.loads(text)]
     except ValueError:
@@ -70,6 +70,15 @@ def read_resource_file(path: Path) -> fhir.SearchPage:
     if not page.matches:
         raise ConfigError([Problem(path, None, "", "no Appointment resources in the file")])
     return page
+
+
+def _read(path: Path) -> str:
+    """A file's text; one that cannot be read is a ConfigError naming it (not a traceback)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+        raise ConfigError([Problem(path, None, "", f"cannot read the file ({why})")]) from None
 
 
 def _flatten(documents: list[Any]) -> Iterator[dict[str, Any]]:
@@ -158,7 +167,7 @@ def render_file(
     patient_ids = fhir.patient_participants(appointment)
     if patient_file:
         try:
-            patient = json.loads(patient_file.read_text(encoding="utf-8"))
+            patient = json.loads(_read(patient_file))
         except ValueError:
             raise ConfigError([Problem(patient_file, None, "", "not valid JSON")]) from None
     else:

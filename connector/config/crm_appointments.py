@@ -36,6 +36,11 @@ def compiled_path(expression: str) -> str:
     only when an expression runs)."""
     import fhirpathpy  # here: only configs that declare CRM appointments need it (start-up stays lean)
 
+    from connector.mapping.fhirpath_syntax import syntax_error  # fhirpathpy's parser forgives bad syntax
+
+    syntax = syntax_error(expression)
+    if syntax is not None:
+        raise ValueError(f"FHIRPath does not parse, {syntax}")
     try:
         compiled: Any = fhirpathpy.compile(expression)
         compiled(dict(_TRIAL))

@@ -108,7 +108,11 @@ def vars_used(env: SandboxedEnvironment, source: str) -> list[tuple[str, int]]:
     not known before rendering and are left out)."""
     found: list[tuple[str, int]] = []
     ast = env.parse(source)
+    # `vars.get('name', default)` and the like call a method of the dict: not a var named `get`
+    methods = {id(call.node) for call in ast.find_all(jinja_nodes.Call) if isinstance(call.node, jinja_nodes.Getattr)}
     for node in ast.find_all(jinja_nodes.Getattr):
+        if id(node) in methods:
+            continue
         if isinstance(node.node, jinja_nodes.Name) and node.node.name == "vars":
             found.append((node.attr, node.lineno))
     for item in ast.find_all(jinja_nodes.Getitem):
