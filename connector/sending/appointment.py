@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from connector import calendar, fhir, links, optout
+from connector import calendar, fhir, optout
 from connector.bounces import skip_reason
 from connector.errors import SourceError
 from connector.lifecycle import CANCELLED, NOSHOW, appointment_zone, still_wanted, synthesized
 from connector.mapping.engine import RenderError, RenderRequest, render
 from connector.models import State
+from connector.sending.linking import EmailLinker
 from connector.sending.preparer import Gone, NoSource, NotSendable, NotYet, Prepared
 from connector.sending.recipients import NoRecipient, optout_lookup, prefetch, read_cached, resolve
 
@@ -49,10 +50,8 @@ class AppointmentPreparer:
         self.sources = sources
         self.cache = cache
         self.intake = intake
-        self.patient_links = patient_links
         self._opted_out = optout_lookup(optouts)
-        self._link_keys = links.LinkKeys.from_config(config.links) if config.links is not None else None
-        self._optout_keys = optout.OptOutKeys.from_config(config.optout)
+        self.linker = EmailLinker(config, patient_links)
 
     async def read_ahead(self, batch: list[NotificationRecord]) -> None:
         await prefetch(self.cache, self.sources, batch)
@@ -101,7 +100,14 @@ class AppointmentPreparer:
         settings = source.config
         zone = appointment_zone(appointment, settings.location_timezones, settings.timezone)
         languages = tuple(fhir.preferred_languages(recipient.patient))
-        email_links = self._links(n, mapping, appointment, now, zone, languages)
+        email_links = self.linker.links(
+            n,
+            language=mapping.variant_for(list(languages))[0],
+            zone=zone,
+            now=now,
+            actions=mapping.spec.actions,
+            start=fhir.parse_instant(appointment.get("start")),
+        )
         request = RenderRequest(
             key=n.key,
             to=recipient.address,
@@ -121,9 +127,7 @@ class AppointmentPreparer:
             email = render(mapping, request)
         except RenderError as exc:
             return NotSendable(State.FAILED, str(exc))
-        if email_links is not None:
-            await self._remember(n, email.to, now)
-            email = dataclasses.replace(email, headers={**email.headers, **email_links.headers})
+        email = await self.linker.stamp(n, email, email_links, now)
         if mapping.spec.attach_ics:
             ics = calendar.invitation(
                 appointment,
@@ -137,41 +141,3 @@ class AppointmentPreparer:
             )
             email = dataclasses.replace(email, attachments=(*email.attachments, *([ics] if ics else [])))
         return email
-
-    async def _remember(self, n: NotificationRecord, address: str, now: datetime) -> None:
-        """Before the email goes: the keyed opt-out digest of its address, for its unsubscribe link (which then
-        needs neither the EHR nor the patient's current address). A failure here fails the preparation."""
-        if self.patient_links is None or self._optout_keys is None:
-            return
-        keys = self._optout_keys
-        stored = keys.keyed(optout.digest("email", address))
-        await self.patient_links.remember(n.id, "email", stored, keys.current, now)
-
-    def _links(
-        self,
-        n: NotificationRecord,
-        mapping: Mapping,
-        appointment: dict[str, Any],
-        now: datetime,
-        zone: str,
-        languages: tuple[str, ...],
-    ) -> links.EmailLinks | None:
-        """The signed links of this email (None without `links:` in the config)."""
-        settings = self.config.links
-        if self._link_keys is None or settings is None or self.config.server is None:
-            return None
-        public_url = self.config.server.public_url
-        if public_url is None:
-            return None
-        return links.for_email(
-            self._link_keys,
-            public_url,
-            notification=n.id,
-            actions=list(mapping.spec.actions),
-            start=fhir.parse_instant(appointment.get("start")),
-            now=now,
-            ttl=settings.ttl,
-            language=mapping.variant_for(list(languages))[0],
-            zone=zone,
-            mailto=settings.mailto,
-        )

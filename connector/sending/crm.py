@@ -7,18 +7,18 @@ that link first (connector.ledger.patient_links)."""
 
 from __future__ import annotations
 
-import dataclasses
 from datetime import datetime
 from typing import TYPE_CHECKING
 
 import httpx
 
-from connector import links, optout
+from connector import optout
 from connector.addresses import usable
 from connector.crm.inbox import Keyring, SealError, open_event
 from connector.errors import ResourceError, SourceError
 from connector.mapping.engine import CrmRenderRequest, RenderError, render_crm
 from connector.models import State
+from connector.sending.linking import EmailLinker
 from connector.sending.preparer import NotSendable, NotYet, Prepared
 from connector.sending.recipients import optout_lookup
 from connector.sources.hubspot import HubSpotClient
@@ -44,10 +44,8 @@ class CrmPreparer:
         self.inbox = inbox
         self.optouts = optouts
         self.keyring = keyring
-        self.patient_links = patient_links
         self._opted_out = optout_lookup(optouts)
-        self._link_keys = links.LinkKeys.from_config(config.links) if config.links is not None else None
-        self._optout_keys = optout.OptOutKeys.from_config(config.optout)
+        self.linker = EmailLinker(config, patient_links)
         self.apis = {
             name: HubSpotClient(name, settings, transport)
             for name, settings in config.crm.items()
@@ -95,7 +93,7 @@ class CrmPreparer:
                 State.SKIPPED, f"the address opted out{which} ({match.origin}, {match.created_at.date().isoformat()})"
             )
         zone = self.config.crm[row.source].timezone if row.source in self.config.crm else "UTC"
-        email_links = self._links(n, mapping, now, zone)
+        email_links = self.linker.links(n, language=mapping.variant_for([])[0], zone=zone, now=now)
         request = CrmRenderRequest(
             key=n.key,
             to=address,
@@ -112,35 +110,7 @@ class CrmPreparer:
             email = render_crm(mapping, request)
         except RenderError as exc:
             return NotSendable(State.FAILED, str(exc))
-        if email_links is None:
-            return email
-        await self._remember(n, email.to, now)
-        return dataclasses.replace(email, headers={**email.headers, **email_links.headers})
-
-    def _links(self, n: NotificationRecord, mapping: Mapping, now: datetime, zone: str) -> links.EmailLinks | None:
-        """The unsubscribe link and one-click headers of this email (None without `links:`)."""
-        settings, server = self.config.links, self.config.server
-        if self._link_keys is None or settings is None or server is None or server.public_url is None:
-            return None
-        return links.for_email(
-            self._link_keys,
-            server.public_url,
-            notification=n.id,
-            actions=[],
-            start=None,
-            now=now,
-            ttl=settings.ttl,
-            language=mapping.variant_for([])[0],
-            zone=zone,
-            mailto=settings.mailto,
-        )
-
-    async def _remember(self, n: NotificationRecord, address: str, now: datetime) -> None:
-        if self.patient_links is not None and self._optout_keys is not None:
-            keys = self._optout_keys
-            await self.patient_links.remember(
-                n.id, "email", keys.keyed(optout.digest("email", address)), keys.current, now
-            )
+        return await self.linker.stamp(n, email, email_links, now)
 
     async def aclose(self) -> None:
         for api in self.apis.values():

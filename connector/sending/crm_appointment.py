@@ -7,11 +7,10 @@ after bounces (connector.bounces: the same per-contact rule as for FHIR patients
 
 from __future__ import annotations
 
-import dataclasses
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from connector import links, optout
+from connector import optout
 from connector.crm.appointments import AppointmentEmail, contact_of, describe, object_gone, render_appointment
 from connector.crm.inbox import Keyring, SealError, open_event
 from connector.errors import ResourceError, SourceError
@@ -19,6 +18,7 @@ from connector.lifecycle import still_wanted
 from connector.mapping.engine import RenderError
 from connector.mapping.spec import RecipientPath
 from connector.models import State
+from connector.sending.linking import EmailLinker
 from connector.sending.preparer import NoSource, NotSendable, NotYet, Prepared
 from connector.sending.recipients import optout_lookup
 
@@ -46,10 +46,8 @@ class CrmAppointmentPreparer:
         patient_links: PatientLinks | None = None,
     ) -> None:
         self.config = config
-        self.patient_links = patient_links
         self._opted_out = optout_lookup(optouts)
-        self._link_keys = links.LinkKeys.from_config(config.links) if config.links is not None else None
-        self._optout_keys = optout.OptOutKeys.from_config(config.optout)
+        self.linker = EmailLinker(config, patient_links)
         self.bounces = bounces if config.bounces.suppress else None
         self.keys = keys
         self.intake = intake
@@ -109,7 +107,9 @@ class CrmAppointmentPreparer:
             bounced = await self.bounces.suppressed(n.source, n.patient_id, digests)
             if bounced is not None:
                 return NotSendable(State.SKIPPED, _bounced(bounced))
-        email_links = self._links(n, mapping, now, described.zone, list(contact.languages))
+        email_links = self.linker.links(
+            n, language=mapping.variant_for(list(contact.languages))[0], zone=described.zone, now=now
+        )
         request = AppointmentEmail(
             key=n.key,
             event=n.event,
@@ -127,34 +127,7 @@ class CrmAppointmentPreparer:
             email = render_appointment(mapping, request)
         except RenderError as exc:
             return NotSendable(State.FAILED, str(exc))
-        if email_links is None or self.patient_links is None or self._optout_keys is None:
-            return email
-        # As for CRM event emails (connector.sending.crm): the keyed digest of the address first, for the link.
-        keys = self._optout_keys
-        await self.patient_links.remember(
-            n.id, "email", keys.keyed(optout.digest("email", email.to)), keys.current, now
-        )
-        return dataclasses.replace(email, headers={**email.headers, **email_links.headers})
-
-    def _links(
-        self, n: NotificationRecord, mapping: Mapping, now: datetime, zone: str, languages: list[str]
-    ) -> links.EmailLinks | None:
-        """The unsubscribe link and one-click headers of this email (None without `links:`)."""
-        settings, server = self.config.links, self.config.server
-        if self._link_keys is None or settings is None or server is None or server.public_url is None:
-            return None
-        return links.for_email(
-            self._link_keys,
-            server.public_url,
-            notification=n.id,
-            actions=[],
-            start=None,
-            now=now,
-            ttl=settings.ttl,
-            language=mapping.variant_for(languages)[0],
-            zone=zone,
-            mailto=settings.mailto,
-        )
+        return await self.linker.stamp(n, email, email_links, now)
 
 
 def _bounced(tally: Tally) -> str:
