@@ -9,7 +9,6 @@ Set CONNECTOR_CONSOLE_SCREENSHOTS=<folder> to save the overview and the detail p
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 
 from connector.models import State
 from connector.testing import Server, sqlite_url
+from tests.browser import chromium, leave, navigate, needs_chromium
 from tests.console_harness import (
     OPERATOR,
     VIEWER,
@@ -29,20 +29,10 @@ from tests.console_harness import (
     write_console_config,
 )
 
-webdriver = pytest.importorskip("selenium.webdriver")
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support import expected_conditions  # noqa: E402
-from selenium.webdriver.support.wait import WebDriverWait  # noqa: E402
+pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.common.by import By
 
-CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not (Path(CHROMIUM).exists() and shutil.which(DRIVER)),
-        reason="needs Debian's chromium and chromium-driver (scripts/test installs them)",
-    ),
-]
+pytestmark = needs_chromium
 SHOTS = os.environ.get("CONNECTOR_CONSOLE_SCREENSHOTS")
 
 
@@ -59,21 +49,8 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Seeded, object]]:
 
 @pytest.fixture
 def browser() -> Iterator[object]:
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1400"):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
-    driver.implicitly_wait(5)
-    yield driver
-    driver.quit()
-
-
-def navigate(driver: object, element: object) -> None:
-    """Click `element` and wait until the next page has replaced this one."""
-    page = driver.find_element(By.TAG_NAME, "html")  # type: ignore[attr-defined]
-    element.click()  # type: ignore[attr-defined]
-    WebDriverWait(driver, 10).until(expected_conditions.staleness_of(page))
+    with chromium(1280, 1400) as driver:
+        yield driver
 
 
 def sign_in(driver: object, url: str, who: tuple[str, str]) -> None:
@@ -128,14 +105,16 @@ def test_a_viewer_cannot_act_and_a_forged_post_is_refused(served, browser) -> No
 
     def post(fields: dict[str, str]) -> str:
         """Submit a form the page does not offer, as a forged page or a curious viewer would."""
-        driver.execute_script(
-            "const f = document.createElement('form'); f.method = 'post'; f.action = arguments[0];"
-            "for (const [k, v] of Object.entries(arguments[1])) { const i = document.createElement('input');"
-            " i.name = k; i.value = v; f.appendChild(i); } document.body.appendChild(f); f.submit();",
-            f"{url}/console/notifications/{seeded.failed}/act",
-            fields,
+        leave(
+            driver,
+            lambda: driver.execute_script(
+                "const f = document.createElement('form'); f.method = 'post'; f.action = arguments[0];"
+                "for (const [k, v] of Object.entries(arguments[1])) { const i = document.createElement('input');"
+                " i.name = k; i.value = v; f.appendChild(i); } document.body.appendChild(f); f.submit();",
+                f"{url}/console/notifications/{seeded.failed}/act",
+                fields,
+            ),
         )
-        WebDriverWait(driver, 10).until(lambda d: d.find_elements(By.ID, "message"))
         return str(driver.find_element(By.ID, "message").text)
 
     assert "viewers cannot act" in post({"csrf": own_token, "action": "retry", "reason": "let me try"})

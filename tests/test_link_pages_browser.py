@@ -5,7 +5,6 @@ serves, in the email's language: English for one patient, Dutch for the other.""
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,21 +15,14 @@ from connector.daemon import run_once, web_app
 from connector.sandbox.fhir import FhirState
 from connector.sandbox.paubox import SandboxState
 from connector.testing import Server
+from tests.browser import chromium, navigate, needs_chromium
 from tests.factories import appointment
 from tests.test_patient_links import PUBLIC, START, World, people
 
-webdriver = pytest.importorskip("selenium.webdriver")
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
+pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.common.by import By
 
-CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not (Path(CHROMIUM).exists() and shutil.which(DRIVER)),
-        reason="needs Debian's chromium and chromium-driver (scripts/browser installs them)",
-    ),
-]
+pytestmark = needs_chromium
 
 
 @pytest.fixture
@@ -49,14 +41,8 @@ def served(tmp_path: Path, api_key_env: str) -> Iterator[tuple[str, World]]:
 
 @pytest.fixture
 def browser() -> Iterator[Any]:
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=800,900"):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
-    driver.implicitly_wait(5)
-    yield driver
-    driver.quit()
+    with chromium(800, 900) as driver:
+        yield driver
 
 
 @pytest.mark.parametrize(
@@ -78,7 +64,7 @@ def test_the_confirm_page_in_the_emails_language_confirms_on_the_button_only(
     assert any(name in when for name in weekday_names), when
     assert "Zebulon" not in browser.page_source and "Quixotica" not in browser.page_source
     assert world.responses() == []  # the page was shown: nothing written
-    browser.find_element(By.ID, "act").click()
+    navigate(browser, browser.find_element(By.ID, "act"))
     assert done in browser.find_element(By.ID, "message").text
     [response] = world.responses()
     assert response["participantStatus"] == "accepted"
@@ -91,7 +77,7 @@ def test_the_unsubscribe_page_in_dutch_offers_the_category_or_everything(
     browser.get(world.links_of("Uw afspraak")["unsubscribe"].replace(PUBLIC, url))
     assert "Welke e-mails wilt u niet meer ontvangen?" in browser.page_source
     browser.find_element(By.CSS_SELECTOR, 'input[value="all"]').click()
-    browser.find_element(By.ID, "act").click()
+    navigate(browser, browser.find_element(By.ID, "act"))
     assert browser.find_element(By.ID, "message").text == "U bent afgemeld."
     [entry] = world.runtimes[0].ledger.optouts.entries()
     assert entry.category == "" and entry.origin == "link"
