@@ -19,7 +19,10 @@ from typing import TYPE_CHECKING, Any
 from connector.models import State
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from connector.config.handoff import HandoffConfig
+    from connector.mapping.loader import Mapping
     from connector.mapping.spec import HandoffSpec
 
 CODE_SYSTEM = "urn:connector:handoff"
@@ -29,6 +32,16 @@ WHY = {
     "bounce": "email to the address bounced",
     "failed": "the email could not be sent",
 }
+
+
+def active(settings: HandoffConfig | None, mappings: Iterable[Mapping]) -> bool:
+    """Whether anything may be handed off: a `handoff:` section, or a mapping that turns it on."""
+    return settings is not None or any(m.spec.handoff is not None and m.spec.handoff.enabled for m in mappings)
+
+
+def to_tasks(settings: HandoffConfig | None, mappings: Iterable[Mapping]) -> bool:
+    """Whether hand-offs are FHIR Tasks written to the appointments' sources."""
+    return active(settings, mappings) and (settings is None or settings.to == "task")
 
 
 # The preparer's opt-out reasons (connector.sending.recipients): "Patient/p1 opted out of 'reminders' email

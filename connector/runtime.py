@@ -27,6 +27,7 @@ from connector.crm.inbox import Keyring
 from connector.delivery.paubox import PauboxRestMailer
 from connector.errors import LedgerError
 from connector.files import open_private
+from connector.handoff import to_tasks
 from connector.intake.crm import CrmIntake
 from connector.intake.planner import Planner
 from connector.intake.polling import Poller
@@ -154,7 +155,8 @@ class Runtime:
             if interrupted:
                 log.warning("ledger.in_doubt", count=interrupted, problem="sends interrupted by an earlier crash")
         store = AsyncLedger.over(ledger)
-        sources = {name: FhirPollSource(name, cfg, source_transport) for name, cfg in config.sources.items()}
+        tasks = to_tasks(config.handoff, mappings)
+        sources = {name: FhirPollSource(name, cfg, source_transport, tasks) for name, cfg in config.sources.items()}
         mailer = mailer or make_mailer(config)
         cache = ResourceCache(clock)
         owner = f"{os.uname().nodename[:24]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"

@@ -156,11 +156,17 @@ def test_capabilities_of_anything_but_a_server_statement_are_none() -> None:
     assert capabilities_of(statement) == Capabilities(frozenset({"Task"}), frozenset(), {"Task": frozenset()})
 
 
+@pytest.mark.parametrize(
+    "write_back",
+    [{"scope": "system/AppointmentResponse.c"}, {"responses": True}],
+    ids=["scope-given", "scope-derived-from-responses"],
+)
 async def test_a_smart_source_asks_for_its_write_scopes_and_writes_with_them(
-    fhir_state: FhirState, monkeypatch: pytest.MonkeyPatch
+    fhir_state: FhirState, monkeypatch: pytest.MonkeyPatch, write_back: dict[str, object]
 ) -> None:
-    """`write_back.scope` is added to the token request; the server enforcing SMART scopes accepts the
-    create (it would answer 403 without `system/AppointmentResponse.c`)."""
+    """`write_back.scope`, or when it is empty the scopes of the writes turned on, is added to the token
+    request; the server enforcing SMART scopes accepts the create (it would answer 403 without
+    `system/AppointmentResponse.c`)."""
     from cryptography.hazmat.primitives import serialization
     from starlette.types import Receive, Scope, Send
 
@@ -185,7 +191,7 @@ async def test_a_smart_source_asks_for_its_write_scopes_and_writes_with_them(
                 "key_id": "ec-1",
                 "private_key": "${TEST_CLIENT_KEY}",
             },
-            "write_back": {"scope": "system/AppointmentResponse.c"},
+            "write_back": write_back,
         }
     )
     source = FhirPollSource("ehr", config, httpx.ASGITransport(app=router))
@@ -196,3 +202,45 @@ async def test_a_smart_source_asks_for_its_write_scopes_and_writes_with_them(
     assert written.created
     granted = [token.scope for token in tokens.tokens.values()]
     assert granted == ["system/Appointment.rs system/Patient.rs system/AppointmentResponse.c"]
+
+
+def _smart_source(scope: str, write_back: dict[str, object]) -> FhirPollSourceConfig:
+    auth = {"type": "smart", "client_id": "c", "key_id": "k", "private_key": "${TEST_CLIENT_KEY}", "scope": scope}
+    return FhirPollSourceConfig.model_validate(
+        {"base_url": "https://fhir.test", "auth": auth, "write_back": write_back}
+    )
+
+
+@pytest.mark.parametrize(
+    ("read", "write_back", "tasks", "expected"),
+    [
+        ("system/Appointment.rs system/Patient.rs", {}, False, ""),
+        (
+            "system/Appointment.rs system/Patient.rs",
+            {"responses": True, "cancel_appointment": True},
+            False,
+            "system/AppointmentResponse.c system/Appointment.u",
+        ),
+        (
+            "system/Appointment.rs system/Patient.rs",
+            {"not_done": True},
+            True,
+            "system/Communication.c system/Communication.rs system/Task.c system/Task.rs system/Task.u",
+        ),
+        (
+            "system/Appointment.read system/Patient.read",
+            {"communication": True, "responses": True},
+            True,
+            "system/AppointmentResponse.write system/Communication.write system/Communication.read "
+            "system/Task.write system/Task.read",
+        ),
+        ("system/*.rs", {"communication": True, "scope": "system/*.cruds"}, True, "system/*.cruds"),
+    ],
+    ids=["nothing-written", "links-v2", "chart-and-tasks-v2", "v1-style-follows-auth-scope", "given-scope-wins"],
+)
+def test_the_token_asks_for_the_scopes_of_the_writes_turned_on(
+    monkeypatch: pytest.MonkeyPatch, read: str, write_back: dict[str, object], tasks: bool, expected: str
+) -> None:
+    monkeypatch.setenv("TEST_CLIENT_KEY", "unused here")
+    scope = _smart_source(read, write_back).token_scope(tasks)
+    assert scope == " ".join([read, expected]).strip()

@@ -419,3 +419,36 @@ def test_a_crm_mappings_own_hand_off_needs_a_webhook(tmp_path: Path, handoff_to:
         load_mappings(folder, handoff_to=handoff_to)
     [found] = [str(p) for p in caught.value.problems]
     assert f"{folder / 'request.yaml'} line 11 (handoff): a CRM mapping is handed off only to a webhook" in found
+
+
+@pytest.mark.parametrize(
+    ("section", "mapping_says", "tasks"),
+    [
+        (None, None, False),  # nothing hands off: no Task scopes asked for
+        (None, "true", True),  # a mapping alone turns Tasks on
+        ({}, None, True),
+        ({}, "false", True),  # another mapping may still be handed off by the section
+        ({"to": "webhook", "url": "https://queue.example.org/in", "secret": "${HANDOFF_SECRET}"}, "true", False),
+    ],
+)
+def test_hand_offs_are_tasks_when_a_section_or_a_mapping_turns_them_on(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    section: dict[str, str] | None,
+    mapping_says: str | None,
+    tasks: bool,
+) -> None:
+    from connector.handoff import to_tasks
+
+    monkeypatch.setenv("HANDOFF_SECRET", "whsec_dGVzdA==")
+    folder = tmp_path / "mappings"
+    folder.mkdir()
+    (folder / "booked.txt").write_text("See you soon.")
+    own = f"handoff: {mapping_says}\n" if mapping_says else ""
+    (folder / "booked.yaml").write_text(
+        "name: booked\ntrigger:\n  resource: Appointment\n  event: booked\nrecipient: patient\n"
+        f'templates:\n  subject: "Soon"\n  text: booked.txt\n{own}'
+    )
+    settings = None if section is None else HandoffConfig.model_validate(section)
+    mappings = load_mappings(folder, handoff_to="task" if settings is None else settings.to)
+    assert to_tasks(settings, mappings) is tasks

@@ -82,7 +82,10 @@ async def run(config_path: Path) -> list[Check]:
         ]
     parts = await asyncio.gather(
         guarded("ledger", asyncio.to_thread(ledger_checks, config)),
-        *(guarded(f"source {name}", source_checks(name, source)) for name, source in config.sources.items()),
+        *(
+            guarded(f"source {name}", source_checks(name, source, checked.tasks))
+            for name, source in config.sources.items()
+        ),
         guarded("paubox", paubox_checks(config)),
         guarded("smtp", smtp_checks(config)),
         guarded("webhooks", webhook_checks(config)),
@@ -160,11 +163,13 @@ def _writable(engine: Engine) -> Check:
 # -- FHIR sources ----------------------------------------------------------------------------------------
 
 
-async def source_checks(name: str, config: FhirPollSourceConfig) -> list[Check]:
+async def source_checks(name: str, config: FhirPollSourceConfig, tasks: bool = False) -> list[Check]:
+    """The checks of one FHIR source; the SMART token is asked for what `connector run` would ask for
+    (`tasks`: with the scopes of hand-off Tasks), so a grant too narrow for the writes fails here."""
     part = f"source {name}"
     once = config.model_copy(update={"retries": config.retries.model_copy(update={"attempts": 1})})
     try:
-        source = FhirPollSource(name, once)
+        source = FhirPollSource(name, once, tasks=tasks)
     except ConnectorError as exc:
         return [Check(part, "auth", False, _said(exc), f"check sources.{name}.auth")]
     try:

@@ -16,6 +16,7 @@ from connector import fhir
 from connector.config import Config, load_config
 from connector.config.handoff import handoff_to
 from connector.errors import ConfigError, Problem
+from connector.handoff import to_tasks
 from connector.intake.checks import examine
 from connector.lifecycle import appointment_zone
 from connector.mapping.engine import RenderRequest, render
@@ -31,6 +32,7 @@ class Validation:
     mappings: list[str]
     errors: list[Problem]  # mappings, templates, and the references `run` needs but cannot read
     warnings: list[Problem]  # missing references of features that are off
+    tasks: bool = False  # hand-offs are FHIR Tasks on the sources (their SMART scopes are asked for)
 
 
 def validate(config_path: Path) -> Validation:
@@ -39,12 +41,12 @@ def validate(config_path: Path) -> Validation:
     config = load_config(config_path, needs=())
     errors, warnings = configuration.report(config)
     try:
-        names = load_mappings(
+        mappings = load_mappings(
             config.mappings_dir, [*config.sources, *config.crm], config.appointment_sources, handoff_to(config.handoff)
-        ).names()
+        )
     except ConfigError as exc:
-        names, errors = [], [*exc.problems, *errors]
-    return Validation(config, names, errors, warnings)
+        return Validation(config, [], [*exc.problems, *errors], warnings, to_tasks(config.handoff, []))
+    return Validation(config, mappings.names(), errors, warnings, to_tasks(config.handoff, mappings))
 
 
 def read_resource_file(path: Path) -> fhir.SearchPage:

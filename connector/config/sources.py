@@ -213,6 +213,47 @@ class FhirPollSourceConfig(Strict):
             )
         return self
 
+    def token_scope(self, tasks: bool = False) -> str:
+        """The scopes of the SMART token request: `auth.scope` and what the writes turned on need —
+        `write_back.scope` when it is set, otherwise derived from the features (`tasks`: hand-offs to
+        staff are FHIR Tasks on this source) in the style of `auth.scope` (SMART v1 `.read`/`.write`
+        when it uses those, v2 letters otherwise)."""
+        read = self.auth.scope.split() if isinstance(self.auth, SmartAuth) else []
+        writes = self.write_back.scope.split() or write_scopes(self.write_back, tasks, v1=_is_v1(read))
+        return " ".join(dict.fromkeys([*read, *writes]))
+
+
+_V2_WRITES = {
+    "responses": ["AppointmentResponse.c"],
+    "cancel_appointment": ["Appointment.u"],
+    "communication": ["Communication.c", "Communication.rs"],
+    "tasks": ["Task.c", "Task.rs", "Task.u"],
+}
+_V1_WRITES = {
+    "responses": ["AppointmentResponse.write"],
+    "cancel_appointment": ["Appointment.write"],
+    "communication": ["Communication.write", "Communication.read"],
+    "tasks": ["Task.write", "Task.read"],
+}
+
+
+def write_scopes(write_back: WriteBackConfig, tasks: bool, v1: bool = False) -> list[str]:
+    """The SMART system scopes the writes of `write_back` (and Tasks for hand-offs) need: create for what
+    is created (a conditional create searches first: read and search where the README says so), update
+    for the cancelled Appointment and the Task a later reason is added to."""
+    wanted = {
+        "responses": write_back.responses,
+        "cancel_appointment": write_back.cancel_appointment,
+        "communication": write_back.communication or write_back.not_done,
+        "tasks": tasks,
+    }
+    table = _V1_WRITES if v1 else _V2_WRITES
+    return [f"system/{scope}" for feature, on in wanted.items() if on for scope in table[feature]]
+
+
+def _is_v1(scopes: list[str]) -> bool:
+    return any(scope.rsplit(".", 1)[-1] in ("read", "write", "*") for scope in scopes)
+
 
 class CrmSourceConfig(Strict):
     """A CRM sending webhooks to `connector run` at /webhooks/crm/<name> (salesforce: /<name>/<path_token>)."""

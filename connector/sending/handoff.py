@@ -19,7 +19,7 @@ import httpx
 from connector.config.handoff import handoff_to
 from connector.crm.verify import standard_webhook_headers
 from connector.errors import SourceError
-from connector.handoff import Rules, event, note_of, rules_for, task, wanted, with_reason
+from connector.handoff import Rules, active, event, note_of, rules_for, task, wanted, with_reason
 from connector.sources.fhir_write import StaleVersion, WriteRefused
 from connector.writeback import identifier_condition
 
@@ -57,9 +57,7 @@ class HandOff:
     @property
     def active(self) -> bool:
         """Whether anything may be handed off: a `handoff:` section, or a mapping that turns it on."""
-        return self.settings is not None or any(
-            m.spec.handoff is not None and m.spec.handoff.enabled for m in self.mappings
-        )
+        return active(self.settings, self.mappings)
 
     def rules(self, mapping: str) -> Rules | None:
         found = self.mappings.get(mapping)

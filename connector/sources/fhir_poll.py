@@ -68,10 +68,15 @@ class PageBudget:
 
 
 class FhirPollSource:
-    """One configured FHIR server. `transport` lets tests put any httpx transport underneath."""
+    """One configured FHIR server. `transport` lets tests put any httpx transport underneath; `tasks`: hand-offs
+    are FHIR Tasks on this server, so the SMART token asks for their scopes too (see `token_scope`)."""
 
     def __init__(
-        self, name: str, config: FhirPollSourceConfig, transport: httpx.AsyncBaseTransport | None = None
+        self,
+        name: str,
+        config: FhirPollSourceConfig,
+        transport: httpx.AsyncBaseTransport | None = None,
+        tasks: bool = False,
     ) -> None:
         self.name = name
         self.config = config
@@ -90,7 +95,7 @@ class FhirPollSource:
                 private_key_pem=config.auth.private_key.get_secret_value().encode(),
                 key_id=config.auth.key_id,
                 algorithm=config.auth.algorithm,
-                scope=" ".join(dict.fromkeys([*config.auth.scope.split(), *config.write_back.scope.split()])),
+                scope=config.token_scope(tasks),
                 token_endpoint=config.auth.token_endpoint,
                 transport=transport,
                 timeout=self._deadline,
