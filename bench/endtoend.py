@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bench.rig import PY, ROOT, Rig, sandbox
+from bench.rig import PY, ROOT, Rig, poll_seconds, sandbox
 from bench.table import log
 from connector.testing import (
     API_KEY,
@@ -59,7 +59,8 @@ def _stop_when_done(rig: Rig, pids: list[int], expected: int, timeout: float) ->
 class Measured:
     """What one end-to-end run gave: messages accepted, seconds from start to the last acceptance, CPU
     seconds and peak RSS (kB, the largest process) of the measured processes, FHIR requests served and the
-    FHIR server's own CPU seconds meanwhile (its process, not in `cpu`)."""
+    FHIR server's own CPU seconds meanwhile (its process, not in `cpu`), and when the first process's poll
+    ended (seconds from the start, by its `poll.done` log line)."""
 
     sent: int
     wall: float
@@ -69,6 +70,7 @@ class Measured:
     most_copies: int
     problem: str = ""
     server_cpu: float | None = None
+    poll: float | None = None
 
     @property
     def rate(self) -> float:
@@ -165,7 +167,8 @@ def connector_run(rig: Rig, fhir: str, setting: Setting, expected: int, name: st
         else f" (CHECK: accepted {sent} of {expected}, most copies {copies}, exit codes {codes}; see {folder})"
     )
     rss = max(u.ru_maxrss for _, u in ended)
-    measured = Measured(sent, wall, cpu, rss, requests, copies, problem, server_cpu_after - server_cpu)
+    polled = poll_seconds({"log": folder / "daemon0.log", "started_at": started})
+    measured = Measured(sent, wall, cpu, rss, requests, copies, problem, server_cpu_after - server_cpu, polled)
     log(
         f"{name}: {sent} in {wall:.1f} s = {measured.rate:,.0f}/s, CPU {measured.cpu_ms:.2f} ms/notification, "
         f"RSS {measured.rss_kb / 1024:.0f} MB, {requests} FHIR requests{problem}"

@@ -175,10 +175,12 @@ def report_rows(report: Report, count: int, naive: Measured, run: SekmetRun, inm
             "default config, the in-memory FHIR test server (for comparison)",
             f"{inmemory.rate:,.0f} /s = {inmemory.rate / naive.rate:,.1f}× naive; {inmemory.cpu_ms:.2f} ms CPU/notif.",
         )
+        report.row("  poll done after", polled(inmemory))
         report.row("  the test server's own CPU (its process, not counted above)", server_cpu(inmemory))
     for setting, measured in run.rows:
         how = describe_dispatch({**defaults, **(setting.dispatch or {})})
         report.row(f"{setting.label}: {how}", f"{measured.rate:,.0f} /s = {measured.rate / naive.rate:,.1f}× naive")
+        report.row("  poll done after", polled(measured))
         report.row("  CPU per notification (the connector's processes only)", f"{measured.cpu_ms:.2f} ms")
         report.row(
             "  peak RSS (largest process); FHIR requests",
@@ -204,4 +206,12 @@ def server_cpu(measured: Measured) -> str:
     if measured.server_cpu is None:
         return "not reported"
     per = measured.server_cpu * 1000 / measured.sent if measured.sent else float("nan")
-    return f"{measured.server_cpu:.1f} s = {per:.2f} ms per notification"
+    each = measured.server_cpu * 1000 / measured.fhir_requests if measured.fhir_requests else float("nan")
+    return f"{measured.server_cpu:.2f} s = {per:.2f} ms per notification, {each:.0f} ms per FHIR request"
+
+
+def polled(measured: Measured) -> str:
+    """When `connector run --once` had read every page (it sends after its poll), of its whole run."""
+    if measured.poll is None:
+        return "no poll.done line in its log"
+    return f"{measured.poll:.1f} s of {measured.wall:.1f} s"
