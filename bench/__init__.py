@@ -8,5 +8,6 @@ subscribed  latency with a rest-hook Subscription
 rig       the processes it starts (through `connector.testing`) and one measured pipeline run
 table     the printed table and the facts about the machine
 servers   the FHIR test server and the Paubox sandbox, each in a process of its own
+sekmet    end to end against sekmet-fhir, a real FHIR server from PyPI (sekmet_server.py serves it)
 workers   what runs in the measured connector processes
 """

@@ -11,6 +11,8 @@ targets were met.
      to the last accepted message (sandbox: 50 ms per request + 1 ms per message), for the default config,
      tuned, one by one, PostgreSQL with 1 and 3 daemons, against a naive loop (bench/naive.py) that posts
      one message at a time and waits for each answer; the ledger's share of the CPU by profile;
+ 1b. the default config and tuned against a real FHIR server, sekmet-fhir from PyPI (installed into a
+     virtual environment of its own under .cache/, run in its own process, its CPU reported apart);
   2. growth: the default config at N, 4N and 16N appointments;
   3. peak RSS (VmHWM) of a first poll of a large FHIR server (poll + plan + commit), then a bounded slice
      of sending through a mailer that accepts at once (no network);
@@ -30,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.parts import FULL, QUICK, Sizes, latency, memory, subscriptions, throughput
+from bench.parts import FULL, QUICK, Baseline, Sizes, latency, memory, real_server, subscriptions, throughput
 from bench.rig import Processes, Rig
 from bench.table import Report, busy_cpu_seconds, machine, mount_of, own_cpu_seconds, render
 
@@ -73,7 +75,7 @@ def main() -> int:
     )
     parser.add_argument(
         "--only",
-        choices=["throughput", "memory", "latency", "subscriptions"],
+        choices=["throughput", "sekmet", "memory", "latency", "subscriptions"],
         action="append",
         help="run only these parts (repeatable)",
     )
@@ -95,7 +97,7 @@ def main() -> int:
         repeats=args.repeats or base.repeats,
         growth=args.growth or base.growth,
     )
-    parts = args.only or ["throughput", "memory", "latency", "subscriptions"]
+    parts = args.only or ["throughput", "sekmet", "memory", "latency", "subscriptions"]
 
     root = Path(tempfile.mkdtemp(prefix="connector-bench-"))
     shm = Path("/dev/shm")  # noqa: S108 - a private folder is made in it with mkdtemp
@@ -111,8 +113,11 @@ def main() -> int:
     try:
         _, paubox = procs.server("paubox", "--latency-ms", "50", "--per-message-ms", "1")
         rig = Rig(procs, root, ram, paubox, args.page_size)
+        baseline: Baseline | None = None
         if "throughput" in parts:
-            throughput(rig, sizes, args, report)
+            baseline = throughput(rig, sizes, args, report)
+        if "sekmet" in parts:
+            real_server(rig, sizes, report, baseline)
         if "memory" in parts:
             memory(rig, sizes, report)
         if "latency" in parts:

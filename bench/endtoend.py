@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bench.rig import PY, ROOT, Rig, sandbox
+from bench.rig import PY, ROOT, Rig, poll_seconds, sandbox
 from bench.table import log
 from connector.testing import (
     API_KEY,
@@ -58,7 +58,9 @@ def _stop_when_done(rig: Rig, pids: list[int], expected: int, timeout: float) ->
 @dataclass
 class Measured:
     """What one end-to-end run gave: messages accepted, seconds from start to the last acceptance, CPU
-    seconds and peak RSS (kB, the largest process) of the measured processes, FHIR requests served."""
+    seconds and peak RSS (kB, the largest process) of the measured processes, FHIR requests served and the
+    FHIR server's own CPU seconds meanwhile (its process, not in `cpu`), and when the first process's poll
+    ended (seconds from the start, by its `poll.done` log line)."""
 
     sent: int
     wall: float
@@ -67,6 +69,8 @@ class Measured:
     fhir_requests: int
     most_copies: int
     problem: str = ""
+    server_cpu: float | None = None
+    poll: float | None = None
 
     @property
     def rate(self) -> float:
@@ -106,17 +110,21 @@ def _spawn(argv: list[str], cwd: Path, log_path: Path, env: dict[str, str]) -> i
     return process.pid
 
 
-def _accepted(rig: Rig, fhir: str, started: float) -> tuple[int, float, int, int]:
+def _accepted(rig: Rig, fhir: str, started: float) -> tuple[int, float, int, int, float]:
+    """Messages accepted, seconds from `started` to the last, most copies of one message, FHIR requests
+    served and the FHIR server's CPU seconds so far."""
     stats = sandbox(rig.paubox, "GET", "/_sandbox/stats")
     last = stats.get("last_received_at")
     wall = datetime.fromisoformat(last).timestamp() - started if last else 0.0
-    requests = int(sandbox(fhir, "GET", "/_bench/requests")["requests"])
-    return stats["accepted"], wall, max(stats["per_key"].values(), default=0), requests
+    served = sandbox(fhir, "GET", "/_bench/requests")
+    copies = max(stats["per_key"].values(), default=0)
+    return stats["accepted"], wall, copies, int(served["requests"]), float(served["cpu"])
 
 
-def _reset(rig: Rig, fhir: str) -> None:
+def _reset(rig: Rig, fhir: str) -> float:
+    """Empty the sandbox and the FHIR server's request count; the FHIR server's CPU seconds so far."""
     sandbox(rig.paubox, "DELETE", "/_sandbox/messages")
-    sandbox(fhir, "DELETE", "/_bench/requests")
+    return float(sandbox(fhir, "DELETE", "/_bench/requests")["cpu"])
 
 
 def connector_run(rig: Rig, fhir: str, setting: Setting, expected: int, name: str) -> Measured:
@@ -139,7 +147,7 @@ def connector_run(rig: Rig, fhir: str, setting: Setting, expected: int, name: st
     env = environment(PAUBOX_API_KEY=API_KEY)
     try:
         cli("db", "upgrade", "--config", config, cwd=folder)  # once, before: a cron user's ledger exists
-        _reset(rig, fhir)
+        server_cpu = _reset(rig, fhir)
         argv = connector_argv("run", *([] if setting.forever else ["--once"]), "--config", str(config))
         started = time.time()
         pids = [_spawn(argv, folder, folder / f"daemon{i}.log", env) for i in range(setting.daemons)]
@@ -150,7 +158,7 @@ def connector_run(rig: Rig, fhir: str, setting: Setting, expected: int, name: st
     finally:
         if schema:
             drop_schema(schema, PG_URL)
-    sent, wall, copies, requests = _accepted(rig, fhir, started)
+    sent, wall, copies, requests, server_cpu_after = _accepted(rig, fhir, started)
     cpu = sum(usage.ru_utime + usage.ru_stime for _, usage in ended)
     codes = [code for code, _ in ended]
     problem = (
@@ -158,7 +166,9 @@ def connector_run(rig: Rig, fhir: str, setting: Setting, expected: int, name: st
         if sent == expected and copies == 1 and not any(codes)
         else f" (CHECK: accepted {sent} of {expected}, most copies {copies}, exit codes {codes}; see {folder})"
     )
-    measured = Measured(sent, wall, cpu, max(u.ru_maxrss for _, u in ended), requests, copies, problem)
+    rss = max(u.ru_maxrss for _, u in ended)
+    polled = poll_seconds({"log": folder / "daemon0.log", "started_at": started})
+    measured = Measured(sent, wall, cpu, rss, requests, copies, problem, server_cpu_after - server_cpu, polled)
     log(
         f"{name}: {sent} in {wall:.1f} s = {measured.rate:,.0f}/s, CPU {measured.cpu_ms:.2f} ms/notification, "
         f"RSS {measured.rss_kb / 1024:.0f} MB, {requests} FHIR requests{problem}"
@@ -176,7 +186,7 @@ def naive_run(rig: Rig, fhir: str, count: int) -> Measured:
     ((code, usage),) = _wait_all([pid], timeout=120 + count)
     if code:
         raise HarnessError(f"the naive loop failed (exit {code}); see {rig.root / 'naive.log'}")
-    sent, wall, copies, requests = _accepted(rig, fhir, started)
+    sent, wall, copies, requests, _ = _accepted(rig, fhir, started)
     measured = Measured(sent, wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss, requests, copies)
     log(f"naive: {sent} in {wall:.1f} s = {measured.rate:.1f}/s, CPU {measured.cpu_ms:.2f} ms/notification")
     return measured

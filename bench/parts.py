@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 
+from bench import sekmet
 from bench.endtoend import ONE_BY_ONE, TUNED, Measured, Setting, connector_run, naive_run, startup
 from bench.rig import Rig, describe_dispatch, pipeline_run, sandbox
 from bench.servers import bench_appointment
@@ -42,7 +43,10 @@ QUICK = Sizes(
 )
 
 
-def throughput(rig: Rig, sizes: Sizes, args: argparse.Namespace, report: Report) -> None:
+Baseline = tuple[Measured, Measured | None]  # the naive loop; the default config on the FHIR test server
+
+
+def throughput(rig: Rig, sizes: Sizes, args: argparse.Namespace, report: Report) -> Baseline:
     """End to end, as users run it (bench/endtoend.py): the naive loop, the product's default config, tuned,
     one by one, PostgreSQL with 1 and 3 daemons; then growth at N, 4N, 16N with the default config."""
     empty_process, empty = rig.procs.server("fhir")
@@ -145,6 +149,20 @@ def throughput(rig: Rig, sizes: Sizes, args: argparse.Namespace, report: Report)
         )
         if measured.problem:
             report.notes.append(f"growth {count}: {measured.problem.strip()}")
+    return naive, by_label.get("default config")
+
+
+def real_server(rig: Rig, sizes: Sizes, report: Report, baseline: Baseline | None) -> None:
+    """The default config and tuned against sekmet-fhir (bench/sekmet.py), beside the naive loop and the default
+    config on the FHIR test server (measured here when the throughput part did not run)."""
+    n = sizes.appointments
+    if baseline is None:
+        process, fhir = rig.procs.server("fhir", "--appointments", str(n))
+        naive = naive_run(rig, fhir, sizes.naive)
+        baseline = naive, connector_run(rig, fhir, Setting("default config", None), n, "default-config")
+        rig.procs.stop(process)
+    settings = [Setting("default config, sekmet-fhir", None), Setting("tuned, sekmet-fhir", TUNED)]
+    sekmet.report_rows(report, n, baseline[0], sekmet.measure(rig, n, settings), baseline[1])
 
 
 PAUBOX_CHARGE = "50 ms per request + 1 ms per message it carries"

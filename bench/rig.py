@@ -27,10 +27,11 @@ class Processes:
         self.folder = folder
         self.running: list[Process] = []
 
-    def start(self, module: str, *args: str, log_name: str, name: str) -> Process:
-        """`python -m MODULE ARGS` from the checkout, its stdout a pipe and its stderr in `log_name`."""
+    def start(self, module: str, *args: str, log_name: str, name: str, python: str | Path = PY) -> Process:
+        """`python -m MODULE ARGS` from the checkout (this interpreter unless `python`), its stdout a pipe and
+        its stderr in `log_name`."""
         # The benchmark's own session, as before the harness: how the CPU is shared under load stays the same.
-        argv, log_path = [PY, "-m", module, *args], self.folder / log_name
+        argv, log_path = [str(python), "-m", module, *args], self.folder / log_name
         process = Process(argv, log_path, cwd=ROOT, name=name, pipe_stdout=True, grace=15, new_session=False)
         self.running.append(process.start())
         return process

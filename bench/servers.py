@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import signal
 import threading
 import time
@@ -39,13 +40,15 @@ def bench_appointment(index: int, now: datetime) -> dict[str, Any]:
 
 
 def counted(app: Asgi, state: FhirState) -> Asgi:
-    """The FHIR app, plus `GET /_bench/requests` (how many requests it served) and `DELETE` (start again)."""
+    """The FHIR app, plus `GET /_bench/requests` (how many requests it served, and this process's CPU seconds
+    so far) and `DELETE` (the count starts again)."""
 
     async def wrapper(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] != "/_bench/requests":
             await app(scope, receive, send)
             return
-        body = json.dumps({"requests": len(state.requests)}).encode()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        body = json.dumps({"requests": len(state.requests), "cpu": usage.ru_utime + usage.ru_stime}).encode()
         if scope["method"] == "DELETE":
             state.requests.clear()
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
