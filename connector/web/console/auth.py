@@ -2,6 +2,11 @@
 single sign-on proxy's user header believed only from `server.trusted_proxies`; CSRF tokens for every POST;
 failed sign-ins limited per user and address.
 
+The sign-in form's token is bound to the browser it was given to: a random pre-session cookie
+(`connector_console_login`, `HttpOnly`, `SameSite=Strict`, `Secure` like the session's, path `<console>/login`)
+that the token is derived from. A forged page posting an attacker's own form token cannot sign a victim's
+browser into the attacker's account (login CSRF): that browser lacks the matching cookie.
+
 The session cookie is signed (itsdangerous), `HttpOnly`, `SameSite=Strict` and `Secure` (unless
 `console.secure_cookie` is off for plain-HTTP tests); it carries the user name, the role, a CSRF token and
 the time it was issued, nothing else.
@@ -12,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import ipaddress
+import re
 import secrets
 import time
 from collections import deque
@@ -29,6 +35,10 @@ if TYPE_CHECKING:
     from connector.config.console import ConsoleConfig
 
 COOKIE = "connector_console"
+LOGIN_COOKIE = "connector_console_login"  # the pre-session cookie: the browser the sign-in form was given to
+LOGIN_TTL = 3600  # seconds a sign-in form (its token and its pre-session cookie) stays good
+_LOGIN_SALT = "connector-console-login"
+_NONCE = re.compile(r"[A-Za-z0-9_-]{32}")
 PEER = "connector.peer"  # the scope key holding the address of the immediate peer (before proxy headers)
 _HASHER = PasswordHasher()
 
@@ -159,6 +169,42 @@ class Gate:
             self._ended = {token: until for token, until in self._ended.items() if until > now}
             self._ended[user.csrf] = now + self.config.session_lifetime.total_seconds()
         response.delete_cookie(COOKIE, path=path, secure=self.config.secure_cookie, httponly=True, samesite="strict")
+
+    # the sign-in form's CSRF token, bound to the browser -------------------------------------------------
+
+    def login_nonce(self, request: Request) -> tuple[str, bool]:
+        """(this browser's pre-session value, whether it is new and must be set with `keep_login_nonce`)."""
+        value = request.cookies.get(LOGIN_COOKIE, "")
+        return (value, False) if _NONCE.fullmatch(value) else (secrets.token_urlsafe(24), True)
+
+    def login_token(self, nonce: str) -> str:
+        """The sign-in form's token: signed and timed, and good only beside the pre-session cookie `nonce`
+        (a token taken from another browser, an attacker's own in particular, signs nobody in here)."""
+        return self.signer.dumps(self._bound(nonce), salt=_LOGIN_SALT)
+
+    def login_token_ok(self, request: Request, token: object) -> bool:
+        nonce = request.cookies.get(LOGIN_COOKIE, "")
+        if not isinstance(token, str) or not _NONCE.fullmatch(nonce):
+            return False
+        try:
+            bound = self.signer.loads(token, salt=_LOGIN_SALT, max_age=LOGIN_TTL)
+        except BadSignature:  # tampered, or expired (SignatureExpired is a BadSignature)
+            return False
+        return isinstance(bound, str) and hmac.compare_digest(bound, self._bound(nonce))
+
+    def keep_login_nonce(self, response: Response, nonce: str, path: str) -> None:
+        response.set_cookie(
+            LOGIN_COOKIE, nonce, max_age=LOGIN_TTL, path=path + "/login", secure=self.config.secure_cookie,
+            httponly=True, samesite="strict",
+        )  # fmt: skip
+
+    def drop_login_nonce(self, response: Response, path: str) -> None:
+        response.delete_cookie(
+            LOGIN_COOKIE, path=path + "/login", secure=self.config.secure_cookie, httponly=True, samesite="strict"
+        )
+
+    def _bound(self, nonce: str) -> str:
+        return hmac.new(self.signer.secret_key, f"login:{nonce}".encode(), "sha256").hexdigest()
 
     @staticmethod
     def csrf_ok(user: User, token: object) -> bool:

@@ -199,30 +199,35 @@ class Console:
 
     # sign-in ----------------------------------------------------------------------------------------------
 
-    def login_form(self, problem: str | None = None, status: int = 200) -> HTMLResponse:
-        token = self.gate.signer.dumps("login", salt="connector-console-login")
-        return self.page("login.html", None, status, token=token, problem=problem, local=bool(self.settings.users))
+    def login_form(self, request: Request, problem: str | None = None, status: int = 200) -> HTMLResponse:
+        """The sign-in page, its token bound to this browser's pre-session cookie (set here when missing)."""
+        nonce, new = self.gate.login_nonce(request)
+        token = self.gate.login_token(nonce)
+        page = self.page("login.html", None, status, token=token, problem=problem, local=bool(self.settings.users))
+        if new:
+            self.gate.keep_login_nonce(page, nonce, self.prefix)
+        return page
 
     async def login_page(self, request: Request) -> Response:
         if self.gate.user(request) is not None:
             return RedirectResponse(self.prefix, status_code=303, headers=HEADERS)
-        return self.login_form()
+        return self.login_form(request)
 
     async def login(self, request: Request) -> Response:
         form = await form_of(request)
-        try:
-            self.gate.signer.loads(str(form.get("csrf", "")), salt="connector-console-login", max_age=3600)
-        except Exception:  # noqa: BLE001 - any bad or old token is the same refusal
-            return self.refuse("login", "missing or stale form token")
+        if not self.gate.login_token_ok(request, form.get("csrf")):
+            why = "the sign-in form's token is missing, stale or from another browser: open the sign-in page again"
+            return self.refuse("login", why)
         name, password = str(form.get("user", ""))[:64], str(form.get("password", ""))[:1024]
         address = request.client.host if request.client else ""
         user = self.gate.sign_in(name, password, address)
         if isinstance(user, str):
             log.warning("console.sign_in_refused", problem=user)
-            return self.login_form(user, 401)
+            return self.login_form(request, user, 401)
         log.info("console.signed_in", user=user.name, role=user.role)
         response = RedirectResponse(self.prefix, status_code=303, headers=HEADERS)
         self.gate.start_session(response, user, self.prefix)
+        self.gate.drop_login_nonce(response, self.prefix)  # a new form (and value) for the next sign-in
         return response
 
     async def logout(self, request: Request) -> Response:
