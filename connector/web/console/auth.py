@@ -9,12 +9,14 @@ browser into the attacker's account (login CSRF): that browser lacks the matchin
 
 The session cookie is signed (itsdangerous), `HttpOnly`, `SameSite=Strict` and `Secure` (unless
 `console.secure_cookie` is off for plain-HTTP tests); it carries the user name, the role, a CSRF token and
-the time it was issued, nothing else.
+the time it was issued, nothing else. A signed-out session is recorded in the ledger (by a digest of its
+CSRF token) and refused by every process serving the console, after a restart too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import hmac
 import ipaddress
 import re
@@ -95,9 +97,6 @@ class Gate:
         self.trusted = trusted_proxies
         self.limiter = Limiter(config.login_attempts, config.login_window.total_seconds())
         self._signer: URLSafeTimedSerializer | None = None
-        # sessions signed out here (by their CSRF token, unique to each sign-in) until their cookie would
-        # have expired anyway: a copy of a signed-out cookie is no session (in this process)
-        self._ended: dict[str, float] = {}
 
     @property
     def signer(self) -> URLSafeTimedSerializer:
@@ -107,7 +106,8 @@ class Gate:
         return self._signer
 
     def user(self, request: Request) -> User | None:
-        """The signed-in user of this request (SSO header from a trusted proxy, else the session cookie)."""
+        """The signed-in user of this request (SSO header from a trusted proxy, else the session cookie).
+        Whether that session was signed out is the ledger's to say (`session_id`; connector.web.console.pages)."""
         sso = self.config.sso
         if sso is not None and self._from_trusted_proxy(request):
             name = request.headers.get(sso.user_header, "").strip()
@@ -129,8 +129,6 @@ class Gate:
         configured = self.config.users.get(who) if isinstance(who, str) else None
         if configured is None or configured.role != role or not isinstance(csrf, str):
             return None  # a user removed or demoted since signing in loses the session
-        if csrf in self._ended:
-            return None  # signed out
         return User(str(who), str(role), csrf)
 
     def sign_in(self, name: str, password: str, address: str) -> User | str:
@@ -163,11 +161,13 @@ class Gate:
             samesite="strict",
         )
 
-    def end_session(self, response: Response, path: str, user: User | None = None) -> None:
-        if user is not None and not user.sso:
-            now = time.monotonic()
-            self._ended = {token: until for token, until in self._ended.items() if until > now}
-            self._ended[user.csrf] = now + self.config.session_lifetime.total_seconds()
+    @staticmethod
+    def session_id(user: User) -> str:
+        """What names a session in the ledger's sign-outs: the SHA-256 of its CSRF token (unique to each
+        sign-in), so that the ledger never holds a token a page would accept."""
+        return hashlib.sha256(f"session:{user.csrf}".encode()).hexdigest()
+
+    def end_session(self, response: Response, path: str) -> None:
         response.delete_cookie(COOKIE, path=path, secure=self.config.secure_cookie, httponly=True, samesite="strict")
 
     # the sign-in form's CSRF token, bound to the browser -------------------------------------------------

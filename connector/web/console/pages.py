@@ -123,11 +123,20 @@ class Console:
         html = self.templates.get_template(name).render(p=self.prefix, user=user, states=list(State), **values)
         return HTMLResponse(html, status_code=status, headers=HEADERS)
 
+    async def who(self, request: Request) -> User | None:
+        """The signed-in user of this request, unless the session was signed out (in any process: the
+        ledger keeps sign-outs)."""
+        user = self.gate.user(request)
+        if user is None or user.sso:
+            return user
+        ended = await self.db.run(self.db.sync.console.signed_out, Gate.session_id(user))
+        return None if ended else user
+
     def to_login(self) -> Response:
         return RedirectResponse(self.prefix + "/login", status_code=303, headers=HEADERS)
 
     async def overview(self, request: Request) -> Response:
-        user = self.gate.user(request)
+        user = await self.who(request)
         if user is None:
             return self.to_login()
         found = await self.db.run(facts.overview, self.config, self.db.sync, datetime.now(UTC))
@@ -143,7 +152,7 @@ class Console:
             if not Gate.csrf_ok(user, params.get("csrf")):
                 return self.refuse("search", "the form's CSRF token is missing or wrong")
         else:
-            user, params = self.gate.user(request), dict(request.query_params)
+            user, params = await self.who(request), dict(request.query_params)
             if user is None:
                 return self.to_login()
             named = [name for name in PRIVATE if name in params]
@@ -168,7 +177,7 @@ class Console:
         )  # fmt: skip
 
     async def notification(self, request: Request) -> Response:
-        user = self.gate.user(request)
+        user = await self.who(request)
         if user is None:
             return self.to_login()
         detail = await self.db.run(self.db.sync.console.detail, request.path_params["nid"])
@@ -181,7 +190,7 @@ class Console:
         )  # fmt: skip
 
     async def appointment(self, request: Request) -> Response:
-        user = self.gate.user(request)
+        user = await self.who(request)
         if user is None:
             return self.to_login()
         aid = str(request.path_params["aid"])[:128]
@@ -189,7 +198,7 @@ class Console:
         return self.page("appointment.html", user, s=story)
 
     async def audit(self, request: Request) -> Response:
-        user = self.gate.user(request)
+        user = await self.who(request)
         if user is None:
             return self.to_login()
         before = request.query_params.get("before", "")
@@ -209,7 +218,7 @@ class Console:
         return page
 
     async def login_page(self, request: Request) -> Response:
-        if self.gate.user(request) is not None:
+        if await self.who(request) is not None:
             return RedirectResponse(self.prefix, status_code=303, headers=HEADERS)
         return self.login_form(request)
 
@@ -234,14 +243,19 @@ class Console:
         user, form = await self.posted(request)
         if user is None or not Gate.csrf_ok(user, form.get("csrf")):
             return self.refuse("logout", "no session or CSRF token")
+        if not user.sso:  # refused from now on by every process serving the console, restarted ones too
+            now = datetime.now(UTC)
+            until = now + self.settings.session_lifetime
+            await self.db.run(self.db.sync.console.sign_out, Gate.session_id(user), until, now)
+        log.info("console.signed_out", user=user.name)
         response = self.to_login()
-        self.gate.end_session(response, self.prefix, user)
+        self.gate.end_session(response, self.prefix)
         return response
 
     # actions ----------------------------------------------------------------------------------------------
 
     async def posted(self, request: Request) -> tuple[User | None, Any]:
-        return self.gate.user(request), await form_of(request)
+        return await self.who(request), await form_of(request)
 
     def refuse(self, what: str, reason: str, status: int = 403) -> HTMLResponse:
         log.warning("console.refused", action=what, reason=reason)
