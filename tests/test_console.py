@@ -119,6 +119,19 @@ async def test_a_sign_in_form_token_signs_in_only_the_browser_it_was_given_to(si
         assert (await victim.get("/console")).status_code == 200
 
 
+async def test_a_form_too_large_or_with_too_many_fields_is_refused_not_a_crash(site: Site) -> None:
+    """A posted form over 64 KiB or 40 fields gets a 400 that says so, on the sign-in page and once signed
+    in (it was an unexpected error: a 500)."""
+    async with site.signed_in(OPERATOR) as client:
+        token = csrf_of((await client.get("/console/notifications")).text)
+        many = {"csrf": token, **{f"field{i}": "x" for i in range(45)}}
+        for path in ("/console/login", "/console/notifications", "/console/notifications/act", "/console/replay"):
+            answer = await client.post(path, data=many)
+            assert (answer.status_code, "more than 40 fields" in answer.text) == (400, True), path
+            large = await client.post(path, data={"csrf": token, "reason": "x" * 70_000})
+            assert (large.status_code, "larger than 64 KiB" in large.text) == (400, True), path
+
+
 async def test_session_cookie_is_signed_http_only_secure_and_strict(tmp_path: Path) -> None:
     site = Site(tmp_path, sqlite_url(tmp_path / "ledger.db"), secure_cookie=True)
     try:

@@ -29,11 +29,13 @@ from starlette.routing import Route
 from connector.errors import ConnectorError
 from connector.ledger.console import ACTIONS, Action, Search
 from connector.models import State
-from connector.web.common import read_body
+from connector.web.common import RequestTooLarge, read_body
 from connector.web.console import facts
 from connector.web.console.auth import Gate, User
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from starlette.requests import Request
 
     from connector.config import Config
@@ -84,9 +86,16 @@ def search_from(values: Any) -> Search:
 
 
 async def form_of(request: Request) -> dict[str, str]:
-    """A posted form (application/x-www-form-urlencoded, at most 64 KiB); the first value of each field."""
-    body = await read_body(request, 65536)
-    fields = parse_qs(body.decode("utf-8", "replace"), max_num_fields=40)
+    """A posted form (application/x-www-form-urlencoded, at most 64 KiB and 40 fields); the first value of
+    each field. BadForm otherwise (answered 400 by `Console.refusing_bad_forms`)."""
+    try:
+        body = await read_body(request, 65536)
+    except RequestTooLarge:
+        raise BadForm("the form is larger than 64 KiB") from None
+    try:
+        fields = parse_qs(body.decode("utf-8", "replace"), max_num_fields=40)
+    except ValueError:  # more fields than that
+        raise BadForm("the form has more than 40 fields") from None
     return {name: values[0] for name, values in fields.items()}
 
 
@@ -116,6 +125,17 @@ class Console:
             Route(p + "/appointments/{aid}", self.appointment, methods=["GET"]),
             Route(p + "/audit", self.audit, methods=["GET"]),
         ]
+
+    def refusing_bad_forms(self, endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[..., Any]:
+        """`endpoint`, with a form too large or with too many fields refused (400), not a crash (500)."""
+
+        async def wrapper(request: Request) -> Response:
+            try:
+                return await endpoint(request)
+            except BadForm as exc:
+                return self.refuse("form", str(exc), 400)
+
+        return wrapper
 
     # pages ------------------------------------------------------------------------------------------------
 
