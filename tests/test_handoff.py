@@ -219,6 +219,30 @@ async def test_a_webhook_receivers_endless_reply_is_read_only_up_to_a_bound(open
     await run_once(runtime)
     assert len(posts) == 1  # taken at the first try
     assert 0 < sum(pulled) <= 64 * 1024 + 16384
+    assert status(runtime.config)["write_back"] == {("handoff", "done"): 1}
+
+
+async def test_a_webhook_receiver_that_answers_without_end_in_time_is_tried_again(
+    opened: Opener, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reply trickling a chunk per second (each read within the client's timeout) is given up at the POST's
+    deadline and the hand-off tried again later, rather than holding the write-back forever."""
+    monkeypatch.setattr("connector.sending.handoff.DEADLINE", 0.3)
+
+    async def trickle() -> AsyncIterator[bytes]:
+        for _ in range(30):
+            await asyncio.sleep(1)
+            yield b"x"
+
+    (tmp_path / "handoff.secret").write_text(SECRET)
+    runtime, _ = opened(
+        "  to: webhook\n  url: https://queue.example.org/queue\n  secret: {file: handoff.secret}\n",
+        handoff_transport=httpx.MockTransport(lambda request: httpx.Response(200, content=trickle())),
+    )
+    started = time.monotonic()
+    await run_once(runtime)
+    assert time.monotonic() - started < 10
+    assert status(runtime.config)["write_back"] == {("handoff", "pending"): 1}
 
 
 @pytest.mark.parametrize(
