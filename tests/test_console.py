@@ -40,9 +40,9 @@ class Site:
         self.seeded: Seeded = seed(self.ledger.engine)
 
     @asynccontextmanager
-    async def client(self, address: str = "127.0.0.1") -> AsyncIterator[httpx.AsyncClient]:
+    async def client(self, address: str = "127.0.0.1", scheme: str = "http") -> AsyncIterator[httpx.AsyncClient]:
         transport = httpx.ASGITransport(app=self.app, client=(address, 50000))
-        async with httpx.AsyncClient(transport=transport, base_url="http://console.test") as client:
+        async with httpx.AsyncClient(transport=transport, base_url=f"{scheme}://console.test") as client:
             yield client
 
     @asynccontextmanager
@@ -98,17 +98,59 @@ async def test_failed_sign_ins_are_limited_per_user_and_address(site: Site) -> N
         assert forged.status_code == 403  # the sign-in form carries its own token too
 
 
+async def test_a_sign_in_form_token_signs_in_only_the_browser_it_was_given_to(site: Site) -> None:
+    """Login CSRF: an attacker takes a sign-in form (token and pre-session cookie) in their own browser and
+    makes a victim's browser post it with the attacker's credentials. The victim's browser lacks the
+    attacker's pre-session cookie (or has its own), so it is not signed into the attacker's account."""
+    async with site.client() as attacker:
+        token = csrf_of((await attacker.get("/console/login")).text)
+    credentials = {"user": VIEWER[0], "password": VIEWER[1], "csrf": token}
+    async with site.client() as victim:  # never opened the console: no pre-session cookie at all
+        forged = await victim.post("/console/login", data=credentials)
+        assert forged.status_code == 403 and "connector_console" not in forged.cookies
+        assert "from another browser" in forged.text
+    async with site.client() as victim:  # had the sign-in page open: a pre-session cookie of its own
+        own = csrf_of((await victim.get("/console/login")).text)
+        forged = await victim.post("/console/login", data=credentials)
+        assert forged.status_code == 403 and "connector_console" not in forged.cookies
+        assert (await victim.get("/console")).status_code == 303  # not signed in
+        answer = await victim.post("/console/login", data={**credentials, "csrf": own})
+        assert answer.status_code == 303  # its own form's token works
+        assert (await victim.get("/console")).status_code == 200
+
+
+async def test_a_form_too_large_or_with_too_many_fields_is_refused_not_a_crash(site: Site) -> None:
+    """A posted form over 64 KiB or 40 fields gets a 400 that says so, on the sign-in page and once signed
+    in (it was an unexpected error: a 500)."""
+    async with site.signed_in(OPERATOR) as client:
+        token = csrf_of((await client.get("/console/notifications")).text)
+        many = {"csrf": token, **{f"field{i}": "x" for i in range(45)}}
+        for path in ("/console/login", "/console/notifications", "/console/notifications/act", "/console/replay"):
+            answer = await client.post(path, data=many)
+            assert (answer.status_code, "more than 40 fields" in answer.text) == (400, True), path
+            large = await client.post(path, data={"csrf": token, "reason": "x" * 70_000})
+            assert (large.status_code, "larger than 64 KiB" in large.text) == (400, True), path
+
+
 async def test_session_cookie_is_signed_http_only_secure_and_strict(tmp_path: Path) -> None:
     site = Site(tmp_path, sqlite_url(tmp_path / "ledger.db"), secure_cookie=True)
     try:
-        async with site.client() as client:
-            token = csrf_of((await client.get("/console/login")).text)
+        async with site.client(scheme="https") as client:  # a Secure cookie goes back over https only
+            form = await client.get("/console/login")
+            token = csrf_of(form.text)
             answer = await client.post(
                 "/console/login", data={"user": OPERATOR[0], "password": OPERATOR[1], "csrf": token}
             )
-        cookie = answer.headers["set-cookie"].lower()
+        (before,) = form.headers.get_list("set-cookie")  # the pre-session cookie the form's token is bound to
+        assert before.startswith("connector_console_login=")
+        before = before.lower()
+        assert all(flag in before for flag in ("httponly", "secure", "samesite=strict", "path=/console/login"))
+        session, dropped = sorted(answer.headers.get_list("set-cookie"))
+        assert session.startswith("connector_console=") and dropped.startswith("connector_console_login=")
+        cookie = session.lower()
         assert all(flag in cookie for flag in ("httponly", "secure", "samesite=strict", "path=/console"))
         assert OPERATOR[1] not in cookie
+        assert "max-age=0" in dropped.lower()  # the pre-session cookie is spent by the sign-in
         async with site.client() as client:  # a tampered cookie is no session
             value = answer.cookies["connector_console"]
             client.cookies.set("connector_console", value[:-2] + ("AA" if not value.endswith("AA") else "BB"))

@@ -1,5 +1,6 @@
-"""Console sessions end: signing out drops the cookie, and a session of a user removed from the config (or
-given another role) is no session any more."""
+"""Console sessions end: signing out drops the cookie and is recorded in the ledger, so that no replica and no
+restarted process takes a copy of it (SQLite and PostgreSQL; revision 0015), and a session of a user removed
+from the config (or given another role) is no session any more."""
 
 from __future__ import annotations
 
@@ -7,12 +8,29 @@ from pathlib import Path
 
 import httpx
 import pytest
+from alembic import command
+from sqlalchemy import inspect
 
 from connector.config import load_config
 from connector.errors import ConnectorError
+from connector.ledger import migrate
+from connector.ledger.engine import make_engine
 from connector.testing import sqlite_url
 from connector.web.console.auth import Limiter
 from tests.console_harness import OPERATOR, console_app, csrf_of, write_console_config
+
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+
+
+def _url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    return sqlite_url(tmp_path / "ledger.db") if backend == "sqlite" else str(request.getfixturevalue("pg_schema_url"))
+
+
+async def _status_with(app: object, cookie: str) -> int:
+    """The status of the overview for a browser showing `cookie` (a copy of someone's session cookie)."""
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://console.test") as copy:  # type: ignore[arg-type]
+        copy.cookies.set("connector_console", cookie)
+        return (await copy.get("/console")).status_code
 
 
 async def _signed_in(app: object) -> tuple[httpx.AsyncClient, str]:
@@ -34,14 +52,59 @@ async def test_signing_out_ends_the_session(tmp_path: Path) -> None:
         assert (await client.get("/console")).status_code == 303
         await client.aclose()
         # a copy of the signed-out cookie (kept by someone else) is no session either
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://console.test") as copy:  # type: ignore[arg-type]
-            copy.cookies.set("connector_console", cookie)
-            assert (await copy.get("/console")).status_code == 303
+        assert await _status_with(app, cookie) == 303
         again, _ = await _signed_in(app)  # signing in again gives a new session
         assert (await again.get("/console")).status_code == 200
         await again.aclose()
     finally:
         ledger.dispose()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_sign_out_holds_on_every_replica_and_after_a_restart(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Two processes serving the console over one ledger: a session signed out on one is refused by the
+    other and by a process started afterwards; the user's other sessions go on."""
+    path = write_console_config(tmp_path, _url(backend, tmp_path, request))
+    (one, one_ledger), (two, two_ledger) = console_app(path), console_app(path)
+    ledgers = [one_ledger, two_ledger]
+    try:
+        client, cookie = await _signed_in(one)
+        other, other_cookie = await _signed_in(one)
+        await other.aclose()
+        assert await _status_with(two, cookie) == 200  # one session, good on every replica
+        page = await client.get("/console")
+        assert (await client.post("/console/logout", data={"csrf": csrf_of(page.text)})).status_code == 303
+        await client.aclose()
+        assert await _status_with(two, cookie) == 303
+        restarted, restarted_ledger = console_app(path)
+        ledgers.append(restarted_ledger)
+        assert await _status_with(restarted, cookie) == 303
+        assert await _status_with(restarted, other_cookie) == 200  # only the session signed out ends
+    finally:
+        for ledger in ledgers:
+            ledger.dispose()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_revision_0015_adds_and_removes_the_sign_out_table(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    engine = make_engine(_url(backend, tmp_path, request))
+    try:
+        migrate.upgrade(engine, "0014")
+        assert not inspect(engine).has_table("console_signout")
+        assert migrate.upgrade(engine) == ("0014", "0015")
+        assert inspect(engine).has_table("console_signout")
+        config = migrate._alembic()
+        with engine.begin() as conn:
+            config.attributes["connection"] = conn
+            command.downgrade(config, "0014")
+        assert not inspect(engine).has_table("console_signout")
+        assert migrate.current_revision(engine) == "0014"
+    finally:
+        engine.dispose()
 
 
 async def test_a_user_removed_or_demoted_in_the_config_loses_the_session(tmp_path: Path) -> None:

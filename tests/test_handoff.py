@@ -94,10 +94,13 @@ async def opened(tmp_path: Path, fhir: FhirState, paubox: SandboxState, api_key_
     runtimes: list[Runtime] = []
 
     def open_runtime(
-        handoff: str | None, receiver: Receiver | None = None, mapping_extra: dict[str, str] | None = None
+        handoff: str | None,
+        receiver: Receiver | None = None,
+        mapping_extra: dict[str, str] | None = None,
+        handoff_transport: httpx.AsyncBaseTransport | None = None,
     ) -> tuple[Runtime, Clock]:
         """`handoff`: the section's keys (None: no `handoff:` section); `mapping_extra`: lines added to
-        these mapping files."""
+        these mapping files; `handoff_transport`: the webhook's transport (else the receiver's app)."""
         path = write_config(
             tmp_path,
             "http://fhir.test",
@@ -117,7 +120,7 @@ async def opened(tmp_path: Path, fhir: FhirState, paubox: SandboxState, api_key_
             clock,
             mailer=mailer,
             source_transport=httpx.ASGITransport(app=fhir_app(fhir)),
-            handoff_transport=httpx.ASGITransport(app=receiver.app) if receiver else None,
+            handoff_transport=handoff_transport or (httpx.ASGITransport(app=receiver.app) if receiver else None),
         )
         runtimes.append(runtime)
         return runtime, clock
@@ -189,6 +192,57 @@ async def test_a_webhook_hand_off_is_signed_and_retried_under_one_id(
     assert event["type"] == "handoff.requested" and event["reason"] == "no-address"
     assert event["resource"] == "Appointment/a9" and event["patient"] == "Patient/p9"
     assert b"example.org" not in body  # no address in the event
+
+
+async def test_a_webhook_receivers_endless_reply_is_read_only_up_to_a_bound(opened: Opener, tmp_path: Path) -> None:
+    """A receiver that takes the event and answers 2xx with a body of 8 MiB: at most 64 KiB of it is read,
+    and the hand-off is written (not tried again)."""
+    pulled: list[int] = []
+    posts: list[bytes] = []
+
+    async def reply_body() -> AsyncIterator[bytes]:
+        for _ in range(512):
+            pulled.append(16384)
+            yield b"x" * 16384
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        posts.append(request.content)
+        return httpx.Response(200, content=reply_body())
+
+    (tmp_path / "handoff.secret").write_text(SECRET)
+    runtime, _ = opened(
+        "  to: webhook\n  url: https://queue.example.org/queue\n  secret: {file: handoff.secret}\n",
+        handoff_transport=httpx.MockTransport(handler),
+    )
+    await run_once(runtime)
+    await asyncio.sleep(0.05)  # past any backoff
+    await run_once(runtime)
+    assert len(posts) == 1  # taken at the first try
+    assert 0 < sum(pulled) <= 64 * 1024 + 16384
+    assert status(runtime.config)["write_back"] == {("handoff", "done"): 1}
+
+
+async def test_a_webhook_receiver_that_answers_without_end_in_time_is_tried_again(
+    opened: Opener, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reply trickling a chunk per second (each read within the client's timeout) is given up at the POST's
+    deadline and the hand-off tried again later, rather than holding the write-back forever."""
+    monkeypatch.setattr("connector.sending.handoff.DEADLINE", 0.3)
+
+    async def trickle() -> AsyncIterator[bytes]:
+        for _ in range(30):
+            await asyncio.sleep(1)
+            yield b"x"
+
+    (tmp_path / "handoff.secret").write_text(SECRET)
+    runtime, _ = opened(
+        "  to: webhook\n  url: https://queue.example.org/queue\n  secret: {file: handoff.secret}\n",
+        handoff_transport=httpx.MockTransport(lambda request: httpx.Response(200, content=trickle())),
+    )
+    started = time.monotonic()
+    await run_once(runtime)
+    assert time.monotonic() - started < 10
+    assert status(runtime.config)["write_back"] == {("handoff", "pending"): 1}
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
 """The console role of the ledger on SQLite and PostgreSQL: chart buckets per hour and day, skip reasons, the
-oldest due, keyset pages, actions by filter bounded and audited; and the SVG chart drawn from buckets."""
+oldest due, keyset pages, actions by filter bounded and audited, sessions signed out; and the SVG chart drawn
+from buckets."""
 
 from __future__ import annotations
 
@@ -94,6 +95,16 @@ def test_resend_of_an_in_doubt_one_counts_a_resend_and_never_one_paubox_reported
     d1 = ledger.console.detail(ids["d1"])
     assert d1 is not None and d1.record.state is State.PENDING and d1.record.resends == 1
     assert [a.action for a in d1.audit] == ["resolve-resend"]
+
+
+def test_a_sign_out_is_kept_until_its_cookie_would_have_expired(ledger: SqlLedger) -> None:
+    first, second = "a" * 64, "b" * 64
+    ledger.console.sign_out(first, NOW + timedelta(hours=1), NOW)
+    ledger.console.sign_out(first, NOW + timedelta(hours=1), NOW)  # twice (a double click) is once
+    assert ledger.console.signed_out(first) and not ledger.console.signed_out(second)
+    ledger.console.sign_out(second, NOW + timedelta(hours=3), NOW + timedelta(hours=2))
+    assert ledger.console.signed_out(second)
+    assert not ledger.console.signed_out(first)  # past its cookie's end: forgotten at the next sign-out
 
 
 def test_the_chart_draws_one_bar_part_per_state_and_hour() -> None:

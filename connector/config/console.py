@@ -49,7 +49,7 @@ class ConsoleConfig(Strict):
         description="signs session cookies (32+ random characters), by reference"
     )
     session_lifetime: Duration = Field(timedelta(hours=8), description="a session ends this long after sign-in")
-    secure_cookie: bool = Field(True, description="send the session cookie over HTTPS only (keep on behind TLS)")
+    secure_cookie: bool = Field(True, description="send the console's cookies over HTTPS only (keep on behind TLS)")
     users: dict[Annotated[str, Field(pattern=USER_PATTERN)], ConsoleUser] = Field(default_factory=dict)
     sso: SsoConfig | None = None
     login_attempts: int = Field(5, ge=1, le=100, description="failed sign-ins allowed per user and address ...")

@@ -1,7 +1,8 @@
 """The console role: what the operator console reads (searches newest first by keyset, one notification
 with its journal and audit entries, one appointment with what intake saw of it, chart buckets) and the
 actions a person takes on notifications: these go through the operator role (connector.ledger.operator),
-the same settle and requeue as `connector resolve` and `connector retry`, audited in the same table.
+the same settle and requeue as `connector resolve` and `connector retry`, audited in the same table. And the
+console sessions signed out (revision 0015), which every process serving the console refuses.
 
 Every search is ordered by id, newest first, and pages by `before` (the last id shown): with the indexes
 of revision 0011 a page reads only its own rows, however large the ledger.
@@ -14,17 +15,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from sqlalchemy import func, literal_column, select
+from sqlalchemy import delete, func, literal_column, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.sql.elements import ColumnElement
 
 from connector.ledger.engine import A, N, S, SqlRole, record, utcnow
 from connector.ledger.journal import Event, SqlJournal
 from connector.ledger.operator import Audit, AuditEntry, Selection, SqlOperator
+from connector.ledger.schema import ConsoleSignOutRow
 from connector.models import State
 
 if TYPE_CHECKING:
     from connector.ledger import NotificationRecord
+
+SIGNOUT = ConsoleSignOutRow.__table__  # type: ignore[attr-defined]
 
 Action = Literal["resolve-sent", "resolve-resend", "resolve-cancel", "retry"]
 ACTIONS: dict[str, tuple[tuple[State, ...], State]] = {  # action: (states it applies to, the state it leaves)
@@ -234,6 +238,17 @@ class SqlConsole(SqlRole):
     ) -> int:
         """Record something a person did that changes no notification (a preview, a replay)."""
         return self.operator.record(actor, role, action, reason, notification_id, scope)
+
+    def sign_out(self, session: str, until: datetime, now: datetime) -> None:
+        """Record that the console session `session` (a digest, connector.web.console.auth) is signed out, for
+        every process, until `until`; sign-outs already past their `until` are forgotten."""
+        with self.engine.begin() as conn:
+            conn.execute(delete(SIGNOUT).where(SIGNOUT.c.until < now))
+            conn.execute(self._insert(SIGNOUT).values(session=session, until=until).on_conflict_do_nothing())
+
+    def signed_out(self, session: str) -> bool:
+        with self.engine.connect() as conn:
+            return conn.execute(select(SIGNOUT.c.session).where(SIGNOUT.c.session == session)).first() is not None
 
     def audit_log(self, before: int | None, limit: int) -> list[AuditEntry]:
         """The one audit trail (CLI and console), newest first."""

@@ -317,3 +317,15 @@ class LinkRecipientRow(SQLModel, table=True):
     digest: str = Field(primary_key=True, max_length=64)
     key_id: str = Field(max_length=64)
     recorded_at: datetime = _when()
+
+
+class ConsoleSignOutRow(SQLModel, table=True):
+    """A console session signed out (revision 0015): the SHA-256 of its CSRF token (unique to each sign-in;
+    the token itself is not kept) and until when its cookie could still be shown (its lifetime from the
+    sign-out). Every process serving the console refuses a cookie of a session named here, so a sign-out
+    holds across replicas and restarts; rows past `until` are forgotten at the next sign-out."""
+
+    __tablename__ = "console_signout"
+
+    session: str = Field(primary_key=True, max_length=64)
+    until: datetime = _when(index=True)

@@ -9,6 +9,7 @@ notification needs no hand-off), or raises SourceError (try again later) / Write
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from datetime import UTC, datetime
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
     from connector.sources.fhir_write import FhirWriter
 
 UPDATE_TRIES = 3  # a Task changed by someone else between our read and our update: read it again
+REPLY_BYTES = 64 * 1024  # at most this much of a webhook receiver's reply is read (and dropped)
+DEADLINE = 30.0  # seconds for one webhook POST, reply included (the client's 10 s apply to each read)
 
 
 class HandOff:
@@ -145,16 +148,31 @@ class HandOff:
         if self._http is None:
             self._http = httpx.AsyncClient(transport=self._transport, timeout=10.0, follow_redirects=False)
         try:
-            reply = await self._http.post(
-                self.settings.url, content=body, headers={**headers, "Content-Type": "application/json"}
-            )
-        except httpx.HTTPError as exc:
+            async with asyncio.timeout(DEADLINE):
+                status = await self._send(self._http, self.settings.url, body, headers)
+        except (httpx.HTTPError, TimeoutError) as exc:
             raise SourceError(f"hand-off webhook: {type(exc).__name__}") from exc
-        if reply.status_code in (408, 429) or reply.status_code >= 500:
-            raise SourceError(f"hand-off webhook answered HTTP {reply.status_code}")
-        if reply.status_code >= 300:
-            raise WriteRefused(f"hand-off webhook refused the event (HTTP {reply.status_code})", reply.status_code)
+        if status in (408, 429) or status >= 500:
+            raise SourceError(f"hand-off webhook answered HTTP {status}")
+        if status >= 300:
+            raise WriteRefused(f"hand-off webhook refused the event (HTTP {status})", status)
         return "written", msg_id
+
+    @staticmethod
+    async def _send(http: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str]) -> int:
+        """POST the event; the status code. Only the status counts: at most REPLY_BYTES of the receiver's
+        reply are read (and dropped, never logged), so a receiver answering without end cannot fill memory."""
+        request = http.build_request("POST", url, content=body, headers={**headers, "Content-Type": "application/json"})
+        reply = await http.send(request, stream=True)
+        try:
+            taken = 0
+            async for chunk in reply.aiter_raw():
+                taken += len(chunk)
+                if taken >= REPLY_BYTES:
+                    break
+        finally:
+            await reply.aclose()
+        return reply.status_code
 
     async def aclose(self) -> None:
         if self._http is not None:

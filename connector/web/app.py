@@ -47,4 +47,5 @@ def console_routes(
     from connector.web.console.replay import ReplayPages
 
     console = Console(config, AsyncConsole(ledger), preview)
-    return [*console.routes(), *ReplayPages(console, replayer).routes()]
+    routes = [*console.routes(), *ReplayPages(console, replayer).routes()]
+    return [Route(r.path, console.refusing_bad_forms(r.endpoint), methods=list(r.methods or ["GET"])) for r in routes]

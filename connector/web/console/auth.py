@@ -2,16 +2,24 @@
 single sign-on proxy's user header believed only from `server.trusted_proxies`; CSRF tokens for every POST;
 failed sign-ins limited per user and address.
 
+The sign-in form's token is bound to the browser it was given to: a random pre-session cookie
+(`connector_console_login`, `HttpOnly`, `SameSite=Strict`, `Secure` like the session's, path `<console>/login`)
+that the token is derived from. A forged page posting an attacker's own form token cannot sign a victim's
+browser into the attacker's account (login CSRF): that browser lacks the matching cookie.
+
 The session cookie is signed (itsdangerous), `HttpOnly`, `SameSite=Strict` and `Secure` (unless
 `console.secure_cookie` is off for plain-HTTP tests); it carries the user name, the role, a CSRF token and
-the time it was issued, nothing else.
+the time it was issued, nothing else. A signed-out session is recorded in the ledger (by a digest of its
+CSRF token) and refused by every process serving the console, after a restart too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import hmac
 import ipaddress
+import re
 import secrets
 import time
 from collections import deque
@@ -29,6 +37,10 @@ if TYPE_CHECKING:
     from connector.config.console import ConsoleConfig
 
 COOKIE = "connector_console"
+LOGIN_COOKIE = "connector_console_login"  # the pre-session cookie: the browser the sign-in form was given to
+LOGIN_TTL = 3600  # seconds a sign-in form (its token and its pre-session cookie) stays good
+_LOGIN_SALT = "connector-console-login"
+_NONCE = re.compile(r"[A-Za-z0-9_-]{32}")
 PEER = "connector.peer"  # the scope key holding the address of the immediate peer (before proxy headers)
 _HASHER = PasswordHasher()
 
@@ -85,9 +97,6 @@ class Gate:
         self.trusted = trusted_proxies
         self.limiter = Limiter(config.login_attempts, config.login_window.total_seconds())
         self._signer: URLSafeTimedSerializer | None = None
-        # sessions signed out here (by their CSRF token, unique to each sign-in) until their cookie would
-        # have expired anyway: a copy of a signed-out cookie is no session (in this process)
-        self._ended: dict[str, float] = {}
 
     @property
     def signer(self) -> URLSafeTimedSerializer:
@@ -97,7 +106,8 @@ class Gate:
         return self._signer
 
     def user(self, request: Request) -> User | None:
-        """The signed-in user of this request (SSO header from a trusted proxy, else the session cookie)."""
+        """The signed-in user of this request (SSO header from a trusted proxy, else the session cookie).
+        Whether that session was signed out is the ledger's to say (`session_id`; connector.web.console.pages)."""
         sso = self.config.sso
         if sso is not None and self._from_trusted_proxy(request):
             name = request.headers.get(sso.user_header, "").strip()
@@ -119,8 +129,6 @@ class Gate:
         configured = self.config.users.get(who) if isinstance(who, str) else None
         if configured is None or configured.role != role or not isinstance(csrf, str):
             return None  # a user removed or demoted since signing in loses the session
-        if csrf in self._ended:
-            return None  # signed out
         return User(str(who), str(role), csrf)
 
     def sign_in(self, name: str, password: str, address: str) -> User | str:
@@ -153,12 +161,50 @@ class Gate:
             samesite="strict",
         )
 
-    def end_session(self, response: Response, path: str, user: User | None = None) -> None:
-        if user is not None and not user.sso:
-            now = time.monotonic()
-            self._ended = {token: until for token, until in self._ended.items() if until > now}
-            self._ended[user.csrf] = now + self.config.session_lifetime.total_seconds()
+    @staticmethod
+    def session_id(user: User) -> str:
+        """What names a session in the ledger's sign-outs: the SHA-256 of its CSRF token (unique to each
+        sign-in), so that the ledger never holds a token a page would accept."""
+        return hashlib.sha256(f"session:{user.csrf}".encode()).hexdigest()
+
+    def end_session(self, response: Response, path: str) -> None:
         response.delete_cookie(COOKIE, path=path, secure=self.config.secure_cookie, httponly=True, samesite="strict")
+
+    # the sign-in form's CSRF token, bound to the browser -------------------------------------------------
+
+    def login_nonce(self, request: Request) -> tuple[str, bool]:
+        """(this browser's pre-session value, whether it is new and must be set with `keep_login_nonce`)."""
+        value = request.cookies.get(LOGIN_COOKIE, "")
+        return (value, False) if _NONCE.fullmatch(value) else (secrets.token_urlsafe(24), True)
+
+    def login_token(self, nonce: str) -> str:
+        """The sign-in form's token: signed and timed, and good only beside the pre-session cookie `nonce`
+        (a token taken from another browser, an attacker's own in particular, signs nobody in here)."""
+        return self.signer.dumps(self._bound(nonce), salt=_LOGIN_SALT)
+
+    def login_token_ok(self, request: Request, token: object) -> bool:
+        nonce = request.cookies.get(LOGIN_COOKIE, "")
+        if not isinstance(token, str) or not _NONCE.fullmatch(nonce):
+            return False
+        try:
+            bound = self.signer.loads(token, salt=_LOGIN_SALT, max_age=LOGIN_TTL)
+        except BadSignature:  # tampered, or expired (SignatureExpired is a BadSignature)
+            return False
+        return isinstance(bound, str) and hmac.compare_digest(bound, self._bound(nonce))
+
+    def keep_login_nonce(self, response: Response, nonce: str, path: str) -> None:
+        response.set_cookie(
+            LOGIN_COOKIE, nonce, max_age=LOGIN_TTL, path=path + "/login", secure=self.config.secure_cookie,
+            httponly=True, samesite="strict",
+        )  # fmt: skip
+
+    def drop_login_nonce(self, response: Response, path: str) -> None:
+        response.delete_cookie(
+            LOGIN_COOKIE, path=path + "/login", secure=self.config.secure_cookie, httponly=True, samesite="strict"
+        )
+
+    def _bound(self, nonce: str) -> str:
+        return hmac.new(self.signer.secret_key, f"login:{nonce}".encode(), "sha256").hexdigest()
 
     @staticmethod
     def csrf_ok(user: User, token: object) -> bool:

@@ -29,11 +29,13 @@ from starlette.routing import Route
 from connector.errors import ConnectorError
 from connector.ledger.console import ACTIONS, Action, Search
 from connector.models import State
-from connector.web.common import read_body
+from connector.web.common import RequestTooLarge, read_body
 from connector.web.console import facts
 from connector.web.console.auth import Gate, User
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from starlette.requests import Request
 
     from connector.config import Config
@@ -84,9 +86,16 @@ def search_from(values: Any) -> Search:
 
 
 async def form_of(request: Request) -> dict[str, str]:
-    """A posted form (application/x-www-form-urlencoded, at most 64 KiB); the first value of each field."""
-    body = await read_body(request, 65536)
-    fields = parse_qs(body.decode("utf-8", "replace"), max_num_fields=40)
+    """A posted form (application/x-www-form-urlencoded, at most 64 KiB and 40 fields); the first value of
+    each field. BadForm otherwise (answered 400 by `Console.refusing_bad_forms`)."""
+    try:
+        body = await read_body(request, 65536)
+    except RequestTooLarge:
+        raise BadForm("the form is larger than 64 KiB") from None
+    try:
+        fields = parse_qs(body.decode("utf-8", "replace"), max_num_fields=40)
+    except ValueError:  # more fields than that
+        raise BadForm("the form has more than 40 fields") from None
     return {name: values[0] for name, values in fields.items()}
 
 
@@ -117,17 +126,37 @@ class Console:
             Route(p + "/audit", self.audit, methods=["GET"]),
         ]
 
+    def refusing_bad_forms(self, endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[..., Any]:
+        """`endpoint`, with a form too large or with too many fields refused (400), not a crash (500)."""
+
+        async def wrapper(request: Request) -> Response:
+            try:
+                return await endpoint(request)
+            except BadForm as exc:
+                return self.refuse("form", str(exc), 400)
+
+        return wrapper
+
     # pages ------------------------------------------------------------------------------------------------
 
     def page(self, name: str, user: User | None, status: int = 200, **values: Any) -> HTMLResponse:
         html = self.templates.get_template(name).render(p=self.prefix, user=user, states=list(State), **values)
         return HTMLResponse(html, status_code=status, headers=HEADERS)
 
+    async def who(self, request: Request) -> User | None:
+        """The signed-in user of this request, unless the session was signed out (in any process: the
+        ledger keeps sign-outs)."""
+        user = self.gate.user(request)
+        if user is None or user.sso:
+            return user
+        ended = await self.db.run(self.db.sync.console.signed_out, Gate.session_id(user))
+        return None if ended else user
+
     def to_login(self) -> Response:
         return RedirectResponse(self.prefix + "/login", status_code=303, headers=HEADERS)
 
     async def overview(self, request: Request) -> Response:
-        user = self.gate.user(request)
+        user = await self.who(request)
         if user is None:
             return self.to_login()
         found = await self.db.run(facts.overview, self.config, self.db.sync, datetime.now(UTC))
@@ -143,7 +172,7 @@ class Console:
             if not Gate.csrf_ok(user, params.get("csrf")):
                 return self.refuse("search", "the form's CSRF token is missing or wrong")
         else:
-            user, params = self.gate.user(request), dict(request.query_params)
+            user, params = await self.who(request), dict(request.query_params)
             if user is None:
                 return self.to_login()
             named = [name for name in PRIVATE if name in params]
@@ -168,7 +197,7 @@ class Console:
         )  # fmt: skip
 
     async def notification(self, request: Request) -> Response:
-        user = self.gate.user(request)
+        user = await self.who(request)
         if user is None:
             return self.to_login()
         detail = await self.db.run(self.db.sync.console.detail, request.path_params["nid"])
@@ -181,7 +210,7 @@ class Console:
         )  # fmt: skip
 
     async def appointment(self, request: Request) -> Response:
-        user = self.gate.user(request)
+        user = await self.who(request)
         if user is None:
             return self.to_login()
         aid = str(request.path_params["aid"])[:128]
@@ -189,7 +218,7 @@ class Console:
         return self.page("appointment.html", user, s=story)
 
     async def audit(self, request: Request) -> Response:
-        user = self.gate.user(request)
+        user = await self.who(request)
         if user is None:
             return self.to_login()
         before = request.query_params.get("before", "")
@@ -199,44 +228,54 @@ class Console:
 
     # sign-in ----------------------------------------------------------------------------------------------
 
-    def login_form(self, problem: str | None = None, status: int = 200) -> HTMLResponse:
-        token = self.gate.signer.dumps("login", salt="connector-console-login")
-        return self.page("login.html", None, status, token=token, problem=problem, local=bool(self.settings.users))
+    def login_form(self, request: Request, problem: str | None = None, status: int = 200) -> HTMLResponse:
+        """The sign-in page, its token bound to this browser's pre-session cookie (set here when missing)."""
+        nonce, new = self.gate.login_nonce(request)
+        token = self.gate.login_token(nonce)
+        page = self.page("login.html", None, status, token=token, problem=problem, local=bool(self.settings.users))
+        if new:
+            self.gate.keep_login_nonce(page, nonce, self.prefix)
+        return page
 
     async def login_page(self, request: Request) -> Response:
-        if self.gate.user(request) is not None:
+        if await self.who(request) is not None:
             return RedirectResponse(self.prefix, status_code=303, headers=HEADERS)
-        return self.login_form()
+        return self.login_form(request)
 
     async def login(self, request: Request) -> Response:
         form = await form_of(request)
-        try:
-            self.gate.signer.loads(str(form.get("csrf", "")), salt="connector-console-login", max_age=3600)
-        except Exception:  # noqa: BLE001 - any bad or old token is the same refusal
-            return self.refuse("login", "missing or stale form token")
+        if not self.gate.login_token_ok(request, form.get("csrf")):
+            why = "the sign-in form's token is missing, stale or from another browser: open the sign-in page again"
+            return self.refuse("login", why)
         name, password = str(form.get("user", ""))[:64], str(form.get("password", ""))[:1024]
         address = request.client.host if request.client else ""
         user = self.gate.sign_in(name, password, address)
         if isinstance(user, str):
             log.warning("console.sign_in_refused", problem=user)
-            return self.login_form(user, 401)
+            return self.login_form(request, user, 401)
         log.info("console.signed_in", user=user.name, role=user.role)
         response = RedirectResponse(self.prefix, status_code=303, headers=HEADERS)
         self.gate.start_session(response, user, self.prefix)
+        self.gate.drop_login_nonce(response, self.prefix)  # a new form (and value) for the next sign-in
         return response
 
     async def logout(self, request: Request) -> Response:
         user, form = await self.posted(request)
         if user is None or not Gate.csrf_ok(user, form.get("csrf")):
             return self.refuse("logout", "no session or CSRF token")
+        if not user.sso:  # refused from now on by every process serving the console, restarted ones too
+            now = datetime.now(UTC)
+            until = now + self.settings.session_lifetime
+            await self.db.run(self.db.sync.console.sign_out, Gate.session_id(user), until, now)
+        log.info("console.signed_out", user=user.name)
         response = self.to_login()
-        self.gate.end_session(response, self.prefix, user)
+        self.gate.end_session(response, self.prefix)
         return response
 
     # actions ----------------------------------------------------------------------------------------------
 
     async def posted(self, request: Request) -> tuple[User | None, Any]:
-        return self.gate.user(request), await form_of(request)
+        return await self.who(request), await form_of(request)
 
     def refuse(self, what: str, reason: str, status: int = 403) -> HTMLResponse:
         log.warning("console.refused", action=what, reason=reason)

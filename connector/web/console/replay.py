@@ -67,7 +67,7 @@ class ReplayPages:
         return self.console.page("replay.html", user, status, sources=sources, offered=bool(self.replayer), **values)
 
     async def form(self, request: Request) -> Response:
-        user = self.console.gate.user(request)
+        user = await self.console.who(request)
         if user is None:
             return self.console.to_login()
         return self._page(user)
