@@ -113,13 +113,15 @@ def test_the_cursor_never_moves_back_nor_past_the_wall_clock_plus_the_overlap(
 @given(
     polls=st.lists(st.tuples(instants, st.none() | instants, st.booleans()), max_size=10),
 )
-def test_progress_only_remembers_where_a_poll_ended_and_when_a_sweep_began(
+def test_progress_only_remembers_the_furthest_a_poll_ended_and_when_a_sweep_began(
     polls: list[tuple[datetime, datetime | None, bool]],
 ) -> None:
+    """Polls may end out of order (a sweep beside quick polls): where to resume never moves back."""
     progress = Progress()
     for start, highest, sweep in polls:
         window = PollWindow(start, start, sweep=start if sweep else None, highest=highest)
         after = progress.done(window)
-        assert after.resume == (max(start, highest) if highest else start)
+        ended = max(start, highest) if highest else start
+        assert after.resume == (ended if progress.resume is None else max(progress.resume, ended))
         assert after.swept == (start if sweep else progress.swept)
         progress = after
