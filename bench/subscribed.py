@@ -86,6 +86,7 @@ def subscription_latency(
         if appointment_id in written:
             accepted = datetime.fromisoformat(message["received_at"])
             delays.append((written[appointment_id], (accepted - written[appointment_id]).total_seconds() * 1000))
+    (folder / "latencies.csv").write_text("".join(f"{when.isoformat()},{delay:.1f}\n" for when, delay in delays))
     return delays, count, achieved, sweeps(folder / "subscribed-daemon.log")
 
 
