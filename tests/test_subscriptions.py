@@ -20,12 +20,11 @@ from connector.intake.notifications import Notification, gap, parse_bundle
 from connector.models import system_clock
 from connector.runtime import Runtime
 from connector.sandbox.fhir import FhirState
-from connector.sandbox.fhir import create_app as fhir_app
 from connector.sandbox.paubox import SandboxState
 from connector.sandbox.paubox import create_app as paubox_app
 from connector.web.app import create_app as web_app
 from connector.web.fhir import FhirEndpoints
-from tests.conftest import API_KEY, BASIC, write_config
+from tests.conftest import API_KEY, BASIC, Gate, write_config
 from tests.factories import appointment, patient
 
 SECRET = "Bearer subscription-secret-for-tests"
@@ -80,21 +79,6 @@ class Hub:
             content=content,
             headers={"Authorization": secret, "Content-Type": "application/fhir+json"},
         )
-
-
-class Gate(httpx.AsyncBaseTransport):
-    """The FHIR test server, holding the requests whose URL holds `hold` until `go` is set."""
-
-    def __init__(self, fhir: FhirState) -> None:
-        self.inner = httpx.ASGITransport(app=fhir_app(fhir))
-        self.hold: str | None = None
-        self.held, self.go = asyncio.Event(), asyncio.Event()
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if self.hold is not None and self.hold in str(request.url):
-            self.held.set()
-            await self.go.wait()
-        return await self.inner.handle_async_request(request)
 
 
 @asynccontextmanager

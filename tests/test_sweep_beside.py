@@ -19,9 +19,8 @@ from connector.sandbox.fhir import create_app as fhir_app
 from connector.sandbox.paubox import SandboxState
 from connector.sandbox.paubox import create_app as paubox_app
 from connector.testing import migrated_engine
-from tests.conftest import API_KEY, BASIC, write_config
+from tests.conftest import API_KEY, BASIC, Gate, write_config
 from tests.factories import appointment, patient
-from tests.test_subscriptions import Gate
 
 SOON = datetime.now(UTC) + timedelta(days=3)
 
