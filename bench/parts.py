@@ -345,8 +345,8 @@ def latency(rig: Rig, sizes: Sizes, args: argparse.Namespace, report: Report) ->
 
 def subscriptions(rig: Rig, sizes: Sizes, report: Report) -> None:
     count = int(sizes.rate * sizes.duration)
-    delays, count, achieved = subscription_latency(rig, count, sizes.rate, feed)
-    report_subscriptions(report, delays, count, achieved, sizes.duration)
+    written, count, achieved, swept = subscription_latency(rig, count, sizes.rate, feed)
+    report_subscriptions(report, written, count, achieved, sizes.duration, swept)
 
 
 def feed(fhir: str, count: int, rate: float) -> tuple[dict[str, datetime], float]:

@@ -232,6 +232,7 @@ class Runtime:
         )
 
     async def aclose(self) -> None:
+        await self.poller.aclose()
         await self.dispatcher.release()
         await self.write_back.release()
         for source in self.sources.values():

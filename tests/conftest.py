@@ -5,16 +5,19 @@ The tooling itself is the package's harness (`connector.testing`); the names tes
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
+import httpx
 import pytest
 
 from connector.ledger.sql import SqlLedger
 from connector.optout import OptOutKeys
 from connector.sandbox.fhir import FhirState
+from connector.sandbox.fhir import create_app as fhir_app
 from connector.sandbox.paubox import SandboxState
 from connector.testing import (
     API_KEY,
@@ -31,11 +34,26 @@ from connector.testing import (
     write_config,
 )
 
-__all__ = ["API_KEY", "BASIC", "OPTOUT_KEY", "OPTOUT_KEYS", "ROOT", "Server", "free_port", "write_config"]
+__all__ = ["API_KEY", "BASIC", "OPTOUT_KEY", "OPTOUT_KEYS", "ROOT", "Gate", "Server", "free_port", "write_config"]
 
 ROOT = Path(__file__).resolve().parent.parent
 OPTOUT_KEYS = OptOutKeys({"t1": base64.b64decode(OPTOUT_KEY)}, "t1")
 BASIC = ("appointment-booked", "appointment-cancelled")
+
+
+class Gate(httpx.AsyncBaseTransport):
+    """The FHIR test server, holding the requests whose URL holds `hold` until `go` is set."""
+
+    def __init__(self, fhir: FhirState) -> None:
+        self.inner = httpx.ASGITransport(app=fhir_app(fhir))
+        self.hold: str | None = None
+        self.held, self.go = asyncio.Event(), asyncio.Event()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self.hold is not None and self.hold in str(request.url):
+            self.held.set()
+            await self.go.wait()
+        return await self.inner.handle_async_request(request)
 
 
 @pytest.fixture

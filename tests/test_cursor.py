@@ -64,6 +64,23 @@ def test_the_next_poll_is_a_sweep_or_resumes(
 
 
 @pytest.mark.parametrize(
+    ("progress", "due", "sweep", "expected"),
+    [
+        # A quick poll beside a sweep that is due: from where the last poll ended all the same.
+        (Progress(NOW - 10 * MIN, NOW - MIN), True, False, PollWindow(NOW, NOW - MIN)),
+        # Before any poll of the process ended there is nowhere to resume from: only a sweep will do.
+        (Progress(), True, False, PollWindow(NOW, NOW - 20 * MIN, sweep=NOW)),
+        (Progress(NOW - MIN, None), True, False, PollWindow(NOW, NOW - 20 * MIN, sweep=NOW)),
+        # A sweep asked for, though none is due.
+        (Progress(NOW - MIN, NOW - MIN), False, True, PollWindow(NOW, NOW - 20 * MIN, sweep=NOW)),
+    ],
+)
+def test_a_poll_may_be_told_to_sweep_or_not(progress: Progress, due: bool, sweep: bool, expected: PollWindow) -> None:
+    assert progress.due(NOW, SLOW_SWEEPS) == due
+    assert progress.start(NOW, since(NOW, SLOW_SWEEPS, NOW), NOW, SLOW_SWEEPS, sweep) == expected
+
+
+@pytest.mark.parametrize(
     ("progress", "window", "expected"),
     [
         (Progress(), PollWindow(NOW, NOW - MIN, sweep=NOW, highest=NOW + MIN), Progress(NOW, NOW + MIN)),
@@ -113,13 +130,15 @@ def test_the_cursor_never_moves_back_nor_past_the_wall_clock_plus_the_overlap(
 @given(
     polls=st.lists(st.tuples(instants, st.none() | instants, st.booleans()), max_size=10),
 )
-def test_progress_only_remembers_where_a_poll_ended_and_when_a_sweep_began(
+def test_progress_only_remembers_the_furthest_a_poll_ended_and_when_a_sweep_began(
     polls: list[tuple[datetime, datetime | None, bool]],
 ) -> None:
+    """Polls may end out of order (a sweep beside quick polls): where to resume never moves back."""
     progress = Progress()
     for start, highest, sweep in polls:
         window = PollWindow(start, start, sweep=start if sweep else None, highest=highest)
         after = progress.done(window)
-        assert after.resume == (max(start, highest) if highest else start)
+        ended = max(start, highest) if highest else start
+        assert after.resume == (ended if progress.resume is None else max(progress.resume, ended))
         assert after.swept == (start if sweep else progress.swept)
         progress = after

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,12 +20,11 @@ from connector.intake.notifications import Notification, gap, parse_bundle
 from connector.models import system_clock
 from connector.runtime import Runtime
 from connector.sandbox.fhir import FhirState
-from connector.sandbox.fhir import create_app as fhir_app
 from connector.sandbox.paubox import SandboxState
 from connector.sandbox.paubox import create_app as paubox_app
 from connector.web.app import create_app as web_app
 from connector.web.fhir import FhirEndpoints
-from tests.conftest import API_KEY, BASIC, write_config
+from tests.conftest import API_KEY, BASIC, Gate, write_config
 from tests.factories import appointment, patient
 
 SECRET = "Bearer subscription-secret-for-tests"
@@ -80,8 +81,10 @@ class Hub:
         )
 
 
-@pytest.fixture
-async def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Hub]:
+@asynccontextmanager
+async def open_hub(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str = ""
+) -> AsyncIterator[tuple[Hub, Gate]]:
     monkeypatch.setenv("PAUBOX_API_KEY", API_KEY)
     monkeypatch.setenv("SUB_SECRET", SECRET)
     config = load_config(
@@ -90,20 +93,26 @@ async def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
             BASE,
             "https://paubox.test",
             mappings=BASIC,
-            extra_source=SUBSCRIPTION,
+            extra_source=SUBSCRIPTION + source,
             extra="server:\n  port: 9\n  max_body: 50000\n",
         )
     )
     fhir, paubox = FhirState(), SandboxState(api_key=API_KEY, username="clinic")
     fhir.put(patient("p1", "Robin", email="robin@example.org"))
     mailer = PauboxRestMailer(config.delivery.paubox, transport=httpx.ASGITransport(app=paubox_app(paubox)))
-    runtime = Runtime.open(
-        config, system_clock, mailer=mailer, source_transport=httpx.ASGITransport(app=fhir_app(fhir))
-    )
+    gate = Gate(fhir)
+    runtime = Runtime.open(config, system_clock, mailer=mailer, source_transport=gate)
     app = web_app(config, runtime.aftercare, extra_routes=FhirEndpoints(config, runtime.subscriptions).routes())
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://connector.test") as client:
-        yield Hub(runtime, fhir, paubox, client)
+        yield Hub(runtime, fhir, paubox, client), gate
+    gate.go.set()
     await runtime.aclose()
+
+
+@pytest.fixture
+async def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Hub]:
+    async with open_hub(tmp_path, monkeypatch) as (opened, _gate):
+        yield opened
 
 
 def test_history_keeps_the_newest_entry_even_a_delete_without_a_time() -> None:
@@ -148,8 +157,7 @@ async def test_a_gap_triggers_a_resync_poll(hub: Hub) -> None:
     await hub.post(status_bundle("heartbeat", 1, [], []))  # we know of event 1
     before = len(hub.fhir.requests)
     await hub.post(status_bundle("heartbeat", 2, [], []))  # the counter says 2: one event is missing
-    task = hub.runtime.subscriptions._resyncs["ehr"]
-    await task
+    await hub.runtime.subscriptions.settled("ehr")
     assert any("/Appointment?" in r for r in hub.fhir.requests[before:])
     await hub.runtime.dispatcher.run()
     assert len(hub.paubox.messages) == 1
@@ -162,9 +170,10 @@ async def test_pings_during_a_poll_are_served_by_one_more_incremental_poll(hub: 
     poll = subscriptions.poller.poll
     asked: list[bool] = []
 
-    async def watched(name: str, sweep: bool = False) -> Any:
+    async def watched(name: str, sweep: bool = False, quick: bool = False) -> Any:
+        assert quick  # a ping's poll never waits for a sweep
         asked.append(sweep)
-        report = await poll(name, sweep=sweep)
+        report = await poll(name, sweep=sweep, quick=quick)
         if len(asked) == 1:  # the first poll read the source; now a change and its pings arrive
             hub.fhir.put(appointment("late", "p1", SOON + timedelta(days=2)))
             for _ in range(3):
@@ -180,6 +189,47 @@ async def test_pings_during_a_poll_are_served_by_one_more_incremental_poll(hub: 
     assert asked == [False, False]  # three pings during the first poll: one more poll
     await hub.runtime.dispatcher.run()
     assert len(hub.paubox.messages) == 2
+
+
+async def test_a_ping_during_a_slow_sweep_is_served_before_the_sweep_ends_and_nothing_is_missed_or_doubled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sweep (here asked for by a gap) re-reads the overlap page by page beside the quick polls that pings
+    ask for: held on its second page, it neither holds up a ping's poll nor loses what it alone can find (a
+    late commit behind the cursor); every appointment is told once, and the cursor never moves back."""
+    async with open_hub(tmp_path, monkeypatch) as (hub, gate):  # 2 appointments a page
+        subscriptions, intake = hub.runtime.subscriptions, hub.runtime.ledger.intake
+        for number in range(5):
+            hub.fhir.put(appointment(f"a{number}", "p1", SOON + timedelta(hours=number)))
+        assert (await hub.client.post("/fhir/ehr/notify", content=b"", headers={"Authorization": SECRET})).is_success
+        await subscriptions.settled("ehr")  # the first poll of the process: a sweep, read to its end
+        cursor = intake.cursor("ehr")
+        assert cursor is not None
+        # Committed late: stamped a minute behind the cursor, so only a sweep of the overlap finds it.
+        hub.fhir.put(appointment("late", "p1", SOON + timedelta(days=1)), when=cursor - timedelta(minutes=1))
+        gate.hold = "offset="  # the next pages of a search: the sweep's second page, not a quick poll's first
+        await hub.post(status_bundle("heartbeat", 1, [], []))
+        await hub.post(status_bundle("heartbeat", 3, [], []))  # event 2 is missing: a sweep, beside
+        await asyncio.wait_for(gate.held.wait(), 10)
+
+        hub.fhir.put(appointment("fresh", "p1", SOON + timedelta(days=2)))
+        assert (await hub.client.post("/fhir/ehr/notify", content=b"", headers={"Authorization": SECRET})).is_success
+        await asyncio.wait_for(asyncio.shield(subscriptions._resyncs["ehr"]), 10)  # not behind the held sweep
+        await hub.runtime.dispatcher.run()
+        told = [m["custom_headers"]["X-Notification-Key"].split("|")[0] for m in hub.paubox.messages]
+        assert "ehr:appointment-booked:fresh" in told
+        assert "ehr:appointment-booked:late" in told  # the sweep's first page, committed before it was held
+        assert not gate.go.is_set()
+        moved = intake.cursor("ehr")
+        assert moved is not None and moved > cursor
+
+        gate.go.set()
+        await subscriptions.settled("ehr")
+        await hub.runtime.dispatcher.run()
+        told = [m["custom_headers"]["X-Notification-Key"].split("|")[0] for m in hub.paubox.messages]
+        expected = [f"ehr:appointment-booked:{i}" for i in ("a0", "a1", "a2", "a3", "a4", "fresh", "late")]
+        assert sorted(told) == expected  # each once
+        assert intake.cursor("ehr") == moved  # the sweep ended behind the quick poll: the cursor stayed
 
 
 async def test_rest_hook_ping_polls_and_put_is_processed(hub: Hub) -> None:

@@ -72,20 +72,35 @@ class Progress:
     swept: datetime | None = None
     resume: datetime | None = None
 
-    def start(self, cursor: datetime, since: datetime, now: datetime, settings: FhirPollSourceConfig) -> PollWindow:
-        """The next poll: a sweep from `since`, or, between sweeps, a poll from where the last one ended."""
-        if (
-            self.swept is not None
-            and self.resume is not None
-            and abs(now - self.swept) < settings.sweep - settings.interval / 2
-        ):
+    def due(self, now: datetime, settings: FhirPollSourceConfig) -> bool:
+        """Is the next poll a sweep: the first of a process, or `sweep` less half an interval after the last
+        one began."""
+        return (
+            self.swept is None or self.resume is None or abs(now - self.swept) >= settings.sweep - settings.interval / 2
+        )
+
+    def start(
+        self,
+        cursor: datetime,
+        since: datetime,
+        now: datetime,
+        settings: FhirPollSourceConfig,
+        sweep: bool | None = None,
+    ) -> PollWindow:
+        """The next poll: a sweep from `since`, or, between sweeps, a poll from where the last one ended.
+        `sweep` decides which (None: a sweep when one is due); before any poll ended, only a sweep will do."""
+        if sweep is None:
+            sweep = self.due(now, settings)
+        if not sweep and self.resume is not None:
             return PollWindow(cursor, max(since, self.resume))
         return PollWindow(cursor, since, sweep=now)
 
     def done(self, window: PollWindow) -> Progress:
-        """A poll read everything from its `since` on: the next one may start from the newest it saw."""
+        """A poll read everything from its `since` on: the next one may start from the newest it saw. Polls
+        may end out of order (a sweep that ran beside quicker polls ends after them): where to resume never
+        moves back, since what each of them read stays read."""
         resume = max(window.since, window.highest) if window.highest is not None else window.since
-        return Progress(window.sweep if window.sweep is not None else self.swept, resume)
+        return Progress(window.sweep if window.sweep is not None else self.swept, later(self.resume, resume))
 
     def sweep_next(self) -> Progress:
         """Make the next poll a sweep (a Subscription reported a gap, say)."""

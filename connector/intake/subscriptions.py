@@ -2,9 +2,10 @@
 
 A notification (received by connector.web.fhir, parsed by connector.intake.notifications) is noted with
 its event count. A gap in `events-since-subscription-start`, a missed heartbeat or a `$status` of `error`
-triggers a resync: an incremental poll from the source's cursor (the last safe watermark), then the
-Subscription is set back to `requested`. An R4 rest-hook ping (no payload) sets off an incremental poll;
-pings that arrive during a poll are served together by one more poll after it. An event notification names
+triggers a resync: a sweep of the overlap, then the Subscription is set back to `requested`. An R4 rest-hook
+ping (no payload) sets off a quick poll (from where the last one ended); pings that arrive during a poll
+are served together by one more poll after it. A sweep, asked for or due, runs beside the quick polls (see
+connector.intake.polling), so that pings never wait for one. An event notification names
 appointments: those it does not carry are read (gone means deleted); the resources go through the planner.
 A notification and a poll seeing the same version are one event: seen versions and notification keys make
 the second a no-op.
@@ -92,8 +93,8 @@ class SubscriptionHub:
         self._want(name, sweep=True)
 
     def pinged(self, name: str) -> None:
-        """An R4 rest-hook ping (no payload): an incremental poll from where the last one ended (a sweep
-        when one is due anyway, see connector.intake.cursor). Pings that arrive while a poll runs are
+        """An R4 rest-hook ping (no payload): a quick poll from where the last one ended (and a sweep beside
+        it when one is due anyway, see connector.intake.cursor). Pings that arrive while a poll runs are
         answered by one more poll after it: each change is read once, and many at a time."""
         log.debug("subscription.ping", source=name)
         self._want(name, sweep=False)
@@ -101,7 +102,8 @@ class SubscriptionHub:
     def _want(self, name: str, sweep: bool) -> None:
         """One poll task per source. A request while it runs is noted (a sweep wins over a poll) and served
         by the same task as soon as the running poll ends, so that a change made after that poll read the
-        source is never left for the next scheduled poll."""
+        source is never left for the next scheduled poll. The task's polls are quick: a sweep they ask for
+        runs beside them (`Poller.settled` waits for it)."""
         self._wanted[name] = sweep or self._wanted.get(name, False)
         running = self._resyncs.get(name)
         if running is None or running.done():
@@ -111,9 +113,15 @@ class SubscriptionHub:
         while name in self._wanted:
             sweep = self._wanted.pop(name)
             try:
-                await self.poller.poll(name, sweep=sweep)
+                await self.poller.poll(name, sweep=sweep, quick=True)
             except Exception as exc:  # noqa: BLE001 - a ledger outage: the scheduled poll reads it later
                 log.error("subscription.poll_failed", source=name, problem=where(exc))
+
+    async def settled(self, name: str) -> None:
+        """Wait until the polls that notifications of `name` asked for, and the sweep beside them, are over."""
+        while (task := self._resyncs.get(name)) is not None and not task.done():
+            await asyncio.shield(task)
+        await self.poller.settled(name)
 
     # -- keeping subscriptions alive ------------------------------------------------------------------
 
