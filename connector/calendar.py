@@ -14,8 +14,6 @@ from datetime import UTC, datetime, timedelta
 from email.utils import parseaddr
 from typing import Any
 
-from icalendar import Calendar, Event, vCalAddress, vText
-
 from connector.fhir import parse_instant
 from connector.models import Attachment
 
@@ -60,6 +58,8 @@ def invitation(
         return None
     end = parse_instant(appointment.get("end")) or start + timedelta(minutes=30)
     method = "CANCEL" if cancelled else "REQUEST"
+    from icalendar import Calendar, Event, vCalAddress, vText  # here: a run with nothing to attach never loads it
+
     name, address = parseaddr(organizer)
     domain = address.rpartition("@")[2] or "localhost"
     cal = Calendar()
