@@ -15,6 +15,7 @@ compares the two on generated input.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -65,9 +66,9 @@ def invitation(
     if start is None:
         return None
     end = parse_instant(appointment.get("end")) or start + timedelta(minutes=30)
-    name, address = parseaddr(organizer)
+    name, address = address_parts(organizer)
     domain = address.rpartition("@")[2] or "localhost"
-    guest = (parseaddr(attendee)[1] or attendee) if attendee else None
+    guest = (address_parts(attendee)[1] or attendee) if attendee else None
     event = Event(
         method="CANCEL" if cancelled else "REQUEST",
         zone=zone,
@@ -87,6 +88,22 @@ def invitation(
     )
     content = written(event) if plain else with_icalendar(event)
     return Attachment(filename="appointment.ics", content_type=f"text/calendar; method={event.method}", content=content)
+
+
+# An address with no name and a dot-atom local part, which `parseaddr` gives back as it is.
+_SIMPLE = re.compile(
+    r"[\w!#$%&'*+/=?^`{|}~-]+(?:\.[\w!#$%&'*+/=?^`{|}~-]+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*", re.ASCII
+)
+
+
+def address_parts(text: str) -> tuple[str, str]:
+    """`email.utils.parseaddr`, without parsing a plain address, and remembered for the few `From:` lines."""
+    return ("", text) if _SIMPLE.fullmatch(text) else _parsed(text)
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed(text: str) -> tuple[str, str]:
+    return parseaddr(text)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from email.utils import parseaddr
 from typing import TypeVar
 
 from hypothesis import given, settings
@@ -103,3 +104,15 @@ def test_a_long_summary_is_folded_under_75_octets_and_an_escape_is_never_split()
     lines = content.split(b"\r\n")
     assert all(len(line) <= 75 for line in lines)
     assert not any(line.endswith(b"\\") for line in lines)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.one_of(
+        st.from_regex(r"[A-Za-z0-9._%+!#$&'*/=?^`{|}~-]{1,20}@[A-Za-z0-9.-]{1,20}", fullmatch=True),
+        st.emails().map(str),
+        anything,
+    )
+)
+def test_the_parts_of_an_address_are_what_parseaddr_gives(text: str) -> None:
+    assert calendar.address_parts(text) == parseaddr(text)
