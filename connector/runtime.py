@@ -47,13 +47,13 @@ from connector.sending.dispatch import Dispatcher
 from connector.sending.writeback import WriteBack
 from connector.sources.cache import ResourceCache
 from connector.sources.fhir_poll import FhirPollSource
-from connector.web.crm import CrmReceiver
 
 if TYPE_CHECKING:
     from connector.config import Config
     from connector.delivery import Mailer
     from connector.models import Clock
     from connector.sending.preparer import Preparer
+    from connector.web.crm import CrmReceiver
 
 log = structlog.get_logger("connector.runtime")
 
@@ -176,6 +176,8 @@ class Runtime:
         }
         crm = crm_preparer = receiver = None
         if config.crm and config.inbox is not None:
+            from connector.web.crm import CrmReceiver  # Starlette's request parsing: only with CRM sources
+
             keyring = Keyring(config.inbox)
             crm = CrmIntake(config, mappings, store.inbox, keyring, clock, store.intake, crm_transport)
             crm_preparer = preparers["CrmEvent"] = CrmPreparer(

@@ -183,6 +183,23 @@ async def test_mail_due_to_a_bounced_address_is_withdrawn_with_the_reason_until_
     assert runtime.ledger.bounces.entries(10) == []
 
 
+async def test_one_query_answers_the_suppression_of_each_send_in_a_batch(
+    opened: Callable[..., tuple[Runtime, Clock]], paubox: SandboxState
+) -> None:
+    """What concurrent sends look up together (connector.ledger.batching) is answered per send: only the
+    same source, patient and address, and not once an operator cleared it."""
+    runtime, _ = opened()
+    await booked_and_bounced(runtime, paubox, "api_mail_log_permanent_failure")
+    old = [d for _, d in OPTOUT_KEYS.variants(optout.digest("email", OLD))]
+    new = [d for _, d in OPTOUT_KEYS.variants(optout.digest("email", NEW))]
+    lookups = [("ehr", "p1", old), ("ehr", "p2", old), ("other", "p1", old), ("ehr", "p1", new), ("ehr", "p1", old)]
+    answers = await runtime.store.bounces.suppressed_many(lookups)
+    assert [a is not None and a.reason == "hard bounce" for a in answers] == [True, False, False, False, True]
+    assert answers[0] == await runtime.store.bounces.suppressed("ehr", "p1", old)
+    runtime.ledger.bounces.clear(old)
+    assert await runtime.store.bounces.suppressed_many(lookups) == [None] * 5
+
+
 async def test_soft_bounces_suppress_only_after_the_limit(
     opened: Callable[..., tuple[Runtime, Clock]], paubox: SandboxState
 ) -> None:

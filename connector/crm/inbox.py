@@ -12,12 +12,11 @@ import json
 import os
 from typing import TYPE_CHECKING, Any
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from connector.errors import ConfigError, ConnectorError, Problem, ResourceError
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     from connector.config.sources import InboxConfig
 
 NONCE = 12
@@ -29,6 +28,9 @@ class SealError(ConnectorError):
 
 class Keyring:
     def __init__(self, config: InboxConfig) -> None:
+        # here, not at start-up: `cryptography` is needed only when an inbox is configured
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
         self.current = config.current
         self._keys: dict[str, AESGCM] = {}
         for key_id, secret in config.keys.items():
@@ -59,6 +61,8 @@ class Keyring:
         key = self._keys.get(key_id)
         if key is None:
             raise SealError(f"inbox key {key_id!r} is no longer configured")
+        from cryptography.exceptions import InvalidTag
+
         try:
             plain = key.decrypt(sealed[:NONCE], sealed[NONCE:], _aad(source, event_id))
         except InvalidTag:

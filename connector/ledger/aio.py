@@ -377,6 +377,9 @@ class AsyncBounces:
     async def suppressed(self, source: str, patient_id: str, digests: Sequence[str]) -> Tally | None:
         return await _thread(self.sync.suppressed, source, patient_id, digests)
 
+    async def suppressed_many(self, lookups: Sequence[tuple[str, str, Sequence[str]]]) -> list[Tally | None]:
+        return await _thread(self.sync.suppressed_many, lookups)
+
 
 @dataclass(frozen=True)
 class AsyncLedger:

@@ -73,17 +73,29 @@ class SqlBounces(SqlRole):
 
     def suppressed(self, source: str, patient_id: str, digests: Sequence[str]) -> Tally | None:
         """The suppression of one of these digests (one address under each key) for this patient, if any."""
+        return self.suppressed_many([(source, patient_id, digests)])[0]
+
+    def suppressed_many(self, lookups: Sequence[tuple[str, str, Sequence[str]]]) -> list[Tally | None]:
+        """`suppressed` for several (source, patient, digests) in one query (a dispatch batch's sends, gathered
+        by connector.ledger.batching): one answer per look-up, in order."""
+        wanted = sorted({digest for _, _, digests in lookups for digest in digests})
+        found: dict[tuple[str, str, str], Tally] = {}
         with self.engine.connect() as conn:
-            row = conn.execute(
-                select(SUP).where(
-                    SUP.c.source == source,
-                    SUP.c.patient_id == patient_id,
-                    SUP.c.digest.in_(list(digests)),
-                    SUP.c.suppressed_at.is_not(None),
-                    SUP.c.cleared_at.is_(None),
+            for start in range(0, len(wanted), 500):
+                rows = conn.execute(
+                    select(SUP).where(
+                        SUP.c.digest.in_(wanted[start : start + 500]),
+                        SUP.c.suppressed_at.is_not(None),
+                        SUP.c.cleared_at.is_(None),
+                    )
                 )
-            ).first()
-            return _tally(row) if row is not None else None
+                for row in rows:
+                    found.setdefault((row.source, row.patient_id, row.digest), _tally(row))
+        answers: list[Tally | None] = []
+        for source, patient_id, digests in lookups:
+            hits = (found.get((source, patient_id, digest)) for digest in digests)
+            answers.append(next((tally for tally in hits if tally is not None), None))
+        return answers
 
     def clear(self, digests: Sequence[str], source: str | None = None, patient_id: str | None = None) -> int:
         """An operator clears the suppression of an address (for one patient, or everyone it bounced for)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -117,4 +117,8 @@ class SqlRole:
         self.dialect = engine.dialect.name
 
     def _insert(self, table: Any) -> Any:
-        return postgresql.insert(table) if self.dialect == "postgresql" else sqlite.insert(table)
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects import postgresql  # loaded by a PostgreSQL engine anyway; not by SQLite's
+
+            return postgresql.insert(table)
+        return sqlite.insert(table)

@@ -295,8 +295,9 @@ def _inline(
 ) -> Template | None:
     try:
         template = env.from_string(source)
-        unknown = undeclared_names(env, source) - allowed
-        used = vars_used(env, source)
+        tree = env.parse(source)  # once for both reads
+        unknown = undeclared_names(env, tree) - allowed
+        used = vars_used(env, tree)
     except TemplateSyntaxError as exc:
         problems.append(doc.problem(loc, f"template error: {exc.message}"))
         return None
@@ -330,9 +331,10 @@ def _file(
         template = env.get_template(template_name)
         assert env.loader is not None
         source, _, _ = env.loader.get_source(env, template_name)
-        unknown = undeclared_names(env, source) - names
-        used = [(relative, var, line) for var, line in vars_used(env, source)]
-        for parent in referenced_templates(env, source):  # a layout reads the same vars
+        tree = env.parse(source)  # once for the three reads
+        unknown = undeclared_names(env, tree) - names
+        used = [(relative, var, line) for var, line in vars_used(env, tree)]
+        for parent in referenced_templates(env, tree):  # a layout reads the same vars
             parent_source, parent_file, _ = env.loader.get_source(env, parent)
             used += [(Path(parent_file or parent), var, line) for var, line in vars_used(env, parent_source)]
     except TemplateNotFound:

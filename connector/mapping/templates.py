@@ -96,18 +96,25 @@ def make_environment(root: Path) -> SandboxedEnvironment:
     return env
 
 
-def undeclared_names(env: SandboxedEnvironment, source: str) -> set[str]:
+Source = str | jinja_nodes.Template  # a template's text, or its text parsed once by `env.parse` for several reads
+
+
+def _parsed(env: SandboxedEnvironment, source: Source) -> jinja_nodes.Template:
+    return source if isinstance(source, jinja_nodes.Template) else env.parse(source)
+
+
+def undeclared_names(env: SandboxedEnvironment, source: Source) -> set[str]:
     """Top-level names a template reads but neither defines nor gets from the environment."""
-    ast = env.parse(source)
+    ast = _parsed(env, source)
     names = meta.find_undeclared_variables(ast)
     return {n for n in names if n not in env.globals}
 
 
-def vars_used(env: SandboxedEnvironment, source: str) -> list[tuple[str, int]]:
+def vars_used(env: SandboxedEnvironment, source: Source) -> list[tuple[str, int]]:
     """The `vars.NAME` and `vars['NAME']` a template reads, with their lines (names given by a variable are
     not known before rendering and are left out)."""
     found: list[tuple[str, int]] = []
-    ast = env.parse(source)
+    ast = _parsed(env, source)
     # `vars.get('name', default)` and the like call a method of the dict: not a var named `get`
     methods = {id(call.node) for call in ast.find_all(jinja_nodes.Call) if isinstance(call.node, jinja_nodes.Getattr)}
     for node in ast.find_all(jinja_nodes.Getattr):
@@ -123,9 +130,9 @@ def vars_used(env: SandboxedEnvironment, source: str) -> list[tuple[str, int]]:
     return found
 
 
-def referenced_templates(env: SandboxedEnvironment, source: str) -> list[str]:
+def referenced_templates(env: SandboxedEnvironment, source: Source) -> list[str]:
     """Templates this one extends or includes by a constant name (a layout, a partial)."""
-    ast = env.parse(source)
+    ast = _parsed(env, source)
     names = []
     for node in ast.find_all((jinja_nodes.Extends, jinja_nodes.Include)):
         template = getattr(node, "template", None)
@@ -134,8 +141,8 @@ def referenced_templates(env: SandboxedEnvironment, source: str) -> list[str]:
     return names
 
 
-def filters_used(env: SandboxedEnvironment, source: str) -> set[str]:
-    ast = env.parse(source)
+def filters_used(env: SandboxedEnvironment, source: Source) -> set[str]:
+    ast = _parsed(env, source)
     return {node.name for node in ast.find_all(jinja_nodes.Filter)}
 
 

@@ -12,7 +12,7 @@ import dataclasses
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from connector import calendar, fhir, optout
+from connector import calendar, fhir
 from connector.bounces import skip_reason
 from connector.errors import SourceError
 from connector.lifecycle import CANCELLED, NOSHOW, appointment_zone, still_wanted, synthesized
@@ -20,7 +20,14 @@ from connector.mapping.engine import RenderError, RenderRequest, render
 from connector.models import State
 from connector.sending.linking import EmailLinker
 from connector.sending.preparer import Gone, NoSource, NotSendable, NotYet, Prepared
-from connector.sending.recipients import NoRecipient, optout_lookup, prefetch, read_cached, resolve
+from connector.sending.recipients import (
+    NoRecipient,
+    bounce_lookup,
+    optout_lookup,
+    prefetch,
+    read_cached,
+    resolve,
+)
 
 if TYPE_CHECKING:
     from connector.config import Config
@@ -45,7 +52,7 @@ class AppointmentPreparer:
         patient_links: PatientLinks | None = None,
     ) -> None:
         self.config = config
-        self.bounces = bounces if config.bounces.suppress else None
+        self.bounces = bounce_lookup(bounces, keys) if bounces is not None and config.bounces.suppress else None
         self.keys = keys
         self.sources = sources
         self.cache = cache
@@ -92,9 +99,7 @@ class AppointmentPreparer:
         if isinstance(recipient, NoRecipient):
             return NotSendable(recipient.state, recipient.reason)
         if self.bounces is not None:  # an address that bounced for this patient is not tried again
-            inner = optout.digest("email", recipient.address)
-            digests = [digest for _, digest in optout.variants(self.keys, inner)]
-            bounced = await self.bounces.suppressed(n.source, n.patient_id, digests)
+            bounced = await self.bounces(n.source, n.patient_id, recipient.address)
             if bounced is not None:
                 return NotSendable(State.SKIPPED, skip_reason(n.patient_id, bounced))
         settings = source.config

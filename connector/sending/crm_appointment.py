@@ -20,7 +20,7 @@ from connector.mapping.spec import RecipientPath
 from connector.models import State
 from connector.sending.linking import EmailLinker
 from connector.sending.preparer import NoSource, NotSendable, NotYet, Prepared
-from connector.sending.recipients import optout_lookup
+from connector.sending.recipients import bounce_lookup, optout_lookup
 
 if TYPE_CHECKING:
     from connector.bounces import Tally
@@ -48,7 +48,7 @@ class CrmAppointmentPreparer:
         self.config = config
         self._opted_out = optout_lookup(optouts)
         self.linker = EmailLinker(config, patient_links)
-        self.bounces = bounces if config.bounces.suppress else None
+        self.bounces = bounce_lookup(bounces, keys) if bounces is not None and config.bounces.suppress else None
         self.keys = keys
         self.intake = intake
         self.inbox = inbox
@@ -102,9 +102,7 @@ class CrmAppointmentPreparer:
             which = f" of {match.category!r} email" if match.category else ""
             return NotSendable(State.SKIPPED, f"the address opted out{which} ({match.created_at.date().isoformat()})")
         if self.bounces is not None and n.patient_id:  # an address that bounced for this contact: not again
-            inner = optout.digest("email", contact.address)
-            digests = [digest for _, digest in optout.variants(self.keys, inner)]
-            bounced = await self.bounces.suppressed(n.source, n.patient_id, digests)
+            bounced = await self.bounces(n.source, n.patient_id, contact.address)
             if bounced is not None:
                 return NotSendable(State.SKIPPED, _bounced(bounced))
         email_links = self.linker.links(

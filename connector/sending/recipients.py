@@ -20,8 +20,10 @@ from connector.ledger.batching import Coalesced
 from connector.models import State
 
 if TYPE_CHECKING:
+    from connector.bounces import Tally
     from connector.config.sources import ConsentCheck
-    from connector.ledger.abc import OptOuts
+    from connector.ledger.abc import Bounces, OptOuts
+    from connector.optout import OptOutKeys
     from connector.sources.cache import ResourceCache
     from connector.sources.fhir_poll import FhirPollSource
 
@@ -42,6 +44,22 @@ def optout_lookup(optouts: OptOuts) -> OptOutLookup:
         return optout.first_applying((await many([candidates]))[0], category, essential)
 
     return opted_out
+
+
+# The suppression (after bounces) of a recipient's address for a patient of a source, if any.
+BounceLookup = Callable[[str, str, str], Awaitable["Tally | None"]]
+
+
+def bounce_lookup(bounces: Bounces, keys: OptOutKeys | None) -> BounceLookup:
+    """Look-ups from concurrent tasks share one query, as the opt-outs' (the address's digest under each key)."""
+    many = Coalesced(bounces.suppressed_many)
+
+    async def suppressed(source: str, patient_id: str, address: str) -> Tally | None:
+        inner = optout.digest("email", address)
+        digests = [digest for _, digest in optout.variants(keys, inner)]
+        return (await many([(source, patient_id, digests)]))[0]
+
+    return suppressed
 
 
 @dataclass(frozen=True)

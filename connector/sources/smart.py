@@ -22,13 +22,11 @@ import uuid
 from collections.abc import AsyncGenerator, Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 import httpx
 import structlog
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from connector import metrics
 from connector.errors import SourceError
@@ -54,7 +52,10 @@ class SmartLimitError(SmartAuthError, SourceLimitError):
     """A discovery or token answer went past the source's limits (size, time)."""
 
 
-SigningKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+if TYPE_CHECKING:  # `cryptography` is loaded when a key is read, not at start-up: only SMART needs it
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    SigningKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
 
 def load_private_key(path: str | Path) -> bytes:
@@ -70,6 +71,9 @@ def algorithm_for_key(private_key_pem: bytes) -> Algorithm:
 
 
 def _parse_key(pem: bytes, where: str) -> SigningKey:
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
     try:
         key = load_pem_private_key(pem, password=None)
     except (ValueError, TypeError):
@@ -82,6 +86,8 @@ def _parse_key(pem: bytes, where: str) -> SigningKey:
 
 
 def _algorithm(key: SigningKey) -> Algorithm:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
     return "RS384" if isinstance(key, rsa.RSAPrivateKey) else "ES384"
 
 
