@@ -78,13 +78,16 @@ class SqlBounces(SqlRole):
     def suppressed_many(self, lookups: Sequence[tuple[str, str, Sequence[str]]]) -> list[Tally | None]:
         """`suppressed` for several (source, patient, digests) in one query (a dispatch batch's sends, gathered
         by connector.ledger.batching): one answer per look-up, in order."""
-        wanted = sorted({digest for _, _, digests in lookups for digest in digests})
         found: dict[tuple[str, str, str], Tally] = {}
         with self.engine.connect() as conn:
-            for start in range(0, len(wanted), 500):
+            for start in range(0, len(lookups), 200):
+                chunk = lookups[start : start + 200]
+                # source, patient and digest together: the unique index (source, patient_id, digest) answers
                 rows = conn.execute(
                     select(SUP).where(
-                        SUP.c.digest.in_(wanted[start : start + 500]),
+                        SUP.c.source.in_(sorted({source for source, _, _ in chunk})),
+                        SUP.c.patient_id.in_(sorted({patient for _, patient, _ in chunk})),
+                        SUP.c.digest.in_(sorted({digest for _, _, digests in chunk for digest in digests})),
                         SUP.c.suppressed_at.is_not(None),
                         SUP.c.cleared_at.is_(None),
                     )
