@@ -95,7 +95,7 @@ def test_revision_0015_adds_and_removes_the_sign_out_table(
     try:
         migrate.upgrade(engine, "0014")
         assert not inspect(engine).has_table("console_signout")
-        assert migrate.upgrade(engine) == ("0014", "0015")
+        assert migrate.upgrade(engine, "0015") == ("0014", "0015")
         assert inspect(engine).has_table("console_signout")
         config = migrate._alembic()
         with engine.begin() as conn:

@@ -9,7 +9,18 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, Column, DateTime, Index, LargeBinary, String, UniqueConstraint, text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
@@ -32,6 +43,15 @@ class UTCDateTime(TypeDecorator[datetime]):
         return None if value is None else value.replace(tzinfo=UTC)
 
 
+# A row id that outlives 2**31 rows on PostgreSQL (revision 0016: BIGINT and a bigint sequence); on SQLite an
+# INTEGER PRIMARY KEY is already the 64-bit rowid, and must stay spelt INTEGER to be one.
+LargeId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def _row_id() -> Any:
+    return Field(default=None, sa_column=Column(LargeId, primary_key=True, autoincrement=True))
+
+
 def _when(nullable: bool = False, index: bool = False) -> Any:
     return Field(default=None, sa_column=Column(UTCDateTime(), nullable=nullable, index=index))
 
@@ -52,7 +72,7 @@ class NotificationRow(SQLModel, table=True):
         Index("ix_notification_source_patient", "source", "patient_id"),  # the daily cap (revision 0013)
     )
 
-    id: int | None = Field(default=None, primary_key=True)
+    id: int | None = _row_id()
     key: str = Field(sa_column=Column(String(512), nullable=False))
     source: str = Field(max_length=64)
     mapping: str = Field(max_length=64)
@@ -171,7 +191,7 @@ class InboxEventRow(SQLModel, table=True):
         Index("ix_inbox_pending", "processed_at", "id"),
     )
 
-    id: int | None = Field(default=None, primary_key=True)
+    id: int | None = _row_id()
     source: str = Field(max_length=64)
     event_id: str = Field(max_length=200)
     event_type: str = Field(max_length=100)
@@ -219,7 +239,7 @@ class AuditRow(SQLModel, table=True):
     __tablename__ = "audit"
     __table_args__ = (Index("ix_audit_notification", "notification_id", "id"),)
 
-    id: int | None = Field(default=None, primary_key=True)
+    id: int | None = _row_id()
     at: datetime = _when(index=True)
     actor: str = Field(max_length=64)
     role: str = Field(max_length=16)  # cli, viewer, operator
@@ -244,7 +264,7 @@ class JournalRow(SQLModel, table=True):
         Index("ix_journal_appointment", "appointment_id", "id"),
     )
 
-    id: int | None = Field(default=None, primary_key=True)
+    id: int | None = _row_id()
     at: datetime = _when(index=True)
     notification_id: int | None = Field(default=None, sa_column=Column(BigInteger(), nullable=True))
     source: str | None = Field(default=None, max_length=64)
@@ -265,7 +285,7 @@ class WriteBackRow(SQLModel, table=True):
         Index("ix_write_back_state_due", "state", "due_at"),
     )
 
-    id: int | None = Field(default=None, primary_key=True)
+    id: int | None = _row_id()
     notification_id: int = Field(sa_column=Column(BigInteger(), nullable=False))
     kind: str = Field(max_length=16)
     source: str = Field(max_length=64)
@@ -312,7 +332,7 @@ class LinkRecipientRow(SQLModel, table=True):
     __tablename__ = "link_recipient"
     __table_args__ = (Index("ix_link_recipient_recorded_at", "recorded_at"),)
 
-    notification_id: int = Field(primary_key=True)
+    notification_id: int = Field(sa_column=Column(LargeId, primary_key=True, autoincrement=False))
     kind: str = Field(primary_key=True, max_length=16)
     digest: str = Field(primary_key=True, max_length=64)
     key_id: str = Field(max_length=64)
