@@ -330,10 +330,12 @@ async def test_a_slow_ehr_never_gets_a_write_whose_lease_has_run_out(
 ) -> None:
     # A write taking longer than the lease would let another replica claim the rest of the batch while
     # this one goes on writing it: two conditional creates of one Communication at once.
-    monkeypatch.setattr("connector.sending.writeback.LEASE", timedelta(seconds=0.3))
+    # A lease of 1.5 s (2 min in the product): long enough for a claim on a loaded test machine, where 0.3 s
+    # was not; the first write hangs past it.
+    monkeypatch.setattr("connector.sending.writeback.LEASE", timedelta(seconds=1.5))
     runtime = opened()
     await send_only(runtime)
-    fhir.write_faults = [WriteFault(0, hang=0.4)]  # the first write is slow, the others are not
+    fhir.write_faults = [WriteFault(0, hang=1.8)]  # the first write is slow, the others are not
     leased: list[bool] = []
     write = runtime.write_back._write
 
