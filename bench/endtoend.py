@@ -204,17 +204,7 @@ def startup(rig: Rig, fhir: str, runs: int = 5) -> Startup:
     """`connector --version`, then `connector run --once` against an empty FHIR server (nothing due, the
     ledger upgraded beforehand): wall time, and CPU time as the kernel counted it."""
     folder = rig.root / "startup"
-    folder.mkdir(parents=True, exist_ok=True)
-    config = write_config(
-        folder,
-        fhir,
-        rig.paubox,
-        ledger_url=sqlite_url(folder / "ledger.db"),
-        mappings=("appointment-booked",),
-        optout=False,
-        source={"page_size": None, "retries": None},
-        dispatch={"interval": "10s", "retry_backoff": None, "bulk": None},
-    )
+    config = rig.default_config(folder, fhir)
     cli("db", "upgrade", "--config", config, cwd=folder)
     env = environment(PAUBOX_API_KEY=API_KEY)
     version, idle, walls, rss = [], [], [], 0

@@ -97,6 +97,23 @@ class Rig:
     page_size: int
     runs: int = 0
 
+    def default_config(self, folder: Path, fhir: str, **extra: Any) -> Path:
+        """A config of the product's defaults in `folder` (its SQLite ledger there, the shipped booked mapping,
+        no opt-out keys, dispatch every 10 s): what start-up, `connector check` and the Subscription run read.
+        `extra`: more of `connector.testing.write_config`'s settings."""
+        folder.mkdir(parents=True, exist_ok=True)
+        return write_config(
+            folder,
+            fhir,
+            self.paubox,
+            ledger_url=sqlite_url(folder / "ledger.db"),
+            mappings=("appointment-booked",),
+            optout=False,
+            source={"page_size": None, "retries": None},
+            dispatch={"interval": "10s", "retry_backoff": None, "bulk": None},
+            **extra,
+        )
+
     def spec(self, fhir: str, dispatch: dict[str, int], ledger_dir: Path, **extra: Any) -> dict[str, Any]:
         self.runs += 1
         work = self.root / f"run{self.runs}"

@@ -30,7 +30,7 @@ from bench.rig import ROOT, Rig, describe_dispatch
 from bench.servers import bench_appointment, bench_patient
 from bench.table import log
 from connector.config.delivery import DispatchConfig
-from connector.testing import HarnessError, cli, sqlite_url, write_config
+from connector.testing import HarnessError, cli
 
 if TYPE_CHECKING:
     from bench.table import Report
@@ -119,17 +119,7 @@ def exchange(response: httpx.Response) -> str:
 def preflight(rig: Rig, url: str) -> str:
     """`connector check` against sekmet (the config of a default run); its failed checks, or that all passed."""
     folder = rig.root / "sekmet-check"
-    folder.mkdir(parents=True, exist_ok=True)
-    config = write_config(
-        folder,
-        url,
-        rig.paubox,
-        ledger_url=sqlite_url(folder / "ledger.db"),
-        mappings=("appointment-booked",),
-        optout=False,
-        source={"page_size": None, "retries": None},
-        dispatch={"interval": "10s", "retry_backoff": None, "bulk": None},
-    )
+    config = rig.default_config(folder, url)
     cli("db", "upgrade", "--config", config, cwd=folder)
     done = cli("check", "--json", "--config", config, cwd=folder, check=False)
     checks = json.loads(done.stdout)["checks"]

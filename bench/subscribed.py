@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from bench.rig import Rig, sandbox
 from bench.table import Report, log, percentile
-from connector.testing import API_KEY, HarnessError, cli, daemon, environment, free_port, sqlite_url, write_config
+from connector.testing import API_KEY, HarnessError, cli, daemon, environment, free_port
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -49,18 +49,7 @@ def subscription_latency(
         "    subscription:\n      enabled: true\n      kind: rest-hook\n      secret: ${SUB_SECRET}\n"
         f"      endpoint: {endpoint}\n      criteria: Appointment?status=booked\n      payload: id-only\n"
     )
-    config = write_config(
-        folder,
-        fhir,
-        rig.paubox,
-        ledger_url=sqlite_url(folder / "ledger.db"),
-        mappings=("appointment-booked",),
-        optout=False,
-        source={"page_size": None, "retries": None},
-        extra_source=subscription,
-        dispatch={"interval": "10s", "retry_backoff": None, "bulk": None},  # 10s: the default
-        server={"host": "127.0.0.1", "port": port},
-    )
+    config = rig.default_config(folder, fhir, extra_source=subscription, server={"host": "127.0.0.1", "port": port})
     env = environment(PAUBOX_API_KEY=API_KEY, SUB_SECRET=SECRET)
     try:
         cli("db", "upgrade", "--config", config, cwd=folder, env=env)

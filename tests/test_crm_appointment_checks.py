@@ -48,6 +48,19 @@ def without(config: Path, *declarations: str) -> None:
     config.write_text(text)
 
 
+def refused_by_validate(config: Path) -> str:
+    """What `connector validate` says (one line) when it refuses `config` (exit 2), in a process of its own."""
+    result = subprocess.run(
+        [sys.executable, "-m", "connector", "validate", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        check=False,
+    )
+    assert result.returncode == 2, result.stdout
+    return " ".join(result.stdout.split())
+
+
 def test_validate_names_a_crm_appointment_mapping_whose_source_declares_no_appointment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -57,15 +70,7 @@ def test_validate_names_a_crm_appointment_mapping_whose_source_declares_no_appoi
     without(config, SALESFORCE)
     booked = tmp_path / "mappings" / "crm-appointment-booked.yaml"
     booked.write_text(booked.read_text().replace("  event: booked\n", "  event: booked\n  sources: [salesforce]\n"))
-    result = subprocess.run(
-        [sys.executable, "-m", "connector", "validate", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ),
-        check=False,
-    )
-    assert result.returncode == 2, result.stdout
-    said = " ".join(result.stdout.split())
+    said = refused_by_validate(config)
     assert (
         f"{booked} line 9 (trigger.sources.0): source 'salesforce' has no `appointment:` declaration, so this "
         "CrmAppointment mapping never hears from it: declare one under crm.salesforce.appointment"
@@ -246,13 +251,5 @@ def test_validate_refuses_a_crm_appointment_fhirpath_that_does_not_parse(
     text = config.read_text()
     assert "condition: \"payload.objectTypeId = '0-47'\"" in text
     config.write_text(text.replace("payload.objectTypeId = '0-47'", "payload.objectTypeId ! '0-47'"))
-    result = subprocess.run(
-        [sys.executable, "-m", "connector", "validate", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ),
-        check=False,
-    )
-    assert result.returncode == 2, result.stdout
-    said = " ".join(result.stdout.split())
+    said = refused_by_validate(config)
     assert "(crm.hubspot.appointment.condition): FHIRPath does not parse, column 22" in said, said
